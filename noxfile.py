@@ -1,0 +1,48 @@
+"""nox sessions: tests, lint, determinism. Every session passes session.posargs to its tool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+
+
+def _nvidia_gpus() -> int:
+    """GPUs seen by nvidia-smi (the venv may not exist yet, so no pytest_miles import here)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+nox.options.sessions = ["tests", "lint"] + (["determinism"] if _nvidia_gpus() else [])
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The plugin's own tests."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "-n", "2", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "pytest_miles", "tests", "benchmarks", "noxfile.py", *session.posargs)
+
+
+@nox.session
+def determinism(session: nox.Session) -> None:
+    """The determinism suite. Without a GPU it says so and runs the CPU part (GPU parts skip)."""
+    session.install("-e", ".[dev]")
+    if not _nvidia_gpus():
+        session.log("no NVIDIA GPU found (nvidia-smi): running the CPU part of the suite on the "
+                    "embedded default; GPU checks skip with their reasons")
+    session.run("pytest-miles", "suite", *session.posargs)

@@ -1,0 +1,125 @@
+"""`pytest-miles doctor | fingerprint | suite | compare | manifest`.
+
+Exit codes follow the tools users know: 0 good, 1 a finding/difference, 2 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import FAIL, as_json, run_doctor, summary
+    from .fingerprint import collect
+    from .hardware import discover
+
+    findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch)
+    failed = any(f.status == FAIL for f in findings)
+    fp = collect(discover(override=args.gpu_class))
+    if args.json:
+        print(json.dumps({**as_json(findings), "fingerprint": fp.to_json()}, indent=2))
+    else:
+        print(f"pytest-miles doctor on {fp.header()}")
+        for f in findings:
+            print(f.line())
+        print(summary(findings))
+    return 1 if failed else 0
+
+
+def _fingerprint(args: argparse.Namespace) -> int:
+    from .fingerprint import collect
+    from .hardware import discover
+
+    fp = collect(discover(override=args.gpu_class, use_torch=args.torch))
+    print(json.dumps(fp.to_json(), indent=2) if args.json else fp.header())
+    return 0
+
+
+def _suite(args: argparse.Namespace, rest: list[str]) -> int:
+    import pytest
+
+    argv = ["--pyargs", "pytest_miles.suite", "-p", "no:cacheprovider", "-rs", *rest]
+    return int(pytest.main(argv))
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .checks.checkpoints import CheckpointError, compare_checkpoints
+
+    try:
+        report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
+                                     workers=args.workers)
+    except CheckpointError as exc:
+        if args.json:
+            print(json.dumps({"equal": None, "error": str(exc)}, indent=2))
+        else:
+            print(f"pytest-miles compare: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+    return 0 if report.equal else 1
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    from .checks.checkpoints import CheckpointError, write_manifest
+
+    try:
+        out = write_manifest(args.dir, args.output)
+    except CheckpointError as exc:
+        print(f"pytest-miles manifest: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--gpu-class", help="pretend these GPUs are present (e.g. h100, a100x8, none)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--torch", action="store_true",
+                        help="import torch to check it (deterministic algorithms, CUDA) in this process")
+
+    d = sub.add_parser("doctor", parents=[common], help="check the environment against the seed's "
+                       "troubleshooting table; exit 1 when a check fails")
+    d.add_argument("--attention-backend", default=None, help="the SGLang attention backend you configure")
+    d.set_defaults(func=_doctor)
+
+    f = sub.add_parser("fingerprint", parents=[common], help="print what decides bitwise results here")
+    f.set_defaults(func=_fingerprint)
+
+    s = sub.add_parser("suite", help="run the bundled determinism suite (extra args go to pytest)")
+    s.set_defaults(func=None)
+
+    c = sub.add_parser("compare", help="compare two checkpoints (or one against a manifest) bit for bit; "
+                       "exit 0 equal, 1 different, 2 unusable input")
+    c.add_argument("a")
+    c.add_argument("b")
+    c.add_argument("--json", action="store_true")
+    c.add_argument("--first", action="store_true", help="stop at the first difference")
+    c.add_argument("--ignore", action="append", help="glob of tensor/key/file names to skip (repeatable)")
+    c.add_argument("--workers", type=int, default=None, help="files compared in parallel")
+    c.set_defaults(func=_compare)
+
+    m = sub.add_parser("manifest", help="write per-tensor and per-layer digests of a checkpoint")
+    m.add_argument("dir")
+    m.add_argument("-o", "--output", default=None, help="manifest path (default: DIR/../<name>.manifest.json)")
+    m.set_defaults(func=_manifest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] == "suite":  # everything after `suite` belongs to pytest
+        return _suite(argparse.Namespace(), argv[1:])
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

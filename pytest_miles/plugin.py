@@ -1,0 +1,111 @@
+"""pytest11 entry point: options, ini keys, markers and hooks. Imports no torch.
+
+Logic lives in the modules named for it (options, hardware, doctor, fingerprint); this file
+only wires them into pytest, as pytest-regressions and syrupy do.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import pytest
+
+pytest.register_assert_rewrite("pytest_miles.checks")
+
+from . import options  # noqa: E402
+from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of the plugin)
+    deterministic_env,
+    miles_fingerprint,
+    miles_hardware,
+    miles_settings,
+)
+from .hardware import GPU_CLASSES, requirement_from_marks  # noqa: E402
+
+MARKERS = (
+    "gpu: needs at least one NVIDIA GPU; skipped otherwise (failed with --miles-require-gpu).",
+    "gpus(n): needs at least n visible NVIDIA GPUs (of the marked GPU class, if any).",
+    "min_gpu_memory(gib): needs GPUs with at least this much memory each, in GiB.",
+    "ampere: needs an Ampere-generation GPU: sm_80 (A100), sm_86 (A10, A40, RTX 30xx) or sm_89 "
+    "(Ada: L4, L40S, RTX 40xx; FP8-capable, unlike sm_80/86).",
+    "hopper: needs a Hopper GPU, sm_90 (H100, H200, GH200).",
+    "blackwell: needs a data-center Blackwell GPU, sm_100/sm_103 (B200, B300, GB200, GB300). Consumer "
+    "Blackwell (sm_120, RTX 50xx) is a different family and is NOT included: use blackwell_consumer.",
+    "blackwell_consumer: needs a consumer Blackwell GPU, sm_120 (RTX 50xx, RTX PRO 6000).",
+)
+assert {m.split(":")[0].split("(")[0] for m in MARKERS} >= set(GPU_CLASSES)
+
+STATE = pytest.StashKey["MilesState"]()
+
+
+class MilesState:
+    """Per-session facts, computed on first use so that runs that never ask pay nothing."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def setting(self, name: str):
+        return options.resolve(self.config, name)
+
+    @cached_property
+    def hardware(self):
+        from .hardware import discover
+
+        return discover(override=self.setting("gpu_class"))
+
+    @cached_property
+    def fingerprint(self):
+        from .fingerprint import collect
+
+        return collect(self.hardware)
+
+
+def state(config: pytest.Config) -> MilesState:
+    return config.stash[STATE]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    options.add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in MARKERS:
+        config.addinivalue_line("markers", line)
+    config.stash[STATE] = MilesState(config)
+    for s in options.SETTINGS:  # bad values fail the run at once, naming their source
+        try:
+            options.resolve(config, s.name)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from None
+    if options.resolve(config, "gpu_class"):
+        from .hardware import parse_override
+
+        try:
+            parse_override(options.resolve(config, "gpu_class"))
+        except ValueError as exc:
+            raise pytest.UsageError(f"{options.BY_NAME['gpu_class'].cli}: {exc}") from None
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    from .doctor import run_doctor, summary
+
+    st = state(config)
+    findings = run_doctor(attention_backend=st.setting("attention_backend"), process_checks=False)
+    return [f"miles: {st.fingerprint.header()}", f"miles: {summary(findings)}"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    try:
+        req = requirement_from_marks(item.iter_markers())
+    except ValueError as exc:
+        pytest.fail(f"{item.nodeid}: {exc}", pytrace=False)
+    if not req.active:
+        return
+    st = state(item.config)
+    reason = req.unmet(st.hardware)
+    if reason is None:
+        return
+    if st.setting("require_gpu"):
+        pytest.fail(f"{reason} (--miles-require-gpu turns this skip into a failure)", pytrace=False)
+    # Report the skip at the test's location, as pytest's own skipif marks do.
+    raise pytest.skip.Exception(reason, _use_item_location=True)

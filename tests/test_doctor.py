@@ -1,0 +1,111 @@
+"""The doctor, CLI and pytest header, on real environments and a planted flash_attn_3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pytest_miles.environment import deterministic_env_vars
+
+GOOD = deterministic_env_vars()
+
+
+def doctor(env_overrides: dict[str, str | None], tmp_path, extra_path: str | None = None, *args: str):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in GOOD and k != "PYTHONPATH"}
+    env.update(GOOD)
+    for k, v in env_overrides.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
+    proc = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "doctor", "--json", *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def finding(report: dict, check: str) -> dict:
+    return next(f for f in report["findings"] if f["check"] == check)
+
+
+def test_clean_environment_passes(tmp_path):
+    rc, report = doctor({}, tmp_path)
+    assert rc == 0 and report["ok"], report
+    assert report["fingerprint"]["env"] == GOOD
+
+
+@pytest.mark.parametrize("var,value,detail,symptom", [
+    ("NCCL_ALGO", None, "not set", "Hashes diverge across nodes"),
+    ("NCCL_ALGO", "Tree", "'Tree' is not deterministic", "Hashes diverge across nodes"),
+    ("CUBLAS_WORKSPACE_CONFIG", None, "not set", "cuBLAS GEMM"),
+    ("CUBLAS_WORKSPACE_CONFIG", ":0:0", "':0:0' is not deterministic", "cuBLAS GEMM"),
+    ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1", "'1' is not deterministic", "Transformer-Engine"),
+    ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", None, "not set", "Transformer-Engine"),
+])
+def test_each_bad_env_var_is_a_finding(tmp_path, var, value, detail, symptom):
+    rc, report = doctor({var: value}, tmp_path)
+    assert rc == 1 and not report["ok"]
+    f = finding(report, var)
+    assert f["status"] == "fail" and detail in f["detail"] and symptom in f["symptom"], f
+    assert f["fix"].startswith("export " + var)
+    others = [g for g in report["findings"] if g["status"] == "fail" and g["check"] != var]
+    assert not others, others
+
+
+def test_cublas_16_8_is_accepted(tmp_path):
+    rc, report = doctor({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, tmp_path)
+    assert rc == 0, report
+
+
+@pytest.mark.parametrize("module", ["flash_attn_3", "flash_attn_interface"])
+def test_planted_flash_attention_3_is_found(tmp_path, module):
+    plant = tmp_path / "plant"
+    plant.mkdir()
+    (plant / f"{module}.py").write_text("raise RuntimeError('the doctor must not import me')\n")
+    rc, report = doctor({}, tmp_path, str(plant))
+    f = finding(report, "flash-attention-3")
+    assert rc == 1 and f["status"] == "fail"
+    assert module in f["detail"] and "Hashes diverge after iter 1" in f["symptom"]
+    assert f["fix"] == "pip uninstall flash_attn_3 -y"
+
+
+def test_attention_backend_outside_deterministic_set(tmp_path):
+    rc, report = doctor({}, tmp_path, None, "--attention-backend", "torch_native")
+    f = finding(report, "sglang attention backend")
+    assert rc == 1 and f["status"] == "fail"
+    assert "Hashes match for trainer but not SGLang" in f["symptom"]
+    rc, report = doctor({}, tmp_path, None, "--attention-backend", "triton")
+    assert rc == 0
+
+
+def test_torch_deterministic_check_in_process():
+    torch = pytest.importorskip("torch")
+    from pytest_miles.doctor import check_torch_deterministic
+    from pytest_miles.environment import DeterministicEnvironment
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert check_torch_deterministic().status == "fail"
+    with DeterministicEnvironment():
+        assert check_torch_deterministic().status == "ok"
+    assert check_torch_deterministic().status == "fail"
+
+
+def test_header_shows_doctor_summary_and_fingerprint(pytester, monkeypatch):
+    for k in GOOD:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NCCL_ALGO", "Tree")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("--miles-gpu-class=h100")
+    result.stdout.fnmatch_lines([
+        "miles: 1 x NVIDIA H100 80GB HBM3 (sm_90)*fingerprint *",
+        "miles: doctor: * 3 failing (NCCL_ALGO, NVTE_ALLOW_NONDETERMINISTIC_ALGO, CUBLAS_WORKSPACE_CONFIG)*",
+    ])
+    for k, v in GOOD.items():
+        monkeypatch.setenv(k, v)
+    pytester.runpytest().stdout.fnmatch_lines(["miles: doctor: * 0 failing"])
