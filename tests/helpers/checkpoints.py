@@ -1,0 +1,88 @@
+"""Real checkpoints for the tests: torch.distributed.checkpoint (gloo), safetensors, torch.save."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+
+def make_state(seed: int = 0, layers: int = 3, hidden: int = 64) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state: dict = {"embedding.word_embeddings.weight": torch.randn(128, hidden, generator=g)}
+    for i in range(layers):
+        p = f"decoder.layers.{i}"
+        state[f"{p}.self_attention.linear_qkv.weight"] = torch.randn(3 * hidden, hidden, generator=g).to(torch.bfloat16)
+        state[f"{p}.mlp.linear_fc1.weight"] = torch.randn(4 * hidden, hidden, generator=g)
+        state[f"{p}.mlp.linear_fc1.bias"] = torch.zeros(4 * hidden)
+    state["position_ids"] = torch.arange(32, dtype=torch.int64)
+    return state
+
+
+def flip_bit(t: torch.Tensor, flat_index: int, bit: int = 0) -> torch.Tensor:
+    t = t.clone()
+    iv = t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).reshape(-1)
+    iv[flat_index] ^= 1 << bit
+    return t
+
+
+def save_dcp(path: Path, state: dict, extra: dict | None = None) -> Path:
+    """World size 1, gloo process group, as Megatron's torch_dist backend would on one rank."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path.mkdir(parents=True, exist_ok=True)
+    owns = not dist.is_initialized()
+    if owns:
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        dcp.save({**state, **(extra or {})}, checkpoint_id=str(path))
+    finally:
+        if owns:
+            dist.destroy_process_group()
+    return path
+
+
+WORLD2 = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    rank, world, path, seed, port = int(sys.argv[1]), 2, sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(seed + rank)
+    state = {f"decoder.layers.{rank}.mlp.linear_fc1.weight": torch.randn(256, 64, generator=g),
+             "shared.bias": torch.ones(8)}
+    dcp.save(state, checkpoint_id=path)
+    dist.destroy_process_group()
+""")
+
+
+def save_dcp_world2(path: Path, seed: int = 0) -> Path:
+    """Two real gloo ranks, each writing its own .distcp file."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, "-c", WORLD2, str(r), str(path), str(seed), port],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-2000:]
+    return path
+
+
+def tree_state(path: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file below path: proof that nothing was written."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            p = Path(root) / f
+            if p.is_symlink():
+                continue
+            out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+    return out
