@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layouts import CheckpointError, Item, Layout, load_layout
+from .layouts import CheckpointError, Item, load_layout
 
 __all__ = ["CheckpointError", "Report", "assert_checkpoints_equal", "compare_checkpoints", "write_manifest"]
 

@@ -169,13 +169,97 @@ def _hf_layout(root: Path) -> Layout:
 # ---- torch DCP -----------------------------------------------------------------------------
 
 
+class _Stub:
+    """Stand-in for a torch class inside DCP `.metadata`: holds its fields, compares by value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args:
+            self.args = args
+        self.__dict__.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, (dict, type(None))) for x in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:  # a custom __getstate__ (TensorProperties: (dtype, layout, requires_grad, ...))
+            self.state = state
+            if type(self).__name__ == "TensorProperties" and isinstance(state, tuple) and state:
+                self.dtype = state[0]
+
+    def _key(self) -> tuple:
+        return (type(self).__name__, tuple(sorted((k, _freeze(v)) for k, v in self.__dict__.items())))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Stub) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
+
+
+def _freeze(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+class _Ref:
+    """A torch global (dtype, layout, helper function) named, not imported; calls are recorded."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any) -> _Ref:
+        return _Ref(f"{self.name}{args!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Ref) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    __str__ = __repr__
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Reads `.metadata` without importing torch and without running code from the file:
+    torch classes become `_Stub`s, dtypes their names, anything else outside a small allow-list
+    is refused."""
+
+    _stubs: dict[str, type] = {}
+    _allowed = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+                ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("copyreg", "_reconstructor"),
+                ("builtins", "object"), ("enum", "Enum")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name == "Size":
+            return tuple
+        if module.split(".")[0] == "torch":
+            if not re.fullmatch(r"_?[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*", name):  # float32, _get_layout, ...
+                return _Ref(f"{module}.{name}")
+            if name not in self._stubs:
+                self._stubs[name] = type(name, (_Stub,), {})
+            return self._stubs[name]
+        if module == "pathlib":  # checkpoint_id may be a Path; keep it as text
+            return lambda *parts: os.path.join(*map(str, parts)) if parts else ""
+        if (module, name) in self._allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
 def _load_dcp_metadata(path: Path):
     _check_readable(path)
-    import torch.distributed.checkpoint  # noqa: F401  (its classes are in the pickle)
-
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return _MetadataUnpickler(f).load()
     except Exception as exc:
         raise CheckpointError(f"{path}: corrupt or truncated DCP metadata ({type(exc).__name__}: {exc})") from None
 
@@ -205,7 +289,6 @@ def _dcp_layout(root: Path, kind: str = "dcp") -> Layout:
     meta_path = root / ".metadata"
     md = _load_dcp_metadata(meta_path)
     layout = Layout(kind, root)
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     sm = md.storage_meta
     ignored = []
@@ -226,11 +309,13 @@ def _dcp_layout(root: Path, kind: str = "dcp") -> Layout:
     sizes: dict[str, int] = {}
     order = 0
     for fqn, tmd in md.state_dict_metadata.items():
-        if isinstance(tmd, BytesStorageMetadata):
+        if type(tmd).__name__ == "BytesStorageMetadata":
             layout.meta[f".metadata:{fqn}"] = "bytes"
             chunks = [((), None)]
         else:
             dtype = str(tmd.properties.dtype).replace("torch.", "")
+            if not hasattr(tmd, "chunks") or not hasattr(tmd, "size"):
+                raise CheckpointError(f"{meta_path}: entry {fqn!r} has no size/chunks")
             layout.meta[f".metadata:{fqn}"] = {
                 "dtype": dtype, "size": list(tmd.size),
                 "chunks": [[list(c.offsets), list(c.sizes)] for c in tmd.chunks],
@@ -268,7 +353,7 @@ def _dcp_layout(root: Path, kind: str = "dcp") -> Layout:
 
 def _find_storage(storage_data, fqn: str, offsets: tuple[int, ...]):
     for index in storage_data:
-        if index.fqn == fqn and tuple(index.offset or ()) == tuple(offsets):
+        if index.fqn == fqn and tuple(getattr(index, "offset", None) or ()) == tuple(offsets):
             return index
     for index in storage_data:  # byte items are indexed without an offset
         if index.fqn == fqn and not offsets:
