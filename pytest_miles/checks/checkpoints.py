@@ -201,7 +201,7 @@ def _leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
 def _objects_diff(name: str, x: Any, y: Any, ignore: tuple[str, ...] = ()) -> list[Difference]:
     fx, fy = _flatten(x, name), _flatten(y, name)
     diffs = []
-    for order, key in enumerate(dict.fromkeys([*fx, *fy])):
+    for key in dict.fromkeys([*fx, *fy]):
         if _ignored(key, ignore):
             continue
         if key not in fy:
