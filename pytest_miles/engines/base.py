@@ -1,0 +1,60 @@
+"""The Engine protocol: token ids in; per item, output ids and per-token logprobs out.
+
+Engines are context managers; `close()` always frees the process tree and device memory.
+Engines never judge anything: the checks in `pytest_miles.checks` do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class EngineError(RuntimeError):
+    """An engine could not start, died, or answered nonsense. Carries the log tail when there is one."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 16
+    sampling_seed: int | None = 42
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature: {self.temperature} < 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p: {self.top_p} not in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens: {self.max_new_tokens} < 1")
+
+    def to_sglang(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        return d
+
+
+@dataclass
+class Output:
+    output_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
+        """One batch: every prompt is scheduled together, as a real engine would batch them."""
+
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """Logprobs of `continuation` given `prompt`, from one prefill (for p_vs_d)."""
+
+    def flush_cache(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Engine: ...
+
+    def __exit__(self, *exc: object) -> None: ...

@@ -1,0 +1,182 @@
+"""The embedded tiny model: a Qwen2-style decoder (RMSNorm, RoPE, GQA, SwiGLU) built from a
+config and a seed, in plain torch, and written as an HF checkpoint SGLang can load.
+
+Nothing is downloaded: weights come from `torch.Generator().manual_seed(seed)`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    seed: int = 1234
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def hf_config(self, dtype: str = "bfloat16") -> dict:
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": dtype,
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
+            "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers,
+            "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
+            "use_cache": True,
+        }
+
+
+def init_weights(cfg: TinyConfig) -> dict:
+    """HF (Qwen2) parameter names -> fp32 tensors, from the seed alone."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+
+    def w(*shape, scale=0.08):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {"model.embed_tokens.weight": w(cfg.vocab_size, h, scale=1.0)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}"
+        sd[f"{p}.input_layernorm.weight"] = 1 + 0.1 * w(h, scale=1.0)
+        sd[f"{p}.self_attn.q_proj.weight"] = w(q, h)
+        sd[f"{p}.self_attn.q_proj.bias"] = w(q, scale=0.02)
+        sd[f"{p}.self_attn.k_proj.weight"] = w(kv, h)
+        sd[f"{p}.self_attn.k_proj.bias"] = w(kv, scale=0.02)
+        sd[f"{p}.self_attn.v_proj.weight"] = w(kv, h)
+        sd[f"{p}.self_attn.v_proj.bias"] = w(kv, scale=0.02)
+        sd[f"{p}.self_attn.o_proj.weight"] = w(h, q)
+        sd[f"{p}.post_attention_layernorm.weight"] = 1 + 0.1 * w(h, scale=1.0)
+        sd[f"{p}.mlp.gate_proj.weight"] = w(i, h)
+        sd[f"{p}.mlp.up_proj.weight"] = w(i, h)
+        sd[f"{p}.mlp.down_proj.weight"] = w(h, i)
+    sd["model.norm.weight"] = 1 + 0.1 * w(h, scale=1.0)
+    sd["lm_head.weight"] = w(cfg.vocab_size, h, scale=0.5)
+    return sd
+
+
+def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16") -> Path:
+    """config.json + model.safetensors (no tokenizer: drive it with token ids)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in init_weights(cfg).items()}
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (path / "pytest_miles_model.json").write_text(json.dumps(asdict(cfg)))
+    return path
+
+
+def config_from_dir(path: str | Path) -> TinyConfig:
+    """Read an HF Qwen2-style config.json into a TinyConfig (the reference engine's shapes)."""
+    p = Path(path) / "config.json"
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no config.json in the model directory") from None
+    except ValueError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from None
+    fields = {k: raw[k] for k in TinyConfig.__dataclass_fields__ if k in raw}
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
+    if missing:
+        raise ValueError(f"{p}: missing field(s) {', '.join(missing)}")
+    return TinyConfig(**fields)
+
+
+class TinyDecoder:
+    """Functional forward over a state dict, with a KV cache (`step`)."""
+
+    def __init__(self, cfg: TinyConfig, state: dict, device: str = "cpu", dtype=None) -> None:
+        import torch
+
+        self.cfg = cfg
+        self.dtype = dtype or torch.float32
+        self.w = {k: v.to(device=device, dtype=self.dtype) for k, v in state.items()}
+        self.device = device
+        d = cfg.head_dim
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(pos, inv)
+        self.cos = freqs.cos().to(device=device, dtype=self.dtype)
+        self.sin = freqs.sin().to(device=device, dtype=self.dtype)
+
+    def _rms(self, x, weight):
+        import torch
+
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x.float() * torch.rsqrt(var + self.cfg.rms_norm_eps)).to(self.dtype) * weight
+
+    def _rope(self, x, positions):
+        import torch
+
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [B,1,T,d/2]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def step(self, ids, positions, key_mask, cache=None, all_logits: bool = False):
+        """Process S new positions per item against a KV cache, as a serving engine does.
+
+        ids, positions: [B, S]; key_mask: [B, L + S] (True = real token, L = cached length);
+        cache: per layer (k, v) of [B, kv_heads, L, d] or None. Returns (logits, cache):
+        logits [B, S, V] if all_logits else [B, V] for the last position (what engines compute).
+        """
+        import torch
+
+        cfg, w = self.cfg, self.w
+        b, s_new = ids.shape
+        nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cached = 0 if cache is None else cache[0][0].shape[2]
+        total = cached + s_new
+        q_pos = cached + torch.arange(s_new, device=ids.device)
+        causal = torch.arange(total, device=ids.device)[None, :] <= q_pos[:, None]  # [S, L+S]
+        allowed = causal[None] & key_mask.bool()[:, None, :]
+        bias = torch.zeros(b, 1, s_new, total, dtype=self.dtype, device=ids.device)
+        bias = bias.masked_fill(~allowed[:, None], float("-inf"))
+        x = w["model.embed_tokens.weight"][ids]
+        new_cache = []
+        for n in range(cfg.num_hidden_layers):
+            p = f"model.layers.{n}"
+            hsn = self._rms(x, w[f"{p}.input_layernorm.weight"])
+            q = (hsn @ w[f"{p}.self_attn.q_proj.weight"].T + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
+            k = (hsn @ w[f"{p}.self_attn.k_proj.weight"].T + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
+            v = (hsn @ w[f"{p}.self_attn.v_proj.weight"].T + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = self._rope(q, positions), self._rope(k, positions)
+            if cache is not None:
+                k = torch.cat((cache[n][0], k), dim=2)
+                v = torch.cat((cache[n][1], v), dim=2)
+            new_cache.append((k, v))
+            rep = nh // nkv
+            kr, vr = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            scores = (q @ kr.transpose(-1, -2)) / d**0.5 + bias
+            probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(self.dtype)
+            att = (probs @ vr).transpose(1, 2).reshape(b, s_new, nh * d)
+            x = x + att @ w[f"{p}.self_attn.o_proj.weight"].T
+            hsn = self._rms(x, w[f"{p}.post_attention_layernorm.weight"])
+            gate = torch.nn.functional.silu(hsn @ w[f"{p}.mlp.gate_proj.weight"].T)
+            x = x + (gate * (hsn @ w[f"{p}.mlp.up_proj.weight"].T)) @ w[f"{p}.mlp.down_proj.weight"].T
+        if not all_logits:
+            x = x[:, -1]
+        x = self._rms(x, w["model.norm.weight"])
+        return (x @ w["lm_head.weight"].T).float(), new_cache

@@ -1,0 +1,191 @@
+"""The embedded default engine: the tiny seeded decoder in plain torch, batched like a real
+engine (left padding, one forward over the whole batch per step).
+
+`batch_invariant=False` (default) is an ordinary batched engine with a KV cache: a batched
+prefill, then decode steps whose matmuls have one row per batch item. BLAS picks its kernel by
+the row count (a matrix-vector kernel at batch size 1, a blocked GEMM above), so logprobs
+change in their last bits with batch size, as on GPUs. `batch_invariant=True` feeds each item
+one token at a time (every matmul has exactly one row, prefill included), so an item's bits
+cannot depend on what else is in the batch, and prefill logprobs equal decode logprobs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import EngineError, Output, SamplingParams
+from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights
+
+
+
+def _load_state(model_dir: Path):
+    from safetensors.torch import load_file
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"{model_dir}: no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+class ReferenceEngine:
+    name = "reference"
+    has_prefix_cache = False
+
+    def __init__(self, model_dir: str | Path | None = None, *, config: TinyConfig | None = None,
+                 batch_invariant: bool = False, device: str = "cpu", dtype: str = "float32") -> None:
+        import torch
+
+        if model_dir is not None:
+            cfg = config_from_dir(model_dir)
+            state = _load_state(Path(model_dir))
+        else:
+            cfg = config or TinyConfig()
+            state = init_weights(cfg)
+        self.config = cfg
+        self.batch_invariant = batch_invariant
+        self.device = device
+        self.model = TinyDecoder(cfg, state, device=device, dtype=getattr(torch, dtype))
+        self.closed = False
+        self.launches = 1
+
+    # -- protocol --------------------------------------------------------------------------
+
+    def __enter__(self) -> ReferenceEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.model = None  # frees the weights (and device memory)
+
+    def flush_cache(self) -> None:
+        """No prefix cache: every request is computed from scratch."""
+
+    def _check(self, prompts: list[list[int]]) -> None:
+        if self.closed:
+            raise EngineError("reference engine is closed")
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+        vocab = self.config.vocab_size
+        for i, p in enumerate(prompts):
+            bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise ValueError(f"prompts[{i}]: token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+        self._check(prompts)
+        limit = self.config.max_position_embeddings
+        if max(len(p) for p in prompts) + params.max_new_tokens > limit:
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's {limit} positions")
+        if self.batch_invariant:
+            return [self._run([p], params)[0] for p in prompts]
+        return self._run(prompts, params)
+
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """Logprobs of `continuation` from one prefill of prompt + continuation."""
+        import torch
+
+        self._check([list(prompt) + list(continuation)])
+        seq = list(prompt) + list(continuation)
+        with torch.no_grad():
+            if self.batch_invariant:
+                rows = self._incremental(seq)
+            else:
+                ids, pos, mask = self._left_pad([seq])
+                rows = self.model.step(ids, pos, mask, all_logits=True)[0][0]
+        logp = torch.log_softmax(rows.float().cpu(), dim=-1)
+        start = len(prompt)
+        return [float(logp[start - 1 + j, tok]) for j, tok in enumerate(continuation)]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _left_pad(self, seqs: list[list[int]]):
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = True
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), pos.to(self.device), mask.to(self.device)
+
+    def _incremental(self, seq: list[int], cache=None, start: int = 0):
+        """Feed one token at a time (every matmul has one row): what makes the invariant mode
+        invariant, and prefill equal to decode. Returns the logits of every fed position."""
+        import torch
+
+        rows = []
+        for i, tok in enumerate(seq):
+            p = start + i
+            ids = torch.tensor([[tok]], device=self.device)
+            pos = torch.tensor([[p]], device=self.device)
+            mask = torch.ones(1, p + 1, dtype=torch.bool, device=self.device)
+            logits, cache = self.model.step(ids, pos, mask, cache)
+            rows.append(logits[0])
+        self._cache = cache
+        return torch.stack(rows)
+
+    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
+        import torch
+
+        outs = [Output([], []) for _ in prompts]
+        gens = []
+        for _ in prompts:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(params.sampling_seed if params.sampling_seed is not None else 0)
+            gens.append(g)
+        with torch.no_grad():
+            if self.batch_invariant:  # one item, one row at a time
+                (prompt,) = prompts
+                logits = self._incremental(prompt)[-1:].cpu()
+                for step in range(params.max_new_tokens):
+                    tok = _sample(logits[0], params, gens[0])
+                    outs[0].output_ids.append(tok)
+                    outs[0].logprobs.append(float(torch.log_softmax(logits[0].float(), -1)[tok]))
+                    if step + 1 < params.max_new_tokens:
+                        logits = self._incremental([tok], self._cache, len(prompt) + step)[-1:].cpu()
+                return outs
+            ids, pos, mask = self._left_pad(prompts)  # batched prefill, then batched decode
+            logits, cache = self.model.step(ids, pos, mask)
+            for step in range(params.max_new_tokens):
+                logits = logits.cpu()
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                toks = []
+                for i in range(len(prompts)):
+                    tok = _sample(logits[i], params, gens[i])
+                    toks.append(tok)
+                    outs[i].output_ids.append(tok)
+                    outs[i].logprobs.append(float(logp[i, tok]))
+                if step + 1 == params.max_new_tokens:
+                    break
+                pos = pos[:, -1:] + 1
+                mask = torch.cat((mask, torch.ones(len(prompts), 1, dtype=torch.bool, device=self.device)), 1)
+                ids = torch.tensor(toks, device=self.device)[:, None]
+                logits, cache = self.model.step(ids, pos, mask, cache)
+        return outs
+
+
+def _sample(logits, params: SamplingParams, gen) -> int:
+    import torch
+
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_k > 0:
+        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
+        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[order[keep]] = True
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

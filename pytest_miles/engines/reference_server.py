@@ -1,0 +1,80 @@
+"""`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
+behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache).
+Requests are served one at a time, each list of input_ids as one batch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .base import SamplingParams
+from .reference import ReferenceEngine
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-invariant", action="store_true")
+    args = ap.parse_args()
+    engine = ReferenceEngine(args.model, batch_invariant=args.batch_invariant, device=args.device)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, code: int, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": self.path})
+
+        def do_POST(self) -> None:  # noqa: N802
+            n = int(self.headers.get("Content-Length") or 0)
+            req = json.loads(self.rfile.read(n) or b"null")
+            if self.path == "/flush_cache":
+                return self._send(200, {})
+            if self.path != "/generate":
+                return self._send(404, {"error": self.path})
+            try:
+                with lock:
+                    self._send(200, _generate(engine, req))
+            except (ValueError, KeyError, TypeError) as exc:
+                self._send(400, {"error": str(exc)})
+
+        def log_message(self, *a) -> None:
+            pass
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    print(f"reference server on {args.host}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+def _generate(engine: ReferenceEngine, req: dict):
+    ids = req["input_ids"]
+    single = bool(ids) and isinstance(ids[0], int)
+    batch = [ids] if single else ids
+    sp = dict(req.get("sampling_params") or {})
+    start = req.get("logprob_start_len")
+    if start is not None and start >= 0:  # scoring: input token logprobs from one prefill
+        prompt, cont = batch[0][:start], batch[0][start:]
+        lps = engine.score(prompt, cont)
+        return {"output_ids": [], "meta_info": {"input_token_logprobs": [[lp, t, None] for lp, t in zip(lps, cont)],
+                                                "output_token_logprobs": []}}
+    params = SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
+    outs = engine.generate(batch, params)
+    res = [{"output_ids": o.output_ids,
+            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)]}}
+           for o in outs]
+    return res[0] if single else res
+
+
+if __name__ == "__main__":
+    main()

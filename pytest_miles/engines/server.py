@@ -1,0 +1,203 @@
+"""An engine behind an HTTP server in its own process tree, speaking SGLang's `/generate`.
+
+`ServerEngine` owns the process: free port, deterministic environment, readiness by health
+polling with a timeout, the log tail in every error, and a teardown that kills the whole
+tree. `SGLangEngine` (real `python -m sglang.launch_server`) and `ReferenceServerEngine`
+(the embedded model behind the same API, so CPU machines exercise the same code) build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ..environment import deterministic_env_vars
+from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
+from .base import EngineError, Output, SamplingParams
+
+
+class ServerEngine:
+    name = "server"
+
+    def __init__(self, cmd: list[str], *, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 startup_timeout: float = 300.0, request_timeout: float = 300.0, log_dir: str | Path | None = None,
+                 health_path: str = "/health") -> None:
+        self.cmd, self.port, self.host = cmd, port, host
+        self.url = f"http://{host}:{port}"
+        self.env = {**os.environ, **deterministic_env_vars(), **(env or {})}
+        self.startup_timeout, self.request_timeout = startup_timeout, request_timeout
+        self.health_path = health_path
+        log_dir = Path(log_dir or tempfile.mkdtemp(prefix="miles-engine-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{self.name}-{port}.log"
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+        self.pids: list[int] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> ServerEngine:
+        if port_in_use(self.port, self.host):
+            raise EngineError(f"{self.name}: port {self.port} on {self.host} is already in use")
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env, start_new_session=True)
+        try:
+            ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
+            if not ok:
+                if self.proc.poll() is not None:
+                    raise EngineError(f"{self.name} exited with code {self.proc.returncode} while starting "
+                                      f"(log {self.log_path}):\n{tail(self.log_path)}")
+                raise EngineError(f"{self.name} did not become healthy within {self.startup_timeout:g} s "
+                                  f"(log {self.log_path}):\n{tail(self.log_path)}")
+        except BaseException:
+            self.close()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+        return self
+
+    def __enter__(self) -> ServerEngine:
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.pids = kill_tree(self.proc.pid) or self.pids
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + self.health_path, timeout=5) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _post(self, path: str, payload: Any | None) -> Any:
+        if not self.alive:
+            code = None if self.proc is None else self.proc.returncode
+            raise EngineError(f"{self.name} is not running (exit code {code}); log tail:\n{tail(self.log_path)}")
+        data = None if payload is None else json.dumps(payload).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
+                body = r.read()
+        except urllib.error.HTTPError as exc:
+            raise EngineError(f"{self.name} {path}: HTTP {exc.code}: {exc.read()[:2000].decode(errors='replace')}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            time.sleep(0.5)
+            state = "died" if not self.alive else "did not answer"
+            code = self.proc.returncode if self.proc is not None else None
+            raise EngineError(f"{self.name} {state} during {path} ({exc}; exit code {code}); log tail:\n"
+                              f"{tail(self.log_path)}") from None
+        return json.loads(body) if body else None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
+        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params.to_sglang(),
+                                       "return_logprob": True})
+        if isinstance(res, dict):
+            res = [res]
+        if not isinstance(res, list) or len(res) != len(prompts):
+            raise EngineError(f"{self.name}: /generate answered {len(res) if isinstance(res, list) else res!r} "
+                              f"items for {len(prompts)} prompts")
+        outs = []
+        for item in res:
+            lps = item["meta_info"]["output_token_logprobs"]
+            ids = item.get("output_ids") or [int(t[1]) for t in lps]
+            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps]))
+        return outs
+
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        seq = list(prompt) + list(continuation)
+        res = self._post("/generate", {
+            "input_ids": seq, "return_logprob": True, "logprob_start_len": len(prompt),
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+        lps = res["meta_info"]["input_token_logprobs"]
+        vals = [t for t in lps if t[0] is not None]
+        return [float(t[0]) for t in vals[-len(continuation):]]
+
+    def flush_cache(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:  # SGLang answers 400 while requests are running
+            try:
+                self._post("/flush_cache", None)
+                return
+            except EngineError as exc:
+                if "HTTP 400" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+class SGLangEngine(ServerEngine):
+    """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode."""
+
+    name = "sglang"
+
+    def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
+                 mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
+                 port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = True,
+                 python: str = sys.executable, **kw: Any) -> None:
+        model_path = Path(model_path)
+        if not (model_path / "config.json").exists():
+            raise EngineError(f"{model_path}: no config.json (not an HF model directory)")
+        if skip_tokenizer_init is None:
+            skip_tokenizer_init = not any((model_path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
+        port = port or free_port()
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", "127.0.0.1",
+               "--port", str(port), "--attention-backend", attention_backend,
+               "--mem-fraction-static", str(mem_fraction_static), "--random-seed", "42"]
+        if deterministic:
+            cmd.append("--enable-deterministic-inference")
+        if skip_tokenizer_init:
+            cmd.append("--skip-tokenizer-init")
+        if disable_cuda_graph:
+            cmd.append("--disable-cuda-graph")
+        cmd += sglang_passthrough(extra_args)
+        self.deterministic, self.attention_backend = deterministic, attention_backend
+        super().__init__(cmd, port=port, health_path="/health", **kw)
+
+
+def sglang_passthrough(args: list[str] | tuple[str, ...]) -> list[str]:
+    """Miles' SGLANG_ARGS convention: `--sglang-foo x` -> `--foo x`; other args pass unchanged."""
+    return [a.replace("--sglang-", "--", 1) if a.startswith("--sglang-") else a for a in args]
+
+
+class ReferenceServerEngine(ServerEngine):
+    """The embedded model behind SGLang's HTTP API, in its own process (CPU or GPU)."""
+
+    name = "reference-server"
+    has_prefix_cache = False
+
+    def __init__(self, model_dir: str | Path, *, batch_invariant: bool = False, port: int | None = None,
+                 device: str = "cpu", python: str = sys.executable, **kw: Any) -> None:
+        port = port or free_port()
+        cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
+               "--port", str(port), "--device", device]
+        if batch_invariant:
+            cmd.append("--batch-invariant")
+        self.batch_invariant = batch_invariant
+        kw.setdefault("startup_timeout", 120.0)
+        super().__init__(cmd, port=port, **kw)
