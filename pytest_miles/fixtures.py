@@ -44,3 +44,63 @@ def deterministic_env() -> Iterator[DeterministicEnvironment]:
 
     with DeterministicEnvironment() as env:
         yield env
+
+
+# ---- engines -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The embedded tiny seeded model as an HF checkpoint (config.json + safetensors, no tokenizer)."""
+    from .engines.model import write_hf_checkpoint
+
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def engine_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """`engine_factory(kind, **options)`: one launch per configuration per session; asking for
+    another configuration closes the live one first (GPU memory back). `.launches` counts."""
+    from .engines.factory import EngineFactory
+
+    st = _state(pytestconfig)
+    factory = EngineFactory(
+        model_dir=lambda: st.setting("model") or str(_tiny_model(tmp_path_factory)),
+        log_dir=tmp_path_factory.mktemp("engine-logs"),
+        hardware=lambda: st.hardware,
+        attention_backend=st.setting("attention_backend"),
+        startup_timeout=st.setting("engine_timeout"),
+        device=st.setting("device"),
+        require_gpu=st.setting("require_gpu"),
+    )
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def _tiny_model(tmp_path_factory: pytest.TempPathFactory):
+    from .engines.model import write_hf_checkpoint
+
+    root = tmp_path_factory.getbasetemp() / "miles-tiny-model"
+    if not (root / "config.json").exists():
+        write_hf_checkpoint(root)
+    return root
+
+
+@pytest.fixture
+def engine(engine_factory, miles_settings):
+    """The engine chosen by --miles-engine (deterministic mode), shared across tests."""
+    return engine_factory(miles_settings("engine"))
+
+
+@pytest.fixture
+def reference_engine(engine_factory):
+    """The embedded torch engine in batch-invariant mode."""
+    return engine_factory("reference")
+
+
+@pytest.fixture
+def sglang_engine(engine_factory):
+    """A real SGLang server with --enable-deterministic-inference (skips without sglang or a GPU)."""
+    return engine_factory("sglang")

@@ -59,10 +59,12 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "engine",
-        "Rollout engine behind the `engine` fixture: reference (embedded torch) or sglang.",
+        "Rollout engine behind the `engine` fixture: reference (embedded torch, in-process), "
+        "reference-server (the same behind SGLang's HTTP API, in a subprocess), sglang (real server), "
+        "sglang-offline (in-process sglang.Engine).",
         default="reference",
         kind="choice",
-        choices=("reference", "sglang"),
+        choices=("reference", "reference-server", "sglang", "sglang-offline"),
         env="PYTEST_MILES_ENGINE",
         group="rollout",
     ),

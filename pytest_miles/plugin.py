@@ -15,9 +15,14 @@ pytest.register_assert_rewrite("pytest_miles.checks")
 from . import options  # noqa: E402
 from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of the plugin)
     deterministic_env,
+    engine,
+    engine_factory,
     miles_fingerprint,
     miles_hardware,
     miles_settings,
+    reference_engine,
+    sglang_engine,
+    tiny_model_dir,
 )
 from .hardware import GPU_CLASSES, requirement_from_marks  # noqa: E402
 

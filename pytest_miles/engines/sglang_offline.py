@@ -1,0 +1,68 @@
+"""The in-process `sglang.Engine`, for users who prefer it to a server. Same protocol; close()
+shuts the engine down and kills the scheduler/detokenizer processes it started."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..environment import deterministic_env_vars
+from ..processes import kill_tree
+from .base import EngineError, Output, SamplingParams
+
+
+class SGLangOfflineEngine:
+    name = "sglang-offline"
+
+    def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
+                 mem_fraction_static: float = 0.3, **engine_kwargs: Any) -> None:
+        os.environ.update(deterministic_env_vars())  # the scheduler processes inherit it
+        import sglang
+
+        skip_tok = not (Path(model_path) / "tokenizer_config.json").exists()
+        try:
+            self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=skip_tok,
+                                         attention_backend=attention_backend,
+                                         enable_deterministic_inference=deterministic,
+                                         mem_fraction_static=mem_fraction_static, disable_cuda_graph=True,
+                                         random_seed=42, **engine_kwargs)
+        except Exception as exc:
+            self._kill_children()
+            raise EngineError(f"sglang.Engine failed to start: {exc}") from exc
+        self.deterministic, self.attention_backend = deterministic, attention_backend
+
+    def __enter__(self) -> SGLangOfflineEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+        res = self._engine.generate(input_ids=prompts, sampling_params=params.to_sglang(), return_logprob=True)
+        return [Output([int(t[1]) for t in r["meta_info"]["output_token_logprobs"]],
+                       [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]]) for r in res]
+
+    def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        r = self._engine.generate(input_ids=list(prompt) + list(continuation), return_logprob=True,
+                                  logprob_start_len=len(prompt),
+                                  sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+        vals = [t for t in r["meta_info"]["input_token_logprobs"] if t[0] is not None]
+        return [float(t[0]) for t in vals[-len(continuation):]]
+
+    def flush_cache(self) -> None:
+        self._engine.flush_cache()
+
+    def _kill_children(self) -> None:
+        import psutil
+
+        for child in psutil.Process().children(recursive=False):
+            kill_tree(child.pid)
+
+    def close(self) -> None:
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is not None:
+            try:
+                engine.shutdown()
+            finally:
+                self._kill_children()

@@ -1,0 +1,177 @@
+"""Engines and batch-invariance checks on CPU: real torch, real subprocesses and ports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from pytest_miles import assert_batch_invariant  # noqa: E402
+from pytest_miles.checks.batch_invariance import MODES, check_batch_invariance, negative_control  # noqa: E402
+from pytest_miles.engines.base import EngineError, SamplingParams  # noqa: E402
+from pytest_miles.engines.model import write_hf_checkpoint  # noqa: E402
+from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
+from pytest_miles.engines.server import ReferenceServerEngine, ServerEngine, sglang_passthrough  # noqa: E402
+from pytest_miles.processes import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def invariant(model_dir):
+    with ReferenceEngine(model_dir, batch_invariant=True) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def batched(model_dir):
+    with ReferenceEngine(model_dir) as e:
+        yield e
+
+
+def test_tiny_model_dir_is_an_hf_checkpoint(model_dir):
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    assert (model_dir / "model.safetensors").exists() and not (model_dir / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_invariant_reference_passes_every_mode(invariant, mode):
+    report = assert_batch_invariant(invariant, mode=mode, trials=4, max_batch=6, prompt_len=16)
+    assert report.passed and report.samples >= 4
+    assert all(n == 1 for n in report.unique.values()), report.unique
+
+
+@pytest.mark.parametrize("mode", ["single", "needle"])
+def test_batched_reference_fails_with_pinpointed_report(batched, mode):
+    with pytest.raises(AssertionError) as exc:
+        assert_batch_invariant(batched, mode=mode, trials=6, max_batch=8, prompt_len=16)
+    text = str(exc.value)
+    assert f"batch invariance [{mode}] on reference: FAIL" in text
+    assert "first difference at token" in text and "logprob" in text and "unique samples per prompt" in text
+    report = check_batch_invariance(batched, mode, trials=6, max_batch=8, prompt_len=16)
+    m = report.mismatches[0]
+    assert m.expected_id == m.got_id, "same tokens, different logprob bits: the CPU non-invariance"
+    assert m.expected_logprob != m.got_logprob and m.batch_size > 1
+
+
+def test_batched_reference_p_vs_d_fails_and_invariant_passes(batched, invariant):
+    assert not check_batch_invariance(batched, "p_vs_d", trials=3, prompt_len=16).passed
+    assert check_batch_invariance(invariant, "p_vs_d", trials=3, prompt_len=16).passed
+
+
+def test_negative_control(batched, invariant):
+    report = negative_control(batched, "single", trials=4, prompt_len=16)
+    assert "the check can fail here" in report.render()
+    with pytest.raises(AssertionError, match="cannot fail on this stack"):
+        negative_control(invariant, "single", trials=2, prompt_len=16)
+
+
+def test_progress_is_reported(invariant):
+    seen = []
+    check_batch_invariance(invariant, "single", trials=3, prompt_len=8, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "chaos"}, "mode: 'chaos' is not one of single, prefix, radix_cache, p_vs_d, needle"),
+    ({"trials": 0}, "trials: expected an integer >= 1, got 0"),
+    ({"trials": 2.5}, "trials: expected an integer >= 1"),
+])
+def test_bad_check_arguments(invariant, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_batch_invariance(invariant, **{"mode": "single", "trials": 2, **kwargs})
+
+
+def test_bad_prompts_and_params(invariant):
+    with pytest.raises(ValueError, match=r"prompts\[1\]: token id 99999 outside the vocabulary"):
+        invariant.generate([[5, 6], [99999]], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ReferenceEngine("/nonexistent-model-dir")
+
+
+def test_sglang_passthrough_follows_miles_convention():
+    assert sglang_passthrough(["--sglang-mem-fraction-static", "0.5", "--sglang-log-level", "debug", "--x"]) == [
+        "--mem-fraction-static", "0.5", "--log-level", "debug", "--x"]
+
+
+# ---- the server engine: real subprocess, real port --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    with ReferenceServerEngine(model_dir, batch_invariant=True, log_dir=tmp_path_factory.mktemp("logs")) as s:
+        yield s
+
+
+def test_server_engine_matches_in_process_engine(server, invariant):
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    params = SamplingParams(temperature=1.0, max_new_tokens=5)
+    http = server.generate(prompts, params)
+    local = invariant.generate(prompts, params)
+    assert [o.output_ids for o in http] == [o.output_ids for o in local]
+    assert [o.logprobs for o in http] == [o.logprobs for o in local]
+    assert server.score([5, 6, 7, 8], http[0].output_ids) == http[0].logprobs
+    assert server.startup_seconds is not None
+
+
+@pytest.mark.parametrize("mode", ["single", "needle", "p_vs_d"])
+def test_server_engine_passes_modes(server, mode):
+    assert_batch_invariant(server, mode=mode, trials=3, max_batch=4, prompt_len=8)
+
+
+def test_engine_dying_mid_check_is_a_clear_error(model_dir, tmp_path):
+    import psutil
+
+    eng = ReferenceServerEngine(model_dir, log_dir=tmp_path).start()
+    try:
+        calls = {"n": 0}
+        real = eng.generate
+
+        def generate_then_die(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                psutil.Process(eng.proc.pid).kill()
+                eng.proc.wait(10)
+            return real(*a, **k)
+
+        eng.generate = generate_then_die
+        with pytest.raises(EngineError, match=r"reference-server is not running \(exit code -9\); log tail:\n.*reference server on"):
+            check_batch_invariance(eng, "single", trials=3, prompt_len=8)
+    finally:
+        eng.close()
+
+
+def test_server_that_never_becomes_healthy_times_out(tmp_path):
+    port = free_port()
+    eng = ServerEngine([sys.executable, "-c", "print('booting', flush=True); import time; time.sleep(600)"],
+                       port=port, startup_timeout=3, log_dir=tmp_path)
+    with pytest.raises(EngineError, match=r"did not become healthy within 3 s .*\n.*booting"):
+        eng.start()
+    assert eng.proc is None, "the process was killed"
+
+
+def test_server_that_exits_at_start_carries_its_log(tmp_path):
+    eng = ServerEngine([sys.executable, "-c", "raise SystemExit('no GPU here, says the server')"],
+                       port=free_port(), startup_timeout=30, log_dir=tmp_path)
+    with pytest.raises(EngineError, match=r"exited with code 1 while starting .*\n.*no GPU here, says the server"):
+        eng.start()
+
+
+def test_port_already_in_use(model_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(EngineError, match=f"port {port} on 127.0.0.1 is already in use"):
+            ReferenceServerEngine(model_dir, port=port, log_dir=tmp_path).start()
