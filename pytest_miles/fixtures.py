@@ -104,3 +104,31 @@ def reference_engine(engine_factory):
 def sglang_engine(engine_factory):
     """A real SGLang server with --enable-deterministic-inference (skips without sglang or a GPU)."""
     return engine_factory("sglang")
+
+
+# ---- trainers ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def megatron_trainer_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
+    megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU)."""
+    import importlib.util
+
+    st = _state(pytestconfig)
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        msg = "megatron_trainer_factory requires megatron-core (pip install 'pytest-miles[megatron]')"
+        pytest.fail(msg, pytrace=False) if st.setting("require_gpu") else pytest.skip(msg)
+    from .trainers.megatron import MegatronTrainer
+
+    device = st.setting("device")
+    if device == "auto":
+        device = "cuda" if st.hardware.nvidia else "cpu"
+    log_dir = tmp_path_factory.mktemp("megatron-logs")
+
+    def make(**kwargs):
+        kwargs.setdefault("device", device)
+        kwargs.setdefault("log_dir", log_dir)
+        return MegatronTrainer(**kwargs)
+
+    return make

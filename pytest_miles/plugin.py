@@ -17,6 +17,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     deterministic_env,
     engine,
     engine_factory,
+    megatron_trainer_factory,
     miles_fingerprint,
     miles_hardware,
     miles_settings,

@@ -1,0 +1,153 @@
+"""`MegatronTrainer`: a real megatron-core training run in worker processes, one per rank.
+
+The launcher never hangs: every rank has a deadline, a rank that dies takes the others down,
+and errors carry the failing rank's log tail. Teardown kills the whole process tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..environment import deterministic_env_vars
+from ..processes import free_port, kill_tree, tail
+
+
+class TrainerError(RuntimeError):
+    """A trainer could not run: bad configuration, unwritable dir, or a rank that crashed."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Mirrors Miles' MODEL_ARGS for the tiny default. Learned absolute positions: megatron-core's
+    RoPE moves its frequencies to CUDA unconditionally, so "rope" runs on GPUs only."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = 2
+    ffn_hidden_size: int | None = 128
+    vocab_size: int = 512
+    seq_length: int = 32
+    dropout: float = 0.0
+    position_embedding_type: str = "learned_absolute"
+
+
+@dataclass
+class Run:
+    losses: list[float]
+    grad_norms: list[float]
+    checkpoints: list[str]
+    first_step: int
+    loss_bits: list[str] = field(default_factory=list)
+    grad_norm_bits: list[str] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    save_dir: str | None = None
+    seconds: float = 0.0
+    device: str = "cpu"
+
+    def checkpoint(self, step: int | None = None) -> Path:
+        """The iter_XXXXXXX dir saved at `step` (default: the last one)."""
+        if not self.checkpoints:
+            raise TrainerError("this run saved no checkpoint (pass save_steps and save_dir)")
+        if step is None:
+            return Path(self.checkpoints[-1])
+        for c in self.checkpoints:
+            if c.endswith(f"iter_{step:07d}"):
+                return Path(c)
+        raise TrainerError(f"no checkpoint at step {step}; saved: {', '.join(Path(c).name for c in self.checkpoints)}")
+
+
+class MegatronTrainer:
+    name = "megatron"
+
+    def __init__(self, *, seed: int = 1234, model: ModelArgs = ModelArgs(), tensor_parallel: int = 1,
+                 world_size: int | None = None, device: str = "cpu", lr: float = 1e-3, micro_batch_size: int = 2,
+                 deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
+                 python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+        world = world_size or tensor_parallel
+        if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
+            raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
+        if model.num_attention_heads % tensor_parallel or (model.num_query_groups or model.num_attention_heads) % tensor_parallel:
+            raise TrainerError(f"tensor_parallel {tensor_parallel} does not divide the attention heads "
+                               f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
+        if device not in ("cpu", "cuda"):
+            raise TrainerError(f"device {device!r}: expected cpu or cuda")
+        self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
+        self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
+        self.timeout, self.python, self.extra_env = timeout, python, env or {}
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))
+        self.launches = 0
+
+    def train(self, steps: int, *, save_dir: str | Path | None = None, save_steps: list[int] | None = None,
+              load_dir: str | Path | None = None) -> Run:
+        if steps < 1:
+            raise TrainerError(f"steps: {steps} < 1")
+        if save_dir is not None:
+            save_dir = Path(save_dir)
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                probe = save_dir / ".miles-write-probe"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as exc:
+                raise TrainerError(f"save_dir {save_dir}: not writable ({exc.strerror or exc})") from None
+        if load_dir is not None and not (Path(load_dir) / "latest_checkpointed_iteration.txt").exists():
+            raise TrainerError(f"load_dir {load_dir}: no latest_checkpointed_iteration.txt, nothing to resume from")
+        save_steps = sorted(save_steps if save_steps is not None else ([steps] if save_dir else []))
+        self.launches += 1
+        run_dir = self.log_dir / f"launch-{self.launches}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec = {"seed": self.seed, "model": asdict(self.model), "tensor_parallel": self.tp, "device": self.device,
+                "lr": self.lr, "micro_batch_size": self.mbs, "deterministic": self.deterministic, "steps": steps,
+                "save_dir": str(save_dir) if save_dir else None, "save_steps": save_steps,
+                "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json")}
+        (run_dir / "spec.json").write_text(json.dumps(spec))
+        t0 = time.monotonic()
+        self._launch(run_dir)
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise TrainerError(f"rank 0 wrote no result ({exc}); log tail:\n{tail(run_dir / 'rank0.log')}") from None
+        return Run(save_dir=str(save_dir) if save_dir else None, seconds=time.monotonic() - t0, **result)
+
+    def _launch(self, run_dir: Path) -> None:
+        port = free_port()
+        base = {**os.environ, **deterministic_env_vars(), **self.extra_env, "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port), "WORLD_SIZE": str(self.world), "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        procs: list[tuple[int, subprocess.Popen, Path]] = []
+        try:
+            for rank in range(self.world):
+                log = run_dir / f"rank{rank}.log"
+                env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                with open(log, "wb") as f:
+                    procs.append((rank, subprocess.Popen(
+                        [self.python, "-m", "pytest_miles.trainers.megatron_worker", str(run_dir / "spec.json")],
+                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                        start_new_session=True), log))
+            deadline = time.monotonic() + self.timeout
+            while True:
+                codes = [p.poll() for _, p, _ in procs]
+                failed = [(r, c, log) for (r, _, log), c in zip(procs, codes) if c not in (None, 0)]
+                if failed:
+                    r, c, log = failed[0]
+                    raise TrainerError(f"megatron rank {r} exited with code {c} (log {log}):\n{tail(log)}")
+                if all(c == 0 for c in codes):
+                    return
+                if time.monotonic() > deadline:
+                    raise TrainerError(f"megatron run did not finish within {self.timeout:g} s; rank 0 log tail:\n"
+                                       f"{tail(procs[0][2])}")
+                time.sleep(0.2)
+        finally:
+            for _, p, _ in procs:
+                if p.poll() is None:
+                    kill_tree(p.pid)
+                    p.wait(timeout=10)

@@ -1,0 +1,211 @@
+"""One rank of a real megatron-core training run: `python -m pytest_miles.trainers.megatron_worker SPEC.json`.
+
+Started once per rank by `MegatronTrainer` with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set.
+gloo on CPU, NCCL on GPU; deterministic mode; a seeded synthetic token stream; torch_dist
+checkpoints in Megatron's layout (iter_XXXXXXX/ + latest_checkpointed_iteration.txt).
+
+On CPU only public extension points are used: `model_parallel_cuda_manual_seed(...,
+inference_rng_tracker=True)`, a CPU core attention supplied through the layer ModuleSpec,
+and a save strategy (TorchDistSaveShardedStrategy subclass) that stages tensors without CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+
+def _cpu_core_attention():
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class CPUDotProductAttention(DotProductAttention):
+        """DotProductAttention without the CUDA-only global memory buffer."""
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            rep = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            if rep > 1:
+                key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
+            sq, sk = scores.shape[-2:]
+            if attention_mask is None:
+                attention_mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1)[None, None]
+            scores = scores.masked_fill(attention_mask, float("-inf"))
+            probs = self.attention_dropout(torch.softmax(scores.float(), dim=-1).to(q.dtype))
+            ctx = torch.matmul(probs, v)
+            b, n, s, hn = ctx.shape
+            return ctx.permute(2, 0, 1, 3).reshape(s, b, n * hn)
+
+    return CPUDotProductAttention
+
+
+def _save_strategy(cuda: bool):
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    class HostSaveStrategy(TorchDistSaveShardedStrategy):
+        """On CPU: stages tensors synchronously (no torch.cuda.synchronize) and finalizes with a
+        host tensor for the failure broadcast (megatron-core's finalize asks for a CUDA device)."""
+
+        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+            req = super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+            if cuda:
+                return req
+            return req._replace(preload_fn=partial(writer.preload_tensors, writer.write_buckets, False),
+                                finalize_fns=[partial(_finalize_on_host, *save_state_dict_ret)])
+
+    return HostSaveStrategy("torch_dist", 1, thread_count=1)
+
+
+def _finalize_on_host(storage_writer, global_metadata, dist_wrapper) -> None:
+    """megatron-core's save_state_dict_async_finalize, with the failure flag on the host."""
+    import torch
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    results = dist_wrapper.gather_object(storage_writer.retrieve_write_results())
+    failures = {}
+    if dist_wrapper.is_coordinator:
+        failures = {i: r for i, r in enumerate(results or []) if isinstance(r, BaseException)}
+        if not failures:
+            storage_writer.finish(global_metadata, results)
+    flag = torch.tensor([int(bool(failures))], dtype=torch.int)
+    torch.distributed.broadcast(flag, src=dist_wrapper.coordinator_rank, group=dist_wrapper.group)
+    if flag.item():
+        raise CheckpointingException(f"checkpoint write failed: {failures or 'on the coordinator'}")
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    import torch
+    import torch.distributed as dist
+
+    cuda = spec["device"] == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    torch.use_deterministic_algorithms(spec.get("deterministic", True))
+    torch.backends.cudnn.deterministic = spec.get("deterministic", True)
+    torch.backends.cudnn.benchmark = False
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed, param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    tp = spec["tensor_parallel"]
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    dp_rank, tp_rank = parallel_state.get_data_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    seed = spec["seed"]
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda)
+
+    m = spec["model"]
+    config = TransformerConfig(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m.get("num_query_groups"), ffn_hidden_size=m.get("ffn_hidden_size"),
+        tensor_model_parallel_size=tp, use_cpu_initialization=True, deterministic_mode=spec.get("deterministic", True),
+        params_dtype=torch.float32, hidden_dropout=m.get("dropout", 0.0), attention_dropout=m.get("dropout", 0.0),
+        bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False,
+    )
+    layer_spec = get_gpt_layer_local_spec()
+    if not cuda:
+        layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
+    seq = m["seq_length"]
+    model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=m["vocab_size"],
+                     max_sequence_length=seq, position_embedding_type=m.get("position_embedding_type", "learned_absolute"))
+    device = torch.device("cuda" if cuda else "cpu")
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
+    strategy = _save_strategy(cuda)
+    save_dir = Path(spec["save_dir"]) if spec.get("save_dir") else None
+    start = 0
+
+    def state_dicts():
+        sd = model.sharded_state_dict(prefix="model.")
+        sd["optimizer"] = ShardedObject("optimizer.rank_state", opt.state_dict(), (world,), (rank,), replica_id=0)
+        sd["rng"] = ShardedObject("rng.rank_state", {"torch": torch.get_rng_state(),
+                                                    "cuda": torch.cuda.get_rng_state() if cuda else None},
+                                  (world,), (rank,), replica_id=0)
+        return sd
+
+    if spec.get("load_dir"):
+        load_root = Path(spec["load_dir"])
+        tracker = load_root / "latest_checkpointed_iteration.txt"
+        if not tracker.exists():
+            raise SystemExit(f"{tracker}: missing, nothing to resume from in {load_root}")
+        start = int(tracker.read_text().strip())
+        loaded = dist_checkpointing.load(state_dicts(), str(load_root / f"iter_{start:07d}"))
+        model.load_state_dict({k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}, strict=False)
+        opt.load_state_dict(loaded["optimizer"])
+        torch.set_rng_state(loaded["rng"]["torch"])
+        if cuda and loaded["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(loaded["rng"]["cuda"])
+
+    mbs = spec["micro_batch_size"]
+    losses, grad_norms, saved, step_times = [], [], [], []
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)[None, None]
+    position_ids = torch.arange(seq, device=device)[None].expand(mbs, seq)
+    for step in range(start, spec["steps"]):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(seed * 100003 + step * 131 + dp_rank)
+        tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), generator=g).to(device)
+        out = model(tokens[:, :-1], position_ids, causal, labels=tokens[:, 1:])
+        loss = out.float().mean()
+        loss.backward()
+        dp_group = parallel_state.get_data_parallel_group()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=dp_group)
+                    p.grad /= parallel_state.get_data_parallel_world_size()
+        sq = torch.zeros((), dtype=torch.float64, device=device)
+        for p in model.parameters():
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                sq += p.grad.double().pow(2).sum()
+        if tp > 1:
+            dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lv = loss.detach().double()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(lv, group=dp_group)
+            lv /= parallel_state.get_data_parallel_world_size()
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(lv))
+        grad_norms.append(float(sq.sqrt()))
+        it = step + 1
+        if save_dir is not None and it in spec.get("save_steps", []):
+            it_dir = save_dir / f"iter_{it:07d}"
+            if rank == 0:
+                it_dir.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            sd = state_dicts()
+            sd["iteration"] = it
+            sd["args"] = {"seed": seed, "lr": spec["lr"], "tensor_parallel": tp, "model": m}
+            dist_checkpointing.save(sd, str(it_dir), sharded_strategy=strategy)
+            if rank == 0:
+                (save_dir / "latest_checkpointed_iteration.txt").write_text(str(it))
+            saved.append(str(it_dir))
+            dist.barrier()
+    if rank == 0:
+        result = {"losses": losses, "loss_bits": [x.hex() for x in losses], "grad_norms": grad_norms,
+                  "grad_norm_bits": [x.hex() for x in grad_norms], "checkpoints": saved, "first_step": start,
+                  "step_times": step_times, "device": spec["device"]}
+        Path(spec["result"]).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
