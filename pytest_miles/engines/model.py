@@ -14,11 +14,11 @@ from pathlib import Path
 @dataclass(frozen=True)
 class TinyConfig:
     vocab_size: int = 512
-    hidden_size: int = 64
-    intermediate_size: int = 128
+    hidden_size: int = 128  # head_dim 64: what GPU attention kernels (flashinfer, triton) support
+    intermediate_size: int = 256
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6

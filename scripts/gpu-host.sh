@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Steps run on the GPU host (no package index there): see docs/validation/README.md.
+#   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
+#   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
+#   scripts/gpu-host.sh STEP...      foundation | trainer | engines | suite   (logs go to $OUT)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STASH=/tmp/miles-gpu
+OUT=${OUT:-/tmp/miles-out}
+mkdir -p "$OUT"
+export PYTHONPATH=$STASH/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=python3
+
+if [ "${1:-}" = stash ]; then
+  bash ".gpu-wheels/part-$2/install-wheelhouse.sh" "$STASH" ".gpu-wheels/part-$2"; exit $?
+fi
+if [ "${1:-}" = install ]; then
+  part=$(ls -d .gpu-wheels/part-* | head -n1)
+  bash "$part/install-wheelhouse.sh" "$STASH" || exit 1
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 3
+  $PY -c "import sglang, megatron.core, pytest_miles; print('sglang', sglang.__version__, 'megatron-core', megatron.core.__version__)"
+  exit $?
+fi
+rc=0
+for step in "$@"; do
+  case "$step" in
+    foundation)
+      { nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv
+        echo "== pytest-miles doctor (ambient environment)"; $PY -m pytest_miles.cli doctor
+        echo "== pytest-miles doctor (deterministic environment exported)"
+        env NCCL_ALGO=Ring NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 CUBLAS_WORKSPACE_CONFIG=:4096:8 \
+          $PY -m pytest_miles.cli doctor --attention-backend flashinfer
+        echo "== pytest-miles fingerprint --json"; $PY -m pytest_miles.cli fingerprint --json
+        echo "== pytest -m hopper"; $PY -m pytest tests/gpu/test_host_markers.py -m hopper -v -rs -s -p no:cacheprovider
+        echo "== pytest -m blackwell"; $PY -m pytest tests/gpu/test_host_markers.py -m blackwell -v -rs -p no:cacheprovider
+      } 2>&1 | tee "$OUT/foundation.log" ;;
+    trainer)
+      timeout 560 $PY -m pytest tests/gpu/test_gpu_trainer.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
+        2>&1 | tee "$OUT/trainer.log" || rc=1 ;;
+    engines)
+      timeout 580 $PY -m pytest tests/gpu/test_gpu_engines.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
+        --basetemp=/tmp/miles-bt 2>&1 | tee "$OUT/engines.log" || rc=1
+      cp /tmp/miles-bt/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    suite)
+      timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+exit $rc
