@@ -37,10 +37,11 @@ for step in "$@"; do
     trainer)
       timeout 560 $PY -m pytest tests/gpu/test_gpu_trainer.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee "$OUT/trainer.log" || rc=1 ;;
-    engines)
-      timeout 580 $PY -m pytest tests/gpu/test_gpu_engines.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
-        --basetemp=/tmp/miles-bt 2>&1 | tee "$OUT/engines.log" || rc=1
-      cp /tmp/miles-bt/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    engines-*)
+      backend=${step#engines-}
+      timeout 580 $PY -m pytest tests/gpu/test_gpu_engines.py -k "$backend" -x -v -s -rs -p no:cacheprovider \
+        --miles-require-gpu --basetemp=/tmp/miles-bt-$backend 2>&1 | tee "$OUT/engines-$backend.log" || rc=1
+      cp /tmp/miles-bt-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;

@@ -111,7 +111,12 @@ class ServerEngine:
             code = self.proc.returncode if self.proc is not None else None
             raise EngineError(f"{self.name} {state} during {path} ({exc}; exit code {code}); log tail:\n"
                               f"{tail(self.log_path)}") from None
-        return json.loads(body) if body else None
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:  # /flush_cache answers plain text
+            return body.decode(errors="replace")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
         if not prompts or any(not p for p in prompts):
