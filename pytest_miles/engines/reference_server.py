@@ -64,9 +64,10 @@ def _generate(engine: ReferenceEngine, req: dict):
     sp = dict(req.get("sampling_params") or {})
     start = req.get("logprob_start_len")
     if start is not None and start >= 0:  # scoring: input token logprobs from one prefill
-        prompt, cont = batch[0][:start], batch[0][start:]
-        lps = engine.score(prompt, cont)
-        return {"output_ids": [], "meta_info": {"input_token_logprobs": [[lp, t, None] for lp, t in zip(lps, cont)],
+        seq = batch[0]
+        lps = engine.score(seq[:1], seq[1:])  # logprob of every input token after the first
+        rows = [[None, seq[0], None]] + [[lp, t, None] for lp, t in zip(lps, seq[1:])]
+        return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[start:],
                                                 "output_token_logprobs": []}}
     params = SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
     outs = engine.generate(batch, params)

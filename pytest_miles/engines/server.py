@@ -136,13 +136,22 @@ class ServerEngine:
         return outs
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
+        """Input-token logprobs of one prefill. SGLang returns [logprob, token_id, text] per input
+        position from logprob_start_len on; the continuation is located by its token ids, so an
+        off-by-one in the server's convention cannot silently compare the wrong positions."""
         seq = list(prompt) + list(continuation)
         res = self._post("/generate", {
-            "input_ids": seq, "return_logprob": True, "logprob_start_len": len(prompt),
+            "input_ids": seq, "return_logprob": True, "logprob_start_len": max(len(prompt) - 1, 0),
             "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
-        lps = res["meta_info"]["input_token_logprobs"]
-        vals = [t for t in lps if t[0] is not None]
-        return [float(t[0]) for t in vals[-len(continuation):]]
+        entries = res["meta_info"]["input_token_logprobs"]
+        self.last_score_entries = entries
+        n = len(continuation)
+        for k in range(len(entries) - n, -1, -1):
+            window = entries[k:k + n]
+            if [int(e[1]) for e in window] == list(continuation) and all(e[0] is not None for e in window):
+                return [float(e[0]) for e in window]
+        raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
+                          f"(got ids {[e[1] for e in entries][:20]}..., wanted {list(continuation)[:20]}...)")
 
     def flush_cache(self) -> None:
         deadline = time.monotonic() + 60
