@@ -182,6 +182,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
         for i in range(1, trials + 1):
             p = _prompt(rng, rng.randint(2, prompt_len), vocab)
             out = gen([p], params)[0]
+            engine.flush_cache()  # a cold re-prefill: no cached prefix from the decode above
             scored = engine.score(p, out.output_ids)
             c.compare(out, Output(list(out.output_ids), scored), 1, 0, f"P{i}")
             c.tick(i)
