@@ -132,3 +132,14 @@ def megatron_trainer_factory(pytestconfig: pytest.Config, tmp_path_factory: pyte
         return MegatronTrainer(**kwargs)
 
     return make
+
+
+@pytest.fixture
+def miles_record(request: pytest.FixtureRequest):
+    """`miles_record(check, **figures)`: put a line in the determinism report for this test."""
+    from .report import KEY
+
+    def record(check: str, **figures):
+        request.node.user_properties.append((KEY, {"check": check, "figures": figures}))
+
+    return record

@@ -108,6 +108,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 
+SETTINGS += (
+    Setting(
+        "report",
+        "Write a JSON report of this session's determinism checks (with the fingerprint) to this path.",
+        env="PYTEST_MILES_REPORT",
+        group="report",
+    ),
+)
+
 BY_NAME = {s.name: s for s in SETTINGS}
 
 

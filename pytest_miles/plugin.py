@@ -20,6 +20,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     megatron_trainer_factory,
     miles_fingerprint,
     miles_hardware,
+    miles_record,
     miles_settings,
     reference_engine,
     sglang_engine,
@@ -49,6 +50,10 @@ class MilesState:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
 
+        from .report import Collector
+
+        self.collector = Collector()
+
     def setting(self, name: str):
         return options.resolve(self.config, name)
 
@@ -77,6 +82,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.stash[STATE] = MilesState(config)
+    config.pluginmanager.register(ReportHooks(config), "miles-report")
     for s in options.SETTINGS:  # bad values fail the run at once, naming their source
         try:
             options.resolve(config, s.name)
@@ -115,3 +121,28 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(f"{reason} (--miles-require-gpu turns this skip into a failure)", pytrace=False)
     # Report the skip at the test's location, as pytest's own skipif marks do.
     raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
+
+class ReportHooks:
+    """Collects check records from test reports (worker reports too, under xdist) and prints
+    the determinism report. Registered per session, so it holds its config."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.user_properties:
+            state(self.config).collector.add_report(report)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        st = state(self.config)
+        if st.collector.entries:
+            terminalreporter.write_sep("=", "pytest-miles determinism report")
+            terminalreporter.write_line(f"fingerprint: {st.fingerprint.header()}")
+            for line in st.collector.lines():
+                terminalreporter.write_line(line)
+        path = st.setting("report")
+        if path and not hasattr(self.config, "workerinput"):
+            st.collector.write(path, st.fingerprint.to_json())
+            terminalreporter.write_line(f"pytest-miles report written to {path}")

@@ -17,7 +17,6 @@ from .base import EngineError, Output, SamplingParams
 from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights
 
 
-
 def _load_state(model_dir: Path):
     from safetensors.torch import load_file
 
@@ -78,7 +77,8 @@ class ReferenceEngine:
             if bad:
                 raise ValueError(f"prompts[{i}]: token id {bad[0]!r} outside the vocabulary [0, {vocab})")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
+        params = params or SamplingParams()
         self._check(prompts)
         limit = self.config.max_position_embeddings
         if max(len(p) for p in prompts) + params.max_new_tokens > limit:

@@ -118,7 +118,8 @@ class ServerEngine:
         except ValueError:  # /flush_cache answers plain text
             return body.decode(errors="replace")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
+        params = params or SamplingParams()
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
         res = self._post("/generate", {"input_ids": prompts, "sampling_params": params.to_sglang(),

@@ -38,7 +38,8 @@ class SGLangOfflineEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams = SamplingParams()) -> list[Output]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
+        params = params or SamplingParams()
         res = self._engine.generate(input_ids=prompts, sampling_params=params.to_sglang(), return_logprob=True)
         return [Output([int(t[1]) for t in r["meta_info"]["output_token_logprobs"]],
                        [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]]) for r in res]

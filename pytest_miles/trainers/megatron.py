@@ -14,7 +14,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import free_port, kill_tree, tail

@@ -97,12 +97,15 @@ def main(spec_path: str) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed, param_is_not_tensor_parallel_duplicate
+    from megatron.core.tensor_parallel import (
+        model_parallel_cuda_manual_seed,
+        param_is_not_tensor_parallel_duplicate,
+    )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     tp = spec["tensor_parallel"]
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    dp_rank, tp_rank = parallel_state.get_data_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    dp_rank = parallel_state.get_data_parallel_rank()
     seed = spec["seed"]
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda)
