@@ -42,6 +42,8 @@ for step in "$@"; do
       timeout 580 $PY -m pytest tests/gpu/test_gpu_engines.py -k "$backend" -x -v -s -rs -p no:cacheprovider \
         --miles-require-gpu --basetemp=/tmp/miles-bt-$backend 2>&1 | tee "$OUT/engines-$backend.log" || rc=1
       cp /tmp/miles-bt-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    bench-engines)
+      timeout 580 $PY benchmarks/batch_invariance_vs_sglang_tool.py 2>&1 | tee "$OUT/bench-engines.log" || rc=1 ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;

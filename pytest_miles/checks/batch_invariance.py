@@ -126,8 +126,10 @@ class _Checker:
 
 def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, params: SamplingParams | None = None,
                            max_batch: int = 16, prompt_len: int = 48, seed: int = 0,
-                           progress: Callable[[int, int], None] | None = None) -> InvarianceReport:
-    """Run one mode and return its report (no assertion)."""
+                           progress: Callable[[int, int], None] | None = None,
+                           prompt: list[int] | None = None) -> InvarianceReport:
+    """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
+    single and needle modes (default: random token ids of `prompt_len`)."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     if not isinstance(trials, int) or trials < 1:
@@ -142,7 +144,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
     gen = engine.generate
 
     if mode == "single":
-        p = _prompt(rng, prompt_len, vocab)
+        p = list(prompt) if prompt else _prompt(rng, prompt_len, vocab)
         ref = gen([p], params)[0]
         for i in range(1, trials + 1):
             bs = i
@@ -187,7 +189,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
             c.compare(out, Output(list(out.output_ids), scored), 1, 0, f"P{i}")
             c.tick(i)
     elif mode == "needle":
-        needle = _prompt(rng, prompt_len, vocab)
+        needle = list(prompt) if prompt else _prompt(rng, prompt_len, vocab)
         ref = gen([needle], params)[0]
         for i in range(1, trials + 1):
             bs = rng.randint(2, max(2, max_batch))

@@ -73,8 +73,31 @@ def init_weights(cfg: TinyConfig) -> dict:
     return sd
 
 
-def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16") -> Path:
-    """config.json + model.safetensors (no tokenizer: drive it with token ids)."""
+def write_tokenizer(path: str | Path, vocab_size: int) -> None:
+    """A character-level tokenizer (tokenizer.json, WordLevel) for text-driven tools such as
+    `python -m sglang.test.test_deterministic`: ids 0-2 special, then printable ASCII, then
+    filler tokens so that every id the model can emit decodes."""
+    path = Path(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for c in map(chr, range(32, 127)):
+        vocab[c] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<t{len(vocab)}>"] = len(vocab)
+    special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True} for t, i in list(vocab.items())[:3]]
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
+           "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False},
+           "post_processor": None, "decoder": {"type": "Fuse"},
+           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "model_max_length": 512, "add_bos_token": False}))
+
+
+def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16",
+                        tokenizer: bool = False) -> Path:
+    """config.json + model.safetensors; drive it with token ids, or with text when `tokenizer`."""
     import torch
     from safetensors.torch import save_file
 
@@ -85,6 +108,8 @@ def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype:
     (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (path / "pytest_miles_model.json").write_text(json.dumps(asdict(cfg)))
+    if tokenizer:
+        write_tokenizer(path, cfg.vocab_size)
     return path
 
 
