@@ -20,6 +20,10 @@ _EXPORTS = {
     "assert_batch_invariant": "checks.batch_invariance",
     "assert_runs_bitwise_equal": "checks.runs",
     "assert_resume_equivalent": "checks.runs",
+    "validate_precision_config": "precision",
+    "precision_matrix": "precision",
+    "measure_logprob_drift": "checks.drift",
+    "assert_logprob_drift": "checks.drift",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -73,6 +73,19 @@ def _manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    from .hardware import discover
+    from .precision import render_matrix
+
+    try:
+        hw = discover(override=args.gpu)
+    except ValueError as exc:
+        print(f"pytest-miles matrix: --gpu: {exc}", file=sys.stderr)
+        return 2
+    print(render_matrix(hw))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
@@ -104,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ignore", action="append", help="glob of tensor/key/file names to skip (repeatable)")
     c.add_argument("--workers", type=int, default=None, help="files compared in parallel")
     c.set_defaults(func=_compare)
+
+    x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
+    x.add_argument("--gpu", default=None, help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
+    x.set_defaults(func=_matrix)
 
     m = sub.add_parser("manifest", help="write per-tensor and per-layer digests of a checkpoint")
     m.add_argument("dir")

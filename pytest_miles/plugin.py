@@ -38,8 +38,10 @@ MARKERS = (
     "blackwell: needs a data-center Blackwell GPU, sm_100/sm_103 (B200, B300, GB200, GB300). Consumer "
     "Blackwell (sm_120, RTX 50xx) is a different family and is NOT included: use blackwell_consumer.",
     "blackwell_consumer: needs a consumer Blackwell GPU, sm_120 (RTX 50xx, RTX PRO 6000).",
+    "miles_precision(rollout, train): a rollout x training precision cell (set by precision_matrix()); "
+    "skipped where this machine's GPU cannot run one of its formats.",
 )
-assert {m.split(":")[0].split("(")[0] for m in MARKERS} >= set(GPU_CLASSES)
+assert {m.split(":")[0].split("(")[0] for m in MARKERS} >= set(GPU_CLASSES)  # noqa: S101
 
 STATE = pytest.StashKey["MilesState"]()
 
@@ -107,6 +109,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _precision_skip(item)
     try:
         req = requirement_from_marks(item.iter_markers())
     except ValueError as exc:
@@ -122,6 +125,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     # Report the skip at the test's location, as pytest's own skipif marks do.
     raise pytest.skip.Exception(reason, _use_item_location=True)
 
+
+
+def _precision_skip(item: pytest.Item) -> None:
+    mark = item.get_closest_marker("miles_precision")
+    if mark is None:
+        return
+    from .precision import cell_status, unsupported_on
+
+    cell = cell_status(mark.kwargs["rollout"], mark.kwargs["train"])
+    if cell.valid:
+        reason = unsupported_on(cell.formats, state(item.config).hardware)
+        if reason:
+            raise pytest.skip.Exception(reason, _use_item_location=True)
 
 
 class ReportHooks:

@@ -132,10 +132,11 @@ def config_from_dir(path: str | Path) -> TinyConfig:
 class TinyDecoder:
     """Functional forward over a state dict, with a KV cache (`step`)."""
 
-    def __init__(self, cfg: TinyConfig, state: dict, device: str = "cpu", dtype=None) -> None:
+    def __init__(self, cfg: TinyConfig, state: dict, device: str = "cpu", dtype=None, act_quant=None) -> None:
         import torch
 
         self.cfg = cfg
+        self.act_quant = act_quant  # applied to every linear layer's input (FP8 recipes quantize activations)
         self.dtype = dtype or torch.float32
         self.w = {k: v.to(device=device, dtype=self.dtype) for k, v in state.items()}
         self.device = device
@@ -145,6 +146,9 @@ class TinyDecoder:
         freqs = torch.outer(pos, inv)
         self.cos = freqs.cos().to(device=device, dtype=self.dtype)
         self.sin = freqs.sin().to(device=device, dtype=self.dtype)
+
+    def _lin(self, x, weight):
+        return (self.act_quant(x) if self.act_quant is not None else x) @ weight.T
 
     def _rms(self, x, weight):
         import torch
@@ -183,9 +187,9 @@ class TinyDecoder:
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}"
             hsn = self._rms(x, w[f"{p}.input_layernorm.weight"])
-            q = (hsn @ w[f"{p}.self_attn.q_proj.weight"].T + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
-            k = (hsn @ w[f"{p}.self_attn.k_proj.weight"].T + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
-            v = (hsn @ w[f"{p}.self_attn.v_proj.weight"].T + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
+            q = (self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
+            k = (self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
+            v = (self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = self._rope(q, positions), self._rope(k, positions)
             if cache is not None:
@@ -197,11 +201,11 @@ class TinyDecoder:
             scores = (q @ kr.transpose(-1, -2)) / d**0.5 + bias
             probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(self.dtype)
             att = (probs @ vr).transpose(1, 2).reshape(b, s_new, nh * d)
-            x = x + att @ w[f"{p}.self_attn.o_proj.weight"].T
+            x = x + self._lin(att, w[f"{p}.self_attn.o_proj.weight"])
             hsn = self._rms(x, w[f"{p}.post_attention_layernorm.weight"])
-            gate = torch.nn.functional.silu(hsn @ w[f"{p}.mlp.gate_proj.weight"].T)
-            x = x + (gate * (hsn @ w[f"{p}.mlp.up_proj.weight"].T)) @ w[f"{p}.mlp.down_proj.weight"].T
+            gate = torch.nn.functional.silu(self._lin(hsn, w[f"{p}.mlp.gate_proj.weight"]))
+            x = x + self._lin(gate * self._lin(hsn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
         if not all_logits:
             x = x[:, -1]
         x = self._rms(x, w["model.norm.weight"])
-        return (x @ w["lm_head.weight"].T).float(), new_cache
+        return self._lin(x, w["lm_head.weight"]).float(), new_cache

@@ -1,0 +1,28 @@
+"""The rollout x training precision matrix: every cell either rejected with its rule, skipped
+where this GPU cannot run it, or measured (train_rollout_logprob_abs_diff)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_miles.precision import precision_matrix, validate_precision_config
+
+from .conftest import require
+
+
+@pytest.mark.parametrize("cell", precision_matrix())
+def test_precision_cell(cell, miles_record):
+    if not cell.valid:
+        with pytest.raises(ValueError) as exc:
+            validate_precision_config(cell.rollout, cell.train)
+        assert str(exc.value) == cell.status
+        miles_record(f"precision {cell.id}", outcome="rejected", rule=cell.status)
+        return
+    require("torch", "torch")
+    from pytest_miles.checks.drift import assert_logprob_drift
+
+    report = assert_logprob_drift(cell.rollout, cell.train)
+    miles_record(f"precision {cell.id}", train_rollout_logprob_abs_diff=f"{report.train_rollout_logprob_abs_diff:.6g}",
+                 max=f"{report.max_abs_diff:.4g}", kl=f"{report.kl:.4g}")
+    if not cell.unified:
+        assert report.train_rollout_logprob_abs_diff > 0, "a mixed cell must show the drift Miles measures"
