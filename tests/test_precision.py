@@ -177,3 +177,15 @@ def test_drift_table_in_terminal_summary(pytester):
     result.stdout.fnmatch_lines(["*pytest-miles determinism report*",
                                  "PASSED*drift rollout=bf16-train=bf16*train_rollout_logprob_abs_diff=0.0",
                                  "PASSED*drift rollout=fp8_blockwise-train=bf16*train_rollout_logprob_abs_diff=0.*"])
+
+
+def test_fp8_gemm_path_runs_where_torch_has_scaled_mm():
+    try:
+        mixed = measure_logprob_drift("fp8_blockwise", "bf16", seq_len=32, gemm="scaled_mm")
+    except (RuntimeError, NotImplementedError) as exc:  # no FP8 GEMM on this device
+        pytest.skip(f"torch._scaled_mm unavailable here: {exc}")
+    assert mixed.train_rollout_logprob_abs_diff > 0
+    assert measure_logprob_drift("fp8_blockwise", "fp8_blockwise", seq_len=32,
+                                 gemm="scaled_mm").train_rollout_logprob_abs_diff == 0.0
+    with pytest.raises(ValueError, match="gemm: 'cutlass' is not one of reference, scaled_mm"):
+        measure_logprob_drift("bf16", "bf16", gemm="cutlass")
