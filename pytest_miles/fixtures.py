@@ -143,3 +143,45 @@ def miles_record(request: pytest.FixtureRequest):
         request.node.user_properties.append((KEY, {"check": check, "figures": figures}))
 
     return record
+
+
+# ---- snapshots -----------------------------------------------------------------------------
+
+
+class DeterminismSnapshot:
+    """`check(name, value)`: record (first run, or with --miles-snapshot-update) or compare the
+    exact digest of `value` for this test and this machine's configuration."""
+
+    def __init__(self, request: pytest.FixtureRequest) -> None:
+        from .report import KEY
+        from .snapshots import SnapshotStore, configuration
+
+        st = _state(request.config)
+        root = request.config.rootpath / st.setting("snapshot_dir")
+        self.store = SnapshotStore(root, st.setting("snapshot_update"), st.setting("snapshot_regen_all"))
+        self.module, _, self.test = request.node.nodeid.partition("::")
+        self.conf = configuration(st.fingerprint.to_json(), {"attention_backend": st.setting("attention_backend")})
+        self.node, self.key, self.seen = request.node, KEY, set()
+
+    def check(self, name: str, value):
+        from .snapshots import SnapshotError
+
+        if name in self.seen:
+            raise SnapshotError(f"record {name!r} written twice by {self.node.nodeid} "
+                                f"(file {self.store.path_for(self.module)}): give each record its own name")
+        self.seen.add(name)
+        rid = f"{self.test}::{name}"
+        outcome = self.store.check(self.module, rid, value, self.conf)
+        self.node.user_properties.append((self.key, {"check": f"snapshot {rid}", "figures": {"result": outcome.status}}))
+        self.node.user_properties.append(("miles_snapshot", (str(self.store.path_for(self.module)), rid)))
+        if outcome.status in ("failed", "missing"):
+            raise AssertionError(outcome.message)
+        if outcome.status == "different configuration":
+            pytest.skip(outcome.message)
+        return outcome
+
+
+@pytest.fixture
+def determinism_snapshot(request: pytest.FixtureRequest) -> DeterminismSnapshot:
+    """Record or compare exact digests of tokens, logprobs, tensors, manifests, loss curves."""
+    return DeterminismSnapshot(request)

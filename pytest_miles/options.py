@@ -117,6 +117,15 @@ SETTINGS += (
     ),
 )
 
+SETTINGS += (
+    Setting("snapshot_dir", "Where determinism snapshots live (relative to the rootdir).",
+            default="fixtures/snapshots", env="PYTEST_MILES_SNAPSHOT_DIR", group="snapshots"),
+    Setting("snapshot_update", "Write determinism snapshot records that are missing or failing.",
+            default=False, kind="bool", env="PYTEST_MILES_SNAPSHOT_UPDATE", group="snapshots"),
+    Setting("snapshot_regen_all", "Rewrite every determinism snapshot record the run touches.",
+            default=False, kind="bool", env="PYTEST_MILES_SNAPSHOT_REGEN_ALL", group="snapshots"),
+)
+
 BY_NAME = {s.name: s for s in SETTINGS}
 
 

@@ -15,6 +15,7 @@ pytest.register_assert_rewrite("pytest_miles.checks")
 from . import options  # noqa: E402
 from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of the plugin)
     deterministic_env,
+    determinism_snapshot,
     engine,
     engine_factory,
     megatron_trainer_factory,
@@ -126,7 +127,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     raise pytest.skip.Exception(reason, _use_item_location=True)
 
 
-
 def _precision_skip(item: pytest.Item) -> None:
     mark = item.get_closest_marker("miles_precision")
     if mark is None:
@@ -146,10 +146,12 @@ class ReportHooks:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.touched: set[tuple[str, str]] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.user_properties:
             state(self.config).collector.add_report(report)
+            self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         st = state(self.config)
@@ -158,7 +160,20 @@ class ReportHooks:
             terminalreporter.write_line(f"fingerprint: {st.fingerprint.header()}")
             for line in st.collector.lines():
                 terminalreporter.write_line(line)
+        if self.touched and not hasattr(self.config, "workerinput"):
+            self._unused(terminalreporter, st)
         path = st.setting("report")
         if path and not hasattr(self.config, "workerinput"):
             st.collector.write(path, st.fingerprint.to_json())
             terminalreporter.write_line(f"pytest-miles report written to {path}")
+
+    def _unused(self, terminalreporter, st) -> None:
+        from .snapshots import SnapshotStore
+
+        files = {f for f, _ in self.touched}
+        store = SnapshotStore(self.config.rootpath / st.setting("snapshot_dir"))
+        unused = sorted((f, r) for f, r in store.all_records() if f in files and (f, r) not in self.touched)
+        if unused:
+            terminalreporter.write_sep("-", f"{len(unused)} snapshot records not used by this run (kept, not deleted)")
+            for f, r in unused[:50]:
+                terminalreporter.write_line(f"  {f}: {r}")

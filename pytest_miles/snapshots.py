@@ -1,0 +1,241 @@
+"""Determinism snapshots: exact digests of what a deterministic run produced, recorded per test
+and per configuration (the fingerprint fields that decide bitwise results), compared on the
+next run or on another machine, with a diagnosis when the configuration differs.
+
+Files: `<snapshot dir>/<test module path>.json`, one per test module. Every write takes a file
+lock and replaces the file atomically, so pytest-xdist workers never lose or tear a record. A
+run never deletes a record; records no test touched are listed, not deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "pytest-miles/snapshots/1"
+
+# Fingerprint field -> the seed's likely cause when it differs between record and run.
+CAUSES = {
+    "cudnn": "Hashes match locally but not on a different machine: cuDNN version mismatch",
+    "env.NCCL_ALGO": "Hashes diverge across nodes: NCCL_ALGO=Ring not propagated to all workers",
+    "env.CUBLAS_WORKSPACE_CONFIG": "cuBLAS GEMM non-deterministic without CUBLAS_WORKSPACE_CONFIG=:4096:8",
+    "env.NVTE_ALLOW_NONDETERMINISTIC_ALGO": "Transformer-Engine fused kernels non-deterministic unless 0",
+    "packages.flash-attn-3": "Hashes diverge after iter 1: Flash-Attention 3 still installed",
+    "config.attention_backend": "Hashes match for trainer but not SGLang: --sglang-attention-backend flashinfer not set",
+    "driver": "driver differs: kernels and cuBLAS heuristics can change with it",
+    "gpu_name": "a different GPU model runs different kernels",
+    "gpu_capability": "a different GPU generation runs different kernels",
+    "gpu_count": "a different GPU count changes collectives and sharding",
+    "cuda_runtime": "a different CUDA runtime ships different kernels",
+    "nccl": "a different NCCL version can change collective algorithms",
+}
+LIB_CAUSE = "a different library version can change kernels"
+LABELS = {"cudnn": "cuDNN", "nccl": "NCCL", "cuda_runtime": "CUDA", "driver": "driver", "gpu_name": "GPU",
+          "gpu_capability": "GPU capability", "gpu_count": "GPU count"}
+
+
+class SnapshotError(Exception):
+    """Unusable snapshot data (corrupt or hand-edited file, unwritable dir, duplicate record)."""
+
+
+# ---- values --------------------------------------------------------------------------------
+
+
+def canonical(value: Any) -> tuple[str, Any]:
+    """(kind, JSON-able exact form): floats by their bits, tensors by dtype, shape and bytes."""
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        t = value.detach().contiguous().cpu()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        return "tensor", {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": hashlib.sha256(raw).hexdigest()}
+    if isinstance(value, float):
+        return "float", value.hex()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return type(value).__name__, value
+    if isinstance(value, dict):
+        return "dict", {str(k): canonical(v)[1] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, float) for v in value):
+            return "floats", [v.hex() for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return "ints", list(value)
+        return "list", [canonical(v)[1] for v in value]
+    raise SnapshotError(f"cannot snapshot a {type(value).__name__}: use numbers, lists, dicts, strings or tensors")
+
+
+def digest_of(form: Any) -> str:
+    return hashlib.sha256(json.dumps(form, sort_keys=True).encode()).hexdigest()
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """Where two canonical forms first differ, e.g. `[17]: 0x1.8p-3 vs 0x1.8000002p-3`."""
+    if type(a) is not type(b):
+        return f"{path or 'value'}: {a!r:.60} vs {b!r:.60}"
+    if isinstance(a, dict):
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                return f"{path}.{k}: only in {'the record' if k in a else 'this run'}"
+            d = first_difference(a[k], b[k], f"{path}.{k}")
+            if d:
+                return d
+        return None
+    if isinstance(a, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = first_difference(x, y, f"{path}[{i}]")
+            if d:
+                return d
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} vs {len(b)}"
+        return None
+    if a != b:
+        if isinstance(a, str) and a.startswith(("0x", "-0x")) and isinstance(b, str):
+            return f"{path}: {float.fromhex(a)!r} ({a}) vs {float.fromhex(b)!r} ({b})"
+        return f"{path or 'value'}: {a!r:.80} vs {b!r:.80}"
+    return None
+
+
+# ---- configurations ------------------------------------------------------------------------
+
+
+def configuration(fingerprint: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Flat dict of the fields that decide bitwise results."""
+    flat: dict[str, Any] = {}
+    for key in ("gpu_name", "gpu_capability", "gpu_count", "driver", "cuda_runtime", "cudnn", "nccl"):
+        flat[key] = fingerprint.get(key)
+    for k, v in (fingerprint.get("packages") or {}).items():
+        flat[f"packages.{k}"] = v
+    for k, v in (fingerprint.get("env") or {}).items():
+        flat[f"env.{k}"] = v
+    for k, v in config.items():
+        flat[f"config.{k}"] = v
+    return flat
+
+
+def config_digest(conf: dict[str, Any]) -> str:
+    return digest_of(conf)[:16]
+
+
+def diagnose(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`cuDNN 9.19.0 -> 9.10.0 (likely cause: ...)` for every field that differs."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key), current.get(key)
+        if a != b:
+            label = LABELS.get(key, key)
+            cause = CAUSES.get(key, LIB_CAUSE if key.startswith("packages.") else "it decides bitwise results")
+            out.append(f"{label} {a} -> {b} ({cause})")
+    return out
+
+
+# ---- the store -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: str  # "recorded" | "passed" | "failed" | "different configuration" | "missing"
+    message: str
+
+
+class SnapshotStore:
+    def __init__(self, root: str | Path, update: bool = False, regen_all: bool = False) -> None:
+        self.root = Path(root)
+        self.update, self.regen_all = update, regen_all
+
+    def path_for(self, module: str) -> Path:
+        rel = re.sub(r"\.py$", "", module).replace("::", "/")
+        return self.root / f"{rel}.json"
+
+    def _lock(self, path: Path):
+        from filelock import FileLock
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SnapshotError(f"snapshot dir {path.parent}: cannot be created ({exc.strerror or exc})") from None
+        if not os.access(path.parent, os.W_OK):
+            raise SnapshotError(f"snapshot dir {path.parent}: not writable")
+        return FileLock(str(path) + ".lock", timeout=60)
+
+    def read(self, path: Path) -> dict[str, Any]:
+        if not path.exists():
+            return {"format": FORMAT, "configurations": {}}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"{path}: corrupt snapshot file ({exc})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configurations"), dict):
+            raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")
+        for key, conf in data["configurations"].items():
+            if not isinstance(conf, dict) or config_digest(conf.get("fingerprint") or {}) != key:
+                raise SnapshotError(f"{path}: configuration {key} was edited by hand (its fingerprint no longer "
+                                    "matches its key); regenerate with --miles-snapshot-regen-all")
+            for rid, rec in (conf.get("records") or {}).items():
+                if not isinstance(rec, dict) or "digest" not in rec:
+                    raise SnapshotError(f"{path}: record {rid!r} is malformed")
+                if rec.get("value") is not None and digest_of(rec["value"]) != rec["digest"]:
+                    raise SnapshotError(f"{path}: record {rid!r} was edited by hand (its value no longer matches "
+                                        "its digest)")
+        return data
+
+    def _write(self, path: Path, data: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+    def check(self, module: str, record_id: str, value: Any, conf: dict[str, Any],
+              keep_value_limit: int = 4096) -> Outcome:
+        kind, form = canonical(value)
+        digest = digest_of(form)
+        key = config_digest(conf)
+        path = self.path_for(module)
+        small = len(json.dumps(form)) <= keep_value_limit * 24
+        with self._lock(path):
+            data = self.read(path)
+            confs = data["configurations"]
+            mine = confs.get(key)
+            rec = (mine or {}).get("records", {}).get(record_id)
+            if rec is not None and rec["digest"] == digest and not self.regen_all:
+                return Outcome("passed", f"{record_id}: digest {digest[:16]} matches the record")
+            if rec is None and not (self.update or self.regen_all):
+                others = [(len(diagnose(c["fingerprint"], conf)), k, c) for k, c in confs.items()
+                          if record_id in c.get("records", {})]
+                if others:
+                    _, k, c = min(others, key=lambda o: o[0])
+                    same = c["records"][record_id]["digest"] == digest
+                    lines = diagnose(c["fingerprint"], conf)
+                    return Outcome("different configuration",
+                                   f"{record_id} in {path}: different configuration: " + "; ".join(lines)
+                                   + f" (values {'equal' if same else 'differ'}: record {c['records'][record_id]['digest'][:16]}"
+                                   f" vs this run {digest[:16]})")
+                return Outcome("missing", f"{record_id}: no record in {path}; run with --miles-snapshot-update "
+                                          "to write it")
+            if rec is not None and rec["digest"] != digest and not (self.update or self.regen_all):
+                where = first_difference(rec["value"], form) if rec.get("value") is not None else \
+                    "raw values were not recorded (too large); only digests are compared"
+                return Outcome("failed", f"{record_id} in {path} [configuration {key}]: digest {rec['digest'][:16]} "
+                                         f"(record) vs {digest[:16]} (this run); first difference {where}")
+            mine = confs.setdefault(key, {"fingerprint": conf, "records": {}})
+            mine["records"][record_id] = {"kind": kind, "digest": digest, "value": form if small else None}
+            self._write(path, data)
+            return Outcome("recorded", f"{record_id}: recorded digest {digest[:16]} in {path}")
+
+    def all_records(self) -> set[tuple[str, str]]:
+        """(file, record id) of every record under the root, for the unused-records listing."""
+        out = set()
+        if not self.root.exists():
+            return out
+        for p in self.root.rglob("*.json"):
+            try:
+                data = self.read(p)
+            except SnapshotError:
+                continue
+            for conf in data["configurations"].values():
+                out |= {(str(p), rid) for rid in conf.get("records", {})}
+        return out

@@ -1,0 +1,160 @@
+"""Determinism snapshots: record, compare, diagnose, xdist safety, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pytest_miles.snapshots import SnapshotError, SnapshotStore, config_digest, diagnose
+
+TOKENS = """
+def test_rollout(determinism_snapshot):
+    determinism_snapshot.check("tokens", [5, 6, 7, 8])
+    determinism_snapshot.check("logprobs", VALUES)
+"""
+
+
+def write_tests(pytester, values="[-0.5, -1.25, -2.0, -0.125]"):
+    pytester.makepyfile(test_snap="VALUES = " + values + "\n" + TOKENS)
+
+
+def snapshot_file(pytester):
+    return pytester.path / "fixtures" / "snapshots" / "test_snap.json"
+
+
+def test_record_then_compare(pytester):
+    write_tests(pytester)
+    result = pytester.runpytest("-rA")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*no record in*run with --miles-snapshot-update*"])
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    pytester.runpytest().assert_outcomes(passed=1)
+    data = json.loads(snapshot_file(pytester).read_text())
+    (conf,) = data["configurations"].values()
+    assert set(conf["records"]) == {"test_rollout::tokens", "test_rollout::logprobs"}
+
+
+def test_changed_value_fails_with_first_difference(pytester):
+    write_tests(pytester)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    write_tests(pytester, "[-0.5, -1.25, -2.0000002, -0.125]")
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_rollout::logprobs in *test_snap.json*digest * (record) vs * (this run); "
+                                 "first difference [[]2[]]: -2.0 (-0x1.0000000000000p+1) vs -2.0000002*"])
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)  # update writes the failing one
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_other_cudnn_is_a_different_configuration(pytester):
+    write_tests(pytester)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    path = snapshot_file(pytester)
+    data = json.loads(path.read_text())
+    (key, conf), = data["configurations"].items()
+    conf["fingerprint"]["cudnn"] = "9.19.0"  # as if recorded on the GPU host
+    data["configurations"] = {config_digest(conf["fingerprint"]): conf}
+    path.write_text(json.dumps(data))
+    result = pytester.runpytest("-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*different configuration: cuDNN 9.19.0 -> * (Hashes match locally but not on a "
+                                 "different machine: cuDNN version mismatch) (values equal*"])
+
+
+def test_diagnosis_names_the_seed_causes():
+    lines = diagnose({"cudnn": "9.19", "env.NCCL_ALGO": "Ring", "config.attention_backend": "flashinfer"},
+                     {"cudnn": "9.10", "env.NCCL_ALGO": None, "config.attention_backend": "torch_native"})
+    assert "cuDNN 9.19 -> 9.10 (Hashes match locally but not on a different machine: cuDNN version mismatch)" in lines
+    assert any(line.startswith("env.NCCL_ALGO Ring -> None (Hashes diverge across nodes") for line in lines)
+    assert any("--sglang-attention-backend flashinfer not set" in line for line in lines)
+
+
+def test_subset_run_deletes_nothing_and_lists_unused(pytester):
+    pytester.makepyfile(test_snap="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_many(determinism_snapshot, i):
+            determinism_snapshot.check("value", [i, i + 1])
+    """)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=4)
+    before = json.loads(snapshot_file(pytester).read_text())
+    result = pytester.runpytest("-k", "0 or 1")
+    result.assert_outcomes(passed=2, deselected=2)
+    result.stdout.fnmatch_lines(["*2 snapshot records not used by this run (kept, not deleted)*",
+                                 "*test_many[[]2[]]::value*"])
+    assert json.loads(snapshot_file(pytester).read_text()) == before
+
+
+XDIST = """
+import pytest
+
+@pytest.mark.parametrize("w", range(4))
+@pytest.mark.parametrize("i", range(50))
+def test_record(determinism_snapshot, w, i):
+    determinism_snapshot.check("r", [w, i, w * 1000 + i])
+"""
+
+
+def test_concurrent_xdist_runs_lose_and_tear_nothing(pytester):
+    pytester.makepyfile(test_snap=XDIST)
+    procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider",
+                               "--miles-snapshot-update"], cwd=pytester.path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for _ in range(5)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out.decode()[-3000:]
+    store = SnapshotStore(pytester.path / "fixtures" / "snapshots")
+    data = store.read(snapshot_file(pytester))  # validates every digest
+    (conf,) = data["configurations"].values()
+    assert len(conf["records"]) == 200
+    for w in range(4):
+        for i in range(50):
+            assert conf["records"][f"test_record[{i}-{w}]::r"]["value"] == [w, i, w * 1000 + i]
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_corrupt_and_hand_edited_files_are_named(pytester):
+    write_tests(pytester)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    path = snapshot_file(pytester)
+    good = path.read_text()
+    data = json.loads(good)
+    (conf,) = data["configurations"].values()
+    conf["records"]["test_rollout::tokens"]["value"] = [5, 6, 7, 9]
+    path.write_text(json.dumps(data))
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(["*test_snap.json: record 'test_rollout::tokens' was edited by hand*"])
+    path.write_text(good[:-40])
+    result = pytester.runpytest()
+    result.stdout.fnmatch_lines(["*test_snap.json: corrupt snapshot file*"])
+
+
+def test_unwritable_snapshot_dir(pytester):
+    write_tests(pytester)
+    (pytester.path / "blocker").write_text("")
+    result = pytester.runpytest("--miles-snapshot-update", "--miles-snapshot-dir=blocker/snaps")
+    result.stdout.fnmatch_lines(["*snapshot dir *blocker/snaps: cannot be created*"])
+
+
+def test_same_record_twice_is_an_error(pytester):
+    pytester.makepyfile(test_snap="""
+        def test_twice(determinism_snapshot):
+            determinism_snapshot.check("x", [1])
+            determinism_snapshot.check("x", [2])
+    """)
+    result = pytester.runpytest("--miles-snapshot-update")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*record 'x' written twice by test_snap.py::test_twice (file *test_snap.json)*"])
+
+
+def test_unsupported_values():
+    with pytest.raises(SnapshotError, match="cannot snapshot a object"):
+        from pytest_miles.snapshots import canonical
+
+        canonical(object())
