@@ -44,6 +44,11 @@ for step in "$@"; do
       cp /tmp/miles-bt-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     bench-engines)
       timeout 580 $PY benchmarks/batch_invariance_vs_sglang_tool.py 2>&1 | tee "$OUT/bench-engines.log" || rc=1 ;;
+    snapshots)
+      args=(tests/test_cross_machine_snapshots.py -v -rs -p no:cacheprovider --miles-engine=sglang --miles-require-gpu)
+      { echo "== record (--miles-snapshot-update)"; timeout 280 $PY -m pytest "${args[@]}" --miles-snapshot-update
+        echo "== a later run: compare"; timeout 280 $PY -m pytest "${args[@]}"; } 2>&1 | tee "$OUT/snapshots.log" || rc=1
+      cp fixtures/snapshots/tests/test_cross_machine_snapshots.json "$OUT/" 2>/dev/null ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
