@@ -177,7 +177,7 @@ class DeterminismSnapshot:
         if outcome.status in ("failed", "missing"):
             raise AssertionError(outcome.message)
         if outcome.status == "different configuration":
-            pytest.skip(outcome.message)
+            raise pytest.skip.Exception(outcome.message, _use_item_location=True)
         return outcome
 
 
