@@ -14,8 +14,8 @@ pytest.register_assert_rewrite("pytest_miles.checks")
 
 from . import options  # noqa: E402
 from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of the plugin)
-    deterministic_env,
     determinism_snapshot,
+    deterministic_env,
     engine,
     engine_factory,
     megatron_trainer_factory,

@@ -110,13 +110,14 @@ def _path(cfg: TinyConfig, weights: dict, fmt: str, device: str, gemm: str) -> T
     return TinyDecoder(cfg, state, device=device, dtype=torch.bfloat16, act_quant=_act_quant(fmt, gemm))
 
 
-def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyConfig = TinyConfig(),
+def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyConfig | None = None,
                           batch: int = 4, seq_len: int = 64, seed: int = 0, device: str = "cpu",
                           gemm: str = "reference") -> DriftReport:
     """Score the same seeded tokens on the rollout path and the training path of a cell."""
     import torch
 
     validate_precision_config(rollout, train, gpu)
+    config = config or TinyConfig()
     if gemm not in ("reference", "scaled_mm"):
         raise ValueError(f"gemm: {gemm!r} is not one of reference, scaled_mm")
     weights = init_weights(config)
