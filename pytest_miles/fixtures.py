@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,7 @@ def engine_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPat
         startup_timeout=st.setting("engine_timeout"),
         device=st.setting("device"),
         require_gpu=st.setting("require_gpu"),
+        extra_args=tuple(shlex.split(st.setting("sglang_args") or "")),
     )
     try:
         yield factory

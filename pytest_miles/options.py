@@ -14,6 +14,18 @@ if TYPE_CHECKING:  # pragma: no cover
     import pytest
 
 GROUP = "miles"
+# Setting groups follow Miles' launch-argument groups (seed 003), plus the plugin's own.
+GROUP_TITLES = {
+    "general": "pytest-miles",
+    "hardware": "pytest-miles hardware (GPU markers)",
+    "model": "pytest-miles MODEL_ARGS / CKPT_ARGS (model and checkpoints)",
+    "rollout": "pytest-miles ROLLOUT_ARGS (engine, sampling, trials)",
+    "sglang": "pytest-miles SGLANG_ARGS (passthrough to the SGLang server)",
+    "performance": "pytest-miles PERF_ARGS (device, parallelism)",
+    "precision": "pytest-miles precision (rollout x training formats)",
+    "snapshots": "pytest-miles snapshots",
+    "report": "pytest-miles report",
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,15 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS += (
+    Setting("config", "A TOML file with [model], [rollout], [sglang], [performance], [precision], [snapshots] "
+            "tables of these settings (names without the miles_ prefix); below CLI and env, above ini.",
+            env="PYTEST_MILES_CONFIG", group="general"),
+    Setting("sglang_args", "Extra SGLang server arguments, Miles style (--sglang-mem-fraction-static 0.5 ...).",
+            default="", env="PYTEST_MILES_SGLANG_ARGS", group="sglang"),
+    Setting("tensor_parallel", "Tensor-parallel size of the suite's Megatron runs.", default=1, kind="int",
+            env="PYTEST_MILES_TENSOR_PARALLEL", group="performance"),
+    Setting("train_steps", "Optimizer steps of the suite's Megatron runs.", default=4, kind="int",
+            env="PYTEST_MILES_TRAIN_STEPS", group="performance"),
     Setting(
         "report",
         "Write a JSON report of this session's determinism checks (with the fingerprint) to this path.",
@@ -158,9 +179,9 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
 
 
 def add_options(parser: pytest.Parser) -> None:
-    group = parser.getgroup(GROUP, "determinism of LLM RL stacks (pytest-miles)")
     for s in SETTINGS:
-        kwargs: dict[str, Any] = {"dest": s.dest, "default": None, "help": f"[{s.group}] {s.help}"}
+        group = parser.getgroup(f"{GROUP}-{s.group}", GROUP_TITLES[s.group])
+        kwargs: dict[str, Any] = {"dest": s.dest, "default": None, "help": s.help}
         if s.kind == "bool":
             kwargs["action"] = "store_true"
         group.addoption(s.cli, **kwargs)
@@ -177,8 +198,42 @@ def resolve(config: pytest.Config | None, name: str, environ: dict[str, str] | N
             return _parse(s, cli, f"option {s.cli}")
     if s.env and env.get(s.env, "") != "":
         return _parse(s, env[s.env], f"environment variable {s.env}")
+    if name != "config":
+        path = resolve(config, "config", environ)
+        if path:
+            table = _config_file(str(path))
+            if s.name in table:
+                return _parse(s, table[s.name], f"{path}: [{s.group}] {s.name}")
     if config is not None:
         ini = config.getini(s.ini)
         if ini not in (None, "", []):
             return _parse(s, ini, f"ini key {s.ini}")
     return s.default
+
+
+_CONFIG_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """Settings from a TOML file: `[rollout] trials = 20`. Unknown tables or keys are errors."""
+    if path not in _CONFIG_CACHE:
+        import tomllib
+
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML ({exc})") from None
+        flat: dict[str, Any] = {}
+        for table, values in data.items():
+            if table not in GROUP_TITLES or not isinstance(values, dict):
+                raise ValueError(f"{path}: unknown table [{table}] (known: {', '.join(GROUP_TITLES)})")
+            for key, value in values.items():
+                if key not in BY_NAME or BY_NAME[key].group != table:
+                    known = ", ".join(x.name for x in SETTINGS if x.group == table)
+                    raise ValueError(f"{path}: [{table}] has no setting {key!r} (known: {known})")
+                flat[key] = value
+        _CONFIG_CACHE[path] = flat
+    return _CONFIG_CACHE[path]

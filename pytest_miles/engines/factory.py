@@ -14,10 +14,11 @@ KINDS = ("reference", "reference-server", "sglang", "sglang-offline")
 class EngineFactory:
     def __init__(self, *, model_dir: Callable[[], str], log_dir: Path, hardware: Callable[[], Any],
                  attention_backend: str = "flashinfer", startup_timeout: float = 300.0, device: str = "auto",
-                 require_gpu: bool = False) -> None:
+                 require_gpu: bool = False, extra_args: tuple[str, ...] = ()) -> None:
         self._model_dir, self.log_dir, self._hardware = model_dir, log_dir, hardware
         self.attention_backend, self.startup_timeout = attention_backend, startup_timeout
         self.device, self.require_gpu = device, require_gpu
+        self.extra_args = tuple(extra_args)  # --miles-sglang-args, for every SGLang engine
         self.launches = 0
         self.live: dict[tuple, Any] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
@@ -47,6 +48,7 @@ class EngineFactory:
         if kind.startswith("sglang"):
             self._need(kind)
         backend = attention_backend or self.attention_backend
+        extra_args = self.extra_args + tuple(extra_args)
         key = (kind, model, deterministic, backend, tuple(extra_args), tuple(sorted(options.items())))
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True):

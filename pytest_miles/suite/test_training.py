@@ -9,16 +9,20 @@ from pytest_miles.checks.runs import assert_resume_equivalent, runs_difference
 
 from .conftest import require
 
-STEPS = 4
+
+@pytest.fixture
+def trainer_factory(megatron_trainer_factory, miles_settings):
+    require("megatron.core", "megatron")
+    tp = miles_settings("tensor_parallel")
+    return lambda **kw: megatron_trainer_factory(tensor_parallel=tp, **kw)
 
 
 @pytest.fixture
-def trainer_factory(megatron_trainer_factory):
-    require("megatron.core", "megatron")
-    return megatron_trainer_factory
+def STEPS(miles_settings):  # noqa: N802  (reads like the constant it replaces)
+    return miles_settings("train_steps")
 
 
-def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record):
+def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record, STEPS):  # noqa: N803
     a = trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run1")
     b = trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run2")
     report = compare_checkpoints(tmp_path / "run1", tmp_path / "run2")
@@ -29,7 +33,7 @@ def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record):
         raise AssertionError(diff)
 
 
-def test_resume_equivalent(trainer_factory, tmp_path, miles_record):
+def test_resume_equivalent(trainer_factory, tmp_path, miles_record, STEPS):  # noqa: N803
     straight, _, resumed = assert_resume_equivalent(trainer_factory, STEPS, tmp_path, seed=1234)
     miles_record(f"megatron resume {STEPS // 2}+{STEPS - STEPS // 2} == {STEPS} straight ({straight.device})",
                  final_loss=resumed.losses[-1])
