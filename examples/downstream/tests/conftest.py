@@ -1,0 +1,1 @@
+"""A downstream repo: pytest-miles is installed, so its fixtures and markers are just there."""

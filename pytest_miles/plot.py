@@ -1,0 +1,27 @@
+"""A PNG of per-batch-size logprob deviation in a negative control (matplotlib, when installed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_deviation(deviation: dict[int, float], path: str | Path, title: str) -> Path | None:
+    """Bar chart of max |logprob - reference| per batch size; None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = sorted(deviation)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar([str(s) for s in sizes], [deviation[s] for s in sizes], color="#c44e52")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("max |logprob - batch-size-1 reference|")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
