@@ -24,6 +24,9 @@ _EXPORTS = {
     "precision_matrix": "precision",
     "measure_logprob_drift": "checks.drift",
     "assert_logprob_drift": "checks.drift",
+    "assert_env_propagated": "cluster.workers",
+    "run_on_every_worker": "cluster.workers",
+    "assert_same_across_workers": "cluster.workers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -114,6 +114,7 @@ class Fingerprint:
     hardware_source: str
     packages: dict[str, str | None] = field(default_factory=dict)
     env: dict[str, str | None] = field(default_factory=dict)
+    cpu: str | None = None  # model and vector ISA: CPU kernels dispatch on it (decides bits of CPU runs)
 
     @property
     def digest(self) -> str:
@@ -155,4 +156,17 @@ def collect(hardware: Hardware, environ: dict[str, str] | None = None) -> Finger
         hardware_source=hardware.source,
         packages={k: versions[k] for k in PACKAGES},
         env={k: env.get(k) for k in DETERMINISTIC_ENV},
+        cpu=cpu_model(),
     )
+
+
+def cpu_model() -> str | None:
+    """`Intel(R) Xeon(R) ... [avx2 avx512f amx]` from /proc/cpuinfo (None where there is none)."""
+    try:
+        text = open("/proc/cpuinfo").read(200_000)
+    except OSError:
+        return platform.processor() or None
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name or 'unknown CPU'} [{' '.join(isa) or 'no avx2'}]"

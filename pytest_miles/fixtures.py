@@ -58,10 +58,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-model"))
 
 
+def _placement(request: pytest.FixtureRequest, st):
+    """() -> RayCluster when --miles-placement=ray, else None (local subprocesses)."""
+    if st.setting("placement") != "ray":
+        return None
+    return lambda: request.getfixturevalue("miles_ray_session")
+
+
 @pytest.fixture(scope="session")
-def engine_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                   tmp_path_factory: pytest.TempPathFactory):
     """`engine_factory(kind, **options)`: one launch per configuration per session; asking for
-    another configuration closes the live one first (GPU memory back). `.launches` counts."""
+    another configuration closes the live one first (GPU memory back). `.launches` counts.
+    With --miles-placement=ray each engine is a Ray actor on the ray_cluster; under pytest-xdist
+    GPU engines start on leased GPUs."""
     from .engines.factory import EngineFactory
 
     st = _state(pytestconfig)
@@ -74,6 +84,8 @@ def engine_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPat
         device=st.setting("device"),
         require_gpu=st.setting("require_gpu"),
         extra_args=tuple(shlex.split(st.setting("sglang_args") or "")),
+        placement=_placement(request, st),
+        leaser=request.getfixturevalue("miles_gpu_leaser"),
     )
     try:
         yield factory
@@ -112,9 +124,11 @@ def sglang_engine(engine_factory):
 
 
 @pytest.fixture
-def megatron_trainer_factory(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                             tmp_path_factory: pytest.TempPathFactory):
     """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
-    megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU)."""
+    megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU).
+    With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
     import importlib.util
 
     st = _state(pytestconfig)
@@ -128,9 +142,18 @@ def megatron_trainer_factory(pytestconfig: pytest.Config, tmp_path_factory: pyte
         device = "cuda" if st.hardware.nvidia else "cpu"
     log_dir = tmp_path_factory.mktemp("megatron-logs")
 
+    placement = _placement(request, st)
+    leaser = request.getfixturevalue("miles_gpu_leaser")
+
     def make(**kwargs):
         kwargs.setdefault("device", device)
         kwargs.setdefault("log_dir", log_dir)
+        if placement is not None and "launcher" not in kwargs:
+            from .cluster.actors import RayRankLauncher
+
+            kwargs["launcher"] = RayRankLauncher(placement())
+        if leaser is not None:
+            kwargs.setdefault("gpu_lease", lambda n, owner: leaser.acquire(n, owner=owner))
         return MegatronTrainer(**kwargs)
 
     return make
@@ -162,8 +185,20 @@ class DeterminismSnapshot:
         root = request.config.rootpath / st.setting("snapshot_dir")
         self.store = SnapshotStore(root, st.setting("snapshot_update"), st.setting("snapshot_regen_all"))
         self.module, _, self.test = request.node.nodeid.partition("::")
+        if self.module.startswith(("..", "/")):  # a test outside the rootdir (--pyargs of an installed package)
+            self.module = request.module.__name__.replace(".", "/") + ".py"
         self.conf = configuration(st.fingerprint.to_json(), {"attention_backend": st.setting("attention_backend")})
         self.node, self.key, self.seen = request.node, KEY, set()
+
+    def recorded(self, name: str) -> bool:
+        """Whether any configuration holds a record `name` for this test (to skip, not fail, when none)."""
+        data = self.store.read(self.store.path_for(self.module))
+        rid = f"{self.test}::{name}"
+        return any(rid in c.get("records", {}) for c in data["configurations"].values())
+
+    @property
+    def updating(self) -> bool:
+        return self.store.update or self.store.regen_all
 
     def check(self, name: str, value):
         from .snapshots import SnapshotError

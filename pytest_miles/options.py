@@ -23,6 +23,7 @@ GROUP_TITLES = {
     "sglang": "pytest-miles SGLANG_ARGS (passthrough to the SGLang server)",
     "performance": "pytest-miles PERF_ARGS (device, parallelism)",
     "precision": "pytest-miles precision (rollout x training formats)",
+    "cluster": "pytest-miles cluster (Ray, GPU leasing under pytest-xdist)",
     "snapshots": "pytest-miles snapshots",
     "report": "pytest-miles report",
 }
@@ -145,6 +146,22 @@ SETTINGS += (
             default=False, kind="bool", env="PYTEST_MILES_SNAPSHOT_UPDATE", group="snapshots"),
     Setting("snapshot_regen_all", "Rewrite every determinism snapshot record the run touches.",
             default=False, kind="bool", env="PYTEST_MILES_SNAPSHOT_REGEN_ALL", group="snapshots"),
+)
+
+SETTINGS += (
+    Setting("ray_address", "Ray cluster for the ray_cluster fixture (a GCS address host:port, or 'auto'); "
+            "RAY_ADDRESS is used when this is unset; default: start a local head for the session.",
+            env="PYTEST_MILES_RAY_ADDRESS", group="cluster"),
+    Setting("ray_timeout", "Seconds to wait for the Ray cluster (connect, start) and for each probe.",
+            default=60.0, kind="float", env="PYTEST_MILES_RAY_TIMEOUT", group="cluster"),
+    Setting("placement", "Where the engine and trainer fixtures start their processes: local subprocesses, "
+            "or Ray actors on the ray_cluster (one actor per engine / per trainer rank).",
+            default="local", kind="choice", choices=("local", "ray"), env="PYTEST_MILES_PLACEMENT", group="cluster"),
+    Setting("gpu_lease", "Lease GPUs through file locks so that pytest-xdist workers never share one: auto "
+            "(on under xdist), on, off.", default="auto", kind="choice", choices=("auto", "on", "off"),
+            env="PYTEST_MILES_GPU_LEASE", group="cluster"),
+    Setting("gpu_lease_timeout", "Seconds a worker waits for a free GPU before failing with who holds them.",
+            default=900.0, kind="float", env="PYTEST_MILES_GPU_LEASE_TIMEOUT", group="cluster"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -27,6 +27,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     sglang_engine,
     tiny_model_dir,
 )
+from .fixtures_cluster import miles_gpu_lease, miles_gpu_leaser, miles_ray_session, ray_cluster  # noqa: E402,F401
 from .hardware import GPU_CLASSES, requirement_from_marks  # noqa: E402
 
 MARKERS = (
@@ -39,6 +40,8 @@ MARKERS = (
     "blackwell: needs a data-center Blackwell GPU, sm_100/sm_103 (B200, B300, GB200, GB300). Consumer "
     "Blackwell (sm_120, RTX 50xx) is a different family and is NOT included: use blackwell_consumer.",
     "blackwell_consumer: needs a consumer Blackwell GPU, sm_120 (RTX 50xx, RTX PRO 6000).",
+    "ray_gpus(n): needs n GPUs on the Ray cluster of the ray_cluster fixture; skipped, with what the "
+    "cluster has, otherwise.",
     "miles_precision(rollout, train): a rollout x training precision cell (set by precision_matrix()); "
     "skipped where this machine's GPU cannot run one of its formats.",
 )

@@ -22,6 +22,7 @@ FORMAT = "pytest-miles/snapshots/1"
 
 # Fingerprint field -> the seed's likely cause when it differs between record and run.
 CAUSES = {
+    "cpu": "CPU kernels (oneDNN, MKL, ATen vectorisation) dispatch on the instruction set: other bits on another CPU",
     "cudnn": "Hashes match locally but not on a different machine: cuDNN version mismatch",
     "env.NCCL_ALGO": "Hashes diverge across nodes: NCCL_ALGO=Ring not propagated to all workers",
     "env.CUBLAS_WORKSPACE_CONFIG": "cuBLAS GEMM non-deterministic without CUBLAS_WORKSPACE_CONFIG=:4096:8",
@@ -37,7 +38,7 @@ CAUSES = {
 }
 LIB_CAUSE = "a different library version can change kernels"
 LABELS = {"cudnn": "cuDNN", "nccl": "NCCL", "cuda_runtime": "CUDA", "driver": "driver", "gpu_name": "GPU",
-          "gpu_capability": "GPU capability", "gpu_count": "GPU count"}
+          "gpu_capability": "GPU capability", "gpu_count": "GPU count", "cpu": "CPU"}
 
 
 class SnapshotError(Exception):
@@ -112,6 +113,8 @@ def configuration(fingerprint: dict[str, Any], config: dict[str, Any]) -> dict[s
         flat[f"packages.{k}"] = v
     for k, v in (fingerprint.get("env") or {}).items():
         flat[f"env.{k}"] = v
+    if not fingerprint.get("gpu_name") and fingerprint.get("cpu"):  # CPU runs: the CPU decides the bits
+        flat["cpu"] = fingerprint["cpu"]
     for k, v in config.items():
         flat[f"config.{k}"] = v
     return flat

@@ -4,21 +4,69 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 KINDS = ("reference", "reference-server", "sglang", "sglang-offline")
 
 
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything needed to start one engine, wherever it starts (here, or in a Ray actor)."""
+
+    kind: str
+    model_dir: str
+    deterministic: bool
+    attention_backend: str
+    extra_args: tuple[str, ...]
+    options: dict[str, Any]
+    device: str
+    log_dir: str
+    startup_timeout: float
+
+    @property
+    def gpus(self) -> int:
+        return 1 if self.kind.startswith("sglang") or self.device == "cuda" else 0
+
+
+def make_engine(spec: EngineSpec):
+    kind, opts = spec.kind, spec.options
+    if kind == "reference":
+        from .reference import ReferenceEngine
+
+        return ReferenceEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device, **opts)
+    if kind == "reference-server":
+        from .server import ReferenceServerEngine
+
+        return ReferenceServerEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device,
+                                     log_dir=spec.log_dir, **opts).start()
+    if kind == "sglang":
+        from .server import SGLangEngine
+
+        return SGLangEngine(spec.model_dir, deterministic=spec.deterministic, attention_backend=spec.attention_backend,
+                            extra_args=spec.extra_args, log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
+                            **opts).start()
+    from .sglang_offline import SGLangOfflineEngine
+
+    return SGLangOfflineEngine(spec.model_dir, deterministic=spec.deterministic,
+                               attention_backend=spec.attention_backend, **opts)
+
+
 class EngineFactory:
     def __init__(self, *, model_dir: Callable[[], str], log_dir: Path, hardware: Callable[[], Any],
                  attention_backend: str = "flashinfer", startup_timeout: float = 300.0, device: str = "auto",
-                 require_gpu: bool = False, extra_args: tuple[str, ...] = ()) -> None:
+                 require_gpu: bool = False, extra_args: tuple[str, ...] = (),
+                 placement: Callable[[], Any] | None = None, leaser: Any = None) -> None:
         self._model_dir, self.log_dir, self._hardware = model_dir, log_dir, hardware
         self.attention_backend, self.startup_timeout = attention_backend, startup_timeout
         self.device, self.require_gpu = device, require_gpu
         self.extra_args = tuple(extra_args)  # --miles-sglang-args, for every SGLang engine
+        self.placement = placement  # () -> RayCluster when --miles-placement=ray
+        self.leaser = leaser  # GpuLeaser under pytest-xdist: engines start on GPUs no other worker holds
+        self.leases: list[Any] = []
         self.launches = 0
         self.live: dict[tuple, Any] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
@@ -61,26 +109,27 @@ class EngineFactory:
         return eng
 
     def _make(self, kind, model_dir, deterministic, backend, extra_args, options):
-        if kind == "reference":
-            from .reference import ReferenceEngine
+        spec = EngineSpec(kind, str(model_dir), deterministic, backend, tuple(extra_args), dict(options),
+                          self._device(), str(self.log_dir), self.startup_timeout)
+        if self.placement is not None:  # a Ray actor on the cluster, the deterministic env in its runtime_env
+            from ..cluster.actors import RayEngine
 
-            return ReferenceEngine(model_dir, batch_invariant=deterministic, device=self._device(), **options)
-        if kind == "reference-server":
-            from .server import ReferenceServerEngine
-
-            return ReferenceServerEngine(model_dir, batch_invariant=deterministic, device=self._device(),
-                                         log_dir=self.log_dir, **options).start()
-        if kind == "sglang":
-            from .server import SGLangEngine
-
-            return SGLangEngine(model_dir, deterministic=deterministic, attention_backend=backend,
-                                extra_args=extra_args, log_dir=self.log_dir, startup_timeout=self.startup_timeout,
-                                **options).start()
-        from .sglang_offline import SGLangOfflineEngine
-
-        return SGLangOfflineEngine(model_dir, deterministic=deterministic, attention_backend=backend, **options)
+            return RayEngine(self.placement(), spec)
+        if self.leaser is not None and spec.gpus:
+            lease = self.leaser.acquire(spec.gpus, owner=f"engine {kind}")
+            self.leases.append(lease)
+            if kind in ("sglang", "reference-server"):  # a subprocess: give it the leased GPUs
+                spec = replace(spec, options={**spec.options, "env": {**spec.options.get("env", {}), **lease.env}})
+            else:  # in-process: what it spawns inherits this process's environment
+                os.environ.update(lease.env)
+        return make_engine(spec)
 
     def close(self) -> None:
         live, self.live = self.live, {}
-        for eng in live.values():
-            eng.close()
+        try:
+            for eng in live.values():
+                eng.close()
+        finally:
+            leases, self.leases = self.leases, []
+            for lease in leases:
+                lease.release()

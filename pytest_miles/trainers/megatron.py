@@ -70,7 +70,8 @@ class MegatronTrainer:
     def __init__(self, *, seed: int = 1234, model: ModelArgs = ModelArgs(), tensor_parallel: int = 1,
                  world_size: int | None = None, device: str = "cpu", lr: float = 1e-3, micro_batch_size: int = 2,
                  deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
-                 python: str = sys.executable, env: dict[str, str] | None = None) -> None:
+                 python: str = sys.executable, env: dict[str, str] | None = None, launcher=None,
+                 gpu_lease=None) -> None:
         world = world_size or tensor_parallel
         if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
             raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
@@ -84,6 +85,9 @@ class MegatronTrainer:
         self.timeout, self.python, self.extra_env = timeout, python, env or {}
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))
         self.launches = 0
+        # launcher: None (local subprocesses) or a RayRankLauncher (one Ray actor per rank);
+        # gpu_lease: (n, owner) -> Lease, so that xdist workers never train on one GPU together.
+        self.launcher, self.gpu_lease = launcher, gpu_lease
 
     def train(self, steps: int, *, save_dir: str | Path | None = None, save_steps: list[int] | None = None,
               load_dir: str | Path | None = None) -> Run:
@@ -118,8 +122,19 @@ class MegatronTrainer:
         return Run(save_dir=str(save_dir) if save_dir else None, seconds=time.monotonic() - t0, **result)
 
     def _launch(self, run_dir: Path) -> None:
+        argv = ["-m", "pytest_miles.trainers.megatron_worker", str(run_dir / "spec.json")]
+        if self.launcher is not None:
+            self.launcher.launch(world=self.world, gpus_per_rank=1 if self.device == "cuda" else 0, argv=argv,
+                                 extra_env=self.extra_env, run_dir=run_dir, timeout=self.timeout, error=TrainerError)
+            return
+        if self.device == "cuda" and self.gpu_lease is not None:
+            with self.gpu_lease(self.world, f"megatron run ({self.world} rank(s))") as lease:
+                return self._launch_local(run_dir, argv, lease.env)
+        return self._launch_local(run_dir, argv, {})
+
+    def _launch_local(self, run_dir: Path, argv: list[str], lease_env: dict[str, str]) -> None:
         port = free_port()
-        base = {**os.environ, **deterministic_env_vars(), **self.extra_env, "MASTER_ADDR": "127.0.0.1",
+        base = {**os.environ, **deterministic_env_vars(), **self.extra_env, **lease_env, "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port), "WORLD_SIZE": str(self.world), "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         procs: list[tuple[int, subprocess.Popen, Path]] = []
@@ -129,7 +144,7 @@ class MegatronTrainer:
                 env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                 with open(log, "wb") as f:
                     procs.append((rank, subprocess.Popen(
-                        [self.python, "-m", "pytest_miles.trainers.megatron_worker", str(run_dir / "spec.json")],
+                        [self.python, *argv],
                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                         start_new_session=True), log))
             deadline = time.monotonic() + self.timeout

@@ -1,0 +1,91 @@
+"""Fixtures for Ray clusters and GPU leases. Ray is imported only when a test asks for a cluster."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+
+def _state(config: pytest.Config):
+    from .plugin import state
+
+    return state(config)
+
+
+def lease_root(tmp_path_factory: pytest.TempPathFactory):
+    """A dir every xdist worker of this session shares: the root of pytest's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "miles-gpu-leases"
+
+
+@pytest.fixture(scope="session")
+def miles_gpu_leaser(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """The session's GpuLeaser, or None when leasing is off (`--miles-gpu-lease`, default: on under
+    pytest-xdist) or the machine has no NVIDIA GPU."""
+    st = _state(pytestconfig)
+    mode = st.setting("gpu_lease")
+    if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.hardware.nvidia:
+        return None
+    from .leases import GpuLeaser, visible_tokens
+
+    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
+                     timeout=st.setting("gpu_lease_timeout"))
+
+
+@pytest.fixture
+def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config, tmp_path_factory):
+    """`miles_gpu_lease(n=1)` -> Lease of n GPUs no other xdist worker holds, for this test; its
+    `.env` is the CUDA_VISIBLE_DEVICES to give what the test starts. Works with leasing off too
+    (then a lease only guards this process's own tests)."""
+    from .leases import GpuLeaser, visible_tokens
+
+    st = _state(pytestconfig)
+    leaser = request.getfixturevalue("miles_gpu_leaser") or GpuLeaser(
+        lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)), timeout=st.setting("gpu_lease_timeout"))
+    held = []
+
+    def lease(n: int = 1):
+        got = leaser.acquire(n, owner=request.node.nodeid)
+        held.append(got)
+        return got
+
+    yield lease
+    for got in held:
+        got.release()
+
+
+@pytest.fixture(scope="session")
+def miles_ray_session(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """The session's RayCluster: `--miles-ray-address` / RAY_ADDRESS, else a local head it owns."""
+    st = _state(pytestconfig)
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("requires Ray (pip install 'pytest-miles[ray]'); it is not installed")
+    from .cluster.ray_cluster import ClusterError, RayCluster
+
+    address, source = st.setting("ray_address"), "--miles-ray-address"
+    if not address and os.environ.get("RAY_ADDRESS"):
+        address, source = os.environ["RAY_ADDRESS"], "RAY_ADDRESS"
+    timeout = st.setting("ray_timeout")
+    try:
+        if address:
+            cluster = RayCluster.connect(address, timeout=timeout, source=source)
+        else:
+            cluster = RayCluster.start_local(tmp_path_factory.getbasetemp(), timeout=timeout)
+    except ClusterError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(request: pytest.FixtureRequest, miles_ray_session):
+    """The Ray cluster (`.nodes()`, `.gpus()`, `.add_node()` on a local head, `.require(gpus=n)`).
+    A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs."""
+    mark = request.node.get_closest_marker("ray_gpus")
+    if mark is not None:
+        miles_ray_session.require(gpus=int(mark.args[0]) if mark.args else 1)
+    return miles_ray_session
