@@ -57,6 +57,7 @@ class Lease:
     devices: list[str]
     owner: str
     _leaser: GpuLeaser | None = field(default=None, repr=False)
+    since: float = field(default_factory=time.time)  # when it was granted (wall clock)
 
     @property
     def env(self) -> dict[str, str]:

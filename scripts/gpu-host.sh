@@ -2,7 +2,8 @@
 # Steps run on the GPU host (no package index there): see docs/validation/README.md.
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
-#   scripts/gpu-host.sh STEP...      foundation | trainer | engines | suite   (logs go to $OUT)
+#   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
+#                                    leases | suite   (logs go to $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -49,6 +50,12 @@ for step in "$@"; do
       { echo "== record (--miles-snapshot-update)"; timeout 280 $PY -m pytest "${args[@]}" --miles-snapshot-update
         echo "== a later run: compare"; timeout 280 $PY -m pytest "${args[@]}"; } 2>&1 | tee "$OUT/snapshots.log" || rc=1
       cp fixtures/snapshots/tests/test_cross_machine_snapshots.json "$OUT/" 2>/dev/null ;;
+    leases)
+      timeout 560 $PY -m pytest tests/gpu/test_gpu_leases.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
+        2>&1 | tee "$OUT/leases.log" || rc=1 ;;
+    followups)
+      timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;

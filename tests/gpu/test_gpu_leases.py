@@ -37,10 +37,11 @@ def test_cuda_work_on_the_leased_gpu(miles_gpu_lease, n):
 
 @pytest.mark.parametrize("n", range(2))
 def test_engine_on_the_leased_gpu(engine_factory, n):
-    start = time.time()
     eng = engine_factory("reference-server")
     assert eng.generate([[5, 6, 7]])[0].output_ids
-    _record(kind="engine", devices=eng.env["CUDA_VISIBLE_DEVICES"].split(","), start=start, end=None,
+    lease = engine_factory.leases[-1]  # granted inside engine_factory, before the engine started
+    assert eng.env["CUDA_VISIBLE_DEVICES"] == ",".join(lease.devices)
+    _record(kind="engine", devices=lease.devices, start=lease.since, end=None,
             startup_s=eng.startup_seconds)
 """
 
