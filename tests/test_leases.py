@@ -61,7 +61,7 @@ def test_a_crashed_holder_releases_its_lease(tmp_path):
     holder = textwrap.dedent(f"""
         import os, sys
         from pytest_miles.leases import GpuLeaser
-        lease = GpuLeaser({str(tmp_path)!r}, ["0"], timeout=5).acquire(1, owner="the crashing test")
+        lease = GpuLeaser({str(tmp_path)!r}, ["0"], timeout=5, who="gw7").acquire(1, owner="the crashing test")
         print("held", flush=True)
         sys.stdin.readline()
         os._exit(9)
@@ -72,7 +72,7 @@ def test_a_crashed_holder_releases_its_lease(tmp_path):
         leaser = GpuLeaser(tmp_path, ["0"], timeout=1, poll=0.1, who="gw1")
         with pytest.raises(LeaseError) as info:
             leaser.acquire(1, owner="test_b")
-        assert "held: GPU 0: worker main" in str(info.value) and "for the crashing test" in str(info.value)
+        assert "held: GPU 0: worker gw7" in str(info.value) and "for the crashing test" in str(info.value)
         proc.stdin.write("\n")
         proc.stdin.flush()
         assert proc.wait(timeout=30) == 9
