@@ -20,3 +20,22 @@ def _announce(request, capsys):
         if tr is not None and request.config.get_verbosity() > 0:
             tr.write(f"\n[miles] {request.node.nodeid} ... ")
     yield
+
+
+# Engine configurations, in the order the suite uses them: a real SGLang engine takes a minute or
+# more to start, and the engine factory keeps one live configuration, so grouping the tests that
+# share one makes a suite run start two engines (deterministic, then not) instead of one per switch.
+ORDER = ("test_doctor.py", "test_cluster.py", "test_rollout.py::test_batch_invariance",
+         "test_snapshots.py::test_rollout", "test_cost.py::test_rollout_cost", "test_rollout.py::test_negative_control")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which would interleave configurations
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        module = getattr(getattr(item, "module", None), "__name__", "")
+        if not module.startswith("pytest_miles.suite."):
+            return len(ORDER) + 1
+        name = f"{item.path.name}::{item.name}"
+        return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
+
+    items.sort(key=rank)
