@@ -57,7 +57,8 @@ for step in "$@"; do
       timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;
     suite)
-      timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang 2>&1 | tee "$OUT/suite.log" || rc=1 ;;
+      timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
+        2>&1 | tee "$OUT/suite.log" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
