@@ -153,8 +153,13 @@ class ReportHooks:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.user_properties:
-            state(self.config).collector.add_report(report)
+            st = state(self.config)
+            before = len(st.collector.entries)
+            st.collector.add_report(report)
             self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
+            path = st.setting("report")
+            if path and len(st.collector.entries) > before and not hasattr(self.config, "workerinput"):
+                st.collector.write(path, st.fingerprint.to_json(), complete=False)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         st = state(self.config)

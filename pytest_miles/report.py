@@ -5,6 +5,7 @@ printed as a terminal summary section and written as JSON with --miles-report.""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,12 @@ class Collector:
                    f"{counts['skipped']} skipped")
         return out
 
-    def write(self, path: str | Path, fingerprint: dict[str, Any]) -> None:
-        data = {"fingerprint": fingerprint,
+    def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:
+        """Atomic write. Written after every check too (complete=False), so that a run killed by
+        a CI timeout still leaves the figures of every check it finished."""
+        data = {"fingerprint": fingerprint, "complete": complete,
                 "checks": [vars(e) for e in self.entries]}
-        Path(path).write_text(json.dumps(data, indent=1, default=str))
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str))
+        os.replace(tmp, path)

@@ -36,3 +36,22 @@ def test_records_reach_summary_and_json(pytester, workers):
 def test_no_section_without_records(pytester):
     pytester.makepyfile("def test_x(): pass")
     assert "determinism report" not in pytester.runpytest().stdout.str()
+
+
+def test_a_killed_run_leaves_the_figures_of_every_finished_check(pytester):
+    """CI timeouts kill runs: the JSON report is rewritten after every check, atomically."""
+    pytester.makepyfile("""
+        import os
+
+        def test_first(miles_record):
+            miles_record("first check", figure=1)
+
+        def test_killed(miles_record):
+            os._exit(9)  # a CI timeout's SIGKILL, as far as pytest can tell
+    """)
+    out = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess("-p", "no:randomly", f"--miles-report={out}")
+    assert result.ret == 9
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    assert [(c["check"], c["figures"]) for c in data["checks"]] == [("first check", {"figure": 1})]
