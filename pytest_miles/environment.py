@@ -38,6 +38,16 @@ def deterministic_env_vars(extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back os.environ values saved as {name: old value or None (unset)}; empties `saved`."""
+    for key, old in saved.items():
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+    saved.clear()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy (if loaded) and torch (if loaded) RNGs."""
     random.seed(seed)
@@ -94,12 +104,7 @@ class DeterministicEnvironment:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for key, old in self._saved_env.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-        self._saved_env.clear()
+        restore_env(self._saved_env)
         if self._saved_torch is not None:
             import torch
 

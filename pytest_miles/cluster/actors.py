@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 from ..engines.base import EngineError, Output, SamplingParams
@@ -198,6 +197,7 @@ class RayRankLauncher:
         import ray
 
         from ..processes import tail
+        from ..trainers.megatron import wait_for_ranks
 
         if gpus_per_rank and self.cluster.gpus() < world * gpus_per_rank:
             raise error(f"{world} rank(s) need {world * gpus_per_rank} GPU(s); the Ray cluster at "
@@ -215,24 +215,16 @@ class RayRankLauncher:
                             "RANK": str(r), "LOCAL_RANK": "0" if gpus_per_rank else str(r), "PYTHONUNBUFFERED": "1",
                             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **extra_env}
                 ray.get(a.start.remote(argv, rank_env, str(logs[r])), timeout=self.cluster.timeout)
-            deadline = time.monotonic() + timeout
-            while True:
+
+            def poll():
                 try:
-                    codes = ray.get([a.poll.remote() for a in actors], timeout=60)
+                    return ray.get([a.poll.remote() for a in actors], timeout=60)
                 except ray.exceptions.RayActorError as exc:
                     raise error(f"a rank's actor died ({str(exc).splitlines()[0]}); rank 0 log tail:\n"
                                 f"{tail(logs[0])}") from None
-                failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                if failed:
-                    r, c = failed[0]
-                    raise error(f"megatron rank {r} (Ray actor on node {self.placements[r]['node_id'][:8]}) exited "
-                                f"with code {c} (log {logs[r]}):\n{tail(logs[r])}")
-                if all(c == 0 for c in codes):
-                    return
-                if time.monotonic() > deadline:
-                    raise error(f"megatron run on Ray did not finish within {timeout:g} s; rank 0 log tail:\n"
-                                f"{tail(logs[0])}")
-                time.sleep(0.2)
+
+            wait_for_ranks(poll, logs, timeout, error,
+                           where=lambda r: f" (Ray actor on node {self.placements[r]['node_id'][:8]})")
         finally:
             try:
                 ray.get([a.stop.remote() for a in actors], timeout=30)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..environment import restore_env
 from ..processes import free_port, kill_tree, tail
 
 # Ray puts unix sockets under <temp>/session_<date>_<pid>/sockets/: ~60 characters after <temp>,
@@ -195,12 +196,7 @@ class RayCluster:
                 kill_tree(proc.pid, timeout=5)
                 proc.wait(timeout=10)
         self._procs.clear()
-        for key, old in self._saved_env.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-        self._saved_env.clear()
+        restore_env(self._saved_env)
         if self._remove_temp and self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
             self._remove_temp = False

@@ -64,6 +64,23 @@ class Run:
         raise TrainerError(f"no checkpoint at step {step}; saved: {', '.join(Path(c).name for c in self.checkpoints)}")
 
 
+def wait_for_ranks(poll, logs: list[Path], timeout: float, error=TrainerError, where=lambda rank: "") -> None:
+    """Until every rank exited 0; the first rank that exits non-zero, or the deadline, raises
+    `error` with that rank's (or rank 0's) log tail. `poll()` -> exit codes (None: running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = poll()
+        failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            r, c = failed[0]
+            raise error(f"megatron rank {r}{where(r)} exited with code {c} (log {logs[r]}):\n{tail(logs[r])}")
+        if all(c == 0 for c in codes):
+            return
+        if time.monotonic() > deadline:
+            raise error(f"megatron run did not finish within {timeout:g} s; rank 0 log tail:\n{tail(logs[0])}")
+        time.sleep(0.2)
+
+
 class MegatronTrainer:
     name = "megatron"
 
@@ -147,19 +164,8 @@ class MegatronTrainer:
                         [self.python, *argv],
                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                         start_new_session=True), log))
-            deadline = time.monotonic() + self.timeout
-            while True:
-                codes = [p.poll() for _, p, _ in procs]
-                failed = [(r, c, log) for (r, _, log), c in zip(procs, codes) if c not in (None, 0)]
-                if failed:
-                    r, c, log = failed[0]
-                    raise TrainerError(f"megatron rank {r} exited with code {c} (log {log}):\n{tail(log)}")
-                if all(c == 0 for c in codes):
-                    return
-                if time.monotonic() > deadline:
-                    raise TrainerError(f"megatron run did not finish within {self.timeout:g} s; rank 0 log tail:\n"
-                                       f"{tail(procs[0][2])}")
-                time.sleep(0.2)
+            wait_for_ranks(lambda: [p.poll() for _, p, _ in procs], [log for _, _, log in procs], self.timeout,
+                           TrainerError)
         finally:
             for _, p, _ in procs:
                 if p.poll() is None:
