@@ -9,6 +9,7 @@ as far as Ray's scheduler is concerned. Only what this object started is ever st
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
@@ -120,6 +121,7 @@ class RayCluster:
             raise ClusterError("Ray is already initialised in this process (ray.init() was called outside "
                                "pytest-miles); pass its address with --miles-ray-address instead")
         cluster = cls("", started=True, timeout=timeout)
+        atexit.register(cluster.shutdown)  # the head has a session of its own: a crashed script must not leak it
         cluster._prepare_temp(temp_root)
         cluster._set_env(cluster._auth_env())
         port = free_port()
