@@ -206,7 +206,12 @@ class RayRankLauncher:
         actors = [ray.remote(RankHost).options(num_cpus=0, num_gpus=gpus_per_rank, max_restarts=0,
                                                runtime_env=env).remote() for _ in range(world)]
         try:
-            self.placements = ray.get([a.identity.remote() for a in actors], timeout=self.cluster.timeout)
+            try:
+                self.placements = ray.get([a.identity.remote() for a in actors], timeout=self.cluster.timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise error(f"{world} rank actor(s) could not be placed on the Ray cluster at {self.cluster.address} "
+                            f"within {self.cluster.timeout:g} s (nodes: "
+                            f"{', '.join(n.label for n in self.cluster.nodes())})") from None
             master = ray.get(actors[0].node_ip.remote(), timeout=self.cluster.timeout)
             port = ray.get(actors[0].free_port.remote(), timeout=self.cluster.timeout)
             logs = [run_dir / f"rank{r}.log" for r in range(world)]
