@@ -85,6 +85,17 @@ class Cell:
     def formats(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.rollout, self.train)))
 
+    def assert_rejected(self) -> None:
+        """An invalid cell as a check: `validate_precision_config` must reject it with its rule."""
+        __tracebackhide__ = True
+        try:
+            validate_precision_config(self.rollout, self.train)
+        except ValueError as exc:
+            if str(exc) != self.status:
+                raise AssertionError(f"{self.id}: rejected with {str(exc)!r}, expected {self.status!r}") from None
+            return
+        raise AssertionError(f"{self.id}: accepted, but the compatibility table says: {self.status}")
+
 
 def _check_name(name: Any, what: str) -> str:
     if name not in FORMATS:

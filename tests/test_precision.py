@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pytest_miles import measure_logprob_drift, validate_precision_config  # noqa: E402
-from pytest_miles.precision import FORMATS, RULE_EXCLUSIVE, RULE_MXFP8, cell_status  # noqa: E402
+from pytest_miles.precision import FORMATS, RULE_EXCLUSIVE, RULE_MXFP8, Cell, cell_status  # noqa: E402
 from pytest_miles.quantize import (  # noqa: E402
     E2M1_VALUES,
     dequantize,
@@ -189,3 +189,12 @@ def test_fp8_gemm_path_runs_where_torch_has_scaled_mm():
                                  gemm="scaled_mm").train_rollout_logprob_abs_diff == 0.0
     with pytest.raises(ValueError, match="gemm: 'cutlass' is not one of reference, scaled_mm"):
         measure_logprob_drift("bf16", "bf16", gemm="cutlass")
+
+
+def test_cell_assert_rejected_is_a_check_that_can_fail():
+    invalid = cell_status("bf16", "mxfp8")
+    invalid.assert_rejected()
+    with pytest.raises(AssertionError, match=r"rollout=bf16-train=bf16: accepted, but the compatibility table says"):
+        Cell("bf16", "bf16", False, "made-up rule").assert_rejected()  # NEGATIVE CONTROL: a valid pair marked invalid
+    with pytest.raises(AssertionError, match=r"rejected with .*expected 'another rule'"):
+        Cell("bf16", "mxfp8", False, "another rule").assert_rejected()
