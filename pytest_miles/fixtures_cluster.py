@@ -7,17 +7,20 @@ import os
 
 import pytest
 
-
-def _state(config: pytest.Config):
-    from .plugin import state
-
-    return state(config)
+from .fixtures import _state
 
 
 def lease_root(tmp_path_factory: pytest.TempPathFactory):
     """A dir every xdist worker of this session shares: the root of pytest's basetemp."""
     base = tmp_path_factory.getbasetemp()
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "miles-gpu-leases"
+
+
+def _new_leaser(st, tmp_path_factory: pytest.TempPathFactory):
+    from .leases import GpuLeaser, visible_tokens
+
+    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
+                     timeout=st.setting("gpu_lease_timeout"))
 
 
 @pytest.fixture(scope="session")
@@ -28,10 +31,7 @@ def miles_gpu_leaser(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempP
     mode = st.setting("gpu_lease")
     if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.hardware.nvidia:
         return None
-    from .leases import GpuLeaser, visible_tokens
-
-    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
-                     timeout=st.setting("gpu_lease_timeout"))
+    return _new_leaser(st, tmp_path_factory)
 
 
 @pytest.fixture
@@ -39,11 +39,7 @@ def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     """`miles_gpu_lease(n=1)` -> Lease of n GPUs no other xdist worker holds, for this test; its
     `.env` is the CUDA_VISIBLE_DEVICES to give what the test starts. Works with leasing off too
     (then a lease only guards this process's own tests)."""
-    from .leases import GpuLeaser, visible_tokens
-
-    st = _state(pytestconfig)
-    leaser = request.getfixturevalue("miles_gpu_leaser") or GpuLeaser(
-        lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)), timeout=st.setting("gpu_lease_timeout"))
+    leaser = request.getfixturevalue("miles_gpu_leaser") or _new_leaser(_state(pytestconfig), tmp_path_factory)
     held = []
 
     def lease(n: int = 1):
