@@ -103,6 +103,8 @@ class GpuLeaser:
     def acquire(self, n: int = 1, owner: str = "") -> Lease:
         """n devices no other process holds. Devices this process already holds come first: one
         worker's engines and trainers share its GPUs (colocated, as in Miles), never another's."""
+        if not isinstance(n, int) or n < 1:
+            raise LeaseError(f"{owner or 'a lease'}: n={n!r}; expected an integer >= 1 GPU")
         if n > len(self.devices):
             raise LeaseError(f"{owner or 'a lease'} needs {n} GPU(s); this machine has {len(self.devices)} "
                              f"({', '.join(self.devices) or 'none'})")

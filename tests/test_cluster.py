@@ -230,3 +230,28 @@ def test_local_head_is_shut_down_after_the_session_even_when_a_test_fails(pytest
             if p.info["cmdline"] and any(seen["temp"] in part for part in p.info["cmdline"])]
     assert left == [], f"ray processes of the session left behind: {left}"
     assert not any(psutil.pid_exists(p) for p in seen["pids"])
+
+
+def test_malformed_runtime_env_and_env_are_named_and_left_untouched(ray_cluster):
+    runtime_env = {"env_vars": {"NCCL_ALGO": "Ring", "MILES_STEPS": 4}}
+    snapshot = {"env_vars": dict(runtime_env["env_vars"])}
+    with pytest.raises(ClusterError, match=r"runtime_env\['env_vars'\]\['MILES_STEPS'\] for node .*: 4 is not a string"):
+        run_on_every_worker(ray_cluster, probes.identity, runtime_env=runtime_env)
+    assert runtime_env == snapshot
+    with pytest.raises(ClusterError, match=r"runtime_env\['env_vars'\] for node .*: expected a dict, got list"):
+        run_on_every_worker(ray_cluster, probes.identity, runtime_env={"env_vars": ["NCCL_ALGO=Ring"]})
+    env = {"NCCL_ALGO": None}
+    with pytest.raises(ValueError, match=r"assert_env_propagated: env\['NCCL_ALGO'\] = None is not a string"):
+        assert_env_propagated(ray_cluster, env)
+    assert env == {"NCCL_ALGO": None}
+    if ray_cluster.gpus() == 0:
+        with pytest.raises(ClusterError, match=r"per_gpu=True, but no node of the Ray cluster at .* has a GPU"):
+            run_on_every_worker(ray_cluster, probes.identity, per_gpu=True)
+
+
+def test_empty_results_and_foreign_clusters_are_refused():
+    with pytest.raises(ValueError, match=r"assert_same_across_workers\('x'\): no worker results"):
+        assert_same_across_workers([], "x")
+    foreign = RayCluster("10.0.0.1:6379", started=False, timeout=1)
+    with pytest.raises(ClusterError, match=r"add_node: the cluster at 10.0.0.1:6379 was not started by pytest-miles"):
+        foreign.add_node()

@@ -116,3 +116,11 @@ def test_visible_devices_keep_the_parents_numbering():
     assert visible_tokens(2, {"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
     assert visible_tokens(1, {"CUDA_VISIBLE_DEVICES": "GPU-abc"}) == ["GPU-abc"]
     assert visible_tokens(2, {}) == ["0", "1"]
+
+
+def test_a_lease_of_no_gpus_is_refused(tmp_path):
+    leaser = GpuLeaser(tmp_path, ["0"], timeout=0.1)
+    for n in (0, -1, 1.5):
+        with pytest.raises(LeaseError, match=rf"engine: n={n!r}; expected an integer >= 1 GPU"):
+            leaser.acquire(n, owner="engine")
+    assert list(tmp_path.iterdir()) == [], "nothing was locked or written"

@@ -42,8 +42,21 @@ class WorkerResult:
 
 
 def _runtime_env(runtime_env: RuntimeEnv, node: NodeInfo) -> dict[str, Any] | None:
+    """The runtime_env for `node` (a copy: the caller's dict is never changed), checked the way
+    Ray would reject it late and vaguely: env_vars must map names to strings."""
     env = runtime_env(node) if callable(runtime_env) else runtime_env
-    return dict(env) if env else None
+    if not env:
+        return None
+    if not isinstance(env, Mapping):
+        raise ClusterError(f"runtime_env for {node.label}: expected a dict, got {type(env).__name__}")
+    env_vars = env.get("env_vars", {})
+    if not isinstance(env_vars, Mapping):
+        raise ClusterError(f"runtime_env['env_vars'] for {node.label}: expected a dict, got {type(env_vars).__name__}")
+    for key, value in env_vars.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ClusterError(f"runtime_env['env_vars'][{key!r}] for {node.label}: {value!r} is not a string "
+                               "(Ray passes env vars as strings)")
+    return {**env, "env_vars": dict(env_vars)} if "env_vars" in env else dict(env)
 
 
 def ship_by_value(fn: Callable) -> None:
@@ -166,6 +179,9 @@ def disagreement_report(results: list[WorkerResult], what: str = "the computatio
 def assert_same_across_workers(results: list[WorkerResult], what: str = "the computation") -> None:
     """Every worker answered, with bitwise the same value (digest of the canonical form)."""
     __tracebackhide__ = True
+    if not results:
+        raise ValueError(f"assert_same_across_workers({what!r}): no worker results to compare "
+                         "(pass what run_on_every_worker returned)")
     report = disagreement_report(results, what)
     if report is not None:
         raise AssertionError(report)
@@ -182,6 +198,9 @@ def assert_env_propagated(cluster: RayCluster, env: Mapping[str, str] | None = N
     from . import probes
 
     env = dict(deterministic_env_vars() if env is None else env)
+    bad = [k for k, v in env.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"assert_env_propagated: env[{bad[0]!r}] = {env[bad[0]]!r} is not a string")
     if runtime_env == "default":
         runtime_env = {"env_vars": env}
     if per_gpu is None:
