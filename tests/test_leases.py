@@ -124,3 +124,21 @@ def test_a_lease_of_no_gpus_is_refused(tmp_path):
         with pytest.raises(LeaseError, match=rf"engine: n={n!r}; expected an integer >= 1 GPU"):
             leaser.acquire(n, owner="engine")
     assert list(tmp_path.iterdir()) == [], "nothing was locked or written"
+
+
+def test_an_engine_that_fails_to_start_gives_its_lease_back(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where the embedded server cannot start on cuda")
+    from pytest_miles.engines.base import EngineError
+    from pytest_miles.engines.factory import EngineFactory
+    from pytest_miles.engines.model import write_hf_checkpoint
+
+    model = write_hf_checkpoint(tmp_path / "model")
+    leaser = GpuLeaser(tmp_path / "leases", ["0"], timeout=0.5, poll=0.1)
+    # NEGATIVE CONTROL: on a CPU machine the embedded server cannot start on cuda
+    factory = EngineFactory(model_dir=lambda: str(model), log_dir=tmp_path / "logs", hardware=lambda: None,
+                            device="cuda", leaser=leaser, startup_timeout=60)
+    with pytest.raises(EngineError, match="reference-server exited with code"):
+        factory("reference-server")
+    assert factory.leases == [] and leaser._held == {}, "the lease went back with the failed start"

@@ -115,14 +115,20 @@ class EngineFactory:
             from ..cluster.actors import RayEngine
 
             return RayEngine(self.placement(), spec)
-        if self.leaser is not None and spec.gpus:
-            lease = self.leaser.acquire(spec.gpus, owner=f"engine {kind}")
-            self.leases.append(lease)
-            if kind in ("sglang", "reference-server"):  # a subprocess: give it the leased GPUs
-                spec = replace(spec, options={**spec.options, "env": {**spec.options.get("env", {}), **lease.env}})
-            else:  # in-process: what it spawns inherits this process's environment
-                os.environ.update(lease.env)
-        return make_engine(spec)
+        if self.leaser is None or not spec.gpus:
+            return make_engine(spec)
+        lease = self.leaser.acquire(spec.gpus, owner=f"engine {kind}")
+        if kind in ("sglang", "reference-server"):  # a subprocess: give it the leased GPUs
+            spec = replace(spec, options={**spec.options, "env": {**spec.options.get("env", {}), **lease.env}})
+        else:  # in-process: what it spawns inherits this process's environment
+            os.environ.update(lease.env)
+        try:
+            eng = make_engine(spec)
+        except BaseException:  # an engine that never started must not keep the GPU from other workers
+            lease.release()
+            raise
+        self.leases.append(lease)
+        return eng
 
     def close(self) -> None:
         live, self.live = self.live, {}
