@@ -128,6 +128,8 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
                              tmp_path_factory: pytest.TempPathFactory):
     """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
     megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU).
+    `transformer_impl="transformer_engine", precision=..., attention_backend=...` trains Miles'
+    TE path; it skips with the reason where TE is missing or the GPU cannot run the precision.
     With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
     import importlib.util
 
@@ -154,7 +156,15 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
             kwargs["launcher"] = RayRankLauncher(placement())
         if leaser is not None:
             kwargs.setdefault("gpu_lease", lambda n, owner: leaser.acquire(n, owner=owner))
-        return MegatronTrainer(**kwargs)
+        kwargs.setdefault("hardware", st.hardware)
+        from .trainers.te_model import PrecisionUnsupported, TransformerEngineUnavailable
+
+        try:
+            return MegatronTrainer(**kwargs)
+        except PrecisionUnsupported as exc:  # the GPU cannot run it: not applicable here
+            pytest.skip(str(exc))
+        except TransformerEngineUnavailable as exc:  # a GPU run that asked for TE must have it
+            pytest.fail(str(exc), pytrace=False) if st.setting("require_gpu") else pytest.skip(str(exc))
 
     return make
 

@@ -51,6 +51,7 @@ class Run:
     save_dir: str | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    facts: dict = field(default_factory=dict)  # what ran (TE: versions, recipe, attention backend selected)
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The iter_XXXXXXX dir saved at `step` (default: the last one)."""
@@ -88,7 +89,8 @@ class MegatronTrainer:
                  world_size: int | None = None, device: str = "cpu", lr: float = 1e-3, micro_batch_size: int = 2,
                  deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
                  python: str = sys.executable, env: dict[str, str] | None = None, launcher=None,
-                 gpu_lease=None) -> None:
+                 gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
+                 attention_backend: str | None = None, hardware=None) -> None:
         world = world_size or tensor_parallel
         if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
             raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
@@ -97,6 +99,11 @@ class MegatronTrainer:
                                f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
         if device not in ("cpu", "cuda"):
             raise TrainerError(f"device {device!r}: expected cpu or cuda")
+        from .te_model import check_te_options  # TE/precision options, refused before any rank starts
+
+        self.transformer_impl = transformer_impl
+        self.precision, self.attention_backend = check_te_options(transformer_impl, precision, attention_backend,
+                                                                  device, hardware)
         self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
         self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
         self.timeout, self.python, self.extra_env = timeout, python, env or {}
@@ -128,7 +135,9 @@ class MegatronTrainer:
         spec = {"seed": self.seed, "model": asdict(self.model), "tensor_parallel": self.tp, "device": self.device,
                 "lr": self.lr, "micro_batch_size": self.mbs, "deterministic": self.deterministic, "steps": steps,
                 "save_dir": str(save_dir) if save_dir else None, "save_steps": save_steps,
-                "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json")}
+                "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json"),
+                "transformer_impl": self.transformer_impl, "precision": self.precision,
+                "attention_backend": self.attention_backend}
         (run_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.monotonic()
         self._launch(run_dir)

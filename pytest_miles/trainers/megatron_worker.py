@@ -123,10 +123,19 @@ def main(spec_path: str) -> None:
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
     seq = m["seq_length"]
+    te = spec.get("transformer_impl", "local") == "transformer_engine"
+    if te:  # TE layer spec, bf16 params, the precision's FP8/FP4 recipe (te_model.py)
+        from .te_model import te_config_and_spec
+
+        config, layer_spec = te_config_and_spec(config, spec)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=m["vocab_size"],
                      max_sequence_length=seq, position_embedding_type=m.get("position_embedding_type", "learned_absolute"))
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device)
+    if te:
+        from .te_model import wrap_bf16
+
+        model = wrap_bf16(config, model)
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
     strategy = _save_strategy(cuda)
     save_dir = Path(spec["save_dir"]) if spec.get("save_dir") else None
@@ -156,6 +165,8 @@ def main(spec_path: str) -> None:
     mbs = spec["micro_batch_size"]
     losses, grad_norms, saved, step_times = [], [], [], []
     causal = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)[None, None]
+    if te:
+        causal = None  # TE attention applies the spec's causal mask type itself
     position_ids = torch.arange(seq, device=device)[None].expand(mbs, seq)
     for step in range(start, spec["steps"]):
         t0 = time.perf_counter()
@@ -205,6 +216,10 @@ def main(spec_path: str) -> None:
         result = {"losses": losses, "loss_bits": [x.hex() for x in losses], "grad_norms": grad_norms,
                   "grad_norm_bits": [x.hex() for x in grad_norms], "checkpoints": saved, "first_step": start,
                   "step_times": step_times, "device": spec["device"]}
+        if te:
+            from .te_model import te_facts
+
+            result["facts"] = te_facts(spec)
         Path(spec["result"]).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
