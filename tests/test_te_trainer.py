@@ -91,3 +91,23 @@ def test_fixture_skips_with_the_reason(pytester):
     result.assert_outcomes(skipped=2)
     result.stdout.fnmatch_lines(["*needs the transformer_engine package*install*",
                                  "*mxfp8 needs blackwell*found 1 x NVIDIA H100*"])
+
+
+@pytest.mark.parametrize("precision", list(RECIPES))
+def test_te_config_from_the_trainers_config(precision):
+    """What a rank trains with: the local config's shape and determinism, bf16 params, the recipe."""
+    import torch
+    from megatron.core.transformer.enums import AttnBackend
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from pytest_miles.trainers.te_model import te_config
+
+    local = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=128, use_cpu_initialization=True, deterministic_mode=True,
+                              params_dtype=torch.float32)
+    cfg = te_config(local, {"precision": precision, "attention_backend": "unfused"})
+    assert (cfg.num_query_groups, cfg.ffn_hidden_size, cfg.deterministic_mode) == (2, 128, True)
+    assert cfg.bf16 and cfg.params_dtype == torch.bfloat16 and cfg.attention_backend == AttnBackend.unfused
+    assert {k: str(getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k))
+            for k in RECIPES[precision]} == RECIPES[precision]
+    assert (cfg.fp8 is None) == ("fp8" not in RECIPES[precision]) and (cfg.fp4 is None) == ("fp4" not in RECIPES[precision])

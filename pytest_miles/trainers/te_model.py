@@ -87,27 +87,30 @@ def check_te_options(transformer_impl: str, precision: str | None, attention_bac
     return precision, attention_backend
 
 
-def te_config_and_spec(config, spec: dict[str, Any]):
+def te_config(config, spec: dict[str, Any]):
     """The rank's local TransformerConfig turned into Miles' TE configuration: bf16 params, the
-    precision's recipe, the attention backend, deterministic mode; and the TE layer spec."""
+    precision's recipe, the attention backend (deterministic mode stays as the trainer set it)."""
     import dataclasses
 
     import torch
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     from megatron.core.transformer.enums import AttnBackend
 
-    fields = {f.name for f in dataclasses.fields(config)}
+    # Fusions stay as the trainer set them (off; megatron-core's defaults are off too, as in
+    # te-check.py's bitwise-reproducible runs on the host).
     overrides = dict(params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16,
                      attention_backend=AttnBackend[spec.get("attention_backend") or DEFAULT_ATTENTION_BACKEND],
                      **RECIPES[spec.get("precision") or "bf16"])
-    # The local path turns megatron's fusions off for CPU; on the GPU keep what the recipe runs.
-    for name in ("bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm"):
-        if name in fields:
-            overrides[name] = getattr(type(config), name, getattr(config, name))
     # TransformerConfig.__post_init__ derives fields from others: rebuild from the init fields.
     init = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     init.update(overrides)
-    return type(config)(**init), get_gpt_layer_with_transformer_engine_spec()
+    return type(config)(**init)
+
+
+def te_config_and_spec(config, spec: dict[str, Any]):
+    """`te_config` and megatron-core's TransformerEngine layer spec (needs transformer_engine)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return te_config(config, spec), get_gpt_layer_with_transformer_engine_spec()
 
 
 def wrap_bf16(config, model):
