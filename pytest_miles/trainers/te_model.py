@@ -134,7 +134,9 @@ def te_facts(spec: dict[str, Any]) -> dict[str, Any]:
                              "recipe": RECIPES[spec.get("precision") or "bf16"],
                              "attention_backend_requested": spec.get("attention_backend") or DEFAULT_ATTENTION_BACKEND,
                              "transformer_engine": transformer_engine.__version__,
-                             "NVTE_ALLOW_NONDETERMINISTIC_ALGO": os.environ.get("NVTE_ALLOW_NONDETERMINISTIC_ALGO")}
+                             # megatron's LanguageModule sets NVTE_{FLASH,FUSED,UNFUSED}_ATTN from attention_backend
+                             **{k: os.environ.get(k) for k in ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "NVTE_FLASH_ATTN",
+                                                               "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")}}
     facts["attention_backend_selected"] = selected_attention_backend()
     return facts
 
