@@ -23,8 +23,9 @@ from ..precision import FORMATS, cell_status, unsupported_on, validate_precision
 from .drift import DriftReport
 
 ROLLOUT_ENGINE = "sglang"
+# Train precision -> the trainer's layer spec; "fp32" (not a matrix cell) is the local-spec CPU path.
 TRAIN_IMPL = {"bf16": "transformer_engine", "fp8_blockwise": "transformer_engine", "mxfp8": "transformer_engine",
-              "nvfp4": "transformer_engine"}
+              "nvfp4": "transformer_engine", "fp32": "local"}
 
 
 class CellNotRunnable(RuntimeError):
@@ -121,10 +122,12 @@ def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], tr
     if missing:
         raise CellNotRunnable(f"not applicable here: the trainer side needs {', '.join(missing)} (issue #17's "
                               "converter and trainer session, not merged in this checkout)")
+    from dataclasses import asdict
+
     seq = max(len(s["tokens"]) for s in samples)
     trainer = trainer_factory(model=ModelArgs.qwen2(cfg, seq_length=seq), transformer_impl=TRAIN_IMPL[train],
                               precision=train, **trainer_kwargs)
-    with trainer.session(init_hf=hf_dir) as session:
+    with trainer.session(init_hf=hf_dir, hf_config=asdict(cfg)) as session:
         logprobs = session.logprobs(samples)
     return logprobs, {"trainer": f"megatron-core {TRAIN_IMPL[train]} {train}",
                       "attention_backend": getattr(trainer, "attention_backend", None)}

@@ -135,7 +135,7 @@ def main(spec_path: str) -> None:
     if te:
         from .te_model import wrap_bf16
 
-        model = wrap_bf16(config, model)
+        model = wrap_bf16(model)
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
     strategy = _save_strategy(cuda)
     save_dir = Path(spec["save_dir"]) if spec.get("save_dir") else None

@@ -113,13 +113,13 @@ def te_config_and_spec(config, spec: dict[str, Any]):
     return te_config(config, spec), get_gpt_layer_with_transformer_engine_spec()
 
 
-def wrap_bf16(config, model):
+def wrap_bf16(model):
     """Float16Module, as Megatron's training loop does for --bf16: every param in bf16 (the learned
     position embedding stays fp32 otherwise, and TE refuses mixed input/param dtypes) and the
     output back to fp32. Its state_dict/sharded_state_dict are the wrapped model's."""
     from megatron.core.transformer.module import Float16Module
 
-    return Float16Module(config, model)
+    return Float16Module(model.config, model)
 
 
 def te_facts(spec: dict[str, Any]) -> dict[str, Any]:
