@@ -89,3 +89,43 @@ def test_trainer_side_names_what_is_not_wired(tmp_path):
     with pytest.raises(CellNotRunnable, match=r"needs ModelArgs\.qwen2, MegatronTrainer\.session, "
                                               r"pytest_miles\.convert\.hf_to_megatron \(issue #17"):
         trainer_logprobs(None, tmp_path, None, [{"tokens": [5, 6], "prompt_len": 1}], "bf16")
+
+
+def test_trainer_side_scores_the_served_weights_on_cpu(tmp_path):
+    """Through issue #17's converter and session, the local-spec fp32 trainer scores the bf16
+    checkpoint's response tokens as a plain-torch Qwen2 forward with HF's RoPE (what SGLang
+    serves) does: the same weights and the same function on both sides."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("megatron.core")
+    from pytest_miles.checks.precision_cells import seeded_prompts, trainer_logprobs
+    from pytest_miles.engines.model import TinyDecoder, write_hf_checkpoint
+    from pytest_miles.engines.quantized_checkpoints import TINY128
+    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
+
+    if not hasattr(ModelArgs, "qwen2"):
+        pytest.skip("not applicable: issue #17's converter and trainer session are not merged here")
+    from safetensors.torch import load_file
+
+    class HFRope(TinyDecoder):
+        """The embedded decoder with HF Qwen2's rotate-half RoPE (TinyDecoder pairs (2i, 2i+1))."""
+
+        def _rope(self, x, positions):
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            cos, sin, h = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1), x.shape[-1] // 2
+            return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+    hf = write_hf_checkpoint(tmp_path / "bf16", TINY128)
+    samples = [{"tokens": p + [7, 8, 9, 10, 11], "prompt_len": len(p)}
+               for p in seeded_prompts(2, 6, TINY128.vocab_size, 0)]
+    got, facts = trainer_logprobs(lambda **kw: MegatronTrainer(log_dir=tmp_path / "logs", **kw), hf, TINY128,
+                                  samples, "fp32")
+    assert facts["trainer"] == "megatron-core local fp32"
+    dec = HFRope(TINY128, {k: v.float() for k, v in load_file(str(hf / "model.safetensors")).items()})
+    for s, row in zip(samples, got):
+        ids = torch.tensor([s["tokens"]])
+        logits, _ = dec.step(ids, torch.arange(ids.shape[1])[None], torch.ones_like(ids, dtype=torch.bool),
+                             all_logits=True)
+        logp = torch.log_softmax(logits[0], -1)
+        ref = [logp[t - 1, s["tokens"][t]].item() for t in range(s["prompt_len"], len(s["tokens"]))]
+        assert len(row) == len(ref) == 5
+        assert max(abs(a - b) for a, b in zip(row, ref)) < 1e-4, (row, ref)
