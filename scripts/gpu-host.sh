@@ -6,7 +6,7 @@
 #                                    leases | suite   (logs go to $OUT)
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
-#   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-fused   (issue #16; after te-install on the same host)
+#   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -88,8 +88,10 @@ for step in "$@"; do
     te-serve)  # SGLang serves the block-wise FP8 checkpoint with its FP8 kernels (~3 min: two engine starts)
       te_pytest te-serve -k "fp8_checkpoint_served" --basetemp=/tmp/miles-bt-te-serve || rc=1
       cp /tmp/miles-bt-te-serve/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
-    te-cells)  # the precision matrix end to end: 3 Hopper cells measured, the rest refused/skipped (~5 min)
-      te_pytest te-cells -k "cell_end_to_end" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
+    te-cells)  # the precision matrix end to end on tiny128: 3 Hopper cells measured, the rest refused/skipped (~5 min)
+      te_pytest te-cells -k "cell_end_to_end and tiny128" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
+    te-cells-0.5b)  # the same on the 0.5B shape (needs issue #13's SHAPES; ~8 min)
+      te_pytest te-cells-0.5b -k "cell_end_to_end and 0.5b" --miles-report "$OUT/te-cells-0.5b-report.json" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done

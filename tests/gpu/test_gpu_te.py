@@ -90,20 +90,38 @@ def test_fp8_checkpoint_served_by_sglang(engine_factory, tmp_path, miles_record)
 _CELLS: dict = {}
 
 
+def _shapes() -> dict:
+    """tiny128 here; the 0.5B shape too where engines/model.py has issue #13's SHAPES."""
+    from pytest_miles.engines import model
+    from pytest_miles.engines.quantized_checkpoints import TINY128
+
+    shapes = {"tiny128": TINY128}
+    big = getattr(model, "SHAPES", {}).get("qwen2.5-0.5b")
+    if big is not None:
+        shapes["qwen2.5-0.5b"] = big
+    return shapes
+
+
 @pytest.fixture(scope="module")
 def cells_dir(tmp_path_factory, miles_settings):
     yield tmp_path_factory.mktemp("cells")
     from pytest_miles.checks.precision_cells import plot_precision_matrix
 
     report = miles_settings("report")
-    where = (Path(report).with_suffix(".precision-matrix.png") if report
-             else tmp_path_factory.getbasetemp() / "precision-matrix.png")
-    png = plot_precision_matrix(_CELLS, where, "train_rollout_logprob_abs_diff: SGLang x Megatron-TE, end to end")
-    print(f"\nheatmap: {png or 'matplotlib not installed'}")
+    for shape in _shapes():
+        cells = {k[1:]: v for k, v in _CELLS.items() if k[0] == shape}
+        if not cells:
+            continue
+        where = (Path(report).with_suffix(f".precision-matrix-{shape}.png") if report
+                 else tmp_path_factory.getbasetemp() / f"precision-matrix-{shape}.png")
+        png = plot_precision_matrix(cells, where, f"train_rollout_logprob_abs_diff, {shape}: SGLang x Megatron-TE")
+        print(f"\nheatmap {shape}: {png or 'matplotlib not installed'}")
 
 
+@pytest.mark.parametrize("shape", list(_shapes()))
 @pytest.mark.parametrize("cell", precision_matrix())
-def test_cell_end_to_end(cell, engine_factory, megatron_trainer_factory, miles_hardware, cells_dir, miles_record):
+def test_cell_end_to_end(cell, shape, engine_factory, megatron_trainer_factory, miles_hardware, cells_dir,
+                         miles_record):
     if not cell.valid:
         cell.assert_rejected()
         return
@@ -111,10 +129,10 @@ def test_cell_end_to_end(cell, engine_factory, megatron_trainer_factory, miles_h
 
     try:
         report = measure_precision_cell(cell, engine_factory, megatron_trainer_factory, hardware=miles_hardware,
-                                        work_dir=cells_dir, record=miles_record)
+                                        work_dir=cells_dir / shape, config=_shapes()[shape], record=miles_record)
     except CellNotRunnable as exc:
-        _CELLS[(cell.rollout, cell.train)] = str(exc)
+        _CELLS[(shape, cell.rollout, cell.train)] = str(exc)
         pytest.skip(str(exc))
-    _CELLS[(cell.rollout, cell.train)] = report
-    print(f"\n{report.render()}\nfacts {report.facts}")
+    _CELLS[(shape, cell.rollout, cell.train)] = report
+    print(f"\n{shape}: {report.render()}\nfacts {report.facts}")
     assert report.drift.tokens > 0
