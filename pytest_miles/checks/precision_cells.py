@@ -28,6 +28,9 @@ TRAIN_IMPL = {"bf16": "transformer_engine", "fp8_blockwise": "transformer_engine
               "nvfp4": "transformer_engine", "fp32": "local"}
 
 
+PAD_MULTIPLE = 16
+
+
 class CellNotRunnable(RuntimeError):
     """This machine cannot run the cell (GPU generation, or a part not wired here): a skip reason."""
 
@@ -124,11 +127,15 @@ def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], tr
                               "converter and trainer session, not merged in this checkout)")
     from dataclasses import asdict
 
-    seq = max(len(s["tokens"]) for s in samples)
+    # TE's FP8 GEMMs want the token count a multiple of 16: right-pad every sample to one such
+    # width (causal attention: earlier positions never see the padding) and drop the pads' scores.
+    seq = -(-max(len(s["tokens"]) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
+    padded = [{**s, "tokens": list(s["tokens"]) + [0] * (seq - len(s["tokens"]))} for s in samples]
     trainer = trainer_factory(model=ModelArgs.qwen2(cfg, seq_length=seq), transformer_impl=TRAIN_IMPL[train],
                               precision=train, **trainer_kwargs)
     with trainer.session(init_hf=hf_dir, hf_config=asdict(cfg)) as session:
-        logprobs = session.logprobs(samples)
+        scored = session.logprobs(padded)
+    logprobs = [row[: len(s["tokens"]) - s["prompt_len"]] for s, row in zip(samples, scored)]
     return logprobs, {"trainer": f"megatron-core {TRAIN_IMPL[train]} {train}",
                       "attention_backend": getattr(trainer, "attention_backend", None)}
 
