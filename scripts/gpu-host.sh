@@ -86,7 +86,8 @@ for step in "$@"; do
     te-fused)  # TE's own attention choice (cuDNN fused attention; expected to xfail on cuDNN 9.19) (~1 min)
       te_pytest te-fused -k "attention_backend_te_picks" || rc=1 ;;
     te-serve)  # SGLang serves the block-wise FP8 checkpoint with its FP8 kernels (~3 min: two engine starts)
-      te_pytest te-serve -k "fp8_checkpoint_served" --basetemp=/tmp/miles-bt-te-serve || rc=1
+      te_pytest te-serve tests/test_quantized_checkpoints.py -k "fp8_checkpoint_served or sglang_parses" \
+        --basetemp=/tmp/miles-bt-te-serve || rc=1
       cp /tmp/miles-bt-te-serve/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     te-cells)  # the precision matrix end to end on tiny128: 3 Hopper cells measured, the rest refused/skipped (~5 min)
       te_pytest te-cells -k "cell_end_to_end and tiny128" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
