@@ -99,11 +99,12 @@ class MegatronTrainer:
                                f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
         if device not in ("cpu", "cuda"):
             raise TrainerError(f"device {device!r}: expected cpu or cuda")
-        from .te_model import check_te_options  # TE/precision options, refused before any rank starts
+        from .te_model import check_te_options, rank_env  # refused before any rank starts
 
         self.transformer_impl = transformer_impl
         self.precision, self.attention_backend = check_te_options(transformer_impl, precision, attention_backend,
                                                                   device, hardware)
+        env = {**rank_env(self.precision), **(env or {})}
         self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
         self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
         self.timeout, self.python, self.extra_env = timeout, python, env or {}

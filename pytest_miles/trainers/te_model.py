@@ -87,6 +87,18 @@ def check_te_options(transformer_impl: str, precision: str | None, attention_bac
     return precision, attention_backend
 
 
+def rank_env(precision: str | None) -> dict[str, str]:
+    """Environment the ranks need for `precision`, as Miles' actor env has it (seed 004: "Set
+    NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales (miles/ray/actor_group.py already
+    sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
+    does, instead of powers of two. It must be there at launch: TE reads it when it is imported."""
+    import os
+
+    if precision != "fp8_blockwise":
+        return {}
+    return {"NVTE_FP8_BLOCK_SCALING_FP32_SCALES": os.environ.get("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "1")}
+
+
 def te_config(config, spec: dict[str, Any]):
     """The rank's local TransformerConfig turned into Miles' TE configuration: bf16 params, the
     precision's recipe, the attention backend (deterministic mode stays as the trainer set it)."""
@@ -136,7 +148,8 @@ def te_facts(spec: dict[str, Any]) -> dict[str, Any]:
                              "transformer_engine": transformer_engine.__version__,
                              # megatron's LanguageModule sets NVTE_{FLASH,FUSED,UNFUSED}_ATTN from attention_backend
                              **{k: os.environ.get(k) for k in ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "NVTE_FLASH_ATTN",
-                                                               "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")}}
+                                                               "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN",
+                                                               "NVTE_FP8_BLOCK_SCALING_FP32_SCALES")}}
     facts["attention_backend_selected"] = selected_attention_backend()
     return facts
 
