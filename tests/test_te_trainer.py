@@ -111,3 +111,17 @@ def test_te_config_from_the_trainers_config(precision):
     assert {k: str(getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k))
             for k in RECIPES[precision]} == RECIPES[precision]
     assert (cfg.fp8 is None) == ("fp8" not in RECIPES[precision]) and (cfg.fp4 is None) == ("fp4" not in RECIPES[precision])
+
+
+def test_fp8_blockwise_ranks_get_fp32_scales(monkeypatch):
+    """Seed 004: Miles' actor env sets NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 (FP32 block scales, as
+    the FP8 checkpoint has); a value the user exported wins."""
+    from pytest_miles.trainers.te_model import rank_env
+
+    monkeypatch.delenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", raising=False)
+    assert rank_env("fp8_blockwise") == {"NVTE_FP8_BLOCK_SCALING_FP32_SCALES": "1"}
+    assert rank_env("bf16") == {} and rank_env("fp32") == {}
+    monkeypatch.setenv("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "0")
+    assert rank_env("fp8_blockwise") == {"NVTE_FP8_BLOCK_SCALING_FP32_SCALES": "0"}
+    trainer = MegatronTrainer(transformer_impl="local")
+    assert "NVTE_FP8_BLOCK_SCALING_FP32_SCALES" not in trainer.extra_env
