@@ -90,6 +90,13 @@ def test_trainer_side_names_what_is_not_wired(tmp_path):
                                               r"pytest_miles\.convert\.hf_to_megatron \(issue #17"):
         trainer_logprobs(None, tmp_path, None, [{"tokens": [5, 6], "prompt_len": 1}], "bf16")
 
+    def never(*args, **kwargs):  # deliberate negative control: nothing may start
+        raise AssertionError("an engine or trainer was started although the trainer side is not wired")
+
+    with pytest.raises(CellNotRunnable, match="not applicable here"):
+        measure_precision_cell(("bf16", "bf16"), never, never, hardware=parse_override("h100"), work_dir=tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
 
 def test_trainer_side_scores_the_served_weights_on_cpu(tmp_path):
     """Through issue #17's converter and session, the local-spec fp32 trainer scores the bf16

@@ -107,12 +107,8 @@ def seeded_prompts(n: int, prompt_len: int, vocab_size: int, seed: int) -> list[
     return torch.randint(3, vocab_size, (n, prompt_len), generator=g).tolist()
 
 
-def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], train: str,
-                     **trainer_kwargs: Any) -> tuple[list[list[float]], dict[str, Any]]:
-    """The trainer's logprobs of each sample's response tokens, forward only, at `train`
-    precision, weights loaded from `hf_dir` (bf16). Adapter over issue #17's API:
-    `ModelArgs.qwen2(cfg)`, `MegatronTrainer.session(init_hf=...)` (HF->Megatron through
-    `pytest_miles.convert.hf_to_megatron(state, config, spec="te")`) and `session.logprobs(samples)`."""
+def require_trainer_side() -> None:
+    """CellNotRunnable unless issue #17's converter and trainer session are here."""
     from ..trainers.megatron import MegatronTrainer, ModelArgs
 
     missing = [what for what, ok in (("ModelArgs.qwen2", hasattr(ModelArgs, "qwen2")),
@@ -125,7 +121,19 @@ def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], tr
     if missing:
         raise CellNotRunnable(f"not applicable here: the trainer side needs {', '.join(missing)} (issue #17's "
                               "converter and trainer session, not merged in this checkout)")
+
+
+def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], train: str,
+                     **trainer_kwargs: Any) -> tuple[list[list[float]], dict[str, Any]]:
+    """The trainer's logprobs of each sample's response tokens, forward only, at `train`
+    precision, weights loaded from `hf_dir` (bf16). Adapter over issue #17's API:
+    `ModelArgs.qwen2(cfg)`, `MegatronTrainer.session(init_hf=...)` (HF->Megatron through
+    `pytest_miles.convert.hf_to_megatron(state, config, spec="te")`) and `session.logprobs(samples)`."""
     from dataclasses import asdict
+
+    from ..trainers.megatron import ModelArgs
+
+    require_trainer_side()
 
     # TE's FP8 GEMMs want the token count a multiple of 16: right-pad every sample to one such
     # width (causal attention: earlier positions never see the padding) and drop the pads' scores.
@@ -155,6 +163,7 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
 
     rollout, train = (cell.rollout, cell.train) if hasattr(cell, "rollout") else cell
     check_cell(rollout, train, hardware)
+    require_trainer_side()  # before any weights are written or an engine starts
     if sequences < 1 or prompt_len < 1 or max_new_tokens < 1:
         raise ValueError(f"sequences {sequences}, prompt_len {prompt_len}, max_new_tokens {max_new_tokens}: each >= 1")
     cfg = config or TINY128
