@@ -30,8 +30,8 @@ if [ "${1:-}" = te-stash ]; then
   bash ".te/part-$2/install-te.sh" "$TE_STASH" ".te/part-$2"; exit $?
 fi
 if [ "${1:-}" = te-install ]; then
-  part=$(ls -d .te/part-* | head -n1); mkdir -p "$TE_STASH"
-  bash "$part/install-te.sh" "$TE_STASH" > "$TE_STASH/install.log" 2>&1; rc=$?
+  [ -e "$TE_STASH/files/install-te.sh" ] || { echo "nothing stashed in $TE_STASH: run te-stash 1..5 first"; exit 1; }
+  bash "$TE_STASH/files/install-te.sh" "$TE_STASH" > "$TE_STASH/install.log" 2>&1; rc=$?
   tail -n 5 "$TE_STASH/install.log"; [ $rc = 0 ] || exit $rc
   grep '^export ' "$TE_STASH/install.log" > "$TE_STASH/env.sh"
   . "$TE_STASH/env.sh"
