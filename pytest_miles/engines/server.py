@@ -21,7 +21,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, params_json
 
 
 class ServerEngine:
@@ -118,11 +118,11 @@ class ServerEngine:
         except ValueError:  # /flush_cache answers plain text
             return body.decode(errors="replace")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
-        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params.to_sglang(),
+        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params_json(params, len(prompts)),
                                        "return_logprob": True})
         if isinstance(res, dict):
             res = [res]
@@ -153,6 +153,13 @@ class ServerEngine:
                 return [float(e[0]) for e in window]
         raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
                           f"(got ids {[e[1] for e in entries][:20]}..., wanted {list(continuation)[:20]}...)")
+
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """SGLang's POST /update_weights_from_disk: the RL loop's weight sync. A refusal (HTTP 400
+        or success false) raises EngineError with the server's message."""
+        res = self._post("/update_weights_from_disk", {"model_path": str(model_path)})
+        if not isinstance(res, dict) or not res.get("success"):
+            raise EngineError(f"{self.name} refused /update_weights_from_disk {model_path}: {res!r}")
 
     def flush_cache(self) -> None:
         deadline = time.monotonic() + 60
