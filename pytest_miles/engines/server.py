@@ -214,10 +214,12 @@ class ReferenceServerEngine(ServerEngine):
     has_prefix_cache = False
 
     def __init__(self, model_dir: str | Path, *, batch_invariant: bool = False, port: int | None = None,
-                 device: str = "cpu", python: str = sys.executable, **kw: Any) -> None:
+                 device: str = "cpu", python: str = sys.executable, threads: int | None = None, **kw: Any) -> None:
         port = port or free_port()
         cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
                "--port", str(port), "--device", device]
+        if threads is not None:  # a tiny model on a busy CPU: thread sync costs more than the math
+            cmd += ["--threads", str(threads)]
         if batch_invariant:
             cmd.append("--batch-invariant")
         self.batch_invariant = batch_invariant

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ class MegatronSession:
         self.trainer = trainer
         self.timeout = timeout or trainer.timeout
         trainer.launches += 1
-        self.run_dir = trainer.log_dir / f"session-{trainer.launches}"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.log_dir.mkdir(parents=True, exist_ok=True)
+        # its own directory: trainers often share a log_dir, and a stale reply file must never answer
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"session-{trainer.launches}-", dir=trainer.log_dir))
         spec = {**trainer.spec(), "init_hf": str(init_hf) if init_hf else None,
                 "load_dir": str(load_dir) if load_dir else None, "hf_config": hf_config, "run_dir": str(self.run_dir)}
         (self.run_dir / "spec.json").write_text(json.dumps(spec))
