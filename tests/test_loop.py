@@ -1,0 +1,138 @@
+"""The RL loop end to end on CPU: real megatron-core on gloo (a trainer session whose ranks stay
+up across iterations), the reference engine in-process and behind its HTTP server. Runs are
+shared between tests through module fixtures (a 3-iteration loop costs ~8 s here)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+
+from pytest_miles.loop import LoopRun, assert_loops_bitwise_equal, first_divergence
+from pytest_miles.loop.compare import MAX_CHARS, TROUBLESHOOTING
+
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed"),
+              pytest.mark.timeout(300)]
+ITERATIONS = 3
+
+
+@pytest.fixture(scope="module")
+def straight(rl_loop_factory) -> LoopRun:
+    return rl_loop_factory("reference", iterations=ITERATIONS, seed=1234, name="straight")
+
+
+@pytest.fixture(scope="module")
+def server_run(rl_loop_factory) -> LoopRun:
+    return rl_loop_factory("reference-server", iterations=ITERATIONS, seed=1234, name="server")
+
+
+def test_two_loops_bitwise_equal(rl_loop_factory, straight, miles_record):
+    again = rl_loop_factory("reference", iterations=ITERATIONS, seed=1234, name="again")
+    assert_loops_bitwise_equal(straight, again)
+    last = straight.records[-1]
+    assert len(straight.records) == ITERATIONS and last.iteration == ITERATIONS
+    # the loop really learned something and the trainer saw what the engine sampled
+    assert any(r.rewards != straight.records[0].rewards for r in straight.records[1:])
+    assert all(0.0 < r.train_rollout_logprob_abs_diff < 1e-3 for r in straight.records), \
+        [r.train_rollout_logprob_abs_diff for r in straight.records]
+    assert straight.records[0].weights_manifest != straight.records[1].weights_manifest
+    miles_record("RL loop run twice (reference engine + megatron-core gloo)", iterations=ITERATIONS,
+                 train_rollout_logprob_abs_diff=last.train_rollout_logprob_abs_diff, final_loss=last.loss,
+                 **{f"{k}_s": round(v, 2) for k, v in straight.stage_seconds().items()})
+
+
+def test_resume_after_iteration_1_equals_straight(rl_loop_factory, straight):
+    resumed = rl_loop_factory("reference", iterations=ITERATIONS, seed=1234, stop_after=1, name="resumed")
+    assert resumed.notes and "resumed from" in resumed.notes[0]
+    assert_loops_bitwise_equal(straight, resumed)
+
+
+def test_reference_server_loops_bitwise_equal(rl_loop_factory, server_run, straight):
+    """Two loops through the HTTP engine (weights pushed by POST /update_weights_from_disk) are
+    equal; and equal to the in-process engine's loop (same model code, same bits)."""
+    again = rl_loop_factory("reference-server", iterations=ITERATIONS, seed=1234, name="server-again")
+    assert_loops_bitwise_equal(server_run, again)
+    assert_loops_bitwise_equal(straight, server_run)
+
+
+# ---- negative controls: a fault must be found at the stage it is in --------------------------
+
+
+def _expect(found, iteration: int, stage: str):
+    assert found is not None, "the loops compared equal: this control cannot fail here"
+    assert (found.iteration, found.stage) == (iteration, stage), found.render()
+    return found
+
+
+def test_negative_control_engine_deterministic_off(rl_loop_factory, straight):
+    """The reference engine's non-invariant mode (one batched forward over all 16 samples: BLAS
+    picks another kernel than the one-row path) stands for SGLang without its flag."""
+    off = rl_loop_factory("reference", iterations=1, seed=1234, engine_deterministic=False, name="engine-off")
+    found = _expect(first_divergence(straight.records[:1], off), 1, "rollout")
+    assert found.item.startswith("prompt 0, sample 0, token"), found.item
+    with pytest.raises(AssertionError, match="iteration 1, stage rollout") as exc:
+        assert_loops_bitwise_equal(straight.records[:1], off)
+    assert TROUBLESHOOTING["rollout"] in str(exc.value)
+
+
+def test_negative_control_trainer_deterministic_off(rl_loop_factory, straight):
+    """megatron-core with deterministic_mode off and torch.use_deterministic_algorithms(False):
+    on CPU the step takes another arithmetic path (the grad norm's last bits move), so the
+    rollout of iteration 1 is equal and the divergence is named at the train stage."""
+    off = rl_loop_factory("reference", iterations=1, seed=1234, trainer_deterministic=False, name="trainer-off")
+    found = _expect(first_divergence(straight.records[:1], off), 1, "train")
+    assert "Flash-Attention 3" in found.render()
+
+
+def test_negative_control_different_seed(rl_loop_factory, straight):
+    other = rl_loop_factory("reference", iterations=1, seed=4321, name="other-seed")
+    found = _expect(first_divergence(straight.records[:1], other), 1, "rollout")
+    assert found.item == "prompt 0"
+
+
+# ---- the report itself (no new runs) ----------------------------------------------------------
+
+
+def test_divergence_named_by_iteration_stage_and_item(straight):
+    b = copy.deepcopy(straight)
+    b.name = "edited"
+    b.records[1].loss_bits = float(b.records[1].loss * 1.5 + 1.0).hex()
+    with pytest.raises(AssertionError) as exc:
+        assert_loops_bitwise_equal(straight, b)
+    text = str(exc.value)
+    assert "iteration 2, stage train: loss at step 2" in text and "straight and edited" in text
+    assert "NCCL_ALGO" in text and "cuDNN" in text and len(text) <= MAX_CHARS
+
+    c = copy.deepcopy(straight)
+    key = sorted(c.records[2].weights_manifest)[0]
+    c.records[2].weights_manifest[key] = "0" * 64
+    c.records[2].weights = "/nonexistent"  # values gone: the manifest digest names the tensor
+    found = first_divergence(straight, c)
+    assert (found.iteration, found.stage) == (3, "weight_sync") and key in found.item
+
+    d = copy.deepcopy(straight)
+    d.records[0].tokens[2][3][5] += 1
+    found = first_divergence(straight, d)
+    assert (found.iteration, found.stage, found.item) == (1, "rollout", "prompt 2, sample 3, token 5")
+    assert first_divergence(straight, copy.deepcopy(straight)) is None
+
+
+def test_checkpoint_divergence_names_tensor_and_index(straight, tmp_path):
+    """With both checkpoints on disk, a changed manifest entry is resolved to the tensor and
+    index by pytest_miles.checks (the values are read, not only the digests)."""
+    import shutil
+
+    import torch  # noqa: F401  (the checkpoint layer reads tensors)
+
+    from pytest_miles.checks.checkpoints import compare_checkpoints
+
+    c = copy.deepcopy(straight)
+    rec = c.records[0]
+    other = tmp_path / "ckpt"
+    shutil.copytree(straight.records[1].checkpoint, other)  # iteration 2's weights stand in for 1's
+    rec.checkpoint = str(other)
+    rec.checkpoint_manifest = dict(straight.records[1].checkpoint_manifest)
+    found = first_divergence(straight, c)
+    assert (found.iteration, found.stage) == (1, "train") and "tensor" in found.item, found
+    assert compare_checkpoints(straight.records[0].checkpoint, other, first=True).first.name in found.item
