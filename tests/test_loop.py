@@ -136,3 +136,77 @@ def test_checkpoint_divergence_names_tensor_and_index(straight, tmp_path):
     found = first_divergence(straight, c)
     assert (found.iteration, found.stage) == (1, "train") and "tensor" in found.item, found
     assert compare_checkpoints(straight.records[0].checkpoint, other, first=True).first.name in found.item
+
+
+def test_weight_sync_divergence_reads_the_pushed_weights(straight):
+    """The weights pushed to the engine are an HF checkpoint: a difference is named by tensor
+    and index from the files (pytest_miles.checks reads the safetensors)."""
+    c = copy.deepcopy(straight)
+    c.records[0].weights, c.records[0].weights_manifest = straight.records[1].weights, straight.records[1].weights_manifest
+    found = first_divergence(straight, c)
+    assert (found.iteration, found.stage) == (1, "weight_sync"), found
+    assert "tensor " in found.item and "first at [" in found.detail, found.render()
+
+
+# ---- the trainer session: errors named, processes die with us ---------------------------------
+
+
+def test_session_command_error_and_teardown(megatron_trainer_factory, tmp_path):
+    from pytest_miles.trainers.megatron import TrainerError
+
+    trainer = megatron_trainer_factory(seed=1)
+    with pytest.raises(TrainerError, match="init_hf .*: no config.json"):
+        trainer.session(init_hf=tmp_path)
+    with pytest.raises(TrainerError, match="load_dir .*: no latest_checkpointed_iteration.txt"):
+        trainer.session(load_dir=tmp_path)
+    session = trainer.session()
+    procs = list(session.procs)
+    with pytest.raises(TrainerError, match="(?s)'export' failed on rank 0:.*no hf_config"):
+        session.export_hf(tmp_path / "out")
+    session.close()
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(TrainerError, match="session is closed"):
+        session.call("ready")
+
+
+def test_session_ranks_die_with_their_parent(tmp_path):
+    """SIGKILL the process that holds a session: its ranks see stdin close and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from pytest_miles.trainers.megatron import MegatronTrainer\n"
+            f"s = MegatronTrainer(seed=1, log_dir={str(tmp_path)!r}).session()\n"
+            "print(' '.join(str(p.pid) for p in s.procs), flush=True); sys.stdin.read()\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        pids = [int(x) for x in parent.stdout.readline().split()]
+        assert pids, "the session reported no ranks"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if _alive(p)]
+            time.sleep(0.2)
+        assert not alive, f"rank(s) {alive} outlived their SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
