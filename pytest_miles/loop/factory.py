@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -33,13 +34,15 @@ class LoopFactory:
             write_hf_checkpoint(path, self.model, dtype=dtype)
         return path
 
-    def __call__(self, engine: str = "reference", *, iterations: int = 3, seed: int = 1234,
+    def __call__(self, engine: str = "reference", *, trainer: str = "megatron", iterations: int = 3, seed: int = 1234,
                  prompts: list[list[int]] | None = None, n_prompts: int = 4, n_samples: int = 4,
                  max_new_tokens: int = 12, engine_deterministic: bool = True, trainer_deterministic: bool = True,
                  stop_after: int | None = None, name: str | None = None) -> LoopRun:
         """One loop of `iterations`; with `stop_after=k` it stops after iteration k, closes the
         trainer and the engine, and resumes from the saved checkpoint with an engine restarted
         from the saved weights (resume equivalence)."""
+        if trainer != "megatron":
+            raise ValueError(f"trainer {trainer!r}: expected megatron (the only trainer pytest-miles runs)")
         if iterations < 1:
             raise ValueError(f"iterations: {iterations} < 1")
         if stop_after is not None and not 1 <= stop_after < iterations:
@@ -72,4 +75,6 @@ class LoopFactory:
                 records += run_loop(eng, session, cfg, work, stop_after + 1, iterations, threads)
             notes.append(f"stopped after iteration {stop_after}; resumed from {work / 'checkpoints'} with the engine "
                          f"restarted from {records[stop_after - 1].weights}")
-        return LoopRun(name, records, engine, str(work), notes)
+        run = LoopRun(name, records, engine, str(work), notes)
+        (work / "loop.json").write_text(json.dumps(run.to_json(), indent=1))  # for a look after the fact
+        return run

@@ -47,6 +47,10 @@ class LoopRun:
     work_dir: str
     notes: list[str] = field(default_factory=list)
 
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "engine": self.engine, "work_dir": self.work_dir, "notes": self.notes,
+                "records": [r.to_json() for r in self.records]}
+
     def stage_seconds(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for r in self.records:
