@@ -3,8 +3,6 @@ on gloo on CPU; SGLang + megatron-core on one GPU): two runs bitwise equal at ev
 
 from __future__ import annotations
 
-import pytest
-
 from pytest_miles.loop import assert_loops_bitwise_equal
 
 from .conftest import require
@@ -15,8 +13,6 @@ ITERATIONS = 3
 def test_loop_twice_bitwise_equal(rl_loop_factory, miles_settings, miles_record):
     require("megatron.core", "megatron")
     engine = miles_settings("engine")
-    if engine == "sglang-offline":
-        pytest.skip("the loop's GPU run uses the SGLang server (weights through /update_weights_from_disk)")
     a = rl_loop_factory(engine, iterations=ITERATIONS, seed=1234, name="run1")
     b = rl_loop_factory(engine, iterations=ITERATIONS, seed=1234, name="run2")  # same engine, initial weights pushed back
     miles_record(f"RL loop run twice ({engine} + megatron-core)", iterations=ITERATIONS,
