@@ -210,3 +210,34 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ---- the engines' weight update ------------------------------------------------------------------
+
+
+def test_engine_weight_update_refusals_are_named(tmp_path):
+    from pytest_miles.engines.base import EngineError, SamplingParams
+    from pytest_miles.engines.model import TinyConfig, write_hf_checkpoint
+    from pytest_miles.engines.reference import ReferenceEngine
+    from pytest_miles.engines.server import ReferenceServerEngine
+
+    a = write_hf_checkpoint(tmp_path / "a", TinyConfig(), dtype="float32")
+    b = write_hf_checkpoint(tmp_path / "b", TinyConfig(seed=7), dtype="float32")
+    wide = write_hf_checkpoint(tmp_path / "wide", TinyConfig(num_hidden_layers=3), dtype="float32")
+    params = SamplingParams(max_new_tokens=4, sampling_seed=3)
+    eng = ReferenceEngine(a, batch_invariant=True)
+    before = eng.generate([[5, 6, 7]], params)[0].logprobs
+    eng.update_weights_from_disk(b)
+    assert eng.generate([[5, 6, 7]], params)[0].logprobs != before
+    eng.update_weights_from_disk(a)
+    assert eng.generate([[5, 6, 7]], params)[0].logprobs == before
+    with pytest.raises(EngineError, match="describes another model"):
+        eng.update_weights_from_disk(wide)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        eng.update_weights_from_disk(tmp_path)
+    with ReferenceServerEngine(a, batch_invariant=True, threads=1, log_dir=tmp_path / "log").start() as server:
+        assert server.generate([[5, 6, 7]], params)[0].logprobs == before
+        with pytest.raises(EngineError, match="update_weights_from_disk.*describes another model"):
+            server.update_weights_from_disk(wide)
+        server.update_weights_from_disk(b)
+        assert server.generate([[5, 6, 7]], params)[0].logprobs != before

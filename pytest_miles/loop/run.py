@@ -6,6 +6,7 @@ policy, save a checkpoint, export HF weights and push them to the engine."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sys
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checks.checkpoints import build_manifest
+from ..checks.checkpoints import write_manifest
 from ..engines.base import SamplingParams
 from .record import LoopRecord
 
@@ -67,8 +68,10 @@ def grpo_advantages(rewards: list[float]) -> list[float]:
     return [(r - mean) / (std + 1e-6) for r in rewards]
 
 
-def _manifest(path: Path) -> dict[str, str]:
-    return dict(build_manifest(path)["entries"])
+def _manifest(path: Path, out: Path) -> dict[str, str]:
+    """pytest_miles.checks' manifest (per tensor/object sha256), kept beside the run's artefacts."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return dict(json.loads(write_manifest(path, out).read_text())["entries"])
 
 
 def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Path) -> LoopRecord:
@@ -114,7 +117,9 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
         rewards=rewards, advantages=advantages, train_logprob_bits=train_lps,
         train_rollout_logprob_abs_diff=sum(diffs) / len(diffs) if diffs else 0.0,
         loss_bits=out["loss"], grad_norm_bits=out["grad_norm"], checkpoint=str(ckpt),
-        checkpoint_manifest=_manifest(ckpt), weights=str(weights), weights_manifest=_manifest(weights), seconds=sec)
+        checkpoint_manifest=_manifest(ckpt, work_dir / "manifests" / f"checkpoint-{iteration:07d}.json"),
+        weights=str(weights), weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
+        seconds=sec)
     sec["manifests"] = time.perf_counter() - t0
     return record
 
