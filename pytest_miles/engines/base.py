@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = -1
     max_new_tokens: int = 16
     sampling_seed: int | None = 42
+    ignore_eos: bool = False  # SGLang's: generate max_new_tokens even past EOS (the embedded engines always do)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:

@@ -81,9 +81,15 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
     seeds = [[derived_seed("sample", cfg.seed, iteration, p, s) for s in range(cfg.n_samples)]
              for p in range(len(prompts))]
     batch = [p for p in prompts for _ in range(cfg.n_samples)]  # one batch, as a rollout engine gets it
-    params = [SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens, sampling_seed=s)
+    # ignore_eos: every response max_new_tokens long on every engine (the embedded ones never stop)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens, sampling_seed=s, ignore_eos=True)
               for row in seeds for s in row]
     outs = engine.generate(batch, params)
+    for i, o in enumerate(outs):
+        if len(o.output_ids) != len(o.logprobs) or not o.output_ids:
+            raise AssertionError(f"{getattr(engine, 'name', engine)} answered {len(o.output_ids)} token ids and "
+                                 f"{len(o.logprobs)} logprobs for sample {i} of iteration {iteration}: the loop needs "
+                                 "one logprob per generated token")
     n = cfg.n_samples
     tokens = [[outs[p * n + s].output_ids for s in range(n)] for p in range(len(prompts))]
     lps = [[outs[p * n + s].logprobs for s in range(n)] for p in range(len(prompts))]
