@@ -19,12 +19,13 @@ ITERATIONS = 3
 
 @pytest.fixture(scope="module")
 def straight(rl_loop_factory) -> LoopRun:
-    return rl_loop_factory("reference", iterations=ITERATIONS, seed=1234, name="straight")
+    return rl_loop_factory.shared("straight", engine="reference", iterations=ITERATIONS, seed=1234, name="straight")
 
 
 @pytest.fixture(scope="module")
 def server_run(rl_loop_factory) -> LoopRun:
-    return rl_loop_factory("reference-server", iterations=ITERATIONS, seed=1234, name="server")
+    return rl_loop_factory.shared("server", engine="reference-server", iterations=ITERATIONS, seed=1234,
+                                  name="server")
 
 
 def test_two_loops_bitwise_equal(rl_loop_factory, straight, miles_record):

@@ -21,10 +21,29 @@ def weights_dtype(engine: str) -> str:
 
 class LoopFactory:
     def __init__(self, *, engine_factory: Callable[..., Any], make_trainer: Callable[..., Any], work_root: str | Path,
-                 model: TinyConfig | None = None) -> None:
+                 model: TinyConfig | None = None, shared_root: str | Path | None = None) -> None:
         self.engine_factory, self.make_trainer = engine_factory, make_trainer
         self.work_root, self.model = Path(work_root), model or TinyConfig()
+        self.shared_root = Path(shared_root) if shared_root else self.work_root
         self.runs = 0
+
+    def shared(self, key: str, **kwargs: Any) -> LoopRun:
+        """The run `self(**kwargs)`, made once per key for the whole pytest run, across
+        pytest-xdist workers (the first worker runs it under a file lock, the others read its
+        records; the artefact paths stay valid for the run)."""
+        from filelock import FileLock
+
+        if not key.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"shared run key {key!r}: letters, digits, - and _ only")
+        path = self.shared_root / f"rl-loop-{key}.json"
+        with FileLock(str(path) + ".lock", timeout=900):
+            if path.exists():
+                return LoopRun.from_json(json.loads(path.read_text()))
+            run = self(**kwargs)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run.to_json()))
+            tmp.replace(path)
+            return run
 
     def init_weights(self, engine: str) -> Path:
         """The embedded model as the loop's starting point, written once per dtype."""

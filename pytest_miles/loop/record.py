@@ -51,6 +51,11 @@ class LoopRun:
         return {"name": self.name, "engine": self.engine, "work_dir": self.work_dir, "notes": self.notes,
                 "records": [r.to_json() for r in self.records]}
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoopRun:
+        return cls(data["name"], [LoopRecord(**r) for r in data["records"]], data["engine"], data["work_dir"],
+                   list(data.get("notes", [])))
+
     def stage_seconds(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for r in self.records:
