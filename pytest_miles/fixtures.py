@@ -131,6 +131,30 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
     `transformer_impl="transformer_engine", precision=..., attention_backend=...` trains Miles'
     TE path; it skips with the reason where TE is missing or the GPU cannot run the precision.
     With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
+    return _trainer_maker(request, pytestconfig, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rl_loop_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                    tmp_path_factory: pytest.TempPathFactory, engine_factory):
+    """`rl_loop_factory(engine="reference", iterations=3, seed=..., n_samples=..., stop_after=...)`
+    -> LoopRun: the RL loop (rollout, reward, GRPO step, checkpoint, weight sync) on the engine
+    factory's engine and a megatron-core trainer session; compare runs with
+    `pytest_miles.loop.assert_loops_bitwise_equal`. Session-scoped, so modules can share runs;
+    `rl_loop_factory.shared(key, ...)` shares one run across pytest-xdist workers too."""
+    import os
+
+    from .loop.factory import LoopFactory
+
+    base = tmp_path_factory.getbasetemp()
+    return LoopFactory(engine_factory=engine_factory, make_trainer=_trainer_maker(request, pytestconfig,
+                                                                                 tmp_path_factory),
+                       work_root=tmp_path_factory.mktemp("rl-loop"),
+                       shared_root=base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                   tmp_path_factory: pytest.TempPathFactory):
     import importlib.util
 
     st = _state(pytestconfig)

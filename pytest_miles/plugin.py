@@ -24,6 +24,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     miles_record,
     miles_settings,
     reference_engine,
+    rl_loop_factory,
     sglang_engine,
     tiny_model_dir,
 )

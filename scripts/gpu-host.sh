@@ -3,7 +3,7 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | suite   (logs go to $OUT)
+#                                    leases | loop | suite   (logs go to $OUT)
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
@@ -78,6 +78,10 @@ for step in "$@"; do
     followups)
       timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;
+    loop)
+      timeout 590 $PY -m pytest tests/gpu/test_gpu_loop.py -x -v -s -rs -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu --basetemp=/tmp/miles-bt-loop 2>&1 | tee "$OUT/loop.log" || rc=1
+      cp /tmp/miles-bt-loop/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
         2>&1 | tee "$OUT/suite.log" || rc=1 ;;

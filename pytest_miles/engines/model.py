@@ -23,6 +23,7 @@ class TinyConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     seed: int = 1234
+    tie_word_embeddings: bool = False  # True: the output layer is the embedding (no lm_head.weight)
 
     @property
     def head_dim(self) -> int:
@@ -35,7 +36,7 @@ class TinyConfig:
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
+            "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": self.tie_word_embeddings,
             "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers,
             "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
             "use_cache": True,
@@ -69,7 +70,8 @@ def init_weights(cfg: TinyConfig) -> dict:
         sd[f"{p}.mlp.up_proj.weight"] = w(i, h)
         sd[f"{p}.mlp.down_proj.weight"] = w(h, i)
     sd["model.norm.weight"] = 1 + 0.1 * w(h, scale=1.0)
-    sd["lm_head.weight"] = w(cfg.vocab_size, h, scale=0.5)
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = w(cfg.vocab_size, h, scale=0.5)
     return sd
 
 
@@ -98,18 +100,25 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
 def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16",
                         tokenizer: bool = False) -> Path:
     """config.json + model.safetensors; drive it with token ids, or with text when `tokenizer`."""
+    path = save_hf_weights(path, init_weights(cfg), cfg, dtype)
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (path / "pytest_miles_model.json").write_text(json.dumps(asdict(cfg)))
+    if tokenizer:
+        write_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def save_hf_weights(path: str | Path, state: dict, cfg: TinyConfig, dtype: str = "bfloat16") -> Path:
+    """An HF state dict -> model.safetensors + config.json (written last, so a reader that sees
+    the config sees the weights): what a trainer exports for an engine's weight update."""
     import torch
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in init_weights(cfg).items()}
+    sd = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in state.items()}
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    (path / "pytest_miles_model.json").write_text(json.dumps(asdict(cfg)))
-    if tokenizer:
-        write_tokenizer(path, cfg.vocab_size)
     return path
 
 
@@ -208,4 +217,5 @@ class TinyDecoder:
         if not all_logits:
             x = x[:, -1]
         x = self._rms(x, w["model.norm.weight"])
-        return self._lin(x, w["lm_head.weight"]).float(), new_cache
+        head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]  # tied
+        return self._lin(x, head).float(), new_cache

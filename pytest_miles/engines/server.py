@@ -21,7 +21,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, params_json
 
 
 class ServerEngine:
@@ -118,11 +118,11 @@ class ServerEngine:
         except ValueError:  # /flush_cache answers plain text
             return body.decode(errors="replace")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
-        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params.to_sglang(),
+        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params_json(params, len(prompts)),
                                        "return_logprob": True})
         if isinstance(res, dict):
             res = [res]
@@ -153,6 +153,13 @@ class ServerEngine:
                 return [float(e[0]) for e in window]
         raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
                           f"(got ids {[e[1] for e in entries][:20]}..., wanted {list(continuation)[:20]}...)")
+
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """SGLang's POST /update_weights_from_disk: the RL loop's weight sync. A refusal (HTTP 400
+        or success false) raises EngineError with the server's message."""
+        res = self._post("/update_weights_from_disk", {"model_path": str(model_path)})
+        if not isinstance(res, dict) or not res.get("success"):
+            raise EngineError(f"{self.name} refused /update_weights_from_disk {model_path}: {res!r}")
 
     def flush_cache(self) -> None:
         deadline = time.monotonic() + 60
@@ -207,10 +214,12 @@ class ReferenceServerEngine(ServerEngine):
     has_prefix_cache = False
 
     def __init__(self, model_dir: str | Path, *, batch_invariant: bool = False, port: int | None = None,
-                 device: str = "cpu", python: str = sys.executable, **kw: Any) -> None:
+                 device: str = "cpu", python: str = sys.executable, threads: int | None = None, **kw: Any) -> None:
         port = port or free_port()
         cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
                "--port", str(port), "--device", device]
+        if threads is not None:  # a tiny model on a busy CPU: thread sync costs more than the math
+            cmd += ["--threads", str(threads)]
         if batch_invariant:
             cmd.append("--batch-invariant")
         self.batch_invariant = batch_invariant

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import kill_tree
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, params_json
 
 
 class SGLangOfflineEngine:
@@ -38,9 +38,10 @@ class SGLangOfflineEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
-        res = self._engine.generate(input_ids=prompts, sampling_params=params.to_sglang(), return_logprob=True)
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
+        res = self._engine.generate(input_ids=prompts, sampling_params=params_json(params, len(prompts)),
+                                    return_logprob=True)
         return [Output([int(t[1]) for t in r["meta_info"]["output_token_logprobs"]],
                        [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]]) for r in res]
 
@@ -50,6 +51,12 @@ class SGLangOfflineEngine:
                                   sampling_params={"max_new_tokens": 1, "temperature": 0.0})
         vals = [t for t in r["meta_info"]["input_token_logprobs"] if t[0] is not None]
         return [float(t[0]) for t in vals[-len(continuation):]]
+
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """`sglang.Engine.update_weights_from_disk`: the RL loop's weight sync."""
+        ok, message = self._engine.update_weights_from_disk(str(model_path))[:2]
+        if not ok:
+            raise EngineError(f"sglang.Engine refused update_weights_from_disk {model_path}: {message}")
 
     def flush_cache(self) -> None:
         self._engine.flush_cache()
