@@ -39,6 +39,7 @@ class SamplingParams:
 class Output:
     output_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (SGLang meta_info), if told
 
 
 @runtime_checkable

@@ -1,5 +1,5 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
-behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache).
+behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache, /get_server_info).
 Requests are served one at a time, each list of input_ids as one batch."""
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
-            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": self.path})
+            if self.path == "/health":
+                return self._send(200, {"ok": True})
+            if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
+                return self._send(200, engine.server_info())
+            self._send(404, {"error": self.path})
 
         def do_POST(self) -> None:  # noqa: N802
             n = int(self.headers.get("Content-Length") or 0)
@@ -72,7 +76,8 @@ def _generate(engine: ReferenceEngine, req: dict):
     params = SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
     outs = engine.generate(batch, params)
     res = [{"output_ids": o.output_ids,
-            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)]}}
+            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)],
+                          "cached_tokens": 0}}
            for o in outs]
     return res[0] if single else res
 
