@@ -94,6 +94,14 @@ def pytest_configure(config: pytest.Config) -> None:
             options.resolve(config, s.name)
         except ValueError as exc:
             raise pytest.UsageError(str(exc)) from None
+    if options.resolve(config, "capabilities"):  # a bad capability file fails the run at once, naming file and field
+        from .capabilities import CapabilityError, load_capabilities, verdict
+
+        try:
+            load_capabilities(options.resolve(config, "capabilities"))
+        except CapabilityError as exc:
+            raise pytest.UsageError(f"{options.BY_NAME['capabilities'].cli}: {exc}") from None
+        verdict.SESSION_FILE = options.resolve(config, "capabilities")  # CLI/ini too, not only the env
     if options.resolve(config, "gpu_class"):
         from .hardware import parse_override
 

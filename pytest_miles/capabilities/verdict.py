@@ -13,6 +13,7 @@ from typing import Any
 
 from . import SGLANG_KINDS, Capabilities, Capability, load_capabilities
 
+SESSION_FILE: str | None = None  # the pytest session's --miles-capabilities (set by the plugin)
 _PENDING_XPASS: dict[str, str] = {}  # nodeid -> reason, for a non-strict unexpected pass inside pytest
 
 
@@ -46,14 +47,14 @@ def capability_for(engine: Any, mode: str, shape: dict[str, Any], settings: dict
                    capabilities: Capabilities | None = None) -> Capability:
     """The rule for this engine: SGLang in deterministic mode consults the data; every other
     engine (the embedded reference, SGLang with the flag off) is held to a hard check."""
-    name = getattr(engine, "name", type(engine).__name__)
+    name = getattr(engine, "name", type(engine).__name__).split("@")[0]  # "sglang@ray": a Ray actor
     deterministic = settings.get("enable_deterministic_inference", getattr(engine, "deterministic", True))
     if name not in SGLANG_KINDS or not deterministic:
         return Capability("promised", None, True, name)
     if capabilities is None:
         from ..options import resolve
 
-        capabilities = load_capabilities(resolve(None, "capabilities"))
+        capabilities = load_capabilities(SESSION_FILE or resolve(None, "capabilities"))
     backend = settings.get("attention_backend") or getattr(engine, "attention_backend", "?")
     version = settings.get("version")
     if version is None:

@@ -191,7 +191,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
                 c.compare(refs[name], out, bs, item, name)
             c.tick(i)
     elif mode == "prefix_long_anchor":
-        anchor_len = min(16 * prompt_len, 400)  # the tiny model has 512 positions
+        anchor_len = min(8 * prompt_len, 400)  # the tiny model has 512 positions
         base = _prompt(rng, anchor_len, vocab)
         lens = sorted({max(1, round(f * anchor_len)) for f in LONG_ANCHOR_FRACTIONS})
         prompts = {f"prefix{n}": base[:n] for n in lens}
