@@ -130,3 +130,15 @@ def test_shape_model_is_written_once_and_shared_by_workers(tmp_path, monkeypatch
     assert os.stat(first / "model.safetensors").st_mtime_ns == stamp
     with pytest.raises(ValueError, match="--miles-model-shape: 'huge' is not one of tiny, tiny128, qwen2.5-0.5b"):
         cached_shape_dir(worker, "huge")
+
+
+def test_cost_pairs_are_interleaved_with_a_spread():
+    from pytest_miles.checks.cost import measure_rollout_cost
+    from pytest_miles.engines.base import SamplingParams
+
+    det, base = ReferenceEngine(batch_invariant=True), ReferenceEngine()
+    report = measure_rollout_cost(det, base, [[5, 6, 7, 8]] * 2, SamplingParams(max_new_tokens=2), pairs=3)
+    figures = report.figures()
+    assert figures["pairs"] == 3 and len(figures["deterministic_tok_s"]) == 3 and ".." in figures["cost_spread"]
+    with pytest.raises(ValueError, match="pairs: 2 < 3"):
+        measure_rollout_cost(det, base, [[5, 6]], SamplingParams(max_new_tokens=1), pairs=2)

@@ -34,8 +34,10 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(256)] for _ in range(64)]
     params = SamplingParams(temperature=1.0, max_new_tokens=128)
-    det = engine_factory(kind, deterministic=True)
-    non = engine_factory(kind, deterministic=False, alongside=True)  # both alive: pairs are interleaved
+    # Both alive, so the pairs interleave; whichever is live already (after the negative controls or the
+    # batch-invariance tests) is reused and only the other one starts.
+    det = engine_factory(kind, deterministic=True, alongside=True)
+    non = engine_factory(kind, deterministic=False, alongside=True)
     report = measure_rollout_cost(det, non, prompts, params, pairs=3)
     miles_record(label, **report.figures())
 
