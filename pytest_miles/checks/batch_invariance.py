@@ -147,9 +147,10 @@ class _Checker:
 def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, params: SamplingParams | None = None,
                            max_batch: int = 16, prompt_len: int = 48, seed: int = 0,
                            progress: Callable[[int, int], None] | None = None,
-                           prompt: list[int] | None = None) -> InvarianceReport:
+                           prompt: list[int] | None = None, batch_sizes: list[int] | None = None) -> InvarianceReport:
     """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
-    single and needle modes (default: random token ids of `prompt_len`)."""
+    single and needle modes (default: random token ids of `prompt_len`); `batch_sizes` replaces
+    single's CUDA-graph-crossing sizes (e.g. 1..trials, as SGLang's tool)."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     if not isinstance(trials, int) or trials < 1:
@@ -170,7 +171,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
         p = list(prompt) if prompt else _prompt(rng, prompt_len, vocab)
         ref = gen([p], params)[0]
         for i in range(1, trials + 1):
-            bs = _batch_size(i)
+            bs = batch_sizes[(i - 1) % len(batch_sizes)] if batch_sizes else _batch_size(i)
             c.report.batch_sizes.append(bs)
             for item, out in enumerate(gen([p] * bs, params)):
                 c.compare(ref, out, bs, item, "P")
