@@ -65,6 +65,8 @@ def test_single_and_needle_cross_cuda_graph_buckets():
     eng = ReferenceEngine(batch_invariant=True)
     report = check_batch_invariance(eng, "needle", 4, max_batch=9, prompt_len=4)
     assert report.batch_sizes == [3, 5, 8, 9]
+    single = check_batch_invariance(eng, "single", 3, prompt_len=4)  # it reports no CUDA graphs: 1..trials
+    assert single.batch_sizes == [1, 2, 3] and "without CUDA graphs" in single.render()
 
 
 def test_sglang_command_line_runs_cuda_graphs_unless_asked(model_dir, tmp_path):
