@@ -76,7 +76,7 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
     st = _state(pytestconfig)
     factory = EngineFactory(
-        model_dir=lambda: st.setting("model") or str(_tiny_model(tmp_path_factory)),
+        model_dir=lambda: st.setting("model") or str(_shape_model(tmp_path_factory, st.setting("model_shape"))),
         log_dir=tmp_path_factory.mktemp("engine-logs"),
         hardware=lambda: st.hardware,
         attention_backend=st.setting("attention_backend"),
@@ -94,12 +94,15 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
 
 def _tiny_model(tmp_path_factory: pytest.TempPathFactory):
-    from .engines.model import write_hf_checkpoint
+    return _shape_model(tmp_path_factory, "tiny")
 
-    root = tmp_path_factory.getbasetemp() / "miles-tiny-model"
-    if not (root / "config.json").exists():
-        write_hf_checkpoint(root)
-    return root
+
+def _shape_model(tmp_path_factory: pytest.TempPathFactory, shape: str):
+    """The embedded model of --miles-model-shape, written once per session under the basetemp root
+    (shared by xdist workers, a file lock between them) and reused."""
+    from .engines.model_cache import cached_shape_dir
+
+    return cached_shape_dir(tmp_path_factory.getbasetemp(), shape)
 
 
 @pytest.fixture

@@ -164,6 +164,16 @@ SETTINGS += (
             default=900.0, kind="float", env="PYTEST_MILES_GPU_LEASE_TIMEOUT", group="cluster"),
 )
 
+SETTINGS += (
+    Setting("capabilities", "A TOML capability file (same schema as pytest_miles/capabilities/sglang.toml) whose "
+            "cells are read before the packaged ones: what your stack promises, known limits, not-applicable cells.",
+            env="PYTEST_MILES_CAPABILITIES", group="rollout"),
+    Setting("model_shape", "Shape of the embedded seeded model the engines load when --miles-model is unset: tiny "
+            "(2 layers, hidden 128), tiny128 (head_dim 128), qwen2.5-0.5b (Qwen2.5-0.5B's shape, ~1 GB bf16, "
+            "written once per session).", default="tiny", kind="choice", choices=("tiny", "tiny128", "qwen2.5-0.5b"),
+            env="PYTEST_MILES_MODEL_SHAPE", group="model"),
+)
+
 BY_NAME = {s.name: s for s in SETTINGS}
 
 

@@ -3,7 +3,7 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | loop | suite   (logs go to $OUT)
+#                                    leases | loop | suite | caps-<backend> | caps-05b-<backend>   (logs go to $OUT)
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
@@ -82,6 +82,22 @@ for step in "$@"; do
       timeout 590 $PY -m pytest tests/gpu/test_gpu_loop.py -x -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu --basetemp=/tmp/miles-bt-loop 2>&1 | tee "$OUT/loop.log" || rc=1
       cp /tmp/miles-bt-loop/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    caps-triton|caps-flashinfer)  # issue 13: the suite's rollout part, tiny model, CUDA graphs on (2 launches)
+      backend=${step#caps-}
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+        --miles-attention-backend=$backend -k "test_negative_control or test_batch_invariance" \
+        --miles-report "$OUT/caps-$backend.json" --basetemp=/tmp/miles-bt-caps-$backend 2>&1 | tee "$OUT/caps-$backend.log" || rc=1
+      cp /tmp/miles-bt-caps-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null
+      MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "tiny and $backend" -v -s -rs \
+        -p no:cacheprovider 2>&1 | tee -a "$OUT/caps-$backend.log" || rc=1 ;;
+    caps-05b-triton|caps-05b-flashinfer)  # issue 13: Qwen2.5-0.5B shape: greedy negative controls (+ cost on triton)
+      backend=${step#caps-05b-}
+      sel="test_negative_control"; [ "$backend" = triton ] && sel="test_negative_control or test_rollout_cost"
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+        --miles-attention-backend=$backend --miles-model-shape qwen2.5-0.5b -k "$sel" \
+        --miles-report "$OUT/caps-05b-$backend.json" --basetemp=/tmp/miles-bt-05b-$backend 2>&1 | tee "$OUT/caps-05b-$backend.log" || rc=1
+      MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "realistic and $backend" -v -s -rs \
+        -p no:cacheprovider 2>&1 | tee -a "$OUT/caps-05b-$backend.log" || rc=1 ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
         2>&1 | tee "$OUT/suite.log" || rc=1 ;;

@@ -60,6 +60,7 @@ def params_json(params: SamplingParams | list[SamplingParams] | None, n: int) ->
 class Output:
     output_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (SGLang meta_info), if told
 
 
 @runtime_checkable

@@ -81,6 +81,15 @@ class ReferenceEngine:
     def flush_cache(self) -> None:
         """No prefix cache: every request is computed from scratch."""
 
+    def server_info(self) -> dict:
+        """The same keys SGLang's /get_server_info answers, so witnesses read every engine alike."""
+        from .. import __version__
+
+        return {"attention_backend": "torch-reference", "enable_deterministic_inference": self.batch_invariant,
+                "disable_radix_cache": True, "disable_cuda_graph": True, "chunked_prefill_size": None,
+                "sampling_backend": "torch", "version": __version__,
+                "note": "the embedded reference engine has no prefix cache"}
+
     def _check(self, prompts: list[list[int]]) -> None:
         if self.closed:
             raise EngineError("reference engine is closed")
@@ -152,7 +161,7 @@ class ReferenceEngine:
     def _run(self, prompts: list[list[int]], items: list[SamplingParams]) -> list[Output]:
         import torch
 
-        outs = [Output([], []) for _ in prompts]
+        outs = [Output([], [], cached_tokens=0) for _ in prompts]
         gens = []
         for sp in items:
             g = torch.Generator(device="cpu")

@@ -1,6 +1,6 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
 behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache,
-/update_weights_from_disk).
+/get_server_info, /update_weights_from_disk).
 Requests are served one at a time, each list of input_ids as one batch."""
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
-            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": self.path})
+            if self.path == "/health":
+                return self._send(200, {"ok": True})
+            if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
+                return self._send(200, engine.server_info())
+            self._send(404, {"error": self.path})
 
         def do_POST(self) -> None:  # noqa: N802
             n = int(self.headers.get("Content-Length") or 0)
@@ -86,7 +90,8 @@ def _generate(engine: ReferenceEngine, req: dict):
                                                 "output_token_logprobs": []}}
     outs = engine.generate(batch, [_params(s) for s in sp] if isinstance(sp, list) else _params(sp))
     res = [{"output_ids": o.output_ids,
-            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)]}}
+            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)],
+                          "cached_tokens": 0}}
            for o in outs]
     return res[0] if single else res
 

@@ -133,7 +133,8 @@ class ServerEngine:
         for item in res:
             lps = item["meta_info"]["output_token_logprobs"]
             ids = item.get("output_ids") or [int(t[1]) for t in lps]
-            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps]))
+            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps],
+                               item["meta_info"].get("cached_tokens")))
         return outs
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
@@ -172,15 +173,28 @@ class ServerEngine:
                     raise
                 time.sleep(0.2)
 
+    def server_info(self) -> dict[str, Any]:
+        """The server's effective settings (SGLang's GET /get_server_info: server args + version),
+        read once: what the witnesses and every report show, instead of what we asked for."""
+        if getattr(self, "_server_info", None) is None:
+            try:
+                with urllib.request.urlopen(self.url + "/get_server_info", timeout=30) as r:
+                    self._server_info = json.loads(r.read())
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise EngineError(f"{self.name} /get_server_info: {exc}") from None
+        return self._server_info
+
 
 class SGLangEngine(ServerEngine):
-    """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode."""
+    """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode, in the
+    production configuration: CUDA graphs on unless the caller passes `disable_cuda_graph=True`
+    or `--disable-cuda-graph` / `--sglang-disable-cuda-graph` in extra_args."""
 
     name = "sglang"
 
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
-                 port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = True,
+                 port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
                  python: str = sys.executable, **kw: Any) -> None:
         model_path = Path(model_path)
         if not (model_path / "config.json").exists():
