@@ -86,3 +86,81 @@ def tree_state(path: Path) -> dict[str, tuple[str, int]]:
                 continue
             out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return out
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _run_ranks(script: str, world: int, *args: str) -> None:
+    """`world` real processes on gloo (tcp://127.0.0.1), each running `script` with its rank."""
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(world), port, *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=180)
+            assert p.returncode == 0, out.decode()[-3000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+MEGATRON_TP = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist
+    rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedObject
+    from pytest_miles.trainers.megatron_worker import _save_strategy
+    g = torch.Generator().manual_seed(0)
+    qkv, fc2, norm = torch.randn(96, 32, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    def shard(t, dim):  # tensor parallel: rank's slice along dim (column- or row-parallel)
+        n = t.shape[dim] // world
+        return t.narrow(dim, rank * n, n).clone()
+    sd = {"model.decoder.layers.0.self_attention.linear_qkv.weight": ShardedTensor.from_rank_offsets(
+              "model.decoder.layers.0.self_attention.linear_qkv.weight", shard(qkv, 0), (0, rank, world),
+              replica_id=0),
+          "model.decoder.layers.0.mlp.linear_fc2.weight": ShardedTensor.from_rank_offsets(
+              "model.decoder.layers.0.mlp.linear_fc2.weight", shard(fc2, 1), (1, rank, world), replica_id=0),
+          "model.decoder.final_layernorm.weight": ShardedTensor.from_rank_offsets(
+              "model.decoder.final_layernorm.weight", norm.clone(), replica_id=rank),
+          "iteration": 10}
+    dist_checkpointing.save(sd, path, sharded_strategy=_save_strategy(False))
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+def save_megatron_tp(path: Path, tp: int) -> Path:
+    """megatron-core dist_checkpointing (torch_dist) of the same weights with tensor parallel `tp`."""
+    path.mkdir(parents=True, exist_ok=True)
+    _run_ranks(MEGATRON_TP, tp, str(path))
+    return path
+
+
+FSDP = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import distribute_tensor, Shard, Replicate
+    from torch.distributed.device_mesh import init_device_mesh
+    rank, world, port, path, placement = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    full = {"layers.0.weight": torch.randn(64, 16, generator=g), "layers.0.bias": torch.randn(64, generator=g)}
+    p = [Shard(0)] if placement == "shard" else [Replicate()]
+    dcp.save({k: distribute_tensor(v, mesh, p) for k, v in full.items()}, checkpoint_id=path)
+    dist.destroy_process_group()
+""")
+
+
+def save_dtensor_world2(path: Path, placement: str) -> Path:
+    """torch DCP, world size 2 over gloo, DTensors replicated or sharded (FSDP2's layout) on dim 0."""
+    _run_ranks(FSDP, 2, str(path), placement)
+    return path
