@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -82,9 +84,11 @@ def tree_state(path: Path) -> dict[str, tuple[str, int]]:
     for root, _, files in os.walk(path):
         for f in files:
             p = Path(root) / f
-            if p.is_symlink():
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):  # FIFOs, sockets, symlinks: their mtime, never their content
+                out[str(p)] = ("", st.st_mtime_ns)
                 continue
-            out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            out[str(p)] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mtime_ns)
     return out
 
 
@@ -164,3 +168,41 @@ def save_dtensor_world2(path: Path, placement: str) -> Path:
     """torch DCP, world size 2 over gloo, DTensors replicated or sharded (FSDP2's layout) on dim 0."""
     _run_ranks(FSDP, 2, str(path), placement)
     return path
+
+
+def save_hf(root: Path, state: dict, split: int, metadata: dict | None = None) -> Path:
+    """An HF-style dir: the tensors split into two safetensors shards at `split`, plus the index."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True)
+    names = list(state)
+    shards = {"model-00001-of-00002.safetensors": names[:split], "model-00002-of-00002.safetensors": names[split:]}
+    for shard, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(root / shard), metadata=metadata)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (root / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    return root
+
+
+def save_legacy_megatron(run: Path, iteration: int, state: dict, tp: int = 1, pp: int = 1, extra: dict | None = None) -> Path:
+    """Megatron-LM's legacy (non-distributed) layout: iter_XXXXXXX/mp_rank_NN[_PPP]/model_optim_rng.pt
+    with the model split column-wise over tp and layer-wise over pp, plus the tracker file."""
+    import argparse
+
+    it = run / f"iter_{iteration:07d}"
+    names = list(state)
+    for t in range(tp):
+        for p in range(pp):
+            d = it / (f"mp_rank_{t:02d}" if pp == 1 else f"mp_rank_{t:02d}_{p:03d}")
+            d.mkdir(parents=True)
+            mine = names[p::pp]
+            model = {k: state[k].chunk(tp, 0)[t].clone() if state[k].dim() else state[k] for k in mine}
+            torch.save({"iteration": iteration, "checkpoint_version": 3.0, "model": model,
+                        "args": argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                   params_dtype=torch.float32, lr=1e-4),
+                        "rng_state": [{"random_rng_state": (3, tuple(range(8)), None),
+                                       "torch_rng_state": torch.arange(16, dtype=torch.uint8)}],
+                        **(extra or {})}, d / "model_optim_rng.pt")
+    (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
+    return run
