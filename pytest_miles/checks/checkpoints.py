@@ -122,7 +122,8 @@ def _first_diff(fa: SafeFile, fb: SafeFile, oa: int, ob: int, length: int, bufs:
     return None
 
 
-def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event) -> list[tuple[Item, Item, bool]]:
+def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event,
+                   first: bool = False) -> list[tuple[Item, Item, bool]]:
     """Compare the byte ranges of items that live in one (file A, file B) pair, in file order.
     Items adjacent on both sides are one run: one read loop for thousands of small tensors."""
     out: list[tuple[Item, Item, bool]] = []
@@ -135,6 +136,8 @@ def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event) -> lis
             if a.length != b.length:
                 out.append((a, b, False))
                 i += 1
+                if first:
+                    stop.set()
                 continue
             j, end_a, end_b = i + 1, a.offset + a.length, b.offset + b.length
             while j < len(pairs):
@@ -157,6 +160,8 @@ def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event) -> lis
             same = _first_diff(fa, fb, x.offset, y.offset, x.length, bufs, threading.Event()) is None
             out.append((x, y, same))
             i += 1
+            if first and not same:
+                stop.set()  # --first: nothing after the first differing byte range is read
     return out
 
 
@@ -353,7 +358,8 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
         va, vb = la.meta.get(key, "<absent>"), lb.meta.get(key, "<absent>")
         if va != vb and key.split(":")[-1] not in reported:
             diffs.append(Difference("metadata", key, f"{key}: {_short(va)} vs {_short(vb)}"))
-    if la.layout_info.get("safetensors files") != lb.layout_info.get("safetensors files") and "safetensors files" in la.layout_info:
+    files_a, files_b = la.layout_info.get("safetensors files", []), lb.layout_info.get("safetensors files", [])
+    if files_a != files_b and max(len(files_a), len(files_b)) > 1:
         report.notes.append("safetensors shard files differ "
                             f"({', '.join(la.layout_info['safetensors files'])} vs "
                             f"{', '.join(lb.layout_info.get('safetensors files', []))}); tensors are compared by name")
@@ -368,7 +374,7 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
     if pairs and not stop.is_set():
         groups = sorted(pairs.values(), key=lambda g: min(p[0].order for p in g))
         with ThreadPoolExecutor(max_workers=nworkers) as pool:
-            futures = [pool.submit(_compare_group, group, stop) for group in groups]
+            futures = [pool.submit(_compare_group, group, stop, first) for group in groups]
             for fut in futures:
                 for ia, ib, same in fut.result():
                     report.tensors_compared += 1

@@ -107,67 +107,73 @@ def _run_ranks(script: str, world: int, *args: str) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r), str(world), port, *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
     try:
-        for p in procs:
-            out, _ = p.communicate(timeout=180)
-            assert p.returncode == 0, out.decode()[-3000:]
+        outs = [p.communicate(timeout=180)[0].decode() for p in procs]
+        bad = [f"rank {r} (exit {p.returncode}):\n{outs[r][-3000:]}" for r, p in enumerate(procs) if p.returncode]
+        assert not bad, "\n".join(bad)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
 
 
-MEGATRON_TP = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist
-    rank, world, port, path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+LAYOUTS = textwrap.dedent("""
+    import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    from pathlib import Path
+    rank, world, port, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from pytest_miles.trainers.megatron_worker import _save_strategy
     g = torch.Generator().manual_seed(0)
     qkv, fc2, norm = torch.randn(96, 32, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
-    def shard(t, dim):  # tensor parallel: rank's slice along dim (column- or row-parallel)
-        n = t.shape[dim] // world
-        return t.narrow(dim, rank * n, n).clone()
-    sd = {"model.decoder.layers.0.self_attention.linear_qkv.weight": ShardedTensor.from_rank_offsets(
-              "model.decoder.layers.0.self_attention.linear_qkv.weight", shard(qkv, 0), (0, rank, world),
-              replica_id=0),
-          "model.decoder.layers.0.mlp.linear_fc2.weight": ShardedTensor.from_rank_offsets(
-              "model.decoder.layers.0.mlp.linear_fc2.weight", shard(fc2, 1), (1, rank, world), replica_id=0),
-          "model.decoder.final_layernorm.weight": ShardedTensor.from_rank_offsets(
-              "model.decoder.final_layernorm.weight", norm.clone(), replica_id=rank),
-          "iteration": 10}
-    dist_checkpointing.save(sd, path, sharded_strategy=_save_strategy(False))
-    dist.barrier()
-    dist.destroy_process_group()
-""")
 
+    def megatron(path, tp, flip=False):  # tensor parallel tp over the world's ranks (replicated when tp == 1)
+        def shard(t, dim):
+            if tp == 1:
+                return t.clone()
+            n = t.shape[dim] // tp
+            return t.narrow(dim, rank * n, n).clone()
+        def st(name, t, dim):
+            if tp == 1:
+                return ShardedTensor.from_rank_offsets(name, shard(t, dim), replica_id=rank)
+            return ShardedTensor.from_rank_offsets(name, shard(t, dim), (dim, rank, tp), replica_id=0)
+        w2 = shard(fc2, 1)
+        if flip and rank == 1:
+            w2.view(torch.int32)[3, 5] ^= 1  # one bit, in rank 1's half: global element [3, 37]
+        sd = {"model.decoder.layers.0.self_attention.linear_qkv.weight": st(
+                  "model.decoder.layers.0.self_attention.linear_qkv.weight", qkv, 0),
+              "model.decoder.layers.0.mlp.linear_fc2.weight": ShardedTensor.from_rank_offsets(
+                  "model.decoder.layers.0.mlp.linear_fc2.weight", w2, *([(1, rank, tp)] if tp > 1 else []),
+                  replica_id=0 if tp > 1 else rank),
+              "model.decoder.final_layernorm.weight": ShardedTensor.from_rank_offsets(  # written by rank 1
+                  "model.decoder.final_layernorm.weight", norm.clone(), replica_id=1 - rank),
+              "iteration": 10}
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(sd, str(path), sharded_strategy=_save_strategy(False))
+        dist.barrier()
 
-def save_megatron_tp(path: Path, tp: int) -> Path:
-    """megatron-core dist_checkpointing (torch_dist) of the same weights with tensor parallel `tp`."""
-    path.mkdir(parents=True, exist_ok=True)
-    _run_ranks(MEGATRON_TP, tp, str(path))
-    return path
-
-
-FSDP = textwrap.dedent("""
-    import sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
+    megatron(root / "megatron-tp1", 1)
+    megatron(root / "megatron-tp2", 2)
+    megatron(root / "megatron-tp2-flip", 2, flip=True)
     from torch.distributed.tensor import distribute_tensor, Shard, Replicate
     from torch.distributed.device_mesh import init_device_mesh
-    rank, world, port, path, placement = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    g = torch.Generator().manual_seed(0)
     full = {"layers.0.weight": torch.randn(64, 16, generator=g), "layers.0.bias": torch.randn(64, generator=g)}
-    p = [Shard(0)] if placement == "shard" else [Replicate()]
-    dcp.save({k: distribute_tensor(v, mesh, p) for k, v in full.items()}, checkpoint_id=path)
+    for name, p in (("dtensor-replicated", [Replicate()]), ("fsdp2-sharded", [Shard(0)])):
+        dcp.save({k: distribute_tensor(v, mesh, p) for k, v in full.items()}, checkpoint_id=str(root / name))
     dist.destroy_process_group()
 """)
 
 
-def save_dtensor_world2(path: Path, placement: str) -> Path:
-    """torch DCP, world size 2 over gloo, DTensors replicated or sharded (FSDP2's layout) on dim 0."""
-    _run_ranks(FSDP, 2, str(path), placement)
-    return path
+def save_parallel_layouts(root: Path) -> Path:
+    """One launch of 2 gloo ranks writes the same weights in several layouts: megatron-core
+    dist_checkpointing (torch_dist) with TP 1 (replicated) and TP 2 (sharded; and once with one
+    flipped bit), and torch DCP DTensors replicated vs sharded on dim 0 (FSDP2's layout)."""
+    root.mkdir(parents=True, exist_ok=True)
+    _run_ranks(LAYOUTS, 2, str(root))
+    return root
 
 
 def save_hf(root: Path, state: dict, split: int, metadata: dict | None = None) -> Path:
