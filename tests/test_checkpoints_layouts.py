@@ -6,9 +6,9 @@ the first diverging iteration of two runs."""
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -32,13 +32,11 @@ from tests.helpers.checkpoints import (  # noqa: E402
 W = "decoder.layers.1.mlp.linear_fc1.weight"
 
 
-@pytest.fixture(scope="module")
-def parallel(tmp_path_factory):
+def test_parallel_layouts_compare_assembled_or_streamed(tmp_path):
+    """One test (one 2-rank launch, one xdist worker): megatron-core TP 1 vs TP 2, DCP replicated
+    vs FSDP2-sharded, a flipped bit found at its global index, and a reordered shard file set."""
     pytest.importorskip("megatron.core")
-    return save_parallel_layouts(tmp_path_factory.mktemp("parallel"))
-
-
-def test_megatron_tp1_vs_tp2_compared_assembled(parallel):
+    parallel = save_parallel_layouts(tmp_path / "parallel")
     before = tree_state(parallel)
     report = assert_checkpoints_equal(parallel / "megatron-tp1", parallel / "megatron-tp2")
     assert any("chunk layouts differed for 2 tensor(s)" in n for n in report.notes), report.notes
@@ -47,12 +45,28 @@ def test_megatron_tp1_vs_tp2_compared_assembled(parallel):
     d = report.first
     assert len(report.differences) == 1 and d.name == "model.decoder.layers.0.mlp.linear_fc2.weight"
     assert d.data["differing"] == 1 and d.data["first_index"] == [3, 37] and d.data["max_ulp"] == 1
-    assert tree_state(parallel) == before
+    report = compare_checkpoints(parallel / "megatron-tp2", parallel / "megatron-tp2-flip")  # same layout
+    assert not any("chunk layouts differed" in n for n in report.notes)
+    assert report.first.name == d.name and report.first.data["first_index"] == [3, 37], "global index"
 
-
-def test_replicated_vs_fsdp2_sharded_dcp(parallel):
     report = assert_checkpoints_equal(parallel / "dtensor-replicated", parallel / "fsdp2-sharded")
     assert report.tensors_compared == 2 and any("chunk layouts differed" in n for n in report.notes)
+
+    a = parallel / "fsdp2-sharded"
+    assert sorted(p.name for p in a.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    # Swap the two shard files and rewrite .metadata to match: same tensors, reordered file set.
+    b = shutil.copytree(a, tmp_path / "b")
+    md = pickle.loads((b / ".metadata").read_bytes())  # our own file: trusted here
+    swap = {"__0_0.distcp": "__1_0.distcp", "__1_0.distcp": "__0_0.distcp"}
+    for info in md.storage_data.values():
+        info.relative_path = swap[info.relative_path]
+    os.rename(b / "__0_0.distcp", b / "tmp")
+    os.rename(b / "__1_0.distcp", b / "__0_0.distcp")
+    os.rename(b / "tmp", b / "__1_0.distcp")
+    (b / ".metadata").write_bytes(pickle.dumps(md))
+    report = assert_checkpoints_equal(a, b)
+    assert any("storage placement differs" in n for n in report.notes), "the layout difference is reported"
+    assert tree_state(parallel) == before
 
 
 def test_legacy_megatron_layout_from_run_iteration_and_file(tmp_path):
@@ -178,9 +192,3 @@ def test_first_diverging_iteration_walk_and_cli(tmp_path, capsys):
     assert assert_checkpoints_equal(a, _run(tmp_path / "c", {2: 0, 4: 1}), iterations="all").compared == [2, 4]
     assert main(["compare", str(a / "iter_0000002"), str(b), "--iterations", "all"]) == 2
     assert "no iter_XXXXXXX/ directories" in capsys.readouterr().err
-
-
-def test_cli_process_compares_megatron_layouts(parallel):
-    r = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "compare", str(parallel / "megatron-tp1"),
-                        str(parallel / "megatron-tp2")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "chunk layouts differed" in r.stdout, r.stdout + r.stderr

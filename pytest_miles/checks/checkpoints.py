@@ -494,6 +494,12 @@ def _tensor_digests(e: Entry) -> tuple[str, list[str]]:
                 data = f.pread(item.offset + pos, min(step, item.length - pos), f"tensor {e.name!r}")
                 whole.update(data)
                 parts.append(hashlib.sha256(data).hexdigest())
+    elif item is not None and item.encoding == ("torch.save", False) and (lazy := _lazy_chunk(item)) is not None:
+        raw = memoryview(lazy.read())
+        for pos in range(0, len(raw), step):
+            data = raw[pos:pos + step]
+            whole.update(data)
+            parts.append(hashlib.sha256(data).hexdigest())
     else:
         import torch
 
@@ -503,6 +509,16 @@ def _tensor_digests(e: Entry) -> tuple[str, list[str]]:
             whole.update(data)
             parts.append(hashlib.sha256(data).hexdigest())
     return whole.hexdigest(), parts
+
+
+def _lazy_chunk(item: Item) -> LazyTensor | None:
+    """A DCP tensor chunk (a torch.save blob) read without torch, when it is one contiguous tensor."""
+    from .unpickle import load_torch
+
+    with SafeFile(item.file) as f:
+        blob = f.pread(item.offset, item.length, f"item {item.key!r}")
+    obj = load_torch(blob, f"{item.file} (item {item.key!r} at byte {item.offset})")
+    return obj if isinstance(obj, LazyTensor) and obj.is_contiguous() else None
 
 
 def _numel(shape: Any) -> int:

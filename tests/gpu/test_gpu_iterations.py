@@ -16,7 +16,7 @@ STEPS, SAVE = 6, [2, 4, 6]
 
 def test_first_diverging_iteration_on_gpu(megatron_trainer_factory, tmp_path):
     a = megatron_trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run1", save_steps=SAVE)
-    b = megatron_trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run2", save_steps=SAVE)
+    megatron_trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run2", save_steps=SAVE)
     c = megatron_trainer_factory(seed=1234, data_seed_from_step=(3, 4321)).train(
         STEPS, save_dir=tmp_path / "run3", save_steps=SAVE)
     assert a.device == "cuda"

@@ -51,33 +51,6 @@ def save_dcp(path: Path, state: dict, extra: dict | None = None) -> Path:
     return path
 
 
-WORLD2 = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist, torch.distributed.checkpoint as dcp
-    rank, world, path, seed, port = int(sys.argv[1]), 2, sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    g = torch.Generator().manual_seed(seed + rank)
-    state = {f"decoder.layers.{rank}.mlp.linear_fc1.weight": torch.randn(256, 64, generator=g),
-             "shared.bias": torch.ones(8)}
-    dcp.save(state, checkpoint_id=path)
-    dist.destroy_process_group()
-""")
-
-
-def save_dcp_world2(path: Path, seed: int = 0) -> Path:
-    """Two real gloo ranks, each writing its own .distcp file."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    procs = [subprocess.Popen([sys.executable, "-c", WORLD2, str(r), str(path), str(seed), port],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out.decode()[-2000:]
-    return path
-
-
 def tree_state(path: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file below path: proof that nothing was written."""
     out = {}
