@@ -10,6 +10,7 @@ unpickle (nothing called). Every error names the file and is a `CheckpointError`
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -315,16 +316,18 @@ def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None) 
     storage: dict[tuple[str, tuple[int, ...]], Any] = {}
     for index, info in md.storage_data.items():
         try:
-            storage[(str(index.fqn), tuple(int(x) for x in (getattr(index, "offset", None) or ())))] = info
-            if not isinstance(info.relative_path, str) or os.path.isabs(info.relative_path) or ".." in Path(
-                    info.relative_path).parts:
-                raise ValueError(f"relative_path {info.relative_path!r}")
+            offset = getattr(index, "offset", None)
+            storage[(str(index.fqn), tuple(int(x) for x in offset) if offset else ())] = info
+            rel = info.relative_path
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
+                raise ValueError(f"relative_path {rel!r}")
             if int(info.offset) < 0 or int(info.length) < 0:
                 raise ValueError(f"offset {info.offset}, length {info.length}")
         except (AttributeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{meta_path}: malformed storage entry ({exc})") from None
-    sizes: dict[Path, int] = {}
-    spans: dict[Path, list[tuple[int, int, str]]] = {}
+    sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
+    files: dict[str, Path] = {}
+    spans: dict[str, list[tuple[int, int, str]]] = {}
     order = 0
     for fqn, tmd in md.state_dict_metadata.items():
         fqn = str(fqn)
@@ -342,38 +345,42 @@ def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None) 
             if dtype not in ITEMSIZE:
                 raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown dtype {dtype!r}")
             for offsets, csize in chunks:
+                if csize == shape and not any(offsets) and len(offsets) == len(shape):
+                    continue  # the whole tensor in one chunk (the common case: fast)
                 if len(offsets) != len(shape) or len(csize) != len(shape) or any(
                         o < 0 or c < 0 or o + c > s for o, c, s in zip(offsets, csize, shape)):
                     raise CheckpointError(f"{meta_path}: entry {fqn!r} chunk {list(offsets)}+{list(csize)} is outside "
                                           f"its tensor {list(shape)}")
             entry = Entry(fqn, order, "tensor", dtype, shape, where=".metadata")
-            layout.layout_info[fqn] = [[list(o), list(s)] for o, s in chunks]
         for offsets, csize in chunks:
             info = storage.get((fqn, offsets))
             if info is None:
                 raise CheckpointError(f"{meta_path}: no storage entry for {fqn!r} chunk {list(offsets)}")
-            file = root / info.relative_path
-            if file not in sizes:
+            rel = info.relative_path
+            file = files.get(rel)
+            if file is None:
+                file = files[rel] = root / rel
                 if not os.path.lexists(file):
                     raise CheckpointError(f"{file}: listed in {meta_path} but missing")
                 with SafeFile(file) as f:  # regular file, readable; a FIFO is refused, never opened blocking
-                    sizes[file] = f.size
-            if info.offset + info.length > sizes[file]:
+                    sizes[rel] = f.size
+            if info.offset + info.length > sizes[rel]:
                 raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {info.offset + info.length}, "
-                                      f"file has {sizes[file]}")
+                                      f"file has {sizes[rel]}")
             key = fqn if len(chunks) == 1 else f"{fqn}@{list(offsets)}"
-            spans.setdefault(file, []).append((int(info.offset), int(info.length), key))
+            spans.setdefault(rel, []).append((int(info.offset), int(info.length), key))
             item = _dcp_chunk_item(key, file, info, order, entry.kind, dtype, csize)
             entry.chunks.append((offsets, csize or (), item))
         layout.add(entry, meta_path)
         order += 1
-    for file, ss in spans.items():  # two items sharing bytes: corrupt index
+    for rel, ss in spans.items():  # two items sharing bytes: corrupt index
+        file = files[rel]
         ss.sort()
         for (o1, l1, k1), (o2, l2, k2) in zip(ss, ss[1:]):
             if o2 < o1 + l1 and l2 and l1:
                 raise CheckpointError(f"{file}: {k1!r} and {k2!r} overlap (bytes {o1}+{l1} and {o2}+{l2}) per {meta_path}")
     for p in names or _listdir(root):
-        if p.suffix == ".distcp" and p not in sizes:
+        if p.suffix == ".distcp" and p.name not in sizes:
             layout.notes.append(f"{p.name}: not referenced by .metadata")
             layout.side_files[p.name] = p
     return layout
@@ -473,7 +480,20 @@ def megatron_iteration_dir(root: Path) -> Path | None:
 
 
 def load_layout(path: str | os.PathLike) -> Layout:
-    """Find what kind of checkpoint `path` is and list what it holds."""
+    """Find what kind of checkpoint `path` is and list what it holds.
+
+    The cyclic GC is paused meanwhile: building 100,000s of small objects (a 20,000-tensor
+    `.metadata`) otherwise triggers full collections again and again (seconds, not ms)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_layout(path)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _load_layout(path: str | os.PathLike) -> Layout:
     p = _resolve(Path(path))
     if not p.is_dir():
         SafeFile(p).close()  # regular file or a clear refusal (FIFO, socket, device)
@@ -486,7 +506,7 @@ def load_layout(path: str | os.PathLike) -> Layout:
         raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, .pt, .pth or .bin)")
     it = megatron_iteration_dir(p)
     if it is not None:
-        layout = load_layout(it)
+        layout = _load_layout(it)
         layout.kind = f"megatron/{layout.kind}" if not layout.kind.startswith("megatron") else layout.kind
         layout.notes.append(f"{p.name}/latest_checkpointed_iteration.txt -> {it.name}")
         return layout
