@@ -111,6 +111,21 @@ def test_pt_files_with_different_names_stream_by_tensor(tmp_path):
     assert compare_checkpoints(tmp_path / "model_a.pt", tmp_path / "model_c.pt").first.name == f"model.{W}"
 
 
+class TrainerConfig:
+    """A user's own class inside a checkpoint: read as an inert stand-in, compared by its fields."""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+
+def test_unknown_classes_become_inert_stand_ins(tmp_path):
+    for name, lr in (("a.pt", 1e-4), ("b.pt", 1e-4), ("c.pt", 2e-4)):
+        torch.save({"w": torch.ones(3), "config": TrainerConfig(lr)}, tmp_path / name)
+    assert_checkpoints_equal(tmp_path / "a.pt", tmp_path / "b.pt")
+    report = compare_checkpoints(tmp_path / "a.pt", tmp_path / "c.pt")
+    assert [d.detail for d in report.differences] == ["config.lr: 0.0001 vs 0.0002"], report.render()
+
+
 def test_ignore_matches_printed_names_and_reports_unmatched(tmp_path, capsys):
     state = {"layer.0.bias": torch.zeros(4), "layer.0.weight": torch.ones(4, 4)}
     torch.save(state, tmp_path / "model.pt")

@@ -169,6 +169,8 @@ def save_legacy_megatron(run: Path, iteration: int, state: dict, tp: int = 1, pp
     with the model split column-wise over tp and layer-wise over pp, plus the tracker file."""
     import argparse
 
+    import numpy as np
+
     it = run / f"iter_{iteration:07d}"
     names = list(state)
     for t in range(tp):
@@ -181,6 +183,7 @@ def save_legacy_megatron(run: Path, iteration: int, state: dict, tp: int = 1, pp
                         "args": argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                                    params_dtype=torch.float32, lr=1e-4),
                         "rng_state": [{"random_rng_state": (3, tuple(range(8)), None),
+                                       "np_rng_state": np.random.RandomState(0).get_state(),
                                        "torch_rng_state": torch.arange(16, dtype=torch.uint8)}],
                         **(extra or {})}, d / "model_optim_rng.pt")
     (run / "latest_checkpointed_iteration.txt").write_text(str(iteration))
