@@ -27,7 +27,7 @@ from .unpickle import LazyTensor, load_pickle, load_torch, materialize
 __all__ = ["CheckpointError", "Entry", "Item", "Layout", "load_layout", "megatron_iteration_dir"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """Bytes [offset, offset+length) of file: one tensor chunk, one DCP byte item, ..."""
 
@@ -41,7 +41,7 @@ class Item:
     decode: Callable[[], Any] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """One named thing: a tensor (global dtype/shape, stored as chunks), a DCP byte item, or a value."""
 
