@@ -17,7 +17,7 @@ import pickle
 import re
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .safe_io import CheckpointError, SafeFile
@@ -146,9 +146,9 @@ class _StorageType:
 class Storage:
     """Bytes [offset, offset + nbytes) of `source` (a file path or an in-memory buffer)."""
 
-    source: Any
-    offset: int
-    nbytes: int
+    source: Any = field(repr=False)
+    offset: int = 0
+    nbytes: int = 0
     dtype: str
 
 
@@ -272,6 +272,10 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return _rebuild_tensor
             if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
                 return _rebuild_parameter
+            if module == "torch._utils" and name == "_rebuild_from_type_v2":  # a tensor subclass: its data
+                return lambda func, cls, args, state: func(*args)
+            if name.startswith("_rebuild"):  # quantized, sparse, nested, meta ...: not silently a string
+                raise pickle.UnpicklingError(f"unsupported tensor encoding {module}.{name}")
             if name in _STORAGE_DTYPES:
                 return _StorageType(_STORAGE_DTYPES[name])
             if module == "torch" and name == "Size":
