@@ -49,8 +49,13 @@ def _compare(args: argparse.Namespace) -> int:
     from .checks.checkpoints import CheckpointError, compare_checkpoints
 
     try:
-        report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
-                                     workers=args.workers)
+        if args.iterations is not None:
+            from .checks.iterations import first_diverging_iteration
+
+            report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
+        else:
+            report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
+                                         workers=args.workers)
     except CheckpointError as exc:
         if args.json:
             print(json.dumps({"equal": None, "error": str(exc)}, indent=2))
@@ -59,6 +64,16 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.equal else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a whole number >= 1")
+    return value
 
 
 def _manifest(args: argparse.Namespace) -> int:
@@ -152,16 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.add_argument("--first", action="store_true", help="stop at the first difference")
     c.add_argument("--ignore", action="append", help="glob of tensor/key/file names to skip (repeatable)")
-    c.add_argument("--workers", type=int, default=None, help="files compared in parallel")
+    c.add_argument("--workers", type=_positive_int, default=None,
+                   help="file pairs read in parallel (>= 1; default 2, or 1 on a one-core machine)")
+    c.add_argument("--iterations", choices=["all"], default=None,
+                   help="A and B are Megatron run dirs: compare every iteration both saved, in order, and report "
+                        "the first diverging one with its first differing tensor")
     c.set_defaults(func=_compare)
 
     x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
     x.add_argument("--gpu", default=None, help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
     x.set_defaults(func=_matrix)
 
-    m = sub.add_parser("manifest", help="write per-tensor and per-layer digests of a checkpoint")
+    m = sub.add_parser("manifest", help="write per-tensor, per-chunk and per-layer digests of a checkpoint")
     m.add_argument("dir")
-    m.add_argument("-o", "--output", default=None, help="manifest path (default: DIR/../<name>.manifest.json)")
+    m.add_argument("-o", "--output", default=None, help="manifest path (default: beside the checkpoint, <name>.manifest.json; never inside it; "
+                   "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
     return parser
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from tests.helpers.checkpoints import (  # noqa: E402
     flip_bit,
     make_state,
     save_dcp,
-    save_dcp_world2,
     tree_state,
 )
 
@@ -82,27 +80,6 @@ def test_extra_tensor_and_dtype_change(dcp_pair, tmp_path):
     assert kinds == {("extra", "output_layer.weight"), ("dtype", W)}
 
 
-def test_world_size_two_and_reordered_shard_files(tmp_path):
-    a = save_dcp_world2(tmp_path / "a", seed=0)
-    b = save_dcp_world2(tmp_path / "b", seed=0)
-    assert sorted(p.name for p in a.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    assert_checkpoints_equal(a, b)
-    # Swap the two shard files and rewrite .metadata to match: same tensors, reordered file set.
-    md = pickle.loads((b / ".metadata").read_bytes())
-    swap = {"__0_0.distcp": "__1_0.distcp", "__1_0.distcp": "__0_0.distcp"}
-    for info in md.storage_data.values():
-        info.relative_path = swap[info.relative_path]
-    os.rename(b / "__0_0.distcp", b / "tmp")
-    os.rename(b / "__1_0.distcp", b / "__0_0.distcp")
-    os.rename(b / "tmp", b / "__1_0.distcp")
-    (b / ".metadata").write_bytes(pickle.dumps(md))
-    report = assert_checkpoints_equal(a, b)
-    assert any("storage placement" in n for n in report.notes), "the layout difference is reported, not hidden"
-    c = save_dcp_world2(tmp_path / "c", seed=1)
-    report = compare_checkpoints(a, c)
-    assert report.first.name == "decoder.layers.0.mlp.linear_fc1.weight"
-
-
 def test_megatron_layout_uses_latest_iteration(tmp_path):
     def megatron_save(root, seed):
         it = save_dcp(root / "iter_0000020", make_state(seed))
@@ -113,11 +90,12 @@ def test_megatron_layout_uses_latest_iteration(tmp_path):
 
     a, b = megatron_save(tmp_path / "run1", 0), megatron_save(tmp_path / "run2", 0)
     report = assert_checkpoints_equal(a, b)
-    assert report.kind_a == "megatron/dcp" and report.tensors_compared == len(make_state(0)) + 1
+    # the tensors + common.pt's three values (iteration, args.lr, args.seed)
+    assert report.kind_a == "megatron/dcp" and report.tensors_compared == len(make_state(0)) + 3
     c = megatron_save(tmp_path / "run3", 1)
     report = compare_checkpoints(a, c)
     assert report.first.name == "embedding.word_embeddings.weight"
-    assert "common.pt.args.seed: 0 vs 1" in [d.detail for d in report.differences]
+    assert "common.pt:args.seed: 0 vs 1" in [d.detail for d in report.differences]
 
 
 def test_safetensors_sharded_hf_dirs(tmp_path):
@@ -217,90 +195,12 @@ def test_manifest_round_trip(dcp_pair, tmp_path):
         write_manifest(a, a / "m.json")
 
 
-# ---- bad input -------------------------------------------------------------------------------
-
-
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
+# ---- bad input (more in test_checkpoints_hostile.py) ------------------------------------------
 
 
 def _truncate(path, keep):
     data = path.read_bytes()
     path.write_bytes(data[:keep])
-
-
-def _truncated_distcp(d, t):
-    x = _copy(d, t / "x")
-    _truncate(x / "__0_0.distcp", 1000)
-    return x
-
-
-def _corrupt_metadata(d, t):
-    x = _copy(d, t / "x")
-    (x / ".metadata").write_bytes(b"garbage")
-    return x
-
-
-def _missing_distcp(d, t):
-    x = _copy(d, t / "x")
-    (x / "__0_0.distcp").unlink()
-    return x
-
-
-def _distcp_is_a_directory(d, t):
-    x = _missing_distcp(d, t)
-    (x / "__0_0.distcp").mkdir()
-    return x
-
-
-def _symlink_loop(d, t):
-    os.symlink(t / "l2", t / "l1")
-    os.symlink(t / "l1", t / "l2")
-    return t / "l1"
-
-
-def _empty(d, t):
-    (t / "empty").mkdir()
-    return t / "empty"
-
-
-def _stray_iter(d, t):
-    _copy(d, t / "run" / "iter_0000020")
-    return t / "run"
-
-
-def _bad_tracker(d, t):
-    _copy(d, t / "run" / "iter_0000020")
-    (t / "run" / "latest_checkpointed_iteration.txt").write_text("30")
-    return t / "run"
-
-
-BAD = {
-    "missing path": (lambda d, t: t / "nope", "nope: no such file or directory"),
-    "empty directory": (_empty, "empty: no checkpoint found"),
-    "truncated distcp": (_truncated_distcp, "__0_0.distcp: truncated"),
-    "corrupt .metadata": (_corrupt_metadata, ".metadata: corrupt or truncated DCP metadata"),
-    "missing distcp": (_missing_distcp, "__0_0.distcp: listed in"),
-    "distcp is a directory": (_distcp_is_a_directory, "__0_0.distcp: cannot be read"),
-    "symlink loop": (_symlink_loop, "l1: symlink loop"),
-    "stray iter dir": (_stray_iter, "iter_0000020/ but no latest_checkpointed_iteration.txt"),
-    "tracker names a missing iteration": (_bad_tracker, "names iteration 30, but"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_clear_error(dcp_pair, tmp_path, case):
-    a, _ = dcp_pair
-    make, message = BAD[case]
-    bad = make(a, tmp_path)
-    before = tree_state(a)
-    with pytest.raises(CheckpointError, match=None) as exc:
-        compare_checkpoints(a, bad)
-    assert message in str(exc.value), str(exc.value)
-    r = cli("compare", a, bad)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert tree_state(a) == before
 
 
 def test_truncated_and_corrupt_files_of_other_formats(tmp_path):
@@ -324,7 +224,7 @@ def test_truncated_and_corrupt_files_of_other_formats(tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file(dcp_pair, tmp_path):
     a, _ = dcp_pair
-    x = _copy(a, tmp_path / "x")
+    x = shutil.copytree(a, tmp_path / "x")
     (x / "__0_0.distcp").chmod(0)
     with pytest.raises(CheckpointError, match="permission denied"):
         compare_checkpoints(a, x)

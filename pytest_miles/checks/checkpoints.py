@@ -1,15 +1,18 @@
 """Bitwise checkpoint equality that looks at the weights and names the first divergence.
 
-How: every tensor's stored bytes are compared as streams (chunked reads into reused buffers,
-files in parallel), so memory stays near a few buffers, not the checkpoint. Bytes equal means
-the values are equal. Only where bytes differ are both sides decoded, to say which elements
-differ and by how much (or that only the container differed). Container files whose bytes
-differ by design (DCP `.metadata`: random save id, path) are compared semantically.
+How: entries are matched by name (a dict lookup each: O(n)), whatever file or shard holds them.
+Where both sides store a tensor in the same chunk layout, its stored bytes are compared as
+streams (adjacent items coalesced into one run, reads into two reused buffers), so memory stays
+near a few buffers, not the checkpoint; bytes equal means values equal. Where the layouts differ
+(TP 1 vs 2, replicated vs FSDP2-sharded) or bytes differ, both sides are assembled and decoded,
+to say which elements differ and by how much. Container files whose bytes differ by design (DCP
+`.metadata`: random save id, path) are compared semantically. Nothing read is ever executed.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gc
 import hashlib
 import json
 import math
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .layouts import CheckpointError, Item, load_layout
+from .layouts import CheckpointError, Entry, Item, Layout, load_layout
+from .safe_io import SafeFile, read_bytes, read_text
+from .unpickle import LazyTensor, materialize
 
 __all__ = ["CheckpointError", "Report", "assert_checkpoints_equal", "compare_checkpoints", "write_manifest"]
 
@@ -53,6 +58,7 @@ class Report:
     differences: list[Difference] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    ignored_unmatched: list[str] = field(default_factory=list)
     stopped_early: bool = False
 
     @property
@@ -79,6 +85,8 @@ class Report:
             lines.append(f"  note: {n}")
         if self.ignored:
             lines.append(f"  ignored by request: {', '.join(self.ignored)}")
+        if self.ignored_unmatched:
+            lines.append(f"  ignore pattern(s) that matched nothing: {', '.join(self.ignored_unmatched)}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -87,51 +95,74 @@ class Report:
             "tensors_compared": self.tensors_compared, "bytes_compared": self.bytes_compared,
             "seconds": self.seconds, "first_difference": self.first.name if self.first else None,
             "differences": [d.to_json() for d in sorted(self.differences, key=lambda d: d.order)],
-            "notes": self.notes, "ignored": self.ignored, "stopped_early": self.stopped_early,
+            "notes": self.notes, "ignored": self.ignored, "ignored_unmatched": self.ignored_unmatched,
+            "stopped_early": self.stopped_early,
         }
 
 
 # ---- streams -------------------------------------------------------------------------------
 
 
-def _ranges_equal(fa, fb, a: Item, b: Item, bufs: tuple[bytearray, bytearray]) -> bool:
-    if a.length != b.length:
-        return False
-    fa.seek(a.offset)
-    fb.seek(b.offset)
-    left = a.length
+def _first_diff(fa: SafeFile, fb: SafeFile, oa: int, ob: int, length: int, bufs: tuple[bytearray, bytearray],
+                stop: threading.Event) -> int | None:
+    """Offset (from oa/ob) of the first CHUNK-aligned block that differs, None when all equal.
+    Stops (returning None) as soon as `stop` is set by another worker under --first."""
     ba, bb = bufs
-    while left:
-        n = min(left, CHUNK)
-        if n == CHUNK:
-            ra, rb = fa.readinto(ba), fb.readinto(bb)
-            if ra != n or rb != n:
-                raise CheckpointError(f"{a.file if ra != n else b.file}: truncated while reading {a.key!r}")
-            if ba != bb:
-                return False
-        else:
-            da, db = fa.read(n), fb.read(n)
-            if len(da) != n or len(db) != n:
-                raise CheckpointError(f"{a.file if len(da) != n else b.file}: truncated while reading {a.key!r}")
-            if da != db:
-                return False
-        left -= n
-    return True
+    pos = 0
+    while pos < length:
+        if stop.is_set():
+            return None
+        n = min(length - pos, CHUNK)
+        va, vb = memoryview(ba)[:n], memoryview(bb)[:n]
+        ra, rb = fa.preadinto(va, oa + pos), fb.preadinto(vb, ob + pos)
+        if ra != n or rb != n:
+            raise CheckpointError(f"{fa.path if ra != n else fb.path}: truncated (file shrank while reading)")
+        if (ba != bb) if n == CHUNK else (ba[:n] != bb[:n]):  # bytearray ==: memcmp; memoryview ==: per element
+            return pos
+        pos += n
+    return None
 
 
-def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event) -> list[tuple[Item, Item, bool]]:
-    """Compare the byte ranges of items that live in one (file A, file B) pair, in file order."""
-    out = []
+def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event,
+                   first: bool = False) -> list[tuple[Item, Item, bool]]:
+    """Compare the byte ranges of items that live in one (file A, file B) pair, in file order.
+    Items adjacent on both sides are one run: one read loop for thousands of small tensors."""
+    out: list[tuple[Item, Item, bool]] = []
     bufs = (bytearray(CHUNK), bytearray(CHUNK))
-    fa_path, fb_path = pairs[0][0].file, pairs[0][1].file
-    try:
-        with open(fa_path, "rb", buffering=0) as fa, open(fb_path, "rb", buffering=0) as fb:
-            for a, b in sorted(pairs, key=lambda p: p[0].offset):
-                if stop.is_set():
+    pairs = sorted(pairs, key=lambda p: p[0].offset)
+    with SafeFile(pairs[0][0].file) as fa, SafeFile(pairs[0][1].file) as fb:
+        i = 0
+        while i < len(pairs) and not stop.is_set():
+            a, b = pairs[i]
+            if a.length != b.length:
+                out.append((a, b, False))
+                i += 1
+                if first:
+                    stop.set()
+                continue
+            j, end_a, end_b = i + 1, a.offset + a.length, b.offset + b.length
+            while j < len(pairs):
+                na, nb = pairs[j]
+                if na.offset != end_a or nb.offset != end_b or na.length != nb.length:
                     break
-                out.append((a, b, _ranges_equal(fa, fb, a, b, bufs)))
-    except PermissionError as exc:
-        raise CheckpointError(f"{exc.filename}: not readable (permission denied)") from None
+                end_a, end_b = end_a + na.length, end_b + nb.length
+                j += 1
+            pos = _first_diff(fa, fb, a.offset, b.offset, end_a - a.offset, bufs, stop)
+            if pos is None:
+                if not stop.is_set():
+                    out.extend((x, y, True) for x, y in pairs[i:j])
+                i = j
+                continue
+            at = a.offset + pos  # items ending before the differing block are equal
+            while i < j and pairs[i][0].offset + pairs[i][0].length <= at:
+                out.append((*pairs[i], True))
+                i += 1
+            x, y = pairs[i]  # the item holding the differing block
+            same = _first_diff(fa, fb, x.offset, y.offset, x.length, bufs, threading.Event()) is None
+            out.append((x, y, same))
+            i += 1
+            if first and not same:
+                stop.set()  # --first: nothing after the first differing byte range is read
     return out
 
 
@@ -140,21 +171,11 @@ def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event) -> lis
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested containers -> {key.path: leaf}, so that differences have a name."""
-    import argparse
+    from .layouts import _flatten as flat
 
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    if isinstance(obj, (list, tuple)):
-        out = {}
-        for i, v in enumerate(obj):
-            out.update(_flatten(v, f"{prefix}[{i}]"))
-        return out or {prefix: type(obj)()}
-    return {prefix: obj}
+    out: dict[str, Any] = {}
+    flat(materialize(obj), prefix, out)
+    return out
 
 
 def _is_tensor(x: Any) -> bool:
@@ -165,6 +186,10 @@ def _is_tensor(x: Any) -> bool:
 def _leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
     from .bits import bits_equal, tensor_diff
 
+    if isinstance(x, LazyTensor):
+        x = x.materialize()
+    if isinstance(y, LazyTensor):
+        y = y.materialize()
     if _is_tensor(x) or _is_tensor(y):
         if not (_is_tensor(x) and _is_tensor(y)):
             return Difference("object", name, f"{name}: tensor on one side only ({type(x).__name__} vs {type(y).__name__})")
@@ -188,8 +213,7 @@ def _leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
             return None
         return Difference("object", name, f"{name}: {x!r} vs {y!r}")
     try:
-        same = x == y
-        same = bool(same)
+        same = bool(x == y)
     except Exception:
         same = False
     if not same and hasattr(x, "__dict__") and hasattr(y, "__dict__"):
@@ -198,11 +222,11 @@ def _leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
     return None if same else Difference("object", name, f"{name}: {x!r:.120} vs {y!r:.120}")
 
 
-def _objects_diff(name: str, x: Any, y: Any, ignore: tuple[str, ...] = ()) -> list[Difference]:
+def _objects_diff(name: str, x: Any, y: Any, ignore: Ignore | None = None) -> list[Difference]:
     fx, fy = _flatten(x, name), _flatten(y, name)
     diffs = []
     for key in dict.fromkeys([*fx, *fy]):
-        if _ignored(key, ignore):
+        if ignore is not None and ignore(key):
             continue
         if key not in fy:
             diffs.append(Difference("missing", key, f"{key}: only in A"))
@@ -215,12 +239,25 @@ def _objects_diff(name: str, x: Any, y: Any, ignore: tuple[str, ...] = ()) -> li
     return diffs
 
 
-def _ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+class Ignore:
+    """--ignore globs, matched against the names the report prints; remembers which matched."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.patterns, self.used = patterns, set()
+
+    def __call__(self, name: str) -> bool:
+        for p in self.patterns:
+            if fnmatch.fnmatchcase(name, p):
+                self.used.add(p)
+                return True
+        return False
+
+    def unmatched(self) -> list[str]:
+        return [p for p in self.patterns if p not in self.used]
 
 
 def _side_file_value(path: Path) -> Any:
-    text = path.read_bytes()
+    text = read_bytes(path, what="side file")
     if path.suffix == ".json":
         try:
             return json.loads(text)
@@ -232,84 +269,160 @@ def _side_file_value(path: Path) -> Any:
 # ---- the comparison ------------------------------------------------------------------------
 
 
+def _validate_workers(workers: int | None) -> int:
+    if workers is None:
+        return min(2, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise CheckpointError(f"--workers {workers!r}: expected a whole number >= 1 (file pairs read in parallel)")
+    return workers
+
+
 def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ignore: tuple[str, ...] | list[str] = (),
                         first: bool = False, workers: int | None = None) -> Report:
     """Compare two checkpoints (or one against a manifest file/dict) and return the report.
 
     Raises CheckpointError for unusable input. Never writes to either input.
     """
+    was = gc.isenabled()
+    gc.disable()  # 100,000s of small objects for 20,000 tensors: no repeated full collections
+    try:
+        return _compare_checkpoints(a, b, ignore, first, workers)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, workers: int | None) -> Report:
     t0 = time.perf_counter()
-    ignore = tuple(ignore)
-    if isinstance(b, dict) or (not isinstance(b, dict) and str(b).endswith(".json") and Path(b).is_file()
-                               and _is_manifest(Path(b))):
-        return _compare_with_manifest(a, b, ignore, t0)
+    nworkers = _validate_workers(workers)
+    ign = Ignore(tuple(ignore))
+    if isinstance(b, dict) or (str(b).endswith(".json") and _is_manifest(Path(b))):
+        report = _compare_with_manifest(a, b, ign, t0)
+        report.ignored_unmatched = ign.unmatched()
+        return report
     la, lb = load_layout(a), load_layout(b)
-    base_a, base_b = la.kind.split("/")[-1], lb.kind.split("/")[-1]
-    if base_a != base_b:
+    report = compare_layouts(la, lb, str(a), str(b), ign, first, nworkers)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _same_geometry(ea: Entry, eb: Entry) -> bool:
+    if len(ea.chunks) == 1 == len(eb.chunks):
+        (oa, sa, ia), (ob, sb, ib) = ea.chunks[0], eb.chunks[0]
+        return oa == ob and sa == sb and ia.encoding == ib.encoding
+    return ea.geometry() == eb.geometry()
+
+
+def _base_kind(kind: str) -> str:
+    return "dcp" if kind.endswith("dcp") else "torch" if kind.endswith(("torch", "legacy")) else kind.split("/")[-1]
+
+
+def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: bool, nworkers: int) -> Report:
+    if _base_kind(la.kind) != _base_kind(lb.kind):
         raise CheckpointError(f"{a} is a {la.kind} checkpoint but {b} is {lb.kind}: compare like with like")
-    report = Report(str(a), str(b), la.kind, lb.kind, ignored=list(ignore))
+    report = Report(a, b, la.kind, lb.kind, ignored=list(ign.patterns))
     report.notes.extend(n if n in lb.notes else f"A: {n}" for n in la.notes)
     report.notes.extend(f"B: {n}" for n in lb.notes if n not in la.notes)
     diffs = report.differences
-
     pairs: dict[tuple[Path, Path], list[tuple[Item, Item]]] = {}
-    for key in dict.fromkeys([*la.items, *lb.items]):
-        if _ignored(key, ignore):
+    owner: dict[int, tuple[Entry, Entry]] = {}
+    assembled: list[tuple[Entry, Entry]] = []
+    assembled_ids: set[int] = set()
+    relaid: list[str] = []
+    moved: list[str] = []
+    for name in dict.fromkeys([*la.entries, *lb.entries]):
+        if ign(name):
             continue
-        ia, ib = la.items.get(key), lb.items.get(key)
-        if ib is None:
-            diffs.append(Difference("missing", key, f"{key}: in A ({ia.file.name}) but not in B", ia.order))
-        elif ia is None:
-            diffs.append(Difference("extra", key, f"{key}: in B ({ib.file.name}) but not in A", ib.order))
-        elif ia.dtype != ib.dtype and ia.dtype and ib.dtype:
-            diffs.append(Difference("dtype", key, f"{key}: dtype {ia.dtype} vs {ib.dtype}", ia.order))
-        elif ia.shape != ib.shape and ia.kind == "tensor":
-            diffs.append(Difference("shape", key, f"{key}: shape {list(ia.shape or ())} vs {list(ib.shape or ())}", ia.order))
+        ea, eb = la.entries.get(name), lb.entries.get(name)
+        if eb is None:
+            diffs.append(Difference("missing", name, f"{name}: in A ({ea.where}) but not in B", ea.order))
+        elif ea is None:
+            diffs.append(Difference("extra", name, f"{name}: in B ({eb.where}) but not in A", eb.order))
+        elif ea.kind != eb.kind:
+            diffs.append(Difference("object", name, f"{name}: {ea.kind} vs {eb.kind}", ea.order))
+        elif ea.kind == "value":
+            d = _leaf_diff(name, ea.value, eb.value)
+            if d is not None:
+                d.order = ea.order
+                diffs.append(d)
+            report.tensors_compared += 1
+        elif ea.dtype != eb.dtype:
+            diffs.append(Difference("dtype", name, f"{name}: dtype {ea.dtype} vs {eb.dtype}", ea.order))
+        elif ea.shape != eb.shape:
+            diffs.append(Difference("shape", name, f"{name}: shape {list(ea.shape or ())} vs {list(eb.shape or ())}",
+                                    ea.order))
+        elif not _same_geometry(ea, eb):
+            assembled.append((ea, eb))
+            assembled_ids.add(id(ea))
+            if [c[:2] for c in ea.chunks] != [c[:2] for c in eb.chunks]:
+                relaid.append(name)
         else:
-            pairs.setdefault((ia.file, ib.file), []).append((ia, ib))
+            for (_, _, ia), (_, _, ib) in zip(ea.chunks, eb.chunks):
+                pairs.setdefault((ia.file, ib.file), []).append((ia, ib))
+                owner[id(ia)] = (ea, eb)
+                if ia.file.name != ib.file.name and len(la.entries) > 1:
+                    moved.append(f"{ia.key} ({ia.file.name} vs {ib.file.name})")
+    if moved:
+        report.notes.append(f"storage placement differs for {len(moved)} item(s), e.g. {moved[0]}: items are "
+                            "compared by name, wherever they are stored")
+    if relaid:
+        report.notes.append(f"chunk layouts differed for {len(relaid)} tensor(s) (e.g. {relaid[0]}): those were "
+                            "compared as assembled global tensors")
 
-    # Per-tensor metadata of tensors already reported (missing, extra, dtype, shape) adds nothing.
-    reported = {d.name for d in diffs}
+    reported = {d.name for d in diffs}  # per-tensor metadata of a tensor already reported adds nothing
     for key in dict.fromkeys([*la.meta, *lb.meta]):
-        if _ignored(key, ignore):
+        if ign(key):
             continue
         va, vb = la.meta.get(key, "<absent>"), lb.meta.get(key, "<absent>")
-        fqn = key.split(":")[-1]
-        if va != vb and fqn not in reported:
-            if LAYOUT_ONLY in key:
-                report.notes.append(f"{key} differs; tensors are compared by name, wherever they are stored")
-            else:
-                diffs.append(Difference("metadata", key, f"{key}: {_short(va)} vs {_short(vb)}"))
+        if va != vb and key.split(":")[-1] not in reported:
+            diffs.append(Difference("metadata", key, f"{key}: {_short(va)} vs {_short(vb)}"))
+    files_a, files_b = la.layout_info.get("safetensors files", []), lb.layout_info.get("safetensors files", [])
+    if files_a != files_b and max(len(files_a), len(files_b)) > 1:
+        report.notes.append("safetensors shard files differ "
+                            f"({', '.join(la.layout_info['safetensors files'])} vs "
+                            f"{', '.join(lb.layout_info.get('safetensors files', []))}); tensors are compared by name")
+    if la.layout_info.get("legacy ranks") != lb.layout_info.get("legacy ranks"):
+        report.notes.append(f"legacy Megatron rank layout: {la.layout_info.get('legacy ranks')} vs "
+                            f"{lb.layout_info.get('legacy ranks')}")
 
     stop = threading.Event()
     if first and diffs:
         stop.set()
-    nworkers = workers or min(8, max(2, os.cpu_count() or 2))
-    unequal: list[tuple[Item, Item]] = []
-    with ThreadPoolExecutor(max_workers=nworkers) as pool:
-        futures = [pool.submit(_compare_group, group, stop) for group in pairs.values()]
-        for fut in futures:
-            for ia, ib, same in fut.result():
-                report.tensors_compared += 1
-                report.bytes_compared += ia.length + ib.length
-                if not same:
-                    unequal.append((ia, ib))
-                    if first:
-                        stop.set()
-    for ia, ib in sorted(unequal, key=lambda p: p[0].order):
-        va, vb = ia.decode(), ib.decode()
-        found = _objects_diff(ia.key, va, vb, ignore) if ia.kind != "tensor" else (
-            [d] if (d := _leaf_diff(ia.key, va, vb)) else [])
-        for d in found:
-            d.order = ia.order
-        diffs.extend(found)
-        if not found:
-            report.notes.append(f"{ia.key}: stored bytes differ but every value is bitwise equal")
+    unequal: dict[int, tuple[Entry, Entry]] = {}
+    if pairs and not stop.is_set():
+        groups = sorted(pairs.values(), key=lambda g: min(p[0].order for p in g))
+        with ThreadPoolExecutor(max_workers=nworkers) as pool:
+            futures = [pool.submit(_compare_group, group, stop, first) for group in groups]
+            for fut in futures:
+                for ia, ib, same in fut.result():
+                    report.tensors_compared += 1
+                    report.bytes_compared += ia.length + ib.length
+                    if not same:
+                        ea, eb = owner[id(ia)]
+                        unequal[id(ea)] = (ea, eb)
+                        if first:
+                            stop.set()
+    todo = sorted([*unequal.values(), *assembled], key=lambda p: p[0].order)
+    for ea, eb in todo:
         if first and diffs:
+            stop.set()
             break
+        if ea.kind == "bytes":
+            found = _objects_diff(ea.name, ea.chunks[0][2].decode(), eb.chunks[0][2].decode(), ign)
+        else:
+            d = _leaf_diff(ea.name, ea.assemble(), eb.assemble())
+            found = [d] if d else []
+            if id(ea) in assembled_ids:
+                report.tensors_compared += 1
+                report.bytes_compared += sum(it.length for *_, it in ea.chunks) + sum(it.length for *_, it in eb.chunks)
+        for d in found:
+            d.order = ea.order
+        diffs.extend(found)
+        if not found and id(ea) in unequal and ea.kind != "bytes":
+            report.notes.append(f"{ea.name}: stored bytes differ but every value is bitwise equal")
 
     for name in dict.fromkeys([*la.side_files, *lb.side_files]):
-        if _ignored(name, ignore):
+        if ign(name) or (first and diffs):
             continue
         pa, pb = la.side_files.get(name), lb.side_files.get(name)
         if pb is None:
@@ -318,9 +431,9 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ig
             diffs.append(Difference("extra", name, f"file {name}: in B but not in A"))
         else:
             diffs.extend(Difference("file", d.name, f"file {d.detail}") for d in
-                         _objects_diff(name, _side_file_value(pa), _side_file_value(pb), ignore))
+                         _objects_diff(name, _side_file_value(pa), _side_file_value(pb), ign))
     report.stopped_early = first and bool(diffs) and stop.is_set()
-    report.seconds = time.perf_counter() - t0
+    report.ignored_unmatched = ign.unmatched()
     return report
 
 
@@ -330,8 +443,20 @@ def _short(v: Any) -> str:
 
 
 def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, ignore: tuple[str, ...] | list[str] = (),
-                             first: bool = False) -> Report:
-    """Raise AssertionError with the full report unless every tensor and value is bitwise equal."""
+                             first: bool = False, iterations: str | None = None) -> Any:
+    """Raise AssertionError with the full report unless every tensor and value is bitwise equal.
+
+    iterations="all": a and b are run dirs; every iteration both saved must be equal (the
+    report names the first diverging iteration and its first differing tensor)."""
+    if iterations is not None:
+        from .iterations import first_diverging_iteration
+
+        if iterations != "all":
+            raise ValueError(f"iterations={iterations!r}: expected 'all' or None")
+        walk = first_diverging_iteration(a, b, ignore=ignore)
+        if not walk.equal:
+            raise AssertionError(walk.render())
+        return walk
     report = compare_checkpoints(a, b, ignore=ignore, first=first)
     if not report.equal:
         raise AssertionError(report.render())
@@ -340,20 +465,24 @@ def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, igno
 
 # ---- manifests -----------------------------------------------------------------------------
 
-MANIFEST_FORMAT = "pytest-miles/checkpoint-manifest/1"
+MANIFEST_FORMAT = "pytest-miles/checkpoint-manifest/2"
+_MANIFEST_FORMATS = ("pytest-miles/checkpoint-manifest/1", MANIFEST_FORMAT)
+MANIFEST_CHUNK_ELEMENTS = 2**20
 _LAYER_RE = __import__("re").compile(r"^(.*?\blayers\.\d+)\.")
 
 
 def _is_manifest(path: Path) -> bool:
     try:
-        with open(path) as f:
-            return json.load(f).get("format") == MANIFEST_FORMAT
-    except (OSError, ValueError, AttributeError):
+        head = read_bytes(path, limit=2**30, what="manifest")
+        return json.loads(head).get("format") in _MANIFEST_FORMATS
+    except (CheckpointError, ValueError, AttributeError):
         return False
 
 
 def _digest_value(v: Any) -> str:
     h = hashlib.sha256()
+    if isinstance(v, LazyTensor):
+        v = v.materialize()
     if _is_tensor(v):
         import torch
 
@@ -366,55 +495,128 @@ def _digest_value(v: Any) -> str:
     return h.hexdigest()
 
 
-def _leaves(item: Item) -> dict[str, Any]:
-    value = item.decode()
-    return {item.key: value} if item.kind == "tensor" else _flatten(value, item.key)
+def _tensor_digests(e: Entry) -> tuple[str, list[str]]:
+    """(digest of the whole tensor, digests of each MANIFEST_CHUNK_ELEMENTS-element range).
+    A tensor stored as one raw chunk is streamed from the file; others are assembled first."""
+    from .layouts import ITEMSIZE
+
+    itemsize = ITEMSIZE[e.dtype or "uint8"]
+    whole = hashlib.sha256(f"torch.{e.dtype}|{list(e.shape or ())}|".encode())
+    parts: list[str] = []
+    step = MANIFEST_CHUNK_ELEMENTS * itemsize
+    item = e.chunks[0][2] if len(e.chunks) == 1 else None
+    if item is not None and item.encoding in ("raw", ("raw",), ("pt", "contiguous")) and item.length == \
+            itemsize * _numel(e.shape):
+        with SafeFile(item.file) as f:
+            for pos in range(0, item.length, step):
+                data = f.pread(item.offset + pos, min(step, item.length - pos), f"tensor {e.name!r}")
+                whole.update(data)
+                parts.append(hashlib.sha256(data).hexdigest())
+    elif item is not None and item.encoding == ("torch.save", False) and (lazy := _lazy_chunk(item)) is not None:
+        raw = memoryview(lazy.read())
+        for pos in range(0, len(raw), step):
+            data = raw[pos:pos + step]
+            whole.update(data)
+            parts.append(hashlib.sha256(data).hexdigest())
+    else:
+        import torch
+
+        flat = e.assemble().contiguous().reshape(-1).view(torch.uint8).numpy()
+        for pos in range(0, len(flat), step):
+            data = flat[pos:pos + step].tobytes()
+            whole.update(data)
+            parts.append(hashlib.sha256(data).hexdigest())
+    return whole.hexdigest(), parts
+
+
+def _lazy_chunk(item: Item) -> LazyTensor | None:
+    """A DCP tensor chunk (a torch.save blob) read without torch, when it is one contiguous tensor."""
+    from .unpickle import load_torch
+
+    with SafeFile(item.file) as f:
+        blob = f.pread(item.offset, item.length, f"item {item.key!r}")
+    obj = load_torch(blob, f"{item.file} (item {item.key!r} at byte {item.offset})")
+    return obj if isinstance(obj, LazyTensor) and obj.is_contiguous() else None
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for s in shape or ():
+        n *= s
+    return n
 
 
 def build_manifest(path: str | os.PathLike) -> dict[str, Any]:
     layout = load_layout(path)
     entries: dict[str, str] = {}
-    for item in sorted(layout.items.values(), key=lambda i: i.order):
-        for key, value in _leaves(item).items():
-            entries[key] = _digest_value(value)
+    chunks: dict[str, list[str]] = {}
+    for e in sorted(layout.entries.values(), key=lambda e: e.order):
+        if e.kind == "tensor":
+            entries[e.name], chunks[e.name] = _tensor_digests(e)
+        elif e.kind == "value":
+            entries[e.name] = _digest_value(e.value)
+        else:
+            for key, value in _flatten(e.chunks[0][2].decode(), e.name).items():
+                entries[key] = _digest_value(value)
     for name, p in layout.side_files.items():
         entries[f"file:{name}"] = _digest_value(_side_file_value(p))
-    layers: dict[str, hashlib._Hash] = {}
-    for key, digest in entries.items():
+    layers: dict[str, list[str]] = {}
+    for key in sorted(entries):  # by name: independent of storage order
         m = _LAYER_RE.match(key)
-        layer = m.group(1) if m else key.split(".")[0]
-        layers.setdefault(layer, hashlib.sha256()).update(f"{key}={digest};".encode())
+        layers.setdefault(m.group(1) if m else key.split(".")[0], []).append(f"{key}={entries[key]};")
     return {"format": MANIFEST_FORMAT, "kind": layout.kind, "source": str(path), "entries": entries,
-            "layers": {k: h.hexdigest() for k, h in layers.items()}}
+            "chunk_elements": MANIFEST_CHUNK_ELEMENTS, "chunks": chunks,
+            "layers": {k: hashlib.sha256("".join(v).encode()).hexdigest() for k, v in layers.items()}}
+
+
+def _checkpoint_dir(src: Path) -> Path:
+    """The directory a checkpoint occupies: itself, or the directory holding a checkpoint file."""
+    return src if src.is_dir() else src.parent
 
 
 def write_manifest(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
-    manifest = build_manifest(path)
+    """Write the manifest of `path` to `output` (default: beside the checkpoint, never inside it)."""
     src = Path(path).resolve()
-    out = Path(output) if output else src.parent / f"{src.name}.manifest.json"
-    if out.resolve().is_relative_to(src) if src.is_dir() else False:
-        raise CheckpointError(f"{out}: the manifest must not be written inside the checkpoint {src}")
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out)
+    home = _checkpoint_dir(src)
+    if output:
+        out = Path(output)
+    elif src.is_dir():
+        out = src.parent / f"{src.name}.manifest.json"
+    else:
+        out = home.parent / f"{home.name}.{src.name}.manifest.json"
+    parent = out.parent.resolve()
+    if parent == home or parent.is_relative_to(home):
+        raise CheckpointError(f"{out}: the manifest must not be written inside the checkpoint {home} "
+                              "(it would change what is compared); pass -o elsewhere")
+    manifest = build_manifest(path)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CheckpointError(f"{out}: cannot write the manifest ({exc.strerror or exc})") from None
     return out
 
 
-def _compare_with_manifest(a, b, ignore: tuple[str, ...], t0: float) -> Report:
+def _compare_with_manifest(a, b, ignore: Ignore, t0: float) -> Report:
     if isinstance(b, dict):
         manifest = b
     else:
         try:
-            manifest = json.loads(Path(b).read_text())
-        except (OSError, ValueError) as exc:
+            manifest = json.loads(read_text(b, limit=2**30, what="manifest"))
+        except ValueError as exc:
             raise CheckpointError(f"{b}: unreadable manifest ({exc})") from None
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("entries"), dict):
+    if not isinstance(manifest, dict) or manifest.get("format") not in _MANIFEST_FORMATS or not isinstance(
+            manifest.get("entries"), dict):
         raise CheckpointError(f"{b}: not a pytest-miles checkpoint manifest")
     mine = build_manifest(a)
-    report = Report(str(a), str(b), mine["kind"], f"manifest of {manifest.get('kind')}", ignored=list(ignore))
+    report = Report(str(a), str(b), mine["kind"], f"manifest of {manifest.get('kind')}", ignored=list(ignore.patterns))
     theirs = manifest["entries"]
+    their_chunks = manifest.get("chunks") or {}
+    step = int(manifest.get("chunk_elements") or MANIFEST_CHUNK_ELEMENTS)
     for order, key in enumerate(dict.fromkeys([*mine["entries"], *theirs])):
-        if _ignored(key, ignore):
+        if ignore(key):
             continue
         da, db = mine["entries"].get(key), theirs.get(key)
         if db is None:
@@ -422,10 +624,17 @@ def _compare_with_manifest(a, b, ignore: tuple[str, ...], t0: float) -> Report:
         elif da is None:
             report.differences.append(Difference("extra", key, f"{key}: in the manifest but not in A", order))
         elif da != db:
-            report.differences.append(Difference("tensor", key, f"{key}: digest {da[:16]} vs {db[:16]} "
-                                                 "(values not available from a manifest)", order))
+            where = ""
+            ca, cb = mine["chunks"].get(key), their_chunks.get(key)
+            if ca and isinstance(cb, list) and step == MANIFEST_CHUNK_ELEMENTS:
+                i = next((i for i, (x, y) in enumerate(zip(ca, cb)) if x != y), min(len(ca), len(cb)))
+                where = f"; first differing chunk {i}: elements [{i * step}, {(i + 1) * step}) of the flattened tensor"
+            report.differences.append(Difference("tensor", key, f"{key}: digest {da[:16]} vs {db[:16]}{where} "
+                                                 "(values not available from a manifest)", order,
+                                                 data={"chunk": i, "elements": [i * step, (i + 1) * step]}
+                                                 if where else None))
         report.tensors_compared += 1
-    bad_layers = [k for k, v in mine["layers"].items() if manifest.get("layers", {}).get(k) != v]
+    bad_layers = sorted(k for k, v in mine["layers"].items() if manifest.get("layers", {}).get(k) != v)
     if bad_layers:
         report.notes.append(f"layers whose digest differs: {', '.join(bad_layers[:20])}")
     report.seconds = time.perf_counter() - t0

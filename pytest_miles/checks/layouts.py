@@ -1,16 +1,19 @@
-"""What is inside a checkpoint, and where: tensors as byte ranges in files, plus metadata.
+"""What is inside a checkpoint, and where: named entries (tensors as chunks = byte ranges in files,
+plus non-tensor values), whatever the files they were written to.
 
-Formats: Megatron save dirs (`latest_checkpointed_iteration.txt` -> `iter_XXXXXXX/`), torch DCP
-dirs (`*.distcp` + `.metadata`), safetensors files and HF dirs (sharded, with an index json),
-and `.pt` files or dirs of them. Every error names the file and is a `CheckpointError`.
+Formats: Megatron save dirs (`latest_checkpointed_iteration.txt` -> `iter_XXXXXXX/`, torch_dist or
+legacy `mp_rank_NN[_PPP]/model_optim_rng.pt`), torch DCP dirs (`*.distcp` + `.metadata`),
+safetensors files and HF dirs (sharded, with an index json), and `.pt` files or dirs of them.
+Every file is opened through safe_io (regular files only, bounded reads) and every pickle through
+unpickle (nothing called). Every error names the file and is a `CheckpointError`.
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
-import pickle
 import re
 import struct
 from collections.abc import Callable
@@ -18,34 +21,69 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .safe_io import CheckpointError, SafeFile, read_bytes, read_text
+from .unpickle import LazyTensor, load_pickle, load_torch, materialize
 
-class CheckpointError(Exception):
-    """Unusable input (exit 2): names the file and what is wrong with it."""
+__all__ = ["CheckpointError", "Entry", "Item", "Layout", "load_layout", "megatron_iteration_dir"]
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
-    """One comparable unit: a tensor (or tensor chunk) stored at [offset, offset+length) of file."""
+    """Bytes [offset, offset+length) of file: one tensor chunk, one DCP byte item, ..."""
 
     key: str
     file: Path
     offset: int
     length: int
     order: int
-    kind: str = "tensor"  # tensor | bytes | file
+    kind: str = "tensor"  # tensor | bytes
+    encoding: Any = "raw"  # equal bytes mean equal values only between items of equal encoding
+    decode: Callable[[], Any] | None = None
+
+
+@dataclass(slots=True)
+class Entry:
+    """One named thing: a tensor (global dtype/shape, stored as chunks), a DCP byte item, or a value."""
+
+    name: str
+    order: int
+    kind: str  # tensor | bytes | value
     dtype: str | None = None
     shape: tuple[int, ...] | None = None
-    decode: Callable[[], Any] | None = None
+    chunks: list[tuple[tuple[int, ...], tuple[int, ...], Item]] = field(default_factory=list)
+    value: Any = None
+    where: str = ""
+
+    def geometry(self) -> list[tuple[tuple[int, ...], tuple[int, ...], Any]]:
+        return [(o, s, it.encoding) for o, s, it in self.chunks]
+
+    def assemble(self):
+        """The whole tensor (only where values are needed: layouts differ, or bytes differ)."""
+        import torch
+
+        if len(self.chunks) == 1 and tuple(self.chunks[0][1]) == tuple(self.shape or ()):
+            return self.chunks[0][2].decode().reshape(self.shape or ())
+        out = torch.empty(self.shape or (), dtype=getattr(torch, self.dtype or "float32"))
+        for offsets, sizes, item in self.chunks:
+            part = item.decode()
+            out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part.reshape(sizes)
+        return out
 
 
 @dataclass
 class Layout:
     kind: str
     root: Path
-    items: dict[str, Item] = field(default_factory=dict)
+    entries: dict[str, Entry] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # compared semantically
     side_files: dict[str, Path] = field(default_factory=dict)  # json/txt next to the tensors
     notes: list[str] = field(default_factory=list)
+    layout_info: dict[str, Any] = field(default_factory=dict)  # how it is stored: reported, not compared
+
+    def add(self, entry: Entry, source: Path) -> None:
+        if entry.name in self.entries:
+            raise CheckpointError(f"{source}: {entry.name!r} is also stored in {self.entries[entry.name].where}")
+        self.entries[entry.name] = entry
 
 
 SAFETENSORS_DTYPES = {
@@ -53,18 +91,20 @@ SAFETENSORS_DTYPES = {
     "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+            "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+            "float8_e8m0fnu": 1, "complex64": 8, "complex128": 16}
 ITER_RE = re.compile(r"iter_(\d{7})$")
+MP_RANK_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 SIDE_SUFFIXES = (".json", ".txt", ".yaml", ".yml")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
-def _check_readable(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            f.read(1)
-    except PermissionError:
-        raise CheckpointError(f"{path}: not readable (permission denied)") from None
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _resolve(path: Path) -> Path:
@@ -83,214 +123,179 @@ def _resolve(path: Path) -> Path:
     return resolved
 
 
+def _listdir(p: Path) -> list[Path]:
+    try:
+        return sorted(p.iterdir())
+    except PermissionError:
+        raise CheckpointError(f"{p}: directory not readable (permission denied)") from None
+    except OSError as exc:
+        raise CheckpointError(f"{p}: directory cannot be read ({exc.strerror or exc})") from None
+
+
+def _regular(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:
+        return False
+
+
+def _raw_item(key: str, path: Path, offset: int, length: int, order: int, dtype: str, shape: tuple[int, ...]) -> Item:
+    def decode():
+        import torch
+
+        with SafeFile(path) as f:
+            buf = bytearray(f.pread(offset, length, f"tensor {key!r}"))
+        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length else torch.empty(0, dtype=getattr(torch, dtype))
+        return t.reshape(shape)
+
+    return Item(key, path, offset, length, order, "tensor", "raw", decode)
+
+
 # ---- safetensors ---------------------------------------------------------------------------
 
 
-def _safetensors_items(path: Path, start_order: int, layout: Layout, prefix: str = "") -> int:
-    _check_readable(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
+def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[int, list[str], Any]:
+    """Entries of one safetensors file; returns (next order, tensor names, its __metadata__)."""
+    with SafeFile(path) as f:
+        size = f.size
+        if size < 8:
             raise CheckpointError(f"{path}: truncated safetensors file (no header)")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", f.pread(0, 8))
         if n > size - 8 or n > 100 * 2**20:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+        raw = f.pread(8, n, "safetensors header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a {type(header).__name__}, not an object)")
     base = 8 + n
     meta = header.pop("__metadata__", None)
-    if meta:
-        layout.meta[f"{prefix}{path.name}:__metadata__"] = meta
-    order = start_order
-    for name, info in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]):
+    parsed = []
+    for name, info in header.items():
         try:
-            begin, end = info["data_offsets"]
+            begin, end = (int(x) for x in info["data_offsets"])
             dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({exc!r})") from None
+        if begin < 0 or end < begin or any(s < 0 for s in shape):
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} (offsets [{begin}, {end}], shape {list(shape)})")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
-        item = Item(name, path, base + begin, end - begin, order, "tensor", dtype, shape)
-        item.decode = _raw_decoder(path, base + begin, end - begin, dtype, shape)
-        if name in layout.items:
-            raise CheckpointError(f"{path}: tensor {name!r} also stored in {layout.items[name].file.name}")
-        layout.items[name] = item
+        if end - begin != _numel(shape) * ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r}: {end - begin} bytes for "
+                                  f"{list(shape)} {dtype} ({_numel(shape) * ITEMSIZE[dtype]} expected)")
+        parsed.append((begin, end, name, dtype, shape))
+    parsed.sort()
+    prev_end, prev = 0, None
+    for begin, end, name, _, _ in parsed:
+        if begin < prev_end and end > begin:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} at [{begin}, {end}) "
+                                  f"overlaps {prev!r}")
+        if end > begin:
+            prev_end, prev = end, name
+    order = start_order
+    for begin, end, name, dtype, shape in parsed:
+        item = _raw_item(name, path, base + begin, end - begin, order, dtype, shape)
+        layout.add(Entry(name, order, "tensor", dtype, shape, [((0,) * len(shape), shape, item)], where=path.name), path)
         order += 1
-    return order
+    return order, [p[2] for p in parsed], meta
 
 
-def _raw_decoder(path: Path, offset: int, length: int, dtype: str, shape: tuple[int, ...]):
-    def decode():
-        import torch
-
-        buf = bytearray(length)
-        with open(path, "rb") as f:
-            f.seek(offset)
-            f.readinto(buf)
-        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length else torch.empty(0, dtype=getattr(torch, dtype))
-        return t.reshape(shape)
-
-    return decode
-
-
-def _hf_layout(root: Path) -> Layout:
+def _hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
     layout = Layout("safetensors", root)
-    index = sorted(root.glob("*.safetensors.index.json"))
-    shards = sorted(root.glob("*.safetensors"))
+    entries = _listdir(root) if files is None else files
+    index = sorted(e for e in entries if e.name.endswith(".safetensors.index.json")) if files is None else []
+    shards = [e for e in entries if e.suffix == ".safetensors"]
+    weight_map: dict[str, str] | None = None
     if index:
         try:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
+            weight_map = json.loads(read_text(index[0], what="safetensors index"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index[0]}: unusable safetensors index ({exc!r})") from None
-        wanted = sorted(set(weight_map.values()))
+        wanted = sorted(set(map(str, weight_map.values())))
         for name in wanted:
-            if not (root / name).exists():
+            if "/" in name or not (root / name).exists():
                 raise CheckpointError(f"{root / name}: shard listed in {index[0].name} is missing")
-        shard_set = [root / n for n in wanted]
         extra = [s for s in shards if s.name not in set(wanted)]
         if extra:
             layout.notes.append(f"shards not in {index[0].name}: {', '.join(s.name for s in extra)}")
-        shards = shard_set + extra
+        shards = [root / n for n in wanted] + extra
     order = 0
+    metas = []
     for shard in shards:
-        order = _safetensors_items(shard, order, layout)
-    layout.meta["storage placement (file, offset) [layout only]"] = sorted(
-        (k, it.file.name, it.offset) for k, it in layout.items.items())
-    for p in sorted(root.iterdir()):
-        if p.is_file() and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".safetensors.index.json"):
-            layout.side_files[p.name] = p
+        order, names, meta = _safetensors_entries(shard, order, layout)
+        if meta is not None:
+            metas.append(json.dumps(meta, sort_keys=True))
+        if weight_map is not None:
+            for name in names:
+                if name in weight_map and weight_map[name] != shard.name:
+                    raise CheckpointError(f"{shard}: holds {name!r}, which {index[0].name} places in {weight_map[name]}")
+    if weight_map is not None:
+        absent = [k for k, v in weight_map.items() if k not in layout.entries]
+        if absent:
+            raise CheckpointError(f"{root / weight_map[absent[0]]}: does not hold {absent[0]!r}, which "
+                                  f"{index[0].name} places there ({len(absent)} such tensor(s))")
+    if metas:  # per tensor set, whatever the file names and the shard split
+        layout.meta["safetensors __metadata__"] = sorted(set(metas))
+    layout.layout_info["safetensors files"] = sorted(s.name for s in shards)
+    if files is None:
+        for p in entries:
+            if _regular(p) and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".safetensors.index.json"):
+                layout.side_files[p.name] = p
     return layout
 
 
 # ---- torch DCP -----------------------------------------------------------------------------
 
 
-class _Stub:
-    """Stand-in for a torch class inside DCP `.metadata`: holds its fields, compares by value."""
+def _dcp_chunk_item(key: str, path: Path, info: Any, order: int, kind: str, dtype: str | None,
+                    sizes: tuple[int, ...] | None) -> Item:
+    offset, length = int(info.offset), int(info.length)
+    transforms = getattr(info, "transform_descriptors", None)
+    raw = kind == "tensor" and not transforms and sizes is not None and length == _numel(sizes) * ITEMSIZE.get(dtype or "", -1)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if args:
-            self.args = args
-        self.__dict__.update(kwargs)
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(x, (dict, type(None))) for x in state):
-            state = {**(state[0] or {}), **(state[1] or {})}  # (dict, slots)
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-        else:  # a custom __getstate__ (TensorProperties: (dtype, layout, requires_grad, ...))
-            self.state = state
-            if type(self).__name__ == "TensorProperties" and isinstance(state, tuple) and state:
-                self.dtype = state[0]
-
-    def _key(self) -> tuple:
-        return (type(self).__name__, tuple(sorted((k, _freeze(v)) for k, v in self.__dict__.items())))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Stub) and self._key() == other._key()
-
-    def __hash__(self) -> int:
-        return hash(self._key())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.__dict__.items())})"
-
-
-def _freeze(v: Any) -> Any:
-    if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-class _Ref:
-    """A torch global (dtype, layout, helper function) named, not imported; calls are recorded."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __call__(self, *args: Any) -> _Ref:
-        return _Ref(f"{self.name}{args!r}")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Ref) and other.name == self.name
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def __repr__(self) -> str:
-        return self.name
-
-    __str__ = __repr__
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Reads `.metadata` without importing torch and without running code from the file:
-    torch classes become `_Stub`s, dtypes their names, anything else outside a small allow-list
-    is refused."""
-
-    _stubs: dict[str, type] = {}
-    _allowed = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("builtins", "tuple"), ("builtins", "list"), ("builtins", "dict"), ("copyreg", "_reconstructor"),
-                ("builtins", "object"), ("enum", "Enum")}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and name == "Size":
-            return tuple
-        if module.split(".")[0] == "torch":
-            if not re.fullmatch(r"_?[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*", name):  # float32, _get_layout, ...
-                return _Ref(f"{module}.{name}")
-            if name not in self._stubs:
-                self._stubs[name] = type(name, (_Stub,), {})
-            return self._stubs[name]
-        if module == "pathlib":  # checkpoint_id may be a Path; keep it as text
-            return lambda *parts: os.path.join(*map(str, parts)) if parts else ""
-        if (module, name) in self._allowed:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-
-
-def _load_dcp_metadata(path: Path):
-    _check_readable(path)
-    try:
-        with open(path, "rb") as f:
-            return _MetadataUnpickler(f).load()
-    except Exception as exc:
-        raise CheckpointError(f"{path}: corrupt or truncated DCP metadata ({type(exc).__name__}: {exc})") from None
-
-
-def _dcp_decoder(path: Path, info, kind: str):
     def decode():
-        import torch
-
-        with open(path, "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        stream: Any = io.BytesIO(data)
-        if getattr(info, "transform_descriptors", None):
+        with SafeFile(path) as f:
+            data = f.pread(offset, length, f"item {key!r}")
+        if transforms:
             from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
 
-            stream = _StorageReaderTransforms().transform_load_stream(None, info.transform_descriptors, stream)
-            stream = io.BytesIO(stream.read())
-        try:
-            return torch.load(stream, map_location="cpu", weights_only=(kind == "tensor"))
-        except Exception as exc:
-            raise CheckpointError(f"{path}: item at byte {info.offset} cannot be decoded ({exc})") from None
+            try:
+                data = _StorageReaderTransforms().transform_load_stream(None, transforms, io.BytesIO(data)).read()
+            except Exception as exc:
+                raise CheckpointError(f"{path}: item {key!r} at byte {offset} cannot be decoded ({exc})") from None
+        if raw:
+            import torch
 
-    return decode
+            t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)) if data else torch.empty(
+                0, dtype=getattr(torch, dtype))
+            return t.reshape(sizes)
+        obj = load_torch(data, f"{path} (item {key!r} at byte {offset})")
+        if kind == "tensor":
+            if not isinstance(obj, LazyTensor):
+                raise CheckpointError(f"{path}: item {key!r} at byte {offset} is a {type(obj).__name__}, not a tensor")
+            if obj.dtype != dtype or tuple(obj.size) != tuple(sizes or ()):
+                raise CheckpointError(f"{path}: item {key!r} at byte {offset} holds {obj.dtype} {list(obj.size)}, "
+                                      f".metadata says {dtype} {list(sizes or ())}")
+        return materialize(obj)
+
+    encoding = ("raw",) if raw else ("torch.save", bool(transforms))
+    return Item(key, path, offset, length, order, kind, encoding, decode)
 
 
-def _dcp_layout(root: Path, kind: str = "dcp") -> Layout:
+def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None) -> Layout:
     meta_path = root / ".metadata"
-    md = _load_dcp_metadata(meta_path)
+    md = load_pickle(read_bytes(meta_path, what="DCP metadata"), str(meta_path))
+    for attr in ("state_dict_metadata", "storage_data"):
+        if not isinstance(getattr(md, attr, None), dict):
+            raise CheckpointError(f"{meta_path}: not DCP metadata (a {type(md).__name__} without {attr})")
     layout = Layout(kind, root)
-
-    sm = md.storage_meta
+    sm = getattr(md, "storage_meta", None)
     ignored = []
     if sm is not None:
         ignored = [f"{k}={getattr(sm, k)!s}" for k in ("save_id", "checkpoint_id") if getattr(sm, k, None)]
@@ -300,111 +305,159 @@ def _dcp_layout(root: Path, kind: str = "dcp") -> Layout:
     layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
     if ignored:
         layout.notes.append(f".metadata: {'; '.join(ignored)}")
-    if isinstance(md.planner_data, dict):
-        for fqn, value in md.planner_data.items():
+    planner = getattr(md, "planner_data", None)
+    if isinstance(planner, dict):
+        for fqn, value in planner.items():
             layout.meta[f".metadata:planner_data:{fqn}"] = value
     else:
-        layout.meta[".metadata:planner_data"] = md.planner_data
+        layout.meta[".metadata:planner_data"] = planner
     layout.meta[".metadata:version"] = getattr(md, "version", None)
-    sizes: dict[str, int] = {}
+    # one pass over the storage index: (fqn, chunk offsets) -> where (O(n), not a scan per chunk)
+    storage: dict[tuple[str, tuple[int, ...]], Any] = {}
+    for index, info in md.storage_data.items():
+        try:
+            offset = getattr(index, "offset", None)
+            storage[(str(index.fqn), tuple(int(x) for x in offset) if offset else ())] = info
+            rel = info.relative_path
+            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
+                raise ValueError(f"relative_path {rel!r}")
+            if int(info.offset) < 0 or int(info.length) < 0:
+                raise ValueError(f"offset {info.offset}, length {info.length}")
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{meta_path}: malformed storage entry ({exc})") from None
+    sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
+    files: dict[str, Path] = {}
+    spans: dict[str, list[tuple[int, int, str]]] = {}
     order = 0
     for fqn, tmd in md.state_dict_metadata.items():
+        fqn = str(fqn)
         if type(tmd).__name__ == "BytesStorageMetadata":
-            layout.meta[f".metadata:{fqn}"] = "bytes"
-            chunks = [((), None)]
+            entry = Entry(fqn, order, "bytes", where=".metadata")
+            chunks: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = [((), None)]
+            dtype = None
         else:
-            dtype = str(tmd.properties.dtype).replace("torch.", "")
-            if not hasattr(tmd, "chunks") or not hasattr(tmd, "size"):
-                raise CheckpointError(f"{meta_path}: entry {fqn!r} has no size/chunks")
-            layout.meta[f".metadata:{fqn}"] = {
-                "dtype": dtype, "size": list(tmd.size),
-                "chunks": [[list(c.offsets), list(c.sizes)] for c in tmd.chunks],
-            }
-            chunks = [(tuple(c.offsets), tuple(c.sizes)) for c in tmd.chunks]
+            try:
+                dtype = str(tmd.properties.dtype).replace("torch.", "")
+                shape = tuple(int(s) for s in tmd.size)
+                chunks = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in tmd.chunks]
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{meta_path}: entry {fqn!r} has no usable size/chunks ({exc})") from None
+            if dtype not in ITEMSIZE:
+                raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown dtype {dtype!r}")
+            for offsets, csize in chunks:
+                if csize == shape and not any(offsets) and len(offsets) == len(shape):
+                    continue  # the whole tensor in one chunk (the common case: fast)
+                if len(offsets) != len(shape) or len(csize) != len(shape) or any(
+                        o < 0 or c < 0 or o + c > s for o, c, s in zip(offsets, csize, shape)):
+                    raise CheckpointError(f"{meta_path}: entry {fqn!r} chunk {list(offsets)}+{list(csize)} is outside "
+                                          f"its tensor {list(shape)}")
+            entry = Entry(fqn, order, "tensor", dtype, shape, where=".metadata")
         for offsets, csize in chunks:
-            index = _find_storage(md.storage_data, fqn, offsets)
-            if index is None:
+            info = storage.get((fqn, offsets))
+            if info is None:
                 raise CheckpointError(f"{meta_path}: no storage entry for {fqn!r} chunk {list(offsets)}")
-            info = md.storage_data[index]
-            file = root / info.relative_path
-            if file not in sizes:
-                if not file.exists():
+            rel = info.relative_path
+            file = files.get(rel)
+            if file is None:
+                file = files[rel] = root / rel
+                if not os.path.lexists(file):
                     raise CheckpointError(f"{file}: listed in {meta_path} but missing")
-                _check_readable(file)
-                sizes[file] = file.stat().st_size
-            if info.offset + info.length > sizes[file]:
+                with SafeFile(file) as f:  # regular file, readable; a FIFO is refused, never opened blocking
+                    sizes[rel] = f.size
+            if info.offset + info.length > sizes[rel]:
                 raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {info.offset + info.length}, "
-                                      f"file has {sizes[file]}")
+                                      f"file has {sizes[rel]}")
             key = fqn if len(chunks) == 1 else f"{fqn}@{list(offsets)}"
-            item_kind = "bytes" if csize is None else "tensor"
-            item = Item(key, file, info.offset, info.length, order, item_kind,
-                        None if csize is None else dtype, csize)
-            item.decode = _dcp_decoder(file, info, item_kind)
-            layout.items[key] = item
-            order += 1
-    placement = sorted((k, it.file.name, it.offset) for k, it in layout.items.items())
-    layout.meta["storage placement (file, offset) [layout only]"] = placement
-    for p in sorted(root.iterdir()):
-        if p.is_file() and p.suffix == ".distcp" and p not in sizes:
+            spans.setdefault(rel, []).append((int(info.offset), int(info.length), key))
+            item = _dcp_chunk_item(key, file, info, order, entry.kind, dtype, csize)
+            entry.chunks.append((offsets, csize or (), item))
+        layout.add(entry, meta_path)
+        order += 1
+    for rel, ss in spans.items():  # two items sharing bytes: corrupt index
+        file = files[rel]
+        ss.sort()
+        for (o1, l1, k1), (o2, l2, k2) in zip(ss, ss[1:]):
+            if o2 < o1 + l1 and l2 and l1:
+                raise CheckpointError(f"{file}: {k1!r} and {k2!r} overlap (bytes {o1}+{l1} and {o2}+{l2}) per {meta_path}")
+    for p in names or _listdir(root):
+        if p.suffix == ".distcp" and p.name not in sizes:
             layout.notes.append(f"{p.name}: not referenced by .metadata")
             layout.side_files[p.name] = p
     return layout
 
 
-def _find_storage(storage_data, fqn: str, offsets: tuple[int, ...]):
-    for index in storage_data:
-        if index.fqn == fqn and tuple(getattr(index, "offset", None) or ()) == tuple(offsets):
-            return index
-    for index in storage_data:  # byte items are indexed without an offset
-        if index.fqn == fqn and not offsets:
-            return index
-    return None
-
-
 # ---- torch.save files ----------------------------------------------------------------------
 
 
-def _torch_file_decoder(path: Path):
-    def decode():
-        import torch
+def _flatten(obj: Any, prefix: str, out: dict[str, Any], depth: int = 0) -> None:
+    """Nested containers -> {key.path: leaf}; LazyTensors stay leaves."""
+    import argparse
 
-        try:
-            try:
-                return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated torch file ({type(exc).__name__}: {exc})") from None
-
-    return decode
-
-
-def _check_torch_file(path: Path) -> None:
-    import zipfile
-
-    _check_readable(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as z:
-                z.infolist()
-        except zipfile.BadZipFile as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated torch file ({exc})") from None
-    elif not magic:
-        raise CheckpointError(f"{path}: empty file")
+    if depth > 100:
+        out[prefix] = obj
+        return
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
+    if isinstance(obj, dict):
+        if not obj:
+            out[prefix] = {}
+        for k, v in obj.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, depth + 1)
+    elif isinstance(obj, (list, tuple)) and not (isinstance(obj, tuple) and obj and isinstance(obj[0], str)
+                                                 and len(obj) > 1 and all(isinstance(x, (int, str)) for x in obj)):
+        if not obj:
+            out[prefix] = type(obj)()
+        for i, v in enumerate(obj):
+            _flatten(v, f"{prefix}[{i}]", out, depth + 1)
+    else:
+        out[prefix] = obj
 
 
-def _torch_files_layout(root: Path, files: list[Path], kind: str = "torch") -> Layout:
+def _add_torch_file(layout: Layout, path: Path, prefix: str, order: int) -> int:
+    obj = load_torch(path)
+    flat: dict[str, Any] = {}
+    _flatten(obj, "", flat)
+    leaves = {(prefix + k if k else prefix.rstrip(":") or "(root)"): v for k, v in flat.items()}
+    for name, value in leaves.items():
+        if isinstance(value, LazyTensor):
+            off, length = value.byte_span()
+            t = value
+
+            def decode(t=t):
+                return t.materialize()
+
+            enc = ("pt", value.stride if not value.is_contiguous() else "contiguous")
+            item = Item(name, path, off, length, order, "tensor", enc, decode)
+            entry = Entry(name, order, "tensor", value.dtype, tuple(value.size),
+                          [((0,) * len(value.size), tuple(value.size), item)], where=path.name)
+        else:
+            entry = Entry(name, order, "value", value=value, where=path.name)
+        layout.add(entry, path)
+        order += 1
+    return order
+
+
+def _torch_files_layout(root: Path, files: list[Path], kind: str = "torch", single: bool = False) -> Layout:
     layout = Layout(kind, root)
-    for order, path in enumerate(files):
-        _check_torch_file(path)
+    order = 0
+    for path in files:
         rel = path.name if path.parent == root else str(path.relative_to(root))
-        item = Item(rel, path, 0, path.stat().st_size, order, "file")
-        item.decode = _torch_file_decoder(path)
-        layout.items[rel] = item
+        order = _add_torch_file(layout, path, "" if single else f"{rel}:", order)
+    return layout
+
+
+def _legacy_megatron_layout(root: Path, ranks: list[Path]) -> Layout:
+    """iter_XXXXXXX/mp_rank_NN[_PPP]/model_optim_rng.pt (Megatron-LM's non-distributed format)."""
+    files = []
+    for d in ranks:
+        pts = [p for p in _listdir(d) if p.suffix in TORCH_SUFFIXES]
+        if not pts:
+            raise CheckpointError(f"{d}: legacy Megatron rank dir without a .pt file")
+        files.extend(pts)
+    layout = _torch_files_layout(root, files, "megatron-legacy")
+    tp = sorted({MP_RANK_RE.search(d.name).group(1) for d in ranks})
+    pp = sorted({MP_RANK_RE.search(d.name).group(2) or "000" for d in ranks})
+    layout.layout_info["legacy ranks"] = f"{len(tp)} tensor-parallel x {len(pp)} pipeline ranks"
     return layout
 
 
@@ -413,9 +466,9 @@ def _torch_files_layout(root: Path, files: list[Path], kind: str = "torch") -> L
 
 def megatron_iteration_dir(root: Path) -> Path | None:
     tracker = root / "latest_checkpointed_iteration.txt"
-    if not tracker.exists():
+    if not os.path.lexists(tracker):
         return None
-    text = tracker.read_text().strip()
+    text = read_text(tracker, limit=4096, what="Megatron tracker").strip()
     if text == "release":
         return root / "release"
     if not text.isdigit():
@@ -427,55 +480,62 @@ def megatron_iteration_dir(root: Path) -> Path | None:
 
 
 def load_layout(path: str | os.PathLike) -> Layout:
-    """Find what kind of checkpoint `path` is and list what it holds."""
+    """Find what kind of checkpoint `path` is and list what it holds.
+
+    The cyclic GC is paused meanwhile: building 100,000s of small objects (a 20,000-tensor
+    `.metadata`) otherwise triggers full collections again and again (seconds, not ms)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_layout(path)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _load_layout(path: str | os.PathLike) -> Layout:
     p = _resolve(Path(path))
-    if p.is_file():
+    if not p.is_dir():
+        SafeFile(p).close()  # regular file or a clear refusal (FIFO, socket, device)
         if p.suffix == ".safetensors":
-            layout = Layout("safetensors", p.parent)
-            _safetensors_items(p, 0, layout)
-            return layout
+            return _hf_layout(p.parent, [p])
         if p.name.endswith(".safetensors.index.json"):
             return _hf_layout(p.parent)
-        if p.suffix in (".pt", ".pth", ".bin"):
-            layout = _torch_files_layout(p.parent, [p])
-            item = layout.items.pop(p.name)
-            item.key = ""  # one file against one file: key paths start inside it
-            layout.items[""] = item
-            return layout
+        if p.suffix in TORCH_SUFFIXES:
+            return _torch_files_layout(p.parent, [p], single=True)
         raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, .pt, .pth or .bin)")
     it = megatron_iteration_dir(p)
     if it is not None:
-        layout = load_layout(it)
-        layout.kind = f"megatron/{layout.kind}"
+        layout = _load_layout(it)
+        layout.kind = f"megatron/{layout.kind}" if not layout.kind.startswith("megatron") else layout.kind
         layout.notes.append(f"{p.name}/latest_checkpointed_iteration.txt -> {it.name}")
         return layout
-    try:
-        entries = sorted(p.iterdir())
-    except PermissionError:
-        raise CheckpointError(f"{p}: directory not readable (permission denied)") from None
+    entries = _listdir(p)
     names = {e.name for e in entries}
     if ".metadata" in names or any(n.endswith(".distcp") for n in names):
         if ".metadata" not in names:
             raise CheckpointError(f"{p}: has .distcp files but no .metadata")
-        layout = _dcp_layout(p, "dcp")
+        layout = _dcp_layout(p, "dcp", entries)
+        order = len(layout.entries)
         for e in entries:  # Megatron's common.pt and metadata.json beside the DCP files
-            if e.is_file() and e.suffix in (".pt",):
-                _check_torch_file(e)
-                item = Item(e.name, e, 0, e.stat().st_size, len(layout.items), "file")
-                item.decode = _torch_file_decoder(e)
-                layout.items[e.name] = item
-            elif e.is_file() and e.suffix in SIDE_SUFFIXES:
+            if e.suffix in TORCH_SUFFIXES and not e.is_dir():
+                order = _add_torch_file(layout, e, f"{e.name}:", order)
+            elif _regular(e) and e.suffix in SIDE_SUFFIXES:
                 layout.side_files[e.name] = e
         return layout
     if any(n.endswith(".safetensors") for n in names):
         return _hf_layout(p)
-    pts = [e for e in entries if e.is_file() and e.suffix in (".pt", ".pth", ".bin")]
+    ranks = [e for e in entries if e.is_dir() and MP_RANK_RE.search(e.name)]
+    if ranks:
+        return _legacy_megatron_layout(p, ranks)
+    pts = [e for e in entries if e.suffix in TORCH_SUFFIXES and not e.is_dir()]
     if pts:
         layout = _torch_files_layout(p, pts)
         for e in entries:
-            if e.is_file() and e.suffix in SIDE_SUFFIXES:
+            if _regular(e) and e.suffix in SIDE_SUFFIXES:
                 layout.side_files[e.name] = e
         return layout
     iters = sorted(e for e in entries if e.is_dir() and ITER_RE.search(e.name))
     hint = f" (it has {iters[-1].name}/ but no latest_checkpointed_iteration.txt)" if iters else ""
-    raise CheckpointError(f"{p}: no checkpoint found (no .metadata/.distcp, .safetensors or .pt files){hint}")
+    raise CheckpointError(f"{p}: no checkpoint found (no .metadata/.distcp, .safetensors, .pt files or "
+                          f"mp_rank_* dirs){hint}")

@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import free_port, kill_tree, tail
@@ -105,6 +106,15 @@ def wait_for_ranks(poll, logs: list[Path], timeout: float, error=TrainerError, w
         time.sleep(0.2)
 
 
+def _data_seed_from_step(value: Any) -> list[int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value) or value[0] < 1):
+        raise TrainerError(f"data_seed_from_step {value!r}: expected (iteration >= 1, data seed), e.g. (3, 99)")
+    return [int(value[0]), int(value[1])]
+
+
 class MegatronTrainer:
     name = "megatron"
 
@@ -113,7 +123,8 @@ class MegatronTrainer:
                  deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
                  python: str = sys.executable, env: dict[str, str] | None = None, launcher=None,
                  gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
-                 attention_backend: str | None = None, hardware=None) -> None:
+                 attention_backend: str | None = None, hardware=None,
+                 data_seed_from_step: tuple[int, int] | None = None) -> None:
         world = world_size or tensor_parallel
         if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
             raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
@@ -129,6 +140,8 @@ class MegatronTrainer:
                                                                   device, hardware)
         env = {**rank_env(self.precision), **(env or {})}
         self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
+        # (iteration, data_seed): from that iteration on, draw the tokens with data_seed (a run that departs)
+        self.data_seed_from_step = _data_seed_from_step(data_seed_from_step)
         self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
         self.timeout, self.python, self.extra_env = timeout, python, env or {}
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))
@@ -158,7 +171,8 @@ class MegatronTrainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         spec = {**self.spec(), "steps": steps,
                 "save_dir": str(save_dir) if save_dir else None, "save_steps": save_steps,
-                "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json")}
+                "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json"),
+                "data_seed_from_step": self.data_seed_from_step}
         (run_dir / "spec.json").write_text(json.dumps(spec))
         t0 = time.monotonic()
         self._launch(run_dir)

@@ -279,7 +279,9 @@ def main(spec_path: str) -> None:
     position_ids = torch.arange(seq, device=device)[None].expand(mbs, seq)
     for step in range(start, spec["steps"]):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed * 100003 + step * 131 + dp_rank)
+        depart = spec.get("data_seed_from_step")
+        data_seed = depart[1] if depart and step + 1 >= depart[0] else seed
+        g = torch.Generator().manual_seed(data_seed * 100003 + step * 131 + dp_rank)
         tokens = torch.randint(0, m["vocab_size"], (mbs, seq + 1), generator=g).to(device)
         out = model(tokens[:, :-1], position_ids, causal, labels=tokens[:, 1:])
         loss = out.float().mean()
