@@ -88,6 +88,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.stash[STATE] = MilesState(config)
+    from .shutdown import ensure
+
+    ensure()  # SIGTERM/SIGHUP: teardown and summary, as on Ctrl-C
     config.pluginmanager.register(ReportHooks(config), "miles-report")
     for s in options.SETTINGS:  # bad values fail the run at once, naming their source
         try:

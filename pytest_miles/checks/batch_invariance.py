@@ -130,6 +130,9 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
                            prompt: list[int] | None = None) -> InvarianceReport:
     """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
     single and needle modes (default: random token ids of `prompt_len`)."""
+    from ..validation import check_engine
+
+    check_engine("engine", engine)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     if not isinstance(trials, int) or trials < 1:
