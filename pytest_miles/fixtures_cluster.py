@@ -80,16 +80,19 @@ def miles_ray_session(pytestconfig: pytest.Config, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture
-def ray_cluster(request: pytest.FixtureRequest, miles_ray_session):
+def ray_cluster(request: pytest.FixtureRequest):
     """The Ray cluster (`.nodes()`, `.gpus()`, `.add_node()` on a local head, `.require(gpus=n)`).
     A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs."""
     mark = request.node.get_closest_marker("ray_gpus")
-    if mark is not None:
+    n = None
+    if mark is not None:  # checked before the cluster starts: a bad marker is named, not a cluster error
         from .validation import check_gpu_count_marker
 
         try:
             n = check_gpu_count_marker(mark)
         except ValueError as exc:
             pytest.fail(f"{request.node.nodeid}: {exc}", pytrace=False)
-        miles_ray_session.require(gpus=n)
-    return miles_ray_session
+    session = request.getfixturevalue("miles_ray_session")
+    if n is not None:
+        session.require(gpus=n)
+    return session

@@ -141,6 +141,10 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
 
 def assert_logprob_drift(rollout: str, train: str, *, max_abs_diff: float | None = None, **kwargs: Any) -> DriftReport:
     """Unified cells must drift exactly 0.0; others must stay under `max_abs_diff` when given."""
+    if max_abs_diff is not None:  # NaN would make every comparison false: the check would pass vacuously
+        from ..validation import number
+
+        number("assert_logprob_drift(max_abs_diff=)", max_abs_diff, allow_zero=True)
     report = measure_logprob_drift(rollout, train, **kwargs)
     if rollout == train and report.train_rollout_logprob_abs_diff != 0.0:
         raise AssertionError(f"unified cell drifts although both paths run the same kernels: {report.render()}")
