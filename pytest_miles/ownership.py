@@ -85,6 +85,12 @@ def _current() -> _Watchdog | None:
         return _watchdog
 
 
+def watchdog_pid() -> int | None:
+    """The pid of this process's watchdog (it lives as long as this process: not a leak)."""
+    wd = _watchdog
+    return wd.proc.pid if wd is not None and wd.owner == os.getpid() else None
+
+
 def owner_tag() -> dict[str, str]:
     """The environment entry that marks a process as part of this process's owned trees."""
     wd = _current()
