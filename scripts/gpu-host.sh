@@ -3,7 +3,7 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | suite   (logs go to $OUT)
+#                                    leases | ownership | suite   (logs go to $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -53,6 +53,9 @@ for step in "$@"; do
     leases)
       timeout 560 $PY -m pytest tests/gpu/test_gpu_leases.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee "$OUT/leases.log" || rc=1 ;;
+    ownership)
+      timeout 290 $PY -m pytest tests/gpu/test_gpu_ownership.py -v -s -rs -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu 2>&1 | tee "$OUT/ownership.log" || rc=1 ;;
     followups)
       timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;

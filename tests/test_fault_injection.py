@@ -25,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers.processes import TAG, describe, listening, tagged
+
 pytestmark = pytest.mark.timeout(240)
 
 INNER = textwrap.dedent('''
@@ -75,39 +77,12 @@ class Scenario:
     result: dict = field(default_factory=dict)
 
 
-def _tagged(tag: str) -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and p.environ().get("MILES_FAULT_TAG") == tag:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def _listening(pids: set[int] | None = None) -> set[int]:
-    """Listening ports (of these processes)."""
-    return {c.laddr.port for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)}
-
-
-def _describe(procs: list[psutil.Process]) -> list[str]:
-    out = []
-    for p in procs:
-        try:
-            out.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.Error:
-            continue
-    return out
-
-
 def _run(sc: Scenario, root: Path) -> Scenario:
     """Start the session, wait until its processes are up, kill it, then poll (up to 10 s) for
     survivors. Every step is bounded; the timeline goes into the result."""
     tag, ready_dir = uuid.uuid4().hex, root / f"ready-{sc.name}"
     ready_dir.mkdir()
-    env = {**os.environ, "MILES_FAULT_TAG": tag, "MILES_FAULT_READY": str(ready_dir), "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, TAG: tag, "MILES_FAULT_READY": str(ready_dir), "PYTHONUNBUFFERED": "1",
            "PYTEST_MILES_RAY_TIMEOUT": "120"}
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_XDIST_TESTRUNUID", None)
@@ -133,8 +108,8 @@ def _run(sc: Scenario, root: Path) -> Scenario:
             if proc.poll() is None:
                 raise AssertionError(f"{sc.name}: the session was not ready within 150 s; log:\n{log.read_text()[-3000:]}")
         timeline.append(f"{time.monotonic() - t0:6.1f} s ready")
-        procs = _tagged(tag)
-        ports = _listening({p.pid for p in procs})
+        procs = tagged(tag)
+        ports = listening({p.pid for p in procs})
         sc.result["before"] = len(procs)
         if sc.sig is not None:
             os.kill(proc.pid, sc.sig)
@@ -148,17 +123,17 @@ def _run(sc: Scenario, root: Path) -> Scenario:
             proc.wait()
         t_exit = time.monotonic()
         timeline.append(f"{t_exit - t0:6.1f} s pytest exited with code {proc.returncode}")
-        left = _tagged(tag)
+        left = tagged(tag)
         while left and time.monotonic() - t_exit < 10:
             time.sleep(0.2)
-            left = _tagged(tag)
+            left = tagged(tag)
         timeline.append(f"{time.monotonic() - t0:6.1f} s {len(left)} processes left")
-        sc.result.update(left=_describe(left), ports=sorted(ports & _listening()), code=proc.returncode,
+        sc.result.update(left=describe(left), ports=sorted(ports & listening()), code=proc.returncode,
                          output=log.read_text(errors="replace"), timeline=timeline)
     finally:
         if proc.poll() is None:
             proc.kill()
-        for p in _tagged(tag):  # never leave anything to the next test, even when this one fails
+        for p in tagged(tag):  # never leave anything to the next test, even when this one fails
             try:
                 p.kill()
             except psutil.Error:
