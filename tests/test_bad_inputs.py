@@ -222,6 +222,7 @@ def test_bad_engine_factory_arguments_start_nothing(tmp_path, args, kwargs, says
 def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
     import pytest_miles as pm
     from pytest_miles.leases import GpuLeaser, LeaseError
+    from pytest_miles.plot import plot_deviation
 
     leaser = GpuLeaser(Path(os.environ.get("TMPDIR", "/tmp")) / f"miles-bad-inputs-{os.getpid()}", ["0"], timeout=0)
     return [
@@ -250,6 +251,9 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
         ("compare_checkpoints(missing)", lambda: pm.compare_checkpoints("/nonexistent/a", "/nonexistent/b"),
          Exception, "/nonexistent/a"),
         ("discover(override='zzz')", lambda: pm.discover(override="zzz"), ValueError, "'zzz'"),
+        ("plot_deviation(path=a folder)", lambda: plot_deviation({1: 0.0}, "/", "t"), ValueError, "is a folder"),
+        ("plot_deviation(path under /proc)", lambda: plot_deviation({1: 0.0}, "/proc/self/nope/p.png", "t"), ValueError,
+         "cannot create the folder"),
         ("GpuLeaser.acquire(0)", lambda: leaser.acquire(0), LeaseError, "n=0"),
         ("GpuLeaser.acquire('2')", lambda: leaser.acquire("2"), LeaseError, "n='2'"),
         ("GpuLeaser.acquire(9)", lambda: leaser.acquire(9), LeaseError, "needs 9 GPU(s)"),
