@@ -153,6 +153,8 @@ def _sweep(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, floa
         if p.pid == me or p.pid in found:
             continue
         try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
             if os.getsid(p.pid) in sids or p.environ().get(TAG) == tag:
                 found[p.pid] = p
         except (psutil.Error, OSError):
@@ -160,18 +162,37 @@ def _sweep(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, floa
     return list(found.values())
 
 
-def _kill_all(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, float]) -> None:
+def _dead(psutil: Any, p: Any) -> bool:
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE  # killed; its parent has not reaped it yet
+    except psutil.Error:
+        return True
+
+
+def _wait(psutil: Any, procs: list, timeout: float) -> list:
+    """Those of `procs` still running after up to `timeout` s (zombies count as gone)."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if not _dead(psutil, p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not _dead(psutil, p)]
+    return alive
+
+
+def _kill_all(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, float], also: list | None = None) -> None:
     sids = set(roots)
-    for sig, wait in ((signal.SIGTERM, _GRACE), (signal.SIGKILL, 5.0), (signal.SIGKILL, 2.0)):
-        procs = _sweep(psutil, tag, roots, known, sids)
+    for sig, wait in ((signal.SIGTERM, _GRACE), (signal.SIGKILL, 3.0), (signal.SIGKILL, 2.0)):
+        procs = [p for p in _sweep(psutil, tag, roots, known, sids) + (also or []) if not _dead(psutil, p)]
         if not procs:
             return
         for p in procs:
             try:
                 p.send_signal(sig)
+                if sig == signal.SIGTERM:
+                    p.resume()  # a stopped process acts on SIGTERM only once continued
             except psutil.Error:
                 pass
-        psutil.wait_procs(procs, timeout=wait)
+        _wait(psutil, procs, wait)
 
 
 def _serve(owner: int, tag: str, watch: list[int]) -> None:
@@ -229,21 +250,17 @@ def _serve(owner: int, tag: str, watch: list[int]) -> None:
         if time.monotonic() - last_snapshot > 0.5:
             known.update(_tree(psutil, roots))
             last_snapshot = time.monotonic()
-    if controller_died:  # an xdist worker must not outlive its controller: end it (teardown first)
-        try:
-            os.kill(owner, signal.SIGTERM)
-        except OSError:
-            pass
     if roots or known:
         known.update(_tree(psutil, roots))
-        _kill_all(psutil, tag, roots, known)
-    if controller_died:
+    also = []
+    if controller_died:  # an xdist worker must not outlive its controller: it goes with its trees
         try:
-            p = psutil.Process(owner)
-            if psutil.wait_procs([p], timeout=_GRACE)[1]:
-                p.kill()
+            also.append(psutil.Process(owner))
         except psutil.Error:
             pass
+    if roots or known or also:
+        _kill_all(psutil, tag, roots, known, also)
+
 
 if __name__ == "__main__":
     _serve(int(sys.argv[1]), sys.argv[2], [int(a) for a in sys.argv[3:]])

@@ -437,7 +437,7 @@ def test_bad_settings_fail_a_real_session_at_configure(pytester, monkeypatch, ar
     (pytester.path / "reports").mkdir()
     args = [a.replace("REPORT_DIR", str(pytester.path / "reports")) for a in args]
     pytester.makepyfile("def test_one():\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:randomly", *args, timeout=60)
+    result = pytester.runpytest("-p", "no:randomly", *args)  # in-process: configure is what is tested
     out = result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.USAGE_ERROR, out
     assert says in out and "INTERNALERROR" not in out and "Traceback" not in out, out
@@ -446,7 +446,7 @@ def test_bad_settings_fail_a_real_session_at_configure(pytester, monkeypatch, ar
 def test_ray_gpus_marker_with_a_bad_count_is_named(pytester):
     pytest.importorskip("ray")
     pytester.makepyfile("import pytest\n@pytest.mark.ray_gpus('x')\ndef test_x(ray_cluster):\n    pass\n")
-    result = pytester.runpytest_subprocess("-p", "no:randomly", "--miles-ray-address=127.0.0.1:1", timeout=60)
+    result = pytester.runpytest("-p", "no:randomly", "--miles-ray-address=127.0.0.1:1")
     result.stdout.fnmatch_lines(["*@pytest.mark.ray_gpus(n): 'x' is not accepted; expected an integer >= 1*"])
 
 

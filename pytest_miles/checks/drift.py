@@ -114,9 +114,9 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
                           batch: int = 4, seq_len: int = 64, seed: int = 0, device: str = "cpu",
                           gemm: str = "reference") -> DriftReport:
     """Score the same seeded tokens on the rollout path and the training path of a cell."""
+    validate_precision_config(rollout, train, gpu)  # before importing torch: a bad name fails at once
     import torch
 
-    validate_precision_config(rollout, train, gpu)
     config = config or TinyConfig()
     if gemm not in ("reference", "scaled_mm"):
         raise ValueError(f"gemm: {gemm!r} is not one of reference, scaled_mm")
