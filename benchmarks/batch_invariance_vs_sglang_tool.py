@@ -78,7 +78,8 @@ def main() -> None:
         t0 = time.perf_counter()
         for _ in range(3):
             eng.generate([encode(PROMPT)] * 16, params)
-        report = assert_batch_invariant(eng, "single", args.trials, params=params, prompt=encode(PROMPT))
+        report = assert_batch_invariant(eng, "single", args.trials, params=params, prompt=encode(PROMPT),
+                                        batch_sizes=list(range(1, args.trials + 1)))  # the tool's sizes
         t_ours = time.perf_counter() - t0
     finally:
         eng.close()

@@ -1,4 +1,4 @@
-"""`pytest-miles doctor | fingerprint | suite | compare | manifest`.
+"""`pytest-miles doctor | fingerprint | suite | compare | manifest | capabilities`.
 
 Exit codes follow the tools users know: 0 good, 1 a finding/difference, 2 unusable input.
 """
@@ -86,6 +86,36 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capabilities(args: argparse.Namespace) -> int:
+    from .capabilities import (
+        BACKENDS,
+        MODES,
+        CapabilityError,
+        installed_sglang_version,
+        load_capabilities,
+        render_table,
+    )
+    from .options import resolve
+
+    try:
+        caps = load_capabilities(args.file or resolve(None, "capabilities"))
+    except CapabilityError as exc:
+        print(f"pytest-miles capabilities: {exc}", file=sys.stderr)
+        return 2
+    version = args.sglang_version or installed_sglang_version()
+    if args.json:
+        rows = []
+        for backend in BACKENDS:
+            for mode in MODES:
+                cap = caps.lookup(backend, mode, version)
+                rows.append({"backend": backend, "mode": mode, "status": cap.status,
+                             "cell": cap.cell.id if cap.cell else None, "describe": cap.describe()})
+        print(json.dumps({"sglang": version, "sources": caps.sources, "cells": rows}, indent=2))
+    else:
+        print("\n".join(render_table(caps, version)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
@@ -104,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fingerprint", parents=[common], help="print what decides bitwise results here")
     f.set_defaults(func=_fingerprint)
+
+    cap = sub.add_parser("capabilities", help="what SGLang promises here, per attention backend x mode: promised, "
+                         "known limitation (with its reference) or not applicable")
+    cap.add_argument("--file", help="a capability file read before the packaged one (as --miles-capabilities)")
+    cap.add_argument("--sglang-version", help="show the table for this SGLang version instead of the installed one")
+    cap.add_argument("--json", action="store_true")
+    cap.set_defaults(func=_capabilities)
 
     s = sub.add_parser("suite", help="run the bundled determinism suite (extra args go to pytest)")
     s.set_defaults(func=None)

@@ -76,7 +76,7 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
     st = _state(pytestconfig)
     factory = EngineFactory(
-        model_dir=lambda: st.setting("model") or str(_tiny_model(tmp_path_factory)),
+        model_dir=lambda: st.setting("model") or str(_shape_model(tmp_path_factory, st.setting("model_shape"))),
         log_dir=tmp_path_factory.mktemp("engine-logs"),
         hardware=lambda: st.hardware,
         attention_backend=st.setting("attention_backend"),
@@ -95,12 +95,15 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
 
 def _tiny_model(tmp_path_factory: pytest.TempPathFactory):
-    from .engines.model import write_hf_checkpoint
+    return _shape_model(tmp_path_factory, "tiny")
 
-    root = tmp_path_factory.getbasetemp() / "miles-tiny-model"
-    if not (root / "config.json").exists():
-        write_hf_checkpoint(root)
-    return root
+
+def _shape_model(tmp_path_factory: pytest.TempPathFactory, shape: str):
+    """The embedded model of --miles-model-shape, written once per session under the basetemp root
+    (shared by xdist workers, a file lock between them) and reused."""
+    from .engines.model_cache import cached_shape_dir
+
+    return cached_shape_dir(tmp_path_factory.getbasetemp(), shape)
 
 
 @pytest.fixture
@@ -129,7 +132,33 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
                              tmp_path_factory: pytest.TempPathFactory):
     """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
     megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU).
+    `transformer_impl="transformer_engine", precision=..., attention_backend=...` trains Miles'
+    TE path; it skips with the reason where TE is missing or the GPU cannot run the precision.
     With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
+    return _trainer_maker(request, pytestconfig, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def rl_loop_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                    tmp_path_factory: pytest.TempPathFactory, engine_factory):
+    """`rl_loop_factory(engine="reference", iterations=3, seed=..., n_samples=..., stop_after=...)`
+    -> LoopRun: the RL loop (rollout, reward, GRPO step, checkpoint, weight sync) on the engine
+    factory's engine and a megatron-core trainer session; compare runs with
+    `pytest_miles.loop.assert_loops_bitwise_equal`. Session-scoped, so modules can share runs;
+    `rl_loop_factory.shared(key, ...)` shares one run across pytest-xdist workers too."""
+    import os
+
+    from .loop.factory import LoopFactory
+
+    base = tmp_path_factory.getbasetemp()
+    return LoopFactory(engine_factory=engine_factory, make_trainer=_trainer_maker(request, pytestconfig,
+                                                                                 tmp_path_factory),
+                       work_root=tmp_path_factory.mktemp("rl-loop"),
+                       shared_root=base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
+                   tmp_path_factory: pytest.TempPathFactory):
     import importlib.util
 
     st = _state(pytestconfig)
@@ -155,7 +184,15 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
             kwargs["launcher"] = RayRankLauncher(placement())
         if leaser is not None:
             kwargs.setdefault("gpu_lease", lambda n, owner: leaser.acquire(n, owner=owner))
-        return MegatronTrainer(**kwargs)
+        kwargs.setdefault("hardware", st.hardware)
+        from .trainers.te_model import PrecisionUnsupported, TransformerEngineUnavailable
+
+        try:
+            return MegatronTrainer(**kwargs)
+        except PrecisionUnsupported as exc:  # the GPU cannot run it: not applicable here
+            pytest.skip(str(exc))
+        except TransformerEngineUnavailable as exc:  # a GPU run that asked for TE must have it
+            pytest.fail(str(exc), pytrace=False) if st.setting("require_gpu") else pytest.skip(str(exc))
 
     return make
 

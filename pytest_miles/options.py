@@ -165,6 +165,13 @@ SETTINGS += (
 )
 
 SETTINGS += (
+    Setting("capabilities", "A TOML capability file (same schema as pytest_miles/capabilities/sglang.toml) whose "
+            "cells are read before the packaged ones: what your stack promises, known limits, not-applicable cells.",
+            env="PYTEST_MILES_CAPABILITIES", group="rollout"),
+    Setting("model_shape", "Shape of the embedded seeded model the engines load when --miles-model is unset: tiny "
+            "(2 layers, hidden 128), tiny128 (head_dim 128), qwen2.5-0.5b (Qwen2.5-0.5B's shape, ~1 GB bf16, "
+            "written once per session).", default="tiny", kind="choice", choices=("tiny", "tiny128", "qwen2.5-0.5b"),
+            env="PYTEST_MILES_MODEL_SHAPE", group="model"),
     Setting("engine_request_timeout", "Seconds one engine request (generate, score) may take before the engine is "
             "declared wedged; also bounds the health check before an engine is reused (at most 5 s).",
             default=300.0, kind="float", env="PYTEST_MILES_ENGINE_REQUEST_TIMEOUT", group="rollout"),

@@ -29,7 +29,10 @@ class Collector:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             for name, value in getattr(report, "user_properties", ()):
                 if name == KEY:
-                    self.entries.append(Entry(report.nodeid, value["check"], report.outcome, value.get("figures", {})))
+                    outcome = report.outcome
+                    if hasattr(report, "wasxfail"):  # a known limitation (XFAIL) or its unexpected pass (XPASS)
+                        outcome = "xfailed" if report.skipped else "xpassed"
+                    self.entries.append(Entry(report.nodeid, value["check"], outcome, value.get("figures", {})))
 
     def lines(self) -> list[str]:
         out = []
@@ -37,9 +40,11 @@ class Collector:
         for e in self.entries:
             figures = ", ".join(f"{k}={v}" for k, v in e.figures.items())
             out.append(f"{e.outcome.upper():8} {e.check:{width}}  {figures}")
-        counts = {o: sum(e.outcome == o for e in self.entries) for o in ("passed", "failed", "skipped")}
+        counts = {o: sum(e.outcome == o for e in self.entries) for o in ("passed", "failed", "skipped", "xfailed",
+                                                                          "xpassed")}
+        known = "".join(f", {counts[o]} {o}" for o in ("xfailed", "xpassed") if counts[o])
         out.append(f"{len(self.entries)} determinism checks: {counts['passed']} passed, {counts['failed']} failed, "
-                   f"{counts['skipped']} skipped")
+                   f"{counts['skipped']} skipped{known}")
         return out
 
     def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:

@@ -3,7 +3,10 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | ownership | suite   (logs go to $OUT)
+#                                    leases | ownership | loop | suite | caps-<backend> | caps-05b-<backend>   (logs go to $OUT)
+#   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
+#   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
+#   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -22,6 +25,25 @@ if [ "${1:-}" = install ]; then
   $PY -c "import sglang, megatron.core, pytest_miles; print('sglang', sglang.__version__, 'megatron-core', megatron.core.__version__)"
   exit $?
 fi
+TE_STASH=/tmp/miles-te
+if [ "${1:-}" = te-stash ]; then
+  bash ".te/part-$2/install-te.sh" "$TE_STASH" ".te/part-$2"; exit $?
+fi
+if [ "${1:-}" = te-install ]; then
+  [ -e "$TE_STASH/files/install-te.sh" ] || { echo "nothing stashed in $TE_STASH: run te-stash 1..5 first"; exit 1; }
+  bash "$TE_STASH/files/install-te.sh" "$TE_STASH" > "$TE_STASH/install.log" 2>&1; rc=$?
+  tail -n 5 "$TE_STASH/install.log"; [ $rc = 0 ] || exit $rc
+  grep '^export ' "$TE_STASH/install.log" > "$TE_STASH/env.sh"
+  . "$TE_STASH/env.sh"
+  $PY -c "import torch, transformer_engine.pytorch, transformer_engine as te, megatron.core as m; print('te', te.__version__, 'megatron-core', m.__version__, 'cudnn', torch.backends.cudnn.version())"
+  exit $?
+fi
+te_env() { [ -e "$TE_STASH/env.sh" ] && . "$TE_STASH/env.sh" || echo "no $TE_STASH/env.sh: run te-stash 1..5 and te-install on this host first"; }
+te_pytest() {  # te_pytest NAME -k EXPR [ARGS...]: tests/gpu/test_gpu_te.py with TE's environment
+  local name=$1; shift
+  ( te_env; timeout 580 $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
+      --miles-require-gpu "$@" ) 2>&1 | tee "$OUT/$name.log"
+}
 rc=0
 for step in "$@"; do
   case "$step" in
@@ -59,9 +81,41 @@ for step in "$@"; do
     followups)
       timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;
+    loop)
+      timeout 590 $PY -m pytest tests/gpu/test_gpu_loop.py -x -v -s -rs -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu --basetemp=/tmp/miles-bt-loop 2>&1 | tee "$OUT/loop.log" || rc=1
+      cp /tmp/miles-bt-loop/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    caps-triton|caps-flashinfer)  # issue 13: the suite's rollout part, tiny model, CUDA graphs on (2 launches)
+      backend=${step#caps-}
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+        --miles-attention-backend=$backend -k "test_negative_control or test_batch_invariance" \
+        --miles-report "$OUT/caps-$backend.json" --basetemp=/tmp/miles-bt-caps-$backend 2>&1 | tee "$OUT/caps-$backend.log" || rc=1
+      cp /tmp/miles-bt-caps-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null
+      MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "tiny and $backend" -v -s -rs \
+        -p no:cacheprovider 2>&1 | tee -a "$OUT/caps-$backend.log" || rc=1 ;;
+    caps-05b-triton|caps-05b-flashinfer)  # issue 13: Qwen2.5-0.5B shape: greedy negative controls (+ cost on triton)
+      backend=${step#caps-05b-}
+      sel="test_negative_control"; [ "$backend" = triton ] && sel="test_negative_control or test_rollout_cost"
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+        --miles-attention-backend=$backend --miles-model-shape qwen2.5-0.5b -k "$sel" \
+        --miles-report "$OUT/caps-05b-$backend.json" --basetemp=/tmp/miles-bt-05b-$backend 2>&1 | tee "$OUT/caps-05b-$backend.log" || rc=1
+      MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "realistic and $backend" -v -s -rs \
+        -p no:cacheprovider 2>&1 | tee -a "$OUT/caps-05b-$backend.log" || rc=1 ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
         2>&1 | tee "$OUT/suite.log" || rc=1 ;;
+    te-trainer)  # TE bf16 and FP8 block-wise, each twice bitwise equal; MXFP8 refused on Hopper (~3 min)
+      te_pytest te-trainer -k "twice_bitwise_equal or mxfp8_refused" || rc=1 ;;
+    te-fused)  # TE's own attention choice (cuDNN fused attention; expected to xfail on cuDNN 9.19) (~1 min)
+      te_pytest te-fused -k "attention_backend_te_picks" || rc=1 ;;
+    te-serve)  # SGLang serves the block-wise FP8 checkpoint with its FP8 kernels (~3 min: two engine starts)
+      te_pytest te-serve tests/test_quantized_checkpoints.py -k "fp8_checkpoint_served or sglang_parses" \
+        --basetemp=/tmp/miles-bt-te-serve || rc=1
+      cp /tmp/miles-bt-te-serve/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    te-cells)  # the precision matrix end to end on tiny128: 3 Hopper cells measured, the rest refused/skipped (~5 min)
+      te_pytest te-cells -k "cell_end_to_end and tiny128" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
+    te-cells-0.5b)  # the same on the 0.5B shape (needs issue #13's SHAPES; ~8 min)
+      te_pytest te-cells-0.5b -k "cell_end_to_end and 0.5b" --miles-report "$OUT/te-cells-0.5b-report.json" || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done

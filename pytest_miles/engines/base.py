@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = -1
     max_new_tokens: int = 16
     sampling_seed: int | None = 42
+    ignore_eos: bool = False  # SGLang's: generate max_new_tokens even past EOS (the embedded engines always do)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -35,18 +36,40 @@ class SamplingParams:
         return d
 
 
+def per_item(params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the RL loop gives every sample its own sampling_seed (one
+    seed for n copies of a prompt would give n identical samples)."""
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"sampling params: {len(params)} given for {n} prompts (one, or one per prompt)")
+    if len({p.max_new_tokens for p in params}) > 1:
+        raise ValueError("sampling params: max_new_tokens must be the same for every prompt of one batch")
+    return params
+
+
+def params_json(params: SamplingParams | list[SamplingParams] | None, n: int) -> dict[str, Any] | list[dict[str, Any]]:
+    """SGLang's sampling_params: one dict, or a list of one per prompt."""
+    if params is None or isinstance(params, SamplingParams):
+        return (params or SamplingParams()).to_sglang()
+    return [p.to_sglang() for p in per_item(params, n)]
+
+
 @dataclass
 class Output:
     output_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache (SGLang meta_info), if told
 
 
 @runtime_checkable
 class Engine(Protocol):
     name: str
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
-        """One batch: every prompt is scheduled together, as a real engine would batch them."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Output]:
+        """One batch: every prompt is scheduled together, as a real engine would batch them.
+        `params`: one for all, or one per prompt."""
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Logprobs of `continuation` given `prompt`, from one prefill (for p_vs_d)."""

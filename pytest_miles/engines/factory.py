@@ -94,7 +94,10 @@ class EngineFactory:
         pytest.skip(msg)
 
     def __call__(self, kind: str = "reference", *, model: str | None = None, deterministic: bool = True,
-                 attention_backend: str | None = None, extra_args: tuple[str, ...] = (), **options: Any):
+                 attention_backend: str | None = None, extra_args: tuple[str, ...] = (), alongside: bool = False,
+                 **options: Any):
+        """`alongside=True` keeps the live engines running (two configurations at once, e.g. to
+        interleave throughput measurements); by default a new configuration replaces the live one."""
         from ..validation import check_engine_args
 
         check_engine_args(kind, KINDS, model=model, deterministic=deterministic, attention_backend=attention_backend,
@@ -107,7 +110,8 @@ class EngineFactory:
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
-        self.close()  # a new configuration: free the old engine (and its GPU memory) first
+        if not alongside:
+            self.close()  # a new configuration: free the old engine (and its GPU memory) first
         model_dir = model or self._model_dir()
         eng = self._make(kind, model_dir, deterministic, backend, tuple(extra_args), options)
         self.launches += 1

@@ -23,6 +23,7 @@ class TinyConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     seed: int = 1234
+    tie_word_embeddings: bool = False  # True: the output layer is the embedding (no lm_head.weight)
 
     @property
     def head_dim(self) -> int:
@@ -35,7 +36,7 @@ class TinyConfig:
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
             "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
+            "rms_norm_eps": self.rms_norm_eps, "hidden_act": "silu", "tie_word_embeddings": self.tie_word_embeddings,
             "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers,
             "attention_dropout": 0.0, "initializer_range": 0.02, "bos_token_id": 1, "eos_token_id": 2,
             "use_cache": True,
@@ -69,8 +70,91 @@ def init_weights(cfg: TinyConfig) -> dict:
         sd[f"{p}.mlp.up_proj.weight"] = w(i, h)
         sd[f"{p}.mlp.down_proj.weight"] = w(h, i)
     sd["model.norm.weight"] = 1 + 0.1 * w(h, scale=1.0)
-    sd["lm_head.weight"] = w(cfg.vocab_size, h, scale=0.5)
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = w(cfg.vocab_size, h, scale=0.5)
     return sd
+
+
+# Embedded shapes (--miles-model-shape). tiny: the default, cheap everywhere (its weights come from
+# init_weights and are what the committed snapshots record). tiny128: every dim a multiple of 128
+# (head_dim 128, KV projection 128 wide) for kernels with 128-wide tiles (FP8 block scales).
+# qwen2.5-0.5b: Qwen2.5-0.5B's shape (the seeds' quick-start model), big enough for GEMM and
+# attention reductions to vary with the batch (the tiny model hides batch variance).
+SHAPES: dict[str, TinyConfig] = {
+    "tiny": TinyConfig(),
+    "tiny128": TinyConfig(hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1),
+    "qwen2.5-0.5b": TinyConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                               rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+
+
+def tensor_specs(cfg: TinyConfig) -> dict[str, tuple[int, ...]]:
+    """HF (Qwen2) parameter names -> shapes, in file order (no lm_head when embeddings are tied)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    specs: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}"
+        specs.update({f"{p}.input_layernorm.weight": (h,), f"{p}.self_attn.q_proj.weight": (q, h),
+                      f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.weight": (kv, h),
+                      f"{p}.self_attn.k_proj.bias": (kv,), f"{p}.self_attn.v_proj.weight": (kv, h),
+                      f"{p}.self_attn.v_proj.bias": (kv,), f"{p}.self_attn.o_proj.weight": (h, q),
+                      f"{p}.post_attention_layernorm.weight": (h,), f"{p}.mlp.gate_proj.weight": (i, h),
+                      f"{p}.mlp.up_proj.weight": (i, h), f"{p}.mlp.down_proj.weight": (h, i)})
+    specs["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        specs["lm_head.weight"] = (cfg.vocab_size, h)
+    return specs
+
+
+def tensor_chunks(cfg: TinyConfig, name: str, shape: tuple[int, ...], rows: int = 8192):
+    """One tensor's fp32 values in row chunks, from a generator seeded by (seed, name) alone, so
+    any tensor can be made (or re-made, in a test) without the others, and RAM stays at a chunk."""
+    import hashlib
+
+    import torch
+
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{cfg.seed}:{name}".encode()).digest()[:8],
+                                                     "little") & (2**63 - 1))
+    if name.endswith("norm.weight"):
+        yield 1 + 0.1 * torch.randn(shape, generator=g)
+        return
+    if name.endswith(".bias"):
+        yield 0.02 * torch.randn(shape, generator=g)
+        return
+    scale = 0.05 if name == "model.embed_tokens.weight" else shape[-1] ** -0.5  # 1/sqrt(fan_in)
+    for start in range(0, shape[0], rows):
+        yield scale * torch.randn((min(rows, shape[0] - start),) + tuple(shape[1:]), generator=g)
+
+
+def write_streamed_safetensors(file: str | Path, cfg: TinyConfig, dtype: str = "bfloat16") -> Path:
+    """model.safetensors written tensor by tensor (header first, then each chunk): a 0.5B-parameter
+    shape in a few seconds without holding its weights in memory."""
+    import torch
+
+    tdt = getattr(torch, dtype)
+    code = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    size = tdt.itemsize
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    specs = tensor_specs(cfg)
+    for name, shape in specs.items():
+        n = 1
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n * size]}
+        offset += n * size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    file = Path(file)
+    with open(file, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in specs.items():
+            for chunk in tensor_chunks(cfg, name, shape):
+                f.write(chunk.to(tdt).contiguous().view(torch.uint8).numpy().tobytes())
+    return file
 
 
 def write_tokenizer(path: str | Path, vocab_size: int) -> None:
@@ -96,21 +180,42 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
 
 
 def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16",
-                        tokenizer: bool = False) -> Path:
-    """config.json + model.safetensors; drive it with token ids, or with text when `tokenizer`."""
-    import torch
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in init_weights(cfg).items()}
-    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
+                        tokenizer: bool = False, streamed: bool = False) -> Path:
+    """config.json + model.safetensors; drive it with token ids, or with text when `tokenizer`.
+    `streamed`: per-tensor seeded weights written chunk by chunk (the shapes other than tiny)."""
+    if streamed:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_streamed_safetensors(path / "model.safetensors", cfg, dtype)
+        (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
+    else:
+        path = save_hf_weights(path, init_weights(cfg), cfg, dtype)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     (path / "pytest_miles_model.json").write_text(json.dumps(asdict(cfg)))
     if tokenizer:
         write_tokenizer(path, cfg.vocab_size)
     return path
+
+
+def save_hf_weights(path: str | Path, state: dict, cfg: TinyConfig, dtype: str = "bfloat16") -> Path:
+    """An HF state dict -> model.safetensors + config.json (written last, so a reader that sees
+    the config sees the weights): what a trainer exports for an engine's weight update."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, v in state.items()}
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg.hf_config(dtype), indent=1))
+    return path
+
+
+def write_shape(path: str | Path, shape: str, dtype: str = "bfloat16") -> Path:
+    """The embedded model of this shape (see SHAPES) as an HF checkpoint."""
+    if shape not in SHAPES:
+        raise ValueError(f"model shape {shape!r}: expected one of {', '.join(SHAPES)}")
+    return write_hf_checkpoint(path, SHAPES[shape], dtype, streamed=shape != "tiny")
 
 
 def config_from_dir(path: str | Path) -> TinyConfig:
@@ -208,4 +313,5 @@ class TinyDecoder:
         if not all_logits:
             x = x[:, -1]
         x = self._rms(x, w["model.norm.weight"])
-        return self._lin(x, w["lm_head.weight"]).float(), new_cache
+        head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
+        return self._lin(x, head).float(), new_cache

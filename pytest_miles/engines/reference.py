@@ -11,9 +11,10 @@ cannot depend on what else is in the batch, and prefill logprobs equal decode lo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, per_item
 from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights
 
 
@@ -50,6 +51,20 @@ class ReferenceEngine:
         self.closed = False
         self.launches = 1
 
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """Reload the weights in place (the in-process equivalent of SGLang's
+        /update_weights_from_disk): same shapes required, the sampling state untouched."""
+        import torch
+
+        if self.closed:
+            raise EngineError("reference engine is closed")
+        cfg = config_from_dir(model_path)
+        if replace(cfg, seed=self.config.seed) != self.config:
+            raise EngineError(f"{model_path}: config.json describes another model than the one loaded "
+                              f"({cfg} vs {self.config})")
+        self.model = TinyDecoder(self.config, _load_state(Path(model_path)), device=self.device,
+                                 dtype=self.model.dtype if self.model is not None else torch.float32)
+
     # -- protocol --------------------------------------------------------------------------
 
     def __enter__(self) -> ReferenceEngine:
@@ -66,6 +81,15 @@ class ReferenceEngine:
     def flush_cache(self) -> None:
         """No prefix cache: every request is computed from scratch."""
 
+    def server_info(self) -> dict:
+        """The same keys SGLang's /get_server_info answers, so witnesses read every engine alike."""
+        from .. import __version__
+
+        return {"attention_backend": "torch-reference", "enable_deterministic_inference": self.batch_invariant,
+                "disable_radix_cache": True, "disable_cuda_graph": True, "chunked_prefill_size": None,
+                "sampling_backend": "torch", "version": __version__,
+                "note": "the embedded reference engine has no prefix cache"}
+
     def _check(self, prompts: list[list[int]]) -> None:
         if self.closed:
             raise EngineError("reference engine is closed")
@@ -77,15 +101,16 @@ class ReferenceEngine:
             if bad:
                 raise ValueError(f"prompts[{i}]: token id {bad[0]!r} outside the vocabulary [0, {vocab})")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
         self._check(prompts)
+        items = per_item(params, len(prompts))
         limit = self.config.max_position_embeddings
-        if max(len(p) for p in prompts) + params.max_new_tokens > limit:
+        if max(len(p) for p in prompts) + items[0].max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's {limit} positions")
         if self.batch_invariant:
-            return [self._run([p], params)[0] for p in prompts]
-        return self._run(prompts, params)
+            return [self._run([p], [sp])[0] for p, sp in zip(prompts, items)]
+        return self._run(prompts, items)
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Logprobs of `continuation` from one prefill of prompt + continuation."""
@@ -133,21 +158,22 @@ class ReferenceEngine:
         self._cache = cache
         return torch.stack(rows)
 
-    def _run(self, prompts: list[list[int]], params: SamplingParams) -> list[Output]:
+    def _run(self, prompts: list[list[int]], items: list[SamplingParams]) -> list[Output]:
         import torch
 
-        outs = [Output([], []) for _ in prompts]
+        outs = [Output([], [], cached_tokens=0) for _ in prompts]
         gens = []
-        for _ in prompts:
+        for sp in items:
             g = torch.Generator(device="cpu")
-            g.manual_seed(params.sampling_seed if params.sampling_seed is not None else 0)
+            g.manual_seed(sp.sampling_seed if sp.sampling_seed is not None else 0)
             gens.append(g)
+        params = items[0]  # max_new_tokens is shared (per_item checks it)
         with torch.no_grad():
             if self.batch_invariant:  # one item, one row at a time
                 (prompt,) = prompts
                 logits = self._incremental(prompt)[-1:].cpu()
                 for step in range(params.max_new_tokens):
-                    tok = _sample(logits[0], params, gens[0])
+                    tok = _sample(logits[0], items[0], gens[0])
                     outs[0].output_ids.append(tok)
                     outs[0].logprobs.append(float(torch.log_softmax(logits[0].float(), -1)[tok]))
                     if step + 1 < params.max_new_tokens:
@@ -160,7 +186,7 @@ class ReferenceEngine:
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 toks = []
                 for i in range(len(prompts)):
-                    tok = _sample(logits[i], params, gens[i])
+                    tok = _sample(logits[i], items[i], gens[i])
                     toks.append(tok)
                     outs[i].output_ids.append(tok)
                     outs[i].logprobs.append(float(logp[i, tok]))

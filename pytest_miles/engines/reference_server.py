@@ -1,5 +1,6 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
-behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache).
+behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache,
+/get_server_info, /update_weights_from_disk).
 Requests are served one at a time, each list of input_ids as one batch."""
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-invariant", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = ReferenceEngine(args.model, batch_invariant=args.batch_invariant, device=args.device)
     lock = threading.Lock()
 
@@ -34,13 +40,24 @@ def main() -> None:
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802
-            self._send(200, {"ok": True}) if self.path == "/health" else self._send(404, {"error": self.path})
+            if self.path == "/health":
+                return self._send(200, {"ok": True})
+            if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
+                return self._send(200, engine.server_info())
+            self._send(404, {"error": self.path})
 
         def do_POST(self) -> None:  # noqa: N802
             n = int(self.headers.get("Content-Length") or 0)
             req = json.loads(self.rfile.read(n) or b"null")
             if self.path == "/flush_cache":
                 return self._send(200, {})
+            if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message
+                try:
+                    with lock:
+                        engine.update_weights_from_disk(req["model_path"])
+                    return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
+                except (KeyError, TypeError, OSError, ValueError, RuntimeError) as exc:
+                    return self._send(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
             if self.path != "/generate":
                 return self._send(404, {"error": self.path})
             try:
@@ -61,20 +78,26 @@ def _generate(engine: ReferenceEngine, req: dict):
     ids = req["input_ids"]
     single = bool(ids) and isinstance(ids[0], int)
     batch = [ids] if single else ids
-    sp = dict(req.get("sampling_params") or {})
+    sp = req.get("sampling_params") or {}
     start = req.get("logprob_start_len")
+    if isinstance(sp, list) and len(sp) != len(batch):
+        raise ValueError(f"sampling_params: {len(sp)} given for {len(batch)} prompts")
     if start is not None and start >= 0:  # scoring: input token logprobs from one prefill
         seq = batch[0]
         lps = engine.score(seq[:1], seq[1:])  # logprob of every input token after the first
         rows = [[None, seq[0], None]] + [[lp, t, None] for lp, t in zip(lps, seq[1:])]
         return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[start:],
                                                 "output_token_logprobs": []}}
-    params = SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
-    outs = engine.generate(batch, params)
+    outs = engine.generate(batch, [_params(s) for s in sp] if isinstance(sp, list) else _params(sp))
     res = [{"output_ids": o.output_ids,
-            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)]}}
+            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)],
+                          "cached_tokens": 0}}
            for o in outs]
     return res[0] if single else res
+
+
+def _params(sp: dict) -> SamplingParams:
+    return SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
 
 
 if __name__ == "__main__":

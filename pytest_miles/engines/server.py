@@ -22,7 +22,7 @@ from typing import Any
 from ..environment import deterministic_env_vars
 from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, params_json
 
 
 class ServerEngine:
@@ -123,11 +123,11 @@ class ServerEngine:
         except ValueError:  # /flush_cache answers plain text
             return body.decode(errors="replace")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
-        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params.to_sglang(),
+        res = self._post("/generate", {"input_ids": prompts, "sampling_params": params_json(params, len(prompts)),
                                        "return_logprob": True})
         if isinstance(res, dict):
             res = [res]
@@ -138,7 +138,8 @@ class ServerEngine:
         for item in res:
             lps = item["meta_info"]["output_token_logprobs"]
             ids = item.get("output_ids") or [int(t[1]) for t in lps]
-            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps]))
+            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps],
+                               item["meta_info"].get("cached_tokens")))
         return outs
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
@@ -159,6 +160,13 @@ class ServerEngine:
         raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
                           f"(got ids {[e[1] for e in entries][:20]}..., wanted {list(continuation)[:20]}...)")
 
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """SGLang's POST /update_weights_from_disk: the RL loop's weight sync. A refusal (HTTP 400
+        or success false) raises EngineError with the server's message."""
+        res = self._post("/update_weights_from_disk", {"model_path": str(model_path)})
+        if not isinstance(res, dict) or not res.get("success"):
+            raise EngineError(f"{self.name} refused /update_weights_from_disk {model_path}: {res!r}")
+
     def flush_cache(self) -> None:
         deadline = time.monotonic() + 60
         while True:  # SGLang answers 400 while requests are running
@@ -170,15 +178,28 @@ class ServerEngine:
                     raise
                 time.sleep(0.2)
 
+    def server_info(self) -> dict[str, Any]:
+        """The server's effective settings (SGLang's GET /get_server_info: server args + version),
+        read once: what the witnesses and every report show, instead of what we asked for."""
+        if getattr(self, "_server_info", None) is None:
+            try:
+                with urllib.request.urlopen(self.url + "/get_server_info", timeout=30) as r:
+                    self._server_info = json.loads(r.read())
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                raise EngineError(f"{self.name} /get_server_info: {exc}") from None
+        return self._server_info
+
 
 class SGLangEngine(ServerEngine):
-    """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode."""
+    """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode, in the
+    production configuration: CUDA graphs on unless the caller passes `disable_cuda_graph=True`
+    or `--disable-cuda-graph` / `--sglang-disable-cuda-graph` in extra_args."""
 
     name = "sglang"
 
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
-                 port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = True,
+                 port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
                  python: str = sys.executable, **kw: Any) -> None:
         model_path = Path(model_path)
         if not (model_path / "config.json").exists():
@@ -212,10 +233,12 @@ class ReferenceServerEngine(ServerEngine):
     has_prefix_cache = False
 
     def __init__(self, model_dir: str | Path, *, batch_invariant: bool = False, port: int | None = None,
-                 device: str = "cpu", python: str = sys.executable, **kw: Any) -> None:
+                 device: str = "cpu", python: str = sys.executable, threads: int | None = None, **kw: Any) -> None:
         port = port or free_port()
         cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
                "--port", str(port), "--device", device]
+        if threads is not None:  # a tiny model on a busy CPU: thread sync costs more than the math
+            cmd += ["--threads", str(threads)]
         if batch_invariant:
             cmd.append("--batch-invariant")
         self.batch_invariant = batch_invariant

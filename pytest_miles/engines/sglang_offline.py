@@ -9,7 +9,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import kill_tree
-from .base import EngineError, Output, SamplingParams
+from .base import EngineError, Output, SamplingParams, params_json
 
 
 class SGLangOfflineEngine:
@@ -25,8 +25,8 @@ class SGLangOfflineEngine:
             self._engine = sglang.Engine(model_path=str(model_path), skip_tokenizer_init=skip_tok,
                                          attention_backend=attention_backend,
                                          enable_deterministic_inference=deterministic,
-                                         mem_fraction_static=mem_fraction_static, disable_cuda_graph=True,
-                                         random_seed=42, **engine_kwargs)
+                                         mem_fraction_static=mem_fraction_static, random_seed=42,
+                                         **engine_kwargs)  # CUDA graphs on unless disable_cuda_graph=True
         except Exception as exc:
             self._kill_children()
             raise EngineError(f"sglang.Engine failed to start: {exc}") from exc
@@ -38,11 +38,23 @@ class SGLangOfflineEngine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[Output]:
-        params = params or SamplingParams()
-        res = self._engine.generate(input_ids=prompts, sampling_params=params.to_sglang(), return_logprob=True)
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Output]:
+        res = self._engine.generate(input_ids=prompts, sampling_params=params_json(params, len(prompts)),
+                                    return_logprob=True)
         return [Output([int(t[1]) for t in r["meta_info"]["output_token_logprobs"]],
-                       [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]]) for r in res]
+                       [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]],
+                       r["meta_info"].get("cached_tokens")) for r in res]
+
+    def server_info(self) -> dict[str, Any]:
+        """The engine's effective server_args (after SGLang's own adjustments) and version."""
+        import dataclasses
+
+        import sglang
+
+        args = getattr(self._engine, "server_args", None)
+        info = dataclasses.asdict(args) if dataclasses.is_dataclass(args) else dict(vars(args or {}))
+        return {**info, "version": getattr(sglang, "__version__", None)}
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         r = self._engine.generate(input_ids=list(prompt) + list(continuation), return_logprob=True,
@@ -50,6 +62,12 @@ class SGLangOfflineEngine:
                                   sampling_params={"max_new_tokens": 1, "temperature": 0.0})
         vals = [t for t in r["meta_info"]["input_token_logprobs"] if t[0] is not None]
         return [float(t[0]) for t in vals[-len(continuation):]]
+
+    def update_weights_from_disk(self, model_path: str | Path) -> None:
+        """`sglang.Engine.update_weights_from_disk`: the RL loop's weight sync."""
+        ok, message = self._engine.update_weights_from_disk(str(model_path))[:2]
+        if not ok:
+            raise EngineError(f"sglang.Engine refused update_weights_from_disk {model_path}: {message}")
 
     def flush_cache(self) -> None:
         self._engine.flush_cache()

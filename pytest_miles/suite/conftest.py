@@ -24,9 +24,11 @@ def _announce(request, capsys):
 
 # Engine configurations, in the order the suite uses them: a real SGLang engine takes a minute or
 # more to start, and the engine factory keeps one live configuration, so grouping the tests that
-# share one makes a suite run start two engines (deterministic, then not) instead of one per switch.
-ORDER = ("test_doctor.py", "test_cluster.py", "test_rollout.py::test_batch_invariance",
-         "test_snapshots.py::test_rollout", "test_cost.py::test_rollout_cost", "test_rollout.py::test_negative_control")
+# share one makes a suite run start two engines (not deterministic, then deterministic) instead of
+# one per switch. The negative controls come first: their verdict decides whether a pass of the
+# positive check counts (a control that cannot fail makes the positive vacuous).
+ORDER = ("test_doctor.py", "test_cluster.py", "test_rollout.py::test_negative_control",
+         "test_rollout.py::test_batch_invariance", "test_snapshots.py::test_rollout", "test_cost.py::test_rollout_cost")
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which would interleave configurations

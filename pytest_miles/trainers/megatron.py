@@ -26,8 +26,7 @@ class TrainerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """Mirrors Miles' MODEL_ARGS for the tiny default. Learned absolute positions: megatron-core's
-    RoPE moves its frequencies to CUDA unconditionally, so "rope" runs on GPUs only."""
+    """Mirrors Miles' MODEL_ARGS for the tiny default (learned absolute positions)."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -38,6 +37,30 @@ class ModelArgs:
     seq_length: int = 32
     dropout: float = 0.0
     position_embedding_type: str = "learned_absolute"
+    # The Qwen2 architecture (`ModelArgs.qwen2`) sets these; the defaults are the tiny GPT above.
+    normalization: str = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    kv_channels: int | None = None
+    rotary_base: float = 10000.0
+    rotary_interleaved: bool = False
+    tie_embeddings: bool = False
+
+    @classmethod
+    def qwen2(cls, cfg, *, seq_length: int | None = None, rotary_interleaved: bool = False) -> ModelArgs:
+        """The same architecture as an HF Qwen2 config (a `TinyConfig`): RMSNorm, SwiGLU, GQA,
+        bias on q/k/v only, RoPE, tied embeddings per config. On CPU megatron-core's RoPE runs
+        through the worker's host subclass. `rotary_interleaved`: pairs (2i, 2i+1) rotate together
+        (GPT-J style, what the embedded reference engine computes) instead of HF's halves."""
+        return cls(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                   num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
+                   ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                   seq_length=seq_length or cfg.max_position_embeddings, position_embedding_type="rope",
+                   normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True, add_bias_linear=False,
+                   add_qkv_bias=True, kv_channels=cfg.head_dim, rotary_base=cfg.rope_theta,
+                   rotary_interleaved=rotary_interleaved, tie_embeddings=cfg.tie_word_embeddings)
 
 
 @dataclass
@@ -52,6 +75,7 @@ class Run:
     save_dir: str | None = None
     seconds: float = 0.0
     device: str = "cpu"
+    facts: dict = field(default_factory=dict)  # what ran (TE: versions, recipe, attention backend selected)
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The iter_XXXXXXX dir saved at `step` (default: the last one)."""
@@ -89,7 +113,8 @@ class MegatronTrainer:
                  world_size: int | None = None, device: str = "cpu", lr: float = 1e-3, micro_batch_size: int = 2,
                  deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
                  python: str = sys.executable, env: dict[str, str] | None = None, launcher=None,
-                 gpu_lease=None) -> None:
+                 gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
+                 attention_backend: str | None = None, hardware=None) -> None:
         from ..validation import check_trainer_args
 
         try:  # before any rank starts: a bad seed would otherwise surface as a rank crash 20 s later
@@ -106,6 +131,12 @@ class MegatronTrainer:
                                f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
         if device not in ("cpu", "cuda"):
             raise TrainerError(f"device {device!r}: expected cpu or cuda")
+        from .te_model import check_te_options, rank_env  # refused before any rank starts
+
+        self.transformer_impl = transformer_impl
+        self.precision, self.attention_backend = check_te_options(transformer_impl, precision, attention_backend,
+                                                                  device, hardware)
+        env = {**rank_env(self.precision), **(env or {})}
         self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
         self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
         self.timeout, self.python, self.extra_env = timeout, python, env or {}
@@ -138,8 +169,7 @@ class MegatronTrainer:
         self.launches += 1
         run_dir = self.log_dir / f"launch-{self.launches}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        spec = {"seed": self.seed, "model": asdict(self.model), "tensor_parallel": self.tp, "device": self.device,
-                "lr": self.lr, "micro_batch_size": self.mbs, "deterministic": self.deterministic, "steps": steps,
+        spec = {**self.spec(), "steps": steps,
                 "save_dir": str(save_dir) if save_dir else None, "save_steps": save_steps,
                 "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json")}
         (run_dir / "spec.json").write_text(json.dumps(spec))
@@ -162,11 +192,28 @@ class MegatronTrainer:
                 return self._launch_local(run_dir, argv, lease.env)
         return self._launch_local(run_dir, argv, {})
 
-    def _launch_local(self, run_dir: Path, argv: list[str], lease_env: dict[str, str]) -> None:
-        port = free_port()
-        base = {**os.environ, **deterministic_env_vars(), **self.extra_env, **lease_env, "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port), "WORLD_SIZE": str(self.world), "PYTHONUNBUFFERED": "1",
+    def rank_env(self, lease_env: dict[str, str]) -> dict[str, str]:
+        """The environment every rank shares (deterministic env, rendezvous, one BLAS thread)."""
+        return {**os.environ, **deterministic_env_vars(), **self.extra_env, **lease_env, "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(self.world), "PYTHONUNBUFFERED": "1",
                 "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def spec(self) -> dict:
+        """What every rank builds from (the run's own fields are added by the caller)."""
+        return {"seed": self.seed, "model": asdict(self.model), "tensor_parallel": self.tp, "device": self.device,
+                "lr": self.lr, "micro_batch_size": self.mbs, "deterministic": self.deterministic,
+                "transformer_impl": self.transformer_impl, "precision": self.precision,
+                "attention_backend": self.attention_backend}
+
+    def session(self, **kwargs):
+        """Ranks that stay up and take one command at a time (the RL loop's trainer): see
+        `pytest_miles.trainers.session.MegatronSession`."""
+        from .session import MegatronSession
+
+        return MegatronSession(self, **kwargs)
+
+    def _launch_local(self, run_dir: Path, argv: list[str], lease_env: dict[str, str]) -> None:
+        base = self.rank_env(lease_env)
         procs: list[tuple[int, subprocess.Popen, Path]] = []
         try:
             for rank in range(self.world):

@@ -79,38 +79,158 @@ def _finalize_on_host(storage_writer, global_metadata, dist_wrapper) -> None:
         raise CheckpointingException(f"checkpoint write failed: {failures or 'on the coordinator'}")
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+class Rank:
+    """One rank's live state: process group, model, optimizer, checkpoint save/load. Built once;
+    `main` trains a run with it, `megatron_session` keeps it up and takes commands."""
+
+    def __init__(self, spec: dict) -> None:
+        self.spec = spec
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        import torch
+        import torch.distributed as dist
+
+        self.cuda = cuda = spec["device"] == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
+        torch.use_deterministic_algorithms(spec.get("deterministic", True))
+        torch.backends.cudnn.deterministic = spec.get("deterministic", True)
+        torch.backends.cudnn.benchmark = False
+        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
+
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        self.tp = tp = spec["tensor_parallel"]
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.seed = seed = spec["seed"]
+        torch.manual_seed(seed)
+        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda)
+        self.m = m = spec["model"]
+        self.model = _build_model(spec, m, tp, cuda)
+        self.device = torch.device("cuda" if cuda else "cpu")
+        self.model.to(self.device)
+        self.te = spec.get("transformer_impl", "local") == "transformer_engine"
+        if self.te:  # bf16 params and fp32 output, as Megatron's --bf16 (te_model.py, issue #16)
+            from .te_model import wrap_bf16
+
+            self.model = wrap_bf16(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
+        self.strategy = _save_strategy(cuda)
+        self.start = 0
+
+    def state_dicts(self):
+        import torch
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        world, rank = self.world, self.rank
+        sd = self.model.sharded_state_dict(prefix="model.")
+        sd["optimizer"] = ShardedObject("optimizer.rank_state", self.opt.state_dict(), (world,), (rank,), replica_id=0)
+        sd["rng"] = ShardedObject("rng.rank_state", {"torch": torch.get_rng_state(),
+                                                    "cuda": torch.cuda.get_rng_state() if self.cuda else None},
+                                  (world,), (rank,), replica_id=0)
+        return sd
+
+    def load(self, load_root: Path) -> int:
+        import torch
+        from megatron.core import dist_checkpointing
+
+        tracker = load_root / "latest_checkpointed_iteration.txt"
+        if not tracker.exists():
+            raise SystemExit(f"{tracker}: missing, nothing to resume from in {load_root}")
+        start = int(tracker.read_text().strip())
+        loaded = dist_checkpointing.load(self.state_dicts(), str(load_root / f"iter_{start:07d}"))
+        self.model.load_state_dict({k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")},
+                                   strict=False)
+        self.opt.load_state_dict(loaded["optimizer"])
+        torch.set_rng_state(loaded["rng"]["torch"])
+        if self.cuda and loaded["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(loaded["rng"]["cuda"])
+        self.start = start
+        return start
+
+    def save(self, save_dir: Path, it: int) -> str:
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        it_dir = save_dir / f"iter_{it:07d}"
+        if self.rank == 0:
+            it_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        sd = self.state_dicts()
+        sd["iteration"] = it
+        sd["args"] = {"seed": self.seed, "lr": self.spec["lr"], "tensor_parallel": self.tp, "model": self.m}
+        dist_checkpointing.save(sd, str(it_dir), sharded_strategy=self.strategy)
+        if self.rank == 0:
+            (save_dir / "latest_checkpointed_iteration.txt").write_text(str(it))
+        dist.barrier()
+        return str(it_dir)
+
+    def grad_norm_and_step(self):
+        """DP-average the grads, the global grad norm (float64), one optimizer step."""
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        model = self.model
+        dp_group = parallel_state.get_data_parallel_group()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=dp_group)
+                    p.grad /= parallel_state.get_data_parallel_world_size()
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in model.parameters():
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                sq += p.grad.double().pow(2).sum()
+        if self.tp > 1:
+            dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return sq.sqrt()
+
+    def dp_mean(self, value):
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        lv = value.detach().double()
+        if parallel_state.get_data_parallel_world_size() > 1:
+            dist.all_reduce(lv, group=parallel_state.get_data_parallel_group())
+            lv /= parallel_state.get_data_parallel_world_size()
+        return lv
+
+
+def _cpu_rotary(rotary):
+    """megatron-core's RotaryEmbedding.get_emb moves its frequencies to CUDA unconditionally; on
+    CPU the same computation stays on the host (subclass, swapped in after construction)."""
     import torch
-    import torch.distributed as dist
 
-    cuda = spec["device"] == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    torch.use_deterministic_algorithms(spec.get("deterministic", True))
-    torch.backends.cudnn.deterministic = spec.get("deterministic", True)
-    torch.backends.cudnn.benchmark = False
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    class HostRotaryEmbedding(type(rotary)):
+        def get_emb(self, max_seq_len: int, offset: int = 0):
+            freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+            if not self.rotary_interleaved:
+                emb = torch.cat((freqs, freqs), dim=-1)
+            else:
+                emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+            return emb[:, None, None, :]
 
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    rotary.__class__ = HostRotaryEmbedding
+
+
+def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
+    """GPTModel from ModelArgs: the tiny GPT default, or the Qwen2 architecture (RMSNorm,
+    SwiGLU, qkv bias only, RoPE, tied embeddings per config) when the loop asks for it."""
+    import torch
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel import (
-        model_parallel_cuda_manual_seed,
-        param_is_not_tensor_parallel_duplicate,
-    )
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    tp = spec["tensor_parallel"]
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    dp_rank = parallel_state.get_data_parallel_rank()
-    seed = spec["seed"]
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda)
-
-    m = spec["model"]
+    extra = {}
+    if m.get("swiglu"):
+        extra.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu, bias_activation_fusion=False)
+    if m.get("kv_channels"):
+        extra["kv_channels"] = m["kv_channels"]
     config = TransformerConfig(
         num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
         num_query_groups=m.get("num_query_groups"), ffn_hidden_size=m.get("ffn_hidden_size"),
@@ -118,44 +238,44 @@ def main(spec_path: str) -> None:
         params_dtype=torch.float32, hidden_dropout=m.get("dropout", 0.0), attention_dropout=m.get("dropout", 0.0),
         bias_dropout_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False,
+        normalization=m.get("normalization", "LayerNorm"), layernorm_epsilon=m.get("layernorm_epsilon", 1e-5),
+        add_bias_linear=m.get("add_bias_linear", True), add_qkv_bias=m.get("add_qkv_bias", False),
+        rotary_interleaved=m.get("rotary_interleaved", False), **extra,
     )
-    layer_spec = get_gpt_layer_local_spec()
+    layer_spec = get_gpt_layer_local_spec(normalization=m.get("normalization", "LayerNorm"))
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
-    seq = m["seq_length"]
+    if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py (issue #16)
+        from .te_model import te_config_and_spec
+
+        config, layer_spec = te_config_and_spec(config, spec)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=m["vocab_size"],
-                     max_sequence_length=seq, position_embedding_type=m.get("position_embedding_type", "learned_absolute"))
-    device = torch.device("cuda" if cuda else "cpu")
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
-    strategy = _save_strategy(cuda)
+                     max_sequence_length=m["seq_length"],
+                     position_embedding_type=m.get("position_embedding_type", "learned_absolute"),
+                     rotary_base=int(m.get("rotary_base", 10000)),
+                     share_embeddings_and_output_weights=m.get("tie_embeddings", False))
+    if not cuda and getattr(model, "rotary_pos_emb", None) is not None:
+        _cpu_rotary(model.rotary_pos_emb)
+    return model
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    import torch.distributed as dist
+
+    r = Rank(spec)
+    rank, cuda, device, model, m, seed = r.rank, r.cuda, r.device, r.model, r.m, r.seed
+    seq = m["seq_length"]
     save_dir = Path(spec["save_dir"]) if spec.get("save_dir") else None
-    start = 0
-
-    def state_dicts():
-        sd = model.sharded_state_dict(prefix="model.")
-        sd["optimizer"] = ShardedObject("optimizer.rank_state", opt.state_dict(), (world,), (rank,), replica_id=0)
-        sd["rng"] = ShardedObject("rng.rank_state", {"torch": torch.get_rng_state(),
-                                                    "cuda": torch.cuda.get_rng_state() if cuda else None},
-                                  (world,), (rank,), replica_id=0)
-        return sd
-
-    if spec.get("load_dir"):
-        load_root = Path(spec["load_dir"])
-        tracker = load_root / "latest_checkpointed_iteration.txt"
-        if not tracker.exists():
-            raise SystemExit(f"{tracker}: missing, nothing to resume from in {load_root}")
-        start = int(tracker.read_text().strip())
-        loaded = dist_checkpointing.load(state_dicts(), str(load_root / f"iter_{start:07d}"))
-        model.load_state_dict({k[len("model."):]: v for k, v in loaded.items() if k.startswith("model.")}, strict=False)
-        opt.load_state_dict(loaded["optimizer"])
-        torch.set_rng_state(loaded["rng"]["torch"])
-        if cuda and loaded["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(loaded["rng"]["cuda"])
+    start = r.load(Path(spec["load_dir"])) if spec.get("load_dir") else 0
+    dp_rank = r.dp_rank
 
     mbs = spec["micro_batch_size"]
     losses, grad_norms, saved, step_times = [], [], [], []
     causal = torch.ones(seq, seq, dtype=torch.bool, device=device).triu(1)[None, None]
+    if r.te:
+        causal = None  # TE attention applies the spec's causal mask type itself
     position_ids = torch.arange(seq, device=device)[None].expand(mbs, seq)
     for step in range(start, spec["steps"]):
         t0 = time.perf_counter()
@@ -164,47 +284,24 @@ def main(spec_path: str) -> None:
         out = model(tokens[:, :-1], position_ids, causal, labels=tokens[:, 1:])
         loss = out.float().mean()
         loss.backward()
-        dp_group = parallel_state.get_data_parallel_group()
-        if parallel_state.get_data_parallel_world_size() > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=dp_group)
-                    p.grad /= parallel_state.get_data_parallel_world_size()
-        sq = torch.zeros((), dtype=torch.float64, device=device)
-        for p in model.parameters():
-            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
-                sq += p.grad.double().pow(2).sum()
-        if tp > 1:
-            dist.all_reduce(sq, group=parallel_state.get_tensor_model_parallel_group())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        lv = loss.detach().double()
-        if parallel_state.get_data_parallel_world_size() > 1:
-            dist.all_reduce(lv, group=dp_group)
-            lv /= parallel_state.get_data_parallel_world_size()
+        norm = r.grad_norm_and_step()
+        lv = r.dp_mean(loss)
         if cuda:
             torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
         losses.append(float(lv))
-        grad_norms.append(float(sq.sqrt()))
+        grad_norms.append(float(norm))
         it = step + 1
         if save_dir is not None and it in spec.get("save_steps", []):
-            it_dir = save_dir / f"iter_{it:07d}"
-            if rank == 0:
-                it_dir.mkdir(parents=True, exist_ok=True)
-            dist.barrier()
-            sd = state_dicts()
-            sd["iteration"] = it
-            sd["args"] = {"seed": seed, "lr": spec["lr"], "tensor_parallel": tp, "model": m}
-            dist_checkpointing.save(sd, str(it_dir), sharded_strategy=strategy)
-            if rank == 0:
-                (save_dir / "latest_checkpointed_iteration.txt").write_text(str(it))
-            saved.append(str(it_dir))
-            dist.barrier()
+            saved.append(r.save(save_dir, it))
     if rank == 0:
         result = {"losses": losses, "loss_bits": [x.hex() for x in losses], "grad_norms": grad_norms,
                   "grad_norm_bits": [x.hex() for x in grad_norms], "checkpoints": saved, "first_step": start,
                   "step_times": step_times, "device": spec["device"]}
+        if r.te:
+            from .te_model import te_facts
+
+            result["facts"] = te_facts(spec)
         Path(spec["result"]).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,0 +1,276 @@
+"""What each stack promises, as data: per SGLang version range x attention backend x mode (and
+condition), batch invariance is *promised* (a hard check), a *known limitation* (an xfail naming
+its upstream reference), or *not applicable* (a skip with the reason). The packaged file is
+`sglang.toml` beside this module; a user file (--miles-capabilities) is read first and wins.
+
+Versions are compared with `packaging` (a dependency of pytest itself, so always present where
+pytest-miles is): `versions` is a PEP 440 specifier set, e.g. ">=0.5.17,<0.5.24".
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("promised", "known_limitation", "not_applicable")
+MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
+SHAPE_KEYS = ("seed", "max_batch", "prompt_len", "min_seq_len", "model_shape")
+CELL_FIELDS = ("id", "versions", "backends", "modes", "status", "condition", "reason", "references", "verified",
+               "reproduces")
+SGLANG_KINDS = ("sglang", "sglang-offline")
+PACKAGED = Path(__file__).with_name("sglang.toml")
+
+
+class CapabilityError(ValueError):
+    """A capability file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    versions: str
+    backends: tuple[str, ...]
+    modes: tuple[str, ...]
+    status: str
+    condition: str = ""
+    reason: str = ""
+    references: tuple[str, ...] = ()
+    verified: str = ""
+    reproduces: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def matches(self, backend: str, mode: str, version: str | None) -> bool:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+
+        if "*" not in self.backends and backend not in self.backends:
+            return False
+        if "*" not in self.modes and mode not in self.modes:
+            return False
+        if not self.versions:
+            return True
+        if version is None:
+            return False
+        try:
+            return Version(version) in SpecifierSet(self.versions)
+        except InvalidVersion:
+            return False
+
+    def reproduced_by(self, shape: dict[str, Any]) -> bool:
+        """Whether a check of this shape reproduces the limitation (then a pass is XPASS(strict))."""
+        for key, want in self.reproduces.items():
+            got = shape.get(key.removeprefix("min_") if key == "min_seq_len" else key)
+            if key == "min_seq_len":
+                if got is None or got < want:
+                    return False
+            elif got not in (want if isinstance(want, list) else [want]):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class Capability:
+    """The verdict rule for one check: its status, the cell it came from, and strictness."""
+
+    status: str
+    cell: Cell | None = None
+    strict: bool = True
+    where: str = ""  # engine/backend/version, for messages
+
+    @property
+    def known(self) -> bool:
+        return self.status == "known_limitation"
+
+    def describe(self) -> str:
+        if self.cell is None:
+            return f"{self.status} ({self.where}: no capability cell matches; treated as promised)"
+        c = self.cell
+        refs = "; ".join(c.references)
+        text = f"{self.status} [{c.id}] on {self.where}"
+        if c.condition:
+            text += f" when {c.condition}"
+        if c.reason:
+            text += f": {c.reason}"
+        if refs:
+            text += f" (see {refs})"
+        if not c.verified:
+            text += " [as documented upstream, unverified here]"
+        return text
+
+
+PROMISED = Capability("promised")
+
+
+def _as_list(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise CapabilityError(f"{where}: expected a string or a list of strings, got {value!r}")
+
+
+def _cell(raw: Any, index: int, path: str) -> Cell:
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    where = f"{path}: [[cell]] #{index + 1}"
+    if not isinstance(raw, dict):
+        raise CapabilityError(f"{where}: expected a table")
+    if "id" in raw:
+        where += f" ({raw['id']!r})"
+    unknown = sorted(set(raw) - set(CELL_FIELDS))
+    if unknown:
+        raise CapabilityError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(CELL_FIELDS)})")
+    for name in ("id", "status", "modes", "backends"):
+        if name not in raw:
+            raise CapabilityError(f"{where}: field '{name}' is missing")
+    status = raw["status"]
+    if status not in STATUSES:
+        raise CapabilityError(f"{where}: field 'status': {status!r} is not one of {', '.join(STATUSES)}")
+    versions = raw.get("versions", "")
+    if not isinstance(versions, str):
+        raise CapabilityError(f"{where}: field 'versions': expected a PEP 440 specifier string, got {versions!r}")
+    try:
+        SpecifierSet(versions)
+    except InvalidSpecifier:
+        raise CapabilityError(f"{where}: field 'versions': {versions!r} is not a version specifier "
+                              "(PEP 440, e.g. '>=0.5.17,<0.5.24'; '' for every version)") from None
+    modes = _as_list(raw["modes"], f"{where}: field 'modes'")
+    bad = [m for m in modes if m != "*" and m not in MODES]
+    if bad:
+        raise CapabilityError(f"{where}: field 'modes': {bad[0]!r} is not one of {', '.join(MODES)} or '*'")
+    backends = _as_list(raw["backends"], f"{where}: field 'backends'")
+    refs = _as_list(raw.get("references", []), f"{where}: field 'references'") if raw.get("references") else ()
+    for name in ("condition", "reason"):
+        if not isinstance(raw.get(name, ""), str):
+            raise CapabilityError(f"{where}: field '{name}': expected a string")
+    if status != "promised" and not raw.get("reason"):
+        raise CapabilityError(f"{where}: field 'reason' is required for status {status!r}")
+    if status == "known_limitation" and not refs:
+        raise CapabilityError(f"{where}: field 'references' is required for a known_limitation (the upstream issue)")
+    verified = raw.get("verified", "")
+    if not isinstance(verified, (str, bool)):
+        raise CapabilityError(f"{where}: field 'verified': expected a string (where it was seen) or false")
+    reproduces = raw.get("reproduces", {})
+    if not isinstance(reproduces, dict):
+        raise CapabilityError(f"{where}: field 'reproduces': expected a table")
+    bad = sorted(set(reproduces) - set(SHAPE_KEYS))
+    if bad:
+        raise CapabilityError(f"{where}: field 'reproduces': unknown key(s) {', '.join(bad)} "
+                              f"(known: {', '.join(SHAPE_KEYS)})")
+    return Cell(str(raw["id"]), versions, backends, modes, status, raw.get("condition", ""), raw.get("reason", ""),
+                refs, "" if verified is False else ("yes" if verified is True else verified), dict(reproduces), path)
+
+
+def read_file(path: str | Path) -> tuple[list[Cell], bool]:
+    """Cells of one file, and whether it extends the packaged data ([meta] extends, default true)."""
+    import tomllib
+
+    path = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise CapabilityError(f"{path}: capability file not found") from None
+    except IsADirectoryError:
+        raise CapabilityError(f"{path}: is a directory, expected a TOML capability file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CapabilityError(f"{path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - {"meta", "cell"})
+    if unknown:
+        raise CapabilityError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [meta], [[cell]])")
+    meta = data.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CapabilityError(f"{path}: [meta] must be a table")
+    if meta.get("schema", 1) != 1:
+        raise CapabilityError(f"{path}: [meta] field 'schema': {meta['schema']!r} is not supported (this is schema 1)")
+    if meta.get("engine", "sglang") != "sglang":
+        raise CapabilityError(f"{path}: [meta] field 'engine': {meta['engine']!r}: only 'sglang' is known")
+    extends = meta.get("extends", True)
+    if not isinstance(extends, bool):
+        raise CapabilityError(f"{path}: [meta] field 'extends': expected true or false, got {extends!r}")
+    raw_cells = data.get("cell", [])
+    if not isinstance(raw_cells, list):
+        raise CapabilityError(f"{path}: 'cell' must be an array of tables ([[cell]])")
+    cells = [_cell(c, i, path) for i, c in enumerate(raw_cells)]
+    seen: set[str] = set()
+    for c in cells:
+        if c.id in seen:
+            raise CapabilityError(f"{path}: field 'id': {c.id!r} is used by two cells")
+        seen.add(c.id)
+    return cells, extends
+
+
+@dataclass
+class Capabilities:
+    cells: list[Cell]
+    sources: list[str]
+
+    def lookup(self, backend: str, mode: str, version: str | None, shape: dict[str, Any] | None = None,
+               engine: str = "sglang") -> Capability:
+        """The rule for `mode` on this backend and SGLang version (promised when no cell matches)."""
+        where = f"{engine}/{backend} {version or '(version unknown)'}"
+        for cell in self.cells:
+            if cell.matches(backend, mode, version):
+                strict = cell.reproduced_by(shape or {}) if cell.status == "known_limitation" else True
+                return Capability(cell.status, cell, strict, where)
+        return Capability("promised", None, True, where)
+
+
+_CACHE: dict[str | None, Capabilities] = {}
+
+
+def load_capabilities(user: str | Path | None = None) -> Capabilities:
+    """The packaged cells, after the user's file (whose cells win; `[meta] extends = false` drops ours)."""
+    key = None if user is None else str(user)
+    if key not in _CACHE:
+        cells: list[Cell] = []
+        sources: list[str] = []
+        extends = True
+        if user is not None:
+            cells, extends = read_file(user)
+            sources.append(str(user))
+        if extends:
+            cells += read_file(PACKAGED)[0]
+            sources.append(str(PACKAGED))
+        _CACHE[key] = Capabilities(cells, sources)
+    return _CACHE[key]
+
+
+def installed_sglang_version() -> str | None:
+    """From the package metadata: no import of sglang."""
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+BACKENDS = ("flashinfer", "triton", "fa3", "fa4")
+
+
+def render_table(caps: Capabilities, version: str | None, backends: tuple[str, ...] = BACKENDS) -> list[str]:
+    """One line per backend x mode for this SGLang version (the `pytest-miles capabilities` table)."""
+    lines = [f"SGLang {version or 'not installed (rows as for any version)'}; capability data: {', '.join(caps.sources)}"]
+    lines.append(f"{'backend':11} {'mode':19} {'status':17} cell / condition / reference")
+    for backend in backends:
+        for mode in MODES:
+            cap = caps.lookup(backend, mode, version) if version else _any_version(caps, backend, mode)
+            if cap.cell is None:
+                detail = "(no cell: treated as promised)"
+            else:
+                c = cap.cell
+                detail = f"[{c.id}] {c.condition}"
+                if c.references:
+                    detail += f" -- {c.references[0]}"
+                if not c.verified:
+                    detail += " (unverified)"
+            lines.append(f"{backend:11} {mode:19} {cap.status:17} {detail}")
+    return lines
+
+
+def _any_version(caps: Capabilities, backend: str, mode: str) -> Capability:
+    for cell in caps.cells:
+        if ("*" in cell.backends or backend in cell.backends) and ("*" in cell.modes or mode in cell.modes):
+            return Capability(cell.status, cell, True, backend)
+    return Capability("promised", None, True, backend)

@@ -1,0 +1,230 @@
+"""One cell of the precision matrix measured end to end, as Miles reports it: SGLang samples at
+the rollout precision, the Megatron trainer scores the same token ids at the train precision,
+on the same weights; `train_rollout_logprob_abs_diff` = mean |logp_train - logp_rollout| over
+the rollout's tokens, plus max |diff|, KL and the token count.
+
+The cell is judged by the seed's rules before anything starts (invalid: ValueError with the
+rule; this GPU cannot run it: `CellNotRunnable`, a skip reason). Weights: the embedded model
+(TINY128 by default: every linear dim a multiple of 128) written once in bf16 for the trainer
+and, for an FP8 rollout, quantized into the FP8 HF layout SGLang serves with its own kernels.
+The trainer side goes through `trainer_logprobs`, an adapter over the trainer session and the
+HF->Megatron converter of issue #17 (`pytest_miles.convert.hf_to_megatron`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..precision import FORMATS, cell_status, unsupported_on, validate_precision_config
+from .drift import DriftReport
+
+ROLLOUT_ENGINE = "sglang"
+# Train precision -> the trainer's layer spec; "fp32" (not a matrix cell) is the local-spec CPU path.
+TRAIN_IMPL = {"bf16": "transformer_engine", "fp8_blockwise": "transformer_engine", "mxfp8": "transformer_engine",
+              "nvfp4": "transformer_engine", "fp32": "local"}
+
+
+PAD_MULTIPLE = 16
+
+
+class CellNotRunnable(RuntimeError):
+    """This machine cannot run the cell (GPU generation, or a part not wired here): a skip reason."""
+
+
+@dataclass
+class CellReport:
+    """The end-to-end figures of one cell; `reference` is drift.py's in-process figure for the
+    same cell (reference quantizers, one torch process) on the same config, for comparison."""
+
+    drift: DriftReport
+    sequences: int
+    tolerance: float | None = None
+    reference: DriftReport | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verdict(self) -> str:
+        if self.tolerance is None:
+            return "figure only (no tolerance set)"
+        ok = self.drift.train_rollout_logprob_abs_diff <= self.tolerance
+        return f"{'within' if ok else 'ABOVE'} tolerance {self.tolerance:g}"
+
+    def check(self) -> CellReport:
+        """AssertionError when a tolerance is set and the figure is above it."""
+        if self.tolerance is not None and self.drift.train_rollout_logprob_abs_diff > self.tolerance:
+            raise AssertionError(f"precision cell above its tolerance: {self.render()}")
+        return self
+
+    def render(self) -> str:
+        ref = f"; in-process reference {self.reference.train_rollout_logprob_abs_diff:.6g}" if self.reference else ""
+        return f"{self.drift.render()} ({self.sequences} sequences); {self.verdict}{ref}"
+
+    def figures(self) -> dict[str, Any]:
+        d = self.drift
+        return {"train_rollout_logprob_abs_diff": f"{d.train_rollout_logprob_abs_diff:.6g}",
+                "max_abs_diff": f"{d.max_abs_diff:.6g}", "kl": f"{d.kl:.6g}", "tokens": d.tokens,
+                "verdict": self.verdict}
+
+
+def drift_between(rollout: str, train: str, rollout_logprobs: list[list[float]], train_logprobs: list[list[float]],
+                  what: str = "end-to-end") -> DriftReport:
+    """The figures over the rollout's tokens. KL(rollout || train) is estimated from the sampled
+    tokens alone (SGLang returns the sampled token's logprob, not the distribution): the k3
+    estimator mean(exp(r) - 1 - r), r = logp_train - logp_rollout, unbiased and >= 0."""
+    if len(rollout_logprobs) != len(train_logprobs):
+        raise AssertionError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} scored by the trainer")
+    diffs, k3 = [], []
+    for i, (lr, lt) in enumerate(zip(rollout_logprobs, train_logprobs)):
+        if len(lr) != len(lt):
+            raise AssertionError(f"sequence {i}: {len(lr)} rollout logprobs, {len(lt)} from the trainer "
+                                 "(not the same token ids?)")
+        for a, b in zip(lr, lt):
+            r = b - a
+            diffs.append(abs(r))
+            k3.append(math.expm1(r) - r)
+    if not diffs:
+        raise AssertionError("no rollout tokens to compare: every sequence came back empty")
+    return DriftReport(rollout, train, sum(diffs) / len(diffs), max(diffs), sum(k3) / len(k3), len(diffs), what)
+
+
+def check_cell(rollout: str, train: str, hardware) -> None:
+    """Before anything starts: the seed's rules (ValueError naming the rule), then the GPU
+    (CellNotRunnable naming the format and the GPU found)."""
+    validate_precision_config(rollout, train)
+    reason = unsupported_on(cell_status(rollout, train).formats, hardware)
+    if reason:
+        raise CellNotRunnable(f"rollout={rollout}-train={train}: {reason}")
+
+
+def seeded_prompts(n: int, prompt_len: int, vocab_size: int, seed: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (n, prompt_len), generator=g).tolist()
+
+
+def require_trainer_side() -> None:
+    """CellNotRunnable unless issue #17's converter and trainer session are here."""
+    from ..trainers.megatron import MegatronTrainer, ModelArgs
+
+    missing = [what for what, ok in (("ModelArgs.qwen2", hasattr(ModelArgs, "qwen2")),
+                                      ("MegatronTrainer.session", hasattr(MegatronTrainer, "session")))
+               if not ok]
+    try:
+        from ..convert import hf_to_megatron  # noqa: F401
+    except ImportError:
+        missing.append("pytest_miles.convert.hf_to_megatron")
+    if missing:
+        raise CellNotRunnable(f"not applicable here: the trainer side needs {', '.join(missing)} (issue #17's "
+                              "converter and trainer session, not merged in this checkout)")
+
+
+def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], train: str,
+                     **trainer_kwargs: Any) -> tuple[list[list[float]], dict[str, Any]]:
+    """The trainer's logprobs of each sample's response tokens, forward only, at `train`
+    precision, weights loaded from `hf_dir` (bf16). Adapter over issue #17's API:
+    `ModelArgs.qwen2(cfg)`, `MegatronTrainer.session(init_hf=...)` (HF->Megatron through
+    `pytest_miles.convert.hf_to_megatron(state, config, spec="te")`) and `session.logprobs(samples)`."""
+    from dataclasses import asdict
+
+    from ..trainers.megatron import ModelArgs
+
+    require_trainer_side()
+
+    # TE's FP8 GEMMs want the token count a multiple of 16: right-pad every sample to one such
+    # width (causal attention: earlier positions never see the padding) and drop the pads' scores.
+    seq = -(-max(len(s["tokens"]) for s in samples) // PAD_MULTIPLE) * PAD_MULTIPLE
+    padded = [{**s, "tokens": list(s["tokens"]) + [0] * (seq - len(s["tokens"]))} for s in samples]
+    trainer = trainer_factory(model=ModelArgs.qwen2(cfg, seq_length=seq), transformer_impl=TRAIN_IMPL[train],
+                              precision=train, **trainer_kwargs)
+    with trainer.session(init_hf=hf_dir, hf_config=asdict(cfg)) as session:
+        scored = session.logprobs(padded)
+    logprobs = [row[: len(s["tokens"]) - s["prompt_len"]] for s, row in zip(samples, scored)]
+    return logprobs, {"trainer": f"megatron-core {TRAIN_IMPL[train]} {train}",
+                      "attention_backend": getattr(trainer, "attention_backend", None)}
+
+
+def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,
+                           config=None, sequences: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
+                           seed: int = 0, tolerance: float | None = None, record: Callable[..., Any] | None = None,
+                           trainer_kwargs: dict[str, Any] | None = None) -> CellReport:
+    """Measure one (rollout, train) cell end to end; `cell` is a precision.Cell or (rollout, train).
+
+    SGLang (deterministic, the rollout precision's checkpoint) samples `sequences` continuations
+    of seeded prompts with their logprobs at temperature 1; the trainer scores the same ids."""
+    from ..engines.base import SamplingParams
+    from ..engines.model import write_hf_checkpoint
+    from ..engines.quantized_checkpoints import TINY128, write_quantized_checkpoint
+    from .drift import measure_logprob_drift
+
+    rollout, train = (cell.rollout, cell.train) if hasattr(cell, "rollout") else cell
+    check_cell(rollout, train, hardware)
+    require_trainer_side()  # before any weights are written or an engine starts
+    if sequences < 1 or prompt_len < 1 or max_new_tokens < 1:
+        raise ValueError(f"sequences {sequences}, prompt_len {prompt_len}, max_new_tokens {max_new_tokens}: each >= 1")
+    cfg = config or TINY128
+    work = Path(work_dir)
+    bf16_dir = work / "bf16"
+    if not (bf16_dir / "config.json").exists():
+        write_hf_checkpoint(bf16_dir, cfg, dtype="bfloat16")
+    serve_dir = bf16_dir
+    if rollout != "bf16":
+        serve_dir = work / rollout
+        if not (serve_dir / "config.json").exists():
+            write_quantized_checkpoint(serve_dir, rollout, cfg)
+    prompts = seeded_prompts(sequences, prompt_len, cfg.vocab_size, seed)
+    engine = engine_factory(ROLLOUT_ENGINE, model=str(serve_dir), deterministic=True)
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, sampling_seed=seed))
+    samples = [{"tokens": p + o.output_ids, "prompt_len": len(p)} for p, o in zip(prompts, outs)]
+    train_lp, facts = trainer_logprobs(trainer_factory, bf16_dir, cfg, samples, train, **(trainer_kwargs or {}))
+    drift = drift_between(rollout, train, [o.logprobs for o in outs], train_lp, f"end-to-end: {engine.name}")
+    reference = measure_logprob_drift(rollout, train, config=cfg, seed=seed)
+    report = CellReport(drift, sequences, tolerance, reference,
+                        {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name})
+    if record is not None:
+        record(f"precision cell rollout={rollout} x train={train} (end to end)", **report.figures())
+    return report
+
+
+def plot_precision_matrix(reports: dict[tuple[str, str], CellReport | str], path: str | Path,
+                          title: str = "train_rollout_logprob_abs_diff") -> Path | None:
+    """Heatmap of the matrix: measured cells with their figure, the others with why not
+    (a skip reason, or the seed's rule). None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(FORMATS)
+    values = [[float("nan")] * len(names) for _ in names]
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    for i, r in enumerate(names):
+        for j, t in enumerate(names):
+            got = reports.get((r, t))
+            if isinstance(got, CellReport):
+                values[i][j] = got.drift.train_rollout_logprob_abs_diff
+                text = f"{values[i][j]:.3g}\n{got.drift.tokens} tok"
+            elif isinstance(got, str):
+                text = "skipped\n" + got[:24]
+            else:
+                text = "-" if not cell_status(r, t).valid else "not run"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+    im = ax.imshow(values, cmap="viridis")
+    fig.colorbar(im, ax=ax, label="mean |logp_train - logp_rollout|")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("train precision")
+    ax.set_ylabel("rollout precision")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,148 @@
+"""`MegatronSession`: megatron-core ranks that stay up across RL iterations and take commands.
+
+Relaunching the ranks every iteration would cost megatron's import and process-group setup
+each time (seconds on CPU), and would not be what Miles does: its trainer actors live for the
+whole run. Commands go to every rank as one JSON line on stdin; rank 0 answers in a reply file.
+A rank that dies, or a command past its deadline, raises TrainerError with that rank's log
+tail; closing (or the parent dying: stdin closes) ends every rank, and teardown kills the tree.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..ownership import disown, spawn
+from ..processes import kill_tree, tail
+from .megatron import TrainerError
+
+
+class MegatronSession:
+    def __init__(self, trainer, *, init_hf: str | Path | None = None, load_dir: str | Path | None = None,
+                 hf_config: dict | None = None, timeout: float | None = None) -> None:
+        if trainer.launcher is not None:
+            raise TrainerError("a trainer session runs local rank processes; --miles-placement=ray is not supported "
+                               "for the RL loop's trainer yet")
+        if load_dir is not None and not (Path(load_dir) / "latest_checkpointed_iteration.txt").exists():
+            raise TrainerError(f"load_dir {load_dir}: no latest_checkpointed_iteration.txt, nothing to resume from")
+        if init_hf is not None and not (Path(init_hf) / "config.json").exists():
+            raise TrainerError(f"init_hf {init_hf}: no config.json (not an HF model directory)")
+        self.trainer = trainer
+        self.timeout = timeout or trainer.timeout
+        trainer.launches += 1
+        trainer.log_dir.mkdir(parents=True, exist_ok=True)
+        # its own directory: trainers often share a log_dir, and a stale reply file must never answer
+        self.run_dir = Path(tempfile.mkdtemp(prefix=f"session-{trainer.launches}-", dir=trainer.log_dir))
+        spec = {**trainer.spec(), "init_hf": str(init_hf) if init_hf else None,
+                "load_dir": str(load_dir) if load_dir else None, "hf_config": hf_config, "run_dir": str(self.run_dir)}
+        (self.run_dir / "spec.json").write_text(json.dumps(spec))
+        self.procs: list[subprocess.Popen] = []
+        self.logs = [self.run_dir / f"rank{r}.log" for r in range(trainer.world)]
+        self.lease = None
+        self.commands = 0
+        self.seconds: dict[str, float] = {}
+        self._start()
+
+    def _start(self) -> None:
+        t = self.trainer
+        lease_env: dict[str, str] = {}
+        if t.device == "cuda" and t.gpu_lease is not None:
+            self.lease = t.gpu_lease(t.world, f"megatron session ({t.world} rank(s))")
+            lease_env = self.lease.env
+        base = t.rank_env(lease_env)
+        try:
+            for rank in range(t.world):
+                env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                with open(self.logs[rank], "wb") as f:
+                    self.procs.append(spawn(  # dies with pytest, however it dies (ownership.py)
+                        [t.python, "-m", "pytest_miles.trainers.megatron_session", str(self.run_dir / "spec.json")],
+                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env))
+            self.call("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, op: str, **args: Any) -> dict:
+        """Send one command to every rank; rank 0's answer (TrainerError if a rank fails)."""
+        if not self.procs:
+            raise TrainerError("the trainer session is closed")
+        self.commands += 1
+        reply = self.run_dir / f"reply-{self.commands}.json"
+        line = (json.dumps({"id": self.commands, "op": op, "reply": str(reply), **args}) + "\n").encode()
+        t0 = time.monotonic()
+        for r, p in enumerate(self.procs):
+            try:
+                p.stdin.write(line)
+                p.stdin.flush()
+            except (BrokenPipeError, OSError):
+                raise TrainerError(f"megatron rank {r} is gone (exit code {p.poll()}) before {op!r}; "
+                                   f"log {self.logs[r]}:\n{tail(self.logs[r])}") from None
+        deadline = t0 + self.timeout
+        while not reply.exists():
+            for r, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise TrainerError(f"megatron rank {r} exited with code {p.returncode} during {op!r} "
+                                       f"(log {self.logs[r]}):\n{tail(self.logs[r])}")
+            if time.monotonic() > deadline:
+                raise TrainerError(f"megatron session: {op!r} did not finish within {self.timeout:g} s; rank 0 log "
+                                   f"tail:\n{tail(self.logs[0])}")
+            time.sleep(0.02)
+        out = json.loads(reply.read_text())
+        self.seconds[op] = self.seconds.get(op, 0.0) + time.monotonic() - t0
+        if "error" in out:
+            raise TrainerError(f"megatron session: {op!r} failed on rank 0:\n{out['error']}")
+        return out
+
+    # -- the loop's commands ---------------------------------------------------------------
+
+    def logprobs(self, samples: list[dict]) -> list[list[float]]:
+        """Per sample ({"tokens", "prompt_len"}), the logprobs of its response tokens."""
+        return [[float.fromhex(x) for x in row] for row in self.call("logprobs", samples=samples)["logprobs"]]
+
+    def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28) -> dict:
+        """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's)."""
+        return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
+
+    def save(self, save_dir: str | Path, iteration: int) -> Path:
+        return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])
+
+    def export_hf(self, path: str | Path, dtype: str = "float32") -> Path:
+        """The weights as an HF checkpoint (through pytest_miles.convert), for the engine."""
+        return Path(self.call("export", path=str(path), dtype=dtype)["path"])
+
+    def close(self) -> None:
+        procs, self.procs = self.procs, []
+        for p in procs:
+            try:
+                p.stdin.close()  # EOF: the rank leaves its command loop and exits
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            if p.poll() is None:
+                kill_tree(p.pid)
+                p.wait(timeout=10)
+            disown(p.pid)
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            lease.release()
+
+    def __enter__(self) -> MegatronSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a session dropped without close() must not leave ranks behind
+        try:
+            self.close()
+        except Exception:
+            pass
