@@ -188,6 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1] or (bool(argv) and argv[0] != "suite" and "--debug" in argv)
+    if debug:
+        argv.remove("--debug")
+    return _user_errors(_main, argv, debug)
+
+
+def _user_errors(run, argv: list[str], debug: bool) -> int:
+    """Bad input never ends in a traceback: one line naming it, exit 2 (`--debug` shows the traceback)."""
+    try:
+        return run(argv)
+    except (ValueError, TypeError, OSError, LookupError, RuntimeError) as exc:
+        if debug:
+            raise
+        cmd = argv[0] if argv else ""
+        print(f"pytest-miles {cmd}: {exc} ({type(exc).__name__}; --debug shows the traceback)".replace("\n", " "),
+              file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     if argv and argv[0] == "suite":  # everything after `suite` belongs to pytest
         return _suite(argparse.Namespace(), argv[1:])

@@ -86,6 +86,7 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
         extra_args=tuple(shlex.split(st.setting("sglang_args") or "")),
         placement=_placement(request, st),
         leaser=request.getfixturevalue("miles_gpu_leaser"),
+        request_timeout=st.setting("engine_request_timeout"),
     )
     try:
         yield factory
@@ -239,7 +240,9 @@ class DeterminismSnapshot:
 
     def check(self, name: str, value):
         from .snapshots import SnapshotError
+        from .validation import check_record_name
 
+        check_record_name(name)
         if name in self.seen:
             raise SnapshotError(f"record {name!r} written twice by {self.node.nodeid} "
                                 f"(file {self.store.path_for(self.module)}): give each record its own name")

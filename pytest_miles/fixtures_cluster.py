@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from .fixtures import _state
 
 
-def lease_root(tmp_path_factory: pytest.TempPathFactory):
-    """A dir every xdist worker of this session shares: the root of pytest's basetemp."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "miles-gpu-leases"
+def lease_root(st) -> Path:
+    """The lock folder every pytest process of this machine shares (xdist workers and separate
+    sessions alike): --miles-gpu-lease-dir, default <tmp>/pytest-miles-leases-<uid>."""
+    return Path(st.setting("gpu_lease_dir") or Path(tempfile.gettempdir()) / f"pytest-miles-leases-{os.getuid()}")
 
 
 def _new_leaser(st, tmp_path_factory: pytest.TempPathFactory):
     from .leases import GpuLeaser, visible_tokens
 
-    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
+    return GpuLeaser(lease_root(st), visible_tokens(len(st.hardware.nvidia)),
                      timeout=st.setting("gpu_lease_timeout"))
 
 
@@ -78,10 +80,19 @@ def miles_ray_session(pytestconfig: pytest.Config, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture
-def ray_cluster(request: pytest.FixtureRequest, miles_ray_session):
+def ray_cluster(request: pytest.FixtureRequest):
     """The Ray cluster (`.nodes()`, `.gpus()`, `.add_node()` on a local head, `.require(gpus=n)`).
     A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs."""
     mark = request.node.get_closest_marker("ray_gpus")
-    if mark is not None:
-        miles_ray_session.require(gpus=int(mark.args[0]) if mark.args else 1)
-    return miles_ray_session
+    n = None
+    if mark is not None:  # checked before the cluster starts: a bad marker is named, not a cluster error
+        from .validation import check_gpu_count_marker
+
+        try:
+            n = check_gpu_count_marker(mark)
+        except ValueError as exc:
+            pytest.fail(f"{request.node.nodeid}: {exc}", pytrace=False)
+    session = request.getfixturevalue("miles_ray_session")
+    if n is not None:
+        session.require(gpus=n)
+    return session

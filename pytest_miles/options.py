@@ -172,12 +172,27 @@ SETTINGS += (
             "(2 layers, hidden 128), tiny128 (head_dim 128), qwen2.5-0.5b (Qwen2.5-0.5B's shape, ~1 GB bf16, "
             "written once per session).", default="tiny", kind="choice", choices=("tiny", "tiny128", "qwen2.5-0.5b"),
             env="PYTEST_MILES_MODEL_SHAPE", group="model"),
+    Setting("engine_request_timeout", "Seconds one engine request (generate, score) may take before the engine is "
+            "declared wedged; also bounds the health check before an engine is reused (at most 5 s).",
+            default=300.0, kind="float", env="PYTEST_MILES_ENGINE_REQUEST_TIMEOUT", group="rollout"),
+    Setting("gpu_lease_dir", "Lock folder of the GPU leases, shared by every pytest process of this machine "
+            "(two CI jobs on one runner included); default: <tmp>/pytest-miles-leases-<uid>.",
+            env="PYTEST_MILES_GPU_LEASE_DIR", group="cluster"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
 def _parse(setting: Setting, raw: Any, source: str) -> Any:
+    """The value parsed to the setting's kind, then checked (range, finiteness, paths): see validation.py."""
+    from .validation import check_setting
+
+    if setting.kind in ("int", "float") and (isinstance(raw, bool) or (setting.kind == "int" and isinstance(raw, float))):
+        raise ValueError(f"{source}: {raw!r} is not {'an integer' if setting.kind == 'int' else 'a number'}")
+    return check_setting(setting.name, _parse_kind(setting, raw, source), source)
+
+
+def _parse_kind(setting: Setting, raw: Any, source: str) -> Any:
     if raw is None:
         return None
     if setting.kind == "bool":

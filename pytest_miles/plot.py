@@ -7,6 +7,9 @@ from pathlib import Path
 
 def plot_deviation(deviation: dict[int, float], path: str | Path, title: str) -> Path | None:
     """Bar chart of max |logprob - reference| per batch size; None when matplotlib is missing."""
+    from .validation import writable_file
+
+    path = writable_file("plot_deviation(path)", path)  # parents created, or a clear error before plotting
     try:
         import matplotlib
 
@@ -21,7 +24,6 @@ def plot_deviation(deviation: dict[int, float], path: str | Path, title: str) ->
     ax.set_ylabel("max |logprob - batch-size-1 reference|")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -89,6 +89,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     config.stash[STATE] = MilesState(config)
+    from .shutdown import ensure
+
+    ensure()  # SIGTERM/SIGHUP: teardown and summary, as on Ctrl-C
     config.pluginmanager.register(ReportHooks(config), "miles-report")
     for s in options.SETTINGS:  # bad values fail the run at once, naming their source
         try:
@@ -179,7 +182,12 @@ class ReportHooks:
             self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
             path = st.setting("report")
             if path and len(st.collector.entries) > before and not hasattr(self.config, "workerinput"):
-                st.collector.write(path, st.fingerprint.to_json(), complete=False)
+                try:  # checked at configure; a folder removed since must not abort the session
+                    st.collector.write(path, st.fingerprint.to_json(), complete=False)
+                except OSError as exc:
+                    import warnings
+
+                    warnings.warn(f"--miles-report {path}: cannot be written ({exc.strerror or exc})", stacklevel=1)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         st = state(self.config)

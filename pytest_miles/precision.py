@@ -145,6 +145,9 @@ def validate_precision_config(rollout: str | Iterable[str], train: str, gpu: str
 
     `rollout` may be one format or the set of rollout formats a launcher was given
     (`["fp8_blockwise", "mxfp8"]` for `--rollout-fp8 --rollout-mxfp8`)."""
+    if not isinstance(rollout, str) and not isinstance(rollout, (list, tuple, set, frozenset)):
+        raise ValueError(f"rollout: {rollout!r} is not a precision format name or a list of them; known: "
+                         f"{', '.join(FORMATS)}")
     names = [rollout] if isinstance(rollout, str) else list(rollout)
     if not names:
         raise ValueError("rollout: no precision format given")

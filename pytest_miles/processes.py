@@ -54,11 +54,13 @@ def kill_tree(pid: int, timeout: float = 10.0) -> list[int]:
         pgid = os.getpgid(pid)
         if pgid == pid:
             os.killpg(pgid, signal.SIGTERM)
+            os.killpg(pgid, signal.SIGCONT)
     except (ProcessLookupError, PermissionError):
         pass
     for p in procs:
         try:
             p.terminate()
+            p.resume()  # a stopped (SIGSTOP'd, wedged) process acts on SIGTERM only once continued
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)

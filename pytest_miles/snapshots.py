@@ -9,6 +9,7 @@ run never deletes a record; records no test touched are listed, not deleted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -57,9 +58,13 @@ def canonical(value: Any) -> tuple[str, Any]:
         return "tensor", {"dtype": str(t.dtype), "shape": list(t.shape), "sha256": hashlib.sha256(raw).hexdigest()}
     if isinstance(value, float):
         return "float", value.hex()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytes", bytes(value).hex()
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return type(value).__name__, value
     if isinstance(value, dict):
+        if len({str(k) for k in value}) != len(value):  # {1: a, "1": b} would collide in JSON
+            raise SnapshotError("cannot snapshot a dict whose keys collide as strings (e.g. 1 and '1')")
         return "dict", {str(k): canonical(v)[1] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, float) for v in value):
@@ -67,7 +72,8 @@ def canonical(value: Any) -> tuple[str, Any]:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return "ints", list(value)
         return "list", [canonical(v)[1] for v in value]
-    raise SnapshotError(f"cannot snapshot a {type(value).__name__}: use numbers, lists, dicts, strings or tensors")
+    raise SnapshotError(f"cannot snapshot a {type(value).__name__}: use numbers, bytes, lists, dicts, strings or "
+                        "tensors")
 
 
 def digest_of(form: Any) -> str:
@@ -145,6 +151,35 @@ class Outcome:
     message: str
 
 
+def _stale_temporaries(path: Path) -> list[Path]:
+    return list(path.parent.glob(f"{glob_escape(path.name)}*.tmp"))
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+class _CleanLock:
+    """The file's lock; once held, temporaries a killed writer left beside the file are removed
+    (writers create them only while holding this lock, so none of them is in use)."""
+
+    def __init__(self, lock_path: str, path: Path) -> None:
+        from filelock import FileLock
+
+        self._lock, self._path = FileLock(lock_path, timeout=60), path
+
+    def __enter__(self):
+        self._lock.acquire()
+        for tmp in _stale_temporaries(self._path):
+            tmp.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class SnapshotStore:
     def __init__(self, root: str | Path, update: bool = False, regen_all: bool = False) -> None:
         self.root = Path(root)
@@ -155,15 +190,15 @@ class SnapshotStore:
         return self.root / f"{rel}.json"
 
     def _lock(self, path: Path):
-        from filelock import FileLock
 
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SnapshotError(f"snapshot dir {path.parent}: cannot be created ({exc.strerror or exc})") from None
         if not os.access(path.parent, os.W_OK):
-            raise SnapshotError(f"snapshot dir {path.parent}: not writable")
-        return FileLock(str(path) + ".lock", timeout=60)
+            raise SnapshotError(f"snapshot dir {path.parent}: not writable (needed to record; comparing works "
+                                "read-only)")
+        return _CleanLock(str(path) + ".lock", path)
 
     def read(self, path: Path) -> dict[str, Any]:
         if not path.exists():
@@ -178,6 +213,9 @@ class SnapshotStore:
             if not isinstance(conf, dict) or config_digest(conf.get("fingerprint") or {}) != key:
                 raise SnapshotError(f"{path}: configuration {key} was edited by hand (its fingerprint no longer "
                                     "matches its key); regenerate with --miles-snapshot-regen-all")
+            if not isinstance(conf.get("records") or {}, dict):
+                raise SnapshotError(f"{path}: configuration {key}: 'records' is a {type(conf['records']).__name__}, "
+                                    "expected an object of record name -> record")
             for rid, rec in (conf.get("records") or {}).items():
                 if not isinstance(rec, dict) or "digest" not in rec:
                     raise SnapshotError(f"{path}: record {rid!r} is malformed")
@@ -188,9 +226,20 @@ class SnapshotStore:
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            try:  # keep the file's mode (mkstemp makes 0600); a new file gets the umask's
+                mode = path.stat().st_mode & 0o7777
+            except FileNotFoundError:
+                umask = os.umask(0)
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def check(self, module: str, record_id: str, value: Any, conf: dict[str, Any],
               keep_value_limit: int = 4096) -> Outcome:
@@ -199,7 +248,9 @@ class SnapshotStore:
         key = config_digest(conf)
         path = self.path_for(module)
         small = len(json.dumps(form)) <= keep_value_limit * 24
-        with self._lock(path):
+        # Only a run that may write takes the lock: comparing reads a file that writers replace
+        # atomically, so it works on a read-only folder (a checkout, a mounted artifact).
+        with self._lock(path) if (self.update or self.regen_all) else contextlib.nullcontext():
             data = self.read(path)
             confs = data["configurations"]
             mine = confs.get(key)

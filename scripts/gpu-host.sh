@@ -3,7 +3,7 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | loop | iterations | suite | caps-<backend> | caps-05b-<backend>   (logs go to $OUT)
+#                                    leases | ownership | loop | iterations | suite | caps-<backend> | caps-05b-<backend>   (logs go to $OUT)
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
@@ -78,6 +78,9 @@ for step in "$@"; do
     leases)
       timeout 560 $PY -m pytest tests/gpu/test_gpu_leases.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee "$OUT/leases.log" || rc=1 ;;
+    ownership)
+      timeout 290 $PY -m pytest tests/gpu/test_gpu_ownership.py -v -s -rs -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu 2>&1 | tee "$OUT/ownership.log" || rc=1 ;;
     followups)
       timeout 580 $PY -m pytest tests/gpu/test_gpu_followups.py -v -s -rs -p no:cacheprovider -p no:randomly \
         --miles-require-gpu 2>&1 | tee "$OUT/followups.log" || rc=1 ;;

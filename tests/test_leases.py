@@ -44,6 +44,7 @@ def test_xdist_workers_never_hold_the_same_gpu(pytester, monkeypatch, gpus):
     pytest.importorskip("xdist")
     record = pytester.path / "leases.jsonl"
     monkeypatch.setenv("MILES_TEST_RECORD", str(record))
+    monkeypatch.setenv("PYTEST_MILES_GPU_LEASE_DIR", str(pytester.path / "leases"))  # not the machine's
     pytester.makepyfile(INNER)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", f"--miles-gpu-class={gpus}", timeout=150)
     result.assert_outcomes(passed=4)
@@ -55,6 +56,21 @@ def test_xdist_workers_never_hold_the_same_gpu(pytester, monkeypatch, gpus):
         assert overlaps == [], "one GPU: the second worker waits for the first"
     else:
         assert {tuple(r["devices"]) for r in rows} <= {("0",), ("1",)}
+
+
+def test_separate_pytest_processes_never_hold_the_same_gpu(pytester, monkeypatch):
+    """Two CI jobs on one runner (two pytest processes, no xdist) share the machine-wide lock folder."""
+    record = pytester.path / "leases.jsonl"
+    monkeypatch.setenv("MILES_TEST_RECORD", str(record))
+    monkeypatch.setenv("PYTEST_MILES_GPU_LEASE_DIR", str(pytester.path / "leases"))
+    pytester.makepyfile(INNER)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "--miles-gpu-class=h100",
+           "--miles-gpu-lease=on", "-k", "0 or 1", str(pytester.path)]
+    procs = [subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    outs = [p.communicate(timeout=150)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    rows = _intervals(record)
+    assert len(rows) == 4 and _overlapping_pairs(rows) == [], f"two sessions held GPU 0 at once: {rows}"
 
 
 def test_a_crashed_holder_releases_its_lease(tmp_path):

@@ -96,7 +96,9 @@ def test_crashing_trainer_gives_log_tail_and_leaves_nothing(tmp_path):
     bad = MegatronTrainer(tensor_parallel=2, model=ModelArgs(vocab_size=0), log_dir=tmp_path)
     with pytest.raises(TrainerError, match=r"megatron rank \d exited with code 1 \(log .*rank\d\.log\):\n(.|\n)*Error"):
         bad.train(1)
-    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    from pytest_miles.ownership import watchdog_pid
+
+    after = {p.pid for p in psutil.Process().children(recursive=True)} - {watchdog_pid()}
     assert after <= before, f"leftover processes: {after - before}"
 
 

@@ -152,6 +152,9 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
     """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
     single and needle modes (default: random token ids of `prompt_len`); `batch_sizes` replaces
     single's CUDA-graph-crossing sizes (e.g. 1..trials, as SGLang's tool)."""
+    from ..validation import check_engine
+
+    check_engine("engine", engine)
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     if not isinstance(trials, int) or trials < 1:

@@ -114,9 +114,9 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
                           batch: int = 4, seq_len: int = 64, seed: int = 0, device: str = "cpu",
                           gemm: str = "reference") -> DriftReport:
     """Score the same seeded tokens on the rollout path and the training path of a cell."""
+    validate_precision_config(rollout, train, gpu)  # before importing torch: a bad name fails at once
     import torch
 
-    validate_precision_config(rollout, train, gpu)
     config = config or TinyConfig()
     if gemm not in ("reference", "scaled_mm"):
         raise ValueError(f"gemm: {gemm!r} is not one of reference, scaled_mm")
@@ -141,6 +141,10 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
 
 def assert_logprob_drift(rollout: str, train: str, *, max_abs_diff: float | None = None, **kwargs: Any) -> DriftReport:
     """Unified cells must drift exactly 0.0; others must stay under `max_abs_diff` when given."""
+    if max_abs_diff is not None:  # NaN would make every comparison false: the check would pass vacuously
+        from ..validation import number
+
+        number("assert_logprob_drift(max_abs_diff=)", max_abs_diff, allow_zero=True)
     report = measure_logprob_drift(rollout, train, **kwargs)
     if rollout == train and report.train_rollout_logprob_abs_diff != 0.0:
         raise AssertionError(f"unified cell drifts although both paths run the same kernels: {report.render()}")

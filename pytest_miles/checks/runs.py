@@ -16,6 +16,10 @@ def _bits(x: float) -> str:
 def runs_difference(a: Any, b: Any, *, label_a: str = "A", label_b: str = "B",
                     compare_checkpoints_too: bool = True) -> str | None:
     """None when equal, else a report naming the first step (and first tensor) that differs."""
+    from ..validation import check_run
+
+    check_run(label_a, a)
+    check_run(label_b, b)
     lines = []
     steps_a = range(a.first_step + 1, a.first_step + 1 + len(a.losses))
     steps_b = dict(zip(range(b.first_step + 1, b.first_step + 1 + len(b.losses)), zip(b.losses, b.grad_norms)))

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..environment import restore_env
+from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, tail
+from ..shutdown import ensure as ensure_signals
 
 # Ray puts unix sockets under <temp>/session_<date>_<pid>/sockets/: ~60 characters after <temp>,
 # and a socket path may not exceed 107 bytes.
@@ -79,6 +81,34 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
+_PROBE = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, namespace="pytest-miles-probe")
+ray.shutdown()
+"""
+
+
+def _probe_gcs(address: str, timeout: float) -> str | None:
+    """None when a driver can connect to `address`, else why not. In a subprocess, killed at
+    `timeout`: `ray.init()` waits without bound on a live port that is not a Ray GCS."""
+    from ..ownership import spawn
+
+    proc = spawn([sys.executable, "-c", _PROBE, address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                 stdin=subprocess.DEVNULL)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid, timeout=2)
+        proc.wait(timeout=5)
+        return "ray.init() did not connect (is that port a Ray GCS?)"
+    finally:
+        disown(proc.pid)
+    if proc.returncode != 0:
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1] if lines else f"the probe exited with code {proc.returncode}"
+    return None
+
+
 class RayCluster:
     """Connected (`connect`) or started (`start_local`) Ray cluster; `shutdown()` is idempotent."""
 
@@ -104,12 +134,17 @@ class RayCluster:
             if why is not None:
                 raise ClusterError(f"{source} {address!r}: cannot reach the Ray GCS ({why}); is the head running "
                                    f"(`ray start --head --port {hostport[1]}`)?")
+        why = _probe_gcs(address, timeout)
+        if why is not None:
+            raise ClusterError(f"{source} {address!r}: no Ray cluster answered within {timeout:g} s "
+                               f"(--miles-ray-timeout): {why}")
         cluster = cls(address, started=False, timeout=timeout)
         try:
             ray.init(address=address, log_to_driver=False, namespace="pytest-miles")
         except Exception as exc:  # ConnectionError, RuntimeError: ray's own words
             raise ClusterError(f"{source} {address!r}: Ray refused the connection: {exc}") from None
         cluster._connected = True
+        ensure_signals()
         return cluster
 
     @classmethod
@@ -132,6 +167,7 @@ class RayCluster:
             cluster._wait_port(port)
             ray.init(address=cluster.address, log_to_driver=False, namespace="pytest-miles")
             cluster._connected = True
+            ensure_signals()
         except BaseException:
             cluster.shutdown()
             raise
@@ -197,6 +233,7 @@ class RayCluster:
             if proc.poll() is None:
                 kill_tree(proc.pid, timeout=5)
                 proc.wait(timeout=10)
+            disown(proc.pid)
         self._procs.clear()
         restore_env(self._saved_env)
         if self._remove_temp and self._temp_dir is not None:
@@ -247,8 +284,7 @@ class RayCluster:
                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self._temp_dir}"]
         log = self._temp_dir / f"{name}.log"
         with open(log, "wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env={**os.environ, **env}, start_new_session=True)
+            proc = spawn(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env})
         self._procs.append((proc, log))
 
     def _wait_port(self, port: int) -> None:

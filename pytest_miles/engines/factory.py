@@ -26,6 +26,7 @@ class EngineSpec:
     device: str
     log_dir: str
     startup_timeout: float
+    request_timeout: float = 300.0
 
     @property
     def gpus(self) -> int:
@@ -42,13 +43,13 @@ def make_engine(spec: EngineSpec):
         from .server import ReferenceServerEngine
 
         return ReferenceServerEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device,
-                                     log_dir=spec.log_dir, **opts).start()
+                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout, **opts).start()
     if kind == "sglang":
         from .server import SGLangEngine
 
         return SGLangEngine(spec.model_dir, deterministic=spec.deterministic, attention_backend=spec.attention_backend,
                             extra_args=spec.extra_args, log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
-                            **opts).start()
+                            request_timeout=spec.request_timeout, **opts).start()
     from .sglang_offline import SGLangOfflineEngine
 
     return SGLangOfflineEngine(spec.model_dir, deterministic=spec.deterministic,
@@ -59,7 +60,8 @@ class EngineFactory:
     def __init__(self, *, model_dir: Callable[[], str], log_dir: Path, hardware: Callable[[], Any],
                  attention_backend: str = "flashinfer", startup_timeout: float = 300.0, device: str = "auto",
                  require_gpu: bool = False, extra_args: tuple[str, ...] = (),
-                 placement: Callable[[], Any] | None = None, leaser: Any = None) -> None:
+                 placement: Callable[[], Any] | None = None, leaser: Any = None,
+                 request_timeout: float = 300.0) -> None:
         self._model_dir, self.log_dir, self._hardware = model_dir, log_dir, hardware
         self.attention_backend, self.startup_timeout = attention_backend, startup_timeout
         self.device, self.require_gpu = device, require_gpu
@@ -67,6 +69,8 @@ class EngineFactory:
         self.placement = placement  # () -> RayCluster when --miles-placement=ray
         self.leaser = leaser  # GpuLeaser under pytest-xdist: engines start on GPUs no other worker holds
         self.leases: list[Any] = []
+        self.request_timeout = request_timeout  # --miles-engine-request-timeout
+        self.notes: list[str] = []  # engines replaced because they stopped answering
         self.launches = 0
         self.live: dict[tuple, Any] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
@@ -94,15 +98,17 @@ class EngineFactory:
                  **options: Any):
         """`alongside=True` keeps the live engines running (two configurations at once, e.g. to
         interleave throughput measurements); by default a new configuration replaces the live one."""
-        if kind not in KINDS:
-            raise ValueError(f"engine kind {kind!r}: expected one of {', '.join(KINDS)}")
+        from ..validation import check_engine_args
+
+        check_engine_args(kind, KINDS, model=model, deterministic=deterministic, attention_backend=attention_backend,
+                          extra_args=extra_args)
         if kind.startswith("sglang"):
             self._need(kind)
         backend = attention_backend or self.attention_backend
         extra_args = self.extra_args + tuple(extra_args)
         key = (kind, model, deterministic, backend, tuple(extra_args), tuple(sorted(options.items())))
         eng = self.live.get(key)
-        if eng is not None and getattr(eng, "alive", True):
+        if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
         if not alongside:
             self.close()  # a new configuration: free the old engine (and its GPU memory) first
@@ -114,7 +120,7 @@ class EngineFactory:
 
     def _make(self, kind, model_dir, deterministic, backend, extra_args, options):
         spec = EngineSpec(kind, str(model_dir), deterministic, backend, tuple(extra_args), dict(options),
-                          self._device(), str(self.log_dir), self.startup_timeout)
+                          self._device(), str(self.log_dir), self.startup_timeout, self.request_timeout)
         if self.placement is not None:  # a Ray actor on the cluster, the deterministic env in its runtime_env
             from ..cluster.actors import RayEngine
 
@@ -133,6 +139,22 @@ class EngineFactory:
             raise
         self.leases.append(lease)
         return eng
+
+    def _answers(self, eng: Any) -> bool:
+        """Whether a live engine still answers its health check (a short timeout). A wedged one
+        (stopped, deadlocked) would make every request of the next test wait the full request
+        timeout: it is replaced, and the report says so."""
+        healthy = getattr(eng, "responsive", None)
+        if healthy is None or healthy(min(5.0, self.request_timeout)):
+            return True
+        import warnings
+
+        note = (f"pytest-miles: the {eng.name} engine (pid {getattr(eng.proc, 'pid', '?')}, log {eng.log_path}) did "
+                f"not answer its health check within {min(5.0, self.request_timeout):g} s; it was killed and replaced "
+                "by a fresh engine")
+        self.notes.append(note)
+        warnings.warn(note, stacklevel=3)
+        return False
 
     def close(self) -> None:
         live, self.live = self.live, {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..environment import deterministic_env_vars
+from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
 from .base import EngineError, Output, SamplingParams, params_json
 
@@ -49,8 +50,7 @@ class ServerEngine:
             raise EngineError(f"{self.name}: port {self.port} on {self.host} is already in use")
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True)
+            self.proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         try:
             ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
             if not ok:
@@ -78,6 +78,7 @@ class ServerEngine:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+            disown(self.proc.pid)
             self.proc = None
 
     @property
@@ -86,9 +87,13 @@ class ServerEngine:
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    def _healthy(self) -> bool:
+    def responsive(self, timeout: float = 5.0) -> bool:
+        """Alive and answering its health check within `timeout` (a SIGSTOP'd server is alive, not responsive)."""
+        return self.alive and self._healthy(timeout)
+
+    def _healthy(self, timeout: float = 5.0) -> bool:
         try:
-            with urllib.request.urlopen(self.url + self.health_path, timeout=5) as r:
+            with urllib.request.urlopen(self.url + self.health_path, timeout=timeout) as r:
                 return r.status == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..environment import deterministic_env_vars
+from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, tail
 
 
@@ -125,6 +126,14 @@ class MegatronTrainer:
                  gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
                  attention_backend: str | None = None, hardware=None,
                  data_seed_from_step: tuple[int, int] | None = None) -> None:
+        from ..validation import check_trainer_args
+
+        try:  # before any rank starts: a bad seed would otherwise surface as a rank crash 20 s later
+            check_trainer_args(seed=seed, tensor_parallel=tensor_parallel, world_size=world_size, device=device, lr=lr,
+                               micro_batch_size=micro_batch_size, deterministic=deterministic, timeout=timeout,
+                               env=env, model=model)
+        except ValueError as exc:
+            raise TrainerError(str(exc)) from None
         world = world_size or tensor_parallel
         if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
             raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
@@ -152,8 +161,12 @@ class MegatronTrainer:
 
     def train(self, steps: int, *, save_dir: str | Path | None = None, save_steps: list[int] | None = None,
               load_dir: str | Path | None = None) -> Run:
-        if steps < 1:
-            raise TrainerError(f"steps: {steps} < 1")
+        from ..validation import check_train_args
+
+        try:
+            check_train_args(steps, save_dir=save_dir, save_steps=save_steps, load_dir=load_dir)
+        except ValueError as exc:
+            raise TrainerError(str(exc)) from None
         if save_dir is not None:
             save_dir = Path(save_dir)
             try:
@@ -221,10 +234,8 @@ class MegatronTrainer:
                 log = run_dir / f"rank{rank}.log"
                 env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                 with open(log, "wb") as f:
-                    procs.append((rank, subprocess.Popen(
-                        [self.python, *argv],
-                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                        start_new_session=True), log))
+                    procs.append((rank, spawn([self.python, *argv], stdout=f, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, env=env), log))
             wait_for_ranks(lambda: [p.poll() for _, p, _ in procs], [log for _, _, log in procs], self.timeout,
                            TrainerError)
         finally:
@@ -232,3 +243,4 @@ class MegatronTrainer:
                 if p.poll() is None:
                     kill_tree(p.pid)
                     p.wait(timeout=10)
+                disown(p.pid)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..ownership import disown, spawn
 from ..processes import kill_tree, tail
 from .megatron import TrainerError
 
@@ -57,9 +58,9 @@ class MegatronSession:
             for rank in range(t.world):
                 env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                 with open(self.logs[rank], "wb") as f:
-                    self.procs.append(subprocess.Popen(
+                    self.procs.append(spawn(  # dies with pytest, however it dies (ownership.py)
                         [t.python, "-m", "pytest_miles.trainers.megatron_session", str(self.run_dir / "spec.json")],
-                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env, start_new_session=True))
+                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env))
             self.call("ready")
         except BaseException:
             self.close()
@@ -129,6 +130,7 @@ class MegatronSession:
             if p.poll() is None:
                 kill_tree(p.pid)
                 p.wait(timeout=10)
+            disown(p.pid)
         if self.lease is not None:
             lease, self.lease = self.lease, None
             lease.release()

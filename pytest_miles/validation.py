@@ -1,0 +1,233 @@
+"""Validation at the edge: every value a user hands pytest-miles is checked where it enters.
+
+Options, ini keys, environment variables and config-file entries (`check_setting`), fixture
+arguments (`check_engine_args`, `check_trainer_args`, `check_train_args`), markers and public
+helpers (`check_*`) fail with one message that names the offending thing, where it came from and
+what is accepted -- before any process starts, never as a traceback from deep code 22 s later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _fail(what: str, value: Any, accepted: str) -> ValueError:
+    return ValueError(f"{what}: {value!r} is not accepted; expected {accepted}")
+
+
+def integer(what: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An int (not a bool, not a float) within [minimum, maximum]."""
+    rng = (f" >= {minimum}" if minimum is not None else "") + (f" and <= {maximum}" if maximum is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(what, value, f"an integer{rng}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise _fail(what, value, f"an integer{rng}")
+    return value
+
+
+def number(what: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> float:
+    """A finite real number (> 0, or >= 0 with allow_zero): NaN would disable a check, inf a bound."""
+    accepted = "a finite number" + (" >= 0" if allow_zero else " > 0" if positive else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(what, value, accepted)
+    if positive and (value < 0 or (value == 0 and not allow_zero)):
+        raise _fail(what, value, accepted)
+    return float(value)
+
+
+def boolean(what: str, value: Any) -> bool:
+    """A real bool: `deterministic="no"` is truthy and must not start a deterministic engine."""
+    if not isinstance(value, bool):
+        raise _fail(what, value, "True or False")
+    return value
+
+
+def choice(what: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(what, value, "one of " + ", ".join(choices))
+    return value
+
+
+def strings(what: str, value: Any) -> tuple[str, ...]:
+    """A list/tuple of strings (a bare string would be split into characters)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or \
+            not all(isinstance(v, str) for v in value):
+        raise _fail(what, value, "a list of strings, e.g. ['--sglang-mem-fraction-static', '0.5']")
+    return tuple(value)
+
+
+def path_like(what: str, value: Any) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+        raise _fail(what, value, "a path (str or pathlib.Path)")
+    return Path(value)
+
+
+def writable_file(what: str, value: Any) -> Path:
+    """A path to write a file at: its parent folders are created; a folder or an unwritable
+    parent is an error now (not an INTERNALERROR after the first test)."""
+    path = path_like(what, value)
+    if path.is_dir():
+        raise ValueError(f"{what}: {str(path)!r} is a folder; expected a file path, e.g. {str(path / 'report.json')!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot create the folder {str(path.parent)!r} ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{what}: {str(path)!r} is not writable")
+    return path
+
+
+def folder(what: str, value: Any) -> Path:
+    """A folder that may not exist yet, but is not a file."""
+    path = path_like(what, value)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {str(path)!r} is a file; expected a folder")
+    return path
+
+
+# ---- settings: options, ini keys, environment variables, config files --------------------------
+
+_BACKEND = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _sglang_args(what: str, text: str) -> str:
+    try:
+        shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {text!r} cannot be split into arguments ({exc}); quote as in a shell") from None
+    return text
+
+
+def _ray_address(what: str, text: str) -> str:
+    if text == "auto":
+        return text
+    host, sep, port = text.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _fail(what, text, "host:port of the Ray GCS (port 1..65535) or 'auto'")
+    return text
+
+
+def _model(what: str, text: str) -> str:
+    if not (Path(text) / "config.json").is_file():
+        raise ValueError(f"{what}: {text!r} is not a model folder (HF layout with config.json)")
+    return text
+
+
+# name -> check(what, value); values arrive parsed to the setting's kind.
+SETTING_CHECKS: dict[str, Any] = {
+    "trials": lambda w, v: integer(w, v, minimum=1),
+    "tensor_parallel": lambda w, v: integer(w, v, minimum=1),
+    "train_steps": lambda w, v: integer(w, v, minimum=1),
+    "engine_timeout": number,
+    "engine_request_timeout": number,
+    "ray_timeout": number,
+    "gpu_lease_timeout": lambda w, v: number(w, v, allow_zero=True),
+    "sglang_args": _sglang_args,
+    "ray_address": _ray_address,
+    "model": _model,
+    "report": lambda w, v: str(writable_file(w, v)),
+    "snapshot_dir": lambda w, v: str(folder(w, v)),
+    "gpu_lease_dir": lambda w, v: str(folder(w, v)),
+    "attention_backend": lambda w, v: v if _BACKEND.match(v) else _raise(_fail(
+        w, v, "an SGLang attention backend name (flashinfer, fa3, triton, fa4, ...)")),
+}
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
+
+
+def check_setting(name: str, value: Any, source: str) -> Any:
+    """The parsed value of setting `name` from `source` (`option --miles-trials`), checked."""
+    check = SETTING_CHECKS.get(name)
+    if check is None or value is None or value == "":
+        return value
+    result = check(source, value)
+    return value if result is None else result
+
+
+# ---- fixture arguments ---------------------------------------------------------------------------
+
+
+def check_engine_args(kind: Any, kinds: Iterable[str], *, model: Any, deterministic: Any, attention_backend: Any,
+                      extra_args: Any) -> None:
+    """engine_factory(kind, model=, deterministic=, attention_backend=, extra_args=)."""
+    choice("engine_factory(kind)", kind, kinds)
+    boolean("engine_factory(deterministic=)", deterministic)
+    if model is not None:
+        _model("engine_factory(model=)", str(path_like("engine_factory(model=)", model)))
+    if attention_backend is not None and (not isinstance(attention_backend, str) or not _BACKEND.match(attention_backend)):
+        raise _fail("engine_factory(attention_backend=)", attention_backend, "an SGLang attention backend name")
+    strings("engine_factory(extra_args=)", extra_args)
+
+
+def check_trainer_args(*, seed: Any, tensor_parallel: Any, world_size: Any, device: Any, lr: Any,
+                       micro_batch_size: Any, deterministic: Any, timeout: Any, env: Any, model: Any = None) -> None:
+    """MegatronTrainer(...): checked before any rank starts (a bad seed would surface as a rank crash)."""
+    w = "megatron_trainer_factory"
+    integer(f"{w}(seed=)", seed, minimum=0, maximum=2**32 - 1)
+    tp = integer(f"{w}(tensor_parallel=)", tensor_parallel, minimum=1)
+    if world_size is not None:
+        ws = integer(f"{w}(world_size=)", world_size, minimum=1)
+        if ws % tp:
+            raise ValueError(f"{w}(world_size=): world_size {ws} is not a multiple of tensor_parallel {tp}")
+    choice(f"{w}(device=)", device, ("cpu", "cuda"))
+    number(f"{w}(lr=)", lr)
+    integer(f"{w}(micro_batch_size=)", micro_batch_size, minimum=1)
+    boolean(f"{w}(deterministic=)", deterministic)
+    number(f"{w}(timeout=)", timeout)
+    if env is not None and (not isinstance(env, dict) or
+                            not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        raise _fail(f"{w}(env=)", env, "a dict of str -> str")
+    if model is not None and not hasattr(model, "num_attention_heads"):
+        raise _fail(f"{w}(model=)", model, "a pytest_miles.trainers.megatron.ModelArgs")
+
+
+def check_train_args(steps: Any, *, save_dir: Any, save_steps: Any, load_dir: Any) -> None:
+    """trainer.train(steps, save_dir=, save_steps=, load_dir=)."""
+    integer("train(steps)", steps, minimum=1)
+    if save_dir is not None:
+        path_like("train(save_dir=)", save_dir)
+    if load_dir is not None:
+        path_like("train(load_dir=)", load_dir)
+    if save_steps is not None:
+        if isinstance(save_steps, (str, bytes)) or not isinstance(save_steps, (list, tuple)):
+            raise _fail("train(save_steps=)", save_steps, f"a list of steps within 1..{steps}")
+        for s in save_steps:
+            integer("train(save_steps=) entry", s, minimum=1, maximum=steps)
+        if save_steps and save_dir is None:
+            raise ValueError(f"train(save_steps={list(save_steps)}): no save_dir given, so nothing would be saved")
+
+
+# ---- markers and public helpers ------------------------------------------------------------------
+
+
+def check_gpu_count_marker(mark: Any) -> int:
+    """@pytest.mark.ray_gpus(n): n an integer >= 1 (default 1)."""
+    if not mark.args:
+        return 1
+    return integer(f"@pytest.mark.{mark.name}(n)", mark.args[0], minimum=1)
+
+
+def check_engine(what: str, engine: Any) -> None:
+    if not callable(getattr(engine, "generate", None)):
+        raise TypeError(f"{what}: {engine!r} is not an engine (expected an object with generate(), e.g. the "
+                        "`engine` or `sglang_engine` fixture)")
+
+
+def check_run(what: str, run: Any) -> None:
+    if not all(hasattr(run, a) for a in ("losses", "grad_norms", "first_step", "checkpoints")):
+        raise TypeError(f"{what}: {run!r} is not a training run (expected what trainer.train() returns)")
+
+
+def check_record_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or "::" in name:
+        raise _fail("determinism_snapshot.check(name)", name, "a non-empty string without '::'")
+    return name
