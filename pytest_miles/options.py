@@ -164,6 +164,19 @@ SETTINGS += (
             default=900.0, kind="float", env="PYTEST_MILES_GPU_LEASE_TIMEOUT", group="cluster"),
 )
 
+SETTINGS += (
+    Setting("report_dir", "Directory for the report's artefacts (plots); default: next to --miles-report / "
+            "--miles-report-html, else <rootdir>/.pytest-miles (never pytest's rotating basetemp).",
+            env="PYTEST_MILES_REPORT_DIR", group="report"),
+    Setting("report_html", "Write the determinism report as one self-contained HTML file (fingerprint, checks "
+            "table, precision heatmap, negative-control plots embedded) to this path.",
+            env="PYTEST_MILES_REPORT_HTML", group="report"),
+    Setting("snapshot_other_config", "A snapshot record exists only for another configuration and this run's "
+            "value differs: skip (default) or fail the test, naming each differing field. Equal values pass "
+            "with a note either way.", default="skip", kind="choice", choices=("skip", "fail"),
+            env="PYTEST_MILES_SNAPSHOT_OTHER_CONFIG", group="snapshots"),
+)
+
 BY_NAME = {s.name: s for s in SETTINGS}
 
 

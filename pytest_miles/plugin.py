@@ -70,6 +70,23 @@ class MilesState:
         return discover(override=self.setting("gpu_class"))
 
     @cached_property
+    def progress(self):
+        from .progress import TerminalProgress
+
+        return TerminalProgress(self.config)
+
+    def artefact_dir(self):
+        """Where plots go: --miles-report-dir, else next to the report, else <rootdir>/.pytest-miles."""
+        from pathlib import Path
+
+        where = self.setting("report_dir") or next(
+            (str(Path(p).parent) for p in (self.setting("report"), self.setting("report_html")) if p), None)
+        path = Path(where) if where else self.config.rootpath / ".pytest-miles"
+        path = path if path.is_absolute() else self.config.rootpath / path
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @cached_property
     def fingerprint(self):
         from .fingerprint import collect
 
@@ -113,6 +130,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _mark_check(item)
     _precision_skip(item)
     try:
         req = requirement_from_marks(item.iter_markers())
@@ -128,6 +146,53 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.fail(f"{reason} (--miles-require-gpu turns this skip into a failure)", pytrace=False)
     # Report the skip at the test's location, as pytest's own skipif marks do.
     raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
+# A test that uses one of these fixtures or markers is a determinism check: it appears in the
+# report even when it skips or xfails before recording anything.
+CHECK_FIXTURES = frozenset({
+    "engine", "engine_factory", "reference_engine", "sglang_engine", "megatron_trainer_factory",
+    "determinism_snapshot", "miles_record", "ray_cluster", "miles_ray_session", "deterministic_env"})
+CHECK_MARKERS = frozenset({*GPU_CLASSES, "gpu", "gpus", "min_gpu_memory", "ray_gpus", "miles_precision"})
+
+
+def _mark_check(item: pytest.Item) -> None:
+    from .report import CHECK_TEST
+
+    module = getattr(getattr(item, "module", None), "__name__", "")
+    if (CHECK_FIXTURES & set(getattr(item, "fixturenames", ())) or module.startswith("pytest_miles.suite")
+            or any(m.name in CHECK_MARKERS for m in item.iter_markers())):
+        item.user_properties.append((CHECK_TEST, item.nodeid))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Helpers running in this test record into its report lines and read its settings."""
+    from . import recording
+    from .report import KEY
+
+    st = state(item.config)
+
+    def record(check: str, outcome: str, figures: dict, duration: float) -> None:
+        item.user_properties.append((KEY, {"check": check, "outcome": outcome, "figures": figures,
+                                           "duration": round(duration, 3), "source": "helper",
+                                           "reason": str(figures.pop("message", ""))[:20000]}))
+
+    token = recording.CURRENT.set(recording.Recorder(
+        record=record, setting=st.setting, progress=st.progress.callback,
+        report_path=st.setting("report") or st.setting("report_html"), artefact_dir=st.artefact_dir))
+    try:
+        result = yield
+    finally:
+        recording.CURRENT.reset(token)
+        st.progress.finish()
+    from .fixtures import SNAPSHOT_DEFERRED
+
+    deferred = item.stash.get(SNAPSHOT_DEFERRED, None)
+    if deferred:  # snapshot checks that skipped ran all; the test skips (or fails) now, naming each
+        deferred.raise_outcome()
+    return result
+
 
 
 def _precision_skip(item: pytest.Item) -> None:
@@ -152,14 +217,25 @@ class ReportHooks:
         self.touched: set[tuple[str, str]] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.user_properties:
-            st = state(self.config)
-            before = len(st.collector.entries)
-            st.collector.add_report(report)
-            self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
-            path = st.setting("report")
-            if path and len(st.collector.entries) > before and not hasattr(self.config, "workerinput"):
-                st.collector.write(path, st.fingerprint.to_json(), complete=False)
+        st = state(self.config)
+        added = st.collector.add_report(report)
+        self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
+        if added and not hasattr(self.config, "workerinput"):
+            self._write(st, complete=False)
+
+    def _write(self, st, complete: bool) -> list[str]:
+        written = []
+        path = st.setting("report")
+        if path:
+            st.collector.write(path, st.fingerprint.to_json(), complete=complete)
+            written.append(str(path))
+        html = st.setting("report_html")
+        if html and complete:
+            from .report_html import write_html
+
+            write_html(html, st.collector.to_json(st.fingerprint.to_json()), st.hardware)
+            written.append(str(html))
+        return written
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         st = state(self.config)
@@ -170,10 +246,9 @@ class ReportHooks:
                 terminalreporter.write_line(line)
         if self.touched and not hasattr(self.config, "workerinput"):
             self._unused(terminalreporter, st)
-        path = st.setting("report")
-        if path and not hasattr(self.config, "workerinput"):
-            st.collector.write(path, st.fingerprint.to_json())
-            terminalreporter.write_line(f"pytest-miles report written to {path}")
+        if not hasattr(self.config, "workerinput"):
+            for path in self._write(st, complete=True):
+                terminalreporter.write_line(f"pytest-miles report written to {path}")
 
     def _unused(self, terminalreporter, st) -> None:
         from .snapshots import SnapshotStore

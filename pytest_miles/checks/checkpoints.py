@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..recording import recorded
 from .layouts import CheckpointError, Item, load_layout
 
 __all__ = ["CheckpointError", "Report", "assert_checkpoints_equal", "compare_checkpoints", "write_manifest"]
@@ -329,6 +330,7 @@ def _short(v: Any) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+@recorded("checkpoints equal")
 def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, ignore: tuple[str, ...] | list[str] = (),
                              first: bool = False) -> Report:
     """Raise AssertionError with the full report unless every tensor and value is bitwise equal."""
