@@ -170,6 +170,13 @@ def miles_record(request: pytest.FixtureRequest):
     return record
 
 
+@pytest.fixture
+def miles_artefact_dir(pytestconfig: pytest.Config):
+    """Where plots and other artefacts of the report go: --miles-report-dir, else next to the
+    report, else <rootdir>/.pytest-miles; never pytest's rotating basetemp."""
+    return _state(pytestconfig).artefact_dir()
+
+
 # ---- snapshots -----------------------------------------------------------------------------
 
 

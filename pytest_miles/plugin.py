@@ -19,6 +19,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     engine,
     engine_factory,
     megatron_trainer_factory,
+    miles_artefact_dir,
     miles_fingerprint,
     miles_hardware,
     miles_record,

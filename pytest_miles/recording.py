@@ -86,6 +86,7 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
 
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
             rec = CURRENT.get()
             if rec is None:
                 return fn(*args, **kwargs)

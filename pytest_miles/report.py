@@ -109,7 +109,7 @@ class Collector:
         width = min(max((len(e.check) for e in self.entries), default=10), 70)
         for e in self.entries:
             figures = ", ".join(f"{k}={_short(v)}" for k, v in e.figures.items() if k != "message")
-            why = f"  ({e.reason})" if e.reason and e.outcome != "passed" else ""
+            why = f"  ({_short(e.reason.splitlines()[0], 160)})" if e.reason and e.outcome != "passed" else ""
             out.append(f"{e.outcome.upper():8} {e.check:{width}} {e.duration_s:7.2f}s  {figures}{why}")
         t = self.totals()
         out.append(f"{t['checks']} determinism checks: " + ", ".join(f"{t[o]} {o}" for o in OUTCOMES
@@ -128,9 +128,9 @@ class Collector:
         write_atomic(path, json.dumps(self.to_json(fingerprint, complete), indent=1, default=str))
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, width: int = 60) -> str:
     text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def write_atomic(path: str | Path, text: str) -> None:

@@ -6,8 +6,6 @@ batch-invariant mode; `sglang` for a real SGLang server with --enable-determinis
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pytest_miles.checks.batch_invariance import MODES, check_batch_invariance, negative_control
@@ -35,7 +33,7 @@ def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, requ
 
 
 @pytest.mark.parametrize("mode", ["single", "needle"])
-def test_negative_control(engine_factory, miles_settings, miles_record, mode, tmp_path_factory):
+def test_negative_control(engine_factory, miles_settings, miles_record, mode, miles_artefact_dir):
     """The same check with determinism off must fail here, or a pass above means nothing."""
     require("torch", "torch")
     eng = engine_factory(miles_settings("engine"), deterministic=False)
@@ -43,10 +41,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, tm
     worst = max(report.max_logprob_deviation.values(), default=0.0)
     from pytest_miles.plot import plot_deviation
 
-    report_path = miles_settings("report")
-    where = (Path(report_path).with_suffix(f".negative-control-{mode}.png") if report_path
-             else tmp_path_factory.getbasetemp() / f"miles-negative-control-{mode}.png")
-    png = plot_deviation(report.max_logprob_deviation, where,
+    png = plot_deviation(report.max_logprob_deviation, miles_artefact_dir / f"negative-control-{mode}.png",
                          f"negative control [{mode}] on {report.engine}: determinism off")
     miles_record(f"negative control [{mode}] on {report.engine} (determinism off)", caught=len(report.mismatches),
                  max_logprob_deviation=f"{worst:.3g}", plot=str(png) if png else "matplotlib not installed")
