@@ -86,9 +86,24 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    import platform
+
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        pytest_version = version("pytest")
+    except Exception:  # noqa: BLE001 - a version line must not fail
+        pytest_version = "not installed"
+    return f"pytest-miles {__version__} (pytest {pytest_version}, python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -20,6 +20,27 @@ def _state(config: pytest.Config):
     return state(config)
 
 
+CPU_TORCH = "CPU-only torch: pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def require_extra(config: pytest.Config, modules: tuple[str, ...], what: str, extra: str, hint: str = "") -> None:
+    """Skip (fail under --miles-require-gpu) with the install hint when an extra is missing."""
+    import importlib.util
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    absent = [m for m in modules if missing(m)]
+    if absent:
+        msg = f"{what} requires {', '.join(absent)}: pip install 'pytest-miles[{extra}]'" + (f" ({hint})" if hint else "")
+        if _state(config).setting("require_gpu"):
+            pytest.fail(msg + " (--miles-require-gpu turns this skip into a failure)", pytrace=False)
+        pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def miles_hardware(pytestconfig: pytest.Config) -> Hardware:
     """The GPUs this session may use (after the override and CUDA_VISIBLE_DEVICES)."""
@@ -51,8 +72,9 @@ def deterministic_env() -> Iterator[DeterministicEnvironment]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+def tiny_model_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
     """The embedded tiny seeded model as an HF checkpoint (config.json + safetensors, no tokenizer)."""
+    require_extra(pytestconfig, ("torch", "safetensors"), "tiny_model_dir", "torch", CPU_TORCH)
     from .engines.model import write_hf_checkpoint
 
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-model"))
@@ -72,6 +94,7 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     another configuration closes the live one first (GPU memory back). `.launches` counts.
     With --miles-placement=ray each engine is a Ray actor on the ray_cluster; under pytest-xdist
     GPU engines start on leased GPUs."""
+    require_extra(pytestconfig, ("torch", "safetensors"), "the engine fixtures", "torch", CPU_TORCH)
     from .engines.factory import EngineFactory
 
     st = _state(pytestconfig)
@@ -129,12 +152,8 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
     """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
     megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU).
     With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
-    import importlib.util
-
     st = _state(pytestconfig)
-    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        msg = "megatron_trainer_factory requires megatron-core (pip install 'pytest-miles[megatron]')"
-        pytest.fail(msg, pytrace=False) if st.setting("require_gpu") else pytest.skip(msg)
+    require_extra(pytestconfig, ("torch", "megatron.core"), "megatron_trainer_factory", "megatron", CPU_TORCH)
     from .trainers.megatron import MegatronTrainer
 
     device = st.setting("device")
