@@ -101,7 +101,7 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     factory = EngineFactory(
         model_dir=lambda: st.setting("model") or str(_tiny_model(tmp_path_factory)),
         log_dir=tmp_path_factory.mktemp("engine-logs"),
-        hardware=lambda: st.hardware,
+        hardware=lambda: st.real_hardware,  # devices follow real GPUs; --miles-gpu-class pretends for markers
         attention_backend=st.setting("attention_backend"),
         startup_timeout=st.setting("engine_timeout"),
         device=st.setting("device"),
@@ -158,7 +158,7 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
 
     device = st.setting("device")
     if device == "auto":
-        device = "cuda" if st.hardware.nvidia else "cpu"
+        device = "cuda" if st.real_hardware.nvidia else "cpu"
     log_dir = tmp_path_factory.mktemp("megatron-logs")
 
     placement = _placement(request, st)

@@ -19,7 +19,7 @@ def lease_root(tmp_path_factory: pytest.TempPathFactory):
 def _new_leaser(st, tmp_path_factory: pytest.TempPathFactory):
     from .leases import GpuLeaser, visible_tokens
 
-    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
+    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.real_hardware.nvidia)),
                      timeout=st.setting("gpu_lease_timeout"))
 
 
@@ -29,7 +29,7 @@ def miles_gpu_leaser(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempP
     pytest-xdist) or the machine has no NVIDIA GPU."""
     st = _state(pytestconfig)
     mode = st.setting("gpu_lease")
-    if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.hardware.nvidia:
+    if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.real_hardware.nvidia:
         return None
     return _new_leaser(st, tmp_path_factory)
 
@@ -43,6 +43,12 @@ def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     held = []
 
     def lease(n: int = 1):
+        st = _state(pytestconfig)
+        if n >= 1 and not st.real_hardware.nvidia:
+            msg = f"miles_gpu_lease({n}) requires an NVIDIA GPU; found {st.real_hardware.describe()}"
+            if st.setting("require_gpu"):
+                pytest.fail(msg + " (--miles-require-gpu turns this skip into a failure)", pytrace=False)
+            pytest.skip(msg)
         got = leaser.acquire(n, owner=request.node.nodeid)
         held.append(got)
         return got
@@ -77,11 +83,34 @@ def miles_ray_session(pytestconfig: pytest.Config, tmp_path_factory: pytest.Temp
         cluster.shutdown()
 
 
+class ClusterView:
+    """The session's cluster as one test sees it: nodes the test adds are removed when it ends
+    (a second "machine" must not leak into later tests); everything else is the session's."""
+
+    def __init__(self, session) -> None:
+        self._session, self._added = session, []
+
+    def add_node(self, **kwargs):
+        node = self._session.add_node(**kwargs)
+        self._added.append(node)
+        return node
+
+    def remove_added_nodes(self) -> None:
+        while self._added:
+            self._session.remove_node(self._added.pop())
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
 @pytest.fixture
 def ray_cluster(request: pytest.FixtureRequest, miles_ray_session):
     """The Ray cluster (`.nodes()`, `.gpus()`, `.add_node()` on a local head, `.require(gpus=n)`).
-    A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs."""
+    A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs.
+    Nodes the test adds with `.add_node()` are removed at its end."""
     mark = request.node.get_closest_marker("ray_gpus")
     if mark is not None:
         miles_ray_session.require(gpus=int(mark.args[0]) if mark.args else 1)
-    return miles_ray_session
+    view = ClusterView(miles_ray_session)
+    yield view
+    view.remove_added_nodes()

@@ -71,6 +71,14 @@ class MilesState:
         return discover(override=self.setting("gpu_class"))
 
     @cached_property
+    def real_hardware(self):
+        """The GPUs really here: devices, leases and engines follow these; --miles-gpu-class only
+        pretends for markers and reports (a pretended H100 must not move a CPU torch to CUDA)."""
+        from .hardware import discover
+
+        return discover() if self.setting("gpu_class") else self.hardware
+
+    @cached_property
     def progress(self):
         from .progress import TerminalProgress
 
