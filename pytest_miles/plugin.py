@@ -133,7 +133,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from .doctor import run_doctor, summary
 
     st = state(config)
-    findings = run_doctor(attention_backend=st.setting("attention_backend"), process_checks=False)
+    findings = run_doctor(attention_backend=st.setting("attention_backend"), process_checks=False,
+                          gpu=bool(st.hardware.nvidia))  # the pretended GPUs too: the header reports for them
     return [f"miles: {st.fingerprint.header()}", f"miles: {summary(findings)}"]
 
 
