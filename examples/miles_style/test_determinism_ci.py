@@ -19,8 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_miles import (assert_batch_invariant, assert_checkpoints_equal, deterministic_env_vars, discover,
-                          run_doctor)
+from pytest_miles import (
+    assert_batch_invariant,
+    assert_checkpoints_equal,
+    deterministic_env_vars,
+    discover,
+    run_doctor,
+)
 from pytest_miles.doctor_env import check_run_env
 
 
