@@ -239,13 +239,18 @@ class DeterminismSnapshot:
         figures = {"result": outcome.status}
         if outcome.status == "passed (other configuration)":
             figures["note"] = outcome.message
-        self.node.user_properties.append((self.key, {"check": f"snapshot {rid}", "figures": figures}))
+        own = {"failed": "failed", "missing": "failed",
+               "different configuration": "failed" if self.other_config == "fail" else "skipped"}.get(outcome.status,
+                                                                                                   "passed")
+        self.node.user_properties.append((self.key, {"check": f"snapshot {rid}", "figures": figures, "outcome": own,
+                                                     "reason": outcome.message if own != "passed" else ""}))
         self.node.user_properties.append(("miles_snapshot", (str(self.store.path_for(self.module)), rid)))
         if outcome.status in ("failed", "missing"):
             raise AssertionError(outcome.message)
         if outcome.status == "different configuration":  # the test's other checks still run; see Deferred
             deferred = self.node.stash.setdefault(SNAPSHOT_DEFERRED, DeferredSnapshots(self.other_config))
             deferred.messages.append(outcome.message)
+            deferred.names.append(name)
         return outcome
 
 
@@ -255,11 +260,11 @@ class DeferredSnapshots:
     naming each."""
 
     def __init__(self, mode: str) -> None:
-        self.mode, self.messages = mode, []
+        self.mode, self.messages, self.names = mode, [], []
 
     def raise_outcome(self) -> None:
-        text = f"{len(self.messages)} snapshot check(s) have a record only for another configuration:\n" + \
-            "\n".join(self.messages)
+        text = (f"snapshot {', '.join(self.names)}: only another configuration has a record, and this run's value "
+                "differs from it:\n" + "\n".join(self.messages))
         if self.mode == "fail":
             raise AssertionError(text + "\n(--miles-snapshot-other-config=fail)")
         raise pytest.skip.Exception(text + " (--miles-snapshot-other-config=fail fails instead; "

@@ -19,7 +19,7 @@ def lease_root(tmp_path_factory: pytest.TempPathFactory):
 def _new_leaser(st, tmp_path_factory: pytest.TempPathFactory):
     from .leases import GpuLeaser, visible_tokens
 
-    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.real_hardware.nvidia)),
+    return GpuLeaser(lease_root(tmp_path_factory), visible_tokens(len(st.hardware.nvidia)),
                      timeout=st.setting("gpu_lease_timeout"))
 
 
@@ -29,7 +29,7 @@ def miles_gpu_leaser(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempP
     pytest-xdist) or the machine has no NVIDIA GPU."""
     st = _state(pytestconfig)
     mode = st.setting("gpu_lease")
-    if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.real_hardware.nvidia:
+    if mode == "off" or (mode == "auto" and not os.environ.get("PYTEST_XDIST_WORKER")) or not st.hardware.nvidia:
         return None
     return _new_leaser(st, tmp_path_factory)
 
@@ -44,8 +44,8 @@ def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
     def lease(n: int = 1):
         st = _state(pytestconfig)
-        if n >= 1 and not st.real_hardware.nvidia:
-            msg = f"miles_gpu_lease({n}) requires an NVIDIA GPU; found {st.real_hardware.describe()}"
+        if n >= 1 and not st.hardware.nvidia:  # leases are tokens: pretended GPUs (--miles-gpu-class) lease too
+            msg = f"miles_gpu_lease({n}) requires an NVIDIA GPU; found {st.hardware.describe()}"
             if st.setting("require_gpu"):
                 pytest.fail(msg + " (--miles-require-gpu turns this skip into a failure)", pytrace=False)
             pytest.skip(msg)

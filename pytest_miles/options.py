@@ -265,7 +265,13 @@ def resolve(config: pytest.Config | None, name: str, environ: dict[str, str] | N
     if config is not None:
         try:
             ini = config.getini(s.ini)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # pytest's typed parsing: say it as for every other source
+            import ast
+            import re
+
+            quoted = re.search(r"""(['"]).*\1\s*$""", str(exc))
+            if quoted:
+                _parse(s, ast.literal_eval(quoted.group(0).strip()), f"ini key {s.ini}")
             raise ValueError(f"ini key {s.ini}: {exc} (expected {type_name(s)})") from None
         if ini not in (None, "", []):
             return _parse(s, ini, f"ini key {s.ini}")

@@ -147,10 +147,13 @@ def config_digest(conf: dict[str, Any]) -> str:
     return digest_of(conf)[:16]
 
 
-def diagnose(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`cuDNN 9.19.0 -> 9.10.0 (likely cause: ...)` for every field that differs."""
+def diagnose(recorded: dict[str, Any], current: dict[str, Any], key_fields_only: bool = False) -> list[str]:
+    """`cuDNN 9.19.0 -> 9.10.0 (likely cause: ...)` for every field that differs. With
+    `key_fields_only`, fields an older record keeps but today's key leaves out (packages.ray)
+    are not differences."""
     out = []
-    for key in sorted(set(recorded) | set(current)):
+    keys = set(current) if key_fields_only else set(recorded) | set(current)
+    for key in sorted(keys):
         a, b = recorded.get(key), current.get(key)
         if a != b:
             label = LABELS.get(key, key)
@@ -233,6 +236,7 @@ class SnapshotStore:
                 others = [(len(diagnose(c["fingerprint"], conf)), k, c) for k, c in confs.items()
                           if record_id in c.get("records", {})]
                 if others:
+                    others = [(len(diagnose(c["fingerprint"], conf, key_fields_only=True)), k, c) for _, k, c in others]
                     return self._other_configuration(path, record_id, form, digest, conf, others)
                 return Outcome("missing", f"{record_id}: no record in {path}; run with --miles-snapshot-update "
                                           "to write it")
@@ -254,7 +258,7 @@ class SnapshotStore:
         same = [o for o in others if o[2]["records"][record_id]["digest"] == digest]
         _, key, c = min(same or others, key=lambda o: o[0])
         rec = c["records"][record_id]
-        fields = "; ".join(diagnose(c["fingerprint"], conf)) or "no field differs"
+        fields = "; ".join(diagnose(c["fingerprint"], conf, key_fields_only=True)) or "no field differs"
         if same:
             return Outcome("passed (other configuration)",
                            f"{record_id}: equal to the record of another configuration ({key}: {fields}); "

@@ -86,7 +86,8 @@ def test_other_configuration_with_other_values_names_each_field_after_every_chec
     out = pytester.path / "r.json"
     result = pytester.runpytest("-rs", f"--miles-snapshot-other-config={mode}", f"--miles-report={out}")
     result.assert_outcomes(**{"skipped" if mode == "skip" else "failed": 1})
-    result.stdout.fnmatch_lines(["*2 snapshot check(s) have a record only for another configuration*"])
+    result.stdout.fnmatch_lines(["*snapshot tokens, logprobs: only another configuration has a record, and this "
+                                 "run's value differs from it*"])
     text = result.stdout.str()
     for name in ("tokens", "logprobs"):
         assert f"test_rollout::{name} in" in text
