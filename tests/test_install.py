@@ -41,8 +41,22 @@ def _run(cmd, cwd=None, timeout=300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
+    """Built once per run: under pytest-xdist the workers share it (file lock in the basetemp root)."""
     pytest.importorskip("build", reason="the dev extra brings `build` and `twine`")
-    tmp = tmp_path_factory.mktemp("install")
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    tmp = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "miles-install"
+    tmp.mkdir(exist_ok=True)
+    with FileLock(str(tmp) + ".lock", timeout=600):
+        py = tmp / "venv" / "bin" / "python"
+        if not (tmp / "ready").exists():
+            _build_and_install(tmp)
+            (tmp / "ready").touch()
+    return py
+
+
+def _build_and_install(tmp: Path) -> None:
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=lambda d, names: [n for n in names if n in SKIP_DIRS or n.endswith(".egg-info")])
     _run([sys.executable, "-m", "build", "--no-isolation", "--outdir", tmp / "dist", src])
@@ -53,7 +67,6 @@ def venv(tmp_path_factory):
     _run([sys.executable, "-m", "venv", env])
     py = env / "bin" / "python"
     _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel[0], "pytest-xdist"])
-    return py
 
 
 @pytest.fixture
