@@ -53,6 +53,12 @@ def setting(name: str, default: Any) -> Any:
     return default if value is None else value
 
 
+def progress_callback(check: str) -> Callable[[int, int], None] | None:
+    """A progress line for a long check run by hand (not through an assert_* helper)."""
+    rec = CURRENT.get()
+    return rec.progress(check) if rec is not None else None
+
+
 def cap_message(text: str, where: str | None = None, lines: int = MESSAGE_LINES) -> str:
     """First `lines` lines of a long failure message + how many were left out + where the full text is."""
     parts = text.splitlines()

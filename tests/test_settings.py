@@ -164,3 +164,23 @@ def test_progress_line_on_a_terminal_quiet_under_q_and_in_ci_logs(pytester):
     log = pytester.runpytest_subprocess()  # stdout is a pipe, as in a CI log
     log.assert_outcomes(passed=1)
     assert "[miles]" not in log.stdout.str()
+
+
+def test_invalid_precision_cells_are_named_as_rejection_checks(pytester):
+    from pytest_miles.precision import precision_matrix
+
+    params = precision_matrix()
+    invalid = [p for p in params if not p.values[0].valid]
+    assert invalid and all(p.id.endswith("-rejected") for p in invalid)
+    assert all(not p.id.endswith("-rejected") for p in params if p.values[0].valid)
+    pytester.makepyfile("""
+        import pytest
+        from pytest_miles.precision import precision_matrix
+
+        @pytest.mark.parametrize("cell", precision_matrix())
+        def test_cell(cell):
+            if not cell.valid:
+                cell.assert_rejected()
+    """)
+    result = pytester.runpytest("-v", "--miles-gpu-class=none")
+    result.stdout.fnmatch_lines(["*test_cell[[]rollout=fp8_blockwise-train=mxfp8-rejected[]] PASSED*"])

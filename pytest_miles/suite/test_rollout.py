@@ -21,8 +21,9 @@ def suite_engine(engine_factory, miles_settings):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, request):
-    verbose = request.config.get_verbosity() > 0
-    progress = (lambda d, t: print(f"\r  {mode}: trial {d}/{t}", end="", flush=True)) if verbose else None
+    from pytest_miles.recording import progress_callback
+
+    progress = progress_callback(f"rollout batch invariance [{mode}]")  # a terminal line; quiet in CI logs and -q
     report = check_batch_invariance(suite_engine, mode, miles_settings("trials"), max_batch=8, prompt_len=24,
                                     progress=progress)
     miles_record(f"rollout batch invariance [{mode}] on {report.engine}", samples=report.samples,
