@@ -190,7 +190,7 @@ def pytest_runtest_call(item: pytest.Item):
 
     token = recording.CURRENT.set(recording.Recorder(
         record=record, setting=st.setting, progress=st.progress.callback,
-        report_path=st.setting("report") or st.setting("report_html"), artefact_dir=st.artefact_dir))
+        report_path=st.setting("report") or st.setting("report_html")))
     try:
         result = yield
     finally:

@@ -14,7 +14,7 @@ import functools
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 MESSAGE_LINES = 40  # failure messages shown by pytest are capped to this many lines
@@ -28,8 +28,6 @@ class Recorder:
     setting: Callable[[str], Any] = lambda name: None
     progress: Callable[[str], Callable[[int, int], None] | None] = lambda check: None
     report_path: str | None = None
-    artefact_dir: Callable[[], str | None] = lambda: None
-    records: list[str] = field(default_factory=list)
 
 
 CURRENT: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("pytest_miles_recorder", default=None)
