@@ -75,7 +75,8 @@ def _figures(result: Any) -> dict[str, Any]:
     data = result.to_json() if hasattr(result, "to_json") else None
     if not isinstance(data, dict):
         return {}
-    return {k: v for k, v in data.items() if isinstance(v, (int, float, str, bool)) or v is None}
+    # not the report's own `passed` (the outcome column says it; for a negative control it would be False)
+    return {k: v for k, v in data.items() if k != "passed" and (isinstance(v, (int, float, str, bool)) or v is None)}
 
 
 def recorded(check: str, settings: dict[str, str] | None = None, progress: bool = False) -> Callable:
