@@ -1,6 +1,9 @@
 """pytest-miles: determinism of LLM RL stacks (SGLang rollout + Megatron-core training) as tests.
 
 Public helpers are imported on first use, so `import pytest_miles` stays cheap.
+
+PYTEST_DONT_REWRITE: this file holds no assertions; the marker keeps pytest from warning that the
+package was imported before it could be rewritten (`pytest-miles suite` imports it first).
 """
 
 from __future__ import annotations

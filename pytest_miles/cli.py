@@ -13,19 +13,32 @@ from collections.abc import Sequence
 
 def _doctor(args: argparse.Namespace) -> int:
     from .doctor import FAIL, as_json, run_doctor, summary
+    from .doctor_env import EnvInputError, check_run_env, load_runtime_env, parse_train_env_vars
     from .fingerprint import collect
     from .hardware import discover
 
-    findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch)
+    try:
+        run_envs = []
+        if args.runtime_env:
+            run_envs.append((load_runtime_env(args.runtime_env), f"runtime_env {args.runtime_env}"))
+        if args.train_env_vars:
+            run_envs.append((parse_train_env_vars(args.train_env_vars), "--train-env-vars"))
+        hw = discover(override=args.gpu_class)
+    except (EnvInputError, ValueError) as exc:
+        print(f"pytest-miles doctor: {exc}", file=sys.stderr)
+        return 2
+    findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch, gpu=bool(hw.nvidia))
+    for env, source in run_envs:
+        findings += check_run_env(env, source, args.sglang_tp)
     failed = any(f.status == FAIL for f in findings)
-    fp = collect(discover(override=args.gpu_class))
+    fp = collect(hw)
     if args.json:
         print(json.dumps({**as_json(findings), "fingerprint": fp.to_json()}, indent=2))
     else:
         print(f"pytest-miles doctor on {fp.header()}")
         for f in findings:
             print(f.line())
-        print(summary(findings))
+        print(summary(findings, hint=False))
     return 1 if failed else 0
 
 
@@ -131,9 +144,24 @@ def _capabilities(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    import platform
+
+    from . import __version__
+
+    try:
+        from importlib.metadata import version
+
+        pytest_version = version("pytest")
+    except Exception:  # noqa: BLE001 - a version line must not fail
+        pytest_version = "not installed"
+    return f"pytest-miles {__version__} (pytest {pytest_version}, python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -145,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", parents=[common], help="check the environment against the seed's "
                        "troubleshooting table; exit 1 when a check fails")
     d.add_argument("--attention-backend", default=None, help="the SGLang attention backend you configure")
+    d.add_argument("--runtime-env", metavar="FILE.json", default=None,
+                   help="also check a Ray runtime_env JSON file's env_vars (as a Miles run will get them)")
+    d.add_argument("--train-env-vars", metavar="JSON", default=None,
+                   help="also check Miles' --train-env-vars JSON object of env vars")
+    d.add_argument("--sglang-tp", metavar="N", type=int, default=None,
+                   help="the rollout's SGLang --tp-size (TP > 1: SGLang sets its own NCCL_ALGO)")
     d.set_defaults(func=_doctor)
 
     f = sub.add_parser("fingerprint", parents=[common], help="print what decides bitwise results here")

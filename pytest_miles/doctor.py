@@ -103,25 +103,43 @@ def check_torch_deterministic(import_torch: bool = False) -> Finding:
     return Finding("torch deterministic algorithms", OK, "on")
 
 
+# Variables that only matter where an NVIDIA GPU runs (NCCL, Transformer-Engine, cuBLAS).
+GPU_ONLY = frozenset({"NCCL_ALGO", "NVTE_ALLOW_NONDETERMINISTIC_ALGO", "CUBLAS_WORKSPACE_CONFIG"})
+
+
+def not_applicable_without_gpu(finding: Finding) -> Finding:
+    """A failing GPU-only variable on a machine without a GPU: not applicable here, said once."""
+    if finding.status != FAIL or finding.check not in GPU_ONLY:
+        return finding
+    return Finding(finding.check, SKIP, f"{finding.detail}; matters only with NVIDIA GPUs (none here). "
+                   f"For GPU runs: {finding.fix}")
+
+
 def run_doctor(environ: dict[str, str] | None = None, attention_backend: str | None = None,
-               import_torch: bool = False, process_checks: bool = True) -> list[Finding]:
+               import_torch: bool = False, process_checks: bool = True, gpu: bool = True) -> list[Finding]:
     """All checks. `process_checks=False` leaves out those about this process's torch state,
-    which mean nothing before a fixture applies the deterministic environment."""
+    which mean nothing before a fixture applies the deterministic environment. `gpu=False`
+    (no NVIDIA GPU here) reports the GPU-only variables as not applicable instead of failing."""
     env = dict(os.environ if environ is None else environ)
     findings = [check_flash_attention_3()]
-    findings += [check_env_var(name, env) for name in DETERMINISTIC_ENV]
+    env_findings = [check_env_var(name, env) for name in DETERMINISTIC_ENV]
+    findings += env_findings if gpu else [not_applicable_without_gpu(f) for f in env_findings]
     findings.append(check_attention_backend(attention_backend))
     if process_checks:
         findings.append(check_torch_deterministic(import_torch))
     return findings
 
 
-def summary(findings: list[Finding]) -> str:
+def summary(findings: list[Finding], hint: bool = True) -> str:
+    """One line. `hint=False` inside the doctor's own output (which is what the hint points to)."""
     failing = [f.check for f in findings if f.status == FAIL]
     ok = sum(f.status == OK for f in findings)
+    gpu_only = sum(f.status == SKIP and f.check in GPU_ONLY for f in findings)
+    na = f", {gpu_only} GPU-only not applicable (no NVIDIA GPU)" if gpu_only else ""
     if not failing:
-        return f"doctor: {ok} ok, 0 failing"
-    return f"doctor: {ok} ok, {len(failing)} failing ({', '.join(failing)}); run `pytest-miles doctor`"
+        return f"doctor: {ok} ok, 0 failing{na}"
+    text = f"doctor: {ok} ok, {len(failing)} failing ({', '.join(failing)}){na}"
+    return text + ("; run `pytest-miles doctor` for symptoms and fixes" if hint else "")
 
 
 def as_json(findings: list[Finding]) -> dict:

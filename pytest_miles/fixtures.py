@@ -20,6 +20,27 @@ def _state(config: pytest.Config):
     return state(config)
 
 
+CPU_TORCH = "CPU-only torch: pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
+
+def require_extra(config: pytest.Config, modules: tuple[str, ...], what: str, extra: str, hint: str = "") -> None:
+    """Skip (fail under --miles-require-gpu) with the install hint when an extra is missing."""
+    import importlib.util
+
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    absent = [m for m in modules if missing(m)]
+    if absent:
+        msg = f"{what} requires {', '.join(absent)}: pip install 'pytest-miles[{extra}]'" + (f" ({hint})" if hint else "")
+        if _state(config).setting("require_gpu"):
+            pytest.fail(msg + " (--miles-require-gpu turns this skip into a failure)", pytrace=False)
+        pytest.skip(msg)
+
+
 @pytest.fixture(scope="session")
 def miles_hardware(pytestconfig: pytest.Config) -> Hardware:
     """The GPUs this session may use (after the override and CUDA_VISIBLE_DEVICES)."""
@@ -51,8 +72,9 @@ def deterministic_env() -> Iterator[DeterministicEnvironment]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+def tiny_model_dir(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
     """The embedded tiny seeded model as an HF checkpoint (config.json + safetensors, no tokenizer)."""
+    require_extra(pytestconfig, ("torch", "safetensors"), "tiny_model_dir", "torch", CPU_TORCH)
     from .engines.model import write_hf_checkpoint
 
     return write_hf_checkpoint(tmp_path_factory.mktemp("tiny-model"))
@@ -72,13 +94,14 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     another configuration closes the live one first (GPU memory back). `.launches` counts.
     With --miles-placement=ray each engine is a Ray actor on the ray_cluster; under pytest-xdist
     GPU engines start on leased GPUs."""
+    require_extra(pytestconfig, ("torch", "safetensors"), "the engine fixtures", "torch", CPU_TORCH)
     from .engines.factory import EngineFactory
 
     st = _state(pytestconfig)
     factory = EngineFactory(
         model_dir=lambda: st.setting("model") or str(_shape_model(tmp_path_factory, st.setting("model_shape"))),
         log_dir=tmp_path_factory.mktemp("engine-logs"),
-        hardware=lambda: st.hardware,
+        hardware=lambda: st.real_hardware,  # devices follow real GPUs; --miles-gpu-class pretends for markers
         attention_backend=st.setting("attention_backend"),
         startup_timeout=st.setting("engine_timeout"),
         device=st.setting("device"),
@@ -159,17 +182,13 @@ def rl_loop_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
 def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
                    tmp_path_factory: pytest.TempPathFactory):
-    import importlib.util
-
     st = _state(pytestconfig)
-    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
-        msg = "megatron_trainer_factory requires megatron-core (pip install 'pytest-miles[megatron]')"
-        pytest.fail(msg, pytrace=False) if st.setting("require_gpu") else pytest.skip(msg)
+    require_extra(pytestconfig, ("torch", "megatron.core"), "megatron_trainer_factory", "megatron", CPU_TORCH)
     from .trainers.megatron import MegatronTrainer
 
     device = st.setting("device")
     if device == "auto":
-        device = "cuda" if st.hardware.nvidia else "cpu"
+        device = "cuda" if st.real_hardware.nvidia else "cpu"
     log_dir = tmp_path_factory.mktemp("megatron-logs")
 
     placement = _placement(request, st)
@@ -208,6 +227,13 @@ def miles_record(request: pytest.FixtureRequest):
     return record
 
 
+@pytest.fixture
+def miles_artefact_dir(pytestconfig: pytest.Config):
+    """Where plots and other artefacts of the report go: --miles-report-dir, else next to the
+    report, else <rootdir>/.pytest-miles; never pytest's rotating basetemp."""
+    return _state(pytestconfig).artefact_dir()
+
+
 # ---- snapshots -----------------------------------------------------------------------------
 
 
@@ -227,6 +253,7 @@ class DeterminismSnapshot:
             self.module = request.module.__name__.replace(".", "/") + ".py"
         self.conf = configuration(st.fingerprint.to_json(), {"attention_backend": st.setting("attention_backend")})
         self.node, self.key, self.seen = request.node, KEY, set()
+        self.other_config = st.setting("snapshot_other_config")
 
     def recorded(self, name: str) -> bool:
         """Whether any configuration holds a record `name` for this test (to skip, not fail, when none)."""
@@ -249,13 +276,42 @@ class DeterminismSnapshot:
         self.seen.add(name)
         rid = f"{self.test}::{name}"
         outcome = self.store.check(self.module, rid, value, self.conf)
-        self.node.user_properties.append((self.key, {"check": f"snapshot {rid}", "figures": {"result": outcome.status}}))
+        figures = {"result": outcome.status}
+        if outcome.status == "passed (other configuration)":
+            figures["note"] = outcome.message
+        own = {"failed": "failed", "missing": "failed",
+               "different configuration": "failed" if self.other_config == "fail" else "skipped"}.get(outcome.status,
+                                                                                                   "passed")
+        self.node.user_properties.append((self.key, {"check": f"snapshot {rid}", "figures": figures, "outcome": own,
+                                                     "reason": outcome.message if own != "passed" else ""}))
         self.node.user_properties.append(("miles_snapshot", (str(self.store.path_for(self.module)), rid)))
         if outcome.status in ("failed", "missing"):
             raise AssertionError(outcome.message)
-        if outcome.status == "different configuration":
-            raise pytest.skip.Exception(outcome.message, _use_item_location=True)
+        if outcome.status == "different configuration":  # the test's other checks still run; see Deferred
+            deferred = self.node.stash.setdefault(SNAPSHOT_DEFERRED, DeferredSnapshots(self.other_config))
+            deferred.messages.append(outcome.message)
+            deferred.names.append(name)
         return outcome
+
+
+class DeferredSnapshots:
+    """Snapshot checks whose record exists only for another configuration and differs: the test
+    runs all its checks, then skips (or, with --miles-snapshot-other-config=fail, fails) once,
+    naming each."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.messages, self.names = mode, [], []
+
+    def raise_outcome(self) -> None:
+        text = (f"snapshot {', '.join(self.names)}: only another configuration has a record, and this run's value "
+                "differs from it:\n" + "\n".join(self.messages))
+        if self.mode == "fail":
+            raise AssertionError(text + "\n(--miles-snapshot-other-config=fail)")
+        raise pytest.skip.Exception(text + " (--miles-snapshot-other-config=fail fails instead; "
+                                    "--miles-snapshot-update records this configuration)", _use_item_location=True)
+
+
+SNAPSHOT_DEFERRED = pytest.StashKey[DeferredSnapshots]()
 
 
 @pytest.fixture

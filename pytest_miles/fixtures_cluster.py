@@ -45,6 +45,12 @@ def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     held = []
 
     def lease(n: int = 1):
+        st = _state(pytestconfig)
+        if n >= 1 and not st.hardware.nvidia:  # leases are tokens: pretended GPUs (--miles-gpu-class) lease too
+            msg = f"miles_gpu_lease({n}) requires an NVIDIA GPU; found {st.hardware.describe()}"
+            if st.setting("require_gpu"):
+                pytest.fail(msg + " (--miles-require-gpu turns this skip into a failure)", pytrace=False)
+            pytest.skip(msg)
         got = leaser.acquire(n, owner=request.node.nodeid)
         held.append(got)
         return got
@@ -79,10 +85,31 @@ def miles_ray_session(pytestconfig: pytest.Config, tmp_path_factory: pytest.Temp
         cluster.shutdown()
 
 
+class ClusterView:
+    """The session's cluster as one test sees it: nodes the test adds are removed when it ends
+    (a second "machine" must not leak into later tests); everything else is the session's."""
+
+    def __init__(self, session) -> None:
+        self._session, self._added = session, []
+
+    def add_node(self, **kwargs):
+        node = self._session.add_node(**kwargs)
+        self._added.append(node)
+        return node
+
+    def remove_added_nodes(self) -> None:
+        while self._added:
+            self._session.remove_node(self._added.pop())
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
 @pytest.fixture
 def ray_cluster(request: pytest.FixtureRequest):
     """The Ray cluster (`.nodes()`, `.gpus()`, `.add_node()` on a local head, `.require(gpus=n)`).
-    A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs."""
+    A test marked `ray_gpus(n)` is skipped, with the reason, when the cluster has fewer GPUs.
+    Nodes the test adds with `.add_node()` are removed at its end."""
     mark = request.node.get_closest_marker("ray_gpus")
     n = None
     if mark is not None:  # checked before the cluster starts: a bad marker is named, not a cluster error
@@ -95,4 +122,6 @@ def ray_cluster(request: pytest.FixtureRequest):
     session = request.getfixturevalue("miles_ray_session")
     if n is not None:
         session.require(gpus=n)
-    return session
+    view = ClusterView(session)
+    yield view
+    view.remove_added_nodes()

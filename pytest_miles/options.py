@@ -178,6 +178,16 @@ SETTINGS += (
     Setting("gpu_lease_dir", "Lock folder of the GPU leases, shared by every pytest process of this machine "
             "(two CI jobs on one runner included); default: <tmp>/pytest-miles-leases-<uid>.",
             env="PYTEST_MILES_GPU_LEASE_DIR", group="cluster"),
+    Setting("report_dir", "Directory for the report's artefacts (plots); default: next to --miles-report / "
+            "--miles-report-html, else <rootdir>/.pytest-miles (never pytest's rotating basetemp).",
+            env="PYTEST_MILES_REPORT_DIR", group="report"),
+    Setting("report_html", "Write the determinism report as one self-contained HTML file (fingerprint, checks "
+            "table, precision heatmap, negative-control plots embedded) to this path.",
+            env="PYTEST_MILES_REPORT_HTML", group="report"),
+    Setting("snapshot_other_config", "A snapshot record exists only for another configuration and this run's "
+            "value differs: skip (default) or fail the test, naming each differing field. Equal values pass "
+            "with a note either way.", default="skip", kind="choice", choices=("skip", "fail"),
+            env="PYTEST_MILES_SNAPSHOT_OTHER_CONFIG", group="snapshots"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}
@@ -220,14 +230,42 @@ def _parse_kind(setting: Setting, raw: Any, source: str) -> Any:
     return text
 
 
+def type_name(s: Setting) -> str:
+    """What a value looks like, for --help and the README: `int`, `auto|cpu|cuda`, `bool`, `path`."""
+    if s.kind == "choice":
+        return "|".join(s.choices)
+    if s.kind == "string" and any(w in s.name for w in ("dir", "report", "model", "config")):
+        return "path"
+    return {"string": "str"}.get(s.kind, s.kind)
+
+
+def render_help(s: Setting) -> str:
+    """The help text with type, default and the other two ways to set it (pytest --help shows it)."""
+    default = "unset" if s.default in (None, "") else str(s.default).lower() if s.kind == "bool" else s.default
+    ways = ", ".join(w for w in (f"ini {s.ini}", f"env {s.env}" if s.env else "") if w)
+    return f"{s.help} [{type_name(s)}; default: {default}; {ways}]"
+
+
+def _ini_type(s: Setting) -> str:
+    """Typed ini keys where this pytest has the type (int/float: pytest >= 8.4), else string."""
+    import pytest
+
+    typed = {"bool": "bool", "int": "int", "float": "float"}.get(s.kind, "string")
+    if typed in ("int", "float") and tuple(int(x) for x in pytest.__version__.split(".")[:2]) < (8, 4):
+        return "string"
+    return typed
+
+
 def add_options(parser: pytest.Parser) -> None:
     for s in SETTINGS:
         group = parser.getgroup(f"{GROUP}-{s.group}", GROUP_TITLES[s.group])
-        kwargs: dict[str, Any] = {"dest": s.dest, "default": None, "help": s.help}
+        kwargs: dict[str, Any] = {"dest": s.dest, "default": None, "help": render_help(s)}
         if s.kind == "bool":
             kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = type_name(s).upper() if s.kind != "choice" else "{" + ",".join(s.choices) + "}"
         group.addoption(s.cli, **kwargs)
-        parser.addini(s.ini, help=s.help, type="string", default=None)
+        parser.addini(s.ini, help=render_help(s), type=_ini_type(s), default=s.default)
 
 
 def resolve(config: pytest.Config | None, name: str, environ: dict[str, str] | None = None) -> Any:
@@ -247,7 +285,16 @@ def resolve(config: pytest.Config | None, name: str, environ: dict[str, str] | N
             if s.name in table:
                 return _parse(s, table[s.name], f"{path}: [{s.group}] {s.name}")
     if config is not None:
-        ini = config.getini(s.ini)
+        try:
+            ini = config.getini(s.ini)
+        except (ValueError, TypeError) as exc:  # pytest's typed parsing: say it as for every other source
+            import ast
+            import re
+
+            quoted = re.search(r"""(['"]).*\1\s*$""", str(exc))
+            if quoted:
+                _parse(s, ast.literal_eval(quoted.group(0).strip()), f"ini key {s.ini}")
+            raise ValueError(f"ini key {s.ini}: {exc} (expected {type_name(s)})") from None
         if ini not in (None, "", []):
             return _parse(s, ini, f"ini key {s.ini}")
     return s.default

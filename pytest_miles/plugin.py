@@ -19,6 +19,7 @@ from .fixtures import (  # noqa: E402,F401  (fixtures are found as attributes of
     engine,
     engine_factory,
     megatron_trainer_factory,
+    miles_artefact_dir,
     miles_fingerprint,
     miles_hardware,
     miles_record,
@@ -71,6 +72,31 @@ class MilesState:
         return discover(override=self.setting("gpu_class"))
 
     @cached_property
+    def real_hardware(self):
+        """The GPUs really here: devices, leases and engines follow these; --miles-gpu-class only
+        pretends for markers and reports (a pretended H100 must not move a CPU torch to CUDA)."""
+        from .hardware import discover
+
+        return discover() if self.setting("gpu_class") else self.hardware
+
+    @cached_property
+    def progress(self):
+        from .progress import TerminalProgress
+
+        return TerminalProgress(self.config)
+
+    def artefact_dir(self):
+        """Where plots go: --miles-report-dir, else next to the report, else <rootdir>/.pytest-miles."""
+        from pathlib import Path
+
+        where = self.setting("report_dir") or next(
+            (str(Path(p).parent) for p in (self.setting("report"), self.setting("report_html")) if p), None)
+        path = Path(where) if where else self.config.rootpath / ".pytest-miles"
+        path = path if path.is_absolute() else self.config.rootpath / path
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @cached_property
     def fingerprint(self):
         from .fingerprint import collect
 
@@ -119,12 +145,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from .doctor import run_doctor, summary
 
     st = state(config)
-    findings = run_doctor(attention_backend=st.setting("attention_backend"), process_checks=False)
+    findings = run_doctor(attention_backend=st.setting("attention_backend"), process_checks=False,
+                          gpu=bool(st.hardware.nvidia))  # the pretended GPUs too: the header reports for them
     return [f"miles: {st.fingerprint.header()}", f"miles: {summary(findings)}"]
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    _mark_check(item)
     _precision_skip(item)
     try:
         req = requirement_from_marks(item.iter_markers())
@@ -153,6 +181,53 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     return rep
 
 
+# A test that uses one of these fixtures or markers is a determinism check: it appears in the
+# report even when it skips or xfails before recording anything.
+CHECK_FIXTURES = frozenset({
+    "engine", "engine_factory", "reference_engine", "sglang_engine", "megatron_trainer_factory",
+    "determinism_snapshot", "miles_record", "ray_cluster", "miles_ray_session", "deterministic_env"})
+CHECK_MARKERS = frozenset({*GPU_CLASSES, "gpu", "gpus", "min_gpu_memory", "ray_gpus", "miles_precision"})
+
+
+def _mark_check(item: pytest.Item) -> None:
+    from .report import CHECK_TEST
+
+    module = getattr(getattr(item, "module", None), "__name__", "")
+    if (CHECK_FIXTURES & set(getattr(item, "fixturenames", ())) or module.startswith("pytest_miles.suite")
+            or any(m.name in CHECK_MARKERS for m in item.iter_markers())):
+        item.user_properties.append((CHECK_TEST, item.nodeid))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Helpers running in this test record into its report lines and read its settings."""
+    from . import recording
+    from .report import KEY
+
+    st = state(item.config)
+
+    def record(check: str, outcome: str, figures: dict, duration: float) -> None:
+        item.user_properties.append((KEY, {"check": check, "outcome": outcome, "figures": figures,
+                                           "duration": round(duration, 3), "source": "helper",
+                                           "reason": str(figures.pop("message", ""))[:20000]}))
+
+    token = recording.CURRENT.set(recording.Recorder(
+        record=record, setting=st.setting, progress=st.progress.callback,
+        report_path=st.setting("report") or st.setting("report_html")))
+    try:
+        result = yield
+    finally:
+        recording.CURRENT.reset(token)
+        st.progress.finish()
+    from .fixtures import SNAPSHOT_DEFERRED
+
+    deferred = item.stash.get(SNAPSHOT_DEFERRED, None)
+    if deferred:  # snapshot checks that skipped ran all; the test skips (or fails) now, naming each
+        deferred.raise_outcome()
+    return result
+
+
+
 def _precision_skip(item: pytest.Item) -> None:
     mark = item.get_closest_marker("miles_precision")
     if mark is None:
@@ -175,19 +250,30 @@ class ReportHooks:
         self.touched: set[tuple[str, str]] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.user_properties:
-            st = state(self.config)
-            before = len(st.collector.entries)
-            st.collector.add_report(report)
-            self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
-            path = st.setting("report")
-            if path and len(st.collector.entries) > before and not hasattr(self.config, "workerinput"):
-                try:  # checked at configure; a folder removed since must not abort the session
-                    st.collector.write(path, st.fingerprint.to_json(), complete=False)
-                except OSError as exc:
-                    import warnings
+        st = state(self.config)
+        added = st.collector.add_report(report)
+        self.touched.update(tuple(v) for k, v in report.user_properties if k == "miles_snapshot")
+        if added and not hasattr(self.config, "workerinput"):
+            try:  # checked at configure; a folder removed since must not abort the session
+                self._write(st, complete=False)
+            except OSError as exc:
+                import warnings
 
-                    warnings.warn(f"--miles-report {path}: cannot be written ({exc.strerror or exc})", stacklevel=1)
+                warnings.warn(f"--miles-report: cannot be written ({exc.strerror or exc})", stacklevel=1)
+
+    def _write(self, st, complete: bool) -> list[str]:
+        written = []
+        path = st.setting("report")
+        if path:
+            st.collector.write(path, st.fingerprint.to_json(), complete=complete)
+            written.append(str(path))
+        html = st.setting("report_html")
+        if html and complete:
+            from .report_html import write_html
+
+            write_html(html, st.collector.to_json(st.fingerprint.to_json()), st.hardware)
+            written.append(str(html))
+        return written
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         st = state(self.config)
@@ -198,10 +284,9 @@ class ReportHooks:
                 terminalreporter.write_line(line)
         if self.touched and not hasattr(self.config, "workerinput"):
             self._unused(terminalreporter, st)
-        path = st.setting("report")
-        if path and not hasattr(self.config, "workerinput"):
-            st.collector.write(path, st.fingerprint.to_json())
-            terminalreporter.write_line(f"pytest-miles report written to {path}")
+        if not hasattr(self.config, "workerinput"):
+            for path in self._write(st, complete=True):
+                terminalreporter.write_line(f"pytest-miles report written to {path}")
 
     def _unused(self, terminalreporter, st) -> None:
         from .snapshots import SnapshotStore

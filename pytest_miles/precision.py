@@ -188,7 +188,8 @@ def precision_matrix(gpu: str | Hardware | None = None) -> list:
                 reason = unsupported_on(cell.formats, hw)
                 if reason:
                     marks.append(pytest.mark.skip(reason=reason))
-            params.append(pytest.param(cell, id=cell.id, marks=marks))
+            # An invalid cell is a check that the combination is refused: its id says so.
+            params.append(pytest.param(cell, id=cell.id if cell.valid else f"{cell.id}-rejected", marks=marks))
     return params
 
 

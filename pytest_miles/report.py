@@ -1,16 +1,28 @@
 """The determinism report: what each check measured, collected from test reports (so it works
 under pytest-xdist: workers attach records to their reports, the controller merges them),
-printed as a terminal summary section and written as JSON with --miles-report."""
+printed as a terminal summary section and written as JSON with --miles-report (and as one
+self-contained HTML file with --miles-report-html, see report_html).
+
+A "determinism check" is a line recorded by a test (`miles_record`), by an `assert_*` helper
+running inside a test (pytest_miles.recording), or, when a test that uses a pytest-miles
+fixture or marker recorded nothing (it skipped, xfailed or failed before its helper ran), the
+test itself, with pytest's reason. So a skipped check is never missing from the report.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 KEY = "miles_check"
+CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
+SCHEMA = "pytest-miles/report"
+SCHEMA_VERSION = 2
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
 
 
 @dataclass
@@ -19,40 +31,111 @@ class Entry:
     check: str
     outcome: str
     figures: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    reason: str = ""
+    source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
+
+
+def _outcome(report) -> str:
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if report.outcome == "skipped" else "xpassed"
+    if report.outcome == "failed" and report.when != "call":
+        return "error"
+    return report.outcome
+
+
+def _reason(report) -> str:
+    if hasattr(report, "wasxfail"):
+        return str(report.wasxfail)
+    longrepr = report.longrepr
+    if longrepr is None:
+        return ""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:  # a skip: (path, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(getattr(longrepr, "reprcrash", None), "message", None)
+    return str(crash if crash is not None else longrepr).splitlines()[0][:300] if str(longrepr) else ""
+
+
+@dataclass
+class _Pending:
+    name: str | None = None
+    entries: list[Entry] = field(default_factory=list)
+    outcome: str = "passed"
+    reason: str = ""
+    duration: float = 0.0
 
 
 @dataclass
 class Collector:
     entries: list[Entry] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+    pending: dict[str, _Pending] = field(default_factory=dict)
 
-    def add_report(self, report) -> None:
+    def add_report(self, report) -> bool:
+        """Feed one phase's report; True when entries were added (the JSON is then rewritten)."""
+        p = self.pending.setdefault(report.nodeid, _Pending())
+        p.duration += getattr(report, "duration", 0.0) or 0.0
+        props = getattr(report, "user_properties", ())
+        for name, value in props:
+            if name == CHECK_TEST:
+                p.name = value
+        outcome = _outcome(report)
+        if outcome != "passed" and p.outcome == "passed":
+            p.outcome, p.reason = outcome, _reason(report)
+        before = len(self.entries)
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            for name, value in getattr(report, "user_properties", ()):
+            for name, value in props:
                 if name == KEY:
-                    outcome = report.outcome
-                    if hasattr(report, "wasxfail"):  # a known limitation (XFAIL) or its unexpected pass (XPASS)
-                        outcome = "xfailed" if report.skipped else "xpassed"
-                    self.entries.append(Entry(report.nodeid, value["check"], outcome, value.get("figures", {})))
+                    own = value.get("outcome")
+                    e = Entry(report.nodeid, value["check"], own or outcome, value.get("figures", {}),
+                              float(value.get("duration", report.duration) or 0.0),
+                              value.get("reason") or ("" if own else _reason(report)), value.get("source", "record"))
+                    p.entries.append(e)
+                    self.entries.append(e)
+        if report.when == "teardown":
+            self.pending.pop(report.nodeid, None)
+            if p.name and not p.entries:
+                e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test")
+                p.entries.append(e)
+                self.entries.append(e)
+        return len(self.entries) > before
+
+    def totals(self) -> dict[str, int]:
+        counts = {o: sum(e.outcome == o for e in self.entries) for o in OUTCOMES}
+        return {"checks": len(self.entries), **counts}
 
     def lines(self) -> list[str]:
         out = []
-        width = max((len(e.check) for e in self.entries), default=10)
+        width = min(max((len(e.check) for e in self.entries), default=10), 70)
         for e in self.entries:
-            figures = ", ".join(f"{k}={v}" for k, v in e.figures.items())
-            out.append(f"{e.outcome.upper():8} {e.check:{width}}  {figures}")
-        counts = {o: sum(e.outcome == o for e in self.entries) for o in ("passed", "failed", "skipped", "xfailed",
-                                                                          "xpassed")}
-        known = "".join(f", {counts[o]} {o}" for o in ("xfailed", "xpassed") if counts[o])
-        out.append(f"{len(self.entries)} determinism checks: {counts['passed']} passed, {counts['failed']} failed, "
-                   f"{counts['skipped']} skipped{known}")
+            figures = ", ".join(f"{k}={_short(v)}" for k, v in e.figures.items() if k != "message")
+            why = f"  ({_short(e.reason.splitlines()[0], 160)})" if e.reason and e.outcome != "passed" else ""
+            out.append(f"{e.outcome.upper():8} {e.check:{width}} {e.duration_s:7.2f}s  {figures}{why}")
+        t = self.totals()
+        out.append(f"{t['checks']} determinism checks: " + ", ".join(f"{t[o]} {o}" for o in OUTCOMES
+                                                                  if t[o] or o in ("passed", "failed", "skipped")))
         return out
+
+    def to_json(self, fingerprint: dict[str, Any], complete: bool = True) -> dict[str, Any]:
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": complete,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "duration_s": round(time.time() - self.started, 3), "totals": self.totals(),
+                "fingerprint": fingerprint, "checks": [vars(e) for e in self.entries]}
 
     def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:
         """Atomic write. Written after every check too (complete=False), so that a run killed by
         a CI timeout still leaves the figures of every check it finished."""
-        data = {"fingerprint": fingerprint, "complete": complete,
-                "checks": [vars(e) for e in self.entries]}
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(self.to_json(fingerprint, complete), indent=1, default=str))
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -110,17 +110,40 @@ def first_difference(a: Any, b: Any, path: str = "") -> str | None:
 # ---- configurations ------------------------------------------------------------------------
 
 
+# Packages whose version decides bits. Not ray: it places processes, it computes nothing.
+KEY_PACKAGES = ("torch", "sglang", "sglang-kernel", "sgl-kernel", "flashinfer-python", "megatron-core",
+                "transformer-engine", "triton")
+
+
+def cpu_key(cpu: str | None) -> str | None:
+    """The part of a CPU description that decides the bits of a CPU run: the vendor (MKL takes other
+    code paths on AMD than on Intel), the vector level ATen dispatches its kernels on (default /
+    avx2 / avx512: the vector width sets the reduction order) and the bf16 matmul unit oneDNN uses
+    (amx_tile, avx512_bf16). Not the model name or stepping, not other ISA flags: the same
+    dispatch runs the same kernels."""
+    if not cpu:
+        return None
+    name, _, flags = cpu.partition(" [")
+    flags_set = set(flags.rstrip("]").split())
+    vendor = "Intel" if "Intel" in name else "AMD" if "AMD" in name else name.split(" ")[0] or "unknown"
+    level = "avx512" if "avx512f" in flags_set else "avx2" if "avx2" in flags_set else "default"
+    bf16 = "amx" if "amx_tile" in flags_set else "avx512_bf16" if "avx512_bf16" in flags_set else "no bf16 unit"
+    return f"{vendor} {level}, {bf16}"
+
+
 def configuration(fingerprint: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    """Flat dict of the fields that decide bitwise results."""
+    """Flat dict of the fields that decide bitwise results, and nothing else (not Ray's presence,
+    not the CPU on GPU runs, not ISA flags the kernels do not dispatch on)."""
     flat: dict[str, Any] = {}
     for key in ("gpu_name", "gpu_capability", "gpu_count", "driver", "cuda_runtime", "cudnn", "nccl"):
         flat[key] = fingerprint.get(key)
-    for k, v in (fingerprint.get("packages") or {}).items():
-        flat[f"packages.{k}"] = v
+    packages = fingerprint.get("packages") or {}
+    for k in KEY_PACKAGES:
+        flat[f"packages.{k}"] = packages.get(k)
     for k, v in (fingerprint.get("env") or {}).items():
         flat[f"env.{k}"] = v
     if not fingerprint.get("gpu_name") and fingerprint.get("cpu"):  # CPU runs: the CPU decides the bits
-        flat["cpu"] = fingerprint["cpu"]
+        flat["cpu"] = cpu_key(fingerprint["cpu"])
     for k, v in config.items():
         flat[f"config.{k}"] = v
     return flat
@@ -130,10 +153,13 @@ def config_digest(conf: dict[str, Any]) -> str:
     return digest_of(conf)[:16]
 
 
-def diagnose(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`cuDNN 9.19.0 -> 9.10.0 (likely cause: ...)` for every field that differs."""
+def diagnose(recorded: dict[str, Any], current: dict[str, Any], key_fields_only: bool = False) -> list[str]:
+    """`cuDNN 9.19.0 -> 9.10.0 (likely cause: ...)` for every field that differs. With
+    `key_fields_only`, fields an older record keeps but today's key leaves out (packages.ray)
+    are not differences."""
     out = []
-    for key in sorted(set(recorded) | set(current)):
+    keys = set(current) if key_fields_only else set(recorded) | set(current)
+    for key in sorted(keys):
         a, b = recorded.get(key), current.get(key)
         if a != b:
             label = LABELS.get(key, key)
@@ -147,7 +173,7 @@ def diagnose(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
 @dataclass
 class Outcome:
-    status: str  # "recorded" | "passed" | "failed" | "different configuration" | "missing"
+    status: str  # recorded | passed | passed (other configuration) | failed | different configuration | missing
     message: str
 
 
@@ -261,13 +287,8 @@ class SnapshotStore:
                 others = [(len(diagnose(c["fingerprint"], conf)), k, c) for k, c in confs.items()
                           if record_id in c.get("records", {})]
                 if others:
-                    _, k, c = min(others, key=lambda o: o[0])
-                    same = c["records"][record_id]["digest"] == digest
-                    lines = diagnose(c["fingerprint"], conf)
-                    return Outcome("different configuration",
-                                   f"{record_id} in {path}: different configuration: " + "; ".join(lines)
-                                   + f" (values {'equal' if same else 'differ'}: record {c['records'][record_id]['digest'][:16]}"
-                                   f" vs this run {digest[:16]})")
+                    others = [(len(diagnose(c["fingerprint"], conf, key_fields_only=True)), k, c) for _, k, c in others]
+                    return self._other_configuration(path, record_id, form, digest, conf, others)
                 return Outcome("missing", f"{record_id}: no record in {path}; run with --miles-snapshot-update "
                                           "to write it")
             if rec is not None and rec["digest"] != digest and not (self.update or self.regen_all):
@@ -279,6 +300,25 @@ class SnapshotStore:
             mine["records"][record_id] = {"kind": kind, "digest": digest, "value": form if small else None}
             self._write(path, data)
             return Outcome("recorded", f"{record_id}: recorded digest {digest[:16]} in {path}")
+
+    def _other_configuration(self, path: Path, record_id: str, form: Any, digest: str, conf: dict[str, Any],
+                             others: list) -> Outcome:
+        """No record for this configuration, one for another: compare it anyway. Equal values pass
+        (with a note naming the other configuration); different ones are reported with each
+        differing field and its likely cause (the caller skips or fails, by option)."""
+        same = [o for o in others if o[2]["records"][record_id]["digest"] == digest]
+        _, key, c = min(same or others, key=lambda o: o[0])
+        rec = c["records"][record_id]
+        fields = "; ".join(diagnose(c["fingerprint"], conf, key_fields_only=True)) or "no field differs"
+        if same:
+            return Outcome("passed (other configuration)",
+                           f"{record_id}: equal to the record of another configuration ({key}: {fields}); "
+                           f"digest {digest[:16]}")
+        where = first_difference(rec["value"], form) if rec.get("value") is not None else "not recorded (too large)"
+        return Outcome("different configuration",
+                       f"{record_id} in {path}: only another configuration ({key}) has a record, and this run's "
+                       f"value differs from it (record {rec['digest'][:16]} vs this run {digest[:16]}; first "
+                       f"difference {where}). Differing fields: {fields}")
 
     def all_records(self) -> set[tuple[str, str]]:
         """(file, record id) of every record under the root, for the unused-records listing."""

@@ -131,6 +131,10 @@ def test_probe(ray_cluster, tmp_path):
                               timeout=15)
     msg = str(info.value)
     assert "did not reach 1 of 2" in msg and f"node {node_b.node_id[:8]}" in msg and "no answer within 15 s" in msg
+
+
+def test_the_node_added_by_a_test_is_gone_after_it(ray_cluster):
+    assert len(ray_cluster.nodes()) == 1, ray_cluster.nodes()
 """
 
 
@@ -138,7 +142,7 @@ def test_a_worker_that_dies_as_it_starts_fails_the_probe_in_bounded_time(pyteste
     # In its own session: Ray keeps retrying to start that worker, which would slow later tests.
     pytester.makepyfile(DIES_AS_IT_STARTS)
     result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=200)
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
 
 
 def test_engine_as_ray_actor_matches_the_local_engine(ray_cluster, tiny_model_dir, tmp_path):

@@ -49,19 +49,64 @@ def test_changed_value_fails_with_first_difference(pytester):
     pytester.runpytest().assert_outcomes(passed=1)
 
 
-def test_other_cudnn_is_a_different_configuration(pytester):
-    write_tests(pytester)
-    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+def _as_if_recorded_with_other_cudnn(pytester):
     path = snapshot_file(pytester)
     data = json.loads(path.read_text())
     (key, conf), = data["configurations"].items()
     conf["fingerprint"]["cudnn"] = "9.19.0"  # as if recorded on the GPU host
     data["configurations"] = {config_digest(conf["fingerprint"]): conf}
     path.write_text(json.dumps(data))
-    result = pytester.runpytest("-rs")
-    result.assert_outcomes(skipped=1)
-    result.stdout.fnmatch_lines(["*different configuration: cuDNN 9.19.0 -> * (Hashes match locally but not on a "
-                                 "different machine: cuDNN version mismatch) (values equal*"])
+
+
+def test_other_configuration_with_equal_values_passes_with_a_note(pytester):
+    write_tests(pytester)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    _as_if_recorded_with_other_cudnn(pytester)
+    out = pytester.path / "r.json"
+    result = pytester.runpytest(f"--miles-report={out}")
+    result.assert_outcomes(passed=1)
+    notes = [c["figures"].get("note") for c in json.loads(out.read_text())["checks"]]
+    assert len(notes) == 2
+    assert all("equal to the record of another configuration" in n and "cuDNN 9.19.0 -> None" in n for n in notes)
+
+
+@pytest.mark.parametrize("mode", ["skip", "fail"])
+def test_other_configuration_with_other_values_names_each_field_after_every_check_ran(pytester, mode):
+    pytester.makepyfile(test_snap="""
+        VALUES = [1.0]
+
+        def test_rollout(determinism_snapshot, miles_record):
+            determinism_snapshot.check("tokens", VALUES)
+            determinism_snapshot.check("logprobs", VALUES)
+            miles_record("after both checks")
+    """)
+    pytester.runpytest("--miles-snapshot-update").assert_outcomes(passed=1)
+    _as_if_recorded_with_other_cudnn(pytester)
+    (pytester.path / "test_snap.py").write_text((pytester.path / "test_snap.py").read_text().replace("[1.0]", "[2.0]"))
+    out = pytester.path / "r.json"
+    result = pytester.runpytest("-rs", f"--miles-snapshot-other-config={mode}", f"--miles-report={out}")
+    result.assert_outcomes(**{"skipped" if mode == "skip" else "failed": 1})
+    result.stdout.fnmatch_lines(["*snapshot tokens, logprobs: only another configuration has a record, and this "
+                                 "run's value differs from it*"])
+    text = result.stdout.str()
+    for name in ("tokens", "logprobs"):
+        assert f"test_rollout::{name} in" in text
+    assert "cuDNN 9.19.0 -> None (Hashes match locally but not on a different machine: cuDNN version mismatch)" in text
+    checks = {c["check"]: c["outcome"] for c in json.loads(out.read_text())["checks"]}
+    assert checks["after both checks"] == ("skipped" if mode == "skip" else "failed")  # the test went on
+
+
+def test_configuration_holds_what_decides_bits_only():
+    from pytest_miles.snapshots import configuration
+
+    base = {"gpu_name": None, "packages": {"torch": "2.13.0", "ray": None},
+            "cpu": "AMD EPYC 7B13 [avx2 avx512f avx512_bf16]", "env": {"NCCL_ALGO": "Ring"}}
+    with_ray = {**base, "packages": {"torch": "2.13.0", "ray": "2.60.0"}}
+    other_model = {**base, "cpu": "AMD EPYC 9654 [avx2 avx512f avx512_bf16]"}
+    assert configuration(base, {}) == configuration(with_ray, {}) == configuration(other_model, {})
+    assert configuration(base, {}) != configuration({**base, "cpu": "AMD EPYC [avx2]"}, {})  # ATen dispatch differs
+    gpu = {**base, "gpu_name": "NVIDIA H100"}
+    assert "cpu" not in configuration(gpu, {})  # GPU runs: the CPU does not decide the bits
 
 
 def test_diagnosis_names_the_seed_causes():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines.base import Output, SamplingParams
+from ..recording import recorded
 from .witness import engine_settings, radix_cache_witness
 
 MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
@@ -290,6 +291,7 @@ def judge_report(engine, report: InvarianceReport, capabilities=None) -> Invaria
     return judge(report, cap)
 
 
+@recorded("batch invariance", settings={"trials": "trials"}, progress=True)
 def assert_batch_invariant(engine, mode: str = "single", trials: int = 10, *, capabilities=None,
                            **kwargs: Any) -> InvarianceReport:
     """Raise AssertionError with the full report unless every item matches its reference bitwise,
@@ -300,14 +302,26 @@ def assert_batch_invariant(engine, mode: str = "single", trials: int = 10, *, ca
     return judge_report(engine, report, capabilities)
 
 
+@recorded("negative control (must fail)", settings={"trials": "trials"}, progress=True)
 def negative_control(engine, mode: str = "single", trials: int = 10, **kwargs: Any) -> InvarianceReport:
     """The same check on an engine with determinism off: it must FAIL, or a pass means nothing.
 
     Raises AssertionError when the check cannot fail on this engine."""
     report = check_batch_invariance(engine, mode, trials, **kwargs)
     if report.passed:
-        raise AssertionError(
-            f"negative control: [{mode}] passed on {report.engine} with determinism off, so a pass of this "
-            f"check does not show determinism here (the check cannot fail on this stack)\n{report.render()}")
+        raise AssertionError(f"negative control: [{mode}] passed on {_described(engine, report.engine)}, so "
+                             f"a pass of this check does not show determinism here\n{report.render()}")
     report.notes.append("the check can fail here: it caught the non-invariant engine")
     return report
+
+
+def _described(engine, name: str) -> str:
+    """What the engine was: a negative control passed on an engine whose determinism was on says
+    so (the wrong engine was given), rather than claiming determinism was off."""
+    on = getattr(engine, "deterministic", getattr(engine, "batch_invariant", None))
+    if on:
+        return (f"{name}, an engine with its deterministic / batch-invariant mode ON (a negative control "
+                "needs one with it off, e.g. engine_factory(kind, deterministic=False))")
+    if on is None:
+        return f"{name} (it does not say whether its deterministic mode is on)"
+    return f"{name} with determinism off (the check cannot fail on this stack: tiny models hide batch variance)"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..recording import recorded
 from .layouts import CheckpointError, Entry, Item, Layout, load_layout
 from .safe_io import SafeFile, read_bytes, read_text
 from .unpickle import LazyTensor, materialize
@@ -442,6 +443,7 @@ def _short(v: Any) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+@recorded("checkpoints equal")
 def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, ignore: tuple[str, ...] | list[str] = (),
                              first: bool = False, iterations: str | None = None) -> Any:
     """Raise AssertionError with the full report unless every tensor and value is bitwise equal.

@@ -17,6 +17,7 @@ from typing import Any
 from ..engines.model import TinyConfig, TinyDecoder, init_weights
 from ..precision import validate_precision_config
 from ..quantize import fake_quant
+from ..recording import recorded
 
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight", "lm_head.weight")
@@ -139,6 +140,7 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
     return DriftReport(rollout, train, float(diff.mean()), float(diff.max()), float(kl), int(diff.numel()), gemm)
 
 
+@recorded("logprob drift")
 def assert_logprob_drift(rollout: str, train: str, *, max_abs_diff: float | None = None, **kwargs: Any) -> DriftReport:
     """Unified cells must drift exactly 0.0; others must stay under `max_abs_diff` when given."""
     if max_abs_diff is not None:  # NaN would make every comparison false: the check would pass vacuously

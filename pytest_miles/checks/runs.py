@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..recording import recorded
 from .checkpoints import compare_checkpoints
 
 
@@ -49,6 +50,7 @@ def runs_difference(a: Any, b: Any, *, label_a: str = "A", label_b: str = "B",
     return f"runs differ ({label_a} vs {label_b}, steps {common[0]}..{common[-1]} compared):\n" + "\n".join(lines)
 
 
+@recorded("runs bitwise equal")
 def assert_runs_bitwise_equal(run_a: Any, run_b: Any) -> None:
     """Losses and grad norms equal bit for bit at every common step; checkpoints at common steps equal."""
     diff = runs_difference(run_a, run_b)
@@ -56,6 +58,7 @@ def assert_runs_bitwise_equal(run_a: Any, run_b: Any) -> None:
         raise AssertionError(diff)
 
 
+@recorded("resume equivalent")
 def assert_resume_equivalent(trainer_factory, steps: int, workdir: str | Path, **trainer_kwargs: Any) -> tuple:
     """N steps straight vs N/2 steps, save, resume in a fresh process, N/2 more: the final
     checkpoints must be bitwise equal, and so must the losses of the resumed steps."""

@@ -206,12 +206,29 @@ class RayCluster:
         while time.monotonic() < deadline:
             new = [n for n in self.nodes() if n.node_id not in before]
             if new:
+                proc.miles_node_id = new[0].node_id  # type: ignore[attr-defined]  (for remove_node)
                 return new[0]
             if proc.poll() is not None:
                 raise ClusterError(f"ray start --address {self.address} exited with code {proc.returncode}:\n"
                                    f"{tail(log)}")
             time.sleep(0.2)
         raise ClusterError(f"the new node did not join {self.address} within {self.timeout:g} s:\n{tail(log)}")
+
+    def remove_node(self, node: NodeInfo) -> None:
+        """Stop a raylet add_node() started and wait (bounded) until the cluster no longer lists it,
+        so a test's extra node does not leak into later tests."""
+        for i, (proc, _) in enumerate(self._procs):
+            if i > 0 and getattr(proc, "miles_node_id", None) == node.node_id:
+                if proc.poll() is None:
+                    kill_tree(proc.pid, timeout=5)
+                    proc.wait(timeout=10)
+                del self._procs[i]
+                break
+        else:
+            raise ClusterError(f"remove_node: node {node.node_id[:8]} was not added by this pytest-miles cluster")
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline and any(n.node_id == node.node_id for n in self.nodes()):
+            time.sleep(0.2)
 
     def require(self, *, gpus: int = 0) -> None:
         """Skip the calling test when the cluster lacks what it needs."""

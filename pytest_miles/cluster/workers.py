@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..recording import recorded
 from .ray_cluster import ClusterError, NodeInfo, RayCluster
 
 RuntimeEnv = Mapping[str, Any] | Callable[[NodeInfo], Mapping[str, Any] | None] | None
@@ -176,6 +177,7 @@ def disagreement_report(results: list[WorkerResult], what: str = "the computatio
     return "\n".join(lines)
 
 
+@recorded("same across workers")
 def assert_same_across_workers(results: list[WorkerResult], what: str = "the computation") -> None:
     """Every worker answered, with bitwise the same value (digest of the canonical form)."""
     __tracebackhide__ = True
@@ -187,6 +189,7 @@ def assert_same_across_workers(results: list[WorkerResult], what: str = "the com
         raise AssertionError(report)
 
 
+@recorded("env propagated")
 def assert_env_propagated(cluster: RayCluster, env: Mapping[str, str] | None = None, *,
                           runtime_env: RuntimeEnv = "default", per_gpu: bool | None = None,
                           timeout: float | None = None) -> list[WorkerResult]:

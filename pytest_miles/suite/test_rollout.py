@@ -11,8 +11,6 @@ not applicable or vacuous, never counted as passes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from pytest_miles.capabilities.verdict import NotApplicable
@@ -42,7 +40,7 @@ def suite_engine(engine_factory, miles_settings):
 
 
 @pytest.mark.parametrize("mode", ["single", "needle"])
-def test_negative_control(engine_factory, miles_settings, miles_record, mode, tmp_path_factory, request):
+def test_negative_control(engine_factory, miles_settings, miles_record, mode, miles_artefact_dir, request):
     """Greedy, determinism off: the check must catch the engine here, or a pass of the positive
     check shows nothing on this shape/backend (it is then reported as vacuous, not as a pass)."""
     require("torch", "torch")
@@ -54,10 +52,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, tm
     request.config.stash.setdefault(NEGATIVE, {})[mode] = (caught, where)
     from pytest_miles.plot import plot_deviation
 
-    report_path = miles_settings("report")
-    target = (Path(report_path).with_suffix(f".negative-control-{mode}.png") if report_path
-              else tmp_path_factory.getbasetemp() / f"miles-negative-control-{mode}.png")
-    png = plot_deviation(report.max_logprob_deviation, target,
+    png = plot_deviation(report.max_logprob_deviation, miles_artefact_dir / f"negative-control-{mode}.png",
                          f"negative control [{mode}] on {report.engine} ({where}): determinism off, greedy")
     deviations = ", ".join(f"bs {k}: {v:.3g}" for k, v in sorted(report.max_logprob_deviation.items()))
     miles_record(f"negative control [{mode}] on {report.engine} {where} (determinism off, greedy)",
@@ -72,8 +67,9 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, tm
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, request):
-    verbose = request.config.get_verbosity() > 0
-    progress = (lambda d, t: print(f"\r  {mode}: trial {d}/{t}", end="", flush=True)) if verbose else None
+    from pytest_miles.recording import progress_callback
+
+    progress = progress_callback(f"rollout batch invariance [{mode}]")  # a terminal line; quiet in CI logs and -q
     params = None
     if mode == "p_vs_d":  # long enough to reproduce the known decode-vs-prefill gap (capability data)
         params = SamplingParams(temperature=0.0, max_new_tokens=100)

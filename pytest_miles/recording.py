@@ -1,0 +1,129 @@
+"""The light hook between the assert_* helpers and the determinism report.
+
+The plugin sets a "current recorder" for the duration of each test's call phase; a helper
+decorated with `@recorded(...)` records its outcome, figures and duration into it, fills in
+unset arguments from the session's settings (`--miles-trials` for `trials`) and gets a
+progress callback. Outside pytest (a plain `python3` script, Miles-style) there is no
+recorder and every function here is a no-op, so the helper modules import no pytest.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+MESSAGE_LINES = 40  # failure messages shown by pytest are capped to this many lines
+
+
+@dataclass
+class Recorder:
+    """What the plugin offers a test: where records go, the settings, a progress line."""
+
+    record: Callable[[str, str, dict[str, Any], float], None]
+    setting: Callable[[str], Any] = lambda name: None
+    progress: Callable[[str], Callable[[int, int], None] | None] = lambda check: None
+    report_path: str | None = None
+
+
+CURRENT: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("pytest_miles_recorder", default=None)
+
+
+def current() -> Recorder | None:
+    return CURRENT.get()
+
+
+def record(check: str, outcome: str, figures: dict[str, Any] | None = None, duration: float = 0.0) -> None:
+    """Put a line in the determinism report of the running test; nothing outside pytest."""
+    rec = CURRENT.get()
+    if rec is not None:
+        rec.record(check, outcome, dict(figures or {}), duration)
+
+
+def setting(name: str, default: Any) -> Any:
+    """The session's value of a pytest-miles setting inside a test, else `default`."""
+    rec = CURRENT.get()
+    value = rec.setting(name) if rec is not None else None
+    return default if value is None else value
+
+
+def progress_callback(check: str) -> Callable[[int, int], None] | None:
+    """A progress line for a long check run by hand (not through an assert_* helper)."""
+    rec = CURRENT.get()
+    return rec.progress(check) if rec is not None else None
+
+
+def cap_message(text: str, where: str | None = None, lines: int = MESSAGE_LINES) -> str:
+    """First `lines` lines of a long failure message + how many were left out + where the full text is."""
+    parts = text.splitlines()
+    if len(parts) <= lines:
+        return text
+    rec = CURRENT.get()
+    where = where or (rec.report_path if rec is not None else None)
+    tail = f"... {len(parts) - lines} more lines"
+    tail += f"; the full message is in the determinism report {where}" if where else \
+        " (pass --miles-report PATH to keep the full message)"
+    return "\n".join(parts[:lines] + [tail])
+
+
+def _figures(result: Any) -> dict[str, Any]:
+    """Small scalar figures from a helper's returned report (its to_json(), when it has one)."""
+    data = result.to_json() if hasattr(result, "to_json") else None
+    if not isinstance(data, dict):
+        return {}
+    # not the report's own `passed` (the outcome column says it; for a negative control it would be False)
+    return {k: v for k, v in data.items() if k != "passed" and (isinstance(v, (int, float, str, bool)) or v is None)}
+
+
+def recorded(check: str, settings: dict[str, str] | None = None, progress: bool = False) -> Callable:
+    """Decorator for an assert_* helper: inside a pytest test, fill arguments the caller left
+    unset from the settings named in `settings` ({argument: setting}), pass a progress callback
+    when the helper takes one, and record the outcome (passed, or failed with the first line of
+    the message), the figures of its returned report and the duration. The full failure message
+    goes to the report; pytest shows it capped."""
+
+    def wrap(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            rec = CURRENT.get()
+            if rec is None:
+                return fn(*args, **kwargs)
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            for arg, name in (settings or {}).items():
+                value = rec.setting(name)
+                if arg not in bound and value is not None:
+                    kwargs[arg] = value
+            mode = bound.get("mode", kwargs.get("mode"))
+            label = f"{check} [{mode}]" if isinstance(mode, str) else check
+            if (progress or "progress" in sig.parameters) and "progress" not in bound:
+                kwargs["progress"] = rec.progress(label)
+            t0 = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            except AssertionError as exc:
+                message = str(exc)
+                rec.record(label, "failed", {"message": message}, time.perf_counter() - t0)
+                capped = cap_message(message)
+                if capped != message:
+                    raise AssertionError(capped) from None
+                raise
+            except Exception as exc:  # a verdict of the capability data, not a failure
+                from .capabilities.verdict import KnownLimitation, NotApplicable
+
+                if isinstance(exc, (KnownLimitation, NotApplicable)):
+                    outcome = "xfailed" if isinstance(exc, KnownLimitation) else "skipped"
+                    rec.record(label, outcome, {"message": str(exc)}, time.perf_counter() - t0)
+                raise
+            rec.record(label, "passed", _figures(result), time.perf_counter() - t0)
+            return result
+
+        return inner
+
+    return wrap
