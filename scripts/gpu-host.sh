@@ -90,7 +90,7 @@ for step in "$@"; do
       cp /tmp/miles-bt-loop/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     caps-triton|caps-flashinfer)  # issue 13: the suite's rollout part, tiny model, CUDA graphs on (2 launches)
       backend=${step#caps-}
-      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang --miles-engine-timeout 420 \
         --miles-attention-backend=$backend -k "test_negative_control or test_batch_invariance" \
         --miles-report "$OUT/caps-$backend.json" --basetemp=/tmp/miles-bt-caps-$backend 2>&1 | tee "$OUT/caps-$backend.log" || rc=1
       cp /tmp/miles-bt-caps-$backend/engine-logs*/*.log "$OUT/" 2>/dev/null
@@ -99,7 +99,7 @@ for step in "$@"; do
     caps-05b-triton|caps-05b-flashinfer)  # issue 13: Qwen2.5-0.5B shape: greedy negative controls (+ cost on triton)
       backend=${step#caps-05b-}
       sel="test_negative_control"; [ "$backend" = triton ] && sel="test_negative_control or test_rollout_cost"
-      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang \
+      timeout 560 $PY -m pytest_miles.cli suite -v -rsxX -p no:randomly --miles-engine=sglang --miles-engine-timeout 420 \
         --miles-attention-backend=$backend --miles-model-shape qwen2.5-0.5b -k "$sel" \
         --miles-report "$OUT/caps-05b-$backend.json" --basetemp=/tmp/miles-bt-05b-$backend 2>&1 | tee "$OUT/caps-05b-$backend.log" || rc=1
       MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "realistic and $backend" -v -s -rs \

@@ -54,7 +54,7 @@ class Cell:
         if version is None:
             return False
         try:
-            return Version(version) in SpecifierSet(self.versions)
+            return SpecifierSet(self.versions).contains(Version(version), prereleases=True)  # dev builds count
         except InvalidVersion:
             return False
 
