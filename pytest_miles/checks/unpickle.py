@@ -149,7 +149,7 @@ class Storage:
     source: Any = field(repr=False)
     offset: int = 0
     nbytes: int = 0
-    dtype: str
+    dtype: str = "uint8"
 
 
 @dataclass
