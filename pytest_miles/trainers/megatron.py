@@ -152,6 +152,9 @@ class MegatronTrainer:
                 "save_dir": str(save_dir) if save_dir else None, "save_steps": save_steps,
                 "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json")}
         (run_dir / "spec.json").write_text(json.dumps(spec))
+        # trainers made by one factory share log_dir (and count launches from 1): a result left by an
+        # earlier trainer's launch must never stand in for this one's
+        (run_dir / "result.json").unlink(missing_ok=True)
         t0 = time.monotonic()
         self._launch(run_dir)
         try:
