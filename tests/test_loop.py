@@ -158,19 +158,41 @@ def test_weight_sync_divergence_reads_the_pushed_weights(straight):
 # ---- the trainer session: errors named, processes die with us ---------------------------------
 
 
-def test_session_command_error_and_teardown(megatron_trainer_factory, tmp_path):
-    from pytest_miles.trainers.megatron import TrainerError
+def test_session_tied_embeddings_match_the_engine_and_errors_are_named(megatron_trainer_factory, tmp_path):
+    """A Qwen2 with tied embeddings through the converter into real megatron-core and back: the
+    trainer's logprobs match the reference engine's before and after a step and weight sync.
+    Then the session's errors: bad arguments named before launch, a failing command with rank
+    0's traceback, and close() ends every rank."""
+    from dataclasses import asdict
 
-    trainer = megatron_trainer_factory(seed=1)
+    from pytest_miles.engines.model import TinyConfig, write_hf_checkpoint
+    from pytest_miles.engines.reference import ReferenceEngine
+    from pytest_miles.trainers.megatron import ModelArgs, TrainerError
+
+    cfg = TinyConfig(tie_word_embeddings=True)
+    init = write_hf_checkpoint(tmp_path / "init", cfg, dtype="float32")
+    trainer = megatron_trainer_factory(seed=1, model=ModelArgs.qwen2(cfg, seq_length=64, rotary_interleaved=True))
     with pytest.raises(TrainerError, match="init_hf .*: no config.json"):
         trainer.session(init_hf=tmp_path)
     with pytest.raises(TrainerError, match="load_dir .*: no latest_checkpointed_iteration.txt"):
         trainer.session(load_dir=tmp_path)
-    session = trainer.session()
+    session = trainer.session(init_hf=init, hf_config=asdict(cfg))
     procs = list(session.procs)
-    with pytest.raises(TrainerError, match="(?s)'export' failed on rank 0:.*no hf_config"):
-        session.export_hf(tmp_path / "out")
-    session.close()
+    try:
+        engine = ReferenceEngine(init, batch_invariant=True)
+        prompt, cont = [5, 6, 7, 8], [9, 10, 11]
+        sample = {"tokens": prompt + cont, "prompt_len": len(prompt)}
+        ref = engine.score(prompt, cont)
+        assert max(abs(a - b) for a, b in zip(ref, session.logprobs([sample])[0])) < 1e-3
+        session.train_step([{**sample, "advantage": 1.0, "old_logprobs": ref},
+                            {**sample, "tokens": prompt + [3, 4, 12], "advantage": -1.0, "old_logprobs": ref}])
+        engine.update_weights_from_disk(session.export_hf(tmp_path / "after"))
+        after = engine.score(prompt, cont)
+        assert after != ref and max(abs(a - b) for a, b in zip(after, session.logprobs([sample])[0])) < 1e-3
+        with pytest.raises(TrainerError, match="(?s)'bogus' failed on rank 0:.*unknown command 'bogus'"):
+            session.call("bogus")
+    finally:
+        session.close()
     assert all(p.poll() is not None for p in procs)
     with pytest.raises(TrainerError, match="session is closed"):
         session.call("ready")

@@ -187,6 +187,9 @@ class MegatronTrainer:
                 "load_dir": str(load_dir) if load_dir else None, "result": str(run_dir / "result.json"),
                 "data_seed_from_step": self.data_seed_from_step}
         (run_dir / "spec.json").write_text(json.dumps(spec))
+        # trainers made by one factory share log_dir (and count launches from 1): a result left by an
+        # earlier trainer's launch must never stand in for this one's
+        (run_dir / "result.json").unlink(missing_ok=True)
         t0 = time.monotonic()
         self._launch(run_dir)
         try:
