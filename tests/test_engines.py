@@ -69,7 +69,7 @@ def test_batched_reference_p_vs_d_fails_and_invariant_passes(batched, invariant)
 def test_negative_control(batched, invariant):
     report = negative_control(batched, "single", trials=4, prompt_len=16)
     assert "the check can fail here" in report.render()
-    with pytest.raises(AssertionError, match="cannot fail on this stack"):
+    with pytest.raises(AssertionError, match="an engine with its deterministic / batch-invariant mode ON"):
         negative_control(invariant, "single", trials=2, prompt_len=16)
 
 
