@@ -207,3 +207,13 @@ def test_first_diverging_iteration_walk_and_cli(tmp_path, capsys):
     assert assert_checkpoints_equal(a, _run(tmp_path / "c", {2: 0, 4: 1}), iterations="all").compared == [2, 4]
     assert main(["compare", str(a / "iter_0000002"), str(b), "--iterations", "all"]) == 2
     assert "no iter_XXXXXXX/ directories" in capsys.readouterr().err
+
+
+def test_departing_run_option_is_validated():
+    """data_seed_from_step=(iteration, seed): the knob the GPU first-diverging-iteration test uses."""
+    from pytest_miles.trainers.megatron import MegatronTrainer, TrainerError
+
+    assert MegatronTrainer(data_seed_from_step=(3, 99)).data_seed_from_step == [3, 99]
+    for bad in ((0, 1), (3,), ("3", 1), (True, 1), 3):
+        with pytest.raises(TrainerError, match=r"data_seed_from_step .*: expected \(iteration >= 1, data seed\)"):
+            MegatronTrainer(data_seed_from_step=bad)

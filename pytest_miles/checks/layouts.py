@@ -63,7 +63,7 @@ class Entry:
 
         if len(self.chunks) == 1 and tuple(self.chunks[0][1]) == tuple(self.shape or ()):
             return self.chunks[0][2].decode().reshape(self.shape or ())
-        out = torch.empty(self.shape or (), dtype=getattr(torch, self.dtype or "float32"))
+        out = torch.zeros(self.shape or (), dtype=getattr(torch, self.dtype or "float32"))
         for offsets, sizes, item in self.chunks:
             part = item.decode()
             out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))] = part.reshape(sizes)
@@ -351,6 +351,10 @@ def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None) 
                         o < 0 or c < 0 or o + c > s for o, c, s in zip(offsets, csize, shape)):
                     raise CheckpointError(f"{meta_path}: entry {fqn!r} chunk {list(offsets)}+{list(csize)} is outside "
                                           f"its tensor {list(shape)}")
+            covered = sum(_numel(c) for _, c in chunks)
+            if covered != _numel(shape):
+                raise CheckpointError(f"{meta_path}: entry {fqn!r}: its chunks hold {covered} of the "
+                                      f"{_numel(shape)} elements of {list(shape)}")
             entry = Entry(fqn, order, "tensor", dtype, shape, where=".metadata")
         for offsets, csize in chunks:
             info = storage.get((fqn, offsets))
