@@ -104,6 +104,11 @@ for step in "$@"; do
         --miles-report "$OUT/caps-05b-$backend.json" --basetemp=/tmp/miles-bt-05b-$backend 2>&1 | tee "$OUT/caps-05b-$backend.log" || rc=1
       MILES_CAPS_REPORTS=$OUT $PY -m pytest tests/gpu/test_gpu_capabilities.py -k "realistic and $backend" -v -s -rs \
         -p no:cacheprovider 2>&1 | tee -a "$OUT/caps-05b-$backend.log" || rc=1 ;;
+    multigpu)  # issue 19, on nvidia-h200-x2: TP/DP 2 over NCCL, SGLang --tp 2, the split loop, leases on 2 GPUs
+      timeout 590 $PY -m pytest tests/gpu/test_gpu_multigpu.py -v -s -rsx -p no:cacheprovider -p no:randomly \
+        --miles-require-gpu --miles-gpu-lease on 2>&1 | tee "$OUT/multigpu.log" || rc=1
+      timeout 300 $PY -m pytest tests/gpu/test_gpu_leases.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
+        2>&1 | tee -a "$OUT/multigpu.log" || rc=1 ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
         2>&1 | tee "$OUT/suite.log" || rc=1 ;;

@@ -30,7 +30,29 @@ class EngineSpec:
 
     @property
     def gpus(self) -> int:
-        return 1 if self.kind.startswith("sglang") or self.device == "cuda" else 0
+        """GPUs this engine holds: SGLang's tensor parallel size (`--tp`, `--tp-size`,
+        `--tensor-parallel-size` in extra_args, or the `tp_size` option) for SGLang engines."""
+        if not (self.kind.startswith("sglang") or self.device == "cuda"):
+            return 0
+        return max(1, _tp_size(self.extra_args, self.options)) if self.kind.startswith("sglang") else 1
+
+
+TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
+
+
+def _tp_size(extra_args: tuple[str, ...], options: dict[str, Any]) -> int:
+    """The tensor parallel size an SGLang command line asks for (the last flag wins, as argparse)."""
+    size = options.get("tp_size", 1)
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        flag, _, value = arg.partition("=")
+        if flag in TP_FLAGS:
+            value = value or (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                size = int(value)
+            except ValueError:
+                raise ValueError(f"SGLang argument {flag}: {value!r} is not an integer tensor parallel size") from None
+    return int(size)
 
 
 def make_engine(spec: EngineSpec):
