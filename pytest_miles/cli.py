@@ -27,7 +27,11 @@ def _doctor(args: argparse.Namespace) -> int:
     except (EnvInputError, ValueError) as exc:
         print(f"pytest-miles doctor: {exc}", file=sys.stderr)
         return 2
-    findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch, gpu=bool(hw.nvidia))
+    # The command is the seed's whole troubleshooting table: a wrong or missing variable fails on any
+    # machine (it is checked for the GPU runs it will reach) unless `--gpu-class none` says there are
+    # none; the pytest header line of a machine without a GPU calls them not applicable.
+    findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch,
+                          gpu=bool(hw.nvidia) if args.gpu_class else True)
     for env, source in run_envs:
         findings += check_run_env(env, source, args.sglang_tp)
     failed = any(f.status == FAIL for f in findings)
