@@ -22,7 +22,8 @@ KEY = "miles_check"
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
 SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 2
-OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
+# "caught": a helper's failure that its test expected and caught (a negative control that worked).
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught")
 
 
 @dataclass
@@ -87,6 +88,8 @@ class Collector:
             for name, value in props:
                 if name == KEY:
                     own = value.get("outcome")
+                    if own == "failed" and report.when == "call" and report.outcome == "passed":
+                        own = "caught"  # a failure the test expected (pytest.raises): its own negative control
                     e = Entry(report.nodeid, value["check"], own or outcome, value.get("figures", {}),
                               float(value.get("duration", report.duration) or 0.0),
                               value.get("reason") or ("" if own else _reason(report)), value.get("source", "record"))

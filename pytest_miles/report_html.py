@@ -15,7 +15,7 @@ from typing import Any
 from .report import write_atomic
 
 COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#c62828", "skipped": "#9e9e9e",
-           "xfailed": "#ef6c00", "xpassed": "#6a1b9a"}
+           "xfailed": "#ef6c00", "xpassed": "#6a1b9a", "caught": "#1565c0"}
 _CELL = re.compile(r"precision rollout=(?P<r>[\w]+)-train=(?P<t>[\w]+)")
 
 

@@ -113,9 +113,38 @@ def test_every_check_appears_with_reason_duration_totals_and_schema(pytester):
     assert skipped["reason"] == "nothing to compare on this stack"
     assert not any(k.endswith("::test_not_a_check") for k in checks)
     assert data["totals"] == {"checks": 5, "passed": 2, "failed": 0, "skipped": 2, "xfailed": 1, "xpassed": 0,
-                              "error": 0}
+                              "error": 0, "caught": 0}
     assert all(isinstance(c["duration_s"], float) for c in data["checks"]) and data["duration_s"] > 0
     result.stdout.fnmatch_lines(["*5 determinism checks: 2 passed, 0 failed, 2 skipped, 1 xfailed*"])
+
+
+def test_a_helper_failure_the_test_expected_is_caught_not_failed(pytester):
+    """A user's negative control (`pytest.raises(AssertionError)` around a helper) is a check that
+    worked: reported `caught`, never `failed`; an uncaught helper failure stays `failed`."""
+    pytester.makepyfile("""
+        import pytest
+        from pytest_miles import assert_checkpoints_equal
+
+        def _pair(tmp_path, flip):
+            from safetensors.numpy import save_file
+            import numpy as np
+            for name, v in (("a", 1.0), ("b", 2.0 if flip else 1.0)):
+                save_file({"w": np.full(4, v, dtype=np.float32)}, str(tmp_path / f"{name}.safetensors"))
+            return tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+
+        def test_negative_control(tmp_path):
+            with pytest.raises(AssertionError):
+                assert_checkpoints_equal(*_pair(tmp_path, flip=True))
+
+        def test_regression(tmp_path):
+            assert_checkpoints_equal(*_pair(tmp_path, flip=True))
+    """)
+    result = pytester.runpytest("--miles-report", "r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    data = json.loads((pytester.path / "r.json").read_text())
+    by_test = {c["nodeid"].split("::")[-1]: c["outcome"] for c in data["checks"]}
+    assert by_test == {"test_negative_control": "caught", "test_regression": "failed"}, data["checks"]
+    assert data["totals"]["caught"] == 1 and data["totals"]["failed"] == 1
 
 
 def test_helpers_record_nothing_and_need_no_pytest_outside_a_test():
