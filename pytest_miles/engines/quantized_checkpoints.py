@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..precision import unsupported_on
-from .model import TinyConfig, write_hf_checkpoint
+from .model import SHAPES, TinyConfig, write_hf_checkpoint
 
 # A shape whose every linear weight dimension is a multiple of 128 (the default tiny model's
 # 64-wide KV projection is not): hidden 256, 2 heads x head_dim 128, 1 KV head, MLP 512.
-TINY128 = TinyConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1)
+TINY128 = SHAPES["tiny128"]  # every linear dim a multiple of 128 (the default tiny model's k_proj is 64 wide)
 
 LINEAR_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                   "up_proj.weight", "down_proj.weight")
