@@ -227,7 +227,6 @@ def pytest_runtest_call(item: pytest.Item):
     return result
 
 
-
 def _precision_skip(item: pytest.Item) -> None:
     mark = item.get_closest_marker("miles_precision")
     if mark is None:
