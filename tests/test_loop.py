@@ -270,3 +270,13 @@ def test_engine_weight_update_refusals_are_named(tmp_path):
             server.update_weights_from_disk(wide)
         server.update_weights_from_disk(b)
         assert server.generate([[5, 6, 7]], params)[0].logprobs != before
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    (None, None, "a: NoneType given"),
+    ([1], [], "a: a list holding int given"),
+    ([], "ab", "b: str given"),
+])
+def test_comparing_something_that_is_not_a_loop_is_named(a, b, expected):
+    with pytest.raises(TypeError, match=expected):
+        assert_loops_bitwise_equal(a, b)

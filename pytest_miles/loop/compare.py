@@ -39,8 +39,16 @@ class Divergence:
                 f"  if it happens {ELSEWHERE}")
 
 
-def _records(x: LoopRun | list[LoopRecord]) -> list[LoopRecord]:
-    return x.records if isinstance(x, LoopRun) else list(x)
+def _records(x: LoopRun | list[LoopRecord], which: str = "argument") -> list[LoopRecord]:
+    if isinstance(x, LoopRun):
+        return x.records
+    records = list(x) if isinstance(x, (list, tuple)) else None
+    if records is None or not all(isinstance(r, LoopRecord) for r in records):
+        given = type(x).__name__ if records is None else \
+            f"a list holding {next(type(r).__name__ for r in records if not isinstance(r, LoopRecord))}"
+        raise TypeError(f"{which}: {given} given; expected a LoopRun (what rl_loop_factory returns) "
+                        "or a list of its LoopRecords")
+    return records
 
 
 def _rollout(ra: LoopRecord, rb: LoopRecord) -> tuple[str, str] | None:
@@ -114,7 +122,7 @@ CHECKS = {"rollout": _rollout, "reward": _reward, "train": _train, "weight_sync"
 
 def first_divergence(a: LoopRun | list[LoopRecord], b: LoopRun | list[LoopRecord]) -> Divergence | None:
     """The first (iteration, stage, item) where the loops differ, or None when bitwise equal."""
-    ra_all, rb_all = _records(a), _records(b)
+    ra_all, rb_all = _records(a, "a"), _records(b, "b")
     for ra, rb in zip(ra_all, rb_all):
         if ra.iteration != rb.iteration:
             raise ValueError(f"records out of step: iteration {ra.iteration} vs {rb.iteration}")
