@@ -136,3 +136,10 @@ def test_trainer_side_scores_the_served_weights_on_cpu(tmp_path):
         ref = [logp[t - 1, s["tokens"][t]].item() for t in range(s["prompt_len"], len(s["tokens"]))]
         assert len(row) == len(ref) == 5
         assert max(abs(a - b) for a, b in zip(row, ref)) < 1e-4, (row, ref)
+
+
+@pytest.mark.parametrize("cell", ["x", None, ("bf16",), ("bf16", 8), ["bf16", "bf16", "bf16"]])
+def test_a_cell_that_is_not_a_cell_is_named(cell, tmp_path):
+    with pytest.raises(ValueError, match=r"cell .*: expected a precision.Cell"):
+        measure_precision_cell(cell, None, None, hardware=None, work_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything is written

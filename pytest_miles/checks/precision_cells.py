@@ -161,7 +161,13 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     from ..engines.quantized_checkpoints import TINY128, write_quantized_checkpoint
     from .drift import measure_logprob_drift
 
-    rollout, train = (cell.rollout, cell.train) if hasattr(cell, "rollout") else cell
+    if hasattr(cell, "rollout") and hasattr(cell, "train"):
+        rollout, train = cell.rollout, cell.train
+    elif isinstance(cell, (tuple, list)) and len(cell) == 2 and all(isinstance(x, str) for x in cell):
+        rollout, train = cell
+    else:
+        raise ValueError(f"cell {cell!r}: expected a precision.Cell (precision_matrix()) or a (rollout, train) "
+                         "pair of format names, e.g. ('fp8_blockwise', 'bf16')")
     check_cell(rollout, train, hardware)
     require_trainer_side()  # before any weights are written or an engine starts
     if sequences < 1 or prompt_len < 1 or max_new_tokens < 1:
