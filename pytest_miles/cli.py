@@ -134,6 +134,15 @@ def _capabilities(args: argparse.Namespace) -> int:
     except CapabilityError as exc:
         print(f"pytest-miles capabilities: {exc}", file=sys.stderr)
         return 2
+    if args.sglang_version is not None:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            Version(args.sglang_version)
+        except InvalidVersion:
+            print(f"pytest-miles capabilities: --sglang-version {args.sglang_version!r}: not a version "
+                  "(PEP 440, e.g. 0.5.17)", file=sys.stderr)
+            return 2
     version = args.sglang_version or installed_sglang_version()
     if args.json:
         rows = []

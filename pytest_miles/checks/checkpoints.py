@@ -578,6 +578,8 @@ def _checkpoint_dir(src: Path) -> Path:
 
 def write_manifest(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write the manifest of `path` to `output` (default: beside the checkpoint, never inside it)."""
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
     src = Path(path).resolve()
     home = _checkpoint_dir(src)
     if output:
