@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..recording import recorded
+from ..report import write_atomic
 from .layouts import CheckpointError, Entry, Item, Layout, load_layout
 from .safe_io import SafeFile, read_bytes, read_text
 from .unpickle import LazyTensor, materialize
@@ -594,10 +595,7 @@ def write_manifest(path: str | os.PathLike, output: str | os.PathLike | None = N
                               "(it would change what is compared); pass -o elsewhere")
     manifest = build_manifest(path)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, out)
+        write_atomic(out, json.dumps(manifest, indent=1, sort_keys=True))
     except OSError as exc:
         raise CheckpointError(f"{out}: cannot write the manifest ({exc.strerror or exc})") from None
     return out

@@ -183,7 +183,7 @@ class ServerEngine:
         read once: what the witnesses and every report show, instead of what we asked for."""
         if getattr(self, "_server_info", None) is None:
             try:
-                with urllib.request.urlopen(self.url + "/get_server_info", timeout=30) as r:
+                with urllib.request.urlopen(self.url + "/get_server_info", timeout=min(30.0, self.request_timeout)) as r:
                     self._server_info = json.loads(r.read())
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise EngineError(f"{self.name} /get_server_info: {exc}") from None
