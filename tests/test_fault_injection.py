@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers.processes import TAG, describe, listening, tagged
+from tests.helpers.processes import TAG, describe, listening, still_held, tagged
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -107,9 +107,13 @@ def _run(sc: Scenario, root: Path) -> Scenario:
         else:
             if proc.poll() is None:
                 raise AssertionError(f"{sc.name}: the session was not ready within 150 s; log:\n{log.read_text()[-3000:]}")
+        if proc.poll() is not None:
+            raise AssertionError(f"{sc.name}: the session ended (exit {proc.returncode}) before its processes were up; "
+                                 f"log:\n{log.read_text()[-3000:]}")
         timeline.append(f"{time.monotonic() - t0:6.1f} s ready")
         procs = tagged(tag)
-        ports = listening({p.pid for p in procs})
+        ours = {p.pid for p in procs}
+        ports = listening(ours)
         sc.result["before"] = len(procs)
         if sc.sig is not None:
             os.kill(proc.pid, sc.sig)
@@ -128,7 +132,10 @@ def _run(sc: Scenario, root: Path) -> Scenario:
             time.sleep(0.2)
             left = tagged(tag)
         timeline.append(f"{time.monotonic() - t0:6.1f} s {len(left)} processes left")
-        sc.result.update(left=describe(left), ports=sorted(ports & listening()), code=proc.returncode,
+        held, reused = still_held(ports, ours, tag)
+        if reused:
+            timeline.append(f"{time.monotonic() - t0:6.1f} s ports let go and since taken by others: {reused}")
+        sc.result.update(left=describe(left), ports=held, code=proc.returncode,
                          output=log.read_text(errors="replace"), timeline=timeline)
     finally:
         if proc.poll() is None:
