@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -171,10 +172,21 @@ def _version() -> str:
     return f"pytest-miles {__version__} (pytest {pytest_version}, python {platform.python_version()})"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, computed when asked for (importlib.metadata costs ~10 ms on every command)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the versions and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        parser.exit(message=_version() + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     common = argparse.ArgumentParser(add_help=False)

@@ -32,7 +32,7 @@ from .unpickle import LazyTensor, materialize
 
 __all__ = ["CheckpointError", "Report", "assert_checkpoints_equal", "compare_checkpoints", "write_manifest"]
 
-CHUNK = 8 * 2**20
+CHUNK = 2 * 2**20  # two of these per worker: stays in cache, measured faster than 8 MiB
 LAYOUT_ONLY = "[layout only]"
 
 
@@ -125,25 +125,26 @@ def _first_diff(fa: SafeFile, fb: SafeFile, oa: int, ob: int, length: int, bufs:
     return None
 
 
-def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event,
-                   first: bool = False) -> list[tuple[Item, Item, bool]]:
+def _compare_group(pairs: list[tuple[Item, Item]], files: tuple[Path, Path], stop: threading.Event,
+                   first: bool = False) -> tuple[int, int, list[tuple[Item, Item, bool]]]:
     """Compare the byte ranges of items that live in one (file A, file B) pair, in file order.
-    Items adjacent on both sides are one run: one read loop for thousands of small tensors."""
+    Items adjacent on both sides are one run: one read loop for thousands of small tensors.
+    Returns (items compared, bytes compared on both sides, the pairs whose bytes differ)."""
     out: list[tuple[Item, Item, bool]] = []
+    count = nbytes = 0
     bufs = (bytearray(CHUNK), bytearray(CHUNK))
-    pairs = sorted(pairs, key=lambda p: p[0].offset)
-    with SafeFile(pairs[0][0].file) as fa, SafeFile(pairs[0][1].file) as fb:
-        i = 0
-        while i < len(pairs) and not stop.is_set():
+    with SafeFile(files[0]) as fa, SafeFile(files[1]) as fb:
+        i, n = 0, len(pairs)
+        while i < n and not stop.is_set():
             a, b = pairs[i]
             if a.length != b.length:
                 out.append((a, b, False))
-                i += 1
+                count, nbytes, i = count + 1, nbytes + a.length + b.length, i + 1
                 if first:
                     stop.set()
                 continue
             j, end_a, end_b = i + 1, a.offset + a.length, b.offset + b.length
-            while j < len(pairs):
+            while j < n:
                 na, nb = pairs[j]
                 if na.offset != end_a or nb.offset != end_b or na.length != nb.length:
                     break
@@ -152,19 +153,37 @@ def _compare_group(pairs: list[tuple[Item, Item]], stop: threading.Event,
             pos = _first_diff(fa, fb, a.offset, b.offset, end_a - a.offset, bufs, stop)
             if pos is None:
                 if not stop.is_set():
-                    out.extend((x, y, True) for x, y in pairs[i:j])
+                    count, nbytes = count + j - i, nbytes + 2 * (end_a - a.offset)
                 i = j
                 continue
             at = a.offset + pos  # items ending before the differing block are equal
             while i < j and pairs[i][0].offset + pairs[i][0].length <= at:
-                out.append((*pairs[i], True))
-                i += 1
+                count, nbytes, i = count + 1, nbytes + 2 * pairs[i][0].length, i + 1
             x, y = pairs[i]  # the item holding the differing block
             same = _first_diff(fa, fb, x.offset, y.offset, x.length, bufs, threading.Event()) is None
-            out.append((x, y, same))
-            i += 1
-            if first and not same:
-                stop.set()  # --first: nothing after the first differing byte range is read
+            count, nbytes, i = count + 1, nbytes + x.length + y.length, i + 1
+            if not same:
+                out.append((x, y, same))
+                if first:
+                    stop.set()  # --first: nothing after the first differing byte range is read
+    return count, nbytes, out
+
+
+def _split(pairs: list[tuple[Item, Item]], parts: int) -> list[list[tuple[Item, Item]]]:
+    """One file pair's items (in file order) cut into about `parts` slices of similar byte size,
+    so that one big file pair is read by every worker (reads release the GIL), not by one."""
+    total = sum(a.length for a, _ in pairs)
+    if parts < 2 or total < 4 * CHUNK * parts:
+        return [pairs]
+    out, cur, acc, step = [], [], 0, total / parts
+    for p in pairs:
+        cur.append(p)
+        acc += p[0].length
+        if acc >= step * (len(out) + 1) and len(out) < parts - 1:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
     return out
 
 
@@ -302,7 +321,8 @@ def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, workers: int 
         report = _compare_with_manifest(a, b, ign, t0)
         report.ignored_unmatched = ign.unmatched()
         return report
-    la, lb = load_layout(a), load_layout(b)
+    la = load_layout(a)
+    lb = load_layout(b, like=la)
     report = compare_layouts(la, lb, str(a), str(b), ign, first, nworkers)
     report.seconds = time.perf_counter() - t0
     return report
@@ -327,16 +347,21 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
     report.notes.extend(f"B: {n}" for n in lb.notes if n not in la.notes)
     diffs = report.differences
     pairs: dict[tuple[Path, Path], list[tuple[Item, Item]]] = {}
-    owner: dict[int, tuple[Entry, Entry]] = {}
+    owner: dict[int, tuple[Entry, Entry | None]] = {}  # None: B's entry is A's, relocated (mirrored)
+    relocate = lb.relocate
     assembled: list[tuple[Entry, Entry]] = []
     assembled_ids: set[int] = set()
     relaid: list[str] = []
     moved: list[str] = []
+    ignoring = bool(ign.patterns)
+    mirrored: list[Entry] = []
     for name in dict.fromkeys([*la.entries, *lb.entries]):
-        if ign(name):
+        if ignoring and ign(name):
             continue
         ea, eb = la.entries.get(name), lb.entries.get(name)
-        if eb is None:
+        if ea is eb:  # B's .metadata mirrors A's: the same entry, read from B's files
+            mirrored.append(ea)
+        elif eb is None:
             diffs.append(Difference("missing", name, f"{name}: in A ({ea.where}) but not in B", ea.order))
         elif ea is None:
             diffs.append(Difference("extra", name, f"{name}: in B ({eb.where}) but not in A", eb.order))
@@ -364,6 +389,14 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
                 owner[id(ia)] = (ea, eb)
                 if ia.file.name != ib.file.name and len(la.entries) > 1:
                     moved.append(f"{ia.key} ({ia.file.name} vs {ib.file.name})")
+    by_file: dict[int, list[tuple[Item, Item]]] = {}  # id(A's file): one Path object per file
+    for ea in mirrored:
+        for _, _, ia in ea.chunks:
+            group = by_file.get(id(ia.file))
+            if group is None:
+                group = by_file[id(ia.file)] = pairs.setdefault((ia.file, relocate[ia.file]), [])
+            group.append((ia, ia))
+            owner[id(ia)] = (ea, None)
     if moved:
         report.notes.append(f"storage placement differs for {len(moved)} item(s), e.g. {moved[0]}: items are "
                             "compared by name, wherever they are stored")
@@ -392,18 +425,20 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
         stop.set()
     unequal: dict[int, tuple[Entry, Entry]] = {}
     if pairs and not stop.is_set():
-        groups = sorted(pairs.values(), key=lambda g: min(p[0].order for p in g))
+        groups = []
+        for files, group in pairs.items():
+            group.sort(key=lambda p: p[0].offset)
+            groups.extend((files, part) for part in _split(group, nworkers if len(pairs) < nworkers else 1))
+        groups.sort(key=lambda g: min(p[0].order for p in g[1]))
         with ThreadPoolExecutor(max_workers=nworkers) as pool:
-            futures = [pool.submit(_compare_group, group, stop, first) for group in groups]
+            futures = [pool.submit(_compare_group, group, files, stop, first) for files, group in groups]
             for fut in futures:
-                for ia, ib, same in fut.result():
-                    report.tensors_compared += 1
-                    report.bytes_compared += ia.length + ib.length
-                    if not same:
-                        ea, eb = owner[id(ia)]
-                        unequal[id(ea)] = (ea, eb)
-                        if first:
-                            stop.set()
+                count, nbytes, differing = fut.result()
+                report.tensors_compared += count
+                report.bytes_compared += nbytes
+                for ia, _, _ in differing:
+                    ea, eb = owner[id(ia)]
+                    unequal[id(ea)] = (ea, eb if eb is not None else _relocated_entry(ea, relocate))
     todo = sorted([*unequal.values(), *assembled], key=lambda p: p[0].order)
     for ea, eb in todo:
         if first and diffs:
@@ -437,6 +472,14 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
     report.stopped_early = first and bool(diffs) and stop.is_set()
     report.ignored_unmatched = ign.unmatched()
     return report
+
+
+def _relocated_entry(e: Entry, relocate: dict[Path, Path]) -> Entry:
+    """A mirrored entry as read from B's files (only built where its bytes differ)."""
+    from .dcp_layout import relocated
+
+    return Entry(e.name, e.order, e.kind, e.dtype, e.shape,
+                 [(o, s, relocated(it, relocate[it.file])) for o, s, it in e.chunks], e.value, e.where)
 
 
 def _short(v: Any) -> str:

@@ -11,7 +11,6 @@ unpickle (nothing called). Every error names the file and is a `CheckpointError`
 from __future__ import annotations
 
 import gc
-import io
 import json
 import os
 import re
@@ -21,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .safe_io import CheckpointError, SafeFile, read_bytes, read_text
-from .unpickle import LazyTensor, load_pickle, load_torch, materialize
+from .safe_io import CheckpointError, SafeFile, read_text
+from .unpickle import LazyTensor, load_torch
 
 __all__ = ["CheckpointError", "Entry", "Item", "Layout", "load_layout", "megatron_iteration_dir"]
 
@@ -79,6 +78,9 @@ class Layout:
     side_files: dict[str, Path] = field(default_factory=dict)  # json/txt next to the tensors
     notes: list[str] = field(default_factory=list)
     layout_info: dict[str, Any] = field(default_factory=dict)  # how it is stored: reported, not compared
+    # entries shared with the other side's layout (same Entry objects: its `.metadata` mirrors this
+    # one's, see dcp_layout): their items are read from these files instead
+    relocate: dict[Path, Path] = field(default_factory=dict)
 
     def add(self, entry: Entry, source: Path) -> None:
         if entry.name in self.entries:
@@ -253,141 +255,10 @@ def _hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
 # ---- torch DCP -----------------------------------------------------------------------------
 
 
-def _dcp_chunk_item(key: str, path: Path, info: Any, order: int, kind: str, dtype: str | None,
-                    sizes: tuple[int, ...] | None) -> Item:
-    offset, length = int(info.offset), int(info.length)
-    transforms = getattr(info, "transform_descriptors", None)
-    raw = kind == "tensor" and not transforms and sizes is not None and length == _numel(sizes) * ITEMSIZE.get(dtype or "", -1)
+def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, like: Layout | None = None) -> Layout:
+    from .dcp_layout import dcp_layout
 
-    def decode():
-        with SafeFile(path) as f:
-            data = f.pread(offset, length, f"item {key!r}")
-        if transforms:
-            from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
-
-            try:
-                data = _StorageReaderTransforms().transform_load_stream(None, transforms, io.BytesIO(data)).read()
-            except Exception as exc:
-                raise CheckpointError(f"{path}: item {key!r} at byte {offset} cannot be decoded ({exc})") from None
-        if raw:
-            import torch
-
-            t = torch.frombuffer(bytearray(data), dtype=getattr(torch, dtype)) if data else torch.empty(
-                0, dtype=getattr(torch, dtype))
-            return t.reshape(sizes)
-        obj = load_torch(data, f"{path} (item {key!r} at byte {offset})")
-        if kind == "tensor":
-            if not isinstance(obj, LazyTensor):
-                raise CheckpointError(f"{path}: item {key!r} at byte {offset} is a {type(obj).__name__}, not a tensor")
-            if obj.dtype != dtype or tuple(obj.size) != tuple(sizes or ()):
-                raise CheckpointError(f"{path}: item {key!r} at byte {offset} holds {obj.dtype} {list(obj.size)}, "
-                                      f".metadata says {dtype} {list(sizes or ())}")
-        return materialize(obj)
-
-    encoding = ("raw",) if raw else ("torch.save", bool(transforms))
-    return Item(key, path, offset, length, order, kind, encoding, decode)
-
-
-def _dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None) -> Layout:
-    meta_path = root / ".metadata"
-    md = load_pickle(read_bytes(meta_path, what="DCP metadata"), str(meta_path))
-    for attr in ("state_dict_metadata", "storage_data"):
-        if not isinstance(getattr(md, attr, None), dict):
-            raise CheckpointError(f"{meta_path}: not DCP metadata (a {type(md).__name__} without {attr})")
-    layout = Layout(kind, root)
-    sm = getattr(md, "storage_meta", None)
-    ignored = []
-    if sm is not None:
-        ignored = [f"{k}={getattr(sm, k)!s}" for k in ("save_id", "checkpoint_id") if getattr(sm, k, None)]
-        rest = {k: v for k, v in vars(sm).items() if k not in ("save_id", "checkpoint_id")}
-        if rest:
-            layout.meta[".metadata:storage_meta"] = rest
-    layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
-    if ignored:
-        layout.notes.append(f".metadata: {'; '.join(ignored)}")
-    planner = getattr(md, "planner_data", None)
-    if isinstance(planner, dict):
-        for fqn, value in planner.items():
-            layout.meta[f".metadata:planner_data:{fqn}"] = value
-    else:
-        layout.meta[".metadata:planner_data"] = planner
-    layout.meta[".metadata:version"] = getattr(md, "version", None)
-    # one pass over the storage index: (fqn, chunk offsets) -> where (O(n), not a scan per chunk)
-    storage: dict[tuple[str, tuple[int, ...]], Any] = {}
-    for index, info in md.storage_data.items():
-        try:
-            offset = getattr(index, "offset", None)
-            storage[(str(index.fqn), tuple(int(x) for x in offset) if offset else ())] = info
-            rel = info.relative_path
-            if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
-                raise ValueError(f"relative_path {rel!r}")
-            if int(info.offset) < 0 or int(info.length) < 0:
-                raise ValueError(f"offset {info.offset}, length {info.length}")
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{meta_path}: malformed storage entry ({exc})") from None
-    sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
-    files: dict[str, Path] = {}
-    spans: dict[str, list[tuple[int, int, str]]] = {}
-    order = 0
-    for fqn, tmd in md.state_dict_metadata.items():
-        fqn = str(fqn)
-        if type(tmd).__name__ == "BytesStorageMetadata":
-            entry = Entry(fqn, order, "bytes", where=".metadata")
-            chunks: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = [((), None)]
-            dtype = None
-        else:
-            try:
-                dtype = str(tmd.properties.dtype).replace("torch.", "")
-                shape = tuple(int(s) for s in tmd.size)
-                chunks = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in tmd.chunks]
-            except (AttributeError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{meta_path}: entry {fqn!r} has no usable size/chunks ({exc})") from None
-            if dtype not in ITEMSIZE:
-                raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown dtype {dtype!r}")
-            for offsets, csize in chunks:
-                if csize == shape and not any(offsets) and len(offsets) == len(shape):
-                    continue  # the whole tensor in one chunk (the common case: fast)
-                if len(offsets) != len(shape) or len(csize) != len(shape) or any(
-                        o < 0 or c < 0 or o + c > s for o, c, s in zip(offsets, csize, shape)):
-                    raise CheckpointError(f"{meta_path}: entry {fqn!r} chunk {list(offsets)}+{list(csize)} is outside "
-                                          f"its tensor {list(shape)}")
-            covered = sum(_numel(c) for _, c in chunks)
-            if covered != _numel(shape):
-                raise CheckpointError(f"{meta_path}: entry {fqn!r}: its chunks hold {covered} of the "
-                                      f"{_numel(shape)} elements of {list(shape)}")
-            entry = Entry(fqn, order, "tensor", dtype, shape, where=".metadata")
-        for offsets, csize in chunks:
-            info = storage.get((fqn, offsets))
-            if info is None:
-                raise CheckpointError(f"{meta_path}: no storage entry for {fqn!r} chunk {list(offsets)}")
-            rel = info.relative_path
-            file = files.get(rel)
-            if file is None:
-                file = files[rel] = root / rel
-                if not os.path.lexists(file):
-                    raise CheckpointError(f"{file}: listed in {meta_path} but missing")
-                with SafeFile(file) as f:  # regular file, readable; a FIFO is refused, never opened blocking
-                    sizes[rel] = f.size
-            if info.offset + info.length > sizes[rel]:
-                raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {info.offset + info.length}, "
-                                      f"file has {sizes[rel]}")
-            key = fqn if len(chunks) == 1 else f"{fqn}@{list(offsets)}"
-            spans.setdefault(rel, []).append((int(info.offset), int(info.length), key))
-            item = _dcp_chunk_item(key, file, info, order, entry.kind, dtype, csize)
-            entry.chunks.append((offsets, csize or (), item))
-        layout.add(entry, meta_path)
-        order += 1
-    for rel, ss in spans.items():  # two items sharing bytes: corrupt index
-        file = files[rel]
-        ss.sort()
-        for (o1, l1, k1), (o2, l2, k2) in zip(ss, ss[1:]):
-            if o2 < o1 + l1 and l2 and l1:
-                raise CheckpointError(f"{file}: {k1!r} and {k2!r} overlap (bytes {o1}+{l1} and {o2}+{l2}) per {meta_path}")
-    for p in names or _listdir(root):
-        if p.suffix == ".distcp" and p.name not in sizes:
-            layout.notes.append(f"{p.name}: not referenced by .metadata")
-            layout.side_files[p.name] = p
-    return layout
+    return dcp_layout(root, kind, names, like)
 
 
 # ---- torch.save files ----------------------------------------------------------------------
@@ -483,21 +354,22 @@ def megatron_iteration_dir(root: Path) -> Path | None:
     return it
 
 
-def load_layout(path: str | os.PathLike) -> Layout:
-    """Find what kind of checkpoint `path` is and list what it holds.
+def load_layout(path: str | os.PathLike, like: Layout | None = None) -> Layout:
+    """Find what kind of checkpoint `path` is and list what it holds (`like`: the layout of the
+    other side of a comparison, whose DCP index this one may mirror instead of parsing again).
 
     The cyclic GC is paused meanwhile: building 100,000s of small objects (a 20,000-tensor
     `.metadata`) otherwise triggers full collections again and again (seconds, not ms)."""
     was = gc.isenabled()
     gc.disable()
     try:
-        return _load_layout(path)
+        return _load_layout(path, like)
     finally:
         if was:
             gc.enable()
 
 
-def _load_layout(path: str | os.PathLike) -> Layout:
+def _load_layout(path: str | os.PathLike, like: Layout | None = None) -> Layout:
     p = _resolve(Path(path))
     if not p.is_dir():
         SafeFile(p).close()  # regular file or a clear refusal (FIFO, socket, device)
@@ -510,7 +382,7 @@ def _load_layout(path: str | os.PathLike) -> Layout:
         raise CheckpointError(f"{p}: not a checkpoint file (expected .safetensors, .pt, .pth or .bin)")
     it = megatron_iteration_dir(p)
     if it is not None:
-        layout = _load_layout(it)
+        layout = _load_layout(it, like)
         layout.kind = f"megatron/{layout.kind}" if not layout.kind.startswith("megatron") else layout.kind
         layout.notes.append(f"{p.name}/latest_checkpointed_iteration.txt -> {it.name}")
         return layout
@@ -519,7 +391,7 @@ def _load_layout(path: str | os.PathLike) -> Layout:
     if ".metadata" in names or any(n.endswith(".distcp") for n in names):
         if ".metadata" not in names:
             raise CheckpointError(f"{p}: has .distcp files but no .metadata")
-        layout = _dcp_layout(p, "dcp", entries)
+        layout = _dcp_layout(p, "dcp", entries, like)
         order = len(layout.entries)
         for e in entries:  # Megatron's common.pt and metadata.json beside the DCP files
             if e.suffix in TORCH_SUFFIXES and not e.is_dir():
