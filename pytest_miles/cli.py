@@ -257,6 +257,9 @@ def _user_errors(run, argv: list[str], debug: bool) -> int:
     """Bad input never ends in a traceback: one line naming it, exit 2 (`--debug` shows the traceback)."""
     try:
         return run(argv)
+    except BrokenPipeError:  # `pytest-miles compare A B | head`: the reader left, as for any Unix tool
+        sys.stderr.close()
+        return 141
     except (ValueError, TypeError, OSError, LookupError, RuntimeError) as exc:
         if debug:
             raise
