@@ -180,7 +180,8 @@ class _VersionAction(argparse.Action):
                          help="show the versions and exit", **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        parser.exit(message=_version() + "\n")
+        print(_version())  # to stdout, as argparse's own version action
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
