@@ -8,6 +8,7 @@
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
 #   scripts/gpu-host.sh served-weights | served-weights-fp8, then served-weights-wait   (issue #16: served == trainer weights)
+#   [PYTEST_MILES_MODEL=DIR] scripts/gpu-host.sh te-cells-model   (issue #16: the matrix on an HF dir via --miles-model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -126,6 +127,12 @@ for step in "$@"; do
       te_pytest te-cells -k "cell_end_to_end and tiny128" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
     te-cells-0.5b)  # the same on the 0.5B shape (needs issue #13's SHAPES; ~8 min)
       te_pytest te-cells-0.5b -k "cell_end_to_end and 0.5b" --miles-report "$OUT/te-cells-0.5b-report.json" || rc=1 ;;
+    te-cells-model)  # the matrix on YOUR HF Qwen2 dir, as docs/precision-matrix.md shows: PYTEST_MILES_MODEL=DIR; unset,
+      # the embedded tiny128 is written to /tmp/miles-user-model and passed as --miles-model (~5 min)
+      model=${PYTEST_MILES_MODEL:-/tmp/miles-user-model}
+      [ -n "${PYTEST_MILES_MODEL:-}" ] || $PY -c "from pytest_miles.engines.model import write_shape; write_shape('$model', 'tiny128')"
+      te_pytest te-cells-model -k "cell_end_to_end_on_miles_model" --miles-model "$model" \
+        --miles-report "$OUT/te-cells-model-report.json" || rc=1 ;;
     served-weights)  # SGLang's /get_weights_by_name == the tiny128 bf16 checkpoint and a trainer session's own state
       # dict (TE bf16 after te-install, else the local spec), through SGLang's Qwen2 and Llama classes (~4 min: 2 engines)
       ( te_env >/dev/null 2>&1; timeout 580 $PY -m pytest tests/gpu/test_gpu_served_weights.py -k bf16 -v -s -rsx \
