@@ -196,3 +196,19 @@ def test_your_own_checkpoint_quantized_as_the_embedded_one(tmp_path):
     assert check_sglang_layout(tmp_path / "q") == []
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint_dir(tmp_path / "q", tmp_path / "qq", "fp8_blockwise")
+
+
+def test_an_fp8_rollout_of_a_shape_sglang_would_refuse_is_named(tmp_path):
+    """The default tiny shape's 64-wide k/v projections do not fit 128-row blocks: refused, naming
+    the tensor, before an engine starts."""
+    pytest.importorskip("torch")
+    from pytest_miles.engines.model import write_hf_checkpoint
+
+    def never(*args, **kwargs):  # deliberate negative control: no engine may start for this cell
+        raise AssertionError("an engine was started for a checkpoint SGLang would refuse")
+
+    mine = write_hf_checkpoint(tmp_path / "tiny", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"multiples of 128; not: model.layers.0.self_attn.k_proj.weight \(64, 128\)"):
+        measure_precision_cell(("fp8_blockwise", "bf16"), never, never, hardware=parse_override("h100"),
+                               work_dir=tmp_path / "work", model_dir=mine)
+    assert not (tmp_path / "work" / "fp8_blockwise").exists()

@@ -184,7 +184,12 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     bf16 rollout serves it, an FP8 rollout serves it quantized into `work_dir/<rollout>`."""
     from ..engines.base import SamplingParams
     from ..engines.model import write_hf_checkpoint
-    from ..engines.quantized_checkpoints import TINY128, quantize_checkpoint_dir, write_quantized_checkpoint
+    from ..engines.quantized_checkpoints import (
+        TINY128,
+        check_sglang_layout,
+        quantize_checkpoint_dir,
+        write_quantized_checkpoint,
+    )
     from .drift import measure_logprob_drift
 
     if hasattr(cell, "rollout") and hasattr(cell, "train"):
@@ -216,6 +221,10 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
                 quantize_checkpoint_dir(bf16_dir, serve_dir, rollout)
             else:
                 write_quantized_checkpoint(serve_dir, rollout, cfg)
+        problems = check_sglang_layout(serve_dir)
+        if problems:  # e.g. a linear dim that is not a multiple of the 128-row block: SGLang would refuse it
+            raise ValueError(f"rollout checkpoint {serve_dir} for {rollout}: SGLang's FP8 loader would refuse it: "
+                             + "; ".join(problems[:3]))
     prompts = seeded_prompts(sequences, prompt_len, cfg.vocab_size, seed)
     engine = engine_factory(ROLLOUT_ENGINE, model=str(serve_dir), deterministic=True)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, sampling_seed=seed))

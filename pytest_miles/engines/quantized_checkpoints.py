@@ -117,8 +117,9 @@ def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             state.update({k: st.get_tensor(k).to(torch.bfloat16) for k in st.keys()})
+    quantized = quantize_state(state, fmt)  # refuses a shape the blocks do not fit, before anything is written
     path.mkdir(parents=True, exist_ok=True)
-    save_file(quantize_state(state, fmt), str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(quantized, str(path / "model.safetensors"), metadata={"format": "pt"})
     config["quantization_config"] = QUANT_CONFIGS[fmt]
     config["torch_dtype"] = "bfloat16"
     (path / "config.json").write_text(json.dumps(config, indent=1))
