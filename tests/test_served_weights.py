@@ -196,3 +196,25 @@ def test_served_weights_equal_the_megatron_trainers_after_a_step_and_sync(megatr
     report = assert_served_weights_equal(engine, after, config=cfg)
     assert report.tensors == 27, report.render()
     print(report.render())
+
+
+def test_an_fp8_checkpoint_is_compared_as_written(tmp_path):
+    """The helper's FP8 path: the quantized float8_e4m3fn tensors are compared as written and the
+    scales listed as not compared; a flipped FP8 bit is named with its 8-bit pattern. (The
+    reference engine only holds the file's tensors widened to float32: it is not an FP8 server;
+    SGLang serving FP8 is tests/gpu/test_gpu_served_weights.py.)"""
+    from safetensors.torch import load_file
+
+    from pytest_miles.engines.quantized_checkpoints import TINY128, write_quantized_checkpoint
+
+    fp8 = write_quantized_checkpoint(tmp_path / "fp8", "fp8_blockwise", TINY128)
+    engine = ReferenceEngine(fp8)
+    report = assert_served_weights_equal(engine, fp8)
+    assert "fp8 checkpoint" in report.source and "as written" in report.source
+    assert len(report.not_compared) == 14 and all(n.endswith("_scale_inv") for n, _ in report.not_compared)
+    state = load_file(str(fp8 / "model.safetensors"))
+    w = state["model.layers.0.self_attn.o_proj.weight"].view(torch.uint8).clone()
+    w[1, 2] ^= 1  # NEGATIVE CONTROL: one bit of one FP8 weight
+    state["model.layers.0.self_attn.o_proj.weight"] = w.view(torch.float8_e4m3fn)
+    with pytest.raises(AssertionError, match=r"o_proj.weight at index \[1, 2\]: .*float8_e4m3fn bits 0x[0-9a-f]{2}\)"):
+        assert_served_weights_equal(engine, state)
