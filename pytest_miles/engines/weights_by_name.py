@@ -1,7 +1,8 @@
 """SGLang's `get_weights_by_name`, as the embedded engines answer it, so the served-weights check
 (`pytest_miles.checks.served_weights`) runs against the same semantics on CPU as on the GPU.
 
-What SGLang 0.5.x does (read in sgl-project/sglang, python/sglang/srt/):
+What SGLang 0.5.x does (read in sgl-project/sglang, python/sglang/srt/, in the stored recent
+sources, not pinned to the 0.5.17 tag; the GPU test checks it against 0.5.17 itself):
 - `entrypoints/http_server.py`: `@app.api_route("/get_weights_by_name", methods=["GET", "POST"])`
   takes a `GetWeightsByNameReqInput` JSON body; a `None` result answers HTTP 400
   `{"error": {"message": "Get parameter by name failed"}}` (`_create_error_response`), anything
@@ -15,7 +16,8 @@ What SGLang 0.5.x does (read in sgl-project/sglang, python/sglang/srt/):
   is logged and answers `None`. Its own TODO says "Add support for Qwen models", and
   sgl-project/sglang#5066 ("get_weights_by_name Not Supported by All Models", Qwen2.5) was
   closed inactive: a Qwen2 model may answer "failed" for every name.
-- `models/llama.py` (`LlamaForCausalLM.get_weights_by_name`, the reference implementation):
+- `models/llama.py` (`LlamaForCausalLM.get_weights_by_name`; read in `models/granite.py`, which
+  carries the same method; SGLang's test/srt/test_get_weights_by_name.py drives it on Llama):
   HF names in; `lm_head.weight` of a tied model answers `embed_tokens.weight`; `q_proj`/`k_proj`/
   `v_proj` and `gate_proj`/`up_proj` are mapped onto the fused `qkv_proj`/`gate_up_proj`
   parameter and `narrow`ed to their rows (so the answer equals the HF tensor); with tp_size > 1
