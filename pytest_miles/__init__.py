@@ -23,6 +23,7 @@ _EXPORTS = {
     "assert_batch_invariant": "checks.batch_invariance",
     "assert_runs_bitwise_equal": "checks.runs",
     "assert_resume_equivalent": "checks.runs",
+    "assert_served_weights_equal": "checks.served_weights",
     "validate_precision_config": "precision",
     "precision_matrix": "precision",
     "measure_logprob_drift": "checks.drift",

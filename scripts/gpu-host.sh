@@ -7,6 +7,8 @@
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
+#   scripts/gpu-host.sh served-weights | served-weights-fp8, then served-weights-wait   (issue #16: served == trainer weights)
+#   [PYTEST_MILES_MODEL=DIR] scripts/gpu-host.sh te-cells-model   (issue #16: the matrix on an HF dir via --miles-model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/miles-gpu
@@ -44,6 +46,7 @@ te_pytest() {  # te_pytest NAME -k EXPR [ARGS...]: tests/gpu/test_gpu_te.py with
   ( te_env; timeout 580 $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
       --miles-require-gpu "$@" ) 2>&1 | tee "$OUT/$name.log"
 }
+SW=/tmp/miles-served-weights  # served-weights-fp8 runs detached; served-weights-wait reads it here
 rc=0
 for step in "$@"; do
   case "$step" in
@@ -124,6 +127,33 @@ for step in "$@"; do
       te_pytest te-cells -k "cell_end_to_end and tiny128" --miles-report "$OUT/te-cells-report.json" || rc=1 ;;
     te-cells-0.5b)  # the same on the 0.5B shape (needs issue #13's SHAPES; ~8 min)
       te_pytest te-cells-0.5b -k "cell_end_to_end and 0.5b" --miles-report "$OUT/te-cells-0.5b-report.json" || rc=1 ;;
+    te-cells-model)  # the matrix on YOUR HF Qwen2 dir, as docs/precision-matrix.md shows: PYTEST_MILES_MODEL=DIR; unset,
+      # the embedded tiny128 is written to /tmp/miles-user-model and passed as --miles-model (~5 min)
+      model=${PYTEST_MILES_MODEL:-/tmp/miles-user-model}
+      [ -n "${PYTEST_MILES_MODEL:-}" ] || $PY -c "from pytest_miles.engines.model import write_shape; write_shape('$model', 'tiny128')"
+      te_pytest te-cells-model -k "cell_end_to_end_on_miles_model" --miles-model "$model" \
+        --miles-report "$OUT/te-cells-model-report.json" || rc=1 ;;
+    served-weights)  # SGLang's /get_weights_by_name == the tiny128 bf16 checkpoint and a trainer session's own state
+      # dict (TE bf16 after te-install, else the local spec), through SGLang's Qwen2 and Llama classes (~4 min: 2 engines)
+      ( te_env >/dev/null 2>&1; timeout 580 $PY -m pytest tests/gpu/test_gpu_served_weights.py -k bf16 -v -s -rsx \
+          -p no:cacheprovider -p no:randomly --miles-require-gpu --basetemp=/tmp/miles-bt-served ) 2>&1 \
+        | tee "$OUT/served-weights.log" || rc=1
+      cp /tmp/miles-bt-served/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    served-weights-fp8)  # the same for the block-wise FP8 checkpoint, DETACHED: a first FP8 engine start took more
+      # than 600 s (te-serve), past one command's limit. Returns at once; then run served-weights-wait (again) until it
+      # prints the exit code. Test timeout 1500 s, two engine starts (qwen2 and llama classes).
+      mkdir -p "$SW"; rm -f "$SW/rc"
+      ( te_env >/dev/null 2>&1
+        setsid nohup bash -c "timeout 1500 $PY -m pytest tests/gpu/test_gpu_served_weights.py -k fp8 -v -s -rsx \
+          -p no:cacheprovider -p no:randomly --miles-require-gpu --basetemp=$SW/bt > $SW/fp8.log 2>&1; echo \$? > $SW/rc" \
+          < /dev/null > /dev/null 2>&1 & echo $! > "$SW/pid" )
+      echo "served-weights-fp8 started (pid $(cat "$SW/pid")), log $SW/fp8.log: run served-weights-wait" ;;
+    served-weights-wait)  # waits up to 570 s for served-weights-fp8; copies its log (and engine logs) to $OUT
+      for _ in $(seq 1 114); do [ -e "$SW/rc" ] && break; sleep 5; done
+      cp "$SW/fp8.log" "$OUT/served-weights-fp8.log" 2>/dev/null; cp "$SW"/bt/engine-logs*/*.log "$OUT/" 2>/dev/null
+      tail -n 40 "$SW/fp8.log" 2>/dev/null || echo "no $SW/fp8.log: run served-weights-fp8 first"
+      if [ -e "$SW/rc" ]; then echo "served-weights-fp8 exit code $(cat "$SW/rc")"; [ "$(cat "$SW/rc")" = 0 ] || rc=1
+      else echo "served-weights-fp8 still running: run served-weights-wait again"; rc=3; fi ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done

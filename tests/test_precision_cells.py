@@ -143,3 +143,72 @@ def test_a_cell_that_is_not_a_cell_is_named(cell, tmp_path):
     with pytest.raises(ValueError, match=r"cell .*: expected a precision.Cell"):
         measure_precision_cell(cell, None, None, hardware=None, work_dir=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_your_own_model_dir_is_checked_before_anything_starts(tmp_path):
+    """`model_dir=` (the user's HF checkpoint, `--miles-model`): what does not fit the Qwen2
+    converter is named before an engine or trainer starts and before anything is written."""
+    import json
+
+    def never(*args, **kwargs):  # deliberate negative control: nothing may start for these dirs
+        raise AssertionError("an engine or trainer was started for a model_dir that must be refused")
+
+    work = tmp_path / "work"
+    hopper = parse_override("h100")
+    cases = {"empty": ({}, None, "no config.json"),
+             "llama": ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, b"x", "is not a Qwen2 model"),
+             "fp8": ({"model_type": "qwen2", "quantization_config": {"quant_method": "fp8"}}, b"x", "a quantized"),
+             "bin": ({"model_type": "qwen2"}, None, r"no \*.safetensors")}
+    for name, (config, weights, message) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        if config:
+            (d / "config.json").write_text(json.dumps(config))
+        if weights:
+            (d / "model.safetensors").write_bytes(weights)
+        with pytest.raises(ValueError, match=f"model_dir .*{message}"):
+            measure_precision_cell(("bf16", "bf16"), never, never, hardware=hopper, work_dir=work, model_dir=d)
+    with pytest.raises(ValueError, match="config= and model_dir=: give one"):
+        measure_precision_cell(("bf16", "bf16"), never, never, hardware=hopper, work_dir=work, model_dir=tmp_path,
+                               config=object())
+    assert not work.exists()
+
+
+def test_your_own_checkpoint_quantized_as_the_embedded_one(tmp_path):
+    """quantize_checkpoint_dir (an FP8 rollout of model_dir) writes, from a user's bf16 checkpoint,
+    exactly what write_quantized_checkpoint writes from the same weights, in a layout SGLang loads."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from pytest_miles.engines.model import write_hf_checkpoint
+    from pytest_miles.engines.quantized_checkpoints import (
+        TINY128,
+        check_sglang_layout,
+        quantize_checkpoint_dir,
+        write_quantized_checkpoint,
+    )
+
+    mine = write_hf_checkpoint(tmp_path / "mine", TINY128, dtype="bfloat16")
+    ours = load_file(str(quantize_checkpoint_dir(mine, tmp_path / "q", "fp8_blockwise") / "model.safetensors"))
+    ref = load_file(str(write_quantized_checkpoint(tmp_path / "ref", "fp8_blockwise") / "model.safetensors"))
+    assert sorted(ours) == sorted(ref)
+    assert all(torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)
+    assert check_sglang_layout(tmp_path / "q") == []
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint_dir(tmp_path / "q", tmp_path / "qq", "fp8_blockwise")
+
+
+def test_an_fp8_rollout_of_a_shape_sglang_would_refuse_is_named(tmp_path):
+    """The default tiny shape's 64-wide k/v projections do not fit 128-row blocks: refused, naming
+    the tensor, before an engine starts."""
+    pytest.importorskip("torch")
+    from pytest_miles.engines.model import write_hf_checkpoint
+
+    def never(*args, **kwargs):  # deliberate negative control: no engine may start for this cell
+        raise AssertionError("an engine was started for a checkpoint SGLang would refuse")
+
+    mine = write_hf_checkpoint(tmp_path / "tiny", dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"multiples of 128; not: model.layers.0.self_attn.k_proj.weight \(64, 128\)"):
+        measure_precision_cell(("fp8_blockwise", "bf16"), never, never, hardware=parse_override("h100"),
+                               work_dir=tmp_path / "work", model_dir=mine)
+    assert not (tmp_path / "work" / "fp8_blockwise").exists()

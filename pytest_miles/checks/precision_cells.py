@@ -148,17 +148,48 @@ def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], tr
                       "attention_backend": getattr(trainer, "attention_backend", None)}
 
 
+def user_model(model_dir: str | Path):
+    """-> (dir, TinyConfig) of a user's HF Qwen2 checkpoint, or ValueError naming what does not fit
+    (the converter and trainer map Qwen2: RMSNorm, SwiGLU, GQA, bias on q/k/v, RoPE)."""
+    import json
+
+    from ..engines.model import config_from_dir
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model_dir {path}: no config.json (an HF model directory is expected)")
+    raw = json.loads((path / "config.json").read_text())
+    arch = raw.get("architectures") or [raw.get("model_type")]
+    if raw.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in arch:
+        raise ValueError(f"model_dir {path}: {arch} is not a Qwen2 model (model_type qwen2, Qwen2ForCausalLM): the "
+                         "HF<->Megatron converter maps Qwen2 only")
+    if raw.get("quantization_config"):
+        raise ValueError(f"model_dir {path}: a quantized checkpoint; give the bf16 one (the FP8 rollout checkpoint "
+                         "is written from it)")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"model_dir {path}: no *.safetensors (pickled .bin checkpoints are not read)")
+    return path, config_from_dir(path)
+
+
 def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,
-                           config=None, sequences: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
+                           config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
                            seed: int = 0, tolerance: float | None = None, record: Callable[..., Any] | None = None,
                            trainer_kwargs: dict[str, Any] | None = None) -> CellReport:
     """Measure one (rollout, train) cell end to end; `cell` is a precision.Cell or (rollout, train).
 
     SGLang (deterministic, the rollout precision's checkpoint) samples `sequences` continuations
-    of seeded prompts with their logprobs at temperature 1; the trainer scores the same ids."""
+    of seeded prompts with their logprobs at temperature 1; the trainer scores the same ids.
+    Weights: the embedded model of `config` (TINY128 by default), or `model_dir`, your own HF
+    Qwen2 checkpoint (bf16 or fp32 safetensors, e.g. `--miles-model`): the trainer loads it, the
+    bf16 rollout serves it, an FP8 rollout serves it quantized into `work_dir/<rollout>`."""
     from ..engines.base import SamplingParams
     from ..engines.model import write_hf_checkpoint
-    from ..engines.quantized_checkpoints import TINY128, write_quantized_checkpoint
+    from ..engines.quantized_checkpoints import (
+        TINY128,
+        check_sglang_layout,
+        quantize_checkpoint_dir,
+        write_quantized_checkpoint,
+    )
     from .drift import measure_logprob_drift
 
     if hasattr(cell, "rollout") and hasattr(cell, "train"):
@@ -172,16 +203,28 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     require_trainer_side()  # before any weights are written or an engine starts
     if sequences < 1 or prompt_len < 1 or max_new_tokens < 1:
         raise ValueError(f"sequences {sequences}, prompt_len {prompt_len}, max_new_tokens {max_new_tokens}: each >= 1")
-    cfg = config or TINY128
     work = Path(work_dir)
-    bf16_dir = work / "bf16"
-    if not (bf16_dir / "config.json").exists():
-        write_hf_checkpoint(bf16_dir, cfg, dtype="bfloat16")
+    if model_dir is not None:
+        if config is not None:
+            raise ValueError("config= and model_dir=: give one (model_dir's config.json is the config)")
+        bf16_dir, cfg = user_model(model_dir)
+    else:
+        cfg = config or TINY128
+        bf16_dir = work / "bf16"
+        if not (bf16_dir / "config.json").exists():
+            write_hf_checkpoint(bf16_dir, cfg, dtype="bfloat16")
     serve_dir = bf16_dir
     if rollout != "bf16":
         serve_dir = work / rollout
         if not (serve_dir / "config.json").exists():
-            write_quantized_checkpoint(serve_dir, rollout, cfg)
+            if model_dir is not None:
+                quantize_checkpoint_dir(bf16_dir, serve_dir, rollout)
+            else:
+                write_quantized_checkpoint(serve_dir, rollout, cfg)
+        problems = check_sglang_layout(serve_dir)
+        if problems:  # e.g. a linear dim that is not a multiple of the 128-row block: SGLang would refuse it
+            raise ValueError(f"rollout checkpoint {serve_dir} for {rollout}: SGLang's FP8 loader would refuse it: "
+                             + "; ".join(problems[:3]))
     prompts = seeded_prompts(sequences, prompt_len, cfg.vocab_size, seed)
     engine = engine_factory(ROLLOUT_ENGINE, model=str(serve_dir), deterministic=True)
     outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, sampling_seed=seed))

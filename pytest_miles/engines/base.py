@@ -14,6 +14,11 @@ class EngineError(RuntimeError):
     """An engine could not start, died, or answered nonsense. Carries the log tail when there is one."""
 
 
+class WeightNotServed(EngineError):
+    """The engine answered SGLang's "Get parameter by name failed" for a weight name (no such
+    parameter, or a model class without get_weights_by_name): see engines/weights_by_name.py."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

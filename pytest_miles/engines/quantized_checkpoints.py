@@ -93,6 +93,43 @@ def write_quantized_checkpoint(path: str | Path, fmt: str, cfg: TinyConfig = TIN
     return path
 
 
+def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path:
+    """A user's own bf16/fp32 HF Qwen2 checkpoint (`--miles-model`) as an `fmt` HF checkpoint in
+    `path`: its weights cast to bf16 (what the trainer holds), quantized as above; config.json with
+    `quantization_config`; tokenizer files copied. Safetensors only (nothing is unpickled)."""
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if fmt not in QUANT_CONFIGS:
+        raise ValueError(f"fmt {fmt!r}: expected one of {', '.join(QUANT_CONFIGS)}")
+    src, path = Path(src), Path(path)
+    config = json.loads((src / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{src}: already quantized ({config['quantization_config'].get('quant_method')}); "
+                         "give the bf16 checkpoint")
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{src}: no *.safetensors (pickled .bin checkpoints are not read)")
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            state.update({k: st.get_tensor(k).to(torch.bfloat16) for k in st.keys()})
+    quantized = quantize_state(state, fmt)  # refuses a shape the blocks do not fit, before anything is written
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(quantized, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = QUANT_CONFIGS[fmt]
+    config["torch_dtype"] = "bfloat16"
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                 "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, path / name)
+    return path
+
+
 def dequantized_state(path: str | Path) -> dict:
     """A quantized checkpoint read back as fp32 weights (what its FP8 GEMMs multiply with)."""
     import torch

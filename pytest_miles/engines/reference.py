@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .base import EngineError, Output, SamplingParams, per_item
+from .base import EngineError, Output, SamplingParams, WeightNotServed, per_item
 from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights
 
 
@@ -64,6 +64,24 @@ class ReferenceEngine:
                               f"({cfg} vs {self.config})")
         self.model = TinyDecoder(self.config, _load_state(Path(model_path)), device=self.device,
                                  dtype=self.model.dtype if self.model is not None else torch.float32)
+
+    def weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:
+        """SGLang's get_weights_by_name answer from the weights this engine computes with (held in
+        its dtype, float32 by default), None where SGLang answers "failed"."""
+        from .weights_by_name import weights_by_name
+
+        if self.closed:
+            raise EngineError("reference engine is closed")
+        return weights_by_name(self.model.w, name, truncate_size, tied=self.config.tie_word_embeddings)
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """The offline equivalent of SGLang's /get_weights_by_name (`sglang.Engine.get_weights_by_name`):
+        the first `truncate_size` rows as float32 lists; WeightNotServed where SGLang returns None."""
+        got = self.weights_by_name(name, truncate_size)
+        if got is None:
+            raise WeightNotServed(f"{self.name}: get_weights_by_name({name!r}) answered None (SGLang's "
+                                  f"\"Get parameter by name failed\"): the model has no parameter of that name")
+        return got
 
     # -- protocol --------------------------------------------------------------------------
 

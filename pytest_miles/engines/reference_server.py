@@ -1,6 +1,7 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
 behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache,
-/get_server_info, /update_weights_from_disk).
+/get_server_info, /update_weights_from_disk, /get_weights_by_name with SGLang's request and
+answer: engines/weights_by_name.py).
 Requests are served one at a time, each list of input_ids as one batch."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .base import SamplingParams
 from .reference import ReferenceEngine
+from .weights_by_name import FAILED, json_value, parse_request
 
 
 def main() -> None:
@@ -44,11 +46,38 @@ def main() -> None:
                 return self._send(200, {"ok": True})
             if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
                 return self._send(200, engine.server_info())
+            if self.path == "/get_weights_by_name":  # SGLang takes GET or POST, the request in the body
+                return self._weights(self._body())
             self._send(404, {"error": self.path})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def _body(self):
             n = int(self.headers.get("Content-Length") or 0)
-            req = json.loads(self.rfile.read(n) or b"null")
+            try:
+                return json.loads(self.rfile.read(n) or b"null")
+            except ValueError as exc:
+                return exc
+
+        def _weights(self, req) -> None:
+            """SGLang's answer: 200 with the rows, 400 "Get parameter by name failed" for None, 422
+            for a body GetWeightsByNameReqInput does not validate."""
+            try:
+                if isinstance(req, ValueError):
+                    raise ValueError(f"body: not JSON ({req})")
+                name, size = parse_request(req)
+            except ValueError as exc:
+                return self._send(422, {"detail": [{"msg": str(exc)}]})
+            with lock:
+                got = engine.weights_by_name(name, size)
+            if got is None:
+                return self._send(400, {"error": {"message": FAILED}})
+            self._send(200, json_value(got))
+
+        def do_POST(self) -> None:  # noqa: N802
+            req = self._body()
+            if self.path == "/get_weights_by_name":
+                return self._weights(req)
+            if isinstance(req, ValueError):
+                return self._send(400, {"error": f"body: not JSON ({req})"})
             if self.path == "/flush_cache":
                 return self._send(200, {})
             if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message

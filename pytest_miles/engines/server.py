@@ -22,7 +22,7 @@ from typing import Any
 from ..environment import deterministic_env_vars
 from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams, params_json
+from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json
 
 
 class ServerEngine:
@@ -109,7 +109,9 @@ class ServerEngine:
             with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
                 body = r.read()
         except urllib.error.HTTPError as exc:
-            raise EngineError(f"{self.name} {path}: HTTP {exc.code}: {exc.read()[:2000].decode(errors='replace')}") from None
+            err = EngineError(f"{self.name} {path}: HTTP {exc.code}: {exc.read()[:2000].decode(errors='replace')}")
+            err.status = exc.code  # callers that tell SGLang's answers apart (get_weights_by_name)
+            raise err from None
         except (urllib.error.URLError, OSError) as exc:
             time.sleep(0.5)
             state = "died" if not self.alive else "did not answer"
@@ -166,6 +168,28 @@ class ServerEngine:
         res = self._post("/update_weights_from_disk", {"model_path": str(model_path)})
         if not isinstance(res, dict) or not res.get("success"):
             raise EngineError(f"{self.name} refused /update_weights_from_disk {model_path}: {res!r}")
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """SGLang's POST /get_weights_by_name {name, truncate_size}: the first `truncate_size` rows
+        of the served tensor as float32 lists (a list of those per data-parallel rank when
+        dp_size > 1), bounded by the request timeout. WeightNotServed for SGLang's HTTP 400 "Get
+        parameter by name failed"; EngineError naming the endpoint where the server has none."""
+        from .weights_by_name import FAILED
+
+        try:
+            res = self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+        except EngineError as exc:
+            status = getattr(exc, "status", None)
+            if status == 400 and FAILED in str(exc):
+                raise WeightNotServed(f"{self.name} answered HTTP 400 \"{FAILED}\" for {name!r} (log "
+                                      f"{self.log_path})") from None
+            if status in (404, 405):
+                raise EngineError(f"{self.name} has no /get_weights_by_name endpoint (HTTP {status}); SGLang "
+                                  "serves it (entrypoints/http_server.py)") from None
+            raise
+        if not isinstance(res, list):
+            raise EngineError(f"{self.name} /get_weights_by_name {name!r}: expected a JSON list, got {res!r:.200}")
+        return res
 
     def flush_cache(self) -> None:
         deadline = time.monotonic() + 60

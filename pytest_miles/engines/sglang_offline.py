@@ -9,7 +9,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import kill_tree
-from .base import EngineError, Output, SamplingParams, params_json
+from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json
 
 
 class SGLangOfflineEngine:
@@ -68,6 +68,16 @@ class SGLangOfflineEngine:
         ok, message = self._engine.update_weights_from_disk(str(model_path))[:2]
         if not ok:
             raise EngineError(f"sglang.Engine refused update_weights_from_disk {model_path}: {message}")
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> list:
+        """`sglang.Engine.get_weights_by_name`: SGLang's /get_weights_by_name in process (same
+        value; None, SGLang's "failed", raises WeightNotServed). Not bounded by a timeout: the
+        call runs on the engine's own event loop."""
+        got = self._engine.get_weights_by_name(name, truncate_size)
+        if got is None:
+            raise WeightNotServed(f"sglang.Engine.get_weights_by_name({name!r}) returned None (\"Get parameter "
+                                  "by name failed\": see the scheduler log)")
+        return got
 
     def flush_cache(self) -> None:
         self._engine.flush_cache()

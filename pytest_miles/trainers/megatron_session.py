@@ -94,6 +94,8 @@ def handle(r: Rank, cmd: dict) -> dict:
         return {"checkpoint": r.save(Path(cmd["save_dir"]), int(cmd["iteration"]))}
     if op == "export":
         return {"path": str(export(r, Path(cmd["path"]), cmd.get("dtype", "float32")))}
+    if op == "state":
+        return {"path": str(export_state(r, Path(cmd["path"])))}
     raise ValueError(f"unknown command {op!r}")
 
 
@@ -116,6 +118,21 @@ def export(r: Rank, path: Path, dtype: str) -> Path:
     if r.rank == 0:
         state = {k: v for k, v in r.model.state_dict().items() if not k.endswith("_extra_state")}
         save_hf_weights(path, megatron_to_hf(state, cfg), cfg, dtype)
+    return path
+
+
+def export_state(r: Rank, path: Path) -> Path:
+    """Rank 0 writes the model's own state dict (megatron names and dtypes, no `_extra_state`) as
+    one safetensors file: what the trainer holds, for the served-weights check."""
+    from safetensors.torch import save_file
+
+    if r.tp != 1:
+        raise ValueError(f"state with tensor_parallel {r.tp}: only 1 is supported (no TP gather yet)")
+    if r.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in r.model.state_dict().items()
+                 if not k.endswith("_extra_state") and v is not None}
+        save_file(state, str(path))
     return path
 
 

@@ -114,6 +114,12 @@ class MegatronSession:
         """The weights as an HF checkpoint (through pytest_miles.convert), for the engine."""
         return Path(self.call("export", path=str(path), dtype=dtype)["path"])
 
+    def export_state(self, path: str | Path) -> Path:
+        """The model's megatron-core state dict as one safetensors file (what the trainer holds,
+        unconverted): compare it with the served weights through
+        `assert_served_weights_equal(engine, state, config=...)`."""
+        return Path(self.call("state", path=str(path))["path"])
+
     def close(self) -> None:
         procs, self.procs = self.procs, []
         for p in procs:

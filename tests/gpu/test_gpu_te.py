@@ -112,7 +112,7 @@ def cells_dir(tmp_path_factory, miles_settings):
     from pytest_miles.checks.precision_cells import plot_precision_matrix
 
     report = miles_settings("report")
-    for shape in _shapes():
+    for shape in dict.fromkeys(k[0] for k in _CELLS):  # the embedded shapes, and "miles-model"
         cells = {k[1:]: v for k, v in _CELLS.items() if k[0] == shape}
         if not cells:
             continue
@@ -139,4 +139,28 @@ def test_cell_end_to_end(cell, shape, engine_factory, megatron_trainer_factory, 
         pytest.skip(str(exc))
     _CELLS[(shape, cell.rollout, cell.train)] = report
     print(f"\n{shape}: {report.render()}\nfacts {report.facts}")
+    assert report.drift.tokens > 0
+
+
+@pytest.mark.parametrize("cell", precision_matrix())
+def test_cell_end_to_end_on_miles_model(cell, engine_factory, megatron_trainer_factory, miles_hardware, miles_settings,
+                                        cells_dir, miles_record):
+    """The same cells on your own HF Qwen2 checkpoint: `--miles-model DIR` (bf16/fp32 safetensors;
+    FP8 cells need every linear dim a multiple of 128). docs/precision-matrix.md."""
+    model = miles_settings("model")
+    if not model:
+        pytest.skip("not applicable: --miles-model is not set (the embedded shapes run in test_cell_end_to_end)")
+    if not cell.valid:
+        cell.assert_rejected()
+        return
+    from pytest_miles.checks.precision_cells import CellNotRunnable, measure_precision_cell
+
+    try:
+        report = measure_precision_cell(cell, engine_factory, megatron_trainer_factory, hardware=miles_hardware,
+                                        work_dir=cells_dir / "miles-model", model_dir=model, record=miles_record)
+    except CellNotRunnable as exc:
+        _CELLS[("miles-model", cell.rollout, cell.train)] = str(exc)
+        pytest.skip(str(exc))
+    _CELLS[("miles-model", cell.rollout, cell.train)] = report
+    print(f"\n{model}: {report.render()}\nfacts {report.facts}")
     assert report.drift.tokens > 0
