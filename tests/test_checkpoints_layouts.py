@@ -138,6 +138,17 @@ def test_ignore_matches_printed_names_and_reports_unmatched(tmp_path, capsys):
     assert "- [tensor] layer.0.bias:" in out and "ignore pattern(s) that matched nothing: nope*" in out
 
 
+def test_nothing_compared_is_not_equal(tmp_path, capsys):
+    """Everything ignored, or nothing on either side: exit 2 saying so, never a vacuous EQUAL."""
+    state = {"layer.0.bias": torch.zeros(4), "layer.0.weight": torch.ones(4, 4)}
+    torch.save(state, tmp_path / "a.pt")
+    torch.save({k: v + 1 for k, v in state.items()}, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match=r"nothing was compared \(every entry matched --ignore 'layer\.\*'\)"):
+        compare_checkpoints(tmp_path / "a.pt", tmp_path / "b.pt", ignore=["layer.*"])
+    assert main(["compare", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--ignore", "layer.*"]) == 2
+    assert "nothing was compared" in capsys.readouterr().err
+
+
 def test_first_stops_within_one_file_pair(tmp_path):
     state = {f"t{i:03d}": torch.full((256,), float(i)) for i in range(200)}
     save_file(state, str(tmp_path / "a.safetensors"))

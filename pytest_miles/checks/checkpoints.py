@@ -320,12 +320,22 @@ def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, workers: int 
     if isinstance(b, dict) or (str(b).endswith(".json") and _is_manifest(Path(b))):
         report = _compare_with_manifest(a, b, ign, t0)
         report.ignored_unmatched = ign.unmatched()
-        return report
+        return _something_compared(report, ign)
     la = load_layout(a)
     lb = load_layout(b, like=la)
     report = compare_layouts(la, lb, str(a), str(b), ign, first, nworkers)
     report.seconds = time.perf_counter() - t0
-    return report
+    return _something_compared(report, ign)
+
+
+def _something_compared(report: Report, ign: Ignore) -> Report:
+    """EQUAL over zero tensors and values would be a pass that tested nothing: unusable input."""
+    if report.differences or report.tensors_compared:
+        return report
+    why = (f"every entry matched --ignore {' '.join(repr(p) for p in ign.patterns)}" if ign.used
+           else "neither side holds a tensor or a value")
+    raise CheckpointError(f"{report.a} vs {report.b}: nothing was compared ({why}); an EQUAL here would "
+                          "say nothing about determinism")
 
 
 def _same_geometry(ea: Entry, eb: Entry) -> bool:
