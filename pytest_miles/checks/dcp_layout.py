@@ -15,6 +15,7 @@ objects, and comparing two such checkpoints must not cost more than hashing thei
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ def _decode(path: Path, key: str, offset: int, length: int, kind: str, dtype: st
         from torch.distributed.checkpoint.filesystem import _StorageReaderTransforms
 
         try:
-            data = _StorageReaderTransforms().transform_load_stream(None, transforms, __import__("io").BytesIO(data)).read()
+            data = _StorageReaderTransforms().transform_load_stream(None, transforms, io.BytesIO(data)).read()
         except Exception as exc:
             raise CheckpointError(f"{path}: item {key!r} at byte {offset} cannot be decoded ({exc})") from None
     if raw:
