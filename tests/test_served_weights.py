@@ -218,3 +218,28 @@ def test_an_fp8_checkpoint_is_compared_as_written(tmp_path):
     state["model.layers.0.self_attn.o_proj.weight"] = w.view(torch.float8_e4m3fn)
     with pytest.raises(AssertionError, match=r"o_proj.weight at index \[1, 2\]: .*float8_e4m3fn bits 0x[0-9a-f]{2}\)"):
         assert_served_weights_equal(engine, state)
+
+
+def test_safetensors_dir_reader_refuses_hostile_files(ckpt, tmp_path):
+    """The one HF-dir reader (engines, trainer init, quantizer, this check): a FIFO named like a
+    shard is refused by name without blocking, garbage is named, the inputs are left as they were."""
+    import os
+
+    from pytest_miles.checks.safe_io import CheckpointError
+    from pytest_miles.engines.model import load_safetensors_dir
+
+    fifo = tmp_path / "fifo"
+    shutil.copytree(ckpt, fifo)
+    (fifo / "model-00002.safetensors").unlink(missing_ok=True)
+    os.mkfifo(fifo / "model-00002.safetensors")
+    with pytest.raises(CheckpointError, match=r"model-00002\.safetensors: cannot be read \(a FIFO"):
+        load_safetensors_dir(fifo)
+    with pytest.raises(CheckpointError, match="a FIFO"):
+        assert_served_weights_equal(ReferenceEngine(ckpt), fifo)
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    garbage = bad / "model-00002.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match=r"model-00002\.safetensors: not a readable safetensors file"):
+        load_safetensors_dir(bad)
+    assert garbage.read_bytes() == b"\xff" * 64

@@ -126,11 +126,11 @@ def _first_diff(fa: SafeFile, fb: SafeFile, oa: int, ob: int, length: int, bufs:
 
 
 def _compare_group(pairs: list[tuple[Item, Item]], files: tuple[Path, Path], stop: threading.Event,
-                   first: bool = False) -> tuple[int, int, list[tuple[Item, Item, bool]]]:
+                   first: bool = False) -> tuple[int, int, list[tuple[Item, Item]]]:
     """Compare the byte ranges of items that live in one (file A, file B) pair, in file order.
     Items adjacent on both sides are one run: one read loop for thousands of small tensors.
     Returns (items compared, bytes compared on both sides, the pairs whose bytes differ)."""
-    out: list[tuple[Item, Item, bool]] = []
+    out: list[tuple[Item, Item]] = []
     count = nbytes = 0
     bufs = (bytearray(CHUNK), bytearray(CHUNK))
     with SafeFile(files[0]) as fa, SafeFile(files[1]) as fb:
@@ -138,7 +138,7 @@ def _compare_group(pairs: list[tuple[Item, Item]], files: tuple[Path, Path], sto
         while i < n and not stop.is_set():
             a, b = pairs[i]
             if a.length != b.length:
-                out.append((a, b, False))
+                out.append((a, b))
                 count, nbytes, i = count + 1, nbytes + a.length + b.length, i + 1
                 if first:
                     stop.set()
@@ -163,7 +163,7 @@ def _compare_group(pairs: list[tuple[Item, Item]], files: tuple[Path, Path], sto
             same = _first_diff(fa, fb, x.offset, y.offset, x.length, bufs, threading.Event()) is None
             count, nbytes, i = count + 1, nbytes + x.length + y.length, i + 1
             if not same:
-                out.append((x, y, same))
+                out.append((x, y))
                 if first:
                     stop.set()  # --first: nothing after the first differing byte range is read
     return count, nbytes, out
@@ -446,9 +446,13 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
                 count, nbytes, differing = fut.result()
                 report.tensors_compared += count
                 report.bytes_compared += nbytes
-                for ia, _, _ in differing:
+                for ia, _ in differing:
                     ea, eb = owner[id(ia)]
-                    unequal[id(ea)] = (ea, eb if eb is not None else _relocated_entry(ea, relocate))
+                    if eb is None:  # a mirrored entry: read B's bytes from B's files
+                        from .dcp_layout import relocated
+
+                        eb = relocated(ea, relocate)
+                    unequal[id(ea)] = (ea, eb)
     todo = sorted([*unequal.values(), *assembled], key=lambda p: p[0].order)
     for ea, eb in todo:
         if first and diffs:
@@ -482,14 +486,6 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
     report.stopped_early = first and bool(diffs) and stop.is_set()
     report.ignored_unmatched = ign.unmatched()
     return report
-
-
-def _relocated_entry(e: Entry, relocate: dict[Path, Path]) -> Entry:
-    """A mirrored entry as read from B's files (only built where its bytes differ)."""
-    from .dcp_layout import relocated
-
-    return Entry(e.name, e.order, e.kind, e.dtype, e.shape,
-                 [(o, s, relocated(it, relocate[it.file])) for o, s, it in e.chunks], e.value, e.where)
 
 
 def _short(v: Any) -> str:

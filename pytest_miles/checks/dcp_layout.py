@@ -71,11 +71,15 @@ def _decode(path: Path, key: str, offset: int, length: int, kind: str, dtype: st
     return materialize(obj)
 
 
-def relocated(item: Item, file: Path) -> Item:
-    """The same item read from another file (the mirrored side's)."""
-    d = item.decode
-    decode = partial(d.func, file, *d.args[1:]) if isinstance(d, partial) else d
-    return Item(item.key, file, item.offset, item.length, item.order, item.kind, item.encoding, decode)
+def relocated(entry: Entry, relocate: dict[Path, Path]) -> Entry:
+    """A mirrored entry as read from the other side's files (built only where its bytes differ)."""
+    chunks = []
+    for offsets, sizes, item in entry.chunks:
+        file, d = relocate[item.file], item.decode
+        decode = partial(d.func, file, *d.args[1:]) if isinstance(d, partial) else d
+        chunks.append((offsets, sizes, Item(item.key, file, item.offset, item.length, item.order, item.kind,
+                                            item.encoding, decode)))
+    return Entry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value, entry.where)
 
 
 def _storage_index(md: Any, meta_path: Path) -> dict[tuple[str, tuple[int, ...]], tuple]:
@@ -121,9 +125,7 @@ def _meta_and_notes(md: Any, layout: Layout) -> dict[str, str]:
         rest = {k: v for k, v in vars(sm).items() if k not in _IDS}
         if rest:
             layout.meta[".metadata:storage_meta"] = rest
-    layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
-    if ids:
-        layout.notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in ids.items())}")
+    _id_notes(layout, ids)
     planner = getattr(md, "planner_data", None)
     if isinstance(planner, dict):
         for fqn, value in planner.items():
@@ -132,6 +134,21 @@ def _meta_and_notes(md: Any, layout: Layout) -> dict[str, str]:
         layout.meta[".metadata:planner_data"] = planner
     layout.meta[".metadata:version"] = getattr(md, "version", None)
     return ids
+
+
+def _id_notes(layout: Layout, ids: dict[str, Any]) -> None:
+    layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
+    if ids:
+        layout.notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in ids.items())}")
+
+
+def _file_size(file: Path, meta_path: Path) -> int:
+    """A data file `.metadata` lists: present, regular, readable (a FIFO is refused, never opened
+    blocking); its size."""
+    if not os.path.lexists(file):
+        raise CheckpointError(f"{file}: listed in {meta_path} but missing")
+    with SafeFile(file) as f:
+        return f.size
 
 
 def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, like: Layout | None = None) -> Layout:
@@ -189,10 +206,7 @@ def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, l
             file = files.get(rel)
             if file is None:
                 file = files[rel] = root / rel
-                if not os.path.lexists(file):
-                    raise CheckpointError(f"{file}: listed in {meta_path} but missing")
-                with SafeFile(file) as f:  # regular file, readable; a FIFO is refused, never opened blocking
-                    sizes[rel] = f.size
+                sizes[rel] = _file_size(file, meta_path)
                 spans[rel] = []
             if offset + length > sizes[rel]:
                 raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {offset + length}, "
@@ -308,17 +322,12 @@ def _mirror(index: DcpIndex, raw: bytes, root: Path, meta_path: Path, kind: str,
     sizes = {}
     for rel, end in index.ends.items():
         file = root / rel
-        if not os.path.lexists(file):
-            raise CheckpointError(f"{file}: listed in {meta_path} but missing")
-        with SafeFile(file) as f:
-            sizes[rel] = f.size
-        if f.size < end:
+        sizes[rel] = _file_size(file, meta_path)
+        if sizes[rel] < end:
             return None  # truncated: the full path names the first tensor that does not fit
         layout.relocate[index.files[rel]] = file
     layout.entries.update(index.entries)
     layout.meta.update(index.meta)
-    layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
-    if mine:
-        layout.notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in mine.items())}")
+    _id_notes(layout, mine)
     _unreferenced(layout, names, root, sizes)
     return layout  # no index of its own: its entries are the other side's (not mirrored again)

@@ -177,9 +177,8 @@ def _expected(expected: Any, config: Any, spec: str) -> tuple[dict, str, bool]:
 
 def _read_hf_dir(path: Path) -> tuple[dict, str, bool]:
     """Its *.safetensors (header and raw tensors only: nothing in them is executed)."""
-    from safetensors import SafetensorError, safe_open
-
-    from .safe_io import CheckpointError, SafeFile, read_text
+    from ..engines.model import load_safetensors_dir
+    from .safe_io import CheckpointError, read_text
 
     if not path.is_dir():
         raise ValueError(f"expected: {path} is not a directory (an HF checkpoint directory is expected)")
@@ -195,16 +194,10 @@ def _read_hf_dir(path: Path) -> tuple[dict, str, bool]:
         raise ValueError(f"expected: {path} has no *.safetensors" + (
             f" ({', '.join(pickles[:3])} are pickles: never unpickled here; convert them to safetensors)"
             if pickles else ""))
-    weights: dict = {}
-    for f in files:
-        with SafeFile(f):  # a regular file (a FIFO or device would hang the reader), or a named error
-            pass
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                for k in st.keys():
-                    weights[k] = st.get_tensor(k)
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"expected: {f}: not a readable safetensors file ({exc})") from None
+    try:
+        weights = load_safetensors_dir(path)
+    except ValueError as exc:
+        raise ValueError(f"expected: {exc}") from None
     qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if qc:
         return weights, (f"the {qc.get('quant_method', 'quantized')} checkpoint {path} as written (the served "

@@ -211,6 +211,26 @@ def save_hf_weights(path: str | Path, state: dict, cfg: TinyConfig, dtype: str =
     return path
 
 
+def load_safetensors_dir(path: str | Path) -> dict:
+    """Every tensor of an HF dir's *.safetensors, in file order ({} when it has none: each caller
+    says what it expected). Safetensors only: nothing is unpickled; each file must be a regular
+    file (else CheckpointError naming it: a FIFO is never opened blocking); an unreadable one is a
+    ValueError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ..checks.safe_io import SafeFile
+
+    state: dict = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        SafeFile(f).close()  # a regular file, or a CheckpointError naming what it is
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from None
+    return state
+
+
 def write_shape(path: str | Path, shape: str, dtype: str = "bfloat16") -> Path:
     """The embedded model of this shape (see SHAPES) as an HF checkpoint."""
     if shape not in SHAPES:

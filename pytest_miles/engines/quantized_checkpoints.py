@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..precision import unsupported_on
-from .model import SHAPES, TinyConfig, write_hf_checkpoint
+from .model import SHAPES, TinyConfig, load_safetensors_dir, write_hf_checkpoint
 
 # A shape whose every linear weight dimension is a multiple of 128 (the default tiny model's
 # 64-wide KV projection is not): hidden 256, 2 heads x head_dim 128, 1 KV head, MLP 512.
@@ -100,7 +100,6 @@ def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path
     import shutil
 
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     if fmt not in QUANT_CONFIGS:
@@ -110,13 +109,9 @@ def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path
     if config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized ({config['quantization_config'].get('quant_method')}); "
                          "give the bf16 checkpoint")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
+    if not any(src.glob("*.safetensors")):
         raise ValueError(f"{src}: no *.safetensors (pickled .bin checkpoints are not read)")
-    state = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            state.update({k: st.get_tensor(k).to(torch.bfloat16) for k in st.keys()})
+    state = {k: v.to(torch.bfloat16) for k, v in load_safetensors_dir(src).items()}
     quantized = quantize_state(state, fmt)  # refuses a shape the blocks do not fit, before anything is written
     path.mkdir(parents=True, exist_ok=True)
     save_file(quantized, str(path / "model.safetensors"), metadata={"format": "pt"})

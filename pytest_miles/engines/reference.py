@@ -15,19 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .base import EngineError, Output, SamplingParams, WeightNotServed, per_item
-from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights
+from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights, load_safetensors_dir
 
 
 def _load_state(model_dir: Path):
-    from safetensors.torch import load_file
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
+    if not any(Path(model_dir).glob("*.safetensors")):
         raise EngineError(f"{model_dir}: no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+    return load_safetensors_dir(model_dir)
 
 
 class ReferenceEngine:

@@ -139,15 +139,13 @@ def export_state(r: Rank, path: Path) -> Path:
 def load_hf(r: Rank, path: Path) -> None:
     """The initial weights: an HF checkpoint converted to megatron's names, loaded strictly."""
     import torch
-    from safetensors.torch import load_file
 
     from ..convert import hf_to_megatron
+    from ..engines.model import load_safetensors_dir
 
     if r.tp != 1:
         raise ValueError(f"init_hf with tensor_parallel {r.tp}: only 1 is supported (no TP split yet)")
-    hf = {}
-    for f in sorted(path.glob("*.safetensors")):
-        hf.update(load_file(str(f)))
+    hf = load_safetensors_dir(path)
     state = {k: v.to(torch.float32) for k, v in hf_to_megatron(hf, _tiny_config(r.spec), spec="te" if r.te else "local").items()}
     own = r.model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
