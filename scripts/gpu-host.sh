@@ -7,7 +7,7 @@
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
-#   scripts/gpu-host.sh served-weights | served-weights-fp8, then served-weights-wait   (issue #16: served == trainer weights)
+#   scripts/gpu-host.sh served-weights | served-weights-fp8, then served-weights-wait | served-weights-fp8-inline   (issue #16)
 #   [PYTEST_MILES_MODEL=DIR] scripts/gpu-host.sh te-cells-model   (issue #16: the matrix on an HF dir via --miles-model)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +40,13 @@ if [ "${1:-}" = te-install ]; then
   $PY -c "import torch, transformer_engine.pytorch, transformer_engine as te, megatron.core as m; print('te', te.__version__, 'megatron-core', m.__version__, 'cudnn', torch.backends.cudnn.version())"
   exit $?
 fi
+# A step's limit: 580 s fits one device call; gpu-validate.sh's detached tracks raise it (MILES_STEP_TIMEOUT).
+STEP_TIMEOUT=${MILES_STEP_TIMEOUT:-580}
 te_env() { [ -e "$TE_STASH/env.sh" ] && . "$TE_STASH/env.sh" || echo "no $TE_STASH/env.sh: run te-stash 1..5 and te-install on this host first"; }
 te_pytest() {  # te_pytest NAME -k EXPR [ARGS...]: tests/gpu/test_gpu_te.py with TE's environment
   local name=$1; shift
-  ( te_env; timeout 580 $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
-      --miles-require-gpu "$@" ) 2>&1 | tee "$OUT/$name.log"
+  ( te_env; timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
+      --miles-require-gpu --miles-engine-timeout 900 "$@" ) 2>&1 | tee "$OUT/$name.log"
 }
 SW=/tmp/miles-served-weights  # served-weights-fp8 runs detached; served-weights-wait reads it here
 rc=0
@@ -135,17 +137,22 @@ for step in "$@"; do
         --miles-report "$OUT/te-cells-model-report.json" || rc=1 ;;
     served-weights)  # SGLang's /get_weights_by_name == the tiny128 bf16 checkpoint and a trainer session's own state
       # dict (TE bf16 after te-install, else the local spec), through SGLang's Qwen2 and Llama classes (~4 min: 2 engines)
-      ( te_env >/dev/null 2>&1; timeout 580 $PY -m pytest tests/gpu/test_gpu_served_weights.py -k bf16 -v -s -rsx \
-          -p no:cacheprovider -p no:randomly --miles-require-gpu --basetemp=/tmp/miles-bt-served ) 2>&1 \
-        | tee "$OUT/served-weights.log" || rc=1
+      ( te_env >/dev/null 2>&1; timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_served_weights.py -k bf16 -v -s -rsx \
+          -p no:cacheprovider -p no:randomly --miles-require-gpu --miles-engine-timeout 900 \
+          --basetemp=/tmp/miles-bt-served ) 2>&1 | tee "$OUT/served-weights.log" || rc=1
       cp /tmp/miles-bt-served/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
+    served-weights-fp8-inline)  # served-weights-fp8 in the foreground, for gpu-validate.sh's detached tracks
+      ( te_env >/dev/null 2>&1; timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_served_weights.py -k fp8 -v -s -rsx \
+          -p no:cacheprovider -p no:randomly --miles-require-gpu --miles-engine-timeout 900 \
+          --basetemp=/tmp/miles-bt-served-fp8 ) 2>&1 | tee "$OUT/served-weights-fp8.log" || rc=1
+      cp /tmp/miles-bt-served-fp8/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     served-weights-fp8)  # the same for the block-wise FP8 checkpoint, DETACHED: a first FP8 engine start took more
       # than 600 s (te-serve), past one command's limit. Returns at once; then run served-weights-wait (again) until it
       # prints the exit code. Test timeout 1500 s, two engine starts (qwen2 and llama classes).
       mkdir -p "$SW"; rm -f "$SW/rc"
       ( te_env >/dev/null 2>&1
         setsid nohup bash -c "timeout 1500 $PY -m pytest tests/gpu/test_gpu_served_weights.py -k fp8 -v -s -rsx \
-          -p no:cacheprovider -p no:randomly --miles-require-gpu --basetemp=$SW/bt > $SW/fp8.log 2>&1; echo \$? > $SW/rc" \
+          -p no:cacheprovider -p no:randomly --miles-require-gpu --miles-engine-timeout 900 --basetemp=$SW/bt > $SW/fp8.log 2>&1; echo \$? > $SW/rc" \
           < /dev/null > /dev/null 2>&1 & echo $! > "$SW/pid" )
       echo "served-weights-fp8 started (pid $(cat "$SW/pid")), log $SW/fp8.log: run served-weights-wait" ;;
     served-weights-wait)  # waits up to 570 s for served-weights-fp8; copies its log (and engine logs) to $OUT

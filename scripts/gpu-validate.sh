@@ -20,7 +20,7 @@ case "${1:-}" in
           echo "$(date +%T) start $s" >> "$d/progress"
           case "$s" in
             wait-t*) while ! grep -q "^DONE" "$R/${s#wait-}/progress" 2>/dev/null; do sleep 5; done; rc=0 ;;
-            *) OUT=$d bash scripts/gpu-host.sh "$s" > "$d/$s.stdout" 2>&1; rc=$? ;;
+            *) OUT=$d MILES_STEP_TIMEOUT=${MILES_STEP_TIMEOUT:-1500} bash scripts/gpu-host.sh "$s" > "$d/$s.stdout" 2>&1; rc=$? ;;
           esac
           echo "$(date +%T) end $s rc=$rc" >> "$d/progress"
         done

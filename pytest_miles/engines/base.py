@@ -10,6 +10,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
+# SGLang start-up settings whose default we change (the user's own value, if set, wins). They pick
+# when kernels are compiled, not which kernels run: the served numbers are the same.
+SGLANG_START_ENV: dict[str, tuple[str, str]] = {
+    "SGLANG_JIT_DEEPGEMM_PRECOMPILE": (
+        "0", "DeepGEMM's start-up precompile of every M from 1 to 16384 per FP8 GEMM shape takes 10-20 min on a "
+        "fresh host (sgl-project/sglang#5580, #4773); off, the same kernels compile when a shape is first used "
+        "(CUDA graph capture's warm-up runs before capture)"),
+}
+
+
+def sglang_start_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """SGLANG_START_ENV's values, less those `environ` (default os.environ) already sets."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return {k: v for k, (v, _) in SGLANG_START_ENV.items() if k not in environ}
+
+
 class EngineError(RuntimeError):
     """An engine could not start, died, or answered nonsense. Carries the log tail when there is one."""
 

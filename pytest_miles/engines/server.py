@@ -22,7 +22,7 @@ from typing import Any
 from ..environment import deterministic_env_vars
 from ..ownership import disown, spawn
 from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json
+from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json, sglang_start_env
 
 
 class ServerEngine:
@@ -242,6 +242,7 @@ class SGLangEngine(ServerEngine):
             cmd.append("--disable-cuda-graph")
         cmd += sglang_passthrough(extra_args)
         self.deterministic, self.attention_backend = deterministic, attention_backend
+        kw["env"] = {**sglang_start_env(), **(kw.get("env") or {})}
         super().__init__(cmd, port=port, health_path="/health", **kw)
 
 

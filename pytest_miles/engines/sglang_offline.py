@@ -9,7 +9,7 @@ from typing import Any
 
 from ..environment import deterministic_env_vars
 from ..processes import kill_tree
-from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json
+from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json, sglang_start_env
 
 
 class SGLangOfflineEngine:
@@ -17,7 +17,7 @@ class SGLangOfflineEngine:
 
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, **engine_kwargs: Any) -> None:
-        os.environ.update(deterministic_env_vars())  # the scheduler processes inherit it
+        os.environ.update({**sglang_start_env(), **deterministic_env_vars()})  # the scheduler processes inherit it
         import sglang
 
         skip_tok = not (Path(model_path) / "tokenizer_config.json").exists()
