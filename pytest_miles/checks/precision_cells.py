@@ -188,7 +188,6 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
         TINY128,
         check_sglang_layout,
         quantize_checkpoint_dir,
-        write_quantized_checkpoint,
     )
     from .drift import measure_logprob_drift
 
@@ -216,11 +215,8 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     serve_dir = bf16_dir
     if rollout != "bf16":
         serve_dir = work / rollout
-        if not (serve_dir / "config.json").exists():
-            if model_dir is not None:
-                quantize_checkpoint_dir(bf16_dir, serve_dir, rollout)
-            else:
-                write_quantized_checkpoint(serve_dir, rollout, cfg)
+        if not (serve_dir / "config.json").exists():  # quantized from the very bf16 files the trainer loads
+            quantize_checkpoint_dir(bf16_dir, serve_dir, rollout)
         problems = check_sglang_layout(serve_dir)
         if problems:  # e.g. a linear dim that is not a multiple of the 128-row block: SGLang would refuse it
             raise ValueError(f"rollout checkpoint {serve_dir} for {rollout}: SGLang's FP8 loader would refuse it: "
@@ -232,8 +228,12 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     train_lp, facts = trainer_logprobs(trainer_factory, bf16_dir, cfg, samples, train, **(trainer_kwargs or {}))
     drift = drift_between(rollout, train, [o.logprobs for o in outs], train_lp, f"end-to-end: {engine.name}")
     reference = measure_logprob_drift(rollout, train, config=cfg, seed=seed)
+    # How peaked the model is, for reading the figure: a near-uniform model hides precision drift, a
+    # saturated one (the sampled token's logprob ~0, others far below) turns any rounding into a flip.
+    rollout_lp = [x for o in outs for x in o.logprobs]
     report = CellReport(drift, sequences, tolerance, reference,
-                        {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name})
+                        {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name,
+                         "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4)})
     if record is not None:
         record(f"precision cell rollout={rollout} x train={train} (end to end)", **report.figures())
     return report
