@@ -7,6 +7,7 @@
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
+#   scripts/gpu-host.sh cudnn-stash K, then te-fused-cudnn   (TE fused attention with a carried newer cuDNN)
 #   scripts/gpu-host.sh served-weights | served-weights-fp8, then served-weights-wait | served-weights-fp8-inline   (issue #16)
 #   [PYTEST_MILES_MODEL=DIR] scripts/gpu-host.sh te-cells-model   (issue #16: the matrix on an HF dir via --miles-model)
 set -uo pipefail
@@ -42,10 +43,17 @@ if [ "${1:-}" = te-install ]; then
 fi
 # A step's limit: 580 s fits one device call; gpu-validate.sh's detached tracks raise it (MILES_STEP_TIMEOUT).
 STEP_TIMEOUT=${MILES_STEP_TIMEOUT:-580}
+CUDNN_STASH=/tmp/miles-cudnn  # a newer nvidia-cudnn-cu13 wheel, carried in parts (.cudnn/part-K, split -b 60M)
+if [ "${1:-}" = cudnn-stash ]; then
+  mkdir -p "$CUDNN_STASH/parts" && cp .cudnn/part-"$2"/* "$CUDNN_STASH/parts/" && ls "$CUDNN_STASH/parts" | wc -l; exit $?
+fi
 te_env() { [ -e "$TE_STASH/env.sh" ] && . "$TE_STASH/env.sh" || echo "no $TE_STASH/env.sh: run te-stash 1..5 and te-install on this host first"; }
 te_pytest() {  # te_pytest NAME -k EXPR [ARGS...]: tests/gpu/test_gpu_te.py with TE's environment
   local name=$1; shift
-  ( te_env; timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
+  ( te_env  # MILES_CUDNN: a cuDNN dir both torch and TE load (preloaded: torch's own lookup would find its 9.19 first)
+    [ -z "${MILES_CUDNN:-}" ] || export CUDNN_PATH=$MILES_CUDNN LD_LIBRARY_PATH=$MILES_CUDNN/lib:$LD_LIBRARY_PATH \
+      LD_PRELOAD=$MILES_CUDNN/lib/libcudnn.so.9${LD_PRELOAD:+ $LD_PRELOAD}
+    timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_te.py -v -s -rs -p no:cacheprovider -p no:randomly \
       --miles-require-gpu --miles-engine-timeout 900 "$@" ) 2>&1 | tee "$OUT/$name.log"
 }
 SW=/tmp/miles-served-weights  # served-weights-fp8 runs detached; served-weights-wait reads it here
@@ -121,6 +129,13 @@ for step in "$@"; do
       te_pytest te-trainer -k "twice_bitwise_equal or mxfp8_refused" || rc=1 ;;
     te-fused)  # TE's own attention choice (cuDNN fused attention; expected to xfail on cuDNN 9.19) (~1 min)
       te_pytest te-fused -k "attention_backend_te_picks" || rc=1 ;;
+    te-fused-cudnn)  # te-fused with the carried cuDNN (after cudnn-stash 1..N): torch and TE both load it (~2 min)
+      if [ ! -d "$CUDNN_STASH/site/nvidia/cudnn" ]; then
+        ( cd "$CUDNN_STASH" && cat parts/chunk.* > parts/"$(cut -d' ' -f3 parts/SHA256)" && cd parts && sha256sum -c SHA256 ) \
+          && $PY -m zipfile -e "$CUDNN_STASH/parts/$(cut -d' ' -f3 "$CUDNN_STASH/parts/SHA256")" "$CUDNN_STASH/site" \
+          || { echo "cudnn wheel incomplete: run cudnn-stash 1..N first"; rc=1; continue; }
+      fi
+      MILES_CUDNN=$CUDNN_STASH/site/nvidia/cudnn te_pytest te-fused-cudnn -k "attention_backend_te_picks" || rc=1 ;;
     te-serve)  # SGLang serves the block-wise FP8 checkpoint with its FP8 kernels (~3 min: two engine starts)
       te_pytest te-serve tests/test_quantized_checkpoints.py -k "fp8_checkpoint_served or sglang_parses" \
         --basetemp=/tmp/miles-bt-te-serve || rc=1
