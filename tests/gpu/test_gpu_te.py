@@ -47,7 +47,9 @@ def test_te_trainer_twice_bitwise_equal(megatron_trainer_factory, tmp_path, prec
 FUSED_NEEDS_CUDNN = 92200  # cudnn-frontend sets CUDNN_ATTR_OPERATION_RESHAPE_MODE only #if CUDNN_VERSION >= 92200
 
 
-def test_te_trainer_with_the_attention_backend_te_picks(megatron_trainer_factory, tmp_path, request, miles_record):
+@pytest.mark.parametrize("precision", ["bf16", "fp8_blockwise"])
+def test_te_trainer_with_the_attention_backend_te_picks(megatron_trainer_factory, tmp_path, request, miles_record,
+                                                        precision):
     """TE's own attention choice (cuDNN fused attention on Hopper), trained twice: bitwise equal.
     Below cuDNN 9.22 (torch 2.11 ships 9.19) the fused backward fails on this TE build: XFAIL
     naming it, the run still made to fail (strict). Carry a newer nvidia-cudnn-cu13 to run it:
@@ -60,13 +62,13 @@ def test_te_trainer_with_the_attention_backend_te_picks(megatron_trainer_factory
             reason=f"cuDNN {cudnn}: TE 2.17.1's core was built against cuDNN >= 9.22 and its fused attention backward "
                    "fails with CUDNN_STATUS_BAD_PARAM on CUDNN_ATTR_OPERATION_RESHAPE_MODE (../shared/gpu/README.md, "
                    "TransformerEngine)", strict=True))
-    a = _te_trainer(megatron_trainer_factory, "bf16", attention_backend="auto").train(STEPS, save_dir=tmp_path / "run1")
-    b = _te_trainer(megatron_trainer_factory, "bf16", attention_backend="auto").train(STEPS, save_dir=tmp_path / "run2")
+    a = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(STEPS, save_dir=tmp_path / "run1")
+    b = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(STEPS, save_dir=tmp_path / "run2")
     selected = a.facts["attention_backend_selected"]
-    print(f"\nauto (cuDNN {cudnn}): TE selected {selected}\nrun1 loss bits {a.loss_bits}\nrun2 loss bits {b.loss_bits}")
+    print(f"\n{precision}, auto (cuDNN {cudnn}): TE selected {selected}\nrun1 loss bits {a.loss_bits}\nrun2 loss bits {b.loss_bits}")
     assert_runs_bitwise_equal(a, b)
     print(assert_checkpoints_equal(tmp_path / "run1", tmp_path / "run2").render())
-    miles_record("TE trainer bf16, TE's attention choice, twice bitwise equal", cudnn=cudnn, attention=selected,
+    miles_record(f"TE trainer {precision}, TE's attention choice, twice bitwise equal", cudnn=cudnn, attention=selected,
                  losses=" ".join(a.loss_bits))
 
 
