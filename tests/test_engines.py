@@ -103,7 +103,6 @@ def test_sglang_passthrough_follows_miles_convention():
         "--mem-fraction-static", "0.5", "--log-level", "debug", "--x"]
 
 
-
 def test_sglang_server_skips_deepgemm_precompile_unless_the_user_sets_it(model_dir, monkeypatch):
     """The SGLang server's environment (the process is not started): DeepGEMM's 10-20 min start-up
     precompile is off by default, a user's own SGLANG_JIT_DEEPGEMM_PRECOMPILE wins, and the
@@ -116,6 +115,7 @@ def test_sglang_server_skips_deepgemm_precompile_unless_the_user_sets_it(model_d
     monkeypatch.setenv("SGLANG_JIT_DEEPGEMM_PRECOMPILE", "1")
     assert SGLangEngine(model_dir).env["SGLANG_JIT_DEEPGEMM_PRECOMPILE"] == "1"
     assert SGLangEngine(model_dir, env={"X_MILES": "y"}).env["X_MILES"] == "y"
+
 
 # ---- the server engine: real subprocess, real port --------------------------------------------
 

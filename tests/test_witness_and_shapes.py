@@ -121,7 +121,6 @@ def test_tiny128_is_written_streamed_and_served(tmp_path):
     assert len(out.output_ids) > 0 and out.cached_tokens == 0
 
 
-
 def test_one_shape_has_one_set_of_weights_however_written(tmp_path):
     """init_weights (the in-process reference, the drift measure, the converter) and the files
     written for the engines hold the same values for a shape other than tiny; tiny keeps its own."""
@@ -154,6 +153,7 @@ def test_the_05b_shape_logits_are_not_saturated():
         logits, _ = model.step(ids, torch.arange(8)[None], torch.ones(1, 8, dtype=torch.bool), all_logits=True)
     spread = float(logits.float().std(-1).mean())
     assert 0.5 < spread < 5, spread
+
 
 def test_shape_model_is_written_once_and_shared_by_workers(tmp_path, monkeypatch):
     worker = tmp_path / "popen-gw1"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-
 # SGLang start-up settings whose default we change (the user's own value, if set, wins). They pick
 # when kernels are compiled, not which kernels run: the served numbers are the same.
 SGLANG_START_ENV: dict[str, tuple[str, str]] = {
