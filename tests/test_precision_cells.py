@@ -14,6 +14,7 @@ from pytest_miles.checks.precision_cells import (
     CellReport,
     check_cell,
     drift_between,
+    heatmap_label,
     measure_precision_cell,
     plot_precision_matrix,
 )
@@ -78,6 +79,22 @@ def test_heatmap(tmp_path):
     png = plot_precision_matrix({("fp8_blockwise", "bf16"): CellReport(d, 4),
                                  ("mxfp8", "mxfp8"): "mxfp8 needs blackwell"}, tmp_path / "m.png")
     assert png.stat().st_size > 1000
+    png = plot_precision_matrix({}, tmp_path / "h100.png", hardware=parse_override("h100"))
+    assert png.stat().st_size > 1000
+
+
+def test_heatmap_labels_say_why_a_cell_has_no_figure():
+    """A cell the GPU cannot run and that no test entered (the plugin skipped it before its body)
+    says why on the heatmap (H100 record 2026-11-24 showed "not run"); refused cells show "-"."""
+    d = DriftReport("bf16", "bf16", 0.0093, 0.037, 8e-5, 82, "end-to-end")
+    h100 = parse_override("h100")
+    assert heatmap_label("bf16", "bf16", CellReport(d, 4), h100) == "0.0093\n82 tok"
+    assert heatmap_label("mxfp8", "mxfp8", None, h100).startswith("skipped\nmxfp8 needs blackwell")
+    assert heatmap_label("mxfp8", "mxfp8", None, parse_override("b200")) == "not run"
+    assert heatmap_label("mxfp8", "mxfp8", None) == "not run"
+    assert heatmap_label("bf16", "fp8_blockwise", None, h100) == "-"  # the seed's rules refuse it
+    assert heatmap_label("fp8_blockwise", "bf16", "a reason longer than one line of the cell", h100) == (
+        "skipped\na reason longer than\none line of the cell")
 
 
 def test_trainer_side_names_what_is_not_wired(tmp_path):

@@ -239,10 +239,27 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     return report
 
 
+def heatmap_label(rollout: str, train: str, got: CellReport | str | None, hardware=None) -> str:
+    """One heatmap cell's text: the figure and token count, "skipped" and the start of why, "-"
+    for a cell the seed's rules refuse, or "not run" (a valid cell nobody ran, on a GPU that could)."""
+    import textwrap
+
+    status = cell_status(rollout, train)
+    if got is None and hardware is not None and status.valid:
+        got = unsupported_on(status.formats, hardware)  # skipped before it started: say why
+    if isinstance(got, CellReport):
+        return f"{got.drift.train_rollout_logprob_abs_diff:.3g}\n{got.drift.tokens} tok"
+    if isinstance(got, str):
+        return "\n".join(["skipped", *textwrap.wrap(got, 22)[:2]])
+    return "-" if not status.valid else "not run"
+
+
 def plot_precision_matrix(reports: dict[tuple[str, str], CellReport | str], path: str | Path,
-                          title: str = "train_rollout_logprob_abs_diff") -> Path | None:
+                          title: str = "train_rollout_logprob_abs_diff", hardware=None) -> Path | None:
     """Heatmap of the matrix: measured cells with their figure, the others with why not
-    (a skip reason, or the seed's rule). None when matplotlib is not installed."""
+    (a skip reason, or the seed's rule). `hardware` (a Hardware): a valid cell with no entry
+    that this GPU cannot run (skipped before it started) shows that reason too, not "not run".
+    None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -258,12 +275,7 @@ def plot_precision_matrix(reports: dict[tuple[str, str], CellReport | str], path
             got = reports.get((r, t))
             if isinstance(got, CellReport):
                 values[i][j] = got.drift.train_rollout_logprob_abs_diff
-                text = f"{values[i][j]:.3g}\n{got.drift.tokens} tok"
-            elif isinstance(got, str):
-                text = "skipped\n" + got[:24]
-            else:
-                text = "-" if not cell_status(r, t).valid else "not run"
-            ax.text(j, i, text, ha="center", va="center", fontsize=7)
+            ax.text(j, i, heatmap_label(r, t, got, hardware), ha="center", va="center", fontsize=7)
     im = ax.imshow(values, cmap="viridis")
     fig.colorbar(im, ax=ax, label="mean |logp_train - logp_rollout|")
     ax.set_xticks(range(len(names)), names)

@@ -127,7 +127,7 @@ def _shapes() -> dict:
 
 
 @pytest.fixture(scope="module")
-def cells_dir(tmp_path_factory, miles_settings):
+def cells_dir(tmp_path_factory, miles_settings, miles_hardware):
     yield tmp_path_factory.mktemp("cells")
     from pytest_miles.checks.precision_cells import plot_precision_matrix
 
@@ -138,7 +138,8 @@ def cells_dir(tmp_path_factory, miles_settings):
             continue
         where = (Path(report).with_suffix(f".precision-matrix-{shape}.png") if report
                  else tmp_path_factory.getbasetemp() / f"precision-matrix-{shape}.png")
-        png = plot_precision_matrix(cells, where, f"train_rollout_logprob_abs_diff, {shape}: SGLang x Megatron-TE")
+        png = plot_precision_matrix(cells, where, f"train_rollout_logprob_abs_diff, {shape}: SGLang x Megatron-TE",
+                                    hardware=miles_hardware)
         print(f"\nheatmap {shape}: {png or 'matplotlib not installed'}")
 
 
