@@ -229,3 +229,56 @@ def test_an_fp8_rollout_of_a_shape_sglang_would_refuse_is_named(tmp_path):
         measure_precision_cell(("fp8_blockwise", "bf16"), never, never, hardware=parse_override("h100"),
                                work_dir=tmp_path / "work", model_dir=mine)
     assert not (tmp_path / "work" / "fp8_blockwise").exists()
+
+
+
+class _NeverRead:
+    """Deliberate negative control: an engine the served-weights check must never get to read."""
+
+    name = "never-read"
+
+    def get_weights_by_name(self, *args):
+        raise AssertionError("a weight was read although the expected checkpoint had to be refused")
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("content, message, unreadable", [
+    (b"{not json", r"config.json: not valid JSON", True),
+    (b"[1, 2]", r"config.json: a JSON list, not an object", True),
+    (None, r"config.json: cannot be read \(a FIFO", True),
+    (b'{"model_type": "qwen2"}', r"config.json: missing field\(s\) vocab_size", False),
+])
+def test_a_bad_config_json_is_named_and_never_blocks(content, message, unreadable, tmp_path):
+    """Every reader of a user's HF dir config.json (the reference engine, `model_dir=`,
+    quantize_checkpoint_dir, the served-weights check) goes through read_hf_config: malformed
+    JSON, a non-object and a FIFO are named, nothing hangs, the file is left as it was."""
+    import os
+
+    from pytest_miles import assert_served_weights_equal
+    from pytest_miles.engines.model import config_from_dir, read_hf_config
+    from pytest_miles.engines.quantized_checkpoints import quantize_checkpoint_dir
+
+    d = tmp_path / "m"
+    d.mkdir()
+    cfg = d / "config.json"
+    if content is None:
+        os.mkfifo(cfg)
+    else:
+        cfg.write_bytes(content)
+    (d / "model.safetensors").write_bytes(b"x")
+    before = cfg.stat()
+    if unreadable:  # the whole file is refused: every reader says so
+        with pytest.raises(ValueError, match=message):
+            read_hf_config(d)
+        with pytest.raises(ValueError, match=message):
+            quantize_checkpoint_dir(d, tmp_path / "q", "fp8_blockwise")
+        with pytest.raises(ValueError, match="expected: .*" + message):
+            assert_served_weights_equal(_NeverRead(), d)
+    with pytest.raises(ValueError, match=message):
+        config_from_dir(d)
+    with pytest.raises(ValueError, match="model_dir .*" + message):
+        measure_precision_cell(("bf16", "bf16"), None, None, hardware=parse_override("h100"), work_dir=tmp_path / "w",
+                               model_dir=d)
+    after = cfg.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "w").exists()

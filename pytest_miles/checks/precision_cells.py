@@ -151,14 +151,15 @@ def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], tr
 def user_model(model_dir: str | Path):
     """-> (dir, TinyConfig) of a user's HF Qwen2 checkpoint, or ValueError naming what does not fit
     (the converter and trainer map Qwen2: RMSNorm, SwiGLU, GQA, bias on q/k/v, RoPE)."""
-    import json
-
-    from ..engines.model import config_from_dir
+    from ..engines.model import config_from_hf, read_hf_config
 
     path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model_dir {path}: no config.json (an HF model directory is expected)")
-    raw = json.loads((path / "config.json").read_text())
+    try:
+        raw = read_hf_config(path)
+    except FileNotFoundError:
+        raise ValueError(f"model_dir {path}: no config.json (an HF model directory is expected)") from None
+    except ValueError as exc:
+        raise ValueError(f"model_dir {path}: {exc}") from None
     arch = raw.get("architectures") or [raw.get("model_type")]
     if raw.get("model_type") != "qwen2" and "Qwen2ForCausalLM" not in arch:
         raise ValueError(f"model_dir {path}: {arch} is not a Qwen2 model (model_type qwen2, Qwen2ForCausalLM): the "
@@ -168,7 +169,10 @@ def user_model(model_dir: str | Path):
                          "is written from it)")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"model_dir {path}: no *.safetensors (pickled .bin checkpoints are not read)")
-    return path, config_from_dir(path)
+    try:
+        return path, config_from_hf(raw, path / "config.json")
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model_dir {path}: {exc}") from None
 
 
 def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,

@@ -23,7 +23,6 @@ value only (NaN and inf cannot be told apart; the report says so when it happene
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -123,12 +122,13 @@ def assert_served_weights_equal(engine: Any, expected: Any, *, names: Iterable[s
         if report.replicas > 1 and (not isinstance(got, list) or len(got) != report.replicas):
             raise AssertionError(f"served weights: {label} runs dp_size {report.replicas} but answered "
                                  f"{len(got) if isinstance(got, list) else type(got).__name__} value(s) for {name!r}")
+        want32 = want.to(torch.float32)  # once per tensor, whatever the number of replicas
+        want_bits, want_nonfinite = _bits(want32), ~torch.isfinite(want32)
         for replica, answer in enumerate(answers):
             served, nulls = _served_tensor(answer, want.shape, name, label)
-            diff = _bits(served) != _bits(want.to(torch.float32))
-            expected_nonfinite = ~torch.isfinite(want.to(torch.float32))
-            diff &= ~(nulls & expected_nonfinite)
-            report.nulls += int((nulls & expected_nonfinite).sum())
+            matched_nulls = nulls & want_nonfinite
+            diff = (_bits(served) != want_bits) & ~matched_nulls
+            report.nulls += int(matched_nulls.sum())
             if bool(diff.any()):
                 where = f" (data-parallel replica {replica})" if report.replicas > 1 else ""
                 mismatches.append(_describe(name + where, diff, served, want, nulls))
@@ -177,17 +177,16 @@ def _expected(expected: Any, config: Any, spec: str) -> tuple[dict, str, bool]:
 
 def _read_hf_dir(path: Path) -> tuple[dict, str, bool]:
     """Its *.safetensors (header and raw tensors only: nothing in them is executed)."""
-    from ..engines.model import load_safetensors_dir
-    from .safe_io import CheckpointError, read_text
+    from ..engines.model import load_safetensors_dir, read_hf_config
 
     if not path.is_dir():
         raise ValueError(f"expected: {path} is not a directory (an HF checkpoint directory is expected)")
     try:
-        cfg = json.loads(read_text(path / "config.json", what="config.json"))
-    except CheckpointError as exc:
+        cfg = read_hf_config(path)
+    except FileNotFoundError as exc:
         raise ValueError(f"expected: {exc} (an HF checkpoint directory has a config.json)") from None
     except ValueError as exc:
-        raise ValueError(f"expected: {path / 'config.json'} is not JSON ({exc})") from None
+        raise ValueError(f"expected: {exc}") from None
     files = sorted(path.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -198,7 +197,7 @@ def _read_hf_dir(path: Path) -> tuple[dict, str, bool]:
         weights = load_safetensors_dir(path)
     except ValueError as exc:
         raise ValueError(f"expected: {exc}") from None
-    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+    qc = cfg.get("quantization_config")
     if qc:
         return weights, (f"the {qc.get('quant_method', 'quantized')} checkpoint {path} as written (the served "
                          "weights are the quantized ones)"), True

@@ -255,20 +255,39 @@ def write_shape(path: str | Path, shape: str, dtype: str = "bfloat16") -> Path:
     return write_hf_checkpoint(path, SHAPES[shape], dtype)
 
 
-def config_from_dir(path: str | Path) -> TinyConfig:
-    """Read an HF Qwen2-style config.json into a TinyConfig (the reference engine's shapes)."""
+def read_hf_config(path: str | Path) -> dict:
+    """An HF model directory's config.json as a dict. A regular file only (a FIFO is refused by
+    name, never opened blocking); FileNotFoundError where there is none; ValueError naming the
+    file for anything else that is not a JSON object."""
+    import os
+
+    from ..checks.safe_io import CheckpointError, read_text
+
     p = Path(path) / "config.json"
+    if not os.path.lexists(p):
+        raise FileNotFoundError(f"{p}: no config.json in the model directory")
     try:
-        raw = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no config.json in the model directory") from None
+        raw = json.loads(read_text(p, what="config.json"))
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from None
     except ValueError as exc:
         raise ValueError(f"{p}: not valid JSON ({exc})") from None
-    fields = {k: raw[k] for k in TinyConfig.__dataclass_fields__ if k in raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{p}: a JSON {type(raw).__name__}, not an object")
+    return raw
+
+
+def config_from_hf(raw: dict, where: str | Path = "config.json") -> TinyConfig:
+    """An HF Qwen2-style config (read_hf_config's dict) as a TinyConfig; ValueError naming `where`."""
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
     if missing:
-        raise ValueError(f"{p}: missing field(s) {', '.join(missing)}")
-    return TinyConfig(**fields)
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    return TinyConfig(**{k: raw[k] for k in TinyConfig.__dataclass_fields__ if k in raw})
+
+
+def config_from_dir(path: str | Path) -> TinyConfig:
+    """Read an HF Qwen2-style config.json into a TinyConfig (the reference engine's shapes)."""
+    return config_from_hf(read_hf_config(path), Path(path) / "config.json")
 
 
 class TinyDecoder:

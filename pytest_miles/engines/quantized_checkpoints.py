@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..precision import unsupported_on
-from .model import SHAPES, TinyConfig, load_safetensors_dir, write_hf_checkpoint
+from .model import SHAPES, TinyConfig, load_safetensors_dir, read_hf_config, write_hf_checkpoint
 
 # A shape whose every linear weight dimension is a multiple of 128 (the default tiny model's
 # 64-wide KV projection is not): hidden 256, 2 heads x head_dim 128, 1 KV head, MLP 512.
@@ -105,7 +105,7 @@ def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path
     if fmt not in QUANT_CONFIGS:
         raise ValueError(f"fmt {fmt!r}: expected one of {', '.join(QUANT_CONFIGS)}")
     src, path = Path(src), Path(path)
-    config = json.loads((src / "config.json").read_text())
+    config = read_hf_config(src)
     if config.get("quantization_config"):
         raise ValueError(f"{src}: already quantized ({config['quantization_config'].get('quant_method')}); "
                          "give the bf16 checkpoint")
