@@ -64,6 +64,13 @@ def _suite(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if args.iterations is None and not args.ignore:  # before importing the full comparison
+        from .checks.dcp_fast import fast_equal
+
+        report = fast_equal(args.a, args.b, args.workers)
+        if report is not None:
+            print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+            return 0
     from .checks.checkpoints import CheckpointError, compare_checkpoints
 
     try:
@@ -73,7 +80,7 @@ def _compare(args: argparse.Namespace) -> int:
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
         else:
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
-                                         workers=args.workers)
+                                         workers=args.workers, fast=False)
     except CheckpointError as exc:
         if args.json:
             print(json.dumps({"equal": None, "error": str(exc)}, indent=2))

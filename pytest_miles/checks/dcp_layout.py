@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .dcp_fast import id_notes
 from .layouts import ITEMSIZE, Entry, Item, Layout, _listdir
 from .safe_io import CheckpointError, SafeFile, read_bytes
 from .unpickle import LazyTensor, load_pickle, load_torch, materialize
@@ -137,9 +138,7 @@ def _meta_and_notes(md: Any, layout: Layout) -> dict[str, str]:
 
 
 def _id_notes(layout: Layout, ids: dict[str, Any]) -> None:
-    layout.notes.append(".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)")
-    if ids:
-        layout.notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in ids.items())}")
+    layout.notes.extend(id_notes(ids))
 
 
 def _file_size(file: Path, meta_path: Path) -> int:

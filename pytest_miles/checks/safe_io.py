@@ -54,7 +54,10 @@ class SafeFile:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise CheckpointError(f"{self.path}: {what} at bytes [{offset}, {offset + length}) is outside the "
                                   f"file ({self.size} bytes)")
-        out = bytearray()
+        first = os.pread(self.fd, length, offset) if length else b""
+        if len(first) == length:  # the usual case: one read, no copy
+            return first
+        out = bytearray(first)
         while len(out) < length:
             chunk = os.pread(self.fd, length - len(out), offset + len(out))
             if not chunk:
