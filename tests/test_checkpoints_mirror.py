@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.checkpoint")
 
-from pytest_miles.checks import dcp_layout  # noqa: E402
+from pytest_miles.checks import dcp_mirror  # noqa: E402
 from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
 from pytest_miles.checks.layouts import load_layout  # noqa: E402
 from tests.helpers.checkpoints import flip_bit, make_state, save_dcp  # noqa: E402
@@ -103,7 +103,7 @@ def test_truncated_second_side_is_named_as_without_the_mirror(pair, tmp_path):
 
 
 def test_mirrored_ids_rules():
-    """Unit rules of `_mirrored_ids` on real DCP Metadata pickles (as FileSystemWriter writes them)."""
+    """Unit rules of `mirrored_ids` on real DCP Metadata pickles (as FileSystemWriter writes them)."""
     import pickle
     from pathlib import PosixPath
 
@@ -116,12 +116,12 @@ def test_mirrored_ids_rules():
 
     ids = {"checkpoint_id": "/tmp/run/a", "save_id": "s" * 36}
     base = raw(PosixPath("/tmp/run/a"), "s" * 36)
-    assert dcp_layout._mirrored_ids(base, raw(PosixPath("/tmp/run/b"), "t" * 36), ids) == {
+    assert dcp_mirror.mirrored_ids(base, raw(PosixPath("/tmp/run/b"), "t" * 36), ids) == {
         "checkpoint_id": "/tmp/run/b", "save_id": "t" * 36}
-    assert dcp_layout._mirrored_ids(base, base, ids) == ids
-    assert dcp_layout._mirrored_ids(base, raw(PosixPath("/tmp/run/bb"), "t" * 35), ids) is None  # lengths
-    assert dcp_layout._mirrored_ids(base, raw(PosixPath("/tmp/run/a"), "s" * 36, "1.0.1"), ids) is None
-    assert dcp_layout._mirrored_ids(base, raw(PosixPath("/tmp/run/b"), "s" * 36),
+    assert dcp_mirror.mirrored_ids(base, base, ids) == ids
+    assert dcp_mirror.mirrored_ids(base, raw(PosixPath("/tmp/run/bb"), "t" * 35), ids) is None  # lengths
+    assert dcp_mirror.mirrored_ids(base, raw(PosixPath("/tmp/run/a"), "s" * 36, "1.0.1"), ids) is None
+    assert dcp_mirror.mirrored_ids(base, raw(PosixPath("/tmp/run/b"), "s" * 36),
                                     {**ids, "checkpoint_id": "/tmp/run/z"}) is None  # not A's path
     plain = raw("/tmp/run/a", "s" * 36)
-    assert dcp_layout._mirrored_ids(plain, raw("/tmp/run/b", "s" * 36), ids) == {**ids, "checkpoint_id": "/tmp/run/b"}
+    assert dcp_mirror.mirrored_ids(plain, raw("/tmp/run/b", "s" * 36), ids) == {**ids, "checkpoint_id": "/tmp/run/b"}

@@ -91,7 +91,14 @@ typedef struct {
     int nomem;
 } P;
 
-#define FAIL (-1)
+/* every refusal records its source line: `declined_at()` says which check declined the last scan */
+static int fail_line;
+#define FAIL (fail_line = __LINE__, -1)
+#define BAIL              \
+    do {                  \
+        fail_line = __LINE__; \
+        goto done;        \
+    } while (0)
 
 /* The growing arrays live in their own mappings (Linux): grown by mremap without copying, given
  * back to the system when freed, so that two scans in a row peak at one scan's memory, not two. */
@@ -301,10 +308,19 @@ static int which_global(P *p, V mod, V name)
     return 0;
 }
 
-#define NEED(k)                      \
-    do {                             \
-        if ((size_t)(k) > p->n - i)  \
-            return FAIL;             \
+/* k more bytes at i, inside the input and, where a frame is open, inside that frame: a read that
+ * would cross a frame's end is an error in pickle's own (Python) reader, and what CPython's C
+ * reader does then is not something we want to second-guess. Well-formed pickles never do it. */
+#define NEED(k)                                               \
+    do {                                                      \
+        if ((size_t)(k) > p->n - i)                           \
+            return FAIL;                                      \
+        if (frame_end) {                                      \
+            if (i >= frame_end)                               \
+                frame_end = 0;                                \
+            else if ((size_t)(k) > frame_end - i)             \
+                return FAIL;                                  \
+        }                                                     \
     } while (0)
 
 static uint64_t le(const unsigned char *b, int k)
@@ -345,9 +361,33 @@ static int pop_mark(P *p, uint32_t *from)
     return 0;
 }
 
+/* Would Python's unpickler accept `v` as a dict key? (a list, a dict, TensorProperties - a list
+ * subclass - are unhashable: SETITEMS raises). Stricter where unsure: only what DCP uses as keys. */
+static int hashable(P *p, V v, int depth)
+{
+    if (TAG(v) != T_NODE)
+        return 1;
+    Node *nd = &p->nodes[PAY(v)];
+    switch (nd->kind) {
+    case N_GLOBAL:
+        return 1;
+    case N_OBJ:
+        return nd->glob == G_MINDEX; /* DCP's MetadataIndex, hashed by identity */
+    case N_TUPLE:
+        if (depth > 64)
+            return 0;
+        for (uint32_t k = 0; k < nd->len; k++)
+            if (!hashable(p, p->items[(size_t)nd->u.c.start + k], depth + 1))
+                return 0;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 static int run(P *p, V *out)
 {
-    size_t i = 0;
+    size_t i = 0, frame_end = 0;
     V a, b;
     int64_t id, empty = -1;
     for (;;) {
@@ -360,12 +400,13 @@ static int run(P *p, V *out)
                 return FAIL;
             i += 1;
             break;
-        case 0x95: { /* FRAME: only that its bytes are there (as the C unpickler checks) */
+        case 0x95: { /* FRAME: a new one only where the last one ended; its bytes all there */
             NEED(8);
             uint64_t len = le(p->d + i, 8);
             i += 8;
-            if (len > p->n - i)
+            if ((frame_end && i < frame_end) || len > p->n - i)
                 return FAIL;
+            frame_end = i + (size_t)len;
             break;
         }
         case 0x8c: { /* SHORT_BINUNICODE */
@@ -492,7 +533,8 @@ static int run(P *p, V *out)
             break;
         case 's': { /* SETITEM */
             V kv[2];
-            if (pop(p, &kv[1]) || pop(p, &kv[0]) || p->nst <= fence(p) || !node_of(p, p->stack[p->nst - 1], N_DICT))
+            if (pop(p, &kv[1]) || pop(p, &kv[0]) || p->nst <= fence(p) || !node_of(p, p->stack[p->nst - 1], N_DICT) ||
+                !hashable(p, kv[0], 0))
                 return FAIL;
             if (node_append(p, PAY(p->stack[p->nst - 1]), kv, 2))
                 return FAIL;
@@ -507,6 +549,10 @@ static int run(P *p, V *out)
                 return FAIL;
             if (!node_of(p, p->stack[from - 1], op == 'e' ? N_LIST : N_DICT))
                 return FAIL;
+            if (op == 'u')
+                for (uint32_t j = from; j < p->nst; j += 2)
+                    if (!hashable(p, p->stack[j], 0))
+                        return FAIL;
             if (k && node_append(p, PAY(p->stack[from - 1]), p->stack + from, k))
                 return FAIL;
             p->nst = from;
@@ -565,6 +611,9 @@ static int run(P *p, V *out)
             Node *args = node_of(p, b, N_TUPLE), *fn = node_of(p, a, N_GLOBAL);
             if (!args || !fn || fn->glob < G_SIZE || fn->glob > G_PATH)
                 return FAIL;
+            /* torch.Size is tuple() there: one tuple argument (the _Ref and Path calls take anything) */
+            if (fn->glob == G_SIZE && (args->len != 1 || !node_of(p, p->items[args->u.c.start], N_TUPLE)))
+                return FAIL;
             int g = fn->glob;
             if ((id = new_node(p, N_REDUCE)) < 0)
                 return FAIL;
@@ -579,6 +628,10 @@ static int run(P *p, V *out)
                 return FAIL;
             Node *obj = node_of(p, p->stack[p->nst - 1], N_OBJ);
             if (!obj || obj->built)
+                return FAIL;
+            /* the state Python's BUILD takes: TensorProperties extends itself by a tuple, the
+             * dataclasses take a dict (anything else raises there: not for us either) */
+            if (!node_of(p, b, obj->glob == G_TPROPS ? N_TUPLE : N_DICT))
                 return FAIL;
             obj->built = 1;
             obj->u.v = b;
@@ -601,10 +654,8 @@ static inline __attribute__((always_inline)) V item(P *p, Node *nd, size_t k) { 
 
 static int obj_is(P *p, V v, int glob)
 {
-    Node *o = node_of(p, v, N_OBJ);
-    if (!o || !o->built)
-        return 0;
-    return o->glob == glob;
+    Node *o = node_of(p, v, N_OBJ); /* built or not (BytesStorageMetadata has no state to build) */
+    return o && o->glob == glob;
 }
 
 /* a field of an object whose state is a dict of str keys: the last value set, or VABSENT */
@@ -916,19 +967,19 @@ static int walk(P *p, V root, Out *o)
     /* storage: (fqn, chunk offsets) -> where */
     Table st = {0}, ft = {0}, seen = {0};
     Info *infos = NULL;
-    int rc = FAIL;
+    int rc = -1;
     size_t nsto = sto->len / 2;
     if (table_init(&st, nsto) || !(infos = malloc((nsto ? nsto : 1) * sizeof(Info))) || table_init(&ft, 16))
-        goto done;
+        BAIL;
     for (size_t k = 0; k < nsto; k++) {
         V key = item(p, sto, 2 * k), val = item(p, sto, 2 * k + 1), fqn, off;
         if (!obj_is(p, key, G_MINDEX) || !obj_is(p, val, G_SINFO) || field(p, key, "fqn", &fqn) ||
             field(p, key, "offset", &off) || TAG(fqn) != T_STR)
-            goto done;
+            BAIL;
         Node *offs = NULL;
-        if (off != VNONE) {
+        if (off != VNONE && off != VABSENT) { /* DCP leaves out an offset of None, as getattr's default */
             if (!(offs = size_tuple(p, off, 1)))
-                goto done;
+                BAIL;
             if (!offs->len)
                 offs = NULL; /* an empty Size is () as None is */
         }
@@ -936,18 +987,18 @@ static int walk(P *p, V root, Out *o)
         V trans;
         if (field(p, val, "relative_path", &in->rel) || !good_rel(p, in->rel) || int_field(p, val, "offset", &in->off) ||
             int_field(p, val, "length", &in->len) || field(p, val, "transform_descriptors", &trans))
-            goto done;
+            BAIL;
         if (trans == VABSENT || trans == VNONE)
             in->trans = 0;
         else if (node_of(p, trans, N_LIST) || node_of(p, trans, N_TUPLE))
             in->trans = p->nodes[PAY(trans)].len > 0;
         else
-            goto done;
+            BAIL;
         if (in->off > INT64_MAX - in->len)
-            goto done;
+            BAIL;
         Slot *s = table_find(p, &st, fqn, offs);
         if (s->val >= 0)
-            goto done; /* two storage entries for one chunk: the Python reader keeps the last */
+            BAIL; /* two storage entries for one chunk: the Python reader keeps the last */
         s->str = fqn;
         s->ints = offs;
         s->val = (int64_t)k;
@@ -956,92 +1007,92 @@ static int walk(P *p, V root, Out *o)
     /* entries, in order */
     size_t nent = sdm->len / 2;
     if (table_init(&seen, nent))
-        goto done;
+        BAIL;
     if (put8(b, 'E') || put64(b, (int64_t)nent))
-        goto done;
+        BAIL;
     for (size_t k = 0; k < nent; k++) {
         V fqn = item(p, sdm, 2 * k), md = item(p, sdm, 2 * k + 1);
         if (TAG(fqn) != T_STR)
-            goto done;
+            BAIL;
         Slot *s = table_find(p, &seen, fqn, NULL);
         if (s->val >= 0)
-            goto done; /* a key twice: the Python reader keeps the last */
+            BAIL; /* a key twice: the Python reader keeps the last */
         s->str = fqn;
         s->ints = NULL;
         s->val = (int64_t)k;
         if (putstr(p, b, fqn))
-            goto done;
+            BAIL;
         Node *shape = NULL, *chunks = NULL;
         int dt = -1;
         if (obj_is(p, md, G_BSM)) {
             if (put8(b, 'B'))
-                goto done;
+                BAIL;
         } else if (obj_is(p, md, G_TSM)) {
             V props, size, chs;
             if (field(p, md, "properties", &props) || field(p, md, "size", &size) || field(p, md, "chunks", &chs))
-                goto done;
+                BAIL;
             if (!obj_is(p, props, G_TPROPS))
-                goto done;
+                BAIL;
             Node *pt = node_of(p, node_of(p, props, N_OBJ)->u.v, N_TUPLE);
             if (!pt || !pt->len)
-                goto done;
+                BAIL;
             Node *g = node_of(p, item(p, pt, 0), N_GLOBAL);
             if (!g || g->glob < G_DTYPE0)
-                goto done;
+                BAIL;
             dt = g->glob - G_DTYPE0;
             if (!(shape = size_tuple(p, size, 0)) || !(chunks = node_of(p, chs, N_LIST)))
-                goto done;
+                BAIL;
             if (put8(b, 'T') || put8(b, dt) || put64(b, shape->len))
-                goto done;
+                BAIL;
             for (uint32_t j = 0; j < shape->len; j++)
                 if (put64(b, PAY(item(p, shape, j))))
-                    goto done;
+                    BAIL;
         } else {
-            goto done;
+            BAIL;
         }
         uint32_t nch = chunks ? chunks->len : 1;
         int64_t numel = 1, covered = 0;
         if (shape)
             for (uint32_t j = 0; j < shape->len; j++)
                 if (!mul_ok(numel, PAY(item(p, shape, j)), &numel))
-                    goto done;
+                    BAIL;
         if (put64(b, nch))
-            goto done;
+            BAIL;
         for (uint32_t c = 0; c < nch; c++) {
             Node *offs = NULL, *sizes = NULL;
             int64_t cnum = 1;
             if (chunks) {
                 V ch = item(p, chunks, c), ov, sv;
                 if (!obj_is(p, ch, G_CSM) || field(p, ch, "offsets", &ov) || field(p, ch, "sizes", &sv))
-                    goto done;
+                    BAIL;
                 if (!(offs = size_tuple(p, ov, 0)) || !(sizes = size_tuple(p, sv, 0)))
-                    goto done;
+                    BAIL;
                 if (offs->len != shape->len || sizes->len != shape->len)
-                    goto done;
+                    BAIL;
                 for (uint32_t j = 0; j < shape->len; j++) {
                     int64_t o_ = PAY(item(p, offs, j)), c_ = PAY(item(p, sizes, j)), s_ = PAY(item(p, shape, j));
                     if (o_ > s_ - c_)
-                        goto done; /* outside its tensor */
+                        BAIL; /* outside its tensor */
                     if (!mul_ok(cnum, c_, &cnum))
-                        goto done;
+                        BAIL;
                 }
                 if (covered > INT64_MAX - cnum)
-                    goto done;
+                    BAIL;
                 covered += cnum;
                 for (uint32_t j = 0; j < shape->len; j++)
                     if (put64(b, PAY(item(p, offs, j))) || put64(b, PAY(item(p, sizes, j))))
-                        goto done;
+                        BAIL;
             }
             Slot *s = table_find(p, &st, fqn, offs && offs->len ? offs : NULL);
             if (s->val < 0)
-                goto done; /* no storage entry for this chunk */
+                BAIL; /* no storage entry for this chunk */
             Info *in = &infos[s->val];
             int64_t isz;
             int raw = dt >= 0 && !in->trans && mul_ok(cnum, ITEMSIZES[dt], &isz) && in->len == isz;
             Slot *f = table_find(p, &ft, in->rel, NULL);
             if (f->val < 0) {
                 if (grow(p, (void **)&o->files, &o->cf, o->nf + 1, sizeof(V)))
-                    goto done;
+                    BAIL;
                 f->str = in->rel;
                 f->ints = NULL;
                 f->val = (int64_t)o->nf;
@@ -1049,7 +1100,7 @@ static int walk(P *p, V root, Out *o)
                 if (o->nf * 2 + 2 > ft.cap) { /* keep the table at most half full */
                     Table bigger;
                     if (table_init(&bigger, o->nf * 2))
-                        goto done;
+                        BAIL;
                     for (size_t q = 0; q < o->nf; q++) {
                         Slot *t = table_find(p, &bigger, o->files[q], NULL);
                         t->str = o->files[q];
@@ -1062,20 +1113,20 @@ static int walk(P *p, V root, Out *o)
                 f = table_find(p, &ft, in->rel, NULL);
             }
             if (grow(p, (void **)&o->spans, &o->csp, o->nsp + 1, sizeof(Span)))
-                goto done;
+                BAIL;
             o->spans[o->nsp].file = f->val;
             o->spans[o->nsp].off = in->off;
             o->spans[o->nsp].len = in->len;
             o->nsp++;
             o->items++;
             if (o->nbytes > INT64_MAX - in->len)
-                goto done;
+                BAIL;
             o->nbytes += in->len;
             if (putstr(p, b, in->rel) || put64(b, in->off) || put64(b, in->len) || put8(b, raw ? 'r' : (in->trans ? 't' : 's')))
-                goto done;
+                BAIL;
         }
         if (chunks && covered != numel)
-            goto done; /* the chunks do not hold the tensor */
+            BAIL; /* the chunks do not hold the tensor */
     }
     /* per file: no two items share bytes */
     qsort(o->spans, o->nsp, sizeof(Span), cmp_span);
@@ -1086,7 +1137,7 @@ static int walk(P *p, V root, Out *o)
             if (sp->file != file)
                 file = sp->file, end = 0;
             if (sp->len && sp->off < end)
-                goto done;
+                BAIL;
             if (sp->len && sp->off + sp->len > end)
                 end = sp->off + sp->len;
         }
@@ -1258,6 +1309,7 @@ static PyObject *scan(PyObject *self, PyObject *arg)
     V root;
     PyObject *res = NULL;
     take_cache(&p, &o);
+    fail_line = 0;
     p.d = view.buf;
     p.n = (size_t)view.len;
     if (!p.nodes && p.n >= (1u << 20) && p.n <= (UINT32_MAX / 4)) {
@@ -1349,6 +1401,8 @@ static PyObject *cmp_range(PyObject *self, PyObject *args)
     return PyLong_FromLongLong(result);
 }
 
+static PyObject *declined_at(PyObject *self, PyObject *unused) { return PyLong_FromLong(fail_line); }
+
 static PyObject *dtypes(PyObject *self, PyObject *unused)
 {
     PyObject *d = PyDict_New();
@@ -1370,6 +1424,7 @@ static PyMethodDef methods[] = {
     {"scan", scan, METH_O, scan_doc},
     {"cmp_range", cmp_range, METH_VARARGS, cmp_doc},
     {"dtypes", dtypes, METH_NOARGS, "{dtype name: item size} this reader knows"},
+    {"declined_at", declined_at, METH_NOARGS, "the source line of the check that declined the last scan (0: none)"},
     {"release", release, METH_NOARGS, "give back the memory kept from the last scan for the next one"},
     {NULL, NULL, 0, NULL},
 };

@@ -9,6 +9,8 @@ common case (two plain DCP dirs, equal):
   calling anything, makes every check dcp_layout.py makes, and returns its *plan*: one canonical
   byte string of every item's name, dtype, shape, chunk, file, offsets and encoding, and of the
   compared metadata fields;
+- the second side's `.metadata`, when it is the first's but for the save ids (dcp_mirror.py: what
+  DCP writes for the same state), is not read again; otherwise it is scanned too;
 - meanwhile a thread compares the data files whole (pread and memcmp, the GIL released);
 - equal plans + byte-identical data files (long enough for their items) = every item's bytes equal
   = EQUAL, reported as the full path reports it (same counts, same notes; tests compare the two).
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .compare_report import Report, merge_notes
+from .dcp_mirror import mirrored_ids
 from .safe_io import CheckpointError, SafeFile, read_bytes
 
 __all__ = ["IDS_IGNORED", "fast_equal", "id_notes", "native_reader"]
@@ -153,16 +156,22 @@ def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None =
             pairs.append((fa, fb))
         data = _WholeFiles(native, pairs)
         data.start(1 if (workers or min(2, os.cpu_count() or 1)) > 1 else 0)
-        scans = []
-        for root in (root_a, root_b):
-            scan = native.scan(read_bytes(root / ".metadata", what="DCP metadata"))
-            if scan is None:
-                break
-            scans.append(scan)
+        raw_a = read_bytes(root_a / ".metadata", what="DCP metadata")
+        sa = native.scan(raw_a)
+        if sa is None:
+            return None
+        ids_a = _ids(sa)
+        raw_b = read_bytes(root_b / ".metadata", what="DCP metadata")
+        ids_b = mirrored_ids(raw_a, raw_b, ids_a)  # B is A but its ids: A's reading is B's
+        del raw_a
+        if ids_b is None:
+            sb = native.scan(raw_b)
+            if sb is None or sb["plan"] != sa["plan"]:
+                return None
+            ids_b = _ids(sb)
         sizes = {name: fa.size for name, (fa, _) in zip(names, pairs)}
-        if (len(scans) != 2 or scans[0]["plan"] != scans[1]["plan"] or not scans[0]["items"]
-                or sorted(name for name, _ in scans[0]["files"]) != names
-                or any(sizes[name] < end for name, end in scans[0]["files"])):
+        if (not sa["items"] or sorted(name for name, _ in sa["files"]) != names
+                or any(sizes[name] < end for name, end in sa["files"])):
             return None
         if not data.equal():
             return None
@@ -173,6 +182,5 @@ def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None =
             data.cancel()  # no thread reads a descriptor closed below
         for f in opened:
             f.close()
-    sa, sb = scans
     return Report(str(a), str(b), "dcp", "dcp", tensors_compared=sa["items"], bytes_compared=2 * sa["nbytes"],
-                  seconds=time.perf_counter() - t0, notes=merge_notes(id_notes(_ids(sa)), id_notes(_ids(sb))))
+                  seconds=time.perf_counter() - t0, notes=merge_notes(id_notes(ids_a), id_notes(ids_b)))

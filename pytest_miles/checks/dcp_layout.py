@@ -7,7 +7,7 @@ objects, and comparing two such checkpoints must not cost more than hashing thei
   is built with C-level helpers (`map`, `math.prod`, one storage dict), one pass, O(n).
 - The second side usually holds the same `.metadata` byte for byte, except the save's ids (a random
   `save_id`, a path-dependent `checkpoint_id`), which DCP writes last. When its bytes are the first
-  side's up to that tail and the tail differs only in those strings (`_mirrored_ids`), its objects
+  side's up to that tail and the tail differs only in those strings (`mirrored_ids`), its objects
   are the first side's with other ids: it is not unpickled again, its entries are the first side's
   relocated to its own files (`Layout.relocate`), whose existence and sizes are checked as usual.
   Anything else (other lengths, other bytes) takes the full path: the verdict never depends on it.
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .dcp_fast import id_notes
+from .dcp_mirror import mirrored_ids
 from .layouts import ITEMSIZE, Entry, Item, Layout, _listdir
 from .safe_io import CheckpointError, SafeFile, read_bytes
 from .unpickle import LazyTensor, load_pickle, load_torch, materialize
@@ -246,75 +247,9 @@ def _unreferenced(layout: Layout, names: list[Path] | None, root: Path, referenc
             layout.side_files[p.name] = p
 
 
-_TAIL = b"\x8c\x0cstorage_meta\x94"  # protocol 4: the key of Metadata.storage_meta, then its value
-_STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
-
-
-def _tail_ops(raw: bytes, start: int) -> list[tuple[str, Any]] | None:
-    """The opcodes of a pickle's tail (from `start`, an opcode boundary): [(name, arg)]."""
-    import pickletools
-
-    try:
-        return [(op.name, arg) for op, arg, _ in pickletools.genops(raw[start:])]
-    except Exception:
-        return None
-
-
-def _mirrored_ids(raw_a: bytes, raw_b: bytes, ids_a: dict[str, str]) -> dict[str, str] | None:
-    """B's save ids when B's `.metadata` is A's with only those changed, else None (full parse).
-
-    Exact for what DCP writes: everything before Metadata's `storage_meta` key (the tensors, the
-    storage index, planner data: all but ~200 bytes) must be byte-identical; the tail from that key
-    on is disassembled on both sides and must be the same opcodes with the same arguments, except
-    string arguments that are A's save_id (a same-length string on B) or the parts of a PosixPath
-    (the checkpoint_id: between the `pathlib PosixPath` global and its REDUCE)."""
-    if len(raw_a) != len(raw_b) or raw_a.count(_TAIL) != 1:
-        return None
-    start = raw_a.find(_TAIL)
-    if len(raw_a) - start > 65536 or raw_b.find(_TAIL) != start or raw_a[:start] != raw_b[:start]:
-        return None
-    ops_a, ops_b = _tail_ops(raw_a, start), _tail_ops(raw_b, start)
-    if ops_a is None or ops_b is None or len(ops_a) != len(ops_b):
-        return None
-    save_id, ckpt = ids_a.get("save_id"), ids_a.get("checkpoint_id")
-    out: dict[str, str] = {}
-    parts_a: list[str] = []
-    parts_b: list[str] = []
-    in_path, path_seen, last = False, False, ["", ""]
-    for (na, xa), (nb, xb) in zip(ops_a, ops_b):
-        if na != nb:
-            return None
-        if na == "STACK_GLOBAL" and last == ["pathlib", "PosixPath"] and ckpt and not (in_path or path_seen):
-            in_path = True
-            continue
-        if na in _STRINGS and not in_path:
-            last = [last[1], xa]
-        if in_path and na == "REDUCE":  # the first PosixPath of the tail: A's must be the checkpoint_id
-            in_path, path_seen = False, True
-            if os.path.join(*parts_a) != ckpt:
-                return None
-            out["checkpoint_id"] = os.path.join(*parts_b)
-            continue
-        if in_path and na in _STRINGS:
-            parts_a.append(xa)
-            parts_b.append(xb)
-            continue
-        if xa == xb:
-            continue
-        if na not in _STRINGS:
-            return None
-        if save_id and xa == save_id and len(xb) == len(xa) and "save_id" not in out:
-            out["save_id"] = xb
-        elif ckpt and xa == ckpt and not path_seen and "checkpoint_id" not in out:
-            out["checkpoint_id"] = xb
-        else:
-            return None
-    return {k: out.get(k, v) for k, v in ids_a.items()}
-
-
 def _mirror(index: DcpIndex, raw: bytes, root: Path, meta_path: Path, kind: str, names: list[Path] | None) -> Layout | None:
     """This side's layout as `index`'s side relocated, when its `.metadata` differs only in the ids."""
-    mine = _mirrored_ids(index.raw, raw, index.ids)
+    mine = mirrored_ids(index.raw, raw, index.ids)
     if mine is None:
         return None
     layout = Layout(kind, root)

@@ -1,0 +1,358 @@
+"""The native DCP reader (_dcpscan.c) and the fast path built on it (dcp_fast.py).
+
+What must hold, whatever the input: the fast path answers EQUAL only where the full Python path
+does, with the same report; it hands over (None) on anything else, malformed and hostile files
+included; the native reader never crashes, never vouches for a `.metadata` the Python reader
+rejects, and never leaves a thread or a descriptor behind. Real DCP saves only (world 1 and world 2
+over gloo, FSDP2-sharded, AdamW state), real payload pickles, real mutations of real files.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pytest_miles.checks import dcp_fast  # noqa: E402
+from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
+from pytest_miles.checks.layouts import ITEMSIZE  # noqa: E402
+from pytest_miles.cli import main  # noqa: E402
+from tests.helpers.checkpoints import make_state, save_dcp, save_parallel_layouts, tree_state  # noqa: E402
+
+native = dcp_fast.native_reader()
+pytestmark = pytest.mark.skipif(native is None, reason="the native reader was not built (no C compiler at install)")
+
+
+def _json(report) -> dict:
+    out = report.to_json()
+    out.pop("seconds")
+    return out
+
+
+def _optimizer_state(seed: int) -> dict:
+    """A model and its AdamW state after two steps, as DCP saves them (nested dicts, step tensors,
+    param_groups as non-tensor items)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd, "iteration": 2, "args": {"seed": seed, "lr": 1e-3}}
+
+
+@pytest.fixture(scope="module")
+def saves(tmp_path_factory):
+    """Equal pairs of real saves, each side written by its own save (its own save_id and path)."""
+    t = tmp_path_factory.mktemp("native")
+    pairs = {}
+    for side in ("a", "b"):
+        save_dcp(t / f"plain-{side}", make_state(0))
+        with_optim = _optimizer_state(0)
+        save_dcp(t / f"adamw-{side}", {k: v for k, v in with_optim.items() if k != "iteration"},
+                 {"iteration": with_optim["iteration"]})
+        many = {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i)) for i in range(2000)}
+        save_dcp(t / f"many-{side}", many)
+    for name in ("plain", "adamw", "many"):
+        pairs[name] = (t / f"{name}-a", t / f"{name}-b")
+    layouts = save_parallel_layouts(t / "world2")
+    for name in ("fsdp2-sharded", "dtensor-replicated"):  # world 2: two .distcp files, chunked tensors
+        shutil.copytree(layouts / name, t / f"{name}-copy")
+        pairs[name] = (layouts / name, t / f"{name}-copy")
+    return t, pairs
+
+
+PAIRS = ["plain", "adamw", "many", "fsdp2-sharded", "dtensor-replicated"]
+
+
+def test_dtype_table_is_the_python_readers():
+    assert native.dtypes() == ITEMSIZE
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_fast_path_runs_on_real_saves_and_reports_what_the_full_path_reports(saves, name, capsys):
+    _, pairs = saves
+    a, b = pairs[name]
+    before = tree_state(a) | tree_state(b)
+    fast = dcp_fast.fast_equal(a, b)
+    assert fast is not None, f"{name}: the native path did not vouch for a plain, equal DCP pair"
+    full = compare_checkpoints(a, b, fast=False)
+    assert full.equal and _json(fast) == _json(full)
+    assert _json(compare_checkpoints(a, b)) == _json(full)  # the default takes the fast path
+    assert main(["compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = full.render().splitlines()
+    assert [x for x in printed if " in " not in x] == [x for x in expected if " in " not in x]  # all but timing
+    assert tree_state(a) | tree_state(b) == before
+
+
+def _outcome(a, b, **kw) -> tuple[str, object]:
+    try:
+        return "report", _json(compare_checkpoints(a, b, **kw))
+    except CheckpointError as exc:
+        return "error", str(exc).split(" (legacy")[0]
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_any_difference_hands_over_to_the_full_path(saves, tmp_path):
+    _, pairs = saves
+    a, b = pairs["plain"]  # every item raw: a flipped byte is a flipped value
+    flipped = _copy(b, tmp_path / "flipped")
+    data = flipped / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    assert dcp_fast.fast_equal(a, flipped) is None
+    report = compare_checkpoints(a, flipped)
+    assert not report.equal and _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
+    a, b = pairs["adamw"]
+    container = _copy(b, tmp_path / "container")  # a byte of a torch.save item's zip container, not a value
+    data = container / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    assert dcp_fast.fast_equal(a, container) is None
+    assert _outcome(a, container) == _outcome(a, container, fast=False) == (
+        "error", f"{data} (item 'optim.param_groups.0.lr' at byte 0): not a torch zip archive")
+
+    extra = _copy(b, tmp_path / "extra-file")
+    (extra / "__9_0.distcp").write_bytes(b"not referenced")
+    assert dcp_fast.fast_equal(a, extra) is None  # the full path notes it and compares it as a side file
+    assert _json(compare_checkpoints(a, extra)) == _json(compare_checkpoints(a, extra, fast=False))
+
+    common = _copy(b, tmp_path / "with-common")
+    torch.save({"args": {"seed": 0}}, common / "common.pt")
+    assert dcp_fast.fast_equal(a, common) is None
+
+    other = tmp_path / "other-weights"
+    save_dcp(other, {k: v for k, v in _optimizer_state(1).items() if k != "iteration"}, {"iteration": 2})
+    assert dcp_fast.fast_equal(a, other) is None
+    assert not compare_checkpoints(a, other).equal
+
+    renamed = tmp_path / "renamed"
+    state = make_state(0)
+    save_dcp(renamed, {f"x.{k}": v for k, v in state.items()})
+    assert dcp_fast.fast_equal(pairs["plain"][0], renamed) is None
+
+
+def _rewrite(src: Path, dst: Path, change) -> Path:
+    """A copy whose .metadata is the original's (our own file, unpickled here as trusted) changed."""
+    shutil.copytree(src, dst)
+    md = pickle.loads((dst / ".metadata").read_bytes())
+    change(md)
+    (dst / ".metadata").write_bytes(pickle.dumps(md))
+    return dst
+
+
+def _first_tensor(md):
+    return next(v for v in md.state_dict_metadata.values() if type(v).__name__ == "TensorStorageMetadata")
+
+
+def _malformed(src: Path, t: Path) -> dict[str, Path]:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    cases = {}
+
+    def case(name, change):
+        cases[name] = _rewrite(src, t / name.replace(" ", "-"), change)
+
+    def chunk_outside(md):
+        tmd = _first_tensor(md)
+        tmd.chunks[0] = ChunkStorageMetadata(offsets=torch.Size([1] + [0] * (len(tmd.size) - 1)), sizes=tmd.size)
+
+    def chunk_missing(md):
+        tmd = _first_tensor(md)
+        tmd.chunks[0] = ChunkStorageMetadata(offsets=tmd.chunks[0].offsets,
+                                             sizes=torch.Size([tmd.size[0] - 1, *tmd.size[1:]]))
+
+    def no_storage(md):
+        key = next(iter(md.storage_data))
+        del md.storage_data[key]
+
+    def negative_length(md):
+        next(iter(md.storage_data.values())).length = -4
+
+    def absolute_path(md):
+        next(iter(md.storage_data.values())).relative_path = "/etc/passwd"
+
+    def dotdot_path(md):
+        next(iter(md.storage_data.values())).relative_path = "../x.distcp"
+
+    def overlap(md):
+        infos = list(md.storage_data.values())
+        infos[1].offset = infos[0].offset
+
+    def past_the_file(md):
+        next(iter(md.storage_data.values())).offset = 10**9
+
+    def unknown_dtype(md):
+        _first_tensor(md).properties.dtype = torch.float8_e4m3fnuz
+
+    def payload(md):
+        class Evil:
+            def __reduce__(self):
+                return os.system, (f"touch {t / 'PAYLOAD-RAN'}",)
+        md.planner_data = {"x": Evil()}
+
+    for name, change in [("chunk outside its tensor", chunk_outside), ("chunks miss elements", chunk_missing),
+                         ("chunk without storage", no_storage), ("negative length", negative_length),
+                         ("absolute relative_path", absolute_path), ("dotdot relative_path", dotdot_path),
+                         ("items share bytes", overlap), ("item past the file", past_the_file),
+                         ("unknown dtype", unknown_dtype), ("payload in planner_data", payload)]:
+        case(name, change)
+    x = _copy(src, t / "metadata-a-dict")
+    (x / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": {}, "storage_data": {}}))
+    cases[".metadata a dict"] = x
+    x = _copy(src, t / "truncated-metadata")
+    (x / ".metadata").write_bytes((x / ".metadata").read_bytes()[:-40])
+    cases["truncated .metadata"] = x
+    x = _copy(src, t / "truncated-distcp")
+    (x / "__0_0.distcp").write_bytes((x / "__0_0.distcp").read_bytes()[:100])
+    cases["truncated .distcp"] = x
+    return cases
+
+
+def test_malformed_metadata_is_declined_and_stays_an_error_even_against_its_own_copy(saves, tmp_path):
+    _, pairs = saves
+    cases = _malformed(pairs["plain"][0], tmp_path)
+    assert len(cases) == 13
+    for name, bad in cases.items():
+        if name not in ("truncated .distcp", "item past the file"):  # those two: file sizes, checked in Python
+            assert native.scan((bad / ".metadata").read_bytes()) is None, name
+        twin = _copy(bad, tmp_path / f"{bad.name}-twin")
+        before = tree_state(bad) | tree_state(twin)
+        assert dcp_fast.fast_equal(bad, twin) is None, name
+        with pytest.raises(CheckpointError) as err:
+            compare_checkpoints(bad, twin)  # byte-identical invalid copies are still invalid: exit 2
+        assert str(bad) in str(err.value) or str(twin) in str(err.value), (name, str(err.value))
+        assert tree_state(bad) | tree_state(twin) == before, name
+    assert not (tmp_path / "PAYLOAD-RAN").exists()
+
+
+def test_unusual_but_valid_metadata_is_left_to_the_python_reader(saves, tmp_path):
+    """What the native reader does not vouch for is not an error: the full path decides."""
+    import collections
+
+    _, pairs = saves
+    src = pairs["plain"][0]
+
+    def ordered(md):
+        md.planner_data = collections.OrderedDict(x=1)
+
+    x = _rewrite(src, tmp_path / "ordered-dict", ordered)
+    assert native.scan((x / ".metadata").read_bytes()) is None
+    assert dcp_fast.fast_equal(x, _copy(x, tmp_path / "ordered-twin")) is None
+    assert compare_checkpoints(x, tmp_path / "ordered-twin").equal
+    proto2 = _copy(src, tmp_path / "protocol-2")
+    md = pickle.loads((proto2 / ".metadata").read_bytes())
+    (proto2 / ".metadata").write_bytes(pickle.dumps(md, protocol=2))  # GLOBAL opcodes, not STACK_GLOBAL
+    assert native.scan((proto2 / ".metadata").read_bytes()) is None
+    assert compare_checkpoints(proto2, src).equal
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_thread_and_no_descriptor_outlives_a_call(saves, tmp_path):
+    _, pairs = saves
+    a, b = pairs["many"]
+    flipped = _copy(b, tmp_path / "flip")
+    data = flipped / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    threads, fds = threading.active_count(), _fds()
+    for other in (b, flipped, tmp_path / "missing"):
+        dcp_fast.fast_equal(a, other)
+        assert threading.active_count() == threads and _fds() == fds, other
+
+
+def test_without_the_native_reader_compare_is_the_python_path(saves, monkeypatch):
+    _, pairs = saves
+    a, b = pairs["adamw"]
+    expected = _json(dcp_fast.fast_equal(a, b))
+    monkeypatch.setattr(dcp_fast, "native_reader", lambda: None)
+    assert dcp_fast.fast_equal(a, b) is None
+    assert _json(compare_checkpoints(a, b)) == expected
+
+
+FUZZ = textwrap.dedent("""
+    import random, shutil, sys
+    from pathlib import Path
+    from pytest_miles.checks import _dcpscan
+    from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints
+    from pytest_miles.checks.dcp_fast import fast_equal
+    src, work, rounds, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    good = (src / ".metadata").read_bytes()
+    rng = random.Random(seed)
+    vouched = taken = 0
+    for r in range(rounds):
+        m = bytearray(good)
+        for _ in range(rng.choice((1, 1, 2, 4))):
+            if not m:
+                break
+            how, at = rng.random(), rng.randrange(len(m))
+            if how < 0.6:
+                m[at] = rng.randrange(256)
+            elif how < 0.7:
+                m[at] ^= 1 << rng.randrange(8)
+            elif how < 0.8:
+                del m[at:at + rng.randrange(1, 16)]
+            elif how < 0.9:
+                m[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
+            else:
+                m = m[:at]
+        if _dcpscan.scan(bytes(m)) is None:
+            continue
+        vouched += 1  # then the whole fast path, against a byte-identical copy: its EQUAL must be the full path's
+        d, twin = work / f"m{r}", work / f"m{r}-twin"
+        shutil.copytree(src, d)
+        (d / ".metadata").write_bytes(bytes(m))
+        shutil.copytree(d, twin)
+        fast = fast_equal(d, twin)
+        if fast is not None:
+            taken += 1
+            try:
+                full = compare_checkpoints(d, twin, fast=False)
+            except CheckpointError as exc:
+                sys.exit(f"round {r}: the fast path said EQUAL, the full path: {exc}")
+            a, b = fast.to_json(), full.to_json()
+            a.pop("seconds"), b.pop("seconds")
+            if a != b:
+                sys.exit(f"round {r}: reports differ: {a} vs {b}")
+        shutil.rmtree(d)
+        shutil.rmtree(twin)
+    print(f"fuzz: {rounds} mutations, {vouched} vouched for by the native reader, {taken} taken by the fast path")
+""")
+
+
+@pytest.mark.timeout(300)
+def test_mutated_metadata_never_crashes_and_is_never_vouched_for_wrongly(saves, tmp_path):
+    """Random byte mutations of a real `.metadata` (in a child process: a crash would be a signal,
+    reported as such): no crash, and wherever the fast path answers EQUAL for a mutated file against
+    its copy, the full Python path answers the same report (not an error, not other counts)."""
+    _, pairs = saves
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(pairs["adamw"][0]), str(tmp_path), "20000", "14"],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
+    assert "fuzz: 20000 mutations" in proc.stdout
+    taken = int(proc.stdout.split(", ")[-1].split()[0])
+    assert taken > 0, proc.stdout  # mutations that stayed valid DCP (other numbers, same shape) were compared
