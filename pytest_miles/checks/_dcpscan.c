@@ -89,6 +89,10 @@ typedef struct {
     uint32_t *marks;
     uint32_t nmk, cmk;
     int nomem;
+    /* work left: a file may share one object many times (memo references), so that walking it
+     * naively costs far more than its size (a hang on a hostile file); every step of the walk
+     * is paid from this, sized from the input, and a file that runs out is declined */
+    int64_t budget;
 } P;
 
 /* every refusal records its source line: `declined_at()` says which check declined the last scan */
@@ -113,22 +117,6 @@ static void *arena_realloc(void *ptr, size_t oldb, size_t newb)
 #else
     (void)oldb;
     return realloc(ptr, newb);
-#endif
-}
-
-/* a first mapping of `count` elements, its pages made present in one call (MAP_POPULATE: one
- * system call instead of a page fault per 4 KiB, which cost a cold scan ~40% of its time) */
-static void *arena_prefault(uint32_t *cap, size_t count, size_t elem)
-{
-#if defined(__linux__) && defined(MAP_POPULATE)
-    void *m = mmap(NULL, pages(count * elem), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-    if (m == MAP_FAILED)
-        return NULL;
-    *cap = (uint32_t)count;
-    return m;
-#else
-    (void)cap, (void)count, (void)elem;
-    return NULL;
 #endif
 }
 
@@ -365,6 +353,8 @@ static int pop_mark(P *p, uint32_t *from)
  * subclass - are unhashable: SETITEMS raises). Stricter where unsure: only what DCP uses as keys. */
 static int hashable(P *p, V v, int depth)
 {
+    if (--p->budget < 0)
+        return 0;
     if (TAG(v) != T_NODE)
         return 1;
     Node *nd = &p->nodes[PAY(v)];
@@ -663,7 +653,7 @@ static int field_n(P *p, V obj, const char *name, size_t nlen, V *out)
 {
     Node *o = node_of(p, obj, N_OBJ);
     Node *d = node_of(p, o->u.v, N_DICT);
-    if (!d)
+    if (!d || (p->budget -= d->len) < 0)
         return FAIL;
     *out = VABSENT;
     for (uint32_t k = 0; k < d->len; k += 2) {
@@ -688,7 +678,7 @@ static Node *size_tuple(P *p, V v, int allow_negative)
     if (args->len != 1)
         return NULL;
     Node *t = node_of(p, item(p, args, 0), N_TUPLE);
-    if (!t)
+    if (!t || (p->budget -= t->len) < 0)
         return NULL;
     for (uint32_t k = 0; k < t->len; k++) {
         V x = item(p, t, k);
@@ -749,14 +739,16 @@ static int putstr(P *p, Buf *o, V s)
 {
     uint32_t n;
     const unsigned char *b = sbytes(p, s, &n);
+    if ((p->budget -= n) < 0)
+        return FAIL;
     return put64(o, n) || put(o, b, n);
 }
 
 /* any value, canonically (structure and order): for the fields compared as values */
 static int canon(P *p, Buf *o, V v, int depth)
 {
-    if (depth > 64)
-        return FAIL; /* deep or cyclic: the Python reader decides */
+    if (depth > 64 || --p->budget < 0)
+        return FAIL; /* deep, cyclic or shared past reason: the Python reader decides */
     switch (TAG(v)) {
     case T_SPECIAL:
         return put8(o, 'S') || put64(o, PAY(v));
@@ -842,6 +834,7 @@ static int table_init(Table *t, size_t n)
 /* the slot of a key: found (val >= 0) or where it goes */
 static Slot *table_find(P *p, Table *t, V str, Node *ints)
 {
+    p->budget -= (int64_t)p->strs[PAY(str)].len + (ints ? ints->len : 0); /* the caller checks */
     size_t k = (size_t)hkey(p, str, ints) & (t->cap - 1);
     for (;;) {
         Slot *s = &t->s[k];
@@ -973,6 +966,8 @@ static int walk(P *p, V root, Out *o)
         BAIL;
     for (size_t k = 0; k < nsto; k++) {
         V key = item(p, sto, 2 * k), val = item(p, sto, 2 * k + 1), fqn, off;
+        if (p->budget < 0)
+            BAIL;
         if (!obj_is(p, key, G_MINDEX) || !obj_is(p, val, G_SINFO) || field(p, key, "fqn", &fqn) ||
             field(p, key, "offset", &off) || TAG(fqn) != T_STR)
             BAIL;
@@ -1012,6 +1007,8 @@ static int walk(P *p, V root, Out *o)
         BAIL;
     for (size_t k = 0; k < nent; k++) {
         V fqn = item(p, sdm, 2 * k), md = item(p, sdm, 2 * k + 1);
+        if (p->budget < 0)
+            BAIL;
         if (TAG(fqn) != T_STR)
             BAIL;
         Slot *s = table_find(p, &seen, fqn, NULL);
@@ -1060,6 +1057,8 @@ static int walk(P *p, V root, Out *o)
             BAIL;
         for (uint32_t c = 0; c < nch; c++) {
             Node *offs = NULL, *sizes = NULL;
+            if (p->budget < 0)
+                BAIL;
             int64_t cnum = 1;
             if (chunks) {
                 V ch = item(p, chunks, c), ov, sv;
@@ -1128,6 +1127,8 @@ static int walk(P *p, V root, Out *o)
         if (chunks && covered != numel)
             BAIL; /* the chunks do not hold the tensor */
     }
+    if (p->budget < 0)
+        BAIL;
     /* per file: no two items share bytes */
     qsort(o->spans, o->nsp, sizeof(Span), cmp_span);
     {
@@ -1310,14 +1311,9 @@ static PyObject *scan(PyObject *self, PyObject *arg)
     PyObject *res = NULL;
     take_cache(&p, &o);
     fail_line = 0;
+    p.budget = 16 * (int64_t)view.len + (1 << 20);
     p.d = view.buf;
     p.n = (size_t)view.len;
-    if (!p.nodes && p.n >= (1u << 20) && p.n <= (UINT32_MAX / 4)) {
-        /* sized as a DCP .metadata needs (per input byte: ~1/9 node, ~1/4 item, ~1/8 memo entry) */
-        p.nodes = arena_prefault(&p.cn, p.n / 8, sizeof(Node));
-        p.items = arena_prefault(&p.ci, p.n / 3, sizeof(V));
-        p.memo = arena_prefault(&p.cm, p.n / 8, sizeof(V));
-    }
     int ok;
     Py_BEGIN_ALLOW_THREADS /* C data only until build_result: two sides scan on two cores */
     ok = p.n <= UINT32_MAX && run(&p, &root) == 0;

@@ -182,5 +182,6 @@ def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None =
             data.cancel()  # no thread reads a descriptor closed below
         for f in opened:
             f.close()
+        native.release()  # the scan's memory, kept between the two sides' scans
     return Report(str(a), str(b), "dcp", "dcp", tensors_compared=sa["items"], bytes_compared=2 * sa["nbytes"],
                   seconds=time.perf_counter() - t0, notes=merge_notes(id_notes(ids_a), id_notes(ids_b)))

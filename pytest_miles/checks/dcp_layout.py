@@ -84,13 +84,19 @@ def relocated(entry: Entry, relocate: dict[Path, Path]) -> Entry:
     return Entry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value, entry.where)
 
 
-def _storage_index(md: Any, meta_path: Path) -> dict[tuple[str, tuple[int, ...]], tuple]:
-    """(fqn, chunk offsets) -> (relative path, offset, length, transforms): one pass."""
+def _storage_index(md: Any, meta_path: Path, budget: int) -> dict[tuple[str, tuple[int, ...]], tuple]:
+    """(fqn, chunk offsets) -> (relative path, offset, length, transforms): one pass, its work paid
+    from `budget` (shared offsets, see dcp_layout)."""
     storage: dict[tuple[str, tuple[int, ...]], tuple] = {}
     good_rel: set[str] = set()
     try:
         for index, info in md.storage_data.items():
             offset = getattr(index, "offset", None)
+            if offset:
+                budget -= len(offset)
+                if budget < 0:
+                    raise CheckpointError(f"{meta_path}: malformed: its storage entries share offsets far beyond "
+                                          "its size (not what DCP writes)")
             rel = info.relative_path
             if rel not in good_rel:
                 if not isinstance(rel, str) or rel.startswith("/") or ".." in rel.split("/"):
@@ -166,13 +172,17 @@ def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, l
             raise CheckpointError(f"{meta_path}: not DCP metadata (a {type(md).__name__} without {attr})")
     layout = Layout(kind, root)
     ids = _meta_and_notes(md, layout)
-    storage = _storage_index(md, meta_path)
+    storage = _storage_index(md, meta_path, 4 * len(raw) + 100_000)
     sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
     files: dict[str, Path] = {}
     spans: dict[str, list[tuple[int, int, str]]] = {}
     dtypes: dict[int, str] = {}  # id(dtype object) -> name: one str() per distinct dtype
     entries = layout.entries
     order = 0
+    # A file may share one size/chunk object among many entries (pickle memo references): walking
+    # it would then cost far more than the file's size (a hang on a hostile file). Each entry pays
+    # its dimensions from a budget sized from the file; DCP's own files stay far inside it.
+    budget = 4 * len(raw) + 100_000
     for fqn, tmd in md.state_dict_metadata.items():
         fqn = str(fqn)
         if type(tmd).__name__ == "BytesStorageMetadata":
@@ -197,6 +207,10 @@ def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, l
             if len(chunks) != 1 or chunks[0][1] != shape or any(chunks[0][0]) or len(chunks[0][0]) != len(shape):
                 _check_chunks(meta_path, fqn, shape, chunks)  # not the whole tensor in one chunk
             ekind = "tensor"
+            budget -= len(shape) + sum(len(o) + len(c) for o, c in chunks)
+            if budget < 0:
+                raise CheckpointError(f"{meta_path}: malformed: its entries share sizes/chunks far beyond its "
+                                      f"{len(raw)} bytes (not what DCP writes)")
         entry = Entry(fqn, order, ekind, dtype, shape, [], None, ".metadata")
         for offsets, csize in chunks:
             found = storage.get((fqn, offsets))
