@@ -11,6 +11,7 @@ md5sum is what the seed's recipe runs (and it only says "differs", not where); c
 first differing byte and knows nothing of tensors; compare checks every tensor bit for bit.
 
     python benchmarks/compare_vs_md5sum.py [--runs 3] [--shapes dcp-1g,...] [--dir DIR]
+    PYTEST_MILES_NATIVE=0 python benchmarks/compare_vs_md5sum.py ...   # without the native DCP reader
 
 Prints, per shape: median wall seconds (process start included), GB/s over both sides, peak RSS,
 and compare's speed-up over md5sum and cmp; then the targets (>= 5x md5sum, RSS < 64 MiB + the
@@ -127,6 +128,8 @@ def bench(shape: str, root: Path, runs: int) -> dict:
         "cmp": ["sh", "-c", cmp_script],
         "compare": [sys.executable, "-m", "pytest_miles.cli", "compare", str(a), str(b)],
     }
+    if os.environ.get("PYTEST_MILES_NATIVE") == "0":
+        print(f"{shape}: PYTEST_MILES_NATIVE=0: compare takes the Python path only")
     out = {"shape": shape, "bytes": size, "files": len(files_a) + len(files_b), "tools": {}}
     for name, cmd in tools.items():
         results = [_run(cmd) for _ in range(runs)]

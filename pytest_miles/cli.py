@@ -64,21 +64,21 @@ def _suite(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    if args.iterations is None and not args.ignore:  # before importing the full comparison
-        from .checks.dcp_fast import fast_equal
-
-        report = fast_equal(args.a, args.b, args.workers)
-        if report is not None:
-            print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
-            return 0
-    from .checks.checkpoints import CheckpointError, compare_checkpoints
+    from .checks.safe_io import CheckpointError  # the full comparison is imported only when needed
 
     try:
-        if args.iterations is not None:
+        report = None
+        if args.iterations is None and not args.ignore:
+            from .checks.dcp_fast import fast_equal
+
+            report = fast_equal(args.a, args.b, args.workers)
+        if report is None and args.iterations is not None:
             from .checks.iterations import first_diverging_iteration
 
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
-        else:
+        elif report is None:
+            from .checks.checkpoints import compare_checkpoints
+
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
                                          workers=args.workers, fast=False)
     except CheckpointError as exc:

@@ -394,3 +394,15 @@ def test_shared_sizes_cost_no_more_than_the_file(tmp_path):
     with pytest.raises(CheckpointError, match="share sizes/chunks far beyond|share offsets far beyond"):
         compare_checkpoints(tmp_path / "a", tmp_path / "b")
     assert time.perf_counter() - t0 < 15
+
+
+def test_the_native_reader_can_be_switched_off_and_a_bad_switch_is_named(saves, monkeypatch, capsys):
+    _, pairs = saves
+    a, b = pairs["plain"]
+    monkeypatch.setenv("PYTEST_MILES_NATIVE", "0")
+    assert dcp_fast.native_reader() is None and dcp_fast.fast_equal(a, b) is None
+    assert compare_checkpoints(a, b).equal
+    monkeypatch.setenv("PYTEST_MILES_NATIVE", "yes")
+    assert main(["compare", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "PYTEST_MILES_NATIVE='yes': expected 0 (the Python path only) or 1" in err and "Traceback" not in err

@@ -42,7 +42,14 @@ PIECE = 32 * 2**20  # the data threads take the files in pieces of this size
 
 
 def native_reader() -> Any:
-    """The `_dcpscan` extension module, or None where it was not built."""
+    """The `_dcpscan` extension module, or None where it was not built or PYTEST_MILES_NATIVE=0
+    (the Python path only: to compare the two, or to rule the native reader out)."""
+    switch = os.environ.get("PYTEST_MILES_NATIVE", "1")
+    if switch not in ("0", "1"):
+        raise CheckpointError(f"PYTEST_MILES_NATIVE={switch!r}: expected 0 (the Python path only) or 1 (the default: "
+                              "the native DCP reader where it was built)")
+    if switch == "0":
+        return None
     try:
         from . import _dcpscan
     except ImportError:
