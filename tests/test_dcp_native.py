@@ -1,4 +1,5 @@
-"""The native DCP reader (_dcpscan.c) and the fast path built on it (dcp_fast.py).
+"""The native DCP reader (pytest_miles/checks/dcpscan/, module `_dcpscan`) and the fast path built
+on it (dcp_fast.py).
 
 What must hold, whatever the input: the fast path answers EQUAL only where the full Python path
 does, with the same report; it hands over (None) on anything else, malformed and hostile files

@@ -4,11 +4,11 @@ Why: comparing two checkpoints of 20,000 small tensors must cost less than hashi
 5x faster than `md5sum`). CPython's own unpickler alone needs ~60 ms for such a `.metadata`, and
 a Python index of its entries as much again, per side; that is the whole budget. So, for the
 common case (two plain DCP dirs, equal):
-- the native reader `_dcpscan` (C, in this package; its header says how it works and why it is
-  safe on hostile files) reads each `.metadata` without building a Python object per entry or
-  calling anything, makes every check dcp_layout.py makes, and returns its *plan*: one canonical
-  byte string of every item's name, dtype, shape, chunk, file, offsets and encoding, and of the
-  compared metadata fields;
+- the native reader `_dcpscan` (C, pytest_miles/checks/dcpscan/; module.c's header says how it
+  works and why it is safe on hostile files) reads each `.metadata` without building a Python
+  object per entry or calling anything, makes every check dcp_layout.py makes, and returns its
+  *plan*: one canonical byte string of every item's name, dtype, shape, chunk, file, offsets and
+  encoding, and of the compared metadata fields;
 - the second side's `.metadata`, when it is the first's but for the save ids (dcp_mirror.py: what
   DCP writes for the same state), is not read again; otherwise it is scanned too;
 - meanwhile a thread compares the data files whole (pread and memcmp, the GIL released);
