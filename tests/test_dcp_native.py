@@ -302,26 +302,14 @@ FUZZ = textwrap.dedent("""
     from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints
     from pytest_miles.checks.dcp_fast import fast_equal
     src, work, rounds, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    sys.path.insert(0, sys.argv[5])
+    from fuzz_dcpscan import mutate  # scripts/: the mutations the sanitizer run uses
     good = (src / ".metadata").read_bytes()
     rng = random.Random(seed)
     vouched = taken = 0
     for r in range(rounds):
-        m = bytearray(good)
-        for _ in range(rng.choice((1, 1, 2, 4))):
-            if not m:
-                break
-            how, at = rng.random(), rng.randrange(len(m))
-            if how < 0.6:
-                m[at] = rng.randrange(256)
-            elif how < 0.7:
-                m[at] ^= 1 << rng.randrange(8)
-            elif how < 0.8:
-                del m[at:at + rng.randrange(1, 16)]
-            elif how < 0.9:
-                m[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 8)))
-            else:
-                m = m[:at]
-        if _dcpscan.scan(bytes(m)) is None:
+        m = mutate(rng, good)
+        if _dcpscan.scan(m) is None:
             continue
         vouched += 1  # then the whole fast path, against a byte-identical copy: its EQUAL must be the full path's
         d, twin = work / f"m{r}", work / f"m{r}-twin"
@@ -351,7 +339,8 @@ def test_mutated_metadata_never_crashes_and_is_never_vouched_for_wrongly(saves, 
     reported as such): no crash, and wherever the fast path answers EQUAL for a mutated file against
     its copy, the full Python path answers the same report (not an error, not other counts)."""
     _, pairs = saves
-    proc = subprocess.run([sys.executable, "-c", FUZZ, str(pairs["adamw"][0]), str(tmp_path), "20000", "14"],
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(pairs["adamw"][0]), str(tmp_path), "20000", "14",
+                           str(Path(__file__).parent.parent / "scripts")],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
     assert "fuzz: 20000 mutations" in proc.stdout

@@ -192,6 +192,17 @@ static int hashable(P *p, V v, int depth)
     }
 }
 
+/* an object (NEWOBJ: its state VNONE until BUILD) or a call (REDUCE: its args) of global g, pushed */
+static int push_call(P *p, int kind, int g, V v)
+{
+    int64_t id = new_node(p, kind);
+    if (id < 0)
+        return FAIL;
+    p->nodes[id].glob = (uint16_t)g;
+    p->nodes[id].u.v = v;
+    return push(p, MK(T_NODE, id));
+}
+
 int dcpscan_run(P *p, V *out)
 {
     size_t i = 0, frame_end = 0;
@@ -216,29 +227,11 @@ int dcpscan_run(P *p, V *out)
             frame_end = i + (size_t)len;
             break;
         }
-        case 0x8c: { /* SHORT_BINUNICODE */
-            NEED(1);
-            size_t len = p->d[i++];
-            NEED(len);
-            if (push_str(p, i, len))
-                return FAIL;
-            i += len;
-            break;
-        }
-        case 'X': { /* BINUNICODE */
-            NEED(4);
-            uint64_t len = le(p->d + i, 4);
-            i += 4;
-            NEED(len);
-            if (push_str(p, i, len))
-                return FAIL;
-            i += len;
-            break;
-        }
-        case 0x8d: { /* BINUNICODE8 */
-            NEED(8);
-            uint64_t len = le(p->d + i, 8);
-            i += 8;
+        case 0x8c: case 'X': case 0x8d: { /* SHORT_BINUNICODE, BINUNICODE, BINUNICODE8: 1, 4, 8-byte lengths */
+            int w = op == 0x8c ? 1 : op == 'X' ? 4 : 8;
+            NEED(w);
+            uint64_t len = le(p->d + i, w);
+            i += (size_t)w;
             NEED(len);
             if (push_str(p, i, len))
                 return FAIL;
@@ -403,12 +396,7 @@ int dcpscan_run(P *p, V *out)
             Node *args = node_of(p, b, N_TUPLE), *cls = node_of(p, a, N_GLOBAL);
             if (!args || args->len || !cls || cls->glob < G_METADATA || cls->glob > G_SINFO)
                 return FAIL;
-            int g = cls->glob;
-            if ((id = new_node(p, N_OBJ)) < 0)
-                return FAIL;
-            p->nodes[id].glob = (uint16_t)g;
-            p->nodes[id].u.v = VNONE;
-            if (push(p, MK(T_NODE, id)))
+            if (push_call(p, N_OBJ, cls->glob, VNONE))
                 return FAIL;
             break;
         }
@@ -421,12 +409,7 @@ int dcpscan_run(P *p, V *out)
             /* torch.Size is tuple() there: one tuple argument (the _Ref and Path calls take anything) */
             if (fn->glob == G_SIZE && (args->len != 1 || !node_of(p, p->items[args->u.c.start], N_TUPLE)))
                 return FAIL;
-            int g = fn->glob;
-            if ((id = new_node(p, N_REDUCE)) < 0)
-                return FAIL;
-            p->nodes[id].glob = (uint16_t)g;
-            p->nodes[id].u.v = b;
-            if (push(p, MK(T_NODE, id)))
+            if (push_call(p, N_REDUCE, fn->glob, b))
                 return FAIL;
             break;
         }
