@@ -62,6 +62,12 @@ INNER = textwrap.dedent('''
         time.sleep(600)
 ''')
 
+# The inner session starts as from a terminal, whatever this runner ignores (under `nohup`, SIGHUP
+# is ignored and children inherit that: the plugin rightly leaves an ignored signal ignored, so the
+# SIGHUP scenario would test nothing). The dispositions are reset, then pytest is exec'd (same pid).
+DEFAULT_SIGNALS = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
+                   "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+
 SUMMARY = re.compile(r"^=+ .*\bin [\d.]+s.* =+$", re.M)
 
 
@@ -91,7 +97,8 @@ def _run(sc: Scenario, root: Path) -> Scenario:
     timeline = []
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest", f"{root / 'test_inner.py'}::{sc.test}", "-p", "no:cacheprovider",
+            [sys.executable, "-c", DEFAULT_SIGNALS, sys.executable, "-m", "pytest",
+             f"{root / 'test_inner.py'}::{sc.test}", "-p", "no:cacheprovider",
              "-p", "no:randomly", "-p", "no:hypothesispytest", "-p", "no:benchmark", "--rootdir", str(root), f"--basetemp={root / ('bt-' + sc.name)}", *sc.args],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     ports: set[int] = set()

@@ -1,7 +1,6 @@
 /* walk.c: the value graph walked as DCP's Metadata (see dcpscan.h, module.c). */
 #include "dcpscan.h"
 
-
 static int obj_is(P *p, V v, int glob)
 {
     Node *o = node_of(p, v, N_OBJ); /* built or not (BytesStorageMetadata has no state to build) */
@@ -49,7 +48,6 @@ static Node *size_tuple(P *p, V v, int allow_negative)
 }
 
 /* ---- output buffers ------------------------------------------------------------------------ */
-
 
 static inline __attribute__((always_inline)) int put(Buf *o, const void *src, size_t k)
 {
@@ -206,7 +204,6 @@ typedef struct {
     int64_t off, len, trans;
 } Info;
 
-
 static int cmp_span(const void *x, const void *y)
 {
     const Span *a = x, *b = y;
@@ -216,7 +213,6 @@ static int cmp_span(const void *x, const void *y)
         return a->off < b->off ? -1 : 1;
     return (a->len > b->len) - (a->len < b->len);
 }
-
 
 static int good_rel(P *p, V rel)
 {
