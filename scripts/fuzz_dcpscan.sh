@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 sys.path.insert(0, ".")
 import torch
-from tests.helpers.checkpoints import make_state, save_dcp
-from tests.test_dcp_native import _optimizer_state
+from tests.helpers.checkpoints import make_state, optimizer_state, save_dcp
 root = Path(sys.argv[1])
 save_dcp(root / "plain", make_state(0))
-save_dcp(root / "adamw", {k: v for k, v in _optimizer_state(0).items() if k != "iteration"}, {"iteration": 2})
+save_dcp(root / "adamw", optimizer_state(0))
 save_dcp(root / "many", {f"m.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i)) for i in range(2000)})
 PY
   FILES=("$BUILD/plain/.metadata" "$BUILD/adamw/.metadata" "$BUILD/many/.metadata")

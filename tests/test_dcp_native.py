@@ -27,7 +27,13 @@ from pytest_miles.checks import dcp_fast  # noqa: E402
 from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
 from pytest_miles.checks.layouts import ITEMSIZE  # noqa: E402
 from pytest_miles.cli import main  # noqa: E402
-from tests.helpers.checkpoints import make_state, save_dcp, save_parallel_layouts, tree_state  # noqa: E402
+from tests.helpers.checkpoints import (  # noqa: E402
+    make_state,
+    optimizer_state,
+    save_dcp,
+    save_parallel_layouts,
+    tree_state,
+)
 
 native = dcp_fast.native_reader()
 pytestmark = pytest.mark.skipif(native is None, reason="the native reader was not built (no C compiler at install)")
@@ -39,22 +45,6 @@ def _json(report) -> dict:
     return out
 
 
-def _optimizer_state(seed: int) -> dict:
-    """A model and its AdamW state after two steps, as DCP saves them (nested dicts, step tensors,
-    param_groups as non-tensor items)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(2):
-        model(torch.randn(8, 16)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    msd, osd = get_state_dict(model, opt)
-    return {"model": msd, "optim": osd, "iteration": 2, "args": {"seed": seed, "lr": 1e-3}}
-
-
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory):
     """Equal pairs of real saves, each side written by its own save (its own save_id and path)."""
@@ -62,9 +52,7 @@ def saves(tmp_path_factory):
     pairs = {}
     for side in ("a", "b"):
         save_dcp(t / f"plain-{side}", make_state(0))
-        with_optim = _optimizer_state(0)
-        save_dcp(t / f"adamw-{side}", {k: v for k, v in with_optim.items() if k != "iteration"},
-                 {"iteration": with_optim["iteration"]})
+        save_dcp(t / f"adamw-{side}", optimizer_state(0))
         many = {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i)) for i in range(2000)}
         save_dcp(t / f"many-{side}", many)
     for name in ("plain", "adamw", "many"):
@@ -143,7 +131,7 @@ def test_any_difference_hands_over_to_the_full_path(saves, tmp_path):
     assert dcp_fast.fast_equal(a, common) is None
 
     other = tmp_path / "other-weights"
-    save_dcp(other, {k: v for k, v in _optimizer_state(1).items() if k != "iteration"}, {"iteration": 2})
+    save_dcp(other, optimizer_state(1))
     assert dcp_fast.fast_equal(a, other) is None
     assert not compare_checkpoints(a, other).equal
 

@@ -240,25 +240,24 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ig
     native path for two plain DCP dirs (dcp_fast.py), which only ever answers EQUAL (the same
     report) or hands over to the full comparison; False: the full comparison only.
     """
-    _validate_workers(workers)
+    nworkers = _validate_workers(workers)
     if fast and not ignore and not isinstance(b, dict):
         from .dcp_fast import fast_equal
 
-        report = fast_equal(a, b, workers)
+        report = fast_equal(a, b, nworkers)
         if report is not None:
             return report
     was = gc.isenabled()
     gc.disable()  # 100,000s of small objects for 20,000 tensors: no repeated full collections
     try:
-        return _compare_checkpoints(a, b, ignore, first, workers)
+        return _compare_checkpoints(a, b, ignore, first, nworkers)
     finally:
         if was:
             gc.enable()
 
 
-def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, workers: int | None) -> Report:
+def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, nworkers: int) -> Report:
     t0 = time.perf_counter()
-    nworkers = _validate_workers(workers)
     ign = Ignore(tuple(ignore))
     if isinstance(b, dict) or (str(b).endswith(".json") and _is_manifest(Path(b))):
         report = _compare_with_manifest(a, b, ign, t0)

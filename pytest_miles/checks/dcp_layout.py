@@ -172,17 +172,18 @@ def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, l
             raise CheckpointError(f"{meta_path}: not DCP metadata (a {type(md).__name__} without {attr})")
     layout = Layout(kind, root)
     ids = _meta_and_notes(md, layout)
-    storage = _storage_index(md, meta_path, 4 * len(raw) + 100_000)
+    # A file may share one size/offset object among many entries (pickle memo references): walking
+    # it would then cost far more than the file's size (a hang on a hostile file). The storage index
+    # and the entries each pay the dimensions they read from a budget sized from the file; DCP's own
+    # files stay far inside it.
+    budget = 4 * len(raw) + 100_000
+    storage = _storage_index(md, meta_path, budget)
     sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
     files: dict[str, Path] = {}
     spans: dict[str, list[tuple[int, int, str]]] = {}
     dtypes: dict[int, str] = {}  # id(dtype object) -> name: one str() per distinct dtype
     entries = layout.entries
     order = 0
-    # A file may share one size/chunk object among many entries (pickle memo references): walking
-    # it would then cost far more than the file's size (a hang on a hostile file). Each entry pays
-    # its dimensions from a budget sized from the file; DCP's own files stay far inside it.
-    budget = 4 * len(raw) + 100_000
     for fqn, tmd in md.state_dict_metadata.items():
         fqn = str(fqn)
         if type(tmd).__name__ == "BytesStorageMetadata":

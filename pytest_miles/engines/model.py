@@ -196,10 +196,10 @@ def write_tokenizer(path: str | Path, vocab_size: int) -> None:
 
 
 def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16",
-                        tokenizer: bool = False, streamed: bool = False) -> Path:
+                        tokenizer: bool = False) -> Path:
     """config.json + model.safetensors; drive it with token ids, or with text when `tokenizer`.
     The values are `init_weights(cfg)`'s; every shape but tiny is written tensor by tensor, chunk by
-    chunk (`streamed` is accepted for compatibility and changes nothing)."""
+    chunk."""
     if not is_tiny(cfg):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

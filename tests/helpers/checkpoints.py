@@ -26,6 +26,22 @@ def make_state(seed: int = 0, layers: int = 3, hidden: int = 64) -> dict:
     return state
 
 
+def optimizer_state(seed: int) -> dict:
+    """A model and its AdamW state after two steps, as DCP saves them (nested dicts, step tensors,
+    param_groups as non-tensor items)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd, "iteration": 2, "args": {"seed": seed, "lr": 1e-3}}
+
+
 def flip_bit(t: torch.Tensor, flat_index: int, bit: int = 0) -> torch.Tensor:
     t = t.clone()
     iv = t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).reshape(-1)
