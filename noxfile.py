@@ -32,6 +32,39 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", "2", *session.posargs)
 
 
+def _oldest_pytest() -> str:
+    """The lowest pytest pyproject.toml allows (`pytest>=X`): the other end of the tested range."""
+    import re
+    import tomllib
+
+    with open("pyproject.toml", "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return next(m.group(1) for d in deps if (m := re.fullmatch(r"pytest>=([\d.]+)", d.replace(" ", ""))))
+
+
+# The dependencies a user's resolver picks freely (not pinned in [dev]): what the next upstream
+# release can break, as pytest 9.2 did by converting typed ini values itself.
+UNPINNED = ("pytest", "pytest-xdist", "pytest-timeout", "psutil", "filelock", "safetensors", "numpy",
+            "matplotlib", "nvidia-ml-py")
+
+
+@nox.session(name="tests-oldest")
+def tests_oldest(session: nox.Session) -> None:
+    """The plugin's own tests on the oldest pytest the project declares."""
+    session.install("-e", ".[dev]")
+    session.install(f"pytest=={_oldest_pytest()}")
+    session.run("pytest", "-n", "2", *session.posargs)
+
+
+@nox.session(name="tests-latest")
+def tests_latest(session: nox.Session) -> None:
+    """The tests on the newest release of every unpinned dependency (run it on a schedule, e.g. nightly)."""
+    session.install("-e", ".[dev]")
+    session.install("--upgrade", *UNPINNED)
+    session.run("python", "-m", "pip", "list", "--format=freeze")
+    session.run("pytest", "-n", "2", *session.posargs)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")

@@ -239,6 +239,12 @@ def type_name(s: Setting) -> str:
     return {"string": "str"}.get(s.kind, s.kind)
 
 
+def _accepted(s: Setting) -> str:
+    """What a value of this setting looks like, in words (for error messages)."""
+    return {"int": "an integer", "float": "a number", "bool": "a boolean (1/0, true/false, yes/no, on/off)",
+            "choice": "one of " + ", ".join(s.choices)}.get(s.kind, "a string")
+
+
 def render_help(s: Setting) -> str:
     """The help text with type, default and the other two ways to set it (pytest --help shows it)."""
     default = "unset" if s.default in (None, "") else str(s.default).lower() if s.kind == "bool" else s.default
@@ -246,12 +252,21 @@ def render_help(s: Setting) -> str:
     return f"{s.help} [{type_name(s)}; default: {default}; {ways}]"
 
 
-def _ini_type(s: Setting) -> str:
-    """Typed ini keys where this pytest has the type (int/float: pytest >= 8.4), else string."""
+def _pytest_version() -> tuple[int, int]:
     import pytest
 
+    return tuple(int(x) for x in pytest.__version__.split(".")[:2] if x.isdigit())  # type: ignore[return-value]
+
+
+def _ini_type(s: Setting) -> str:
+    """Typed ini keys where this pytest has the type (int/float: pytest >= 8.4), else string.
+
+    Typed, so that native TOML configs (``[tool.pytest]``) may write ``miles_trials = 20``; a value
+    pytest cannot convert is re-read and judged by our own parser in `resolve`, which names the key,
+    the file and what is accepted (pytest >= 9.2 raises its own UsageError without them).
+    """
     typed = {"bool": "bool", "int": "int", "float": "float"}.get(s.kind, "string")
-    if typed in ("int", "float") and tuple(int(x) for x in pytest.__version__.split(".")[:2]) < (8, 4):
+    if typed in ("int", "float") and _pytest_version() < (8, 4):
         return "string"
     return typed
 
@@ -285,19 +300,45 @@ def resolve(config: pytest.Config | None, name: str, environ: dict[str, str] | N
             if s.name in table:
                 return _parse(s, table[s.name], f"{path}: [{s.group}] {s.name}")
     if config is not None:
+        where = f"ini key {s.ini}" + (f" in {config.inipath}" if config.inipath else "")
         try:
             ini = config.getini(s.ini)
-        except (ValueError, TypeError) as exc:  # pytest's typed parsing: say it as for every other source
-            import ast
-            import re
-
-            quoted = re.search(r"""(['"]).*\1\s*$""", str(exc))
-            if quoted:
-                _parse(s, ast.literal_eval(quoted.group(0).strip()), f"ini key {s.ini}")
-            raise ValueError(f"ini key {s.ini}: {exc} (expected {type_name(s)})") from None
+        except Exception as exc:  # pytest's typed parsing (ValueError/TypeError; UsageError since 9.2)
+            raise _ini_error(config, s, where, exc) from None
         if ini not in (None, "", []):
-            return _parse(s, ini, f"ini key {s.ini}")
+            return _parse(s, ini, where)
     return s.default
+
+
+def _raw_ini(config: pytest.Config, key: str) -> Any:
+    """The ini value as written, before pytest converted it (None where this pytest hides it)."""
+    raw = getattr(config, "_inicfg", None)  # pytest >= 9: {key: ConfigValue(value=...)}
+    if isinstance(raw, dict) and key in raw:
+        return getattr(raw[key], "value", raw[key])
+    legacy = getattr(config, "inicfg", None)  # pytest 8: {key: str}
+    try:
+        return legacy[key] if legacy is not None and key in legacy else None
+    except Exception:  # noqa: BLE001  (a deprecated accessor that may warn or raise)
+        return None
+
+
+def _ini_error(config: pytest.Config, s: Setting, where: str, exc: Exception) -> ValueError:
+    """A value pytest could not convert, judged by our parser: key, file and what is accepted."""
+    if type(exc).__name__ not in ("ValueError", "TypeError", "UsageError"):
+        raise exc
+    raw = _raw_ini(config, s.ini)
+    if raw is None:  # fall back on the value quoted at the end of pytest's message
+        import ast
+        import re
+
+        quoted = re.search(r"""(['"]).*\1\s*$""", str(exc))
+        raw = ast.literal_eval(quoted.group(0).strip()) if quoted else None
+    if raw is not None:
+        try:
+            _parse(s, raw, where)
+        except ValueError as ours:
+            return ours
+    return ValueError(f"{where}: {exc} (expected {_accepted(s)})")
 
 
 _CONFIG_CACHE: dict[str, dict[str, Any]] = {}

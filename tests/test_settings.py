@@ -57,12 +57,43 @@ def test_help_shows_type_default_ini_and_env(pytester):
     assert "miles_require_gpu (bool):" in text and "miles_trials (int):" in text
 
 
-def test_bad_ini_value_is_named(pytester):
-    pytester.makeini("[pytest]\nmiles_trials = many\n")
+@pytest.mark.parametrize("key,value,accepted", [
+    ("miles_trials", "many", "is not an integer"), ("miles_trials", "1.5", "is not an integer"),
+    ("miles_engine_timeout", "soon", "is not a number"), ("miles_require_gpu", "maybe", "is not a boolean"),
+    ("miles_snapshot_update", "2", "is not a boolean"), ("miles_engine", "vllm", "is not one of reference"),
+])
+def test_bad_ini_value_is_named(pytester, key, value, accepted):
+    """Key, file and what is accepted, on every pytest the project supports (pytest 9.2 converts
+    typed ini values itself and would otherwise say only "invalid literal for int()")."""
+    ini = pytester.makeini(f"[pytest]\n{key} = {value}\n")
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
-    assert result.ret != 0
-    result.stderr.fnmatch_lines(["*ini key miles_trials: 'many' is not an integer*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert f"ERROR: ini key {key} in {ini}: {value!r} {accepted}" in result.stderr.str()
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+
+
+def test_bad_ini_override_is_named(pytester):
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("-o", "miles_trials=many")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "ini key miles_trials" in result.stderr.str() and "'many' is not an integer" in result.stderr.str()
+
+
+def test_typed_values_in_pyproject(pytester):
+    """`[tool.pytest.ini_options]` (every pytest) and, on pytest >= 9, native `[tool.pytest]` with TOML types."""
+    pytester.makepyfile(test_x="def test_x(miles_settings): assert miles_settings('trials') == 7")
+    pytester.makepyprojecttoml("[tool.pytest.ini_options]\nmiles_trials = 7\n")
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    if int(pytest.__version__.split(".")[0]) >= 9:
+        pytester.makepyprojecttoml("[tool.pytest]\nmiles_trials = 7\nmiles_require_gpu = false\n")
+        pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+        for bad, said in (("1.5", "1.5 is not an integer"), ('"many"', "'many' is not an integer"),
+                          ("[1, 2]", "[1, 2] is not an integer")):
+            path = pytester.makepyprojecttoml(f"[tool.pytest]\nmiles_trials = {bad}\n")
+            result = pytester.runpytest("-p", "no:cacheprovider")
+            assert result.ret == pytest.ExitCode.USAGE_ERROR, bad
+            assert f"ini key miles_trials in {path}: {said}" in result.stderr.str(), result.stderr.str()
 
 
 def test_version(capsys):
