@@ -13,10 +13,15 @@ from typing import Any
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .doctor import FAIL, as_json, run_doctor, summary
-    from .doctor_env import EnvInputError, check_run_env, load_runtime_env, parse_train_env_vars
-    from .fingerprint import collect
-    from .hardware import discover
+    from pytest_miles.facts.doctor import FAIL, as_json, run_doctor, summary
+    from pytest_miles.facts.doctor_env import (
+        EnvInputError,
+        check_run_env,
+        load_runtime_env,
+        parse_train_env_vars,
+    )
+    from pytest_miles.facts.fingerprint import collect
+    from pytest_miles.facts.hardware import discover
 
     try:
         run_envs = []
@@ -48,8 +53,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _fingerprint(args: argparse.Namespace) -> int:
-    from .fingerprint import collect
-    from .hardware import discover
+    from pytest_miles.facts.fingerprint import collect
+    from pytest_miles.facts.hardware import discover
 
     fp = collect(discover(override=args.gpu_class, use_torch=args.torch))
     print(json.dumps(fp.to_json(), indent=2) if args.json else fp.header())
@@ -64,20 +69,20 @@ def _suite(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .checks.safe_io import CheckpointError  # the full comparison is imported only when needed
+    from pytest_miles._files import CheckpointError  # the full comparison is imported only when needed
 
     try:
         report = None
         if args.iterations is None and not args.ignore:
-            from .checks.dcp_fast import fast_equal
+            from pytest_miles.checks.dcp_fast import fast_equal
 
             report = fast_equal(args.a, args.b, args.workers)
         if report is None and args.iterations is not None:
-            from .checks.iterations import first_diverging_iteration
+            from pytest_miles.checks.iterations import first_diverging_iteration
 
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
         elif report is None:
-            from .checks.checkpoints import compare_checkpoints
+            from pytest_miles.checks.checkpoints import compare_checkpoints
 
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
                                          workers=args.workers, fast=False)
@@ -102,7 +107,7 @@ def _positive_int(text: str) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    from .checks.checkpoints import CheckpointError, write_manifest
+    from pytest_miles.checks.checkpoints import CheckpointError, write_manifest
 
     try:
         out = write_manifest(args.dir, args.output)
@@ -114,8 +119,8 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from .hardware import discover
-    from .precision import render_matrix
+    from pytest_miles.facts.hardware import discover
+    from pytest_miles.facts.precision import render_matrix
 
     try:
         hw = discover(override=args.gpu)
@@ -127,7 +132,7 @@ def _matrix(args: argparse.Namespace) -> int:
 
 
 def _capabilities(args: argparse.Namespace) -> int:
-    from .capabilities import (
+    from pytest_miles.capabilities import (
         BACKENDS,
         MODES,
         CapabilityError,
@@ -135,7 +140,7 @@ def _capabilities(args: argparse.Namespace) -> int:
         load_capabilities,
         render_table,
     )
-    from .options import resolve
+    from pytest_miles.config.resolve import resolve
 
     try:
         caps = load_capabilities(args.file or resolve(None, "capabilities"))
@@ -168,7 +173,7 @@ def _capabilities(args: argparse.Namespace) -> int:
 def _version() -> str:
     import platform
 
-    from . import __version__
+    from pytest_miles import __version__
 
     try:
         from importlib.metadata import version

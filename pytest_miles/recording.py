@@ -115,7 +115,7 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
                     raise AssertionError(capped) from None
                 raise
             except Exception as exc:  # a verdict of the capability data, not a failure
-                from .capabilities.verdict import KnownLimitation, NotApplicable
+                from pytest_miles.errors import KnownLimitation, NotApplicable
 
                 if isinstance(exc, (KnownLimitation, NotApplicable)):
                     outcome = "xfailed" if isinstance(exc, KnownLimitation) else "skipped"

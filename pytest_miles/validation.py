@@ -16,9 +16,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pytest_miles.errors import InputError
 
-def _fail(what: str, value: Any, accepted: str) -> ValueError:
-    return ValueError(f"{what}: {value!r} is not accepted; expected {accepted}")
+
+def _fail(what: str, value: Any, accepted: str) -> InputError:
+    return InputError(f"{what}: {value!r} is not accepted; expected {accepted}")
 
 
 def integer(what: str, value: Any, *, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -74,13 +76,13 @@ def writable_file(what: str, value: Any) -> Path:
     parent is an error now (not an INTERNALERROR after the first test)."""
     path = path_like(what, value)
     if path.is_dir():
-        raise ValueError(f"{what}: {str(path)!r} is a folder; expected a file path, e.g. {str(path / 'report.json')!r}")
+        raise InputError(f"{what}: {str(path)!r} is a folder; expected a file path, e.g. {str(path / 'report.json')!r}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"{what}: cannot create the folder {str(path.parent)!r} ({exc.strerror or exc})") from None
+        raise InputError(f"{what}: cannot create the folder {str(path.parent)!r} ({exc.strerror or exc})") from None
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"{what}: {str(path)!r} is not writable")
+        raise InputError(f"{what}: {str(path)!r} is not writable")
     return path
 
 
@@ -88,7 +90,7 @@ def folder(what: str, value: Any) -> Path:
     """A folder that may not exist yet, but is not a file."""
     path = path_like(what, value)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what}: {str(path)!r} is a file; expected a folder")
+        raise InputError(f"{what}: {str(path)!r} is a file; expected a folder")
     return path
 
 
@@ -101,7 +103,7 @@ def _sglang_args(what: str, text: str) -> str:
     try:
         shlex.split(text)
     except ValueError as exc:
-        raise ValueError(f"{what}: {text!r} cannot be split into arguments ({exc}); quote as in a shell") from None
+        raise InputError(f"{what}: {text!r} cannot be split into arguments ({exc}); quote as in a shell") from None
     return text
 
 
@@ -116,7 +118,7 @@ def _ray_address(what: str, text: str) -> str:
 
 def _model(what: str, text: str) -> str:
     if not (Path(text) / "config.json").is_file():
-        raise ValueError(f"{what}: {text!r} is not a model folder (HF layout with config.json)")
+        raise InputError(f"{what}: {text!r} is not a model folder (HF layout with config.json)")
     return text
 
 
@@ -177,7 +179,7 @@ def check_trainer_args(*, seed: Any, tensor_parallel: Any, world_size: Any, devi
     if world_size is not None:
         ws = integer(f"{w}(world_size=)", world_size, minimum=1)
         if ws % tp:
-            raise ValueError(f"{w}(world_size=): world_size {ws} is not a multiple of tensor_parallel {tp}")
+            raise InputError(f"{w}(world_size=): world_size {ws} is not a multiple of tensor_parallel {tp}")
     choice(f"{w}(device=)", device, ("cpu", "cuda"))
     number(f"{w}(lr=)", lr)
     integer(f"{w}(micro_batch_size=)", micro_batch_size, minimum=1)
@@ -203,7 +205,7 @@ def check_train_args(steps: Any, *, save_dir: Any, save_steps: Any, load_dir: An
         for s in save_steps:
             integer("train(save_steps=) entry", s, minimum=1, maximum=steps)
         if save_steps and save_dir is None:
-            raise ValueError(f"train(save_steps={list(save_steps)}): no save_dir given, so nothing would be saved")
+            raise InputError(f"train(save_steps={list(save_steps)}): no save_dir given, so nothing would be saved")
 
 
 # ---- markers and public helpers ------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     bash scripts/fuzz_dcpscan.sh [ROUNDS] [.metadata files...]
 
-Builds the reader (pytest_miles/checks/dcpscan/*.c) with -fsanitize=address,undefined into a temp dir (the
+Builds the reader (pytest_miles/ckpt/dcpscan/*.c) with -fsanitize=address,undefined into a temp dir (the
 package's own build is untouched), then scans random mutations (byte changes, bit flips,
 deletions, insertions, self-splices, truncations) of each given `.metadata` (default: fresh DCP
 saves of a few shapes). Any memory error or undefined behaviour aborts with the sanitizer's report;

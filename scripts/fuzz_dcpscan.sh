@@ -10,7 +10,7 @@ trap 'rm -rf "$BUILD"' EXIT
 INC=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 EXT=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 gcc -O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -shared -fPIC \
-  -I"$INC" pytest_miles/checks/dcpscan/vm.c pytest_miles/checks/dcpscan/walk.c pytest_miles/checks/dcpscan/module.c \
+  -I"$INC" pytest_miles/ckpt/dcpscan/vm.c pytest_miles/ckpt/dcpscan/walk.c pytest_miles/ckpt/dcpscan/module.c \
   -o "$BUILD/_dcpscan$EXT"
 FILES=("$@")
 if [ ${#FILES[@]} -eq 0 ]; then  # a few real saves: plain, AdamW state (non-tensor items), 2,000 tensors

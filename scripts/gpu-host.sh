@@ -147,7 +147,7 @@ for step in "$@"; do
     te-cells-model)  # the matrix on YOUR HF Qwen2 dir, as docs/precision-matrix.md shows: PYTEST_MILES_MODEL=DIR; unset,
       # the embedded tiny128 is written to /tmp/miles-user-model and passed as --miles-model (~5 min)
       model=${PYTEST_MILES_MODEL:-/tmp/miles-user-model}
-      [ -n "${PYTEST_MILES_MODEL:-}" ] || $PY -c "from pytest_miles.engines.model import write_shape; write_shape('$model', 'tiny128')"
+      [ -n "${PYTEST_MILES_MODEL:-}" ] || $PY -c "from pytest_miles.models.embedded import write_shape; write_shape('$model', 'tiny128')"
       te_pytest te-cells-model -k "cell_end_to_end_on_miles_model" --miles-model "$model" \
         --miles-report "$OUT/te-cells-model-report.json" || rc=1 ;;
     served-weights)  # SGLang's /get_weights_by_name == the tiny128 bf16 checkpoint and a trainer session's own state

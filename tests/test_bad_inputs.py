@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from pytest_miles import options
-from pytest_miles.snapshots import FORMAT, SnapshotError, SnapshotStore, config_digest, digest_of
+from pytest_miles import config as options
+from pytest_miles.snapshots.store import FORMAT, SnapshotError, SnapshotStore, config_digest, digest_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -221,8 +221,8 @@ def test_bad_engine_factory_arguments_start_nothing(tmp_path, args, kwargs, says
 
 def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
     import pytest_miles as pm
-    from pytest_miles.leases import GpuLeaser, LeaseError
-    from pytest_miles.plot import plot_deviation
+    from pytest_miles.placement.leases import GpuLeaser, LeaseError
+    from pytest_miles.report.plot import plot_deviation
 
     leaser = GpuLeaser(Path(os.environ.get("TMPDIR", "/tmp")) / f"miles-bad-inputs-{os.getpid()}", ["0"], timeout=0)
     return [

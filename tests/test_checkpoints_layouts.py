@@ -76,7 +76,7 @@ def test_legacy_megatron_layout_from_run_iteration_and_file(tmp_path):
     report = assert_checkpoints_equal(a, b)
     assert report.kind_a == "megatron-legacy" and "legacy ranks" not in " ".join(report.notes)
     assert any(k.startswith("mp_rank_01_001/model_optim_rng.pt:model.") for k in
-               __import__("pytest_miles.checks.layouts", fromlist=["x"]).load_layout(a).entries)
+               __import__("pytest_miles.ckpt.layouts", fromlist=["x"]).load_layout(a).entries)
     assert_checkpoints_equal(a / "iter_0000020", b / "iter_0000020")
     f = "iter_0000020/mp_rank_01_001/model_optim_rng.pt"
     assert_checkpoints_equal(a / f, b / f)

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torch.distributed.checkpoint")
 
-from pytest_miles.checks import dcp_mirror  # noqa: E402
 from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
-from pytest_miles.checks.layouts import load_layout  # noqa: E402
+from pytest_miles.ckpt import dcp_mirror  # noqa: E402
+from pytest_miles.ckpt.layouts import load_layout  # noqa: E402
 from tests.helpers.checkpoints import flip_bit, make_state, save_dcp  # noqa: E402
 
 

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("ray")
 
 from pytest_miles import assert_env_propagated, assert_same_across_workers, run_on_every_worker  # noqa: E402
-from pytest_miles.cluster import probes  # noqa: E402
-from pytest_miles.cluster.ray_cluster import ClusterError, RayCluster  # noqa: E402
-from pytest_miles.cluster.workers import disagreement_report  # noqa: E402
-from pytest_miles.environment import deterministic_env_vars  # noqa: E402
+from pytest_miles.facts.environment import deterministic_env_vars  # noqa: E402
+from pytest_miles.placement import probes  # noqa: E402
+from pytest_miles.placement.ray_cluster import ClusterError, RayCluster  # noqa: E402
+from pytest_miles.scenarios.workers import disagreement_report  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,7 +78,7 @@ def skewed_logprobs():
     """NEGATIVE CONTROL: a computation made to differ on the node whose NCCL_ALGO is wrong."""
     import os
 
-    from pytest_miles.cluster.probes import tiny_forward_logprobs
+    from pytest_miles.placement.probes import tiny_forward_logprobs
 
     out = tiny_forward_logprobs()
     if os.environ.get("NCCL_ALGO") != "Ring":
@@ -118,7 +118,7 @@ def test_a_worker_that_dies_is_reported_by_node(ray_cluster, second_node):
 DIES_AS_IT_STARTS = """
 import pytest
 from pytest_miles import assert_env_propagated
-from pytest_miles.environment import deterministic_env_vars
+from pytest_miles.facts.environment import deterministic_env_vars
 
 def test_probe(ray_cluster, tmp_path):
     node_b = ray_cluster.add_node(num_cpus=1, resources={"miles_node_b": 1})
@@ -147,9 +147,9 @@ def test_a_worker_that_dies_as_it_starts_fails_the_probe_in_bounded_time(pyteste
 
 def test_engine_as_ray_actor_matches_the_local_engine(ray_cluster, tiny_model_dir, tmp_path):
     from pytest_miles import assert_batch_invariant
-    from pytest_miles.cluster.actors import RayEngine
     from pytest_miles.engines.base import SamplingParams
     from pytest_miles.engines.factory import EngineSpec, make_engine
+    from pytest_miles.engines.ray import RayEngine
 
     spec = EngineSpec("reference", str(tiny_model_dir), True, "flashinfer", (), {}, "cpu", str(tmp_path), 60.0)
     params = SamplingParams(max_new_tokens=6, sampling_seed=3)
@@ -164,8 +164,8 @@ def test_engine_as_ray_actor_matches_the_local_engine(ray_cluster, tiny_model_di
 def test_megatron_ranks_as_ray_actors_match_local_ranks(ray_cluster, tmp_path):
     pytest.importorskip("megatron.core")
     from pytest_miles import assert_runs_bitwise_equal
-    from pytest_miles.cluster.actors import RayRankLauncher
     from pytest_miles.trainers.megatron import MegatronTrainer
+    from pytest_miles.trainers.ray import RayRankLauncher
 
     launcher = RayRankLauncher(ray_cluster)
     on_ray = MegatronTrainer(tensor_parallel=2, launcher=launcher, log_dir=tmp_path / "ray").train(

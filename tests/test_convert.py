@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from pytest_miles.convert import ConvertError, QwenShape, hf_to_megatron, megatron_to_hf  # noqa: E402
-from pytest_miles.engines.model import TinyConfig, init_weights  # noqa: E402
+from pytest_miles.models.convert import ConvertError, QwenShape, hf_to_megatron, megatron_to_hf  # noqa: E402
+from pytest_miles.models.embedded import TinyConfig, init_weights  # noqa: E402
 
 
 @pytest.mark.parametrize("spec", ["local", "te"])

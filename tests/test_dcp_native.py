@@ -1,4 +1,4 @@
-"""The native DCP reader (pytest_miles/checks/dcpscan/, module `_dcpscan`) and the fast path built
+"""The native DCP reader (pytest_miles/ckpt/dcpscan/, module `_dcpscan`) and the fast path built
 on it (dcp_fast.py).
 
 What must hold, whatever the input: the fast path answers EQUAL only where the full Python path
@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 from pytest_miles.checks import dcp_fast  # noqa: E402
 from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
-from pytest_miles.checks.layouts import ITEMSIZE  # noqa: E402
+from pytest_miles.ckpt.layouts import ITEMSIZE  # noqa: E402
 from pytest_miles.cli import main  # noqa: E402
 from tests.helpers.checkpoints import (  # noqa: E402
     make_state,
@@ -286,7 +286,7 @@ def test_without_the_native_reader_compare_is_the_python_path(saves, monkeypatch
 FUZZ = textwrap.dedent("""
     import random, shutil, sys
     from pathlib import Path
-    from pytest_miles.checks import _dcpscan
+    from pytest_miles.ckpt import _dcpscan
     from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints
     from pytest_miles.checks.dcp_fast import fast_equal
     src, work, rounds, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

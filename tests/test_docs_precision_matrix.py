@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("torch")  # imported before pytester snapshots sys.modules (a second torch import crashes)
-from pytest_miles.engines.model import write_shape  # noqa: E402
+from pytest_miles.models.embedded import write_shape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "precision-matrix.md").read_text()
@@ -51,7 +51,7 @@ def test_the_documented_one_liner_prints_the_megatron_args(tmp_path):
 
 
 def test_every_option_step_and_test_it_names_exists():
-    from pytest_miles.options import SETTINGS
+    from pytest_miles.config.settings import SETTINGS
 
     flags = {s.cli for s in SETTINGS}
     named = set(re.findall(r"--miles-[a-z-]+", DOC))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pytest_miles.environment import deterministic_env_vars
+from pytest_miles.facts.environment import deterministic_env_vars
 
 GOOD = deterministic_env_vars()
 
@@ -86,8 +86,8 @@ def test_attention_backend_outside_deterministic_set(tmp_path):
 
 def test_torch_deterministic_check_in_process():
     torch = pytest.importorskip("torch")
-    from pytest_miles.doctor import check_torch_deterministic
-    from pytest_miles.environment import DeterministicEnvironment
+    from pytest_miles.facts.doctor import check_torch_deterministic
+    from pytest_miles.facts.environment import DeterministicEnvironment
 
     assert not torch.are_deterministic_algorithms_enabled()
     assert check_torch_deterministic().status == "fail"

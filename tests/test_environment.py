@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_miles.environment import DeterministicEnvironment, deterministic_env_vars
+from pytest_miles.facts.environment import DeterministicEnvironment, deterministic_env_vars
 
 
 def test_env_vars_are_the_seeds():

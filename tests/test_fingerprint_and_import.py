@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from pytest_miles.fingerprint import collect, installed_versions
-from pytest_miles.hardware import Hardware, _visible_filter, discover, parse_override
+from pytest_miles.facts.fingerprint import collect, installed_versions
+from pytest_miles.facts.hardware import Hardware, _visible_filter, discover, parse_override
 
 HEAVY = ("torch", "sglang", "megatron", "ray", "numpy", "safetensors")
 

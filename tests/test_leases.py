@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from pytest_miles.leases import GpuLeaser, LeaseError, visible_tokens
+from pytest_miles.placement.leases import GpuLeaser, LeaseError, visible_tokens
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,7 +76,7 @@ def test_separate_pytest_processes_never_hold_the_same_gpu(pytester, monkeypatch
 def test_a_crashed_holder_releases_its_lease(tmp_path):
     holder = textwrap.dedent(f"""
         import os, sys
-        from pytest_miles.leases import GpuLeaser
+        from pytest_miles.placement.leases import GpuLeaser
         lease = GpuLeaser({str(tmp_path)!r}, ["0"], timeout=5, who="gw7").acquire(1, owner="the crashing test")
         print("held", flush=True)
         sys.stdin.readline()
@@ -107,7 +107,7 @@ def test_leases_are_all_or_nothing_and_a_worker_shares_its_own_gpus(tmp_path):
     assert tp2.devices == ["0", "1"], "own GPU first, then a free one"
     tp2.release()
     other = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
-        from pytest_miles.leases import GpuLeaser, LeaseError
+        from pytest_miles.placement.leases import GpuLeaser, LeaseError
         leaser = GpuLeaser({str(tmp_path)!r}, ["0", "1"], timeout=0.5, poll=0.1, who="gw1")
         print(leaser.acquire(1).devices)
         try:
@@ -148,7 +148,7 @@ def test_an_engine_that_fails_to_start_gives_its_lease_back(tmp_path):
         pytest.skip("needs a machine where the embedded server cannot start on cuda")
     from pytest_miles.engines.base import EngineError
     from pytest_miles.engines.factory import EngineFactory
-    from pytest_miles.engines.model import write_hf_checkpoint
+    from pytest_miles.models.embedded import write_hf_checkpoint
 
     model = write_hf_checkpoint(tmp_path / "model")
     leaser = GpuLeaser(tmp_path / "leases", ["0"], timeout=0.5, poll=0.1)

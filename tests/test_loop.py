@@ -9,8 +9,8 @@ import importlib.util
 
 import pytest
 
-from pytest_miles.loop import LoopRun, assert_loops_bitwise_equal, first_divergence
-from pytest_miles.loop.compare import MAX_CHARS, TROUBLESHOOTING
+from pytest_miles.checks.loop import MAX_CHARS, TROUBLESHOOTING
+from pytest_miles.scenarios.loop import LoopRun, assert_loops_bitwise_equal, first_divergence
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed"),
               pytest.mark.timeout(300)]
@@ -165,8 +165,8 @@ def test_session_tied_embeddings_match_the_engine_and_errors_are_named(megatron_
     0's traceback, and close() ends every rank."""
     from dataclasses import asdict
 
-    from pytest_miles.engines.model import TinyConfig, write_hf_checkpoint
     from pytest_miles.engines.reference import ReferenceEngine
+    from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint
     from pytest_miles.trainers.megatron import ModelArgs, TrainerError
 
     cfg = TinyConfig(tie_word_embeddings=True)
@@ -246,9 +246,9 @@ def _alive(pid: int) -> bool:
 
 def test_engine_weight_update_refusals_are_named(tmp_path):
     from pytest_miles.engines.base import EngineError, SamplingParams
-    from pytest_miles.engines.model import TinyConfig, write_hf_checkpoint
     from pytest_miles.engines.reference import ReferenceEngine
     from pytest_miles.engines.server import ReferenceServerEngine
+    from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint
 
     a = write_hf_checkpoint(tmp_path / "a", TinyConfig(), dtype="float32")
     b = write_hf_checkpoint(tmp_path / "b", TinyConfig(seed=7), dtype="float32")

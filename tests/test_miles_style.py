@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from pytest_miles.cli import main
-from pytest_miles.doctor_env import EnvInputError, check_run_env, load_runtime_env, parse_train_env_vars
-from pytest_miles.environment import deterministic_env_vars
+from pytest_miles.facts.doctor_env import EnvInputError, check_run_env, load_runtime_env, parse_train_env_vars
+from pytest_miles.facts.environment import deterministic_env_vars
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "examples" / "miles_style" / "test_determinism_ci.py"

@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pytest_miles import measure_logprob_drift, validate_precision_config  # noqa: E402
-from pytest_miles.precision import FORMATS, RULE_EXCLUSIVE, RULE_MXFP8, Cell, cell_status  # noqa: E402
-from pytest_miles.quantize import (  # noqa: E402
+from pytest_miles.facts.precision import FORMATS, RULE_EXCLUSIVE, RULE_MXFP8, Cell, cell_status  # noqa: E402
+from pytest_miles.models.quantize import (  # noqa: E402
     E2M1_VALUES,
     dequantize,
     fake_quant,
@@ -45,7 +45,7 @@ def test_every_cell_has_the_seed_outcome(gpu):
 
 MATRIX_TESTS = """
 import pytest
-from pytest_miles.precision import precision_matrix, validate_precision_config
+from pytest_miles.facts.precision import precision_matrix, validate_precision_config
 
 @pytest.mark.parametrize("cell", precision_matrix())
 def test_cell(cell):
@@ -164,7 +164,7 @@ def test_drift_refuses_a_cell_the_gpu_cannot_run():
 def test_drift_table_in_terminal_summary(pytester):
     pytester.makepyfile("""
         import pytest
-        from pytest_miles.precision import precision_matrix
+        from pytest_miles.facts.precision import precision_matrix
         from pytest_miles.checks.drift import measure_logprob_drift
 
         @pytest.mark.parametrize("cell", [c for c in precision_matrix() if c.values[0].valid])

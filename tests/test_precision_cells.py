@@ -9,7 +9,9 @@ import math
 import pytest
 
 from pytest_miles.checks.drift import DriftReport
-from pytest_miles.checks.precision_cells import (
+from pytest_miles.facts.hardware import parse_override
+from pytest_miles.facts.precision import FORMATS, cell_status
+from pytest_miles.scenarios.precision_cells import (
     CellNotRunnable,
     CellReport,
     check_cell,
@@ -18,8 +20,6 @@ from pytest_miles.checks.precision_cells import (
     measure_precision_cell,
     plot_precision_matrix,
 )
-from pytest_miles.hardware import parse_override
-from pytest_miles.precision import FORMATS, cell_status
 
 
 def test_figures_over_the_rollout_tokens():
@@ -98,7 +98,7 @@ def test_heatmap_labels_say_why_a_cell_has_no_figure():
 
 
 def test_trainer_side_names_what_is_not_wired(tmp_path):
-    from pytest_miles.checks.precision_cells import trainer_logprobs
+    from pytest_miles.scenarios.precision_cells import trainer_logprobs
     from pytest_miles.trainers.megatron import ModelArgs
 
     if hasattr(ModelArgs, "qwen2"):
@@ -121,9 +121,9 @@ def test_trainer_side_scores_the_served_weights_on_cpu(tmp_path):
     serves) does: the same weights and the same function on both sides."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("megatron.core")
-    from pytest_miles.checks.precision_cells import seeded_prompts, trainer_logprobs
-    from pytest_miles.engines.model import TinyDecoder, write_hf_checkpoint
-    from pytest_miles.engines.quantized_checkpoints import TINY128
+    from pytest_miles.models.embedded import TinyDecoder, write_hf_checkpoint
+    from pytest_miles.models.quantized_checkpoints import TINY128
+    from pytest_miles.scenarios.precision_cells import seeded_prompts, trainer_logprobs
     from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
 
     if not hasattr(ModelArgs, "qwen2"):
@@ -197,8 +197,8 @@ def test_your_own_checkpoint_quantized_as_the_embedded_one(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    from pytest_miles.engines.model import write_hf_checkpoint
-    from pytest_miles.engines.quantized_checkpoints import (
+    from pytest_miles.models.embedded import write_hf_checkpoint
+    from pytest_miles.models.quantized_checkpoints import (
         TINY128,
         check_sglang_layout,
         quantize_checkpoint_dir,
@@ -219,7 +219,7 @@ def test_an_fp8_rollout_of_a_shape_sglang_would_refuse_is_named(tmp_path):
     """The default tiny shape's 64-wide k/v projections do not fit 128-row blocks: refused, naming
     the tensor, before an engine starts."""
     pytest.importorskip("torch")
-    from pytest_miles.engines.model import write_hf_checkpoint
+    from pytest_miles.models.embedded import write_hf_checkpoint
 
     def never(*args, **kwargs):  # deliberate negative control: no engine may start for this cell
         raise AssertionError("an engine was started for a checkpoint SGLang would refuse")
@@ -255,8 +255,8 @@ def test_a_bad_config_json_is_named_and_never_blocks(content, message, unreadabl
     import os
 
     from pytest_miles import assert_served_weights_equal
-    from pytest_miles.engines.model import config_from_dir, read_hf_config
-    from pytest_miles.engines.quantized_checkpoints import quantize_checkpoint_dir
+    from pytest_miles.models.embedded import config_from_dir, read_hf_config
+    from pytest_miles.models.quantized_checkpoints import quantize_checkpoint_dir
 
     d = tmp_path / "m"
     d.mkdir()

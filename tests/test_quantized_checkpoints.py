@@ -13,8 +13,9 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from pytest_miles.engines.model import TinyConfig  # noqa: E402
-from pytest_miles.engines.quantized_checkpoints import (  # noqa: E402
+from pytest_miles.facts.hardware import parse_override  # noqa: E402
+from pytest_miles.models.embedded import TinyConfig  # noqa: E402
+from pytest_miles.models.quantized_checkpoints import (  # noqa: E402
     TINY128,
     check_sglang_layout,
     dequantized_state,
@@ -22,7 +23,6 @@ from pytest_miles.engines.quantized_checkpoints import (  # noqa: E402
     serve_unsupported,
     write_quantized_checkpoint,
 )
-from pytest_miles.hardware import parse_override  # noqa: E402
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -30,7 +30,7 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    from pytest_miles.engines.model import write_hf_checkpoint
+    from pytest_miles.models.embedded import write_hf_checkpoint
 
     root = tmp_path_factory.mktemp("quantized")
     write_quantized_checkpoint(root / "fp8", "fp8_blockwise")
@@ -130,7 +130,7 @@ def test_sglang_parses_the_configs(written):
     pytest.importorskip("sglang.srt.layers.quantization.fp8", reason="sglang not importable: the schema check above stands in")
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 
-    from pytest_miles.engines.quantized_checkpoints import sglang_fp8_config
+    from pytest_miles.models.quantized_checkpoints import sglang_fp8_config
 
     root, _ = written
     assert "fp8" in QUANTIZATION_METHODS

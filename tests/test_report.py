@@ -152,7 +152,7 @@ def test_helpers_record_nothing_and_need_no_pytest_outside_a_test():
     import sys
 
     code = ("import sys; from pytest_miles.recording import record, setting; record('x', 'passed');"
-            "import pytest_miles.checks.batch_invariance, pytest_miles.checks.runs;"
+            "import pytest_miles.checks.batch_invariance, pytest_miles.scenarios.runs;"
             "assert setting('trials', 10) == 10; assert 'pytest' not in sys.modules, 'pytest imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -14,7 +14,7 @@ import pytest
 
 TESTS = """
 import pytest
-from pytest_miles.plot import plot_deviation
+from pytest_miles.report.plot import plot_deviation
 
 @pytest.mark.parametrize("cell", ["rollout=bf16-train=bf16", "rollout=fp8_blockwise-train=bf16"])
 def test_cell(miles_record, cell):

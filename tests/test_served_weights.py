@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 
 from pytest_miles import assert_served_weights_equal  # noqa: E402
 from pytest_miles.engines.base import EngineError, WeightNotServed  # noqa: E402
-from pytest_miles.engines.model import TinyConfig, write_hf_checkpoint  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
 from pytest_miles.engines.server import ReferenceServerEngine  # noqa: E402
+from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 FLIPPED = "model.layers.1.mlp.up_proj.weight"
@@ -205,7 +205,7 @@ def test_an_fp8_checkpoint_is_compared_as_written(tmp_path):
     SGLang serving FP8 is tests/gpu/test_gpu_served_weights.py.)"""
     from safetensors.torch import load_file
 
-    from pytest_miles.engines.quantized_checkpoints import TINY128, write_quantized_checkpoint
+    from pytest_miles.models.quantized_checkpoints import TINY128, write_quantized_checkpoint
 
     fp8 = write_quantized_checkpoint(tmp_path / "fp8", "fp8_blockwise", TINY128)
     engine = ReferenceEngine(fp8)
@@ -225,8 +225,8 @@ def test_safetensors_dir_reader_refuses_hostile_files(ckpt, tmp_path):
     shard is refused by name without blocking, garbage is named, the inputs are left as they were."""
     import os
 
-    from pytest_miles.checks.safe_io import CheckpointError
-    from pytest_miles.engines.model import load_safetensors_dir
+    from pytest_miles._files import CheckpointError
+    from pytest_miles.models.embedded import load_safetensors_dir
 
     fifo = tmp_path / "fifo"
     shutil.copytree(ckpt, fifo)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_miles import options, plugin
+from pytest_miles import config as options
+from pytest_miles import plugin
 from pytest_miles.cli import main
 
 ROOT = Path(__file__).parent.parent
@@ -198,7 +199,7 @@ def test_progress_line_on_a_terminal_quiet_under_q_and_in_ci_logs(pytester):
 
 
 def test_invalid_precision_cells_are_named_as_rejection_checks(pytester):
-    from pytest_miles.precision import precision_matrix
+    from pytest_miles.facts.precision import precision_matrix
 
     params = precision_matrix()
     invalid = [p for p in params if not p.values[0].valid]
@@ -206,7 +207,7 @@ def test_invalid_precision_cells_are_named_as_rejection_checks(pytester):
     assert all(not p.id.endswith("-rejected") for p in params if p.values[0].valid)
     pytester.makepyfile("""
         import pytest
-        from pytest_miles.precision import precision_matrix
+        from pytest_miles.facts.precision import precision_matrix
 
         @pytest.mark.parametrize("cell", precision_matrix())
         def test_cell(cell):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pytest_miles.snapshots import SnapshotError, SnapshotStore, config_digest, diagnose
+from pytest_miles.snapshots.store import SnapshotError, SnapshotStore, config_digest, diagnose
 
 TOKENS = """
 def test_rollout(determinism_snapshot):
@@ -97,7 +97,7 @@ def test_other_configuration_with_other_values_names_each_field_after_every_chec
 
 
 def test_configuration_holds_what_decides_bits_only():
-    from pytest_miles.snapshots import configuration
+    from pytest_miles.snapshots.store import configuration
 
     base = {"gpu_name": None, "packages": {"torch": "2.13.0", "ray": None},
             "cpu": "AMD EPYC 7B13 [avx2 avx512f avx512_bf16]", "env": {"NCCL_ALGO": "Ring"}}
@@ -200,6 +200,6 @@ def test_same_record_twice_is_an_error(pytester):
 
 def test_unsupported_values():
     with pytest.raises(SnapshotError, match="cannot snapshot a object"):
-        from pytest_miles.snapshots import canonical
+        from pytest_miles.snapshots.store import canonical
 
         canonical(object())

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("megatron.core")
 
-from pytest_miles.hardware import parse_override  # noqa: E402
+from pytest_miles.facts.hardware import parse_override  # noqa: E402
 from pytest_miles.trainers.megatron import MegatronTrainer, TrainerError  # noqa: E402
 from pytest_miles.trainers.te_model import (  # noqa: E402
     RECIPES,

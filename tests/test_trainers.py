@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("megatron.core")
 
 from pytest_miles import assert_resume_equivalent, assert_runs_bitwise_equal  # noqa: E402
-from pytest_miles.checks.runs import runs_difference  # noqa: E402
+from pytest_miles.scenarios.runs import runs_difference  # noqa: E402
 from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs, TrainerError  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_crashing_trainer_gives_log_tail_and_leaves_nothing(tmp_path):
     bad = MegatronTrainer(tensor_parallel=2, model=ModelArgs(vocab_size=0), log_dir=tmp_path)
     with pytest.raises(TrainerError, match=r"megatron rank \d exited with code 1 \(log .*rank\d\.log\):\n(.|\n)*Error"):
         bad.train(1)
-    from pytest_miles.ownership import watchdog_pid
+    from pytest_miles.placement.ownership import watchdog_pid
 
     after = {p.pid for p in psutil.Process().children(recursive=True)} - {watchdog_pid()}
     assert after <= before, f"leftover processes: {after - before}"

@@ -14,11 +14,11 @@ from pytest_miles import assert_batch_invariant  # noqa: E402
 from pytest_miles.capabilities.verdict import NotApplicable  # noqa: E402
 from pytest_miles.checks.batch_invariance import BATCH_SIZES, check_batch_invariance  # noqa: E402
 from pytest_miles.checks.witness import SETTING_KEYS, radix_cache_witness  # noqa: E402
-from pytest_miles.engines.model import SHAPES, tensor_chunks, tensor_specs, write_hf_checkpoint, write_shape  # noqa: E402
-from pytest_miles.engines.model_cache import cached_shape_dir  # noqa: E402
+from pytest_miles.config.settings import BY_NAME  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
 from pytest_miles.engines.server import ReferenceServerEngine, SGLangEngine  # noqa: E402
-from pytest_miles.options import BY_NAME  # noqa: E402
+from pytest_miles.models.cache import cached_shape_dir  # noqa: E402
+from pytest_miles.models.embedded import SHAPES, tensor_chunks, tensor_specs, write_hf_checkpoint, write_shape  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_one_shape_has_one_set_of_weights_however_written(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from pytest_miles.engines.model import TinyConfig, init_weights
+    from pytest_miles.models.embedded import TinyConfig, init_weights
 
     cfg = SHAPES["tiny128"]
     written = load_file(str(write_hf_checkpoint(tmp_path / "a", cfg, dtype="float32") / "model.safetensors"))
@@ -144,7 +144,7 @@ def test_the_05b_shape_logits_are_not_saturated():
     seeded weights keep the logits' spread in a few units."""
     import torch
 
-    from pytest_miles.engines.model import TinyDecoder, init_weights
+    from pytest_miles.models.embedded import TinyDecoder, init_weights
 
     cfg = SHAPES["qwen2.5-0.5b"]
     model = TinyDecoder(cfg, init_weights(cfg))
@@ -169,8 +169,8 @@ def test_shape_model_is_written_once_and_shared_by_workers(tmp_path, monkeypatch
 
 
 def test_cost_pairs_are_interleaved_with_a_spread():
-    from pytest_miles.checks.cost import measure_rollout_cost
     from pytest_miles.engines.base import SamplingParams
+    from pytest_miles.scenarios.cost import measure_rollout_cost
 
     det, base = ReferenceEngine(batch_invariant=True), ReferenceEngine()
     report = measure_rollout_cost(det, base, [[5, 6, 7, 8]] * 2, SamplingParams(max_new_tokens=2), pairs=3)

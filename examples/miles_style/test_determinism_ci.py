@@ -26,7 +26,7 @@ from pytest_miles import (
     discover,
     run_doctor,
 )
-from pytest_miles.doctor_env import check_run_env
+from pytest_miles.facts.doctor_env import check_run_env
 
 
 def check(name: str, fn) -> bool:
@@ -54,7 +54,7 @@ def main() -> int:
     ok = check("deterministic train env", lambda: _no_failures(bad))
 
     with tempfile.TemporaryDirectory() as tmp:
-        from pytest_miles.engines.model import write_hf_checkpoint
+        from pytest_miles.models.embedded import write_hf_checkpoint
 
         model = write_hf_checkpoint(Path(tmp) / "model")
         # 2. Rollout batch invariance: every item's ids and logprobs, bitwise, at every batch size.

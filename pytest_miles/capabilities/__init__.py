@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_miles.errors import CapabilityError  # noqa: F401  (importable here too)
+
 STATUSES = ("promised", "known_limitation", "not_applicable")
 MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
 SHAPE_KEYS = ("seed", "max_batch", "prompt_len", "min_seq_len", "model_shape")
@@ -21,10 +23,6 @@ CELL_FIELDS = ("id", "versions", "backends", "modes", "status", "condition", "re
                "reproduces")
 SGLANG_KINDS = ("sglang", "sglang-offline")
 PACKAGED = Path(__file__).with_name("sglang.toml")
-
-
-class CapabilityError(ValueError):
-    """A capability file that cannot be used; the message names the file and the field."""
 
 
 @dataclass(frozen=True)

@@ -11,30 +11,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import SGLANG_KINDS, Capabilities, Capability, load_capabilities
+from pytest_miles.capabilities import SGLANG_KINDS, Capabilities, Capability, load_capabilities
+from pytest_miles.errors import KnownLimitation, NotApplicable, UnexpectedPass  # noqa: F401  (importable here too)
 
-SESSION_FILE: str | None = None  # the pytest session's --miles-capabilities (set by the plugin)
 _PENDING_XPASS: dict[str, str] = {}  # nodeid -> reason, for a non-strict unexpected pass inside pytest
-
-
-class KnownLimitation(Exception):  # noqa: N818  (named for what it reports, like pytest's Skipped)
-    """A failure that the capability data records as a known upstream limitation."""
-
-    def __init__(self, report: Any, capability: Capability) -> None:
-        self.report, self.capability = report, capability
-        super().__init__(f"known limitation: {capability.describe()}\n{report.render()}")
-
-    @property
-    def references(self) -> tuple[str, ...]:
-        return self.capability.cell.references if self.capability.cell else ()
-
-
-class NotApplicable(Exception):  # noqa: N818
-    """The check cannot test anything on this engine (e.g. no prefix cache): not a pass."""
-
-
-class UnexpectedPass(AssertionError):
-    """A known limitation did not reproduce under the shape that reproduces it: update the data."""
 
 
 def current_nodeid() -> str | None:
@@ -52,13 +32,14 @@ def capability_for(engine: Any, mode: str, shape: dict[str, Any], settings: dict
     if name not in SGLANG_KINDS or not deterministic:
         return Capability("promised", None, True, name)
     if capabilities is None:
-        from ..options import resolve
+        from pytest_miles.config.resolve import resolve
+        from pytest_miles.recording import setting
 
-        capabilities = load_capabilities(SESSION_FILE or resolve(None, "capabilities"))
+        capabilities = load_capabilities(setting("capabilities", None) or resolve(None, "capabilities"))
     backend = settings.get("attention_backend") or getattr(engine, "attention_backend", "?")
     version = settings.get("version")
     if version is None:
-        from . import installed_sglang_version
+        from pytest_miles.capabilities import installed_sglang_version
 
         version = installed_sglang_version()
     return capabilities.lookup(str(backend), mode, version, shape, engine=name)

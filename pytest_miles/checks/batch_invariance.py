@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engines.base import Output, SamplingParams
-from ..recording import recorded
-from .witness import engine_settings, radix_cache_witness
+from pytest_miles.checks.witness import engine_settings, radix_cache_witness
+from pytest_miles.engines.base import Output, SamplingParams
+from pytest_miles.recording import recorded
 
 MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
 
@@ -153,7 +153,7 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
     """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
     single and needle modes (default: random token ids of `prompt_len`); `batch_sizes` replaces
     single's CUDA-graph-crossing sizes (e.g. 1..trials, as SGLang's tool)."""
-    from ..validation import check_engine
+    from pytest_miles.validation import check_engine
 
     check_engine("engine", engine)
     if mode not in MODES:
@@ -270,8 +270,8 @@ def judge_report(engine, report: InvarianceReport, capabilities=None) -> Invaria
     """The outcome of a finished report on this engine: witnesses first (radix_cache must show a
     cache hit), then the capability rule (promised: hard check; known limitation: KnownLimitation /
     XPASS; not applicable: NotApplicable). See pytest_miles.capabilities.verdict."""
-    from ..capabilities import Capability
-    from ..capabilities.verdict import NotApplicable, capability_for, judge
+    from pytest_miles.capabilities import Capability
+    from pytest_miles.capabilities.verdict import NotApplicable, capability_for, judge
 
     cap = capability_for(engine, report.mode, report.shape, report.settings, capabilities)
     if report.mode == "radix_cache":

@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..recording import recorded
-from ..report import write_atomic
-from .compare_report import Difference, Report, merge_notes
-from .layouts import CheckpointError, Entry, Item, Layout, load_layout
-from .safe_io import SafeFile, read_bytes, read_text
-from .unpickle import LazyTensor, materialize
+from pytest_miles._files import SafeFile, read_bytes, read_text
+from pytest_miles.checks.compare_report import Difference, Report, merge_notes
+from pytest_miles.ckpt.layouts import CheckpointError, Entry, Item, Layout, load_layout
+from pytest_miles.ckpt.unpickle import LazyTensor, materialize
+from pytest_miles.recording import recorded
+from pytest_miles.report.collector import write_atomic
 
 __all__ = ["CheckpointError", "Report", "assert_checkpoints_equal", "compare_checkpoints", "write_manifest"]
 
@@ -126,7 +126,7 @@ def _split(pairs: list[tuple[Item, Item]], parts: int) -> list[list[tuple[Item, 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested containers -> {key.path: leaf}, so that differences have a name."""
-    from .layouts import _flatten as flat
+    from pytest_miles.ckpt.layouts import _flatten as flat
 
     out: dict[str, Any] = {}
     flat(materialize(obj), prefix, out)
@@ -139,7 +139,7 @@ def _is_tensor(x: Any) -> bool:
 
 
 def _leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
-    from .bits import bits_equal, tensor_diff
+    from pytest_miles.checks.bits import bits_equal, tensor_diff
 
     if isinstance(x, LazyTensor):
         x = x.materialize()
@@ -242,7 +242,7 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ig
     """
     nworkers = _validate_workers(workers)
     if fast and not ignore and not isinstance(b, dict):
-        from .dcp_fast import fast_equal
+        from pytest_miles.checks.dcp_fast import fast_equal
 
         report = fast_equal(a, b, nworkers)
         if report is not None:
@@ -390,7 +390,7 @@ def compare_layouts(la: Layout, lb: Layout, a: str, b: str, ign: Ignore, first: 
                 for ia, _ in differing:
                     ea, eb = owner[id(ia)]
                     if eb is None:  # a mirrored entry: read B's bytes from B's files
-                        from .dcp_layout import relocated
+                        from pytest_miles.ckpt.dcp_layout import relocated
 
                         eb = relocated(ea, relocate)
                     unequal[id(ea)] = (ea, eb)
@@ -442,7 +442,7 @@ def assert_checkpoints_equal(a: str | os.PathLike, b: str | os.PathLike, *, igno
     iterations="all": a and b are run dirs; every iteration both saved must be equal (the
     report names the first diverging iteration and its first differing tensor)."""
     if iterations is not None:
-        from .iterations import first_diverging_iteration
+        from pytest_miles.checks.iterations import first_diverging_iteration
 
         if iterations != "all":
             raise ValueError(f"iterations={iterations!r}: expected 'all' or None")
@@ -491,7 +491,7 @@ def _digest_value(v: Any) -> str:
 def _tensor_digests(e: Entry) -> tuple[str, list[str]]:
     """(digest of the whole tensor, digests of each MANIFEST_CHUNK_ELEMENTS-element range).
     A tensor stored as one raw chunk is streamed from the file; others are assembled first."""
-    from .layouts import ITEMSIZE
+    from pytest_miles.ckpt.layouts import ITEMSIZE
 
     itemsize = ITEMSIZE[e.dtype or "uint8"]
     whole = hashlib.sha256(f"torch.{e.dtype}|{list(e.shape or ())}|".encode())
@@ -524,7 +524,7 @@ def _tensor_digests(e: Entry) -> tuple[str, list[str]]:
 
 def _lazy_chunk(item: Item) -> LazyTensor | None:
     """A DCP tensor chunk (a torch.save blob) read without torch, when it is one contiguous tensor."""
-    from .unpickle import load_torch
+    from pytest_miles.ckpt.unpickle import load_torch
 
     with SafeFile(item.file) as f:
         blob = f.pread(item.offset, item.length, f"item {item.key!r}")

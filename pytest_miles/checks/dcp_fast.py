@@ -4,7 +4,7 @@ Why: comparing two checkpoints of 20,000 small tensors must cost less than hashi
 5x faster than `md5sum`). CPython's own unpickler alone needs ~60 ms for such a `.metadata`, and
 a Python index of its entries as much again, per side; that is the whole budget. So, for the
 common case (two plain DCP dirs, equal):
-- the native reader `_dcpscan` (C, pytest_miles/checks/dcpscan/; module.c's header says how it
+- the native reader `_dcpscan` (C, pytest_miles/ckpt/dcpscan/; module.c's header says how it
   works and why it is safe on hostile files) reads each `.metadata` without building a Python
   object per entry or calling anything, makes every check dcp_layout.py makes, and returns its
   *plan*: one canonical byte string of every item's name, dtype, shape, chunk, file, offsets and
@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare_report import Report, merge_notes
-from .dcp_mirror import mirrored_ids
-from .safe_io import CheckpointError, SafeFile, read_bytes
+from pytest_miles._files import CheckpointError, SafeFile, read_bytes
+from pytest_miles.checks.compare_report import Report, merge_notes
+from pytest_miles.ckpt.dcp_mirror import mirrored_ids
 
 __all__ = ["IDS_IGNORED", "fast_equal", "id_notes", "native_reader"]
 
@@ -51,7 +51,7 @@ def native_reader() -> Any:
     if switch == "0":
         return None
     try:
-        from . import _dcpscan
+        from pytest_miles.ckpt import _dcpscan
     except ImportError:
         return None
     return _dcpscan

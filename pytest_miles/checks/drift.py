@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..engines.model import TinyConfig, TinyDecoder, init_weights
-from ..precision import validate_precision_config
-from ..quantize import fake_quant
-from ..recording import recorded
+from pytest_miles.facts.precision import validate_precision_config
+from pytest_miles.models.embedded import TinyConfig, TinyDecoder, init_weights
+from pytest_miles.models.quantize import fake_quant
+from pytest_miles.recording import recorded
 
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight", "lm_head.weight")
@@ -50,7 +50,7 @@ def _act_quant(fmt: str, gemm: str):
     def quant(x):
         import torch
 
-        from ..quantize import QUANTIZERS, dequantize
+        from pytest_miles.models.quantize import QUANTIZERS, dequantize
 
         flat = x.reshape(-1, x.shape[-1]).float()
         block = (1, tile) if fmt == "fp8_blockwise" else None
@@ -73,7 +73,7 @@ class _ScaledMMDecoder(TinyDecoder):
     def _lin(self, x, weight):
         import torch
 
-        from ..quantize import quantize_fp8_blockwise
+        from pytest_miles.models.quantize import quantize_fp8_blockwise
 
         qw = self.qweights[id(weight)]
         shape = x.shape
@@ -98,7 +98,7 @@ def _path(cfg: TinyConfig, weights: dict, fmt: str, device: str, gemm: str) -> T
     import torch
 
     if gemm == "scaled_mm" and fmt == "fp8_blockwise":
-        from ..quantize import quantize_fp8_blockwise
+        from pytest_miles.models.quantize import quantize_fp8_blockwise
 
         state = {k: v.to(torch.bfloat16) for k, v in weights.items()}
         model = _ScaledMMDecoder(cfg, state, device, {})
@@ -144,7 +144,7 @@ def measure_logprob_drift(rollout: str, train: str, *, gpu=None, config: TinyCon
 def assert_logprob_drift(rollout: str, train: str, *, max_abs_diff: float | None = None, **kwargs: Any) -> DriftReport:
     """Unified cells must drift exactly 0.0; others must stay under `max_abs_diff` when given."""
     if max_abs_diff is not None:  # NaN would make every comparison false: the check would pass vacuously
-        from ..validation import number
+        from pytest_miles.validation import number
 
         number("assert_logprob_drift(max_abs_diff=)", max_abs_diff, allow_zero=True)
     report = measure_logprob_drift(rollout, train, **kwargs)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import Report, compare_checkpoints
-from .layouts import _listdir, _resolve
-from .safe_io import CheckpointError
+from pytest_miles._files import CheckpointError
+from pytest_miles.checks.checkpoints import Report, compare_checkpoints
+from pytest_miles.ckpt.layouts import _listdir, _resolve
 
 __all__ = ["IterationWalk", "first_diverging_iteration", "saved_iterations"]
 

@@ -1,7 +1,7 @@
 """The served weights are the trainer's: each tensor read back from the engine through SGLang's
 `/get_weights_by_name` (or the offline `sglang.Engine.get_weights_by_name`) and compared bitwise
 with the expected weights: an HF state dict, an HF checkpoint directory, or a megatron-core state
-dict plus its config (converted with `pytest_miles.convert.megatron_to_hf`).
+dict plus its config (converted with `pytest_miles.models.convert.megatron_to_hf`).
 
 Miles' `--check-weight-update-equal` answers the same question another way: SGLang snapshots its
 weights as loaded from `--hf-checkpoint`, poisons them (`reset_tensors`), the trainer pushes its
@@ -97,7 +97,7 @@ def assert_served_weights_equal(engine: Any, expected: Any, *, names: Iterable[s
 
     import torch
 
-    from ..engines.base import WeightNotServed
+    from pytest_miles.engines.base import WeightNotServed
 
     mismatches: list[str] = []
     for name in selected:
@@ -166,7 +166,7 @@ def _expected(expected: Any, config: Any, spec: str) -> tuple[dict, str, bool]:
         if config is None:
             raise ValueError("expected: megatron-core names (decoder.layers...) need config= (the HF config.json "
                              "dict, a TinyConfig or a QwenShape) to be converted to the HF names the engine serves")
-        from ..convert import megatron_to_hf
+        from pytest_miles.models.convert import megatron_to_hf
 
         weights = megatron_to_hf(dict(expected), config, spec)
         return weights, f"the megatron-core state dict ({spec} spec, converted to HF names)", False
@@ -177,7 +177,7 @@ def _expected(expected: Any, config: Any, spec: str) -> tuple[dict, str, bool]:
 
 def _read_hf_dir(path: Path) -> tuple[dict, str, bool]:
     """Its *.safetensors (header and raw tensors only: nothing in them is executed)."""
-    from ..engines.model import load_safetensors_dir, read_hf_config
+    from pytest_miles.models.embedded import load_safetensors_dir, read_hf_config
 
     if not path.is_dir():
         raise ValueError(f"expected: {path} is not a directory (an HF checkpoint directory is expected)")
@@ -245,7 +245,7 @@ def _served_tensor(answer: Any, shape, name: str, label: str):
     an answer that is not float32 values (not what SGLang writes)."""
     import torch
 
-    from ..engines.base import EngineError
+    from pytest_miles.engines.base import EngineError
 
     def nulls_to_nan(v):
         if isinstance(v, list):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from pytest_miles.errors import EngineError, WeightNotServed  # noqa: F401  (importable here too)
+
 # SGLang start-up settings whose default we change (the user's own value, if set, wins). They pick
 # when kernels are compiled, not which kernels run: the served numbers are the same.
 SGLANG_START_ENV: dict[str, tuple[str, str]] = {
@@ -25,15 +27,6 @@ def sglang_start_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
     environ = os.environ if environ is None else environ
     return {k: v for k, (v, _) in SGLANG_START_ENV.items() if k not in environ}
-
-
-class EngineError(RuntimeError):
-    """An engine could not start, died, or answered nonsense. Carries the log tail when there is one."""
-
-
-class WeightNotServed(EngineError):
-    """The engine answered SGLang's "Get parameter by name failed" for a weight name (no such
-    parameter, or a model class without get_weights_by_name): see engines/weights_by_name.py."""
 
 
 @dataclass(frozen=True)

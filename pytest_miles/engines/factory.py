@@ -6,89 +6,25 @@ import atexit
 import importlib.util
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-KINDS = ("reference", "reference-server", "sglang", "sglang-offline")
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """Everything needed to start one engine, wherever it starts (here, or in a Ray actor)."""
-
-    kind: str
-    model_dir: str
-    deterministic: bool
-    attention_backend: str
-    extra_args: tuple[str, ...]
-    options: dict[str, Any]
-    device: str
-    log_dir: str
-    startup_timeout: float
-    request_timeout: float = 300.0
-
-    @property
-    def gpus(self) -> int:
-        """GPUs this engine holds: SGLang's tensor parallel size (`--tp`, `--tp-size`,
-        `--tensor-parallel-size` in extra_args, or the `tp_size` option) for SGLang engines."""
-        if not (self.kind.startswith("sglang") or self.device == "cuda"):
-            return 0
-        return max(1, _tp_size(self.extra_args, self.options)) if self.kind.startswith("sglang") else 1
-
-
-TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
-
-
-def _tp_size(extra_args: tuple[str, ...], options: dict[str, Any]) -> int:
-    """The tensor parallel size an SGLang command line asks for (the last flag wins, as argparse)."""
-    size = options.get("tp_size", 1)
-    args = list(extra_args)
-    for i, arg in enumerate(args):
-        flag, _, value = arg.partition("=")
-        if flag in TP_FLAGS:
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                size = int(value)
-            except ValueError:
-                raise ValueError(f"SGLang argument {flag}: {value!r} is not an integer tensor parallel size") from None
-    return int(size)
-
-
-def make_engine(spec: EngineSpec):
-    kind, opts = spec.kind, spec.options
-    if kind == "reference":
-        from .reference import ReferenceEngine
-
-        return ReferenceEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device, **opts)
-    if kind == "reference-server":
-        from .server import ReferenceServerEngine
-
-        return ReferenceServerEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device,
-                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout, **opts).start()
-    if kind == "sglang":
-        from .server import SGLangEngine
-
-        return SGLangEngine(spec.model_dir, deterministic=spec.deterministic, attention_backend=spec.attention_backend,
-                            extra_args=spec.extra_args, log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
-                            request_timeout=spec.request_timeout, **opts).start()
-    from .sglang_offline import SGLangOfflineEngine
-
-    return SGLangOfflineEngine(spec.model_dir, deterministic=spec.deterministic,
-                               attention_backend=spec.attention_backend, **opts)
+from pytest_miles.engines.launch import KINDS, EngineSpec, make_engine
+from pytest_miles.errors import Unavailable
 
 
 class EngineFactory:
     def __init__(self, *, model_dir: Callable[[], str], log_dir: Path, hardware: Callable[[], Any],
                  attention_backend: str = "flashinfer", startup_timeout: float = 300.0, device: str = "auto",
-                 require_gpu: bool = False, extra_args: tuple[str, ...] = (),
-                 placement: Callable[[], Any] | None = None, leaser: Any = None,
+                 extra_args: tuple[str, ...] = (),
+                 start: Callable[[EngineSpec], Any] | None = None, leaser: Any = None,
                  request_timeout: float = 300.0) -> None:
         self._model_dir, self.log_dir, self._hardware = model_dir, log_dir, hardware
         self.attention_backend, self.startup_timeout = attention_backend, startup_timeout
-        self.device, self.require_gpu = device, require_gpu
+        self.device = device
         self.extra_args = tuple(extra_args)  # --miles-sglang-args, for every SGLang engine
-        self.placement = placement  # () -> RayCluster when --miles-placement=ray
+        self.start = start  # spec -> engine started elsewhere (a Ray actor with --miles-placement=ray)
         self.leaser = leaser  # GpuLeaser under pytest-xdist: engines start on GPUs no other worker holds
         self.leases: list[Any] = []
         self.request_timeout = request_timeout  # --miles-engine-request-timeout
@@ -103,24 +39,19 @@ class EngineFactory:
         return "cuda" if self._hardware().nvidia else "cpu"
 
     def _need(self, kind: str) -> None:
-        import pytest
-
+        """SGLang engines need sglang and an NVIDIA GPU: Unavailable (a skip, a failure under
+        --miles-require-gpu) otherwise."""
         if importlib.util.find_spec("sglang") is None:
-            msg = f"engine {kind!r} requires sglang (pip install 'pytest-miles[sglang]'); it is not installed"
-        elif not self._hardware().nvidia:
-            msg = f"engine {kind!r} requires an NVIDIA GPU; found {self._hardware().describe()}"
-        else:
-            return
-        if self.require_gpu:
-            pytest.fail(msg + " (--miles-require-gpu)", pytrace=False)
-        pytest.skip(msg)
+            raise Unavailable(f"engine {kind!r} requires sglang (pip install 'pytest-miles[sglang]'); it is not installed")
+        if not self._hardware().nvidia:
+            raise Unavailable(f"engine {kind!r} requires an NVIDIA GPU; found {self._hardware().describe()}")
 
     def __call__(self, kind: str = "reference", *, model: str | None = None, deterministic: bool = True,
                  attention_backend: str | None = None, extra_args: tuple[str, ...] = (), alongside: bool = False,
                  **options: Any):
         """`alongside=True` keeps the live engines running (two configurations at once, e.g. to
         interleave throughput measurements); by default a new configuration replaces the live one."""
-        from ..validation import check_engine_args
+        from pytest_miles.validation import check_engine_args
 
         check_engine_args(kind, KINDS, model=model, deterministic=deterministic, attention_backend=attention_backend,
                           extra_args=extra_args)
@@ -143,10 +74,8 @@ class EngineFactory:
     def _make(self, kind, model_dir, deterministic, backend, extra_args, options):
         spec = EngineSpec(kind, str(model_dir), deterministic, backend, tuple(extra_args), dict(options),
                           self._device(), str(self.log_dir), self.startup_timeout, self.request_timeout)
-        if self.placement is not None:  # a Ray actor on the cluster, the deterministic env in its runtime_env
-            from ..cluster.actors import RayEngine
-
-            return RayEngine(self.placement(), spec)
+        if self.start is not None:  # a placement: e.g. a Ray actor, the deterministic env in its runtime_env
+            return self.start(spec)
         if self.leaser is None or not spec.gpus:
             return make_engine(spec)
         lease = self.leaser.acquire(spec.gpus, owner=f"engine {kind}")

@@ -14,8 +14,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from .base import EngineError, Output, SamplingParams, WeightNotServed, per_item
-from .model import TinyConfig, TinyDecoder, config_from_dir, init_weights, load_safetensors_dir
+from pytest_miles.engines.base import EngineError, Output, SamplingParams, WeightNotServed, per_item
+from pytest_miles.models.embedded import (
+    TinyConfig,
+    TinyDecoder,
+    config_from_dir,
+    init_weights,
+    load_safetensors_dir,
+)
 
 
 def _load_state(model_dir: Path):
@@ -62,7 +68,7 @@ class ReferenceEngine:
     def weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:
         """SGLang's get_weights_by_name answer from the weights this engine computes with (held in
         its dtype, float32 by default), None where SGLang answers "failed"."""
-        from .weights_by_name import weights_by_name
+        from pytest_miles.models.weights_by_name import weights_by_name
 
         if self.closed:
             raise EngineError("reference engine is closed")
@@ -95,7 +101,7 @@ class ReferenceEngine:
 
     def server_info(self) -> dict:
         """The same keys SGLang's /get_server_info answers, so witnesses read every engine alike."""
-        from .. import __version__
+        from pytest_miles import __version__
 
         return {"attention_backend": "torch-reference", "enable_deterministic_inference": self.batch_invariant,
                 "disable_radix_cache": True, "disable_cuda_graph": True, "chunked_prefill_size": None,

@@ -11,9 +11,9 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .base import SamplingParams
-from .reference import ReferenceEngine
-from .weights_by_name import FAILED, json_value, parse_request
+from pytest_miles.engines.base import SamplingParams
+from pytest_miles.engines.reference import ReferenceEngine
+from pytest_miles.models.weights_by_name import FAILED, json_value, parse_request
 
 
 def main() -> None:

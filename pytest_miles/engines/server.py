@@ -19,10 +19,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..environment import deterministic_env_vars
-from ..ownership import disown, spawn
-from ..processes import free_port, kill_tree, port_in_use, tail, wait_until
-from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json, sglang_start_env
+from pytest_miles.engines.base import (
+    EngineError,
+    Output,
+    SamplingParams,
+    WeightNotServed,
+    params_json,
+    sglang_start_env,
+)
+from pytest_miles.facts.environment import deterministic_env_vars
+from pytest_miles.placement.ownership import disown, spawn
+from pytest_miles.placement.processes import free_port, kill_tree, port_in_use, tail, wait_until
 
 
 class ServerEngine:
@@ -174,7 +181,7 @@ class ServerEngine:
         of the served tensor as float32 lists (a list of those per data-parallel rank when
         dp_size > 1), bounded by the request timeout. WeightNotServed for SGLang's HTTP 400 "Get
         parameter by name failed"; EngineError naming the endpoint where the server has none."""
-        from .weights_by_name import FAILED
+        from pytest_miles.models.weights_by_name import FAILED
 
         try:
             res = self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})

@@ -7,9 +7,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..environment import deterministic_env_vars
-from ..processes import kill_tree
-from .base import EngineError, Output, SamplingParams, WeightNotServed, params_json, sglang_start_env
+from pytest_miles.engines.base import (
+    EngineError,
+    Output,
+    SamplingParams,
+    WeightNotServed,
+    params_json,
+    sglang_start_env,
+)
+from pytest_miles.facts.environment import deterministic_env_vars
+from pytest_miles.placement.processes import kill_tree
 
 
 class SGLangOfflineEngine:

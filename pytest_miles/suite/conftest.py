@@ -6,10 +6,13 @@ import importlib.util
 
 import pytest
 
+from pytest_miles.errors import Unavailable
+
 
 def require(module: str, extra: str) -> None:
+    """A part of the suite needs `module`: Unavailable (skip; fail under --miles-require-gpu) without it."""
     if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed (pip install 'pytest-miles[{extra}]')")
+        raise Unavailable(f"{module} is not installed (pip install 'pytest-miles[{extra}]')")
 
 
 @pytest.fixture(autouse=True)

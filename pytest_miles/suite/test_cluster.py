@@ -3,11 +3,10 @@ computes the same bits (the user's cluster with --miles-ray-address, else a loca
 
 from __future__ import annotations
 
-from pytest_miles.cluster import probes
-from pytest_miles.cluster.workers import assert_env_propagated, disagreement_report, run_on_every_worker
-from pytest_miles.environment import deterministic_env_vars
-
-from .conftest import require
+from pytest_miles.facts.environment import deterministic_env_vars
+from pytest_miles.placement import probes
+from pytest_miles.scenarios.workers import assert_env_propagated, disagreement_report, run_on_every_worker
+from pytest_miles.suite.conftest import require
 
 
 def test_env_propagated_to_every_worker(ray_cluster, miles_record):

@@ -8,10 +8,9 @@ import random
 import statistics
 
 from pytest_miles.capabilities.verdict import NotApplicable
-from pytest_miles.checks.cost import SEED_COST, measure_rollout_cost
 from pytest_miles.engines.base import SamplingParams
-
-from .conftest import require
+from pytest_miles.scenarios.cost import SEED_COST, measure_rollout_cost
+from pytest_miles.suite.conftest import require
 
 
 def test_rollout_cost(engine_factory, miles_settings, miles_record):

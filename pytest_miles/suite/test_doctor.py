@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_miles.doctor import FAIL, run_doctor
+from pytest_miles.facts.doctor import FAIL, run_doctor
 
 
 def test_applied_environment_passes_doctor(deterministic_env, miles_settings, miles_record):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.precision import precision_matrix
-
-from .conftest import require
+from pytest_miles.facts.precision import precision_matrix
+from pytest_miles.suite.conftest import require
 
 
 @pytest.mark.parametrize("cell", precision_matrix())

@@ -16,8 +16,7 @@ import pytest
 from pytest_miles.capabilities.verdict import NotApplicable
 from pytest_miles.checks.batch_invariance import MODES, check_batch_invariance, judge_report
 from pytest_miles.engines.base import SamplingParams
-
-from .conftest import require
+from pytest_miles.suite.conftest import require
 
 SHAPE = {"max_batch": 8, "prompt_len": 24}
 NEGATIVE = pytest.StashKey[dict]()  # mode -> (caught, where): the negative controls' verdicts, for the positives
@@ -50,7 +49,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
     where = _where(report.settings, miles_settings)
     caught = not report.passed
     request.config.stash.setdefault(NEGATIVE, {})[mode] = (caught, where)
-    from pytest_miles.plot import plot_deviation
+    from pytest_miles.report.plot import plot_deviation
 
     png = plot_deviation(report.max_logprob_deviation, miles_artefact_dir / f"negative-control-{mode}.png",
                          f"negative control [{mode}] on {report.engine} ({where}): determinism off, greedy")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles.engines.base import SamplingParams
-
-from .conftest import require
+from pytest_miles.suite.conftest import require
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles.checks.checkpoints import compare_checkpoints
-from pytest_miles.checks.runs import assert_resume_equivalent, runs_difference
-
-from .conftest import require
+from pytest_miles.scenarios.runs import assert_resume_equivalent, runs_difference
+from pytest_miles.suite.conftest import require
 
 
 @pytest.fixture

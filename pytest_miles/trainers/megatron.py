@@ -16,13 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..environment import deterministic_env_vars
-from ..ownership import disown, spawn
-from ..processes import free_port, kill_tree, tail
-
-
-class TrainerError(RuntimeError):
-    """A trainer could not run: bad configuration, unwritable dir, or a rank that crashed."""
+from pytest_miles.errors import TrainerError  # noqa: F401  (importable here too)
+from pytest_miles.facts.environment import deterministic_env_vars
+from pytest_miles.placement.ownership import disown, spawn
+from pytest_miles.placement.processes import free_port, kill_tree, tail
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,7 @@ class MegatronTrainer:
                  gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
                  attention_backend: str | None = None, hardware=None,
                  data_seed_from_step: tuple[int, int] | None = None) -> None:
-        from ..validation import check_trainer_args
+        from pytest_miles.validation import check_trainer_args
 
         try:  # before any rank starts: a bad seed would otherwise surface as a rank crash 20 s later
             check_trainer_args(seed=seed, tensor_parallel=tensor_parallel, world_size=world_size, device=device, lr=lr,
@@ -142,7 +139,10 @@ class MegatronTrainer:
                                f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
         if device not in ("cpu", "cuda"):
             raise TrainerError(f"device {device!r}: expected cpu or cuda")
-        from .te_model import check_te_options, rank_env  # refused before any rank starts
+        from pytest_miles.trainers.te_model import (  # refused before any rank starts
+            check_te_options,
+            rank_env,
+        )
 
         self.transformer_impl = transformer_impl
         self.precision, self.attention_backend = check_te_options(transformer_impl, precision, attention_backend,
@@ -161,7 +161,7 @@ class MegatronTrainer:
 
     def train(self, steps: int, *, save_dir: str | Path | None = None, save_steps: list[int] | None = None,
               load_dir: str | Path | None = None) -> Run:
-        from ..validation import check_train_args
+        from pytest_miles.validation import check_train_args
 
         try:
             check_train_args(steps, save_dir=save_dir, save_steps=save_steps, load_dir=load_dir)
@@ -225,7 +225,7 @@ class MegatronTrainer:
     def session(self, **kwargs):
         """Ranks that stay up and take one command at a time (the RL loop's trainer): see
         `pytest_miles.trainers.session.MegatronSession`."""
-        from .session import MegatronSession
+        from pytest_miles.trainers.session import MegatronSession
 
         return MegatronSession(self, **kwargs)
 

@@ -1,7 +1,7 @@
 """One rank of a `MegatronSession`: `python -m pytest_miles.trainers.megatron_session SPEC.json`.
 
 Builds the rank once (megatron_worker.Rank), loads the initial HF weights through
-pytest_miles.convert (or resumes a checkpoint), then takes one JSON command per stdin line until
+pytest_miles.models.convert (or resumes a checkpoint), then takes one JSON command per stdin line until
 EOF: ready, logprobs, train (one GRPO step, Miles' PPO-clip policy loss), save, export.
 Rank 0 writes each answer to the command's reply file (atomically: written, then renamed).
 """
@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .megatron_worker import Rank
+from pytest_miles.trainers.megatron_worker import Rank
 
 
 def _batch(r: Rank, samples: list[dict]):
@@ -100,7 +100,7 @@ def handle(r: Rank, cmd: dict) -> dict:
 
 
 def _tiny_config(spec: dict):
-    from ..engines.model import TinyConfig
+    from pytest_miles.models.embedded import TinyConfig
 
     if not spec.get("hf_config"):
         raise ValueError("this session has no hf_config: export and init_hf need the HF model's shapes")
@@ -109,8 +109,8 @@ def _tiny_config(spec: dict):
 
 def export(r: Rank, path: Path, dtype: str) -> Path:
     """Rank 0 writes the HF checkpoint (tensor parallel 1: the full weights live on every rank)."""
-    from ..convert import megatron_to_hf
-    from ..engines.model import save_hf_weights
+    from pytest_miles.models.convert import megatron_to_hf
+    from pytest_miles.models.embedded import save_hf_weights
 
     if r.tp != 1:
         raise ValueError(f"export with tensor_parallel {r.tp}: only 1 is supported (no TP gather yet)")
@@ -140,8 +140,8 @@ def load_hf(r: Rank, path: Path) -> None:
     """The initial weights: an HF checkpoint converted to megatron's names, loaded strictly."""
     import torch
 
-    from ..convert import hf_to_megatron
-    from ..engines.model import load_safetensors_dir
+    from pytest_miles.models.convert import hf_to_megatron
+    from pytest_miles.models.embedded import load_safetensors_dir
 
     if r.tp != 1:
         raise ValueError(f"init_hf with tensor_parallel {r.tp}: only 1 is supported (no TP split yet)")

@@ -112,7 +112,7 @@ class Rank:
         self.model.to(self.device)
         self.te = spec.get("transformer_impl", "local") == "transformer_engine"
         if self.te:  # bf16 params and fp32 output, as Megatron's --bf16 (te_model.py, issue #16)
-            from .te_model import wrap_bf16
+            from pytest_miles.trainers.te_model import wrap_bf16
 
             self.model = wrap_bf16(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec["lr"], weight_decay=0.01, foreach=False)
@@ -246,7 +246,7 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
     if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py (issue #16)
-        from .te_model import te_config_and_spec
+        from pytest_miles.trainers.te_model import te_config_and_spec
 
         config, layer_spec = te_config_and_spec(config, spec)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=m["vocab_size"],
@@ -301,7 +301,7 @@ def main(spec_path: str) -> None:
                   "grad_norm_bits": [x.hex() for x in grad_norms], "checkpoints": saved, "first_step": start,
                   "step_times": step_times, "device": spec["device"]}
         if r.te:
-            from .te_model import te_facts
+            from pytest_miles.trainers.te_model import te_facts
 
             result["facts"] = te_facts(spec)
         Path(spec["result"]).write_text(json.dumps(result))

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..ownership import disown, spawn
-from ..processes import kill_tree, tail
-from .megatron import TrainerError
+from pytest_miles.errors import TrainerError
+from pytest_miles.placement.ownership import disown, spawn
+from pytest_miles.placement.processes import kill_tree, tail
 
 
 class MegatronSession:
@@ -111,7 +111,7 @@ class MegatronSession:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])
 
     def export_hf(self, path: str | Path, dtype: str = "float32") -> Path:
-        """The weights as an HF checkpoint (through pytest_miles.convert), for the engine."""
+        """The weights as an HF checkpoint (through pytest_miles.models.convert), for the engine."""
         return Path(self.call("export", path=str(path), dtype=dtype)["path"])
 
     def export_state(self, path: str | Path) -> Path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .megatron import TrainerError
+from pytest_miles.errors import PrecisionUnsupported, TrainerError, TransformerEngineUnavailable  # noqa: F401  (importable here too)
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 TE_PRECISIONS = ("bf16", "fp8_blockwise", "mxfp8", "nvfp4")
@@ -33,14 +33,6 @@ RECIPES: dict[str, dict[str, str]] = {
     "mxfp8": {"fp8": "e4m3", "fp8_recipe": "mxfp8"},
     "nvfp4": {"fp4": "e2m1", "fp4_recipe": "nvfp4"},
 }
-
-
-class TransformerEngineUnavailable(TrainerError):
-    """transformer_engine is not importable here: the TE path is not applicable (tests skip)."""
-
-
-class PrecisionUnsupported(TrainerError):
-    """The seed's rules say this machine's GPU cannot train in this precision (tests skip)."""
 
 
 def te_importable() -> bool:
@@ -71,8 +63,8 @@ def check_te_options(transformer_impl: str, precision: str | None, attention_bac
     attention_backend = attention_backend or DEFAULT_ATTENTION_BACKEND
     if attention_backend not in ATTENTION_BACKENDS:
         raise TrainerError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
-    from ..hardware import discover
-    from ..precision import unsupported_on
+    from pytest_miles.facts.hardware import discover
+    from pytest_miles.facts.precision import unsupported_on
 
     hw = hardware if hardware is not None else discover()
     reason = unsupported_on([precision], hw)

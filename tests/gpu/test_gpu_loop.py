@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.loop import assert_loops_bitwise_equal, first_divergence
+from pytest_miles.scenarios.loop import assert_loops_bitwise_equal, first_divergence
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 ITERATIONS = 3

@@ -15,7 +15,7 @@ import pytest
 
 from pytest_miles import assert_runs_bitwise_equal
 from pytest_miles.checks.batch_invariance import MODES, assert_batch_invariant
-from pytest_miles.checks.runs import runs_difference
+from pytest_miles.scenarios.runs import runs_difference
 
 pytestmark = [pytest.mark.gpus(2), pytest.mark.timeout(1200)]
 STEPS = 4
@@ -33,7 +33,7 @@ def test_two_gpus_twice_bitwise_with_ring(megatron_trainer_factory, tmp_path, tp
 @pytest.mark.parametrize("algo", [None, "Tree"], ids=["unset", "tree"])
 def test_two_gpus_without_ring_reported(megatron_trainer_factory, tmp_path, algo):
     """Not a pass/fail of determinism: prints whether two runs still agree and what the doctor says."""
-    from pytest_miles.doctor import check_env_var
+    from pytest_miles.facts.doctor import check_env_var
 
     env = {"NCCL_ALGO": algo} if algo else {"NCCL_ALGO": ""}  # "": NCCL chooses (as if unset)
     runs = [megatron_trainer_factory(seed=7, tensor_parallel=2, world_size=2, env=env)
@@ -62,7 +62,7 @@ def test_loop_engine_on_one_gpu_trainer_on_the_other(rl_loop_factory, miles_sett
     trainer's lease gets the other one."""
     import subprocess
 
-    from pytest_miles.loop import assert_loops_bitwise_equal
+    from pytest_miles.scenarios.loop import assert_loops_bitwise_equal
 
     if miles_settings("gpu_lease") != "on":
         pytest.skip("needs --miles-gpu-lease on (engine and trainer on different GPUs)")

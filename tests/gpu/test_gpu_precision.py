@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.precision import precision_matrix
+from pytest_miles.facts.precision import precision_matrix
 
 pytestmark = [pytest.mark.hopper]
 

@@ -63,8 +63,8 @@ def test_sglang_serves_the_bf16_checkpoint_and_the_trainers_weights(arch, engine
 
     from safetensors.torch import load_file
 
-    from pytest_miles.engines.model import write_hf_checkpoint
-    from pytest_miles.engines.quantized_checkpoints import TINY128
+    from pytest_miles.models.embedded import write_hf_checkpoint
+    from pytest_miles.models.quantized_checkpoints import TINY128
     from pytest_miles.trainers.megatron import ModelArgs
     from pytest_miles.trainers.te_model import te_importable
 
@@ -89,7 +89,7 @@ def test_sglang_serves_the_bf16_checkpoint_and_the_trainers_weights(arch, engine
 def test_sglang_serves_the_fp8_checkpoint_as_written(arch, engine_factory, tmp_path, miles_record):
     from safetensors.torch import load_file
 
-    from pytest_miles.engines.quantized_checkpoints import write_quantized_checkpoint
+    from pytest_miles.models.quantized_checkpoints import write_quantized_checkpoint
 
     fp8_dir = write_quantized_checkpoint(tmp_path / "fp8", "fp8_blockwise")
     engine = engine_factory("sglang", model=str(fp8_dir), extra_args=ARCHS[arch])

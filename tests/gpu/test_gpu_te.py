@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_miles import assert_checkpoints_equal, assert_runs_bitwise_equal
-from pytest_miles.precision import precision_matrix
+from pytest_miles.facts.precision import precision_matrix
 from pytest_miles.trainers.megatron import ModelArgs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
@@ -73,7 +73,7 @@ def test_te_trainer_with_the_attention_backend_te_picks(megatron_trainer_factory
 
 
 def test_te_mxfp8_refused_on_hopper(megatron_trainer_factory, miles_hardware):
-    from pytest_miles.precision import unsupported_on
+    from pytest_miles.facts.precision import unsupported_on
 
     if unsupported_on(["mxfp8"], miles_hardware) is None:
         pytest.skip(f"not applicable: {miles_hardware.describe()} runs MXFP8")
@@ -85,8 +85,8 @@ def test_fp8_checkpoint_served_by_sglang(engine_factory, tmp_path, miles_record)
     """SGLang loads the block-wise FP8 checkpoint with its own FP8 kernels; its logprobs differ
     from the bf16 checkpoint's (FP8 ran), by a little (same weights)."""
     from pytest_miles.engines.base import SamplingParams
-    from pytest_miles.engines.model import write_hf_checkpoint
-    from pytest_miles.engines.quantized_checkpoints import (
+    from pytest_miles.models.embedded import write_hf_checkpoint
+    from pytest_miles.models.quantized_checkpoints import (
         TINY128,
         check_sglang_layout,
         sglang_fp8_config,
@@ -116,8 +116,8 @@ _CELLS: dict = {}
 
 def _shapes() -> dict:
     """tiny128 here; the 0.5B shape too where engines/model.py has issue #13's SHAPES."""
-    from pytest_miles.engines import model
-    from pytest_miles.engines.quantized_checkpoints import TINY128
+    from pytest_miles.models import embedded as model
+    from pytest_miles.models.quantized_checkpoints import TINY128
 
     shapes = {"tiny128": TINY128}
     big = getattr(model, "SHAPES", {}).get("qwen2.5-0.5b")
@@ -129,7 +129,7 @@ def _shapes() -> dict:
 @pytest.fixture(scope="module")
 def cells_dir(tmp_path_factory, miles_settings, miles_hardware):
     yield tmp_path_factory.mktemp("cells")
-    from pytest_miles.checks.precision_cells import plot_precision_matrix
+    from pytest_miles.scenarios.precision_cells import plot_precision_matrix
 
     report = miles_settings("report")
     for shape in dict.fromkeys(k[0] for k in _CELLS):  # the embedded shapes, and "miles-model"
@@ -150,7 +150,7 @@ def test_cell_end_to_end(cell, shape, engine_factory, megatron_trainer_factory, 
     if not cell.valid:
         cell.assert_rejected()
         return
-    from pytest_miles.checks.precision_cells import CellNotRunnable, measure_precision_cell
+    from pytest_miles.scenarios.precision_cells import CellNotRunnable, measure_precision_cell
 
     try:
         report = measure_precision_cell(cell, engine_factory, megatron_trainer_factory, hardware=miles_hardware,
@@ -174,7 +174,7 @@ def test_cell_end_to_end_on_miles_model(cell, engine_factory, megatron_trainer_f
     if not cell.valid:
         cell.assert_rejected()
         return
-    from pytest_miles.checks.precision_cells import CellNotRunnable, measure_precision_cell
+    from pytest_miles.scenarios.precision_cells import CellNotRunnable, measure_precision_cell
 
     try:
         report = measure_precision_cell(cell, engine_factory, megatron_trainer_factory, hardware=miles_hardware,

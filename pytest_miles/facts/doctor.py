@@ -1,0 +1,150 @@
+"""The doctor: the seed's troubleshooting table, run as checks before the symptoms appear.
+
+Each finding names the symptom the seed attributes to it and the fix. Nothing here imports
+torch unless asked (`import_torch=True`), so the pytest header can show a summary for free.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from pytest_miles.facts.environment import (
+    ACCEPTED_VALUES,
+    DETERMINISTIC_ATTENTION_BACKENDS,
+    DETERMINISTIC_ENV,
+)
+
+OK, FAIL, SKIP = "ok", "fail", "skip"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: str  # ok | fail | skip
+    detail: str
+    symptom: str = ""
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"[{self.status.upper():4}] {self.check}: {self.detail}"
+        if self.status == FAIL:
+            text += f"\n       symptom: {self.symptom}\n       fix: {self.fix}"
+        return text
+
+
+# Symptom each variable causes when wrong (seed 000: troubleshooting + what's deterministic).
+_ENV_SYMPTOMS = {
+    "NCCL_ALGO": ("Hashes diverge across nodes (NCCL collectives non-deterministic)",
+                  "export NCCL_ALGO=Ring and pass it to every worker (Ray runtime_env env_vars)"),
+    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": (
+        "Training hashes diverge between runs (Transformer-Engine fused kernels non-deterministic)",
+        "export NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 (Ray runtime_env env_vars)"),
+    "CUBLAS_WORKSPACE_CONFIG": (
+        "Hashes diverge between runs (cuBLAS GEMM non-deterministic)",
+        "export CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) before CUDA initialises"),
+}
+FA3_MODULES = ("flash_attn_3", "flash_attn_interface")
+
+
+def check_env_var(name: str, environ: dict[str, str]) -> Finding:
+    value = environ.get(name)
+    symptom, fix = _ENV_SYMPTOMS[name]
+    accepted = ACCEPTED_VALUES[name]
+    if value is None:
+        return Finding(name, FAIL, f"not set (deterministic: {' or '.join(accepted)})", symptom, fix)
+    if value not in accepted:
+        return Finding(name, FAIL, f"{value!r} is not deterministic (use {' or '.join(accepted)})",
+                       symptom, fix)
+    return Finding(name, OK, f"{value} ({DETERMINISTIC_ENV[name][1]})")
+
+
+def check_flash_attention_3() -> Finding:
+    found = []
+    for mod in FA3_MODULES:
+        try:
+            spec = importlib.util.find_spec(mod)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            found.append(f"{mod} ({spec.origin})")
+    if found:
+        return Finding("flash-attention-3", FAIL, "importable: " + ", ".join(found),
+                       "Hashes diverge after iter 1 (FA3 backward kernels are non-deterministic)",
+                       "pip uninstall flash_attn_3 -y")
+    return Finding("flash-attention-3", OK, "not importable")
+
+
+def check_attention_backend(backend: str | None) -> Finding:
+    if not backend:
+        return Finding("sglang attention backend", SKIP, "not configured")
+    if backend not in DETERMINISTIC_ATTENTION_BACKENDS:
+        return Finding(
+            "sglang attention backend", FAIL,
+            f"{backend!r} has no deterministic mode (deterministic: {', '.join(DETERMINISTIC_ATTENTION_BACKENDS)})",
+            "Hashes match for trainer but not SGLang",
+            "--sglang-attention-backend flashinfer (with --sglang-enable-deterministic-inference)")
+    return Finding("sglang attention backend", OK, f"{backend} (deterministic inference supported)")
+
+
+def check_torch_deterministic(import_torch: bool = False) -> Finding:
+    torch = sys.modules.get("torch")
+    if torch is None and import_torch:
+        try:
+            import torch
+        except ImportError:
+            return Finding("torch deterministic algorithms", SKIP, "torch is not installed")
+    if torch is None:
+        return Finding("torch deterministic algorithms", SKIP,
+                       "torch not imported in this process (the deterministic_env fixture turns them on)")
+    if not torch.are_deterministic_algorithms_enabled():
+        return Finding("torch deterministic algorithms", FAIL, "off in this process",
+                       "Megatron forward/backward non-deterministic: hashes diverge between runs",
+                       "torch.use_deterministic_algorithms(True) (Megatron: --deterministic-mode), "
+                       "or use the deterministic_env fixture")
+    return Finding("torch deterministic algorithms", OK, "on")
+
+
+# Variables that only matter where an NVIDIA GPU runs (NCCL, Transformer-Engine, cuBLAS).
+GPU_ONLY = frozenset({"NCCL_ALGO", "NVTE_ALLOW_NONDETERMINISTIC_ALGO", "CUBLAS_WORKSPACE_CONFIG"})
+
+
+def not_applicable_without_gpu(finding: Finding) -> Finding:
+    """A failing GPU-only variable on a machine without a GPU: not applicable here, said once."""
+    if finding.status != FAIL or finding.check not in GPU_ONLY:
+        return finding
+    return Finding(finding.check, SKIP, f"{finding.detail}; matters only with NVIDIA GPUs (none here). "
+                   f"For GPU runs: {finding.fix}")
+
+
+def run_doctor(environ: dict[str, str] | None = None, attention_backend: str | None = None,
+               import_torch: bool = False, process_checks: bool = True, gpu: bool = True) -> list[Finding]:
+    """All checks. `process_checks=False` leaves out those about this process's torch state,
+    which mean nothing before a fixture applies the deterministic environment. `gpu=False`
+    (no NVIDIA GPU here) reports the GPU-only variables as not applicable instead of failing."""
+    env = dict(os.environ if environ is None else environ)
+    findings = [check_flash_attention_3()]
+    env_findings = [check_env_var(name, env) for name in DETERMINISTIC_ENV]
+    findings += env_findings if gpu else [not_applicable_without_gpu(f) for f in env_findings]
+    findings.append(check_attention_backend(attention_backend))
+    if process_checks:
+        findings.append(check_torch_deterministic(import_torch))
+    return findings
+
+
+def summary(findings: list[Finding], hint: bool = True) -> str:
+    """One line. `hint=False` inside the doctor's own output (which is what the hint points to)."""
+    failing = [f.check for f in findings if f.status == FAIL]
+    ok = sum(f.status == OK for f in findings)
+    gpu_only = sum(f.status == SKIP and f.check in GPU_ONLY for f in findings)
+    na = f", {gpu_only} GPU-only not applicable (no NVIDIA GPU)" if gpu_only else ""
+    if not failing:
+        return f"doctor: {ok} ok, 0 failing{na}"
+    text = f"doctor: {ok} ok, {len(failing)} failing ({', '.join(failing)}){na}"
+    return text + ("; run `pytest-miles doctor` for symptoms and fixes" if hint else "")
+
+
+def as_json(findings: list[Finding]) -> dict:
+    return {"ok": not any(f.status == FAIL for f in findings), "findings": [asdict(f) for f in findings]}
