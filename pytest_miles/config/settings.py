@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pytest
 
 GROUP = "miles"
-# Setting groups follow Miles' launch-argument groups (seed 003), plus the plugin's own.
+# Setting groups follow Miles' launch-argument groups (its launch-arguments reference), plus the plugin's own.
 GROUP_TITLES = {
     "general": "pytest-miles",
     "hardware": "pytest-miles hardware (GPU markers)",
