@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check a Ray runtime_env JSON file's env_vars (as a Miles run will get them)")
     d.add_argument("--train-env-vars", metavar="JSON", default=None,
                    help="also check Miles' --train-env-vars JSON object of env vars")
-    d.add_argument("--sglang-tp", metavar="N", type=int, default=None,
+    d.add_argument("--sglang-tp", metavar="N", type=_tp_size, default=None,
                    help="the rollout's SGLang --tp-size (TP > 1: SGLang sets its own NCCL_ALGO)")
     d.set_defaults(func=_doctor)
 
@@ -256,6 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
     return parser
+
+
+def _tp_size(text: str) -> int:
+    """argparse type of --sglang-tp: an integer from 1 to 1024 (a tensor-parallel size)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a tensor-parallel size 1..1024") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a tensor-parallel size 1..1024")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
