@@ -186,3 +186,13 @@ def _bracket_depth(text: str) -> int:
 def file_size(path: str | os.PathLike) -> int:
     with SafeFile(path) as f:
         return f.size
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: readers see the old or the new
+    file, never half of one (a run stopped by a CI timeout included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

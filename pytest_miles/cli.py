@@ -69,31 +69,26 @@ def _suite(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pytest_miles._files import CheckpointError  # the full comparison is imported only when needed
+    from pytest_miles.errors import CheckpointError, InputError  # the comparison is imported only when needed
 
     try:
-        report = None
-        if args.iterations is None and not args.ignore:
-            from pytest_miles.checks.dcp_fast import fast_equal
-
-            report = fast_equal(args.a, args.b, args.workers)
-        if report is None and args.iterations is not None:
+        if args.iterations is not None:
             from pytest_miles.checks.iterations import first_diverging_iteration
 
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
-        elif report is None:
-            from pytest_miles.checks.checkpoints import compare_checkpoints
+        else:
+            from pytest_miles.checks.compare import compare_checkpoints
 
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
-                                         workers=args.workers, fast=False)
-    except CheckpointError as exc:
+                                         workers=args.workers)
+    except (CheckpointError, InputError) as exc:
         if args.json:
             print(json.dumps({"equal": None, "error": str(exc)}, indent=2))
         else:
             print(f"pytest-miles compare: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
-    return 0 if report.equal else 1
+    return 0 if report.passed else 1
 
 
 def _positive_int(text: str) -> int:

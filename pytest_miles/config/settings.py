@@ -189,6 +189,13 @@ SETTINGS += (
             env="PYTEST_MILES_SNAPSHOT_OTHER_CONFIG", group="snapshots"),
 )
 
+SETTINGS += (
+    Setting("native", "Read DCP `.metadata` with the native reader where it was built (checkpoint compare's fast "
+            "path); false: the Python reader only (same verdicts), to compare the two or rule the native one out. "
+            "Also read by the `pytest-miles compare` command.", default=True, kind="bool",
+            env="PYTEST_MILES_NATIVE", group="model"),
+)
+
 BY_NAME = {s.name: s for s in SETTINGS}
 
 
