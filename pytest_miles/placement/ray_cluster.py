@@ -54,6 +54,12 @@ class NodeInfo:
         return f"node {self.node_id[:8]} ({self.ip}{', head' if self.is_head else ''}{extra})"
 
 
+# Ports Ray's other components take by default (dashboard, its agent, client server, metrics,
+# GCS): seen as "dashboard_agent_http is trying to use a port number 52365 that is used by other
+# components" when the free port we picked for the GCS was one of them.
+RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366, 62365})
+
+
 def _ray():
     try:
         import ray
@@ -158,6 +164,8 @@ class RayCluster:
         cluster._prepare_temp(temp_root)
         cluster._set_env(cluster._auth_env())
         port = free_port()
+        while port in RAY_DEFAULT_PORTS:  # a GCS on one of them makes `ray start` refuse ("used by other components")
+            port = free_port()
         cluster.address = f"127.0.0.1:{port}"
         try:
             cluster._spawn("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus,
