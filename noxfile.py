@@ -67,8 +67,12 @@ def tests_latest(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
-    session.run("ruff", "check", "pytest_miles", "tests", "benchmarks", "noxfile.py", *session.posargs)
+    """ruff (line length included) and the floors: import-linter's contracts in pyproject.toml."""
+    session.install("ruff", "import-linter")
+    session.run("ruff", "check", "pytest_miles", "tests", "benchmarks", "scripts", "examples", "noxfile.py",
+                *session.posargs)
+    session.install("-e", ".", "--no-deps")
+    session.run("lint-imports")
 
 
 @nox.session

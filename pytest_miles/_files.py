@@ -95,6 +95,104 @@ def read_text(path: str | os.PathLike, limit: int = 64 * 2**20, what: str = "fil
         raise CheckpointError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
+# ---- the door for every other input file: settings, capability data, snapshots, runtime envs ----
+
+INPUT_LIMIT = 16 * 2**20  # a settings, capability, snapshot or env file is small; a bigger one is a mistake
+MAX_DEPTH = 64  # nesting of TOML/JSON values: deeper is not a configuration, it is an attack on the parser
+
+
+def read_input(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> str:
+    """The UTF-8 text of a small input file, through the same door as checkpoints (regular files
+    only, non-blocking open, size bounded before reading). Errors are one InputError naming `what`,
+    the file and what is accepted."""
+    from pytest_miles.errors import InputError
+
+    try:
+        with SafeFile(path) as f:
+            if f.size > limit:
+                raise InputError(f"{what} {str(path)!r}: {f.size} bytes, larger than the {limit} bytes accepted")
+            data = f.pread(0, f.size, what)
+    except CheckpointError as exc:
+        raise InputError(f"{what}: {exc}; expected a regular, readable file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _depth(value: object, limit: int) -> int:
+    """Nesting depth of a parsed value, stopping early past `limit` (iterative: no recursion limit)."""
+    stack, deepest = [(value, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def load_toml(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> dict:
+    """A TOML input file as a dict (see `read_input`); bad TOML or deep nesting named."""
+    import tomllib
+
+    from pytest_miles.errors import InputError
+
+    text = read_input(path, what, limit)
+    try:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise InputError(f"{what} {str(path)!r}: not valid TOML ({str(exc)[:200]})") from None
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise InputError(f"{what} {str(path)!r}: nested deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def load_json(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> object:
+    """A JSON input file (see `read_input`); bad JSON or deep nesting named."""
+    import json
+
+    from pytest_miles.errors import InputError
+
+    text = read_input(path, what, limit)
+    if text.count("[") + text.count("{") > MAX_DEPTH and _bracket_depth(text) > MAX_DEPTH:
+        raise InputError(f"{what} {str(path)!r}: nested deeper than {MAX_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{what} {str(path)!r}: not valid JSON ({str(exc)[:200]})") from None
+
+
+def _bracket_depth(text: str) -> int:
+    """Nesting depth of JSON brackets outside strings, measured before parsing (the parser recurses)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def file_size(path: str | os.PathLike) -> int:
     with SafeFile(path) as f:
         return f.size
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: readers see the old or the new
+    file, never half of one (a run stopped by a CI timeout included)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -69,31 +69,26 @@ def _suite(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pytest_miles._files import CheckpointError  # the full comparison is imported only when needed
+    from pytest_miles.errors import CheckpointError, InputError  # the comparison is imported only when needed
 
     try:
-        report = None
-        if args.iterations is None and not args.ignore:
-            from pytest_miles.checks.dcp_fast import fast_equal
-
-            report = fast_equal(args.a, args.b, args.workers)
-        if report is None and args.iterations is not None:
+        if args.iterations is not None:
             from pytest_miles.checks.iterations import first_diverging_iteration
 
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
-        elif report is None:
-            from pytest_miles.checks.checkpoints import compare_checkpoints
+        else:
+            from pytest_miles.checks.compare import compare_checkpoints
 
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
-                                         workers=args.workers, fast=False)
-    except CheckpointError as exc:
+                                         workers=args.workers)
+    except (CheckpointError, InputError) as exc:
         if args.json:
             print(json.dumps({"equal": None, "error": str(exc)}, indent=2))
         else:
             print(f"pytest-miles compare: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
-    return 0 if report.equal else 1
+    return 0 if report.passed else 1
 
 
 def _positive_int(text: str) -> int:
@@ -215,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check a Ray runtime_env JSON file's env_vars (as a Miles run will get them)")
     d.add_argument("--train-env-vars", metavar="JSON", default=None,
                    help="also check Miles' --train-env-vars JSON object of env vars")
-    d.add_argument("--sglang-tp", metavar="N", type=int, default=None,
+    d.add_argument("--sglang-tp", metavar="N", type=_tp_size, default=None,
                    help="the rollout's SGLang --tp-size (TP > 1: SGLang sets its own NCCL_ALGO)")
     d.set_defaults(func=_doctor)
 
@@ -256,6 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
     return parser
+
+
+def _tp_size(text: str) -> int:
+    """argparse type of --sglang-tp: an integer from 1 to 1024 (a tensor-parallel size)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a tensor-parallel size 1..1024") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a tensor-parallel size 1..1024")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

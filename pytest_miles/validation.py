@@ -131,19 +131,53 @@ def backend_name(what: str, value: Any) -> str:
     return value
 
 
+# Bounds that keep a typo from reaching deep code (a count of 10**23 trials, a week-long timeout).
+MAX_COUNT = 1_000_000
+MAX_SECONDS = 7 * 24 * 3600.0
+
+
+def _seconds(what: str, value: Any, allow_zero: bool = False) -> float:
+    seconds = number(what, value, allow_zero=allow_zero)
+    if seconds > MAX_SECONDS:
+        raise _fail(what, value, f"a number of seconds <= {MAX_SECONDS:g} (7 days)")
+    return seconds
+
+
+def _file(what: str, value: Any) -> str:
+    """An existing regular file (a FIFO, device or folder is named as such: reading it would hang or fail)."""
+    import stat as _stat
+
+    path = path_like(what, value)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what}: {str(path)!r}: no such file; expected a path to an existing file") from None
+    except OSError as exc:
+        raise InputError(f"{what}: {str(path)!r} cannot be read ({exc.strerror or exc})") from None
+    if not _stat.S_ISREG(mode):
+        from pytest_miles._files import _what
+
+        raise InputError(f"{what}: {str(path)!r} is {_what(mode)}; expected a regular file")
+    return str(path)
+
+
 # name -> check(what, value); values arrive parsed to the setting's kind.
 SETTING_CHECKS: dict[str, Any] = {
-    "trials": lambda w, v: integer(w, v, minimum=1),
-    "tensor_parallel": lambda w, v: integer(w, v, minimum=1),
-    "train_steps": lambda w, v: integer(w, v, minimum=1),
-    "engine_timeout": number,
-    "engine_request_timeout": number,
-    "ray_timeout": number,
-    "gpu_lease_timeout": lambda w, v: number(w, v, allow_zero=True),
+    "trials": lambda w, v: integer(w, v, minimum=1, maximum=MAX_COUNT),
+    "tensor_parallel": lambda w, v: integer(w, v, minimum=1, maximum=1024),
+    "train_steps": lambda w, v: integer(w, v, minimum=1, maximum=MAX_COUNT),
+    "engine_timeout": _seconds,
+    "engine_request_timeout": _seconds,
+    "ray_timeout": _seconds,
+    "gpu_lease_timeout": lambda w, v: _seconds(w, v, allow_zero=True),
     "sglang_args": _sglang_args,
     "ray_address": _ray_address,
     "model": model_folder,
+    "config": _file,
+    "capabilities": _file,
     "report": lambda w, v: str(writable_file(w, v)),
+    "report_html": lambda w, v: str(writable_file(w, v)),
+    "report_dir": lambda w, v: str(folder(w, v)),
     "snapshot_dir": lambda w, v: str(folder(w, v)),
     "gpu_lease_dir": lambda w, v: str(folder(w, v)),
     "attention_backend": backend_name,

@@ -51,6 +51,9 @@ BAD_SETTINGS: list[tuple[str, str, str]] = [  # (setting, value, what the messag
     ("tensor_parallel", "0", "integer >= 1"), ("tensor_parallel", "-2", "integer >= 1"),
     ("tensor_parallel", "2.5", "not an integer"),
     ("train_steps", "0", "integer >= 1"), ("train_steps", "many", "not an integer"),
+    ("trials", "1" + "0" * 23, "<= 1000000"), ("train_steps", "9" * 40, "<= 1000000"),
+    ("tensor_parallel", "100000", "<= 1024"), ("engine_timeout", "1e12", "7 days"),
+    ("gpu_lease_timeout", "1e300", "7 days"),
     ("engine", "sglang2", "one of reference, reference-server"), ("engine", "vllm", "one of"),
     ("device", "gpu", "one of auto, cpu, cuda"), ("device", "tpu", "one of auto, cpu, cuda"),
     ("placement", "k8s", "one of local, ray"), ("gpu_lease", "always", "one of auto, on, off"),
@@ -98,6 +101,50 @@ def test_bad_setting_names_its_source_and_the_accepted_values(pytester, monkeypa
     assert "\n" not in msg
 
 
+def test_empty_values_are_refused_where_they_cannot_mean_unset(pytester, tmp_path):
+    """`--miles-report=` (an empty option) and an empty value in a config file are refused, named;
+    an empty environment variable or ini value means unset (documented in the README)."""
+    for setting in ("report", "trials", "engine", "attention_backend"):
+        s = options.BY_NAME[setting]
+        with pytest.raises(ValueError, match=f"^option {s.cli}: an empty value is not accepted"):
+            options.resolve(pytester.parseconfig(f"{s.cli}="), setting)
+    path = tmp_path / "empty.toml"
+    path.write_text("[rollout]\ntrials = ''\n")
+    with pytest.raises(ValueError, match="empty value is not accepted"):
+        options.resolve(None, "trials", environ={"PYTEST_MILES_CONFIG": str(path)})
+    assert options.resolve(None, "report", environ={"PYTEST_MILES_REPORT": ""}) is None
+
+
+def test_input_files_go_through_the_safe_door(tmp_path):
+    """A config file that is a FIFO, /dev/zero, a folder, not UTF-8 or nested without end is refused,
+    named, at once: never a hang, never a traceback, never memory without bound."""
+    import os
+    import time
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"[rollout]\ntrials = '\xff\xfe'\n")
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[rollout]\ntrials = " + "[" * 5000 + "]" * 5000 + "\n")
+    cases = [(fifo, "FIFO"), ("/dev/zero", "character device"), (tmp_path, "directory"),
+             (binary, "not UTF-8"), (deep, "")]
+    for path, says in cases:
+        t0 = time.monotonic()
+        with pytest.raises(ValueError) as info:
+            options.resolve(None, "trials", environ={"PYTEST_MILES_CONFIG": str(path)})
+        assert time.monotonic() - t0 < 2, path
+        assert str(path) in str(info.value) and says in str(info.value), str(info.value)
+
+
+def test_configure_refuses_bad_reports_and_huge_gpu_overrides(pytester, tmp_path):
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest(f"--miles-report-html={tmp_path}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "is a folder" in result.stderr.str()
+    result = pytester.runpytest("--miles-gpu-class=h100x99999999999")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "count of 1 to 1024" in result.stderr.str()
+
+
 def test_setting_paths_that_cannot_be_written_are_refused_at_configure(tmp_path, monkeypatch):
     a_file = tmp_path / "a-file"
     a_file.write_text("keep")
@@ -136,7 +183,7 @@ def test_bad_config_file_names_file_table_and_key(tmp_path, text, says):
 
 
 def test_missing_config_file_is_named(tmp_path):
-    with pytest.raises(ValueError, match="nope.toml: config file not found"):
+    with pytest.raises(ValueError, match="PYTEST_MILES_CONFIG: .*nope.toml'?: no such file"):
         options.resolve(None, "trials", environ={"PYTEST_MILES_CONFIG": str(tmp_path / "nope.toml")})
 
 

@@ -54,7 +54,10 @@ def test_one_flipped_bit_is_found_and_named(dcp_pair, tmp_path):
     state[W] = flip_bit(state[W], 77, bit=3)  # [1, 13] in a [256, 64] tensor
     c = save_dcp(tmp_path / "c", state, {"step": 3})
     report = compare_checkpoints(a, c)
-    assert not report.equal and len(report.differences) == 1
+    assert not report.passed and len(report.differences) == 1
+    assert report.equal is False and report.to_json()["equal"] is False  # the old name, read-only
+    with pytest.raises(AttributeError):
+        report.equal = True
     d = report.first
     assert d.name == W and d.kind == "tensor"
     assert d.data["differing"] == 1 and d.data["first_index"] == [1, 13] and d.data["max_ulp"] == 8

@@ -59,31 +59,34 @@ def _st_raw(path: Path, header: bytes | dict, data: bytes = b"\0" * 64) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Good checkpoints of every kind and the hostile cases, built once for the module:
-    {case: (good, bad, text the error must contain)}."""
-    t = tmp_path_factory.mktemp("hostile")
-    marker = t / "PAYLOAD-RAN"
-    state = make_state(0, layers=2, hidden=16)
-    good = {"dcp": save_dcp(t / "good-dcp", state, {"step": 3}),
-            "hf": save_hf(t / "good-hf", state, 3),
-            "legacy": save_legacy_megatron(t / "good-legacy", 10, state)}
-    torch.save({"model": state, "step": 3}, t / "good.pt")
-    good["pt"] = t / "good.pt"
-    save_file({"w": torch.ones(16)}, str(t / "good.safetensors"))
-    good["st"] = t / "good.safetensors"
-    cases: dict[str, tuple[Path, Path, str]] = {}
+class _World:
+    """The good checkpoints and the hostile cases being built: {case: (good, bad, text the error must contain)}."""
 
-    def case(name: str, kind: str, bad: Path, text: str) -> None:
-        cases[name] = (good[kind], bad, text)
+    def __init__(self, t: Path) -> None:
+        self.t, self.marker = t, t / "PAYLOAD-RAN"
+        self.state = make_state(0, layers=2, hidden=16)
+        self.cases: dict[str, tuple[Path, Path, str]] = {}
+        state = self.state
+        self.good = {"dcp": save_dcp(t / "good-dcp", state, {"step": 3}),
+                     "hf": save_hf(t / "good-hf", state, 3),
+                     "legacy": save_legacy_megatron(t / "good-legacy", 10, state)}
+        torch.save({"model": state, "step": 3}, t / "good.pt")
+        self.good["pt"] = t / "good.pt"
+        save_file({"w": torch.ones(16)}, str(t / "good.safetensors"))
+        self.good["st"] = t / "good.safetensors"
 
-    def copy(kind: str, name: str) -> Path:
-        dst = t / name
-        (shutil.copytree if good[kind].is_dir() else shutil.copy)(good[kind], dst)
+    def case(self, name: str, kind: str, bad: Path, text: str) -> None:
+        self.cases[name] = (self.good[kind], bad, text)
+
+    def copy(self, kind: str, name: str) -> Path:
+        dst = self.t / name
+        (shutil.copytree if self.good[kind].is_dir() else shutil.copy)(self.good[kind], dst)
         return dst
 
-    # -- payloads: every pickle path ------------------------------------------------------
+
+def _payload_cases(w: _World) -> None:
+    """Hostile cases: payloads."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     torch.save({"model": state, "step": Payload(marker)}, t / "evil.pt")
     case("payload in a .pt", "pt", t / "evil.pt", "posix.system")
     case("payload in a DCP non-tensor item", "dcp", save_dcp(t / "evil-dcp", state, {"step": Payload(marker)}),
@@ -109,7 +112,11 @@ def world(tmp_path_factory):
         for n, data in members.items():
             z.writestr(n, data)
     case("builtins.eval in a .pt", "pt", ev, "builtins.eval")
-    # -- not regular files: never opened blocking -------------------------------------------
+
+
+def _special_file_cases(w: _World) -> None:
+    """Hostile cases: not regular files."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     x = copy("dcp", "fifo-distcp")
     _fifo(x / "__0_0.distcp")
     case("FIFO named like a .distcp", "dcp", x, "__0_0.distcp: cannot be read (a FIFO")
@@ -127,7 +134,11 @@ def world(tmp_path_factory):
     (x / "model-00001-of-00002.safetensors").unlink()
     _socket(x / "model-00001-of-00002.safetensors")
     case("socket named like a shard", "hf", x, "model-00001-of-00002.safetensors: cannot be read")
-    # -- safetensors -----------------------------------------------------------------------
+
+
+def _safetensors_cases(w: _World) -> None:
+    """Hostile cases: safetensors."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     case("safetensors header not JSON", "st", _st_raw(t / "badjson.safetensors", b"{not json"),
          "badjson.safetensors: corrupt safetensors header")
     (t / "long.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
@@ -157,7 +168,11 @@ def world(tmp_path_factory):
     x = copy("hf", "bad-index")
     (x / "model.safetensors.index.json").write_text("{")
     case("index json not JSON", "hf", x, "model.safetensors.index.json: unusable safetensors index")
-    # -- torch files -----------------------------------------------------------------------
+
+
+def _torch_file_cases(w: _World) -> None:
+    """Hostile cases: torch files."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     (t / "random.pt").write_bytes(os.urandom(4096))
     case("random bytes as .pt", "pt", t / "random.pt", "random.pt: not a torch zip archive")
     shutil.copy(good["pt"], t / "trunc.pt")
@@ -175,7 +190,11 @@ def world(tmp_path_factory):
     shutil.copy(good["pt"], gd / "model.pt")
     good["ptdir"] = gd
     case("dir holding a corrupt .pt", "ptdir", x, "model.pt: not a torch zip archive")
-    # -- DCP -------------------------------------------------------------------------------
+
+
+def _dcp_cases(w: _World) -> None:
+    """Hostile cases: DCP."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     x = copy("dcp", "dict-metadata")
     (x / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": 1}))
     case(".metadata unpickles to a dict", "dcp", x, ".metadata: not DCP metadata (a dict")
@@ -201,7 +220,11 @@ def world(tmp_path_factory):
     (x / "__0_0.distcp").unlink()
     (x / "__0_0.distcp").mkdir()
     case(".distcp is a directory", "dcp", x, "__0_0.distcp: cannot be read")
-    # -- Megatron dirs ---------------------------------------------------------------------
+
+
+def _megatron_cases(w: _World) -> None:
+    """Hostile cases: Megatron dirs."""
+    t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
     x = copy("legacy", "bad-tracker")
     (x / "latest_checkpointed_iteration.txt").write_text("ten")
     case("tracker is not a number", "legacy", x, "latest_checkpointed_iteration.txt: expected an iteration number")
@@ -216,7 +239,16 @@ def world(tmp_path_factory):
     case("symlink loop", "dcp", t / "loop1", "loop1: symlink loop")
     (t / "empty").mkdir()
     case("empty directory", "dcp", t / "empty", "empty: no checkpoint found")
-    return t, marker, cases
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Good checkpoints of every kind and the hostile cases, built once for the module:
+    {case: (good, bad, text the error must contain)}."""
+    w = _World(tmp_path_factory.mktemp("hostile"))
+    for build in (_payload_cases, _special_file_cases, _safetensors_cases, _torch_file_cases, _dcp_cases, _megatron_cases):
+        build(w)
+    return w.t, w.marker, w.cases
 
 
 CASES = [

@@ -10,6 +10,7 @@ over gloo, FSDP2-sharded, AdamW state), real payload pickles, real mutations of 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -25,7 +26,7 @@ torch = pytest.importorskip("torch")
 
 from pytest_miles.checks import dcp_fast  # noqa: E402
 from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints  # noqa: E402
-from pytest_miles.ckpt.layouts import ITEMSIZE  # noqa: E402
+from pytest_miles.ckpt.model import ITEMSIZE  # noqa: E402
 from pytest_miles.cli import main  # noqa: E402
 from tests.helpers.checkpoints import (  # noqa: E402
     make_state,
@@ -79,7 +80,7 @@ def test_fast_path_runs_on_real_saves_and_reports_what_the_full_path_reports(sav
     fast = dcp_fast.fast_equal(a, b)
     assert fast is not None, f"{name}: the native path did not vouch for a plain, equal DCP pair"
     full = compare_checkpoints(a, b, fast=False)
-    assert full.equal and _json(fast) == _json(full)
+    assert full.passed and _json(fast) == _json(full)
     assert _json(compare_checkpoints(a, b)) == _json(full)  # the default takes the fast path
     assert main(["compare", str(a), str(b)]) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -110,7 +111,7 @@ def test_any_difference_hands_over_to_the_full_path(saves, tmp_path):
     data.write_bytes(bytes(raw))
     assert dcp_fast.fast_equal(a, flipped) is None
     report = compare_checkpoints(a, flipped)
-    assert not report.equal and _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
+    assert not report.passed and _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
     a, b = pairs["adamw"]
     container = _copy(b, tmp_path / "container")  # a byte of a torch.save item's zip container, not a value
     data = container / "__0_0.distcp"
@@ -133,7 +134,7 @@ def test_any_difference_hands_over_to_the_full_path(saves, tmp_path):
     other = tmp_path / "other-weights"
     save_dcp(other, optimizer_state(1))
     assert dcp_fast.fast_equal(a, other) is None
-    assert not compare_checkpoints(a, other).equal
+    assert not compare_checkpoints(a, other).passed
 
     renamed = tmp_path / "renamed"
     state = make_state(0)
@@ -248,12 +249,12 @@ def test_unusual_but_valid_metadata_is_left_to_the_python_reader(saves, tmp_path
     x = _rewrite(src, tmp_path / "ordered-dict", ordered)
     assert native.scan((x / ".metadata").read_bytes()) is None
     assert dcp_fast.fast_equal(x, _copy(x, tmp_path / "ordered-twin")) is None
-    assert compare_checkpoints(x, tmp_path / "ordered-twin").equal
+    assert compare_checkpoints(x, tmp_path / "ordered-twin").passed
     proto2 = _copy(src, tmp_path / "protocol-2")
     md = pickle.loads((proto2 / ".metadata").read_bytes())
     (proto2 / ".metadata").write_bytes(pickle.dumps(md, protocol=2))  # GLOBAL opcodes, not STACK_GLOBAL
     assert native.scan((proto2 / ".metadata").read_bytes()) is None
-    assert compare_checkpoints(proto2, src).equal
+    assert compare_checkpoints(proto2, src).passed
 
 
 def _fds() -> int:
@@ -377,10 +378,16 @@ def test_shared_sizes_cost_no_more_than_the_file(tmp_path):
 def test_the_native_reader_can_be_switched_off_and_a_bad_switch_is_named(saves, monkeypatch, capsys):
     _, pairs = saves
     a, b = pairs["plain"]
-    monkeypatch.setenv("PYTEST_MILES_NATIVE", "0")
-    assert dcp_fast.native_reader() is None and dcp_fast.fast_equal(a, b) is None
-    assert compare_checkpoints(a, b).equal
-    monkeypatch.setenv("PYTEST_MILES_NATIVE", "yes")
+    for off in ("0", "false", "no"):  # a boolean setting (config/settings.py): its usual spellings
+        monkeypatch.setenv("PYTEST_MILES_NATIVE", off)
+        assert dcp_fast.native_reader() is None and dcp_fast.fast_equal(a, b) is None, off
+    assert compare_checkpoints(a, b).passed
+    monkeypatch.setenv("PYTEST_MILES_NATIVE", "1")
+    assert dcp_fast.native_reader() is native
+    monkeypatch.setenv("PYTEST_MILES_NATIVE", "maybe")
     assert main(["compare", str(a), str(b)]) == 2
     err = capsys.readouterr().err
-    assert "PYTEST_MILES_NATIVE='yes': expected 0 (the Python path only) or 1" in err and "Traceback" not in err
+    assert ("environment variable PYTEST_MILES_NATIVE: 'maybe' is not a boolean (use 1/0, true/false)" in err
+            and "Traceback" not in err), err
+    assert main(["compare", "--json", str(a), str(b)]) == 2
+    assert "PYTEST_MILES_NATIVE" in json.loads(capsys.readouterr().out)["error"]

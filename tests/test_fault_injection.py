@@ -56,6 +56,18 @@ INNER = textwrap.dedent('''
         trainer = megatron_trainer_factory(world_size=2, timeout=600.0)
         trainer.train(100000, save_dir=tmp_path / "ckpt", save_steps=[1])
 
+    def test_inside_ray_get(ray_cluster):  # the signal arrives while the test waits in ray.get
+        import ray
+
+        @ray.remote(num_cpus=0)
+        def slow():
+            time.sleep(600)
+
+        ref = slow.remote()
+        time.sleep(2)
+        ready("engine", port=0)
+        ray.get(ref)
+
     @pytest.mark.parametrize("i", range(2))
     def test_engine_per_worker(eng, i):
         ready(os.environ.get("PYTEST_XDIST_WORKER", "main"), port=eng.port)
@@ -190,6 +202,14 @@ def test_signals_leave_no_process_and_no_port(tmp_path):
     ], tmp_path)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_signals_inside_ray_get_end_the_session(tmp_path, sig):
+    """A stop signal while the test waits in ray.get (where Ray may catch the interruption): the
+    session still ends, within the bound, with its summary and exit code 2, and leaves nothing."""
+    _need("ray")
+    _run_all([Scenario(f"{sig.name.lower()}-ray-get", "test_inside_ray_get", sig=sig, summary=True)], tmp_path)
+
+
 def test_timeouts_and_xdist_leave_no_process_and_no_port(tmp_path):
     """pytest-timeout's thread method (os._exit, no teardown) and signal method; SIGKILL of an
     xdist controller while each worker holds an engine; SIGTERM and SIGHUP with an engine up
@@ -204,3 +224,66 @@ def test_timeouts_and_xdist_leave_no_process_and_no_port(tmp_path):
         Scenario("sigterm-engine", "test_engine", sig=signal.SIGTERM, summary=True),
         Scenario("sighup-engine", "test_engine", sig=signal.SIGHUP, summary=True),
     ], tmp_path)
+
+
+RAY_INIT_SIGNAL = '''
+import os, signal, sys, threading
+import ray
+from pytest_miles.placement import signals
+from pytest_miles.placement.ray_cluster import RayCluster
+
+signals.ensure()
+real_init = ray.init
+
+def init_then_signal(**kwargs):  # SIGTERM arrives while Ray initialises (it installs sys.exit on SIGTERM)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    return real_init(**kwargs)
+
+ray.init = init_then_signal
+try:
+    cluster = RayCluster.start_local(sys.argv[1], timeout=120)
+    import time
+    time.sleep(5)  # the held-back signal is delivered to our handler as soon as Ray is up
+    print("NOT INTERRUPTED")
+except SystemExit as exc:
+    print("SYSTEMEXIT", exc.code)
+except signals.Terminated as exc:
+    print("TERMINATED", exc)
+finally:
+    try:
+        cluster.shutdown()
+    except NameError:
+        pass
+'''
+
+
+def test_sigterm_during_ray_init_reaches_our_handler(tmp_path):
+    """Ray's ray.init() installs a SIGTERM handler that calls sys.exit (seen: fixtures erroring with
+    SystemExit 15, the session running on, or SIGABRT with no summary). Our start-up holds the
+    signals back until our handler is back: the session is interrupted as by Ctrl-C."""
+    _need("ray")
+    result = subprocess.run([sys.executable, "-c", RAY_INIT_SIGNAL, str(tmp_path)], capture_output=True, text=True,
+                            timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "TERMINATED" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_a_swallowed_sigterm_still_ends_the_session(pytester):
+    """A library that catches the interruption (KeyboardInterrupt) cannot keep the session alive:
+    the session ends after that test, with its summary and exit code 2; later tests do not run."""
+    pytester.makepyfile('''
+        import os, signal, time
+
+        def test_swallows():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass  # what some libraries do
+
+        def test_never_runs():
+            raise AssertionError("the session went on after SIGTERM")
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()[-2000:]
+    assert "the running test caught the interruption" in result.stdout.str()
+    assert "the session went on" not in result.stdout.str()

@@ -52,8 +52,14 @@ class Report(_Record):
         self.stopped_early = stopped_early
 
     @property
-    def equal(self) -> bool:
+    def passed(self) -> bool:
+        """Every compared tensor and value bitwise equal (the verdict; JSON key "equal")."""
         return not self.differences
+
+    @property
+    def equal(self) -> bool:
+        """The old name of `passed` (read-only)."""
+        return self.passed
 
     @property
     def first(self) -> Difference | None:
@@ -61,7 +67,7 @@ class Report(_Record):
 
     def render(self) -> str:
         rate = self.bytes_compared / self.seconds / 1e9 if self.seconds else 0.0
-        head = "EQUAL" if self.equal else f"DIFFERENT ({len(self.differences)} difference(s))"
+        head = "EQUAL" if self.passed else f"DIFFERENT ({len(self.differences)} difference(s))"
         lines = [f"checkpoints {head}", f"  A: {self.a} [{self.kind_a}]", f"  B: {self.b} [{self.kind_b}]",
                  f"  compared {self.tensors_compared} items, {self.bytes_compared / 2**20:.1f} MiB in "
                  f"{self.seconds:.2f} s ({rate:.2f} GB/s)"]
@@ -81,7 +87,7 @@ class Report(_Record):
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "equal": self.equal, "a": self.a, "b": self.b, "kind_a": self.kind_a, "kind_b": self.kind_b,
+            "equal": self.passed, "a": self.a, "b": self.b, "kind_a": self.kind_a, "kind_b": self.kind_b,
             "tensors_compared": self.tensors_compared, "bytes_compared": self.bytes_compared,
             "seconds": self.seconds, "first_difference": self.first.name if self.first else None,
             "differences": [d.to_json() for d in sorted(self.differences, key=lambda d: d.order)],

@@ -4,7 +4,7 @@ Why: comparing two checkpoints of 20,000 small tensors must cost less than hashi
 5x faster than `md5sum`). CPython's own unpickler alone needs ~60 ms for such a `.metadata`, and
 a Python index of its entries as much again, per side; that is the whole budget. So, for the
 common case (two plain DCP dirs, equal):
-- the native reader `_dcpscan` (C, pytest_miles/ckpt/dcpscan/; module.c's header says how it
+- the native reader `_dcpscan` (C, pytest_miles/ckpt/dcpscan/, loaded by ckpt/native.py; module.c's header says how it
   works and why it is safe on hostile files) reads each `.metadata` without building a Python
   object per entry or calling anything, makes every check dcp_layout.py makes, and returns its
   *plan*: one canonical byte string of every item's name, dtype, shape, chunk, file, offsets and
@@ -31,38 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import CheckpointError, SafeFile, read_bytes
+from pytest_miles._files import SafeFile, read_bytes
 from pytest_miles.checks.compare_report import Report, merge_notes
-from pytest_miles.ckpt.dcp_mirror import mirrored_ids
+from pytest_miles.ckpt.dcp_mirror import id_notes, mirrored_ids
+from pytest_miles.ckpt.native import native_reader
+from pytest_miles.errors import CheckpointError
 
-__all__ = ["IDS_IGNORED", "fast_equal", "id_notes", "native_reader"]
+__all__ = ["fast_equal", "native_reader"]
 
-IDS_IGNORED = ".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)"
 PIECE = 32 * 2**20  # the data threads take the files in pieces of this size
-
-
-def native_reader() -> Any:
-    """The `_dcpscan` extension module, or None where it was not built or PYTEST_MILES_NATIVE=0
-    (the Python path only: to compare the two, or to rule the native reader out)."""
-    switch = os.environ.get("PYTEST_MILES_NATIVE", "1")
-    if switch not in ("0", "1"):
-        raise CheckpointError(f"PYTEST_MILES_NATIVE={switch!r}: expected 0 (the Python path only) or 1 (the default: "
-                              "the native DCP reader where it was built)")
-    if switch == "0":
-        return None
-    try:
-        from pytest_miles.ckpt import _dcpscan
-    except ImportError:
-        return None
-    return _dcpscan
-
-
-def id_notes(ids: dict[str, Any]) -> list[str]:
-    """The notes a DCP side carries about its save ids (which are never compared)."""
-    notes = [IDS_IGNORED]
-    if ids:
-        notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in ids.items())}")
-    return notes
 
 
 def _ids(scan: dict[str, Any]) -> dict[str, str]:

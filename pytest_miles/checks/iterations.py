@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import CheckpointError
-from pytest_miles.checks.checkpoints import Report, compare_checkpoints
-from pytest_miles.ckpt.layouts import _listdir, _resolve
+from pytest_miles.checks.compare import compare_checkpoints
+from pytest_miles.checks.compare_report import Report
+from pytest_miles.ckpt.model import listdir, resolve_path
+from pytest_miles.errors import CheckpointError
 
 __all__ = ["IterationWalk", "first_diverging_iteration", "saved_iterations"]
 
@@ -28,10 +29,10 @@ TROUBLESHOOTING = {
 
 def saved_iterations(run: str | os.PathLike) -> dict[int, Path]:
     """{iteration: iter_XXXXXXX dir} of a Megatron save dir (also `release`, as -1: never walked)."""
-    root = _resolve(Path(run))
+    root = resolve_path(Path(run))
     if not root.is_dir():
         raise CheckpointError(f"{run}: --iterations all needs a run directory holding iter_XXXXXXX/ dirs")
-    out = {int(m.group(1)): p for p in _listdir(root) if (m := _ITER.match(p.name)) and p.is_dir()}
+    out = {int(m.group(1)): p for p in listdir(root) if (m := _ITER.match(p.name)) and p.is_dir()}
     if not out:
         raise CheckpointError(f"{run}: no iter_XXXXXXX/ directories (a Megatron save dir is expected for "
                               "--iterations all)")
@@ -49,8 +50,13 @@ class IterationWalk:
     report: Report | None = None  # of the first diverging iteration
 
     @property
-    def equal(self) -> bool:
+    def passed(self) -> bool:
         return self.first_diverging is None and bool(self.compared)
+
+    @property
+    def equal(self) -> bool:
+        """The old name of `passed` (read-only)."""
+        return self.passed
 
     @property
     def first_tensor(self) -> str | None:
@@ -84,7 +90,7 @@ class IterationWalk:
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
-        return {"equal": self.equal, "a": self.a, "b": self.b, "iterations_compared": self.compared,
+        return {"equal": self.passed, "a": self.a, "b": self.b, "iterations_compared": self.compared,
                 "only_a": self.only_a, "only_b": self.only_b, "first_diverging_iteration": self.first_diverging,
                 "first_difference": self.first_tensor, "hint": self.hint(),
                 "report": self.report.to_json() if self.report is not None else None}
@@ -98,7 +104,7 @@ def first_diverging_iteration(a: str | os.PathLike, b: str | os.PathLike, *, ign
     for it in sorted(set(ia) & set(ib)):
         report = compare_checkpoints(ia[it], ib[it], ignore=ignore, workers=workers)
         walk.compared.append(it)
-        if not report.equal:
+        if not report.passed:
             walk.first_diverging, walk.report = it, report
             break
     return walk

@@ -23,11 +23,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import CheckpointError, SafeFile, read_bytes
-from pytest_miles.checks.dcp_fast import id_notes
-from pytest_miles.ckpt.dcp_mirror import mirrored_ids
-from pytest_miles.ckpt.layouts import ITEMSIZE, Entry, Item, Layout, _listdir
-from pytest_miles.ckpt.unpickle import LazyTensor, load_pickle, load_torch, materialize
+from pytest_miles._files import SafeFile, read_bytes
+from pytest_miles.ckpt.dcp_mirror import id_notes, mirrored_ids
+from pytest_miles.ckpt.lazy import LazyTensor, materialize
+from pytest_miles.ckpt.model import ITEMSIZE, CheckpointEntry, CheckpointError, Item, Layout, listdir
+from pytest_miles.ckpt.torch_save import load_torch
+from pytest_miles.ckpt.unpickle import load_pickle
 
 _IDS = ("save_id", "checkpoint_id")
 
@@ -39,7 +40,7 @@ class DcpIndex:
 
     raw: bytes
     ids: dict[str, str]
-    entries: dict[str, Entry]
+    entries: dict[str, CheckpointEntry]
     files: dict[str, Path]
     ends: dict[str, int]
     meta: dict[str, Any]
@@ -73,7 +74,7 @@ def _decode(path: Path, key: str, offset: int, length: int, kind: str, dtype: st
     return materialize(obj)
 
 
-def relocated(entry: Entry, relocate: dict[Path, Path]) -> Entry:
+def relocated(entry: CheckpointEntry, relocate: dict[Path, Path]) -> CheckpointEntry:
     """A mirrored entry as read from the other side's files (built only where its bytes differ)."""
     chunks = []
     for offsets, sizes, item in entry.chunks:
@@ -81,7 +82,7 @@ def relocated(entry: Entry, relocate: dict[Path, Path]) -> Entry:
         decode = partial(d.func, file, *d.args[1:]) if isinstance(d, partial) else d
         chunks.append((offsets, sizes, Item(item.key, file, item.offset, item.length, item.order, item.kind,
                                             item.encoding, decode)))
-    return Entry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value, entry.where)
+    return CheckpointEntry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value, entry.where)
 
 
 def _storage_index(md: Any, meta_path: Path, budget: int) -> dict[tuple[str, tuple[int, ...]], tuple]:
@@ -177,69 +178,85 @@ def dcp_layout(root: Path, kind: str = "dcp", names: list[Path] | None = None, l
     # and the entries each pay the dimensions they read from a budget sized from the file; DCP's own
     # files stay far inside it.
     budget = 4 * len(raw) + 100_000
-    storage = _storage_index(md, meta_path, budget)
-    sizes: dict[str, int] = {}  # by relative path: hashing str, not Path, 20,000 times
-    files: dict[str, Path] = {}
-    spans: dict[str, list[tuple[int, int, str]]] = {}
+    files = _Files(root, meta_path, _storage_index(md, meta_path, budget))
     dtypes: dict[int, str] = {}  # id(dtype object) -> name: one str() per distinct dtype
     entries = layout.entries
-    order = 0
-    for fqn, tmd in md.state_dict_metadata.items():
+    for order, (fqn, tmd) in enumerate(md.state_dict_metadata.items()):
         fqn = str(fqn)
-        if type(tmd).__name__ == "BytesStorageMetadata":
-            ekind, dtype, shape, chunks = "bytes", None, None, [((), None)]
-        else:
-            try:
-                dt = tmd.properties.dtype
-                dtype = dtypes.get(id(dt))
-                if dtype is None:
-                    dtype = dtypes[id(dt)] = str(dt).replace("torch.", "")
-                shape = tuple(map(int, tmd.size))
-                chs = tmd.chunks
-                if len(chs) == 1:  # the common case, without a comprehension's frame per tensor
-                    c = chs[0]
-                    chunks = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes)))]
-                else:
-                    chunks = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes))) for c in chs]
-            except (AttributeError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{meta_path}: entry {fqn!r} has no usable size/chunks ({exc})") from None
-            if dtype not in ITEMSIZE:
-                raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown dtype {dtype!r}")
-            if len(chunks) != 1 or chunks[0][1] != shape or any(chunks[0][0]) or len(chunks[0][0]) != len(shape):
-                _check_chunks(meta_path, fqn, shape, chunks)  # not the whole tensor in one chunk
-            ekind = "tensor"
-            budget -= len(shape) + sum(len(o) + len(c) for o, c in chunks)
-            if budget < 0:
-                raise CheckpointError(f"{meta_path}: malformed: its entries share sizes/chunks far beyond its "
-                                      f"{len(raw)} bytes (not what DCP writes)")
-        entry = Entry(fqn, order, ekind, dtype, shape, [], None, ".metadata")
+        ekind, dtype, shape, chunks, cost = _parse_entry(fqn, tmd, meta_path, dtypes)
+        budget -= cost
+        if budget < 0:
+            raise CheckpointError(f"{meta_path}: malformed: its entries share sizes/chunks far beyond its "
+                                  f"{len(raw)} bytes (not what DCP writes)")
+        entry = CheckpointEntry(fqn, order, ekind, dtype, shape, [], None, ".metadata")
         for offsets, csize in chunks:
-            found = storage.get((fqn, offsets))
-            if found is None:
-                raise CheckpointError(f"{meta_path}: no storage entry for {fqn!r} chunk {list(offsets)}")
-            rel, offset, length, transforms = found
-            file = files.get(rel)
-            if file is None:
-                file = files[rel] = root / rel
-                sizes[rel] = _file_size(file, meta_path)
-                spans[rel] = []
-            if offset + length > sizes[rel]:
-                raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {offset + length}, "
-                                      f"file has {sizes[rel]}")
-            key = fqn if len(chunks) == 1 else f"{fqn}@{list(offsets)}"
-            spans[rel].append((offset, length, key))
-            raw_item = ekind == "tensor" and not transforms and length == math.prod(csize) * ITEMSIZE[dtype]
-            decode = partial(_decode, file, key, offset, length, ekind, dtype, csize, transforms, raw_item)
-            encoding = ("raw",) if raw_item else ("torch.save", bool(transforms))
-            entry.chunks.append((offsets, csize or (), Item(key, file, offset, length, order, ekind, encoding, decode)))
+            entry.chunks.append((offsets, csize or (), files.item(fqn, offsets, csize, len(chunks) == 1, order,
+                                                                 ekind, dtype)))
         if fqn in entries:
             raise CheckpointError(f"{meta_path}: {fqn!r} is also stored in {entries[fqn].where}")
         entries[fqn] = entry
-        order += 1
-    ends = {rel: _check_overlaps(files[rel], ss, meta_path) for rel, ss in spans.items()}
-    _unreferenced(layout, names, root, sizes)
-    layout.layout_info["dcp index"] = DcpIndex(raw, ids, dict(entries), files, ends, dict(layout.meta))
+    ends = {rel: _check_overlaps(files.paths[rel], ss, meta_path) for rel, ss in files.spans.items()}
+    _unreferenced(layout, names, root, files.sizes)
+    layout.layout_info["dcp index"] = DcpIndex(raw, ids, dict(entries), files.paths, ends, dict(layout.meta))
     return layout
+
+
+def _parse_entry(fqn: str, tmd: Any, meta_path: Path, dtypes: dict[int, str]) -> tuple:
+    """(kind, dtype, shape, chunks, dimensions read) of one `.metadata` entry, checked."""
+    if type(tmd).__name__ == "BytesStorageMetadata":
+        return "bytes", None, None, [((), None)], 0
+    try:
+        dt = tmd.properties.dtype
+        dtype = dtypes.get(id(dt))
+        if dtype is None:
+            dtype = dtypes[id(dt)] = str(dt).replace("torch.", "")
+        shape = tuple(map(int, tmd.size))
+        chs = tmd.chunks
+        if len(chs) == 1:  # the common case, without a comprehension's frame per tensor
+            c = chs[0]
+            chunks = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes)))]
+        else:
+            chunks = [(tuple(map(int, c.offsets)), tuple(map(int, c.sizes))) for c in chs]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta_path}: entry {fqn!r} has no usable size/chunks ({exc})") from None
+    if dtype not in ITEMSIZE:
+        raise CheckpointError(f"{meta_path}: entry {fqn!r} has unknown dtype {dtype!r}")
+    if len(chunks) != 1 or chunks[0][1] != shape or any(chunks[0][0]) or len(chunks[0][0]) != len(shape):
+        _check_chunks(meta_path, fqn, shape, chunks)  # not the whole tensor in one chunk
+    return "tensor", dtype, shape, chunks, len(shape) + sum(len(o) + len(c) for o, c in chunks)
+
+
+class _Files:
+    """The data files `.metadata` names (by relative path: hashing str, not Path, 20,000 times):
+    their sizes, checked once each, and the byte spans their items take."""
+
+    def __init__(self, root: Path, meta_path: Path, storage: dict) -> None:
+        self.root, self.meta_path, self.storage = root, meta_path, storage
+        self.sizes: dict[str, int] = {}
+        self.paths: dict[str, Path] = {}
+        self.spans: dict[str, list[tuple[int, int, str]]] = {}
+
+    def item(self, fqn: str, offsets: tuple[int, ...], csize: Any, whole: bool, order: int, ekind: str,
+             dtype: str | None) -> Item:
+        """The item of one chunk: where its bytes are, how they are encoded, how to decode them."""
+        found = self.storage.get((fqn, offsets))
+        if found is None:
+            raise CheckpointError(f"{self.meta_path}: no storage entry for {fqn!r} chunk {list(offsets)}")
+        rel, offset, length, transforms = found
+        file = self.paths.get(rel)
+        if file is None:
+            file = self.paths[rel] = self.root / rel
+            self.sizes[rel] = _file_size(file, self.meta_path)
+            self.spans[rel] = []
+        if offset + length > self.sizes[rel]:
+            raise CheckpointError(f"{file}: truncated: {fqn!r} needs bytes up to {offset + length}, "
+                                  f"file has {self.sizes[rel]}")
+        key = fqn if whole else f"{fqn}@{list(offsets)}"
+        self.spans[rel].append((offset, length, key))
+        raw_item = ekind == "tensor" and not transforms and length == math.prod(csize) * ITEMSIZE[dtype]
+        decode = partial(_decode, file, key, offset, length, ekind, dtype, csize, transforms, raw_item)
+        encoding = ("raw",) if raw_item else ("torch.save", bool(transforms))
+        return Item(key, file, offset, length, order, ekind, encoding, decode)
 
 
 def _check_overlaps(file: Path, spans: list[tuple[int, int, str]], meta_path: Path) -> int:
@@ -256,7 +273,7 @@ def _check_overlaps(file: Path, spans: list[tuple[int, int, str]], meta_path: Pa
 
 
 def _unreferenced(layout: Layout, names: list[Path] | None, root: Path, referenced: Any) -> None:
-    for p in names or _listdir(root):
+    for p in names or listdir(root):
         if p.suffix == ".distcp" and p.name not in referenced:
             layout.notes.append(f"{p.name}: not referenced by .metadata")
             layout.side_files[p.name] = p

@@ -14,8 +14,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+__all__ = ["IDS_IGNORED", "id_notes", "mirrored_ids"]
+
+IDS_IGNORED = ".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)"
 _TAIL = b"\x8c\x0cstorage_meta\x94"  # protocol 4: the key of Metadata.storage_meta, then its value
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+
+
+def id_notes(ids: dict[str, Any]) -> list[str]:
+    """The notes a DCP side carries about its save ids (which are never compared)."""
+    notes = [IDS_IGNORED]
+    if ids:
+        notes.append(f".metadata: {'; '.join(f'{k}={v!s}' for k, v in ids.items())}")
+    return notes
 
 
 def _tail_ops(raw: bytes, start: int) -> list[tuple[str, Any]] | None:

@@ -15,18 +15,16 @@ import io
 import os
 import pickle
 import re
-import struct
-import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pytest_miles._files import SafeFile
+from pytest_miles.ckpt.lazy import LazyTensor, Storage
 from pytest_miles.errors import (
     CheckpointError,
     UnsafePickle,  # noqa: F401  (importable here too)
 )
 
-__all__ = ["LazyTensor", "RestrictedUnpickler", "UnsafePickle", "load_pickle", "load_torch", "materialize"]
+__all__ = ["RestrictedUnpickler", "UnsafePickle", "load_pickle"]
 
 
 class _StubBase:
@@ -153,87 +151,12 @@ _STORAGE_DTYPES = {
     "Float8_e5m2Storage": "float8_e5m2", "Float8_e4m3fnuzStorage": "float8_e4m3fnuz",
     "Float8_e5m2fnuzStorage": "float8_e5m2fnuz", "Float8_e8m0fnuStorage": "float8_e8m0fnu",
 }
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "uint16": 2, "uint32": 4,
-             "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-             "float8_e8m0fnu": 1}
 
 
 @dataclass(frozen=True)
 class _StorageType:
     dtype: str
 
-
-@dataclass
-class Storage:
-    """Bytes [offset, offset + nbytes) of `source` (a file path or an in-memory buffer)."""
-
-    source: Any = field(repr=False)
-    offset: int = 0
-    nbytes: int = 0
-    dtype: str = "uint8"
-
-
-@dataclass
-class LazyTensor:
-    """A tensor as where its bytes are: materialised only when values are needed."""
-
-    storage: Storage
-    offset: int  # in elements
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.size:
-            n *= s
-        return n
-
-    @property
-    def itemsize(self) -> int:
-        return _ITEMSIZE[self.dtype]
-
-    def is_contiguous(self) -> bool:
-        expected = 1
-        for s, st in zip(reversed(self.size), reversed(self.stride)):
-            if s != 1 and st != expected:
-                return False
-            expected *= s
-        return True
-
-    def byte_span(self) -> tuple[int, int]:
-        """(offset, length) in the source of the bytes this tensor's elements may live in."""
-        if self.numel == 0:
-            return self.storage.offset, 0
-        last = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride))
-        return self.storage.offset + self.offset * self.itemsize, (last - self.offset + 1) * self.itemsize
-
-    def check(self, where: str) -> None:
-        if any(s < 0 for s in self.size) or any(st < 0 for st in self.stride) or self.offset < 0:
-            raise CheckpointError(f"{where}: tensor with negative size/stride/offset")
-        off, length = self.byte_span()
-        if off + length > self.storage.offset + self.storage.nbytes:
-            raise CheckpointError(f"{where}: tensor of size {list(self.size)} reaches past its storage "
-                                  f"({self.storage.nbytes} bytes)")
-
-    def read(self) -> bytes:
-        off, length = self.byte_span()
-        src = self.storage.source
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            return bytes(src[off:off + length])
-        with SafeFile(src) as f:
-            return f.pread(off, length, "tensor data")
-
-    def materialize(self):
-        import torch
-
-        dtype = getattr(torch, self.dtype)
-        data = bytearray(self.read())
-        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
-        first = 0
-        return torch.as_strided(flat, self.size, self.stride, first).clone()
 
 
 def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, *rest: Any) -> LazyTensor:
@@ -342,133 +265,3 @@ def load_pickle(data: bytes, where: str) -> Any:
         raise
     except Exception as exc:
         raise CheckpointError(f"{where}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
-
-
-class _Window(io.RawIOBase):
-    """A seekable read-only view of [0, size) of a SafeFile, for zipfile."""
-
-    def __init__(self, f: SafeFile) -> None:
-        self.f, self.pos = f, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = max(0, pos if whence == 0 else self.pos + pos if whence == 1 else self.f.size + pos)
-        return self.pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.f.size - self.pos))
-        data = self.f.pread(self.pos, n) if n else b""
-        b[:n] = data
-        self.pos += n
-        return n
-
-
-def load_torch(source: str | os.PathLike | bytes, where: str | None = None) -> Any:
-    """A `torch.save` file (path) or blob (bytes): the object with `LazyTensor` leaves.
-
-    Only the zip format (torch >= 1.6) is read; entries must be stored, not compressed (as torch
-    writes them), and lie inside the file."""
-    where = where or str(source)
-    fh: SafeFile | None = None
-    try:
-        if isinstance(source, (bytes, bytearray, memoryview)):
-            raw: Any = io.BytesIO(source)
-            size, head = len(source), bytes(source[:4])
-        else:
-            fh = SafeFile(source)
-            raw, size = _Window(fh), fh.size
-            head = fh.pread(0, min(4, size))
-        if size == 0:
-            raise CheckpointError(f"{where}: empty file")
-        if head != b"PK\x03\x04":
-            raise CheckpointError(f"{where}: not a torch zip archive (legacy torch.save format or not a torch "
-                                  "file; only the zip format of torch >= 1.6 is read)")
-        try:
-            z = zipfile.ZipFile(raw)
-            infos = z.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-            raise CheckpointError(f"{where}: corrupt or truncated torch file ({exc})") from None
-        pkls = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{where}: corrupt torch file ({len(pkls)} data.pkl entries)")
-        prefix = pkls[0].filename[: -len("data.pkl")]
-        entries: dict[str, tuple[int, int]] = {}
-        for info in infos:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{where}: entry {info.filename} is compressed (torch stores entries uncompressed)")
-            local = raw_pread(raw, info.header_offset, 30, where)
-            if local[:4] != b"PK\x03\x04":
-                raise CheckpointError(f"{where}: corrupt torch file (bad local header for {info.filename})")
-            n, m = struct.unpack("<HH", local[26:30])
-            start = info.header_offset + 30 + n + m
-            if start + info.file_size > size:
-                raise CheckpointError(f"{where}: truncated: entry {info.filename} ends at byte "
-                                      f"{start + info.file_size}, file has {size}")
-            if info.filename.startswith(prefix + "data/"):
-                entries[info.filename[len(prefix) + 5:]] = (start, info.file_size)
-        pstart, plen = raw_pread_span(pkls[0], raw, where)
-        data = raw_pread(raw, pstart, plen, where)
-        src = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-        try:
-            obj = RestrictedUnpickler(io.BytesIO(data), src, entries, where).load()
-        except UnsafePickle as exc:
-            raise CheckpointError(f"{where}: refused: the pickle calls {exc.name} "
-                                  "(checkpoint files are never executed)") from None
-        except CheckpointError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{where}: corrupt torch file ({type(exc).__name__}: {exc})") from None
-        _check_tensors(obj, where)
-        return obj
-    finally:
-        if fh is not None:
-            fh.close()
-
-
-def raw_pread(raw: Any, offset: int, length: int, where: str) -> bytes:
-    raw.seek(offset)
-    data = raw.read(length)
-    if len(data) != length:
-        raise CheckpointError(f"{where}: truncated at byte {offset + len(data)}")
-    return data
-
-
-def raw_pread_span(info: zipfile.ZipInfo, raw: Any, where: str) -> tuple[int, int]:
-    local = raw_pread(raw, info.header_offset, 30, where)
-    n, m = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + n + m, info.file_size
-
-
-def _check_tensors(obj: Any, where: str, depth: int = 0) -> None:
-    if depth > 200:
-        return
-    if isinstance(obj, LazyTensor):
-        obj.check(where)
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _check_tensors(v, where, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _check_tensors(v, where, depth + 1)
-
-
-def materialize(obj: Any) -> Any:
-    """Replace every LazyTensor in a container by a real torch tensor."""
-    if isinstance(obj, LazyTensor):
-        return obj.materialize()
-    if isinstance(obj, dict):
-        return type(obj)((k, materialize(v)) for k, v in obj.items()) if type(obj) is not dict else {
-            k: materialize(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [materialize(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(materialize(v) for v in obj)
-    return obj

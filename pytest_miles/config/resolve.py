@@ -21,6 +21,10 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
     """The value parsed to the setting's kind, then checked (range, finiteness, paths): see validation.py."""
     from pytest_miles.validation import check_setting
 
+    if isinstance(raw, str) and raw.strip() == "" and setting.kind != "bool" and not source.startswith(
+            ("environment variable", "ini key")):  # an empty variable or ini value means unset (documented)
+        raise InputError(f"{source}: an empty value is not accepted; expected {_accepted(setting)} "
+                         "(leave the option out to use the default)")
     if setting.kind in ("int", "float") and (isinstance(raw, bool) or (setting.kind == "int" and isinstance(raw, float))):
         raise InputError(f"{source}: {raw!r} is not {'an integer' if setting.kind == 'int' else 'a number'}")
     return check_setting(setting.name, _parse_kind(setting, raw, source), source)
@@ -118,15 +122,11 @@ _CONFIG_CACHE: dict[str, dict[str, Any]] = {}
 def _config_file(path: str) -> dict[str, Any]:
     """Settings from a TOML file: `[rollout] trials = 20`. Unknown tables or keys are errors."""
     if path not in _CONFIG_CACHE:
-        import tomllib
+        from pytest_miles._files import load_toml
 
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise InputError(f"{path}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise InputError(f"{path}: not valid TOML ({exc})") from None
+        if not os.path.lexists(path):
+            raise InputError(f"{path}: config file not found (--miles-config / PYTEST_MILES_CONFIG)")
+        data = load_toml(path, "config file (--miles-config)")
         flat: dict[str, Any] = {}
         for table, values in data.items():
             if table not in GROUP_TITLES or not isinstance(values, dict):

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pytest
 
 GROUP = "miles"
-# Setting groups follow Miles' launch-argument groups (seed 003), plus the plugin's own.
+# Setting groups follow Miles' launch-argument groups (its launch-arguments reference), plus the plugin's own.
 GROUP_TITLES = {
     "general": "pytest-miles",
     "hardware": "pytest-miles hardware (GPU markers)",
@@ -187,6 +187,13 @@ SETTINGS += (
             "value differs: skip (default) or fail the test, naming each differing field. Equal values pass "
             "with a note either way.", default="skip", kind="choice", choices=("skip", "fail"),
             env="PYTEST_MILES_SNAPSHOT_OTHER_CONFIG", group="snapshots"),
+)
+
+SETTINGS += (
+    Setting("native", "Read DCP `.metadata` with the native reader where it was built (checkpoint compare's fast "
+            "path); false: the Python reader only (same verdicts), to compare the two or rule the native one out. "
+            "Also read by the `pytest-miles compare` command.", default=True, kind="bool",
+            env="PYTEST_MILES_NATIVE", group="model"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-# Variable -> (value, why), from the seed's env-var table.
+# Variable -> (value, why), from the Miles reproducibility guide's environment table.
 DETERMINISTIC_ENV: dict[str, tuple[str, str]] = {
     "NCCL_ALGO": ("Ring", "forces a deterministic collective algorithm"),
     "NVTE_ALLOW_NONDETERMINISTIC_ALGO": ("0", "disables non-deterministic Transformer-Engine kernels"),

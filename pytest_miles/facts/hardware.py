@@ -96,6 +96,9 @@ class Hardware:
         return text
 
 
+MAX_OVERRIDE_GPUS = 1024  # a pretended machine: more is a typo, and each GPU is an object in memory
+
+
 def parse_override(value: str) -> Hardware:
     """`hopper`, `h100`, `h100x8`, `a100:2`, `none` -> a synthetic Hardware."""
     text = value.strip().lower()
@@ -105,8 +108,9 @@ def parse_override(value: str) -> Hardware:
     m = re.fullmatch(r"([a-z0-9_]+?)[x:*](\d+)", text)
     if text not in GPU_MODELS and text not in GPU_CLASSES and m:
         name, count = m.group(1), int(m.group(2))
-    if not re.fullmatch(r"[a-z0-9_]+", name) or count < 1:
-        raise ValueError(f"GPU class override {value!r}: expected a class or model, e.g. hopper, h100x8")
+    if not re.fullmatch(r"[a-z0-9_]+", name) or not 1 <= count <= MAX_OVERRIDE_GPUS:
+        raise ValueError(f"GPU class override {value!r}: expected a class or model with an optional count of 1 to "
+                         f"{MAX_OVERRIDE_GPUS}, e.g. hopper, h100x8")
     model = CLASS_DEFAULT_MODEL.get(name, name)
     if model not in GPU_MODELS:
         known = ", ".join(list(GPU_CLASSES) + ["none"] + list(GPU_MODELS))

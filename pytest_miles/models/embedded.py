@@ -94,7 +94,7 @@ def init_weights(cfg: TinyConfig) -> dict:
 # Embedded shapes (--miles-model-shape). tiny: the default, cheap everywhere (its weights come from
 # init_weights and are what the committed snapshots record). tiny128: every dim a multiple of 128
 # (head_dim 128, KV projection 128 wide) for kernels with 128-wide tiles (FP8 block scales).
-# qwen2.5-0.5b: Qwen2.5-0.5B's shape (the seeds' quick-start model), big enough for GEMM and
+# qwen2.5-0.5b: Qwen2.5-0.5B's shape (the quick-start model of the Miles guides), big enough for GEMM and
 # attention reductions to vary with the batch (the tiny model hides batch variance).
 SHAPES: dict[str, TinyConfig] = {
     "tiny": TinyConfig(),

@@ -27,6 +27,7 @@ from pytest_miles.facts.environment import restore_env
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, tail
 from pytest_miles.placement.signals import ensure as ensure_signals
+from pytest_miles.placement.signals import ray_init
 
 # Ray puts unix sockets under <temp>/session_<date>_<pid>/sockets/: ~60 characters after <temp>,
 # and a socket path may not exceed 107 bytes.
@@ -137,7 +138,7 @@ class RayCluster:
                                f"(--miles-ray-timeout): {why}")
         cluster = cls(address, started=False, timeout=timeout)
         try:
-            ray.init(address=address, log_to_driver=False, namespace="pytest-miles")
+            ray_init(ray.init, address=address, log_to_driver=False, namespace="pytest-miles")
         except Exception as exc:  # ConnectionError, RuntimeError: ray's own words
             raise ClusterError(f"{source} {address!r}: Ray refused the connection: {exc}") from None
         cluster._connected = True
@@ -162,9 +163,8 @@ class RayCluster:
             cluster._spawn("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus,
                            object_store_bytes, {})
             cluster._wait_port(port)
-            ray.init(address=cluster.address, log_to_driver=False, namespace="pytest-miles")
+            ray_init(ray.init, address=cluster.address, log_to_driver=False, namespace="pytest-miles")
             cluster._connected = True
-            ensure_signals()
         except BaseException:
             cluster.shutdown()
             raise

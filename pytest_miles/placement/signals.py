@@ -2,14 +2,18 @@
 ranks and the Ray head are stopped) and pytest still prints its summary. CI runners send SIGTERM
 on a job timeout or a cancelled pipeline; the default action would kill pytest with no teardown.
 
-Ray's `ray.init()` installs its own SIGTERM handler (`sys.exit(15)`), under which a terminated
-session ends with SIGABRT and no summary; `ensure()` puts ours back after every `ray.init()`.
+Ray installs its own SIGTERM handler in `ray.init()` (`sys.exit`, then SIGABRT, no summary):
+`ray_init()` blocks the signals while Ray initialises and re-installs ours before they arrive.
+Code that swallows the interruption (a library catching KeyboardInterrupt) cannot keep the
+session alive: the plugin calls `raise_if_swallowed()` after every test.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
@@ -39,3 +43,38 @@ def ensure() -> None:
             continue
         if current in (signal.SIG_DFL, None) or getattr(current, "__module__", "").startswith("ray"):
             signal.signal(sig, _handler)
+
+
+def received() -> str | None:
+    """The name of the signal that asked this session to stop, if one did."""
+    return _received[0] if _received else None
+
+
+_reraised: list[bool] = []
+
+
+def raise_if_swallowed() -> None:
+    """After a test: a stop signal whose interruption something caught ends the session now
+    (pytest: exit code 2, summary printed), once."""
+    if _received and not _reraised:
+        _reraised.append(True)
+        raise Terminated(f"pytest-miles: {_received[0]} received (the running test caught the interruption); "
+                         "ending the session")
+
+
+def ray_init(init: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """`ray.init(**kwargs)` with SIGTERM/SIGHUP/SIGINT held back until our handlers are back: a
+    signal during Ray's start-up is delivered to us, not to the handler Ray installs."""
+    main = threading.current_thread() is threading.main_thread()
+    held = {*SIGNALS, signal.SIGINT}
+    if main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        return init(**kwargs)
+    finally:
+        if main:
+            ensure()
+            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and getattr(
+                    signal.getsignal(signal.SIGINT), "__module__", "").startswith("ray"):
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)

@@ -91,6 +91,16 @@ def pytest_runtest_call(item: pytest.Item):
 
 
 @pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem):
+    """A stop signal whose interruption the test swallowed ends the session after it (exit 2)."""
+    result = yield
+    from pytest_miles.placement.signals import raise_if_swallowed
+
+    raise_if_swallowed()
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Known upstream limitations -> XFAIL naming the reference; a non-strict unexpected pass -> XPASS."""
     rep = yield

@@ -62,7 +62,7 @@ def miles_settings(pytestconfig: pytest.Config):
 
 @pytest.fixture
 def deterministic_env() -> Iterator[DeterministicEnvironment]:
-    """The seeds' deterministic environment for one test, restored afterwards."""
+    """The deterministic environment of the Miles reproducibility guide for one test, restored afterwards."""
     from pytest_miles.facts.environment import DeterministicEnvironment
 
     with DeterministicEnvironment() as env:

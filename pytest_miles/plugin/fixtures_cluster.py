@@ -47,6 +47,9 @@ def miles_gpu_lease(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     held = []
 
     def lease(n: int = 1):
+        from pytest_miles.validation import integer
+
+        integer("miles_gpu_lease(n)", n, minimum=0, maximum=1024)
         st = _state(pytestconfig)
         if n >= 1 and not st.hardware.nvidia:  # leases are tokens: pretended GPUs (--miles-gpu-class) lease too
             raise Unavailable(f"miles_gpu_lease({n}) requires an NVIDIA GPU; found {st.hardware.describe()}")

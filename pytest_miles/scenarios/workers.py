@@ -223,6 +223,6 @@ def assert_env_propagated(cluster: RayCluster, env: Mapping[str, str] | None = N
             bad.append(f"  {r.label}: {seen}")
     if bad:
         raise AssertionError(f"the deterministic environment did not reach {len(bad)} of {len(results)} Ray workers "
-                             f"(cluster {cluster.address}, probed in {time.monotonic() - t0:.1f} s); the seed's "
+                             f"(cluster {cluster.address}, probed in {time.monotonic() - t0:.1f} s); the Miles reproducibility guide's "
                              f"'hashes diverge across nodes' failure:\n" + "\n".join(bad))
     return results

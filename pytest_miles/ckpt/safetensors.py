@@ -1,0 +1,139 @@
+"""safetensors files and HF dirs (sharded, with a `*.safetensors.index.json`): every tensor's bytes
+located from the JSON header, every header checked (offsets, sizes, overlaps, the index's shards).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from pytest_miles._files import SafeFile, read_text
+from pytest_miles.ckpt.model import (
+    ITEMSIZE,
+    SIDE_SUFFIXES,
+    CheckpointEntry,
+    CheckpointError,
+    Item,
+    Layout,
+    is_regular,
+    listdir,
+    numel,
+)
+
+__all__ = ["SAFETENSORS_DTYPES", "hf_layout", "raw_item"]
+
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+}
+
+
+def raw_item(key: str, path: Path, offset: int, length: int, order: int, dtype: str, shape: tuple[int, ...]) -> Item:
+    def decode():
+        import torch
+
+        with SafeFile(path) as f:
+            buf = bytearray(f.pread(offset, length, f"tensor {key!r}"))
+        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length else torch.empty(0, dtype=getattr(torch, dtype))
+        return t.reshape(shape)
+
+    return Item(key, path, offset, length, order, "tensor", "raw", decode)
+
+
+def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[int, list[str], Any]:
+    """Entries of one safetensors file; returns (next order, tensor names, its __metadata__)."""
+    with SafeFile(path) as f:
+        size = f.size
+        if size < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+        (n,) = struct.unpack("<Q", f.pread(0, 8))
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
+        raw = f.pread(8, n, "safetensors header")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a {type(header).__name__}, not an object)")
+    base = 8 + n
+    meta = header.pop("__metadata__", None)
+    parsed = []
+    for name, info in header.items():
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({exc!r})") from None
+        if begin < 0 or end < begin or any(s < 0 for s in shape):
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} (offsets [{begin}, {end}], shape {list(shape)})")
+        if base + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
+        if end - begin != numel(shape) * ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r}: {end - begin} bytes for "
+                                  f"{list(shape)} {dtype} ({numel(shape) * ITEMSIZE[dtype]} expected)")
+        parsed.append((begin, end, name, dtype, shape))
+    parsed.sort()
+    prev_end, prev = 0, None
+    for begin, end, name, _, _ in parsed:
+        if begin < prev_end and end > begin:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} at [{begin}, {end}) "
+                                  f"overlaps {prev!r}")
+        if end > begin:
+            prev_end, prev = end, name
+    order = start_order
+    for begin, end, name, dtype, shape in parsed:
+        item = raw_item(name, path, base + begin, end - begin, order, dtype, shape)
+        layout.add(CheckpointEntry(name, order, "tensor", dtype, shape, [((0,) * len(shape), shape, item)], where=path.name), path)
+        order += 1
+    return order, [p[2] for p in parsed], meta
+
+
+def hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
+    layout = Layout("safetensors", root)
+    entries = listdir(root) if files is None else files
+    index = sorted(e for e in entries if e.name.endswith(".safetensors.index.json")) if files is None else []
+    shards = [e for e in entries if e.suffix == ".safetensors"]
+    weight_map: dict[str, str] | None = None
+    if index:
+        try:
+            weight_map = json.loads(read_text(index[0], what="safetensors index"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index[0]}: unusable safetensors index ({exc!r})") from None
+        wanted = sorted(set(map(str, weight_map.values())))
+        for name in wanted:
+            if "/" in name or not (root / name).exists():
+                raise CheckpointError(f"{root / name}: shard listed in {index[0].name} is missing")
+        extra = [s for s in shards if s.name not in set(wanted)]
+        if extra:
+            layout.notes.append(f"shards not in {index[0].name}: {', '.join(s.name for s in extra)}")
+        shards = [root / n for n in wanted] + extra
+    order = 0
+    metas = []
+    for shard in shards:
+        order, names, meta = _safetensors_entries(shard, order, layout)
+        if meta is not None:
+            metas.append(json.dumps(meta, sort_keys=True))
+        if weight_map is not None:
+            for name in names:
+                if name in weight_map and weight_map[name] != shard.name:
+                    raise CheckpointError(f"{shard}: holds {name!r}, which {index[0].name} places in {weight_map[name]}")
+    if weight_map is not None:
+        absent = [k for k, v in weight_map.items() if k not in layout.entries]
+        if absent:
+            raise CheckpointError(f"{root / weight_map[absent[0]]}: does not hold {absent[0]!r}, which "
+                                  f"{index[0].name} places there ({len(absent)} such tensor(s))")
+    if metas:  # per tensor set, whatever the file names and the shard split
+        layout.meta["safetensors __metadata__"] = sorted(set(metas))
+    layout.layout_info["safetensors files"] = sorted(s.name for s in shards)
+    if files is None:
+        for p in entries:
+            if is_regular(p) and p.suffix in SIDE_SUFFIXES and not p.name.endswith(".safetensors.index.json"):
+                layout.side_files[p.name] = p
+    return layout
