@@ -240,7 +240,8 @@ def test_a_trainer_config_is_checked_again_when_a_field_is_replaced():
         replace(cfg, seed=-1)
     with pytest.raises(TrainerError, match="tensor_parallel 3 does not divide the attention heads"):
         MegatronTrainer(config=cfg, tensor_parallel=3)
-    with pytest.raises(TrainerError, match=r"megatron_trainer_factory\(config=\): \{'seed': 1\} is not accepted"):
+    with pytest.raises(TrainerError,
+                       match=r"megatron_trainer_factory\(config=\): \{'seed': 1\} is not accepted"):
         MegatronTrainer(config={"seed": 1})
     with pytest.raises(TypeError, match="unexpected keyword argument.* sead; accepted: seed, model"):
         MegatronTrainer(sead=1)
@@ -289,7 +290,8 @@ ENGINE = [
 def test_bad_engine_factory_arguments_start_nothing(tmp_path, args, kwargs, says):
     from pytest_miles.engines.factory import EngineFactory
 
-    factory = EngineFactory(model_dir=lambda: str(tmp_path), log_dir=tmp_path, hardware=lambda: None, device="cpu")
+    factory = EngineFactory(model_dir=lambda: str(tmp_path), log_dir=tmp_path, hardware=lambda: None,
+                            device="cpu")
     with pytest.raises(ValueError) as info:
         factory(*args, **kwargs)
     assert says in str(info.value), str(info.value)
@@ -299,14 +301,17 @@ def test_bad_engine_factory_arguments_start_nothing(tmp_path, args, kwargs, says
 ENGINE_SPEC = [  # EngineSpec(...) built by hand (a placement, a script): every field checked
     ({"kind": "vllm"}, "engine_factory(kind)"), ({"deterministic": "yes"}, "deterministic="),
     ({"attention_backend": None}, "attention_backend="), ({"extra_args": "--tp 2"}, "extra_args="),
-    ({"extra_args": ("--tp", 2)}, "extra_args="), ({"options": [("tp_size", 2)]}, "engine_factory(**options)"),
+    ({"extra_args": ("--tp", 2)}, "extra_args="),
+    ({"options": [("tp_size", 2)]}, "engine_factory(**options)"),
     ({"device": "auto"}, "EngineSpec(device=)"), ({"startup_timeout": 0}, "EngineSpec(startup_timeout=)"),
     ({"startup_timeout": float("nan")}, "EngineSpec(startup_timeout=)"),
     ({"request_timeout": float("inf")}, "EngineSpec(request_timeout=)"),
     ({"request_timeout": -1.0}, "EngineSpec(request_timeout=)"), ({"log_dir": ""}, "EngineSpec(log_dir=)"),
     ({"model_dir": "MISSING"}, "not a model folder"),
-    ({"extra_args": ("--tp-size=two",)}, "SGLang argument --tp-size: 'two' is not an integer tensor parallel size"),
-    ({"extra_args": ("--tp", "two", "--tp", "2")}, "SGLang argument --tp: 'two'"),  # every flag parses, as argparse's
+    ({"extra_args": ("--tp-size=two",)},
+     "SGLang argument --tp-size: 'two' is not an integer tensor parallel size"),
+    # every flag parses, as argparse's
+    ({"extra_args": ("--tp", "two", "--tp", "2")}, "SGLang argument --tp: 'two'"),
     ({"options": {"tp_size": "x"}}, "engine option tp_size: 'x' is not an integer"),
     ({"options": {"tp_size": 1.5}}, "engine option tp_size: 1.5 is not an integer"),
 ]
@@ -318,13 +323,14 @@ def test_bad_engine_spec_fields_are_named(tmp_path, fields, says):
     from pytest_miles.errors import InputError
 
     (tmp_path / "config.json").write_text("{}")
-    good = dict(kind="sglang", model_dir=str(tmp_path), deterministic=True, attention_backend="triton", extra_args=(),
-                options={}, device="cuda", log_dir=str(tmp_path), startup_timeout=60.0, request_timeout=30.0)
+    good = dict(kind="sglang", model_dir=str(tmp_path), deterministic=True, attention_backend="triton",
+                extra_args=(), options={}, device="cuda", log_dir=str(tmp_path), startup_timeout=60.0, request_timeout=30.0)
     fields = {k: str(tmp_path / "missing") if v == "MISSING" else v for k, v in fields.items()}
     with pytest.raises(InputError) as info:
         EngineSpec(**{**good, **fields})
     assert says in str(info.value), str(info.value)
-    assert EngineSpec(**{**good, "extra_args": ["--tp", "2"]}).extra_args == ("--tp", "2"), "a list is taken as a tuple"
+    spec = EngineSpec(**{**good, "extra_args": ["--tp", "2"]})
+    assert spec.extra_args == ("--tp", "2"), "a list is taken as a tuple"
 
 
 # ---- public helpers and markers -------------------------------------------------------------------

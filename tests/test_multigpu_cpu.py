@@ -29,7 +29,8 @@ def _spec(model_dir: str, kind: str = "sglang", extra_args: tuple[str, ...] = ()
     (("--tp", "2", "--tp", "4"), {}, 4),  # the last flag wins, as in argparse
     ((), {"tp_size": 2}, 2),
 ])
-def test_an_sglang_engine_leases_as_many_gpus_as_its_tensor_parallel_size(model_dir, extra_args, options, gpus):
+def test_an_sglang_engine_leases_as_many_gpus_as_its_tensor_parallel_size(model_dir, extra_args, options,
+                                                                           gpus):
     assert _spec(model_dir, extra_args=extra_args, **options).gpus == gpus
     assert _spec(model_dir, "sglang-offline", extra_args=extra_args, **options).gpus == gpus
 

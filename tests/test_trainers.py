@@ -63,7 +63,8 @@ def test_fixture_runs_megatron(pytester):
 
         def test_twice(megatron_trainer_factory, tmp_path):
             by_keywords = megatron_trainer_factory(seed=3)
-            by_config = megatron_trainer_factory(config=TrainerConfig(seed=3))  # the same run, spelled as a config
+            # the same run, spelled as a config
+            by_config = megatron_trainer_factory(config=TrainerConfig(seed=3))
             assert by_config.config == by_keywords.config and by_config.log_dir == by_keywords.log_dir
             a = by_keywords.train(2, save_dir=tmp_path / "a")
             b = by_config.train(2, save_dir=tmp_path / "b")

@@ -55,7 +55,8 @@ class EngineFactory:
                          extra_args=extra_args, options=options)  # checked: a bad argument starts nothing
         if kind.startswith("sglang"):
             self._need(kind)
-        key = (kind, model, deterministic, spec.attention_backend, spec.extra_args, tuple(sorted(options.items())))
+        key = (kind, model, deterministic, spec.attention_backend, spec.extra_args,
+               tuple(sorted(options.items())))
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
@@ -72,8 +73,8 @@ class EngineFactory:
         (by EngineSpec). --miles-sglang-args come first, so the call's own arguments win."""
         if isinstance(extra_args, (list, tuple)):  # anything else is refused by the spec, named
             extra_args = (*self.extra_args, *extra_args)
-        return EngineSpec(kind, self._model_dir() if model is None else model, deterministic,
-                          self.attention_backend if attention_backend is None else attention_backend, extra_args,
+        backend = self.attention_backend if attention_backend is None else attention_backend
+        return EngineSpec(kind, self._model_dir() if model is None else model, deterministic, backend, extra_args,
                           dict(options), self._device(), str(self.log_dir), self.startup_timeout,
                           self.request_timeout)
 

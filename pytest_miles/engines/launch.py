@@ -46,7 +46,8 @@ class EngineSpec:
         v.backend_name("engine_factory(attention_backend=)", self.attention_backend)
         object.__setattr__(self, "extra_args", v.strings("engine_factory(extra_args=)", self.extra_args))
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
-            raise InputError(f"engine_factory(**options): {self.options!r} is not accepted; expected keyword arguments")
+            raise InputError(f"engine_factory(**options): {self.options!r} is not accepted; "
+                             "expected keyword arguments")
         v.choice("EngineSpec(device=)", self.device, ("cpu", "cuda"))
         v.number("EngineSpec(startup_timeout=)", self.startup_timeout)
         v.number("EngineSpec(request_timeout=)", self.request_timeout)

@@ -204,7 +204,8 @@ def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     leaser = request.getfixturevalue("miles_gpu_leaser")
 
     def make(**kwargs):
-        config = kwargs.get("config")  # a TrainerConfig says where it trains; the session's log_dir if it has none
+        # a TrainerConfig says where it trains; it gets the session's log_dir if it has none
+        config = kwargs.get("config")
         if config is None:
             kwargs.setdefault("device", device)
         if getattr(config, "log_dir", None) is None:

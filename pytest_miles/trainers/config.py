@@ -53,8 +53,8 @@ class ModelArgs:
                    num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
                    ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                    seq_length=seq_length or cfg.max_position_embeddings, position_embedding_type="rope",
-                   normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True, add_bias_linear=False,
-                   add_qkv_bias=True, kv_channels=cfg.head_dim, rotary_base=cfg.rope_theta,
+                   normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True,
+                   add_bias_linear=False, add_qkv_bias=True, kv_channels=cfg.head_dim, rotary_base=cfg.rope_theta,
                    rotary_interleaved=rotary_interleaved, tie_embeddings=cfg.tie_word_embeddings)
 
 
@@ -106,7 +106,8 @@ class TrainerConfig:
         if self.world_size is not None:
             ws = v.integer(f"{WHERE}(world_size=)", self.world_size, minimum=1)
             if ws % tp:
-                raise InputError(f"{WHERE}(world_size=): world_size {ws} is not a multiple of tensor_parallel {tp}")
+                raise InputError(f"{WHERE}(world_size=): world_size {ws} is not a multiple of "
+                                 f"tensor_parallel {tp}")
         v.choice(f"{WHERE}(device=)", self.device, ("cpu", "cuda"))
         v.number(f"{WHERE}(lr=)", self.lr)
         v.integer(f"{WHERE}(micro_batch_size=)", self.micro_batch_size, minimum=1)
@@ -134,9 +135,9 @@ class TrainerConfig:
             raise InputError(f"{WHERE}(model=): {m!r} is not accepted; expected a "
                              "pytest_miles.trainers.megatron.ModelArgs")
         if m.num_attention_heads % tp or (m.num_query_groups or m.num_attention_heads) % tp:
-            raise InputError(f"{WHERE}(tensor_parallel=): tensor_parallel {tp} does not divide the attention heads "
-                             f"({m.num_attention_heads}) and query groups ({m.num_query_groups}) of the model; "
-                             "expected a divisor of both")
+            raise InputError(f"{WHERE}(tensor_parallel=): tensor_parallel {tp} does not divide the attention "
+                             f"heads ({m.num_attention_heads}) and query groups ({m.num_query_groups}) of the "
+                             "model; expected a divisor of both")
 
     @property
     def world(self) -> int:

@@ -82,14 +82,16 @@ class MegatronTrainer:
             raise TrainerError(str(exc)) from None
         from pytest_miles.trainers.te_model import check_te_machine, rank_env
 
-        check_te_machine(cfg.transformer_impl, cfg.resolved_precision, cfg.device, hardware)  # refused before any rank starts
+        # refused before any rank starts
+        check_te_machine(cfg.transformer_impl, cfg.resolved_precision, cfg.device, hardware)
         self.config = cfg
         self.transformer_impl = cfg.transformer_impl
         self.precision, self.attention_backend = cfg.resolved_precision, cfg.resolved_attention_backend
         self.seed, self.model, self.tp, self.world = cfg.seed, cfg.model, cfg.tensor_parallel, cfg.world
         # (iteration, data_seed): from that iteration on, draw the tokens with data_seed (a run that departs)
         self.data_seed_from_step = list(cfg.data_seed_from_step) if cfg.data_seed_from_step else None
-        self.device, self.lr, self.mbs, self.deterministic = cfg.device, cfg.lr, cfg.micro_batch_size, cfg.deterministic
+        self.device, self.lr, self.mbs = cfg.device, cfg.lr, cfg.micro_batch_size
+        self.deterministic = cfg.deterministic
         self.timeout, self.python = cfg.timeout, cfg.python
         self.extra_env = {**rank_env(self.precision), **(cfg.env or {})}
         self.log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))

@@ -24,8 +24,8 @@ TE_PRECISIONS = ("bf16", "fp8_blockwise", "mxfp8", "nvfp4")
 ATTENTION_BACKENDS = ("unfused", "fused", "flash", "auto")
 DEFAULT_ATTENTION_BACKEND = "unfused"
 TE_INSTALL = ("install TransformerEngine 2.17.1 for PyTorch (pip install 'transformer_engine[pytorch]==2.17.1'; "
-              "on a host without a package index, build TransformerEngine's PyTorch extension from its source "
-              "distribution as the pytest-miles trainers guide describes, docs/trainers.md)")
+              "on a host without a package index, build TransformerEngine's PyTorch extension from its "
+              "source distribution as the pytest-miles trainers guide describes, docs/trainers.md)")
 
 # Precision -> megatron-core 0.16.1 TransformerConfig fields (transformer_config.py: fp8 'e4m3',
 # fp8_recipe Fp8Recipe.blockwise / .mxfp8; fp4 'e2m1', fp4_recipe Fp4Recipe.nvfp4, "NVFP4BlockScaling
@@ -45,18 +45,20 @@ def te_importable() -> bool:
         return False
 
 
-def resolve_te_options(transformer_impl: Any, precision: Any, attention_backend: Any) -> tuple[str, str | None]:
+def resolve_te_options(transformer_impl: Any, precision: Any,
+                       attention_backend: Any) -> tuple[str, str | None]:
     """-> (precision, attention_backend) with the defaults filled in, or an InputError naming the
     argument. Names only: `TrainerConfig` calls it when it is built."""
     if transformer_impl not in TRANSFORMER_IMPLS:
-        raise InputError(f"transformer_impl {transformer_impl!r}: expected one of {', '.join(TRANSFORMER_IMPLS)}")
+        raise InputError(f"transformer_impl {transformer_impl!r}: expected one of "
+                         f"{', '.join(TRANSFORMER_IMPLS)}")
     if transformer_impl == "local":
         if precision not in (None, "fp32"):
             raise InputError(f"precision {precision!r}: the local layer spec trains in fp32; bf16/FP8 need "
                              "transformer_impl='transformer_engine'")
         if attention_backend is not None:
-            raise InputError(f"attention_backend {attention_backend!r}: a TransformerEngine option; the local "
-                             "layer spec has one attention implementation")
+            raise InputError(f"attention_backend {attention_backend!r}: a TransformerEngine option; "
+                             "the local layer spec has one attention implementation")
         return "fp32", None
     precision = precision or "bf16"
     if precision not in TE_PRECISIONS:
@@ -64,7 +66,8 @@ def resolve_te_options(transformer_impl: Any, precision: Any, attention_backend:
                          "transformer_impl='transformer_engine'")
     attention_backend = attention_backend or DEFAULT_ATTENTION_BACKEND
     if attention_backend not in ATTENTION_BACKENDS:
-        raise InputError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+        raise InputError(f"attention_backend {attention_backend!r}: expected one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
     return precision, attention_backend
 
 
@@ -92,8 +95,8 @@ def check_te_machine(transformer_impl: str, precision: str, device: str, hardwar
 
 def rank_env(precision: str | None) -> dict[str, str]:
     """Environment the ranks need for `precision`, as Miles' actor env has it (the Miles
-    low-precision matrix: "Set NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales (miles/ray/actor_group.py already
-    sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
+    low-precision matrix: "Set NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales
+    (miles/ray/actor_group.py already sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
     does, instead of powers of two. It must be there at launch: TE reads it when it is imported."""
     import os
 
