@@ -1,9 +1,10 @@
 """Validation at the edge: every value a user hands pytest-miles is checked where it enters.
 
-Options, ini keys, environment variables and config-file entries (`check_setting`), fixture
-arguments (`check_engine_args`, `check_trainer_args`, `check_train_args`), markers and public
-helpers (`check_*`) fail with one message that names the offending thing, where it came from and
-what is accepted -- before any process starts, never as a traceback from deep code 22 s later.
+Options, ini keys, environment variables and config-file entries (`check_setting`), arguments
+(`check_train_args`; engines' and trainers' in `EngineSpec` and `TrainerConfig`, with these
+helpers), markers and public helpers (`check_*`) fail with one message that names the offending
+thing, where it came from and what is accepted -- before any process starts, never as a
+traceback from deep code many seconds later.
 """
 
 from __future__ import annotations
@@ -116,10 +117,18 @@ def _ray_address(what: str, text: str) -> str:
     return text
 
 
-def _model(what: str, text: str) -> str:
+def model_folder(what: str, text: str) -> str:
+    """An HF model folder: config.json in it."""
     if not (Path(text) / "config.json").is_file():
         raise InputError(f"{what}: {text!r} is not a model folder (HF layout with config.json)")
     return text
+
+
+def backend_name(what: str, value: Any) -> str:
+    """An SGLang attention backend name: checked by its shape, since SGLang adds backends."""
+    if not isinstance(value, str) or not _BACKEND.match(value):
+        raise _fail(what, value, "an SGLang attention backend name (flashinfer, fa3, triton, fa4, ...)")
+    return value
 
 
 # Bounds that keep a typo from reaching deep code (a count of 10**23 trials, a week-long timeout).
@@ -163,7 +172,7 @@ SETTING_CHECKS: dict[str, Any] = {
     "gpu_lease_timeout": lambda w, v: _seconds(w, v, allow_zero=True),
     "sglang_args": _sglang_args,
     "ray_address": _ray_address,
-    "model": _model,
+    "model": model_folder,
     "config": _file,
     "capabilities": _file,
     "report": lambda w, v: str(writable_file(w, v)),
@@ -171,13 +180,8 @@ SETTING_CHECKS: dict[str, Any] = {
     "report_dir": lambda w, v: str(folder(w, v)),
     "snapshot_dir": lambda w, v: str(folder(w, v)),
     "gpu_lease_dir": lambda w, v: str(folder(w, v)),
-    "attention_backend": lambda w, v: v if _BACKEND.match(v) else _raise(_fail(
-        w, v, "an SGLang attention backend name (flashinfer, fa3, triton, fa4, ...)")),
+    "attention_backend": backend_name,
 }
-
-
-def _raise(exc: Exception) -> Any:
-    raise exc
 
 
 def check_setting(name: str, value: Any, source: str) -> Any:
@@ -190,40 +194,6 @@ def check_setting(name: str, value: Any, source: str) -> Any:
 
 
 # ---- fixture arguments ---------------------------------------------------------------------------
-
-
-def check_engine_args(kind: Any, kinds: Iterable[str], *, model: Any, deterministic: Any, attention_backend: Any,
-                      extra_args: Any) -> None:
-    """engine_factory(kind, model=, deterministic=, attention_backend=, extra_args=)."""
-    choice("engine_factory(kind)", kind, kinds)
-    boolean("engine_factory(deterministic=)", deterministic)
-    if model is not None:
-        _model("engine_factory(model=)", str(path_like("engine_factory(model=)", model)))
-    if attention_backend is not None and (not isinstance(attention_backend, str) or not _BACKEND.match(attention_backend)):
-        raise _fail("engine_factory(attention_backend=)", attention_backend, "an SGLang attention backend name")
-    strings("engine_factory(extra_args=)", extra_args)
-
-
-def check_trainer_args(*, seed: Any, tensor_parallel: Any, world_size: Any, device: Any, lr: Any,
-                       micro_batch_size: Any, deterministic: Any, timeout: Any, env: Any, model: Any = None) -> None:
-    """MegatronTrainer(...): checked before any rank starts (a bad seed would surface as a rank crash)."""
-    w = "megatron_trainer_factory"
-    integer(f"{w}(seed=)", seed, minimum=0, maximum=2**32 - 1)
-    tp = integer(f"{w}(tensor_parallel=)", tensor_parallel, minimum=1)
-    if world_size is not None:
-        ws = integer(f"{w}(world_size=)", world_size, minimum=1)
-        if ws % tp:
-            raise InputError(f"{w}(world_size=): world_size {ws} is not a multiple of tensor_parallel {tp}")
-    choice(f"{w}(device=)", device, ("cpu", "cuda"))
-    number(f"{w}(lr=)", lr)
-    integer(f"{w}(micro_batch_size=)", micro_batch_size, minimum=1)
-    boolean(f"{w}(deterministic=)", deterministic)
-    number(f"{w}(timeout=)", timeout)
-    if env is not None and (not isinstance(env, dict) or
-                            not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
-        raise _fail(f"{w}(env=)", env, "a dict of str -> str")
-    if model is not None and not hasattr(model, "num_attention_heads"):
-        raise _fail(f"{w}(model=)", model, "a pytest_miles.trainers.megatron.ModelArgs")
 
 
 def check_train_args(steps: Any, *, save_dir: Any, save_steps: Any, load_dir: Any) -> None:

@@ -215,6 +215,40 @@ def test_bad_trainer_arguments_are_refused_before_any_rank_starts(kwargs, says):
     assert says in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(("kwargs", "says"), TRAINER, ids=lambda x: str(x)[:30])
+def test_bad_trainer_config_fields_are_named(kwargs, says):
+    """TrainerConfig is where the trainer's arguments are checked (once); MegatronTrainer says the same."""
+    from pytest_miles.errors import InputError
+    from pytest_miles.trainers.config import TrainerConfig
+
+    with pytest.raises(InputError) as info:
+        TrainerConfig(**kwargs)
+    assert says in str(info.value), str(info.value)
+
+
+def test_a_trainer_config_is_checked_again_when_a_field_is_replaced():
+    from dataclasses import FrozenInstanceError, replace
+
+    from pytest_miles.errors import InputError
+    from pytest_miles.trainers.config import TrainerConfig
+    from pytest_miles.trainers.megatron import MegatronTrainer, TrainerError
+
+    cfg = TrainerConfig(seed=7, tensor_parallel=2)
+    assert MegatronTrainer(config=cfg).config is cfg
+    assert MegatronTrainer(config=cfg, seed=8).config == replace(cfg, seed=8)
+    with pytest.raises(InputError, match=r"megatron_trainer_factory\(seed=\): -1 is not accepted"):
+        replace(cfg, seed=-1)
+    with pytest.raises(TrainerError, match="tensor_parallel 3 does not divide the attention heads"):
+        MegatronTrainer(config=cfg, tensor_parallel=3)
+    with pytest.raises(TrainerError,
+                       match=r"megatron_trainer_factory\(config=\): \{'seed': 1\} is not accepted"):
+        MegatronTrainer(config={"seed": 1})
+    with pytest.raises(TypeError, match="unexpected keyword argument.* sead; accepted: seed, model"):
+        MegatronTrainer(sead=1)
+    with pytest.raises(FrozenInstanceError):
+        cfg.seed = 9  # type: ignore[misc]
+
+
 TRAIN = [
     ((0,), {}, "train(steps)"), (("3",), {}, "train(steps)"), ((1.5,), {}, "train(steps)"), ((None,), {}, "train(steps)"),
     ((2,), {"save_steps": [5], "save_dir": "SAVE"}, "train(save_steps=) entry"),
@@ -256,11 +290,47 @@ ENGINE = [
 def test_bad_engine_factory_arguments_start_nothing(tmp_path, args, kwargs, says):
     from pytest_miles.engines.factory import EngineFactory
 
-    factory = EngineFactory(model_dir=lambda: str(tmp_path), log_dir=tmp_path, hardware=lambda: None)
+    factory = EngineFactory(model_dir=lambda: str(tmp_path), log_dir=tmp_path, hardware=lambda: None,
+                            device="cpu")
     with pytest.raises(ValueError) as info:
         factory(*args, **kwargs)
     assert says in str(info.value), str(info.value)
     assert factory.launches == 0 and not factory.live
+
+
+ENGINE_SPEC = [  # EngineSpec(...) built by hand (a placement, a script): every field checked
+    ({"kind": "vllm"}, "engine_factory(kind)"), ({"deterministic": "yes"}, "deterministic="),
+    ({"attention_backend": None}, "attention_backend="), ({"extra_args": "--tp 2"}, "extra_args="),
+    ({"extra_args": ("--tp", 2)}, "extra_args="),
+    ({"options": [("tp_size", 2)]}, "engine_factory(**options)"),
+    ({"device": "auto"}, "EngineSpec(device=)"), ({"startup_timeout": 0}, "EngineSpec(startup_timeout=)"),
+    ({"startup_timeout": float("nan")}, "EngineSpec(startup_timeout=)"),
+    ({"request_timeout": float("inf")}, "EngineSpec(request_timeout=)"),
+    ({"request_timeout": -1.0}, "EngineSpec(request_timeout=)"), ({"log_dir": ""}, "EngineSpec(log_dir=)"),
+    ({"model_dir": "MISSING"}, "not a model folder"),
+    ({"extra_args": ("--tp-size=two",)},
+     "SGLang argument --tp-size: 'two' is not an integer tensor parallel size"),
+    # every flag parses, as argparse's
+    ({"extra_args": ("--tp", "two", "--tp", "2")}, "SGLang argument --tp: 'two'"),
+    ({"options": {"tp_size": "x"}}, "engine option tp_size: 'x' is not an integer"),
+    ({"options": {"tp_size": 1.5}}, "engine option tp_size: 1.5 is not an integer"),
+]
+
+
+@pytest.mark.parametrize(("fields", "says"), ENGINE_SPEC, ids=range(len(ENGINE_SPEC)))
+def test_bad_engine_spec_fields_are_named(tmp_path, fields, says):
+    from pytest_miles.engines.launch import EngineSpec
+    from pytest_miles.errors import InputError
+
+    (tmp_path / "config.json").write_text("{}")
+    good = dict(kind="sglang", model_dir=str(tmp_path), deterministic=True, attention_backend="triton",
+                extra_args=(), options={}, device="cuda", log_dir=str(tmp_path), startup_timeout=60.0, request_timeout=30.0)
+    fields = {k: str(tmp_path / "missing") if v == "MISSING" else v for k, v in fields.items()}
+    with pytest.raises(InputError) as info:
+        EngineSpec(**{**good, **fields})
+    assert says in str(info.value), str(info.value)
+    spec = EngineSpec(**{**good, "extra_args": ["--tp", "2"]})
+    assert spec.extra_args == ("--tp", "2"), "a list is taken as a tuple"
 
 
 # ---- public helpers and markers -------------------------------------------------------------------

@@ -8,9 +8,17 @@ import pytest
 from pytest_miles.engines.factory import EngineSpec
 
 
-def _spec(kind: str = "sglang", extra_args: tuple[str, ...] = (), **options) -> EngineSpec:
-    return EngineSpec(kind=kind, model_dir="m", deterministic=True, attention_backend="triton", extra_args=extra_args,
-                      options=options, device="cuda", log_dir="l", startup_timeout=1.0)
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A folder the spec accepts as an HF model (it checks for config.json); nothing starts."""
+    path = tmp_path_factory.mktemp("model")
+    (path / "config.json").write_text("{}")
+    return str(path)
+
+
+def _spec(model_dir: str, kind: str = "sglang", extra_args: tuple[str, ...] = (), **options) -> EngineSpec:
+    return EngineSpec(kind=kind, model_dir=model_dir, deterministic=True, attention_backend="triton",
+                      extra_args=extra_args, options=options, device="cuda", log_dir="l", startup_timeout=1.0)
 
 
 @pytest.mark.parametrize(("extra_args", "options", "gpus"), [
@@ -21,20 +29,21 @@ def _spec(kind: str = "sglang", extra_args: tuple[str, ...] = (), **options) -> 
     (("--tp", "2", "--tp", "4"), {}, 4),  # the last flag wins, as in argparse
     ((), {"tp_size": 2}, 2),
 ])
-def test_an_sglang_engine_leases_as_many_gpus_as_its_tensor_parallel_size(extra_args, options, gpus):
-    assert _spec(extra_args=extra_args, **options).gpus == gpus
-    assert _spec("sglang-offline", extra_args=extra_args, **options).gpus == gpus
+def test_an_sglang_engine_leases_as_many_gpus_as_its_tensor_parallel_size(model_dir, extra_args, options,
+                                                                           gpus):
+    assert _spec(model_dir, extra_args=extra_args, **options).gpus == gpus
+    assert _spec(model_dir, "sglang-offline", extra_args=extra_args, **options).gpus == gpus
 
 
-def test_a_bad_tensor_parallel_size_is_named():
+def test_a_bad_tensor_parallel_size_is_named(model_dir):
     with pytest.raises(ValueError, match=r"SGLang argument --tp: 'two' is not an integer"):
-        _ = _spec(extra_args=("--tp", "two")).gpus
+        _ = _spec(model_dir, extra_args=("--tp", "two")).gpus
 
 
-def test_reference_engines_hold_one_gpu_on_cuda_and_none_on_cpu():
-    assert _spec("reference").gpus == 1
-    assert EngineSpec(kind="reference", model_dir="m", deterministic=True, attention_backend="triton", extra_args=(),
-                      options={}, device="cpu", log_dir="l", startup_timeout=1.0).gpus == 0
+def test_reference_engines_hold_one_gpu_on_cuda_and_none_on_cpu(model_dir):
+    assert _spec(model_dir, "reference").gpus == 1
+    assert EngineSpec(kind="reference", model_dir=model_dir, deterministic=True, attention_backend="triton",
+                      extra_args=(), options={}, device="cpu", log_dir="l", startup_timeout=1.0).gpus == 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from pytest_miles.trainers.te_model import (  # noqa: E402
     RECIPES,
     PrecisionUnsupported,
     TransformerEngineUnavailable,
-    check_te_options,
+    check_te_machine,
     te_importable,
 )
 
@@ -55,9 +55,15 @@ def test_missing_transformer_engine_names_the_package_and_the_install_step(tmp_p
 
 
 def test_defaults():
-    assert check_te_options("local", None, None, "cpu") == ("fp32", None)
+    from pytest_miles.trainers.config import TrainerConfig
+
+    local = TrainerConfig()
+    assert (local.resolved_precision, local.resolved_attention_backend) == ("fp32", None)
+    te = TrainerConfig(transformer_impl="transformer_engine", device="cuda")
+    assert (te.resolved_precision, te.resolved_attention_backend) == ("bf16", "unfused")
+    check_te_machine("local", "fp32", "cpu")  # the local spec needs nothing of the machine
     if te_importable():
-        assert check_te_options("transformer_engine", None, None, "cuda", parse_override("h100")) == ("bf16", "unfused")
+        check_te_machine("transformer_engine", "bf16", "cuda", parse_override("h100"))
 
 
 def test_recipes_are_megatron_core_transformer_config_fields():

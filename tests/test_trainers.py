@@ -59,10 +59,15 @@ def test_resume_is_equivalent_to_an_uninterrupted_run(tmp_path):
 def test_fixture_runs_megatron(pytester):
     pytester.makepyfile("""
         from pytest_miles import assert_runs_bitwise_equal
+        from pytest_miles.trainers.config import TrainerConfig
 
         def test_twice(megatron_trainer_factory, tmp_path):
-            a = megatron_trainer_factory(seed=3).train(2, save_dir=tmp_path / "a")
-            b = megatron_trainer_factory(seed=3).train(2, save_dir=tmp_path / "b")
+            by_keywords = megatron_trainer_factory(seed=3)
+            # the same run, spelled as a config
+            by_config = megatron_trainer_factory(config=TrainerConfig(seed=3))
+            assert by_config.config == by_keywords.config and by_config.log_dir == by_keywords.log_dir
+            a = by_keywords.train(2, save_dir=tmp_path / "a")
+            b = by_config.train(2, save_dir=tmp_path / "b")
             assert a.device == "cpu"
             assert_runs_bitwise_equal(a, b)
     """)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pytest_miles.engines.launch import KINDS, EngineSpec, make_engine
+from pytest_miles.engines.launch import EngineSpec, make_engine
 from pytest_miles.errors import Unavailable
 
 
@@ -51,35 +51,40 @@ class EngineFactory:
                  **options: Any):
         """`alongside=True` keeps the live engines running (two configurations at once, e.g. to
         interleave throughput measurements); by default a new configuration replaces the live one."""
-        from pytest_miles.validation import check_engine_args
-
-        check_engine_args(kind, KINDS, model=model, deterministic=deterministic, attention_backend=attention_backend,
-                          extra_args=extra_args)
+        spec = self.spec(kind, model=model, deterministic=deterministic, attention_backend=attention_backend,
+                         extra_args=extra_args, options=options)  # checked: a bad argument starts nothing
         if kind.startswith("sglang"):
             self._need(kind)
-        backend = attention_backend or self.attention_backend
-        extra_args = self.extra_args + tuple(extra_args)
-        key = (kind, model, deterministic, backend, tuple(extra_args), tuple(sorted(options.items())))
+        key = (kind, model, deterministic, spec.attention_backend, spec.extra_args,
+               tuple(sorted(options.items())))
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
         if not alongside:
             self.close()  # a new configuration: free the old engine (and its GPU memory) first
-        model_dir = model or self._model_dir()
-        eng = self._make(kind, model_dir, deterministic, backend, tuple(extra_args), options)
+        eng = self._make(spec)
         self.launches += 1
         self.live[key] = eng
         return eng
 
-    def _make(self, kind, model_dir, deterministic, backend, extra_args, options):
-        spec = EngineSpec(kind, str(model_dir), deterministic, backend, tuple(extra_args), dict(options),
-                          self._device(), str(self.log_dir), self.startup_timeout, self.request_timeout)
+    def spec(self, kind: Any, *, model: Any, deterministic: Any, attention_backend: Any, extra_args: Any,
+             options: dict[str, Any]) -> EngineSpec:
+        """The EngineSpec of one call: this factory's defaults filled in, every argument checked
+        (by EngineSpec). --miles-sglang-args come first, so the call's own arguments win."""
+        if isinstance(extra_args, (list, tuple)):  # anything else is refused by the spec, named
+            extra_args = (*self.extra_args, *extra_args)
+        backend = self.attention_backend if attention_backend is None else attention_backend
+        return EngineSpec(kind, self._model_dir() if model is None else model, deterministic, backend, extra_args,
+                          dict(options), self._device(), str(self.log_dir), self.startup_timeout,
+                          self.request_timeout)
+
+    def _make(self, spec: EngineSpec):
         if self.start is not None:  # a placement: e.g. a Ray actor, the deterministic env in its runtime_env
             return self.start(spec)
         if self.leaser is None or not spec.gpus:
             return make_engine(spec)
-        lease = self.leaser.acquire(spec.gpus, owner=f"engine {kind}")
-        if kind in ("sglang", "reference-server"):  # a subprocess: give it the leased GPUs
+        lease = self.leaser.acquire(spec.gpus, owner=f"engine {spec.kind}")
+        if spec.kind in ("sglang", "reference-server"):  # a subprocess: give it the leased GPUs
             spec = replace(spec, options={**spec.options, "env": {**spec.options.get("env", {}), **lease.env}})
         else:  # in-process: what it spawns inherits this process's environment
             os.environ.update(lease.env)

@@ -8,23 +8,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_miles import validation as v
+from pytest_miles.errors import InputError
+
 KINDS = ("reference", "reference-server", "sglang", "sglang-offline")
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Everything needed to start one engine, wherever it starts (here, or in a Ray actor)."""
+    """Everything needed to start one engine, wherever it starts (here, or in a Ray actor).
+    Checked when built: a bad field is an InputError naming it, before anything starts."""
 
     kind: str
+    """One of KINDS."""
     model_dir: str
+    """An HF model folder (config.json and weights)."""
     deterministic: bool
+    """SGLang's --enable-deterministic-inference (the embedded engines: batch-invariant mode)."""
     attention_backend: str
+    """An SGLang attention backend name (flashinfer, fa3, triton, fa4, ...)."""
     extra_args: tuple[str, ...]
+    """SGLang command-line arguments (Miles' `--sglang-foo` spelling is accepted)."""
     options: dict[str, Any]
+    """Keyword arguments of the engine class (e.g. mem_fraction_static, tp_size, env)."""
     device: str
+    """Where the engine runs: "cpu" or "cuda"."""
     log_dir: str
+    """Where the engine's log goes."""
     startup_timeout: float
+    """Seconds the engine may take to become healthy."""
     request_timeout: float = 300.0
+    """Seconds one request may take."""
+
+    def __post_init__(self) -> None:
+        v.choice("engine_factory(kind)", self.kind, KINDS)
+        v.boolean("engine_factory(deterministic=)", self.deterministic)
+        v.backend_name("engine_factory(attention_backend=)", self.attention_backend)
+        object.__setattr__(self, "extra_args", v.strings("engine_factory(extra_args=)", self.extra_args))
+        if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+            raise InputError(f"engine_factory(**options): {self.options!r} is not accepted; "
+                             "expected keyword arguments")
+        v.choice("EngineSpec(device=)", self.device, ("cpu", "cuda"))
+        v.number("EngineSpec(startup_timeout=)", self.startup_timeout)
+        v.number("EngineSpec(request_timeout=)", self.request_timeout)
+        object.__setattr__(self, "log_dir", str(v.path_like("EngineSpec(log_dir=)", self.log_dir)))
+        model = v.path_like("engine_factory(model=)", self.model_dir)
+        object.__setattr__(self, "model_dir", v.model_folder("engine_factory(model=)", str(model)))
+        if self.kind.startswith("sglang"):
+            _tp_size(self.extra_args, self.options)  # a bad size is named now, not when GPUs are leased
 
     @property
     def gpus(self) -> int:
@@ -39,18 +70,24 @@ TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
 
 
 def _tp_size(extra_args: tuple[str, ...], options: dict[str, Any]) -> int:
-    """The tensor parallel size an SGLang command line asks for (the last flag wins, as argparse)."""
-    size = options.get("tp_size", 1)
+    """The tensor parallel size an SGLang command line asks for (the last flag wins, as argparse;
+    every one must parse, as argparse's)."""
+    size = _size("engine option tp_size", options.get("tp_size", 1))
     args = list(extra_args)
     for i, arg in enumerate(args):
         flag, _, value = arg.partition("=")
         if flag in TP_FLAGS:
-            value = value or (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                size = int(value)
-            except ValueError:
-                raise ValueError(f"SGLang argument {flag}: {value!r} is not an integer tensor parallel size") from None
-    return int(size)
+            size = _size(f"SGLang argument {flag}", value or (args[i + 1] if i + 1 < len(args) else ""))
+    return size
+
+
+def _size(where: str, value: Any) -> int:
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        return int(value)
+    except ValueError:
+        raise InputError(f"{where}: {value!r} is not an integer tensor parallel size") from None
 
 
 def make_engine(spec: EngineSpec):

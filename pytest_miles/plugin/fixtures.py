@@ -164,6 +164,7 @@ def megatron_trainer_factory(request: pytest.FixtureRequest, pytestconfig: pytes
                              tmp_path_factory: pytest.TempPathFactory):
     """`megatron_trainer_factory(seed=..., tensor_parallel=..., ...)` -> MegatronTrainer (real
     megatron-core in worker processes; cuda where an NVIDIA GPU is visible, else gloo on CPU).
+    Takes TrainerConfig's fields as keywords, or `config=TrainerConfig(...)`.
     `transformer_impl="transformer_engine", precision=..., attention_backend=...` trains Miles'
     TE path; it skips with the reason where TE is missing or the GPU cannot run the precision.
     With --miles-placement=ray every rank is a Ray actor; under pytest-xdist ranks get leased GPUs."""
@@ -203,8 +204,12 @@ def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
     leaser = request.getfixturevalue("miles_gpu_leaser")
 
     def make(**kwargs):
-        kwargs.setdefault("device", device)
-        kwargs.setdefault("log_dir", log_dir)
+        # a TrainerConfig says where it trains; it gets the session's log_dir if it has none
+        config = kwargs.get("config")
+        if config is None:
+            kwargs.setdefault("device", device)
+        if getattr(config, "log_dir", None) is None:
+            kwargs.setdefault("log_dir", log_dir)
         if placement is not None and "launcher" not in kwargs:
             from pytest_miles.trainers.ray import RayRankLauncher
 

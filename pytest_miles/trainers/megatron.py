@@ -9,56 +9,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_miles.errors import TrainerError  # noqa: F401  (importable here too)
+from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, tail
+from pytest_miles.trainers.config import ModelArgs, TrainerConfig, config_from
 
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Mirrors Miles' MODEL_ARGS for the tiny default (learned absolute positions)."""
-
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int | None = 2
-    ffn_hidden_size: int | None = 128
-    vocab_size: int = 512
-    seq_length: int = 32
-    dropout: float = 0.0
-    position_embedding_type: str = "learned_absolute"
-    # The Qwen2 architecture (`ModelArgs.qwen2`) sets these; the defaults are the tiny GPT above.
-    normalization: str = "LayerNorm"
-    layernorm_epsilon: float = 1e-5
-    swiglu: bool = False
-    add_bias_linear: bool = True
-    add_qkv_bias: bool = False
-    kv_channels: int | None = None
-    rotary_base: float = 10000.0
-    rotary_interleaved: bool = False
-    tie_embeddings: bool = False
-
-    @classmethod
-    def qwen2(cls, cfg, *, seq_length: int | None = None, rotary_interleaved: bool = False) -> ModelArgs:
-        """The same architecture as an HF Qwen2 config (a `TinyConfig`): RMSNorm, SwiGLU, GQA,
-        bias on q/k/v only, RoPE, tied embeddings per config. On CPU megatron-core's RoPE runs
-        through the worker's host subclass. `rotary_interleaved`: pairs (2i, 2i+1) rotate together
-        (GPT-J style, what the embedded reference engine computes) instead of HF's halves."""
-        return cls(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
-                   num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
-                   ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
-                   seq_length=seq_length or cfg.max_position_embeddings, position_embedding_type="rope",
-                   normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True, add_bias_linear=False,
-                   add_qkv_bias=True, kv_channels=cfg.head_dim, rotary_base=cfg.rope_theta,
-                   rotary_interleaved=rotary_interleaved, tie_embeddings=cfg.tie_word_embeddings)
+__all__ = ["MegatronTrainer", "ModelArgs", "Run", "TrainerConfig", "TrainerError", "wait_for_ranks"]
 
 
 @dataclass
@@ -104,56 +67,34 @@ def wait_for_ranks(poll, logs: list[Path], timeout: float, error=TrainerError, w
         time.sleep(0.2)
 
 
-def _data_seed_from_step(value: Any) -> list[int] | None:
-    if value is None:
-        return None
-    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not all(
-            isinstance(x, int) and not isinstance(x, bool) for x in value) or value[0] < 1):
-        raise TrainerError(f"data_seed_from_step {value!r}: expected (iteration >= 1, data seed), e.g. (3, 99)")
-    return [int(value[0]), int(value[1])]
-
-
 class MegatronTrainer:
+    """Launches megatron-core ranks for one `TrainerConfig`. Takes the config's fields as keywords
+    (`MegatronTrainer(seed=1, tensor_parallel=2)`), or `config=TrainerConfig(...)` (keywords given
+    beside it replace its fields); what it runs with and on: `launcher`, `gpu_lease`, `hardware`."""
+
     name = "megatron"
 
-    def __init__(self, *, seed: int = 1234, model: ModelArgs = ModelArgs(), tensor_parallel: int = 1,
-                 world_size: int | None = None, device: str = "cpu", lr: float = 1e-3, micro_batch_size: int = 2,
-                 deterministic: bool = True, timeout: float = 600.0, log_dir: str | Path | None = None,
-                 python: str = sys.executable, env: dict[str, str] | None = None, launcher=None,
-                 gpu_lease=None, transformer_impl: str = "local", precision: str | None = None,
-                 attention_backend: str | None = None, hardware=None,
-                 data_seed_from_step: tuple[int, int] | None = None) -> None:
-        from pytest_miles.validation import check_trainer_args
-
-        try:  # before any rank starts: a bad seed would otherwise surface as a rank crash 20 s later
-            check_trainer_args(seed=seed, tensor_parallel=tensor_parallel, world_size=world_size, device=device, lr=lr,
-                               micro_batch_size=micro_batch_size, deterministic=deterministic, timeout=timeout,
-                               env=env, model=model)
-        except ValueError as exc:
+    def __init__(self, *, config: TrainerConfig | None = None, launcher=None, gpu_lease=None, hardware=None,
+                 **fields: Any) -> None:
+        try:  # validated once, in the config, before any rank starts
+            cfg = config_from(config, fields)
+        except InputError as exc:
             raise TrainerError(str(exc)) from None
-        world = world_size or tensor_parallel
-        if tensor_parallel < 1 or world < 1 or world % tensor_parallel:
-            raise TrainerError(f"world_size {world} is not a multiple of tensor_parallel {tensor_parallel}")
-        if model.num_attention_heads % tensor_parallel or (model.num_query_groups or model.num_attention_heads) % tensor_parallel:
-            raise TrainerError(f"tensor_parallel {tensor_parallel} does not divide the attention heads "
-                               f"({model.num_attention_heads}) and query groups ({model.num_query_groups})")
-        if device not in ("cpu", "cuda"):
-            raise TrainerError(f"device {device!r}: expected cpu or cuda")
-        from pytest_miles.trainers.te_model import (  # refused before any rank starts
-            check_te_options,
-            rank_env,
-        )
+        from pytest_miles.trainers.te_model import check_te_machine, rank_env
 
-        self.transformer_impl = transformer_impl
-        self.precision, self.attention_backend = check_te_options(transformer_impl, precision, attention_backend,
-                                                                  device, hardware)
-        env = {**rank_env(self.precision), **(env or {})}
-        self.seed, self.model, self.tp, self.world = seed, model, tensor_parallel, world
+        # refused before any rank starts
+        check_te_machine(cfg.transformer_impl, cfg.resolved_precision, cfg.device, hardware)
+        self.config = cfg
+        self.transformer_impl = cfg.transformer_impl
+        self.precision, self.attention_backend = cfg.resolved_precision, cfg.resolved_attention_backend
+        self.seed, self.model, self.tp, self.world = cfg.seed, cfg.model, cfg.tensor_parallel, cfg.world
         # (iteration, data_seed): from that iteration on, draw the tokens with data_seed (a run that departs)
-        self.data_seed_from_step = _data_seed_from_step(data_seed_from_step)
-        self.device, self.lr, self.mbs, self.deterministic = device, lr, micro_batch_size, deterministic
-        self.timeout, self.python, self.extra_env = timeout, python, env or {}
-        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))
+        self.data_seed_from_step = list(cfg.data_seed_from_step) if cfg.data_seed_from_step else None
+        self.device, self.lr, self.mbs = cfg.device, cfg.lr, cfg.micro_batch_size
+        self.deterministic = cfg.deterministic
+        self.timeout, self.python = cfg.timeout, cfg.python
+        self.extra_env = {**rank_env(self.precision), **(cfg.env or {})}
+        self.log_dir = Path(cfg.log_dir or tempfile.mkdtemp(prefix="miles-trainer-"))
         self.launches = 0
         # launcher: None (local subprocesses) or a RayRankLauncher (one Ray actor per rank);
         # gpu_lease: (n, owner) -> Lease, so that xdist workers never train on one GPU together.

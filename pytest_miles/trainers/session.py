@@ -1,10 +1,7 @@
 """`MegatronSession`: megatron-core ranks that stay up across RL iterations and take commands.
 
-Relaunching the ranks every iteration would cost megatron's import and process-group setup
-each time (seconds on CPU), and would not be what Miles does: its trainer actors live for the
-whole run. Commands go to every rank as one JSON line on stdin; rank 0 answers in a reply file.
-A rank that dies, or a command past its deadline, raises TrainerError with that rank's log
-tail; closing (or the parent dying: stdin closes) ends every rank, and teardown kills the tree.
+Miles' trainer actors live for the whole run, and relaunching every iteration would pay
+megatron's start-up each time. How commands travel and how ranks end: docs/trainers.md.
 """
 
 from __future__ import annotations

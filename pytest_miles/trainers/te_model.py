@@ -2,11 +2,9 @@
 transformer_engine --bf16 [--fp8-format e4m3 --fp8-recipe blockwise|mxfp8]`), next to the
 local-spec fp32 path that stays the CPU default.
 
-`check_te_options` runs in the launcher, before any rank starts: names, the seed's precision
-rules against this machine's GPU, TE importable, a CUDA device. `te_config_and_spec`,
-`wrap_bf16` and `te_facts` run inside a rank (megatron_worker.py). Facts seen on the H100 host
-(../shared/gpu/README.md, section TransformerEngine): bf16 needs megatron's Float16Module, and
-TE's cuDNN fused attention fails in backward there, so attention defaults to "unfused".
+Names are resolved by `TrainerConfig`, the machine is checked before any rank starts
+(`check_te_machine`), and the rest runs inside a rank. Why attention defaults to "unfused" and
+bf16 needs Float16Module: docs/trainers.md.
 """
 
 from __future__ import annotations
@@ -14,19 +12,24 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from pytest_miles.errors import PrecisionUnsupported, TrainerError, TransformerEngineUnavailable  # noqa: F401  (importable here too)
+from pytest_miles.errors import (  # noqa: F401  (importable here too)
+    InputError,
+    PrecisionUnsupported,
+    TrainerError,
+    TransformerEngineUnavailable,
+)
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 TE_PRECISIONS = ("bf16", "fp8_blockwise", "mxfp8", "nvfp4")
 ATTENTION_BACKENDS = ("unfused", "fused", "flash", "auto")
 DEFAULT_ATTENTION_BACKEND = "unfused"
 TE_INSTALL = ("install TransformerEngine 2.17.1 for PyTorch (pip install 'transformer_engine[pytorch]==2.17.1'; "
-              "on the GPU host without an index: scripts/gpu-host.sh te-stash K / te-install, which use "
-              "../shared/gpu/build-te.sh parts)")
+              "on a host without a package index, build TransformerEngine's PyTorch extension from its "
+              "source distribution as the pytest-miles trainers guide describes, docs/trainers.md)")
 
 # Precision -> megatron-core 0.16.1 TransformerConfig fields (transformer_config.py: fp8 'e4m3',
 # fp8_recipe Fp8Recipe.blockwise / .mxfp8; fp4 'e2m1', fp4_recipe Fp4Recipe.nvfp4, "NVFP4BlockScaling
-# recipe, requires TE >= 2.7.0.dev0"). NVFP4 is wired but refused by the seed's rules (no GPU runs it yet).
+# recipe, requires TE >= 2.7.0.dev0"). NVFP4 is wired but refused by the precision rules (no GPU runs it yet).
 RECIPES: dict[str, dict[str, str]] = {
     "bf16": {},
     "fp8_blockwise": {"fp8": "e4m3", "fp8_recipe": "blockwise"},
@@ -42,27 +45,39 @@ def te_importable() -> bool:
         return False
 
 
-def check_te_options(transformer_impl: str, precision: str | None, attention_backend: str | None, device: str,
-                     hardware=None) -> tuple[str, str | None]:
-    """-> (precision, attention_backend) resolved, or a TrainerError naming the argument. Runs
-    before any rank starts, so a refused configuration never costs a launch."""
+def resolve_te_options(transformer_impl: Any, precision: Any,
+                       attention_backend: Any) -> tuple[str, str | None]:
+    """-> (precision, attention_backend) with the defaults filled in, or an InputError naming the
+    argument. Names only: `TrainerConfig` calls it when it is built."""
     if transformer_impl not in TRANSFORMER_IMPLS:
-        raise TrainerError(f"transformer_impl {transformer_impl!r}: expected one of {', '.join(TRANSFORMER_IMPLS)}")
+        raise InputError(f"transformer_impl {transformer_impl!r}: expected one of "
+                         f"{', '.join(TRANSFORMER_IMPLS)}")
     if transformer_impl == "local":
         if precision not in (None, "fp32"):
-            raise TrainerError(f"precision {precision!r}: the local layer spec trains in fp32; bf16/FP8 need "
-                               "transformer_impl='transformer_engine'")
+            raise InputError(f"precision {precision!r}: the local layer spec trains in fp32; bf16/FP8 need "
+                             "transformer_impl='transformer_engine'")
         if attention_backend is not None:
-            raise TrainerError(f"attention_backend {attention_backend!r}: a TransformerEngine option; the local "
-                               "layer spec has one attention implementation")
+            raise InputError(f"attention_backend {attention_backend!r}: a TransformerEngine option; "
+                             "the local layer spec has one attention implementation")
         return "fp32", None
     precision = precision or "bf16"
     if precision not in TE_PRECISIONS:
-        raise TrainerError(f"precision {precision!r}: expected one of {', '.join(TE_PRECISIONS)} with "
-                           "transformer_impl='transformer_engine'")
+        raise InputError(f"precision {precision!r}: expected one of {', '.join(TE_PRECISIONS)} with "
+                         "transformer_impl='transformer_engine'")
     attention_backend = attention_backend or DEFAULT_ATTENTION_BACKEND
     if attention_backend not in ATTENTION_BACKENDS:
-        raise TrainerError(f"attention_backend {attention_backend!r}: expected one of {', '.join(ATTENTION_BACKENDS)}")
+        raise InputError(f"attention_backend {attention_backend!r}: expected one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
+    return precision, attention_backend
+
+
+def check_te_machine(transformer_impl: str, precision: str, device: str, hardware=None) -> None:
+    """Whether this machine can train the TransformerEngine path in `precision` (names are checked
+    by `TrainerConfig`): PrecisionUnsupported (the precision rules refuse this GPU),
+    TransformerEngineUnavailable, or a TrainerError for a device other than cuda. Runs before
+    any rank starts, so a refused configuration never costs a launch."""
+    if transformer_impl != "transformer_engine":
+        return
     from pytest_miles.facts.hardware import discover
     from pytest_miles.facts.precision import unsupported_on
 
@@ -76,13 +91,12 @@ def check_te_options(transformer_impl: str, precision: str | None, attention_bac
             f"here; {TE_INSTALL}")
     if device != "cuda":
         raise TrainerError(f"device {device!r}: transformer_impl='transformer_engine' runs on cuda only")
-    return precision, attention_backend
 
 
 def rank_env(precision: str | None) -> dict[str, str]:
-    """Environment the ranks need for `precision`, as Miles' actor env has it (seed 004: "Set
-    NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales (miles/ray/actor_group.py already
-    sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
+    """Environment the ranks need for `precision`, as Miles' actor env has it (the Miles
+    low-precision matrix: "Set NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales
+    (miles/ray/actor_group.py already sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
     does, instead of powers of two. It must be there at launch: TE reads it when it is imported."""
     import os
 

@@ -73,7 +73,7 @@ class LoopFactory:
         cfg = LoopConfig(seed=seed, n_prompts=len(prompts) if prompts else n_prompts, n_samples=n_samples,
                          max_new_tokens=max_new_tokens, vocab_size=self.model.vocab_size,
                          prompts=tuple(map(tuple, prompts)) if prompts else None, weights_dtype=weights_dtype(engine))
-        from pytest_miles.trainers.megatron import ModelArgs
+        from pytest_miles.trainers.config import ModelArgs
 
         args = ModelArgs.qwen2(self.model, rotary_interleaved=engine.startswith("reference"))
         trainer = self.make_trainer(seed=seed, model=args, deterministic=trainer_deterministic)
