@@ -1,16 +1,6 @@
-"""Batch invariance: the same prompt gives the same token ids AND logprobs, bit for bit,
-whatever else shares its batch. Modes follow SGLang's test_deterministic and vLLM's tests:
-
-- single: one prompt at batch sizes that cross SGLang's CUDA-graph buckets (1..trials where the
-  engine reports no CUDA graphs); every item compared
-- prefix: prompts sharing prefixes of different lengths, in random batches, cache flushed (a random
-  mix: the stronger probe; FlashInfer fails it, a known limitation in the capability data)
-- prefix_long_anchor: SGLang CI's prefix variant: prefix lengths in the proportions of its
-  1/511/2048/4097 characters, and every batch includes the longest prompt (what SGLang promises)
-- radix_cache: a prompt prefilled with a warm prefix cache vs after a flush
-- p_vs_d: decode logprobs vs the logprobs of re-prefilling prompt + output
-- needle: the prompt at a random position inside random batches of other prompts
-"""
+"""Batch invariance: the same prompt gives the same token ids AND logprobs, bit for bit, whatever
+else shares its batch. The modes (one function each) live in `batch_modes`; this module runs one,
+judges its report against the capability data and records it (docs/batch-invariance.md)."""
 
 from __future__ import annotations
 
@@ -20,19 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_miles.capabilities import MODES  # the mode names, defined once
+from pytest_miles.checks.batch_modes import BATCH_SIZES, LONG_ANCHOR_FRACTIONS, Run, run_mode  # noqa: F401
 from pytest_miles.checks.witness import engine_settings, radix_cache_witness
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.recording import recorded
-
-MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
-
-# SGLang 0.5.17 captures decode CUDA graphs at [1, 2, 4, 8, 12] + range(16, 257, 8) + ... and pads a
-# batch up to the next captured size. These sizes alternate between exact buckets and padded ones
-# (3->4, 5->8, 9->12, 13->16, 17->24, 25->32, 33->40), so `single` and `needle` cross the boundaries
-# within the first trials; 1..trials (SGLang's own tool) stays below 12 for 10 trials.
-BATCH_SIZES = (1, 3, 5, 8, 9, 13, 16, 17, 24, 33, 2, 4, 12, 25, 32, 40, 41, 48, 49, 64)
-# SGLang CI's prefix lengths (characters of its long prompt), as fractions of the longest.
-LONG_ANCHOR_FRACTIONS = (1 / 4097, 511 / 4097, 2048 / 4097, 1.0)
 
 
 @dataclass
@@ -101,10 +83,6 @@ class InvarianceReport:
                 "settings": self.settings, "shape": self.shape, "cached_tokens": self.cached_tokens}
 
 
-def _prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
-    return [rng.randrange(3, vocab) for _ in range(length)]
-
-
 def _engine_vocab(engine) -> int:
     cfg = getattr(engine, "config", None)
     return getattr(cfg, "vocab_size", 512)
@@ -170,100 +148,8 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
     c.report.shape = {"seed": seed, "max_batch": max_batch, "prompt_len": prompt_len,
                       "max_new_tokens": params.max_new_tokens}
     t0 = time.perf_counter()
-    gen = engine.generate
-
-    if mode == "single":
-        p = list(prompt) if prompt else _prompt(rng, prompt_len, vocab)
-        ref = gen([p], params)[0]
-        graphs = c.report.settings.get("disable_cuda_graph") is False  # None (unknown): assume graphs
-        if batch_sizes is None and not graphs and "disable_cuda_graph" in c.report.settings:
-            batch_sizes = list(range(1, trials + 1))  # no CUDA graphs here: no buckets to cross
-            c.report.notes.append("the engine runs without CUDA graphs: batch sizes 1..trials")
-        for i in range(1, trials + 1):
-            bs = batch_sizes[(i - 1) % len(batch_sizes)] if batch_sizes else _batch_size(i)
-            c.report.batch_sizes.append(bs)
-            for item, out in enumerate(gen([p] * bs, params)):
-                c.compare(ref, out, bs, item, "P")
-            c.tick(i)
-    elif mode == "prefix":
-        base = _prompt(rng, 4 * prompt_len, vocab)
-        lens = sorted({1, prompt_len // 2, prompt_len, 2 * prompt_len, 4 * prompt_len - 1})
-        prompts = {f"prefix{n}": base[:n] + _prompt(random.Random(n), 4, vocab) for n in lens}
-        engine.flush_cache()
-        refs = {k: gen([v], params)[0] for k, v in prompts.items()}
-        names = list(prompts)
-        for i in range(1, trials + 1):
-            engine.flush_cache()
-            bs = rng.randint(1, max_batch)
-            picked = [rng.choice(names) for _ in range(bs)]
-            c.report.batch_sizes.append(bs)
-            for item, (name, out) in enumerate(zip(picked, gen([prompts[n] for n in picked], params))):
-                c.compare(refs[name], out, bs, item, name)
-            c.tick(i)
-    elif mode == "prefix_long_anchor":
-        anchor_len = min(8 * prompt_len, 400)  # the tiny model has 512 positions
-        base = _prompt(rng, anchor_len, vocab)
-        lens = sorted({max(1, round(f * anchor_len)) for f in LONG_ANCHOR_FRACTIONS})
-        prompts = {f"prefix{n}": base[:n] for n in lens}
-        names, anchor = list(prompts), f"prefix{lens[-1]}"
-        refs: dict[str, Output] = {}
-        for i in range(1, trials + 1):
-            engine.flush_cache()
-            bs = rng.randint(2, max(2, max_batch))
-            picked = [rng.choice(names) for _ in range(bs - 1)]
-            picked.insert(rng.randrange(bs), anchor)  # every batch includes the long prompt, as in SGLang's CI
-            c.report.batch_sizes.append(bs)
-            for item, (name, out) in enumerate(zip(picked, gen([prompts[n] for n in picked], params))):
-                if name not in refs:  # the first anchored sample is the reference (SGLang counts unique outputs)
-                    refs[name] = out
-                c.compare(refs[name], out, bs, item, name)
-            c.tick(i)
-        c.report.shape["anchor_len"] = anchor_len
-    elif mode == "radix_cache":
-        base = _prompt(rng, 2 * prompt_len, vocab)
-        for i in range(1, trials + 1):
-            q = base + _prompt(rng, rng.randint(1, prompt_len // 2 + 1), vocab)
-            engine.flush_cache()
-            fresh = gen([q], params)[0]
-            engine.flush_cache()
-            gen([base], params)  # warms the prefix cache with the shared prefix
-            cached = gen([q], params)[0]
-            c.report.cached_tokens.append(cached.cached_tokens)
-            c.compare(fresh, cached, 1, 0, f"Q{i}")
-            c.tick(i)
-        if getattr(engine, "has_prefix_cache", True) is False:
-            c.report.notes.append("the reference engine has no prefix cache: this compares two cold prefills")
-    elif mode == "p_vs_d":
-        seq_len = 0
-        for i in range(1, trials + 1):
-            p = _prompt(rng, rng.randint(2, prompt_len), vocab)
-            out = gen([p], params)[0]
-            engine.flush_cache()  # a cold re-prefill: no cached prefix from the decode above
-            scored = engine.score(p, out.output_ids)
-            seq_len = max(seq_len, len(p) + len(out.output_ids))
-            c.compare(out, Output(list(out.output_ids), scored), 1, 0, f"P{i}")
-            c.tick(i)
-        c.report.shape["seq_len"] = seq_len
-    elif mode == "needle":
-        needle = list(prompt) if prompt else _prompt(rng, prompt_len, vocab)
-        ref = gen([needle], params)[0]
-        for i in range(1, trials + 1):
-            sizes = [b for b in BATCH_SIZES if 2 <= b <= max(2, max_batch)]
-            bs = sizes[(i - 1) % len(sizes)]
-            others = [_prompt(rng, rng.randint(2, 2 * prompt_len), vocab) for _ in range(bs - 1)]
-            at = rng.randrange(bs)
-            batch = others[:at] + [needle] + others[at:]
-            c.report.batch_sizes.append(bs)
-            c.compare(ref, gen(batch, params)[at], bs, at, "needle")
-            c.tick(i)
+    run_mode(mode, Run(engine, c, rng, vocab, params, trials, max_batch, prompt_len, prompt, batch_sizes))
     return c.finish(t0)
-
-
-def _batch_size(trial: int) -> int:
-    """Trial i's batch size in `single`: the CUDA-graph-crossing sizes first, then counting on."""
-    if trial <= len(BATCH_SIZES):
-        return BATCH_SIZES[trial - 1]
-    return BATCH_SIZES[-1] + trial - len(BATCH_SIZES)
 
 
 def judge_report(engine, report: InvarianceReport, capabilities=None) -> InvarianceReport:
