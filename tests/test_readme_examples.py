@@ -41,7 +41,8 @@ def _blocks(lang: str) -> list[tuple[str, str]]:
     out = []
     for m in BLOCK.finditer(README):
         if m.group(1) == lang:
-            heading = re.findall(r"^#+ (.+)$", README[:m.start()], re.M)[-1]
+            before = BLOCK.sub("", README[:m.start()])  # a `# comment` in a code block is no heading
+            heading = re.findall(r"^#+ (.+)$", before, re.M)[-1]
             out.append((heading, m.group(2)))
     return out
 
