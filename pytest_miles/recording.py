@@ -1,11 +1,8 @@
 """The light hook between the assert_* helpers and the determinism report.
 
-The plugin sets a "current recorder" for the duration of each test's call phase; a helper
-decorated with `@recorded(...)` records its outcome, figures and duration into it, fills in
-unset arguments from the session's settings (`--miles-trials` for `trials`) and gets a
-progress callback. Outside pytest (a plain `python3` script, Miles-style) there is no
-recorder and every function here is a no-op, so the helper modules import no pytest.
-"""
+The plugin sets a "current recorder" for each test's call phase; `@recorded(...)` helpers record into
+it and read unset arguments from the settings. Outside pytest every function here is a no-op, so the
+helper modules import no pytest. See docs/report.md."""
 
 from __future__ import annotations
 

@@ -1,16 +1,8 @@
-"""Reference quantizers in torch (CPU and GPU), exact to the formats of seed 004.
+"""Reference quantizers in torch (CPU and GPU), exact to the formats of the Miles low-precision matrix.
 
-- FP8 block-wise: float8_e4m3fn values, one FP32 scale per 128x128 block (amax / 448).
-- MXFP8: float8_e4m3fn values, one UE8M0 scale (a power of two, stored as a biased uint8
-  exponent) per 1x32 block along the last dim, per the OCP MX spec: 2^(floor(log2 amax) - 8).
-- NVFP4: E2M1 values ({0, 0.5, 1, 1.5, 2, 3, 4, 6} and negatives), one FP8 E4M3 scale per 1x16
-  block and one FP32 scale per tensor (amax / (448 * 6)).
-
-Shapes that are not a multiple of the block are padded with zeros for the scale computation
-(edge blocks are smaller; padding never changes a scale) and cropped back. NaN inputs stay NaN;
-infinities saturate to the format's largest value. `fake_quant(x, fmt)` returns the
-dequantized tensor in x's dtype, which is what the rollout and training paths compute with.
-"""
+FP8 block-wise (128x128, FP32 scales), MXFP8 (1x32, UE8M0) and NVFP4 (1x16 FP8 + per-tensor FP32);
+`fake_quant(x, fmt)` is what the rollout and training paths compute with. Formats, padding and
+NaN handling: docs/precision.md."""
 
 from __future__ import annotations
 

@@ -1,18 +1,6 @@
 """The embedded model as the quantized HF checkpoints SGLang serves with its own kernels: block-wise
-FP8 (DeepSeek-style, Hopper and Blackwell) and MXFP8 (seed 004's layout, Blackwell only).
-
-Weights are the bf16 checkpoint's, quantized with the project's reference quantizers
-(pytest_miles/models/quantize.py). The layout follows what SGLang's loader registers and checks, read in
-sglang python/sglang/srt/layers/quantization/fp8.py:
-- `Fp8Config.from_config`: `quant_method` ("fp8"; "mxfp8" sets use_mxfp8), `activation_scheme`
-  (required; block-wise needs "dynamic"), `weight_block_size` (two dims; MXFP8 forces [1, 32]),
-  `ignored_layers` / `modules_to_not_convert` (layers left unquantized), `scale_fmt`.
-- `Fp8LinearMethod.create_fp8_weight_`: per linear, `weight` float8_e4m3fn [N, K] and
-  `weight_scale_inv` [ceil(N/bn), ceil(K/bk)], float32 (block FP8) or uint8 UE8M0 (MXFP8);
-  `validate_block_quant_shapes`: each fused partition (q/k/v of qkv_proj, gate/up of
-  gate_up_proj) must be a multiple of bn.
-`weight_scale_inv` multiplies: w = q * scale_inv (our quantizer's `scales`, amax/448 per block).
-"""
+FP8 (DeepSeek-style, Hopper and Blackwell) and MXFP8 (the Miles low-precision matrix's layout,
+Blackwell only). The layout follows what SGLang's FP8 loader checks: docs/precision.md."""
 
 from __future__ import annotations
 

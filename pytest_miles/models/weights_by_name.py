@@ -1,32 +1,6 @@
 """SGLang's `get_weights_by_name`, as the embedded engines answer it, so the served-weights check
-(`pytest_miles.checks.served_weights`) runs against the same semantics on CPU as on the GPU.
-
-What SGLang 0.5.x does (read in sgl-project/sglang, python/sglang/srt/, in the stored recent
-sources, not pinned to the 0.5.17 tag; the GPU test checks it against 0.5.17 itself):
-- `entrypoints/http_server.py`: `@app.api_route("/get_weights_by_name", methods=["GET", "POST"])`
-  takes a `GetWeightsByNameReqInput` JSON body; a `None` result answers HTTP 400
-  `{"error": {"message": "Get parameter by name failed"}}` (`_create_error_response`), anything
-  else HTTP 200 with the value (ORJSONResponse: non-finite floats become `null`).
-- `managers/io_struct.py`: `GetWeightsByNameReqInput(name: str, truncate_size: int = 100)`;
-  a body that does not validate is FastAPI's HTTP 422.
-- `managers/tokenizer_manager.py` (`get_weights_by_name`): dp_size 1 answers the one value,
-  dp_size > 1 a list with one value per data-parallel rank.
-- `model_executor/model_runner.py` (`get_weights_by_name`): `model.get_weights_by_name(name,
-  truncate_size, tp_size=...)`; any exception (an unknown name, a model class without the method)
-  is logged and answers `None`. Its own TODO says "Add support for Qwen models", and
-  sgl-project/sglang#5066 ("get_weights_by_name Not Supported by All Models", Qwen2.5) was
-  closed inactive: a Qwen2 model may answer "failed" for every name.
-- `models/llama.py` (`LlamaForCausalLM.get_weights_by_name`; read in `models/granite.py`, which
-  carries the same method; SGLang's test/srt/test_get_weights_by_name.py drives it on Llama):
-  HF names in; `lm_head.weight` of a tied model answers `embed_tokens.weight`; `q_proj`/`k_proj`/
-  `v_proj` and `gate_proj`/`up_proj` are mapped onto the fused `qkv_proj`/`gate_up_proj`
-  parameter and `narrow`ed to their rows (so the answer equals the HF tensor); with tp_size > 1
-  column-parallel tensors answer this rank's shard and o_proj/down_proj are all-gathered on dim 1.
-  The value is `weight.cpu().to(torch.float32).numpy().tolist()[:truncate_size]`: the FIRST
-  `truncate_size` ROWS (dim 0), every element converted to float32 (exact for bf16, fp16, FP8).
-- `entrypoints/engine.py`: the offline `Engine.get_weights_by_name(name, truncate_size=100)`
-  returns the same value, `None` where the server would answer 400.
-"""
+runs against the same semantics on CPU as on the GPU. What SGLang 0.5.x answers (first rows,
+float32, fused parameters narrowed, 400 on failure): docs/precision.md."""
 
 from __future__ import annotations
 

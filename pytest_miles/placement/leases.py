@@ -1,12 +1,7 @@
 """GPU leases for pytest-xdist: each worker starts its engines and trainers on GPUs no other worker holds.
 
-One lock file per GPU in a directory every worker of the session shares (the root of pytest's
-basetemp). A lease is an OS file lock (`flock`; the files are never deleted, so two processes can
-never lock two different inodes of one path), and the kernel releases it when
-the holding process dies: a crashed worker never strands a GPU. A worker that finds too few free
-GPUs waits (bounded) and, when time runs out, fails naming who holds them. Whatever the worker
-then starts gets `CUDA_VISIBLE_DEVICES` set to its lease.
-"""
+One `flock`ed file per GPU, released by the kernel when the holder dies, so a crashed worker never
+strands a GPU; a worker that finds too few free GPUs waits (bounded). Details: docs/cluster.md."""
 
 from __future__ import annotations
 

@@ -1,20 +1,8 @@
 """Process trees bound to the pytest process that started them, however it dies.
 
-Two mechanisms, because each covers what the other cannot:
-
-- the kernel's parent-death signal (`prctl(PR_SET_PDEATHSIG, SIGKILL)`) on every process we start
-  from the main thread: the direct child dies the instant pytest does (SIGKILL included);
-- a tiny watchdog process (`python -m pytest_miles.placement.ownership`), started on first use, that holds
-  the read end of a pipe whose only write end is in pytest. When pytest dies (SIGKILL, os._exit of
-  pytest-timeout's thread method, a crash) the kernel closes the pipe, the watchdog reads EOF and
-  kills every owned tree: the registered roots, their descendants (snapshotted every 0.5 s, checked
-  by creation time), their sessions, and any process carrying this owner's tag in its environment
-  (Ray workers that a raylet started, SGLang schedulers that reparented). Under pytest-xdist it
-  also watches the controller: a killed controller takes its workers' trees down too.
-
-`spawn()` is the one way the plugin starts a process tree; `disown()` is called once the tree is
-closed normally.
-"""
+Two mechanisms, each covering what the other cannot: the kernel's parent-death signal, and a tiny
+watchdog process that kills every owned tree when pytest's end of a pipe closes. `spawn()` is the
+one way the plugin starts a process tree; `disown()` once it closed normally. See docs/cluster.md."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """`RayCluster`: the user's Ray cluster, or a local head started (and later stopped) for the session.
 
-A local head is a real `ray start --head --block` subprocess in its own process group, with no
-dashboard, its temp dir under the pytest basetemp (or a short dir when that path is too long for
-Ray's unix sockets) and token authentication kept off the home dir. Extra nodes (`add_node`) are
-real `ray start --address` raylets with their own resources and environment: a second machine,
-as far as Ray's scheduler is concerned. Only what this object started is ever stopped.
-"""
+A local head is a real `ray start --head` subprocess; `add_node` adds real raylets (a second
+machine, as far as Ray's scheduler is concerned). Only what this object started is ever stopped."""
 
 from __future__ import annotations
 

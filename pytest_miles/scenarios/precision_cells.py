@@ -1,15 +1,7 @@
-"""One cell of the precision matrix measured end to end, as Miles reports it: SGLang samples at
-the rollout precision, the Megatron trainer scores the same token ids at the train precision,
-on the same weights; `train_rollout_logprob_abs_diff` = mean |logp_train - logp_rollout| over
-the rollout's tokens, plus max |diff|, KL and the token count.
-
-The cell is judged by the seed's rules before anything starts (invalid: ValueError with the
-rule; this GPU cannot run it: `CellNotRunnable`, a skip reason). Weights: the embedded model
-(TINY128 by default: every linear dim a multiple of 128) written once in bf16 for the trainer
-and, for an FP8 rollout, quantized into the FP8 HF layout SGLang serves with its own kernels.
-The trainer side goes through `trainer_logprobs`, an adapter over the trainer session and the
-HF->Megatron converter of issue #17 (`pytest_miles.models.convert.hf_to_megatron`).
-"""
+"""One cell of the precision matrix measured end to end, as Miles reports it: SGLang samples at the
+rollout precision, the Megatron trainer scores the same token ids at the train precision, on the
+same weights, giving `train_rollout_logprob_abs_diff`, max |diff|, KL and the token count.
+How a cell is judged and which weights it uses: docs/precision.md."""
 
 from __future__ import annotations
 

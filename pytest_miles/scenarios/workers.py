@@ -1,12 +1,8 @@
 """The same computation on every Ray worker, and what to conclude when they disagree.
 
-`run_on_every_worker` pins one task to every alive node (node affinity, not soft), or to every GPU
-of every node (`per_gpu=True`: one task per GPU, each holding one GPU, so Ray hands each a
-different device), with the runtime_env the user's jobs use. `assert_same_across_workers`
-compares digests and names the workers that disagree with the majority, diffing their
-fingerprints with the snapshot diagnosis. `assert_env_propagated` is the seed's "hashes diverge
-across nodes -> NCCL_ALGO not propagated" as a check.
-"""
+`run_on_every_worker` pins one task per node (or per GPU); `assert_same_across_workers` names the
+workers that disagree and diffs their fingerprints; `assert_env_propagated` checks the Miles
+reproducibility guide's "hashes diverge across nodes -> NCCL_ALGO not propagated". See docs/cluster.md."""
 
 from __future__ import annotations
 

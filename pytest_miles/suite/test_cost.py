@@ -1,6 +1,6 @@
 """The cost of determinism on this stack, measured in the same run as its baseline: rollout
 throughput with and without deterministic inference, training step time with and without
-deterministic mode, next to the seed's expected costs."""
+deterministic mode, next to the costs the Miles reproducibility guide expects."""
 
 from __future__ import annotations
 

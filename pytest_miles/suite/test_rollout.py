@@ -1,13 +1,8 @@
 """Rollout batch invariance in every mode, with its negative control.
 
-The engine is the one --miles-engine chooses (default: the embedded reference engine in
-batch-invariant mode; `sglang` for a real SGLang server with --enable-deterministic-inference,
-CUDA graphs on). Verdicts follow the capability data (pytest_miles/capabilities/sglang.toml):
-promised cells are hard checks, known upstream limitations XFAIL naming their reference (an
-unexpected pass under the shape that reproduces them fails as XPASS(strict)), and checks that
-cannot test anything here (no prefix cache; a negative control that cannot fail) are skipped as
-not applicable or vacuous, never counted as passes.
-"""
+Verdicts follow the capability data: promised cells are hard checks, known upstream limitations
+XFAIL with their reference, and checks that cannot test anything here skip as not applicable or
+vacuous, never counted as passes. See docs/rollout.md."""
 
 from __future__ import annotations
 
