@@ -1,6 +1,6 @@
 """`compare` of two plain DCP checkpoints that are equal, at the speed of reading their bytes.
 
-Why: comparing two checkpoints of 20,000 small tensors must cost less than hashing them (issue 14:
+Why: comparing two checkpoints of 20,000 small tensors must cost less than hashing them (the target:
 5x faster than `md5sum`). CPython's own unpickler alone needs ~60 ms for such a `.metadata`, and
 a Python index of its entries as much again, per side; that is the whole budget. So, for the
 common case (two plain DCP dirs, equal):

@@ -16,6 +16,78 @@ from pytest_miles.engines.reference import ReferenceEngine
 from pytest_miles.models.weights_by_name import FAILED, json_value, parse_request
 
 
+class Handler(BaseHTTPRequestHandler):
+    """SGLang's HTTP surface over one ReferenceEngine (`engine`), requests serialised by `lock`."""
+
+    engine: ReferenceEngine
+    lock: threading.Lock
+
+    def _send(self, code: int, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/health":
+            return self._send(200, {"ok": True})
+        if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
+            return self._send(200, self.engine.server_info())
+        if self.path == "/get_weights_by_name":  # SGLang takes GET or POST, the request in the body
+            return self._weights(self._body())
+        self._send(404, {"error": self.path})
+
+    def _body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        try:
+            return json.loads(self.rfile.read(n) or b"null")
+        except ValueError as exc:
+            return exc
+
+    def _weights(self, req) -> None:
+        """SGLang's answer: 200 with the rows, 400 "Get parameter by name failed" for None, 422
+        for a body GetWeightsByNameReqInput does not validate."""
+        try:
+            if isinstance(req, ValueError):
+                raise ValueError(f"body: not JSON ({req})")
+            name, size = parse_request(req)
+        except ValueError as exc:
+            return self._send(422, {"detail": [{"msg": str(exc)}]})
+        with self.lock:
+            got = self.engine.weights_by_name(name, size)
+        if got is None:
+            return self._send(400, {"error": {"message": FAILED}})
+        self._send(200, json_value(got))
+
+    def do_POST(self) -> None:  # noqa: N802
+        req = self._body()
+        if self.path == "/get_weights_by_name":
+            return self._weights(req)
+        if isinstance(req, ValueError):
+            return self._send(400, {"error": f"body: not JSON ({req})"})
+        if self.path == "/flush_cache":
+            return self._send(200, {})
+        if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message
+            try:
+                with self.lock:
+                    self.engine.update_weights_from_disk(req["model_path"])
+                return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
+            except (KeyError, TypeError, OSError, ValueError, RuntimeError) as exc:
+                return self._send(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
+        if self.path != "/generate":
+            return self._send(404, {"error": self.path})
+        try:
+            with self.lock:
+                self._send(200, _generate(self.engine, req))
+        except (ValueError, KeyError, TypeError) as exc:
+            self._send(400, {"error": str(exc)})
+
+    def log_message(self, *a) -> None:
+        pass
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -30,75 +102,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     engine = ReferenceEngine(args.model, batch_invariant=args.batch_invariant, device=args.device)
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _send(self, code: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path == "/health":
-                return self._send(200, {"ok": True})
-            if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
-                return self._send(200, engine.server_info())
-            if self.path == "/get_weights_by_name":  # SGLang takes GET or POST, the request in the body
-                return self._weights(self._body())
-            self._send(404, {"error": self.path})
-
-        def _body(self):
-            n = int(self.headers.get("Content-Length") or 0)
-            try:
-                return json.loads(self.rfile.read(n) or b"null")
-            except ValueError as exc:
-                return exc
-
-        def _weights(self, req) -> None:
-            """SGLang's answer: 200 with the rows, 400 "Get parameter by name failed" for None, 422
-            for a body GetWeightsByNameReqInput does not validate."""
-            try:
-                if isinstance(req, ValueError):
-                    raise ValueError(f"body: not JSON ({req})")
-                name, size = parse_request(req)
-            except ValueError as exc:
-                return self._send(422, {"detail": [{"msg": str(exc)}]})
-            with lock:
-                got = engine.weights_by_name(name, size)
-            if got is None:
-                return self._send(400, {"error": {"message": FAILED}})
-            self._send(200, json_value(got))
-
-        def do_POST(self) -> None:  # noqa: N802
-            req = self._body()
-            if self.path == "/get_weights_by_name":
-                return self._weights(req)
-            if isinstance(req, ValueError):
-                return self._send(400, {"error": f"body: not JSON ({req})"})
-            if self.path == "/flush_cache":
-                return self._send(200, {})
-            if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message
-                try:
-                    with lock:
-                        engine.update_weights_from_disk(req["model_path"])
-                    return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
-                except (KeyError, TypeError, OSError, ValueError, RuntimeError) as exc:
-                    return self._send(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
-            if self.path != "/generate":
-                return self._send(404, {"error": self.path})
-            try:
-                with lock:
-                    self._send(200, _generate(engine, req))
-            except (ValueError, KeyError, TypeError) as exc:
-                self._send(400, {"error": str(exc)})
-
-        def log_message(self, *a) -> None:
-            pass
-
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": threading.Lock()})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"reference server on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 

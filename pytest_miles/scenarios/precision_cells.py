@@ -81,7 +81,7 @@ def drift_between(rollout: str, train: str, rollout_logprobs: list[list[float]],
 
 
 def check_cell(rollout: str, train: str, hardware) -> None:
-    """Before anything starts: the seed's rules (ValueError naming the rule), then the GPU
+    """Before anything starts: the precision rules (ValueError naming the rule), then the GPU
     (CellNotRunnable naming the format and the GPU found)."""
     validate_precision_config(rollout, train)
     reason = unsupported_on(cell_status(rollout, train).formats, hardware)
@@ -96,33 +96,16 @@ def seeded_prompts(n: int, prompt_len: int, vocab_size: int, seed: int) -> list[
     return torch.randint(3, vocab_size, (n, prompt_len), generator=g).tolist()
 
 
-def require_trainer_side() -> None:
-    """CellNotRunnable unless issue #17's converter and trainer session are here."""
-    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
-
-    missing = [what for what, ok in (("ModelArgs.qwen2", hasattr(ModelArgs, "qwen2")),
-                                      ("MegatronTrainer.session", hasattr(MegatronTrainer, "session")))
-               if not ok]
-    try:
-        from pytest_miles.models.convert import hf_to_megatron  # noqa: F401
-    except ImportError:
-        missing.append("pytest_miles.models.convert.hf_to_megatron")
-    if missing:
-        raise CellNotRunnable(f"not applicable here: the trainer side needs {', '.join(missing)} (issue #17's "
-                              "converter and trainer session, not merged in this checkout)")
-
-
 def trainer_logprobs(trainer_factory, hf_dir: Path, cfg, samples: list[dict], train: str,
                      **trainer_kwargs: Any) -> tuple[list[list[float]], dict[str, Any]]:
     """The trainer's logprobs of each sample's response tokens, forward only, at `train`
-    precision, weights loaded from `hf_dir` (bf16). Adapter over issue #17's API:
+    precision, weights loaded from `hf_dir` (bf16), through the trainer's API:
     `ModelArgs.qwen2(cfg)`, `MegatronTrainer.session(init_hf=...)` (HF->Megatron through
     `pytest_miles.models.convert.hf_to_megatron(state, config, spec="te")`) and `session.logprobs(samples)`."""
     from dataclasses import asdict
 
     from pytest_miles.trainers.megatron import ModelArgs
 
-    require_trainer_side()
 
     # TE's FP8 GEMMs want the token count a multiple of 16: right-pad every sample to one such
     # width (causal attention: earlier positions never see the padding) and drop the pads' scores.
@@ -192,7 +175,6 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
         raise ValueError(f"cell {cell!r}: expected a precision.Cell (precision_matrix()) or a (rollout, train) "
                          "pair of format names, e.g. ('fp8_blockwise', 'bf16')")
     check_cell(rollout, train, hardware)
-    require_trainer_side()  # before any weights are written or an engine starts
     if sequences < 1 or prompt_len < 1 or max_new_tokens < 1:
         raise ValueError(f"sequences {sequences}, prompt_len {prompt_len}, max_new_tokens {max_new_tokens}: each >= 1")
     work = Path(work_dir)
@@ -234,7 +216,7 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
 
 def heatmap_label(rollout: str, train: str, got: CellReport | str | None, hardware=None) -> str:
     """One heatmap cell's text: the figure and token count, "skipped" and the start of why, "-"
-    for a cell the seed's rules refuse, or "not run" (a valid cell nobody ran, on a GPU that could)."""
+    for a cell the precision rules refuse, or "not run" (a valid cell nobody ran, on a GPU that could)."""
     import textwrap
 
     status = cell_status(rollout, train)
@@ -250,7 +232,7 @@ def heatmap_label(rollout: str, train: str, got: CellReport | str | None, hardwa
 def plot_precision_matrix(reports: dict[tuple[str, str], CellReport | str], path: str | Path,
                           title: str = "train_rollout_logprob_abs_diff", hardware=None) -> Path | None:
     """Heatmap of the matrix: measured cells with their figure, the others with why not
-    (a skip reason, or the seed's rule). `hardware` (a Hardware): a valid cell with no entry
+    (a skip reason, or the precision rule). `hardware` (a Hardware): a valid cell with no entry
     that this GPU cannot run (skipped before it started) shows that reason too, not "not run".
     None when matplotlib is not installed."""
     try:
