@@ -148,3 +148,19 @@ def test_one_exception_family():
     assert not stray, f"exception classes outside pytest_miles/errors.py: {stray}"
     assert all(issubclass(c, errors.MilesError) for c in vars(errors).values()
                if isinstance(c, type) and issubclass(c, Exception) and c.__module__ == errors.__name__)
+
+
+def test_the_bundled_suite_uses_only_the_public_api():
+    """What the suite does, a user can do: it imports `from pytest_miles import ...` (and its own
+    conftest), never a room of the package."""
+    import pytest_miles
+
+    deep = []
+    for path in (PKG / "suite").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pytest_miles."):
+                if node.module != "pytest_miles.suite.conftest" and node.module != "pytest_miles.errors":
+                    deep.append(f"{path.name}: from {node.module} import ...")
+            if isinstance(node, ast.ImportFrom) and node.module == "pytest_miles":
+                deep += [f"{path.name}: {a.name} is not exported" for a in node.names if a.name not in pytest_miles.__all__]
+    assert not deep, deep

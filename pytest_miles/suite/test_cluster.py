@@ -3,9 +3,13 @@ computes the same bits (the user's cluster with --miles-ray-address, else a loca
 
 from __future__ import annotations
 
-from pytest_miles.facts.environment import deterministic_env_vars
-from pytest_miles.placement import probes
-from pytest_miles.scenarios.workers import assert_env_propagated, disagreement_report, run_on_every_worker
+from pytest_miles import (
+    assert_env_propagated,
+    deterministic_env_vars,
+    disagreement_report,
+    run_on_every_worker,
+    tiny_forward_logprobs,
+)
 from pytest_miles.suite.conftest import require
 
 
@@ -17,7 +21,7 @@ def test_env_propagated_to_every_worker(ray_cluster, miles_record):
 
 def test_same_bits_on_every_worker(ray_cluster, miles_record):
     require("torch", "torch")
-    results = run_on_every_worker(ray_cluster, probes.tiny_forward_logprobs, per_gpu=ray_cluster.gpus() > 0,
+    results = run_on_every_worker(ray_cluster, tiny_forward_logprobs, per_gpu=ray_cluster.gpus() > 0,
                                   runtime_env={"env_vars": deterministic_env_vars()})
     report = disagreement_report(results, "tiny model forward")
     miles_record("same logprobs on every Ray worker", workers=len(results), agree=report is None)

@@ -3,7 +3,7 @@ on gloo on CPU; SGLang + megatron-core on one GPU): two runs bitwise equal at ev
 
 from __future__ import annotations
 
-from pytest_miles.scenarios.loop import assert_loops_bitwise_equal
+from pytest_miles import assert_loops_bitwise_equal
 from pytest_miles.suite.conftest import require
 
 ITERATIONS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.facts.precision import precision_matrix
+from pytest_miles import precision_matrix
 from pytest_miles.suite.conftest import require
 
 
@@ -16,7 +16,7 @@ def test_precision_cell(cell, miles_record):
         miles_record(f"precision {cell.id}", outcome="rejected", rule=cell.status)
         return
     require("torch", "torch")
-    from pytest_miles.checks.drift import assert_logprob_drift
+    from pytest_miles import assert_logprob_drift
 
     report = assert_logprob_drift(cell.rollout, cell.train)
     miles_record(f"precision {cell.id}", train_rollout_logprob_abs_diff=f"{report.train_rollout_logprob_abs_diff:.6g}",

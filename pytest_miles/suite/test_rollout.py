@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.capabilities.verdict import NotApplicable
-from pytest_miles.checks.batch_invariance import MODES, check_batch_invariance, judge_report
-from pytest_miles.engines.base import SamplingParams
+from pytest_miles import MODES, NotApplicable, SamplingParams, check_batch_invariance, judge_report
 from pytest_miles.suite.conftest import require
 
 SHAPE = {"max_batch": 8, "prompt_len": 24}
@@ -44,7 +42,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
     where = _where(report.settings, miles_settings)
     caught = not report.passed
     request.config.stash.setdefault(NEGATIVE, {})[mode] = (caught, where)
-    from pytest_miles.report.plot import plot_deviation
+    from pytest_miles import plot_deviation
 
     png = plot_deviation(report.max_logprob_deviation, miles_artefact_dir / f"negative-control-{mode}.png",
                          f"negative control [{mode}] on {report.engine} ({where}): determinism off, greedy")
@@ -61,7 +59,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, request):
-    from pytest_miles.recording import progress_callback
+    from pytest_miles import progress_callback
 
     progress = progress_callback(f"rollout batch invariance [{mode}]")  # a terminal line; quiet in CI logs and -q
     params = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.engines.base import SamplingParams
+from pytest_miles import SamplingParams
 from pytest_miles.suite.conftest import require
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11]
@@ -30,7 +30,7 @@ def test_rollout_matches_snapshot(engine_factory, miles_settings, determinism_sn
 def test_training_matches_snapshot(megatron_trainer_factory, determinism_snapshot, tmp_path, miles_record):
     require("megatron.core", "megatron")
     _need_records(determinism_snapshot, ["losses", "model manifest"])
-    from pytest_miles.checks.checkpoints import build_manifest
+    from pytest_miles import build_manifest
 
     run = megatron_trainer_factory(seed=1234).train(4, save_dir=tmp_path / "run")
     manifest = build_manifest(run.checkpoint())

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_miles.checks.checkpoints import compare_checkpoints
-from pytest_miles.scenarios.runs import assert_resume_equivalent, runs_difference
+from pytest_miles import assert_resume_equivalent, compare_checkpoints, runs_difference
 from pytest_miles.suite.conftest import require
 
 
