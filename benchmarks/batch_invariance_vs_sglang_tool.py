@@ -56,7 +56,7 @@ def main() -> None:
     new_tokens = 16 if args.cpu else 100
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     if args.cpu:
-        eng = ReferenceServerEngine(model, batch_invariant=True).start()
+        eng = ReferenceServerEngine(model, deterministic=True).start()
     else:
         eng = SGLangEngine(model, attention_backend=args.backend, skip_tokenizer_init=False).start()
     try:

@@ -165,7 +165,7 @@ CAPS = load_capabilities({caps!r})
 SHAPE = dict(seed=0, max_batch=3, prompt_len=8)
 
 def _report(invariant):
-    eng = ReferenceEngine(batch_invariant=invariant)
+    eng = ReferenceEngine(deterministic=invariant)
     return check_batch_invariance(eng, "single", 3, **SHAPE)
 
 def test_known_limitation_fails():
@@ -181,7 +181,7 @@ def test_promised_fails():
     judge(_report(False), CAPS.lookup("triton", "single", "0.5.17"))
 
 def test_no_prefix_cache():
-    assert_batch_invariant(ReferenceEngine(batch_invariant=True), "radix_cache", 2, prompt_len=8)
+    assert_batch_invariant(ReferenceEngine(deterministic=True), "radix_cache", 2, prompt_len=8)
 """
 
 KNOWN_SINGLE = """

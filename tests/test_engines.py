@@ -25,7 +25,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def invariant(model_dir):
-    with ReferenceEngine(model_dir, batch_invariant=True) as e:
+    with ReferenceEngine(model_dir, deterministic=True) as e:
         yield e
 
 
@@ -122,7 +122,7 @@ def test_sglang_server_skips_deepgemm_precompile_unless_the_user_sets_it(model_d
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    with ReferenceServerEngine(model_dir, batch_invariant=True, log_dir=tmp_path_factory.mktemp("logs")) as s:
+    with ReferenceServerEngine(model_dir, deterministic=True, log_dir=tmp_path_factory.mktemp("logs")) as s:
         yield s
 
 
@@ -189,3 +189,15 @@ def test_port_already_in_use(model_dir, tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(EngineError, match=f"port {port} on 127.0.0.1 is already in use"):
             ReferenceServerEngine(model_dir, port=port, log_dir=tmp_path).start()
+
+
+def test_one_switch_one_name_the_old_keyword_still_works():
+    """`deterministic=` is the switch's name everywhere; `batch_invariant=` (the embedded engine's
+    earlier name) still works, with a DeprecationWarning, and reads back under both names."""
+    from pytest_miles.engines.reference import ReferenceEngine
+
+    with pytest.warns(DeprecationWarning, match="use deterministic="):
+        old = ReferenceEngine(batch_invariant=True)
+    new = ReferenceEngine(deterministic=True)
+    assert old.deterministic and old.batch_invariant and new.deterministic
+    assert old.server_info()["enable_deterministic_inference"] is True

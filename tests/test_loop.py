@@ -179,7 +179,7 @@ def test_session_tied_embeddings_match_the_engine_and_errors_are_named(megatron_
     session = trainer.session(init_hf=init, hf_config=asdict(cfg))
     procs = list(session.procs)
     try:
-        engine = ReferenceEngine(init, batch_invariant=True)
+        engine = ReferenceEngine(init, deterministic=True)
         prompt, cont = [5, 6, 7, 8], [9, 10, 11]
         sample = {"tokens": prompt + cont, "prompt_len": len(prompt)}
         ref = engine.score(prompt, cont)
@@ -254,7 +254,7 @@ def test_engine_weight_update_refusals_are_named(tmp_path):
     b = write_hf_checkpoint(tmp_path / "b", TinyConfig(seed=7), dtype="float32")
     wide = write_hf_checkpoint(tmp_path / "wide", TinyConfig(num_hidden_layers=3), dtype="float32")
     params = SamplingParams(max_new_tokens=4, sampling_seed=3)
-    eng = ReferenceEngine(a, batch_invariant=True)
+    eng = ReferenceEngine(a, deterministic=True)
     before = eng.generate([[5, 6, 7]], params)[0].logprobs
     eng.update_weights_from_disk(b)
     assert eng.generate([[5, 6, 7]], params)[0].logprobs != before
@@ -264,7 +264,7 @@ def test_engine_weight_update_refusals_are_named(tmp_path):
         eng.update_weights_from_disk(wide)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         eng.update_weights_from_disk(tmp_path)
-    with ReferenceServerEngine(a, batch_invariant=True, threads=1, log_dir=tmp_path / "log").start() as server:
+    with ReferenceServerEngine(a, deterministic=True, threads=1, log_dir=tmp_path / "log").start() as server:
         assert server.generate([[5, 6, 7]], params)[0].logprobs == before
         with pytest.raises(EngineError, match="update_weights_from_disk.*describes another model"):
             server.update_weights_from_disk(wide)

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_reference_server_has_no_prefix_cache_so_radix_cache_is_not_applicable(model_dir, tmp_path):
-    with ReferenceServerEngine(model_dir, batch_invariant=True, log_dir=tmp_path) as server:
+    with ReferenceServerEngine(model_dir, deterministic=True, log_dir=tmp_path) as server:
         info = server.server_info()  # GET /get_server_info, as SGLang answers it
         assert info["disable_radix_cache"] is True and info["enable_deterministic_inference"] is True
         assert server.generate([[5, 6, 7]])[0].cached_tokens == 0
@@ -51,7 +51,7 @@ def test_radix_cache_witness():
 
 
 def test_in_process_reference_reports_settings_in_every_mode():
-    eng = ReferenceEngine(batch_invariant=True)
+    eng = ReferenceEngine(deterministic=True)
     report = check_batch_invariance(eng, "p_vs_d", 2, prompt_len=8)
     assert report.settings["attention_backend"] == "torch-reference" and report.shape["seq_len"] > 8
 
@@ -62,7 +62,7 @@ def test_single_and_needle_cross_cuda_graph_buckets():
     first = BATCH_SIZES[:10]
     padded = {next(b for b in buckets if b >= s) for s in first}
     assert len(padded) >= 7 and any(s not in buckets for s in first) and any(s in buckets for s in first)
-    eng = ReferenceEngine(batch_invariant=True)
+    eng = ReferenceEngine(deterministic=True)
     report = check_batch_invariance(eng, "needle", 4, max_batch=9, prompt_len=4)
     assert report.batch_sizes == [3, 5, 8, 9]
     single = check_batch_invariance(eng, "single", 3, prompt_len=4)  # it reports no CUDA graphs: 1..trials
@@ -117,7 +117,7 @@ def test_tiny128_is_written_streamed_and_served(tmp_path):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(tensor_specs(SHAPES["tiny128"]))
         assert tuple(f.get_tensor("model.layers.1.self_attn.k_proj.weight").shape) == (128, 256)
-    out = ReferenceEngine(path, batch_invariant=True).generate([[5, 6, 7]])[0]
+    out = ReferenceEngine(path, deterministic=True).generate([[5, 6, 7]])[0]
     assert len(out.output_ids) > 0 and out.cached_tokens == 0
 
 
@@ -172,7 +172,7 @@ def test_cost_pairs_are_interleaved_with_a_spread():
     from pytest_miles.engines.base import SamplingParams
     from pytest_miles.scenarios.cost import measure_rollout_cost
 
-    det, base = ReferenceEngine(batch_invariant=True), ReferenceEngine()
+    det, base = ReferenceEngine(deterministic=True), ReferenceEngine()
     report = measure_rollout_cost(det, base, [[5, 6, 7, 8]] * 2, SamplingParams(max_new_tokens=2), pairs=3)
     figures = report.figures()
     assert figures["pairs"] == 3 and len(figures["deterministic_tok_s"]) == 3 and ".." in figures["cost_spread"]

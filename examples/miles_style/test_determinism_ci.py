@@ -63,7 +63,7 @@ def main() -> int:
             engine = SGLangEngine(model, deterministic=True)  # real `python -m sglang.launch_server`
         else:
             from pytest_miles.engines.reference import ReferenceEngine
-            engine = ReferenceEngine(model, batch_invariant=True)
+            engine = ReferenceEngine(model, deterministic=True)
         with engine:
             ok &= check(f"batch invariance [single] on {engine.name}",
                         lambda: assert_batch_invariant(engine, mode="single", trials=args.trials, prompt_len=16))

@@ -204,7 +204,7 @@ def negative_control(engine, mode: str = "single", trials: int = 10, **kwargs: A
 def _described(engine, name: str) -> str:
     """What the engine was: a negative control passed on an engine whose determinism was on says
     so (the wrong engine was given), rather than claiming determinism was off."""
-    on = getattr(engine, "deterministic", getattr(engine, "batch_invariant", None))
+    on = getattr(engine, "deterministic", None)
     if on:
         return (f"{name}, an engine with its deterministic / batch-invariant mode ON (a negative control "
                 "needs one with it off, e.g. engine_factory(kind, deterministic=False))")

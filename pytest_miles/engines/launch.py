@@ -95,11 +95,11 @@ def make_engine(spec: EngineSpec):
     if kind == "reference":
         from pytest_miles.engines.reference import ReferenceEngine
 
-        return ReferenceEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device, **opts)
+        return ReferenceEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device, **opts)
     if kind == "reference-server":
         from pytest_miles.engines.server import ReferenceServerEngine
 
-        return ReferenceServerEngine(spec.model_dir, batch_invariant=spec.deterministic, device=spec.device,
+        return ReferenceServerEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device,
                                      log_dir=spec.log_dir, request_timeout=spec.request_timeout, **opts).start()
     if kind == "sglang":
         from pytest_miles.engines.server import SGLangEngine

@@ -1,10 +1,10 @@
 """The embedded default engine: the tiny seeded decoder in plain torch, batched like a real
 engine (left padding, one forward over the whole batch per step).
 
-`batch_invariant=False` (default) is an ordinary batched engine with a KV cache: a batched
+`deterministic=False` (default) is an ordinary batched engine with a KV cache: a batched
 prefill, then decode steps whose matmuls have one row per batch item. BLAS picks its kernel by
 the row count (a matrix-vector kernel at batch size 1, a blocked GEMM above), so logprobs
-change in their last bits with batch size, as on GPUs. `batch_invariant=True` feeds each item
+change in their last bits with batch size, as on GPUs. `deterministic=True` feeds each item
 one token at a time (every matmul has exactly one row, prefill included), so an item's bits
 cannot depend on what else is in the batch, and prefill logprobs equal decode logprobs.
 """
@@ -30,14 +30,32 @@ def _load_state(model_dir: Path):
     return load_safetensors_dir(model_dir)
 
 
+def deterministic_switch(deterministic: bool, batch_invariant: bool | None, who: str) -> bool:
+    """One switch, one name: `deterministic=`, as engine_factory and SGLang call it. The earlier
+    `batch_invariant=` still works, with a DeprecationWarning."""
+    if batch_invariant is None:
+        return deterministic
+    import warnings
+
+    warnings.warn(f"{who}(batch_invariant=) is deprecated: use deterministic=", DeprecationWarning, stacklevel=3)
+    return batch_invariant
+
+
 class ReferenceEngine:
     name = "reference"
     has_prefix_cache = False
 
+    @property
+    def batch_invariant(self) -> bool:
+        """The earlier name of `deterministic` (read-only)."""
+        return self.deterministic
+
     def __init__(self, model_dir: str | Path | None = None, *, config: TinyConfig | None = None,
-                 batch_invariant: bool = False, device: str = "cpu", dtype: str = "float32") -> None:
+                 deterministic: bool = False, device: str = "cpu", dtype: str = "float32",
+                 batch_invariant: bool | None = None) -> None:
         import torch
 
+        deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
         if model_dir is not None:
             cfg = config_from_dir(model_dir)
             state = _load_state(Path(model_dir))
@@ -45,7 +63,7 @@ class ReferenceEngine:
             cfg = config or TinyConfig()
             state = init_weights(cfg)
         self.config = cfg
-        self.batch_invariant = batch_invariant
+        self.deterministic = deterministic
         self.device = device
         self.model = TinyDecoder(cfg, state, device=device, dtype=getattr(torch, dtype))
         self.closed = False
@@ -103,7 +121,7 @@ class ReferenceEngine:
         """The same keys SGLang's /get_server_info answers, so witnesses read every engine alike."""
         from pytest_miles import __version__
 
-        return {"attention_backend": "torch-reference", "enable_deterministic_inference": self.batch_invariant,
+        return {"attention_backend": "torch-reference", "enable_deterministic_inference": self.deterministic,
                 "disable_radix_cache": True, "disable_cuda_graph": True, "chunked_prefill_size": None,
                 "sampling_backend": "torch", "version": __version__,
                 "note": "the embedded reference engine has no prefix cache"}
@@ -126,7 +144,7 @@ class ReferenceEngine:
         limit = self.config.max_position_embeddings
         if max(len(p) for p in prompts) + items[0].max_new_tokens > limit:
             raise ValueError(f"prompt + max_new_tokens exceeds the model's {limit} positions")
-        if self.batch_invariant:
+        if self.deterministic:
             return [self._run([p], [sp])[0] for p, sp in zip(prompts, items)]
         return self._run(prompts, items)
 
@@ -137,7 +155,7 @@ class ReferenceEngine:
         self._check([list(prompt) + list(continuation)])
         seq = list(prompt) + list(continuation)
         with torch.no_grad():
-            if self.batch_invariant:
+            if self.deterministic:
                 rows = self._incremental(seq)
             else:
                 ids, pos, mask = self._left_pad([seq])
@@ -187,7 +205,7 @@ class ReferenceEngine:
             gens.append(g)
         params = items[0]  # max_new_tokens is shared (per_item checks it)
         with torch.no_grad():
-            if self.batch_invariant:  # one item, one row at a time
+            if self.deterministic:  # one item, one row at a time
                 (prompt,) = prompts
                 logits = self._incremental(prompt)[-1:].cpu()
                 for step in range(params.max_new_tokens):

@@ -94,14 +94,14 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--batch-invariant", action="store_true")
+    ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
-    engine = ReferenceEngine(args.model, batch_invariant=args.batch_invariant, device=args.device)
+    engine = ReferenceEngine(args.model, deterministic=args.deterministic, device=args.device)
     handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": threading.Lock()})
     server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"reference server on {args.host}:{args.port}", flush=True)

@@ -264,15 +264,24 @@ class ReferenceServerEngine(ServerEngine):
     name = "reference-server"
     has_prefix_cache = False
 
-    def __init__(self, model_dir: str | Path, *, batch_invariant: bool = False, port: int | None = None,
-                 device: str = "cpu", python: str = sys.executable, threads: int | None = None, **kw: Any) -> None:
+    @property
+    def batch_invariant(self) -> bool:
+        """The earlier name of `deterministic` (read-only)."""
+        return self.deterministic
+
+    def __init__(self, model_dir: str | Path, *, deterministic: bool = False, port: int | None = None,
+                 device: str = "cpu", python: str = sys.executable, threads: int | None = None,
+                 batch_invariant: bool | None = None, **kw: Any) -> None:
+        from pytest_miles.engines.reference import deterministic_switch
+
+        deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
         port = port or free_port()
         cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
                "--port", str(port), "--device", device]
         if threads is not None:  # a tiny model on a busy CPU: thread sync costs more than the math
             cmd += ["--threads", str(threads)]
-        if batch_invariant:
-            cmd.append("--batch-invariant")
-        self.batch_invariant = batch_invariant
+        if deterministic:
+            cmd.append("--deterministic")
+        self.deterministic = deterministic
         kw.setdefault("startup_timeout", 120.0)
         super().__init__(cmd, port=port, **kw)
