@@ -123,7 +123,7 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
                     outcome, message = "inconclusive", str(exc)
                 elif isinstance(exc, (NotApplicable, Unavailable)):
                     outcome, message = "skipped", str(exc)
-                else:  # bad input, a crash: the helper could not judge; pytest says "failed", so does the report
+                else:  # bad input, a crash: the helper could not judge; pytest says failed, so does this
                     outcome, message = "error", f"{type(exc).__name__}: {exc}"
                 rec.record(label, outcome, {"message": message}, time.perf_counter() - t0)
                 raise

@@ -26,7 +26,8 @@ def doctor(env_overrides: dict[str, str | None], tmp_path, extra_path: str | Non
     from pathlib import Path
 
     # this checkout's package (not another installed copy), and a planted module when asked
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, str(Path(__file__).resolve().parents[1])) if p)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, root) if p)
     proc = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "doctor", "--json", *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     return proc.returncode, json.loads(proc.stdout)
@@ -51,7 +52,7 @@ def test_clean_environment_passes(tmp_path):
     ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", None, "not set", "Transformer-Engine"),
 ])
 def test_each_bad_env_var_is_a_finding(tmp_path, var, value, detail, symptom):
-    rc, report = doctor({var: value}, tmp_path, None, "--gpu-class", "h100")  # GPU-only variables: a GPU machine
+    rc, report = doctor({var: value}, tmp_path, None, "--gpu-class", "h100")  # GPU-only variables: a GPU
     assert rc == 1 and not report["ok"]
     f = finding(report, var)
     assert f["status"] == "fail" and detail in f["detail"] and symptom in f["symptom"], f
@@ -116,8 +117,8 @@ def test_header_shows_doctor_summary_and_fingerprint(pytester, monkeypatch):
 @pytest.mark.parametrize("gpu_class", ["none", "h100"])
 @pytest.mark.parametrize("overrides", [{}, {"NCCL_ALGO": None}, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
                                        {k: None for k in GOOD}])
-def test_doctor_and_header_give_one_verdict_on_the_same_environment(pytester, monkeypatch, tmp_path, gpu_class,
-                                                                     overrides):
+def test_doctor_and_header_give_one_verdict_on_the_same_environment(pytester, monkeypatch, tmp_path,
+                                                                     gpu_class, overrides):
     """The same machine and variables: the doctor's exit code and the header's "failing" agree,
     and what the header calls not applicable the doctor does not fail on."""
     rc, report = doctor(overrides, tmp_path, None, "--gpu-class", gpu_class)
@@ -131,7 +132,8 @@ def test_doctor_and_header_give_one_verdict_on_the_same_environment(pytester, mo
     header = next(ln for ln in pytester.runpytest_subprocess(f"--miles-gpu-class={gpu_class}").outlines
                   if ln.startswith("miles: doctor:"))
     if doctor_failing:
-        assert rc == 1 and f"{len(doctor_failing)} failing ({', '.join(doctor_failing)})" in header, (report, header)
+        expected = f"{len(doctor_failing)} failing ({', '.join(doctor_failing)})"
+        assert rc == 1 and expected in header, (report, header)
     else:
         assert rc == 0 and " 0 failing" in header, (report, header)
     not_applicable = sum(f["status"] == "skip" and "matters only with NVIDIA GPUs" in f["detail"]

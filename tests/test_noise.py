@@ -33,7 +33,8 @@ def test_spread_verdict():
     assert spread_verdict(CLEAR) == "measured"
     assert spread_verdict([0.1, 0.2]) == "inconclusive"  # two values show no spread
     report = CostReport(pairs=[(1.216, 1.0), (0.96, 1.0), (1.051, 1.0)])
-    assert report.figures()["verdict"] == "inconclusive" and report.figures()["cost_spread"] == "-4.0%..+21.6%"
+    figures = report.figures()
+    assert figures["verdict"] == "inconclusive" and figures["cost_spread"] == "-4.0%..+21.6%"
 
 
 def test_outside_pytest_an_inconclusive_figure_raises_a_not_applicable_verdict():
@@ -53,7 +54,8 @@ def test_outside_pytest_an_inconclusive_figure_raises_a_not_applicable_verdict()
 def test_a_noisy_figure_is_inconclusive_in_pytest_and_in_the_report(pytester, workers):
     pytester.makepyfile(TESTS)
     out, page = pytester.path / "r.json", pytester.path / "r.html"
-    result = pytester.runpytest_subprocess("-n", workers, "-rs", f"--miles-report={out}", f"--miles-report-html={page}")
+    result = pytester.runpytest_subprocess("-n", workers, "-rs", f"--miles-report={out}",
+                                           f"--miles-report-html={page}")
     result.assert_outcomes(passed=1, skipped=1)
     result.stdout.fnmatch_lines(["*inconclusive: cost of determinism: noisy: spread -4.0%..+21.6%*",
                                  "*2 determinism checks: 1 passed, 0 failed, 0 skipped, 1 inconclusive*"])

@@ -53,7 +53,8 @@ def test_every_failing_test_is_in_the_report_with_its_message(pytester, workers)
     assert data["tests"] == {"tests": 5, "passed": 2, "failed": 2, "skipped": 0, "xfailed": 0, "xpassed": 0,
                              "error": 1}
     assert data["totals"]["failed"] + data["totals"]["error"] == 3  # red in pytest -> red in the report
-    line = "*4 determinism checks: 1 passed, 1 failed, 0 skipped, 2 error (from 5 pytest tests: 2 passed, 2 failed, 1 error)*"
+    line = ("*4 determinism checks: 1 passed, 1 failed, 0 skipped, 2 error "
+            "(from 5 pytest tests: 2 passed, 2 failed, 1 error)*")
     result.stdout.fnmatch_lines([line])
     assert data["summary"] in result.stdout.str()
     text = page.read_text()

@@ -26,7 +26,8 @@ SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 2
 # "caught": a helper's failure that its test expected and caught (a negative control that worked).
 # "inconclusive": a timing figure whose spread covers its claim (noise, said as noise).
-OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive")
+# "timeout": a stage (setup, call, teardown) ran past pytest-timeout's limit: not a determinism verdict.
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive", "timeout")
 TEST_OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
 
 
@@ -41,9 +42,17 @@ class Entry:
     source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
 
 
+def _timed_out(report) -> bool:
+    """pytest-timeout's verdict ("Failed: Timeout (>300.0s) from pytest-timeout."), not the test's."""
+    text = str(getattr(getattr(report.longrepr, "reprcrash", None), "message", "") or "")
+    return report.outcome == "failed" and "Timeout (>" in text and "pytest-timeout" in text
+
+
 def _outcome(report) -> str:
     if hasattr(report, "wasxfail"):
         return "xfailed" if report.outcome == "skipped" else "xpassed"
+    if _timed_out(report):
+        return "timeout"
     if report.outcome == "failed" and report.when != "call":
         return "error"
     return report.outcome
@@ -52,6 +61,10 @@ def _outcome(report) -> str:
 def _reason(report) -> str:
     if hasattr(report, "wasxfail"):
         return str(report.wasxfail)
+    if _timed_out(report):
+        crash = report.longrepr.reprcrash.message.splitlines()[0].removeprefix("Failed: ")
+        return (f"timeout of the {report.when} stage after {report.duration:.0f} s ({crash}); "
+                "not a determinism verdict")
     longrepr = report.longrepr
     if longrepr is None:
         return ""
@@ -102,8 +115,8 @@ class Collector:
                     self.entries.append(e)
         if report.when == "teardown":
             self.pending.pop(report.nodeid, None)
-            self.tests[report.nodeid] = p.outcome
-            if not p.name and not p.entries and p.outcome in ("failed", "error"):
+            self.tests[report.nodeid] = "failed" if p.outcome == "timeout" else p.outcome  # pytest's count
+            if not p.name and not p.entries and p.outcome in ("failed", "error", "timeout"):
                 p.name = report.nodeid  # a failing test outside the checks: pytest is red, so is the report
             if p.name and not p.entries:
                 e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test")
@@ -126,7 +139,8 @@ class Collector:
         t, pt = self.totals(), self.test_totals()
         checks = ", ".join(f"{t[o]} {o}" for o in OUTCOMES if t[o] or o in ("passed", "failed", "skipped"))
         tests = ", ".join(f"{pt[o]} {o}" for o in TEST_OUTCOMES if pt[o])
-        return f"{t['checks']} determinism checks: {checks} (from {pt['tests']} pytest tests: {tests or 'none'})"
+        tests = tests or "none"
+        return f"{t['checks']} determinism checks: {checks} (from {pt['tests']} pytest tests: {tests})"
 
     def lines(self) -> list[str]:
         out = []

@@ -23,7 +23,8 @@ def spread_verdict(values: list[float], claim: float = 0.0) -> str:
     return "measured"
 
 
-def raise_if_inconclusive(label: str, figures: dict[str, Any], values: list[float], claim: float = 0.0) -> None:
+def raise_if_inconclusive(label: str, figures: dict[str, Any], values: list[float],
+                          claim: float = 0.0) -> None:
     """Record the figure as "inconclusive" and skip the test when its spread covers `claim`:
     a noisy figure is said as noise, not reported as a pass."""
     if spread_verdict(values, claim) == "measured":
@@ -31,8 +32,9 @@ def raise_if_inconclusive(label: str, figures: dict[str, Any], values: list[floa
     from pytest_miles import recording
 
     lo, hi = min(values, default=claim), max(values, default=claim)
-    message = (f"inconclusive: {label}: spread {lo * 100:+.1f}%..{hi * 100:+.1f}% over {len(values)} pairs covers "
-               f"{claim * 100:+.1f}%, so the figure is noise here (a quieter machine or more pairs can decide it)")
+    message = (f"inconclusive: {label}: spread {lo * 100:+.1f}%..{hi * 100:+.1f}% over {len(values)} pairs "
+               f"covers {claim * 100:+.1f}%, so the figure is noise here (a quieter machine or more pairs "
+               "can decide it)")
     recording.record(label, "inconclusive", {**figures, "message": message})
     raise Inconclusive(message)
 
