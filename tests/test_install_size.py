@@ -1,5 +1,5 @@
 """A CPU install that does not pull CUDA: the wheel with its `[torch]` extra, installed into a fresh
-venv with the one command the docs give (docs/install-cpu.md), brings no nvidia-* / CUDA / triton
+venv with the one command the docs give (docs/ci.md), brings no nvidia-* / CUDA / triton
 package and stays under a size bound; the CUDA build of torch brings ~17 such packages and ~5 GB.
 
 The documented command adds the PyTorch CPU index (`--extra-index-url
