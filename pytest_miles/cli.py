@@ -33,11 +33,12 @@ def _doctor(args: argparse.Namespace) -> int:
     except (EnvInputError, ValueError) as exc:
         print(f"pytest-miles doctor: {exc}", file=sys.stderr)
         return 2
-    # The command is the seed's whole troubleshooting table: a wrong or missing variable fails on any
-    # machine (it is checked for the GPU runs it will reach) unless `--gpu-class none` says there are
-    # none; the pytest header line of a machine without a GPU calls them not applicable.
+    # One verdict with the pytest header: the machine decides whether GPU-only variables apply
+    # (`--gpu-class` names the run's machine when it is not this one). With --runtime-env or
+    # --train-env-vars the run's environment is the one given, judged in full (it is for the GPU
+    # run), and this shell's variables, which the run does not get, are not judged.
     findings = run_doctor(attention_backend=args.attention_backend, import_torch=args.torch,
-                          gpu=bool(hw.nvidia) if args.gpu_class else True)
+                          gpu=bool(hw.nvidia), env_vars=not run_envs)
     for env, source in run_envs:
         findings += check_run_env(env, source, args.sglang_tp)
     failed = any(f.status == FAIL for f in findings)

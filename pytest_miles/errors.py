@@ -81,6 +81,11 @@ class NotApplicable(MilesError):  # noqa: N818  (named for what it reports, like
     """The check cannot test anything here (e.g. no prefix cache): not a pass. A skip in pytest."""
 
 
+class Inconclusive(NotApplicable):  # noqa: N818
+    """A timing figure whose spread covers its claim (noise, said as noise): not a pass. A skip in
+    pytest, "inconclusive" in the determinism report."""
+
+
 class Unavailable(NotApplicable):
     """A part this machine lacks (a GPU, its generation, a package): a skip in pytest, a failure
     under --miles-require-gpu, where a silent skip would hide a broken driver."""

@@ -111,12 +111,18 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
                 if capped != message:
                     raise AssertionError(capped) from None
                 raise
-            except Exception as exc:  # a verdict of the capability data, not a failure
-                from pytest_miles.errors import KnownLimitation, NotApplicable
+            except Exception as exc:
+                from pytest_miles.errors import Inconclusive, KnownLimitation, NotApplicable, Unavailable
 
-                if isinstance(exc, (KnownLimitation, NotApplicable)):
-                    outcome = "xfailed" if isinstance(exc, KnownLimitation) else "skipped"
-                    rec.record(label, outcome, {"message": str(exc)}, time.perf_counter() - t0)
+                if isinstance(exc, KnownLimitation):  # a verdict of the capability data, not a failure
+                    outcome, message = "xfailed", str(exc)
+                elif isinstance(exc, Inconclusive):
+                    outcome, message = "inconclusive", str(exc)
+                elif isinstance(exc, (NotApplicable, Unavailable)):
+                    outcome, message = "skipped", str(exc)
+                else:  # bad input, a crash: the helper could not judge; pytest says failed, so does this
+                    outcome, message = "error", f"{type(exc).__name__}: {exc}"
+                rec.record(label, outcome, {"message": message}, time.perf_counter() - t0)
                 raise
             rec.record(label, "passed", _figures(result), time.perf_counter() - t0)
             return result

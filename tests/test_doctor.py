@@ -23,8 +23,11 @@ def doctor(env_overrides: dict[str, str | None], tmp_path, extra_path: str | Non
             env.pop(k, None)
         else:
             env[k] = v
-    if extra_path:
-        env["PYTHONPATH"] = extra_path
+    from pathlib import Path
+
+    # this checkout's package (not another installed copy), and a planted module when asked
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, root) if p)
     proc = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "doctor", "--json", *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     return proc.returncode, json.loads(proc.stdout)
@@ -49,7 +52,7 @@ def test_clean_environment_passes(tmp_path):
     ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", None, "not set", "Transformer-Engine"),
 ])
 def test_each_bad_env_var_is_a_finding(tmp_path, var, value, detail, symptom):
-    rc, report = doctor({var: value}, tmp_path)
+    rc, report = doctor({var: value}, tmp_path, None, "--gpu-class", "h100")  # GPU-only variables: a GPU
     assert rc == 1 and not report["ok"]
     f = finding(report, var)
     assert f["status"] == "fail" and detail in f["detail"] and symptom in f["symptom"], f
@@ -109,3 +112,47 @@ def test_header_shows_doctor_summary_and_fingerprint(pytester, monkeypatch):
     for k, v in GOOD.items():
         monkeypatch.setenv(k, v)
     pytester.runpytest().stdout.fnmatch_lines(["miles: doctor: * 0 failing"])
+
+
+@pytest.mark.parametrize("gpu_class", ["none", "h100"])
+@pytest.mark.parametrize("overrides", [{}, {"NCCL_ALGO": None}, {"CUBLAS_WORKSPACE_CONFIG": ":0:0"},
+                                       {k: None for k in GOOD}])
+def test_doctor_and_header_give_one_verdict_on_the_same_environment(pytester, monkeypatch, tmp_path,
+                                                                     gpu_class, overrides):
+    """The same machine and variables: the doctor's exit code and the header's "failing" agree,
+    and what the header calls not applicable the doctor does not fail on."""
+    rc, report = doctor(overrides, tmp_path, None, "--gpu-class", gpu_class)
+    doctor_failing = [f["check"] for f in report["findings"] if f["status"] == "fail"]
+    for k in GOOD:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {**GOOD, **overrides}.items():
+        if v is not None:
+            monkeypatch.setenv(k, v)
+    pytester.makepyfile("def test_x(): pass")
+    header = next(ln for ln in pytester.runpytest_subprocess(f"--miles-gpu-class={gpu_class}").outlines
+                  if ln.startswith("miles: doctor:"))
+    if doctor_failing:
+        expected = f"{len(doctor_failing)} failing ({', '.join(doctor_failing)})"
+        assert rc == 1 and expected in header, (report, header)
+    else:
+        assert rc == 0 and " 0 failing" in header, (report, header)
+    not_applicable = sum(f["status"] == "skip" and "matters only with NVIDIA GPUs" in f["detail"]
+                         for f in report["findings"])
+    assert (f"{not_applicable} GPU-only not applicable" in header) == bool(not_applicable)
+    if gpu_class == "none":
+        assert rc == 0  # a CPU machine: GPU-only variables are not applicable, for both
+
+
+def test_runtime_env_gates_a_launch_on_a_cpu_machine(tmp_path):
+    """`doctor --runtime-env` judges the run's environment, not this shell's: exit 0 when it is right
+    (this shell has none of the variables), 1 when it lacks one, on a machine without a GPU."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"env_vars": GOOD}))
+    bad.write_text(json.dumps({"env_vars": {k: v for k, v in GOOD.items() if k != "NCCL_ALGO"}}))
+    empty_shell = {k: None for k in GOOD}
+    for gpu_class in ("none", "h100"):
+        rc, report = doctor(empty_shell, tmp_path, None, "--gpu-class", gpu_class, "--runtime-env", str(good))
+        assert rc == 0, report
+        rc, report = doctor(empty_shell, tmp_path, None, "--gpu-class", gpu_class, "--runtime-env", str(bad))
+        assert rc == 1 and [f["check"] for f in report["findings"] if f["status"] == "fail"] == \
+            [f"NCCL_ALGO (runtime_env {bad})"], report

@@ -119,15 +119,25 @@ def not_applicable_without_gpu(finding: Finding) -> Finding:
                    f"For GPU runs: {finding.fix}")
 
 
+def judge_env(env: dict[str, str], gpu: bool) -> list[Finding]:
+    """The one rule for this machine's environment, used by the pytest header and by `pytest-miles
+    doctor` alike: a wrong or missing variable fails, except a GPU-only one where no NVIDIA GPU
+    is (`gpu=False`: the machine as discovered, or as `--miles-gpu-class` / `--gpu-class` says)."""
+    findings = [check_env_var(name, env) for name in DETERMINISTIC_ENV]
+    return findings if gpu else [not_applicable_without_gpu(f) for f in findings]
+
+
 def run_doctor(environ: dict[str, str] | None = None, attention_backend: str | None = None,
-               import_torch: bool = False, process_checks: bool = True, gpu: bool = True) -> list[Finding]:
+               import_torch: bool = False, process_checks: bool = True, gpu: bool = True,
+               env_vars: bool = True) -> list[Finding]:
     """All checks. `process_checks=False` leaves out those about this process's torch state,
     which mean nothing before a fixture applies the deterministic environment. `gpu=False`
-    (no NVIDIA GPU here) reports the GPU-only variables as not applicable instead of failing."""
+    (no NVIDIA GPU here) reports the GPU-only variables as not applicable instead of failing.
+    `env_vars=False`: this process's variables are not the run's (a runtime_env gives them)."""
     env = dict(os.environ if environ is None else environ)
     findings = [check_flash_attention_3()]
-    env_findings = [check_env_var(name, env) for name in DETERMINISTIC_ENV]
-    findings += env_findings if gpu else [not_applicable_without_gpu(f) for f in env_findings]
+    if env_vars:
+        findings += judge_env(env, gpu)
     findings.append(check_attention_backend(attention_backend))
     if process_checks:
         findings.append(check_torch_deterministic(import_torch))

@@ -58,7 +58,9 @@ class DeterminismSnapshot:
         if outcome.status in ("failed", "missing"):
             raise AssertionError(outcome.message)
         if outcome.status == "different configuration":  # the test's other checks still run; see Deferred
-            deferred = self.node.stash.setdefault(SNAPSHOT_DEFERRED, DeferredSnapshots(self.other_config))
+            command = record_command(self.node)
+            deferred = self.node.stash.setdefault(SNAPSHOT_DEFERRED,
+                                                  DeferredSnapshots(self.other_config, command))
             deferred.messages.append(outcome.message)
             deferred.names.append(name)
         return outcome
@@ -69,16 +71,26 @@ class DeferredSnapshots:
     runs all its checks, then skips (or, with --miles-snapshot-other-config=fail, fails) once,
     naming each."""
 
-    def __init__(self, mode: str) -> None:
-        self.mode, self.messages, self.names = mode, [], []
+    def __init__(self, mode: str, command: str = "") -> None:
+        self.mode, self.messages, self.names, self.command = mode, [], [], command
 
     def raise_outcome(self) -> None:
         text = (f"snapshot {', '.join(self.names)}: only another configuration has a record, and this run's value "
                 "differs from it:\n" + "\n".join(self.messages))
         if self.mode == "fail":
             raise AssertionError(text + "\n(--miles-snapshot-other-config=fail)")
-        raise pytest.skip.Exception(text + " (--miles-snapshot-other-config=fail fails instead; "
-                                    "--miles-snapshot-update records this configuration)", _use_item_location=True)
+        how = (f"\nTo record this machine's own configuration beside it (then commit the file): "
+               f"{self.command or 'pytest --miles-snapshot-update'}\n"
+               "(--miles-snapshot-other-config=fail fails instead)")
+        raise pytest.skip.Exception(text + how, _use_item_location=True)
+
+
+def record_command(node: pytest.Item) -> str:
+    """The one command that records this test's snapshots for this machine's configuration."""
+    module = getattr(getattr(node, "module", None), "__name__", "")
+    if module.startswith("pytest_miles.suite."):
+        return f"pytest-miles suite --miles-snapshot-update -k {node.name.split('[')[0]}"
+    return f"pytest --miles-snapshot-update '{node.nodeid}'"
 
 
 SNAPSHOT_DEFERRED = pytest.StashKey[DeferredSnapshots]()

@@ -6,7 +6,9 @@ self-contained HTML file with --miles-report-html, see report_html).
 A "determinism check" is a line recorded by a test (`miles_record`), by an `assert_*` helper
 running inside a test (pytest_miles.recording), or, when a test that uses a pytest-miles
 fixture or marker recorded nothing (it skipped, xfailed or failed before its helper ran), the
-test itself, with pytest's reason. So a skipped check is never missing from the report.
+test itself, with pytest's reason. So a skipped check is never missing from the report. Any other
+test that fails or errors is in the report too (source "test"), so the report is never green
+while pytest is red; pytest's own per-test totals are kept beside the checks' ("tests").
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ CHECK_TEST = "miles_check_test"  # user property: this test is a determinism che
 SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 2
 # "caught": a helper's failure that its test expected and caught (a negative control that worked).
-OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught")
+# "inconclusive": a timing figure whose spread covers its claim (noise, said as noise).
+# "timeout": a stage (setup, call, teardown) ran past pytest-timeout's limit: not a determinism verdict.
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive", "timeout")
+TEST_OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
 
 
 @dataclass
@@ -37,9 +42,17 @@ class Entry:
     source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
 
 
+def _timed_out(report) -> bool:
+    """pytest-timeout's verdict ("Failed: Timeout (>300.0s) from pytest-timeout."), not the test's."""
+    text = str(getattr(getattr(report.longrepr, "reprcrash", None), "message", "") or "")
+    return report.outcome == "failed" and "Timeout (>" in text and "pytest-timeout" in text
+
+
 def _outcome(report) -> str:
     if hasattr(report, "wasxfail"):
         return "xfailed" if report.outcome == "skipped" else "xpassed"
+    if _timed_out(report):
+        return "timeout"
     if report.outcome == "failed" and report.when != "call":
         return "error"
     return report.outcome
@@ -48,6 +61,10 @@ def _outcome(report) -> str:
 def _reason(report) -> str:
     if hasattr(report, "wasxfail"):
         return str(report.wasxfail)
+    if _timed_out(report):
+        crash = report.longrepr.reprcrash.message.splitlines()[0].removeprefix("Failed: ")
+        return (f"timeout of the {report.when} stage after {report.duration:.0f} s ({crash}); "
+                "not a determinism verdict")
     longrepr = report.longrepr
     if longrepr is None:
         return ""
@@ -71,6 +88,7 @@ class Collector:
     entries: list[Entry] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     pending: dict[str, _Pending] = field(default_factory=dict)
+    tests: dict[str, str] = field(default_factory=dict)  # nodeid -> pytest's outcome for that test
 
     def add_report(self, report) -> bool:
         """Feed one phase's report; True when entries were added (the JSON is then rewritten)."""
@@ -88,7 +106,7 @@ class Collector:
             for name, value in props:
                 if name == KEY:
                     own = value.get("outcome")
-                    if own == "failed" and report.when == "call" and report.outcome == "passed":
+                    if own in ("failed", "error") and report.when == "call" and report.outcome == "passed":
                         own = "caught"  # a failure the test expected (pytest.raises): its own negative control
                     e = Entry(report.nodeid, value["check"], own or outcome, value.get("figures", {}),
                               float(value.get("duration", report.duration) or 0.0),
@@ -97,6 +115,9 @@ class Collector:
                     self.entries.append(e)
         if report.when == "teardown":
             self.pending.pop(report.nodeid, None)
+            self.tests[report.nodeid] = "failed" if p.outcome == "timeout" else p.outcome  # pytest's count
+            if not p.name and not p.entries and p.outcome in ("failed", "error", "timeout"):
+                p.name = report.nodeid  # a failing test outside the checks: pytest is red, so is the report
             if p.name and not p.entries:
                 e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test")
                 p.entries.append(e)
@@ -107,6 +128,20 @@ class Collector:
         counts = {o: sum(e.outcome == o for e in self.entries) for o in OUTCOMES}
         return {"checks": len(self.entries), **counts}
 
+    def test_totals(self) -> dict[str, int]:
+        """pytest's totals, one outcome per test: its first outcome that was not "passed" (pytest
+        counts a passed test with a teardown error twice: "1 passed, 1 error"; here it is 1 error)."""
+        counts = {o: sum(v == o for v in self.tests.values()) for o in TEST_OUTCOMES}
+        return {"tests": len(self.tests), **counts}
+
+    def summary(self) -> str:
+        """The one total line: the checks, and pytest's tests they came from."""
+        t, pt = self.totals(), self.test_totals()
+        checks = ", ".join(f"{t[o]} {o}" for o in OUTCOMES if t[o] or o in ("passed", "failed", "skipped"))
+        tests = ", ".join(f"{pt[o]} {o}" for o in TEST_OUTCOMES if pt[o])
+        tests = tests or "none"
+        return f"{t['checks']} determinism checks: {checks} (from {pt['tests']} pytest tests: {tests})"
+
     def lines(self) -> list[str]:
         out = []
         width = min(max((len(e.check) for e in self.entries), default=10), 70)
@@ -114,15 +149,14 @@ class Collector:
             figures = ", ".join(f"{k}={_short(v)}" for k, v in e.figures.items() if k != "message")
             why = f"  ({_short(e.reason.splitlines()[0], 160)})" if e.reason and e.outcome != "passed" else ""
             out.append(f"{e.outcome.upper():8} {e.check:{width}} {e.duration_s:7.2f}s  {figures}{why}")
-        t = self.totals()
-        out.append(f"{t['checks']} determinism checks: " + ", ".join(f"{t[o]} {o}" for o in OUTCOMES
-                                                                  if t[o] or o in ("passed", "failed", "skipped")))
+        out.append(self.summary())
         return out
 
     def to_json(self, fingerprint: dict[str, Any], complete: bool = True) -> dict[str, Any]:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": complete,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                 "duration_s": round(time.time() - self.started, 3), "totals": self.totals(),
+                "tests": self.test_totals(), "summary": self.summary(),
                 "fingerprint": fingerprint, "checks": [vars(e) for e in self.entries]}
 
     def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 from pytest_miles.report.collector import write_atomic
 
 COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#c62828", "skipped": "#9e9e9e",
-           "xfailed": "#ef6c00", "xpassed": "#6a1b9a", "caught": "#1565c0"}
+           "xfailed": "#ef6c00", "xpassed": "#6a1b9a", "caught": "#1565c0",
+           "inconclusive": "#8d6e00"}
 _CELL = re.compile(r"precision rollout=(?P<r>[\w]+)-train=(?P<t>[\w]+)")
 
 
@@ -110,6 +111,10 @@ def render(data: dict[str, Any], hardware=None) -> str:
         figs = "".join(f"<figure><img alt='{e(t)}' src='{_data_uri(b)}'><figcaption>{e(t)}</figcaption></figure>"
                        for t, b in images) or "<p>No plots in this run.</p>"
     summary = ", ".join(f"{v} {k}" for k, v in totals.items() if k != "checks" and v)
+    tests = data.get("tests")  # pytest's own totals (reports written before they were kept have none)
+    if tests:
+        summary += f" (from {tests['tests']} pytest tests: " + \
+            (", ".join(f"{v} {k}" for k, v in tests.items() if k != "tests" and v) or "none") + ")"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pytest-miles determinism report</title>
 <style>

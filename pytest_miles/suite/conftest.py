@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -44,3 +45,44 @@ def pytest_collection_modifyitems(config, items):
         return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
 
     items.sort(key=rank)
+    scale_timeouts(config, items)
+
+
+TIMEOUT_NOTE = pytest.StashKey[str]()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    note = config.stash.get(TIMEOUT_NOTE, None)
+    if note:
+        terminalreporter.write_line(note)
+
+
+def machine_factor() -> float:
+    """How much slower than an idle machine this one runs now: the 1-minute load average per core,
+    at least 1 (a busy 2-core runner at load 9 gets 4.5 x the time)."""
+    try:
+        return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+    except OSError:
+        return 1.0
+
+
+def scale_timeouts(config, items) -> None:
+    """pytest-timeout's limit (the project's `timeout` ini or --timeout), scaled for this machine's
+    load when the suite starts, so a busy runner does not turn a slow check into a failure. A test
+    with its own timeout marker keeps it."""
+    if not config.pluginmanager.has_plugin("timeout"):
+        return
+    # pytest-timeout's own order: --timeout, then PYTEST_TIMEOUT, then the ini value
+    raw = getattr(config.option, "timeout", None) or os.environ.get("PYTEST_TIMEOUT") \
+        or config.getini("timeout")
+    try:
+        limit = float(raw or 0)
+    except ValueError:
+        return  # pytest-timeout reports its own bad value
+    factor = machine_factor()
+    if limit <= 0 or factor == 1.0:
+        return
+    config.stash[TIMEOUT_NOTE] = f"suite timeouts: {limit:.0f} s x {factor:.1f} (load per core at start)"
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(round(limit * factor)))

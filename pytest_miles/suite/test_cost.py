@@ -1,15 +1,21 @@
 """The cost of determinism on this stack, measured in the same run as its baseline: rollout
 throughput with and without deterministic inference, training step time with and without
-deterministic mode, next to the costs the Miles reproducibility guide expects."""
+deterministic mode, next to the costs the Miles reproducibility guide expects. Each figure carries its spread; one whose
+spread covers zero is reported "inconclusive" (a skip), never a pass."""
 
 from __future__ import annotations
 
 import random
 import statistics
 
-from pytest_miles.capabilities.verdict import NotApplicable
-from pytest_miles.engines.base import SamplingParams
-from pytest_miles.scenarios.cost import SEED_COST, measure_rollout_cost
+from pytest_miles import (
+    EXPECTED_COST,
+    NotApplicable,
+    SamplingParams,
+    measure_rollout_cost,
+    raise_if_inconclusive,
+    spread_verdict,
+)
 from pytest_miles.suite.conftest import require
 
 
@@ -22,12 +28,12 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     label = f"cost of determinism: rollout on {kind} ({shape})"
     if not kind.startswith("sglang"):
         miles_record(label, result="not meaningful on CPU (the embedded engine's invariant mode feeds one token "
-                     "at a time)", seed_expects=SEED_COST["rollout"])
+                     "at a time)", seed_expects=EXPECTED_COST["rollout"])
         raise NotApplicable("cost of determinism: not meaningful on CPU / the embedded engine; run it with "
                             "--miles-engine=sglang --miles-model-shape qwen2.5-0.5b on a GPU")
     if shape in ("tiny", "tiny128"):
         miles_record(label, result=f"not meaningful on the {shape} shape (too small for the kernels that cost)",
-                     seed_expects=SEED_COST["rollout"])
+                     seed_expects=EXPECTED_COST["rollout"])
         raise NotApplicable(f"cost of determinism: not meaningful on the {shape} shape; use --miles-model-shape "
                             "qwen2.5-0.5b")
     rng = random.Random(0)
@@ -38,6 +44,7 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     det = engine_factory(kind, deterministic=True, alongside=True)
     non = engine_factory(kind, deterministic=False, alongside=True)
     report = measure_rollout_cost(det, non, prompts, params, pairs=3)
+    raise_if_inconclusive(label, report.figures(), report.costs)
     miles_record(label, **report.figures())
 
 
@@ -45,11 +52,17 @@ def test_training_cost(megatron_trainer_factory, tmp_path, miles_record):
     require("megatron.core", "megatron")
     steps = 8
 
-    def step_time(deterministic: bool) -> float:
+    def step_times(deterministic: bool) -> list[float]:
         run = megatron_trainer_factory(seed=1, deterministic=deterministic).train(steps)
-        return statistics.median(run.step_times[2:])  # the first steps warm up
+        return run.step_times[2:]  # the first steps warm up
 
-    det, non = step_time(True), step_time(False)
-    miles_record("cost of determinism: megatron training step", deterministic_ms=round(det * 1e3, 2),
-                 baseline_ms=round(non * 1e3, 2), cost=f"{(non / det - 1) * 100:+.1f}% throughput",
-                 seed_expects=SEED_COST["training"])
+    det, non = step_times(True), step_times(False)
+    costs = [n / d - 1 for d, n in zip(det, non)]  # throughput cost per step pair
+    label = "cost of determinism: megatron training step"
+    figures = {"deterministic_ms": round(statistics.median(det) * 1e3, 2),
+               "baseline_ms": round(statistics.median(non) * 1e3, 2),
+               "cost": f"{statistics.median(costs) * 100:+.1f}% throughput",
+               "cost_spread": f"{min(costs) * 100:+.1f}%..{max(costs) * 100:+.1f}%", "pairs": len(costs),
+               "verdict": spread_verdict(costs), "seed_expects": EXPECTED_COST["training"]}
+    raise_if_inconclusive(label, figures, costs)
+    miles_record(label, **figures)
