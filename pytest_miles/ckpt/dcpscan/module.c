@@ -219,7 +219,7 @@ static PyObject *scan(PyObject *self, PyObject *arg)
 /* Read buffers start on a page: the kernel's copy into a buffer 16 bytes past a page boundary (where
  * malloc puts a large block) is several times slower on some CPUs (measured 3.9-5.4x on an AMD
  * EPYC), and that copy is most of a comparison's CPU time. */
-#define BLOCK ((size_t)1 << 20)
+#define BLOCK ((size_t)1 << 18) /* 256 KiB: both blocks stay in L2 for the memcmp (1 MiB measured 1.2-1.5x cat, this 1.1x) */
 #define ALIGN ((size_t)4096)
 
 static int pread_full(int fd, unsigned char *buf, size_t want, long long off, int *err)
@@ -288,7 +288,7 @@ static PyObject *range_result(long long result, int err)
 
 PyDoc_STRVAR(cmp_doc, "cmp_range(fd_a, fd_b, offset, length) -> int\n\n"
                       "-1 when bytes [offset, offset + length) of both files are equal, else the offset "
-                      "(from `offset`) of the first 1 MiB block that differs; -2 when a file is shorter "
+                      "(from `offset`) of the first 256 KiB block that differs; -2 when a file is shorter "
                       "than that (it shrank). Reads with pread into page-aligned buffers, the GIL released.");
 
 static PyObject *cmp_range(PyObject *self, PyObject *args)
