@@ -125,7 +125,8 @@ def _write(shape: str, root: Path, side: str, megatron_shape: str) -> None:
 
 
 def _files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
+    """The files of one side: the file itself, or every file under the dir."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
 def _warm(files: list[Path]) -> None:
@@ -136,7 +137,10 @@ def _warm(files: list[Path]) -> None:
 
 
 def _cmp_pairs(a: Path, b: Path) -> list[tuple[Path, Path]]:
-    """File pairs `cmp` may judge: same relative path, not a DCP `.metadata` (ids differ by design)."""
+    """File pairs `cmp` may judge: same relative path, not a DCP `.metadata` (ids differ by design);
+    two files: that pair (torch.save files of other names differ by design: said, not timed)."""
+    if a.is_file() and b.is_file():
+        return [(a, b)]
     rel_b = {p.relative_to(b) for p in _files(b)}
     return [(p, b / p.relative_to(a)) for p in _files(a) if p.relative_to(a) in rel_b and p.name != ".metadata"]
 
@@ -177,17 +181,21 @@ def bench_equal(shape: str, a: Path, b: Path, rounds: int) -> dict:
 
 
 def _flip_positions(b: Path) -> dict[str, tuple[Path, int]]:
-    """(file, byte) inside the elements of B's first, middle and last tensor (by checkpoint order)."""
+    """(file, byte) at the start, the middle and the end of B's tensor bytes (in file order): inside
+    the elements of the first tensor, of the one holding the middle byte, of the last."""
     from pytest_miles.checks.element_diff import _raw_range
     from pytest_miles.ckpt.layouts import load_layout
 
-    tensors = [e for e in sorted(load_layout(b).entries.values(), key=lambda e: e.order)
-               if e.kind == "tensor" and _raw_range(e) is not None and e.chunks[0][2].length > 64]
-    out = {}
-    for where, e in (("start", tensors[0]), ("middle", tensors[len(tensors) // 2]), ("end", tensors[-1])):
-        file, offset, length = _raw_range(e)
-        out[where] = (file, offset + (0 if where == "start" else length // 2 if where == "middle" else length - 1))
-    return out
+    spans = sorted((str(r[0]), r[1], r[2], r[0]) for e in load_layout(b).entries.values()
+                   if e.kind == "tensor" and (r := _raw_range(e)) is not None and r[2] > 64)
+    total = sum(n for _, _, n, _ in spans)
+    acc, middle = 0, None
+    for _, offset, n, file in spans:
+        if middle is None and acc + n > total // 2:
+            middle = (file, offset + total // 2 - acc)
+        acc += n
+    first, last = spans[0], spans[-1]
+    return {"start": (first[3], first[1]), "middle": middle, "end": (last[3], last[1] + last[2] - 1)}
 
 
 def _flip(file: Path, at: int) -> None:
