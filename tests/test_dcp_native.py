@@ -451,6 +451,24 @@ def test_real_megatron_saves_take_the_fast_path_with_the_full_paths_report(megat
     assert report.first.data["differing"] == 1 and report.first.data["first_index"] == [1000 // entry.shape[1], 1000 % entry.shape[1]]
     assert _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
 
+    from pytest_miles.checks import element_diff
+    from pytest_miles.checks.bits import tensor_diff
+
+    layered = _copy(b, tmp_path / "layered")  # a layer-stacked tensor: one chunk (one DCP item) per layer
+    name = "model.decoder.layers.mlp.linear_fc1.weight"
+    entry = load_layout(layered).entries[name]
+    assert len(entry.chunks) > 1
+    _, _, (file, offset, length) = element_diff._chunk_ranges(entry)[-1]
+    blob = bytearray(file.read_bytes())
+    for k in (5, length // 4 - 1):  # two elements of the last chunk
+        blob[offset + 4 * k + 1] ^= 0x01
+    file.write_bytes(bytes(blob))
+    report = compare_checkpoints(a, layered)
+    ea, eb = load_layout(a).entries[name], load_layout(layered).entries[name]
+    expected = tensor_diff(name, ea.assemble(), eb.assemble())
+    assert [d.name for d in report.differences] == [name] and report.first.data == expected.to_json()
+    assert element_diff.element_diff(native, ea, eb) == expected  # from the two elements alone
+
 
 @pytest.mark.timeout(300)
 def test_mutated_megatron_metadata_never_crashes_and_is_never_vouched_for_wrongly(megatron_runs, tmp_path):

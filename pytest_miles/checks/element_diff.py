@@ -5,8 +5,8 @@ whole tensors (hundreds of MiB); what the report says (how many elements differ,
 its value and bits, the largest absolute and ULP distance, NaN mismatches) needs only the differing
 elements. The native reader lists them (`diff_elements`: block memcmp, then element by element only
 inside differing blocks) and this module decodes them with `struct`, as torch would print them
-(`TensorDiff`, the same figures as `bits.tensor_diff`). Tensors stored otherwise (sharded, strided,
-or not one contiguous tensor), exotic dtypes, or more than LIMIT differing elements: None, the caller
+(`TensorDiff`, the same figures as `bits.tensor_diff`). Tensors stored otherwise (strided, other
+chunk layouts on the two sides), exotic dtypes, or more than LIMIT differing elements: None, the caller
 decodes with torch.
 """
 
@@ -32,13 +32,19 @@ _SIGNED = {1: "b", 2: "h", 4: "i", 8: "q"}
 
 def _raw_range(e: CheckpointEntry) -> tuple[Any, int, int] | None:
     """(file, offset, length) of a tensor's elements, row-major, when it is stored as one chunk
-    covering it, raw or as a torch.save blob of one contiguous tensor (a DCP item); else None."""
+    covering it (see _chunk_range); else None."""
     if e.kind != "tensor" or len(e.chunks) != 1 or e.dtype not in ITEMSIZE:
         return None
     offsets, sizes, item = e.chunks[0]
-    nbytes = numel(e.shape) * ITEMSIZE[e.dtype]
     if any(offsets) or tuple(sizes) != tuple(e.shape or ()):
         return None
+    return _chunk_range(e, sizes, item)
+
+
+def _chunk_range(e: CheckpointEntry, sizes: tuple[int, ...], item: Any) -> tuple[Any, int, int] | None:
+    """(file, offset, length) of one chunk's elements, row-major: stored raw, or as a torch.save blob
+    of one contiguous tensor (a DCP item, read in place); else None."""
+    nbytes = numel(sizes) * ITEMSIZE[e.dtype or "uint8"]
     if item.encoding in _RAW:
         return (item.file, item.offset, item.length) if item.length == nbytes else None
     if item.encoding != ("torch.save", False):
@@ -54,6 +60,19 @@ def _raw_range(e: CheckpointEntry) -> tuple[Any, int, int] | None:
         return None
     offset, length = t.byte_span()
     return (item.file, offset, length) if length == nbytes else None
+
+
+def _chunk_ranges(e: CheckpointEntry) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple]] | None:
+    """[(chunk offsets, chunk sizes, (file, offset, length))] of every chunk, or None."""
+    if e.kind != "tensor" or e.dtype not in ITEMSIZE or not e.chunks:
+        return None
+    out = []
+    for offsets, sizes, item in e.chunks:
+        r = _chunk_range(e, tuple(sizes), item)
+        if r is None:
+            return None
+        out.append((tuple(offsets), tuple(sizes), r))
+    return out
 
 
 def _values(dtype: str, raw: bytes, n: int) -> list[Any]:
@@ -73,33 +92,59 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def element_diff(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> TensorDiff | None:
-    """The TensorDiff of two stored tensors of equal dtype and shape, read from their files without
-    torch; None where this does not apply (the caller decodes the tensors instead)."""
+    """The TensorDiff of two stored tensors of equal dtype, shape and chunk layout (Megatron stores a
+    layer-stacked tensor as one chunk per layer), read from their files without torch; None where
+    this does not apply (the caller decodes the tensors instead)."""
     dtype = ea.dtype or ""
     if native is None or dtype not in _FLOATS and dtype not in _INTS:
         return None
-    ra, rb = _raw_range(ea), _raw_range(eb)
-    if ra is None or rb is None:
+    ca, cb = _chunk_ranges(ea), _chunk_ranges(eb)
+    if ca is None or cb is None or [c[:2] for c in ca] != [c[:2] for c in cb]:
         return None
+    size, shape = ITEMSIZE[dtype], tuple(ea.shape or ())
+    total, index, parts_a, parts_b = 0, [], [], []
+    for (offsets, sizes, ra), (_, _, rb) in zip(ca, cb):
+        found = _diff(native, ra, rb, size, LIMIT - total)
+        if found is None:
+            return None  # the full decode names the problem
+        count, local, raw_a, raw_b = found
+        total += count
+        if total > LIMIT:
+            return None  # too many: torch is quicker
+        index.extend(_ravel([o + i for o, i in zip(offsets, _unravel(k, sizes))], shape) for k in local)
+        parts_a.append(raw_a)
+        parts_b.append(raw_b)
+    if total == 0:
+        return None  # no difference (the caller's bytes said otherwise: let it look)
+    return _figures(ea, dtype, size, total, index, b"".join(parts_a), b"".join(parts_b))
+
+
+def _diff(native: Any, ra: tuple, rb: tuple, size: int, limit: int) -> tuple[int, list[int], bytes, bytes] | None:
+    """The native diff_elements of two byte ranges: (count, element indices, bytes A, bytes B)."""
     from pytest_miles._files import SafeFile
 
-    size = ITEMSIZE[dtype]
     with SafeFile(ra[0]) as fa, SafeFile(rb[0]) as fb:
         if ra[1] + ra[2] > fa.size or rb[1] + rb[2] > fb.size:
-            return None  # the full decode names the problem
+            return None
         try:
-            count, index, raw_a, raw_b = native.diff_elements(fa.fd, ra[1], fb.fd, rb[1], ra[2], size, LIMIT)
+            count, index, raw_a, raw_b = native.diff_elements(fa.fd, ra[1], fb.fd, rb[1], ra[2], size, max(limit, 0))
         except (OSError, EOFError) as exc:
             raise CheckpointError(f"{ra[0]} / {rb[0]}: read failed ({exc})") from None
-    if count == 0 or count > LIMIT:
-        return None  # no difference (the caller's bytes said otherwise: let it look) or too many
-    return _figures(ea, dtype, size, count, array("q", index).tolist(), raw_a, raw_b)
+    return count, array("q", index).tolist(), raw_a, raw_b
+
+
+def _ravel(index: list[int], shape: tuple[int, ...]) -> int:
+    flat = 0
+    for i, s in zip(index, shape):
+        flat = flat * s + i
+    return flat
 
 
 def _figures(e: CheckpointEntry, dtype: str, size: int, count: int, index: list[int], raw_a: bytes,
              raw_b: bytes) -> TensorDiff:
     """What bits.tensor_diff reports, from the differing elements alone."""
     va, vb = _values(dtype, raw_a, count), _values(dtype, raw_b, count)
+    k0 = min(range(count), key=index.__getitem__)  # the first in the tensor's row-major order
     width = size * 8
     bits_of = (lambda raw: struct.unpack(f"<{count}{_SIGNED[size]}", raw)) if dtype != "bool" else (
         lambda raw: struct.unpack(f"<{count}B", raw))
@@ -119,6 +164,6 @@ def _figures(e: CheckpointEntry, dtype: str, size: int, count: int, index: list[
     shape = tuple(e.shape or ())
     mask = (1 << width) - 1
     return TensorDiff(name=e.name, dtype=dtype, shape=shape, differing=count, total=numel(shape),
-                      first_index=_unravel(index[0], shape), value_a=repr(va[0]), value_b=repr(vb[0]),
-                      bits_a=f"0x{sa[0] & mask:0{width // 4}x}", bits_b=f"0x{sb[0] & mask:0{width // 4}x}",
+                      first_index=_unravel(index[k0], shape), value_a=repr(va[k0]), value_b=repr(vb[k0]),
+                      bits_a=f"0x{sa[k0] & mask:0{width // 4}x}", bits_b=f"0x{sb[k0] & mask:0{width // 4}x}",
                       max_abs_diff=max_abs, max_ulp=max_ulp, nan_mismatches=nan)
