@@ -183,11 +183,11 @@ def bench_equal(shape: str, a: Path, b: Path, rounds: int) -> dict:
 def _flip_positions(b: Path) -> dict[str, tuple[Path, int]]:
     """(file, byte) at the start, the middle and the end of B's tensor bytes (in file order): inside
     the elements of the first tensor, of the one holding the middle byte, of the last."""
-    from pytest_miles.checks.element_diff import _raw_range
+    from pytest_miles.checks.element_diff import _chunk_ranges
     from pytest_miles.ckpt.layouts import load_layout
 
     spans = sorted((str(r[0]), r[1], r[2], r[0]) for e in load_layout(b).entries.values()
-                   if e.kind == "tensor" and (r := _raw_range(e)) is not None and r[2] > 64)
+                   for *_, r in (_chunk_ranges(e) or []) if r[2] > 64)
     total = sum(n for _, _, n, _ in spans)
     acc, middle = 0, None
     for _, offset, n, file in spans:
