@@ -196,3 +196,12 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def aligned_buffer(size: int) -> memoryview:
+    """A writable buffer that starts on a page boundary (an anonymous mapping). Why: the kernel's copy
+    into a buffer 16 bytes past a page boundary (where malloc puts a large bytearray) is several
+    times slower on some CPUs (3.9-5.4x measured on an AMD EPYC): most of a big read's CPU time."""
+    import mmap
+
+    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]

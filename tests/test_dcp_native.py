@@ -288,8 +288,9 @@ FUZZ = textwrap.dedent("""
     import random, shutil, sys
     from pathlib import Path
     from pytest_miles.ckpt import _dcpscan
-    from pytest_miles.checks.checkpoints import CheckpointError, compare_checkpoints
+    from pytest_miles.checks.compare import compare_checkpoints
     from pytest_miles.checks.dcp_fast import fast_equal
+    from pytest_miles.errors import CheckpointError
     src, work, rounds, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     sys.path.insert(0, sys.argv[5])
     from fuzz_dcpscan import mutate  # scripts/: the mutations the sanitizer run uses
@@ -391,3 +392,95 @@ def test_the_native_reader_can_be_switched_off_and_a_bad_switch_is_named(saves, 
             and "Traceback" not in err), err
     assert main(["compare", "--json", str(a), str(b)]) == 2
     assert "PYTEST_MILES_NATIVE" in json.loads(capsys.readouterr().out)["error"]
+
+
+@pytest.fixture(scope="module")
+def megatron_runs(tmp_path_factory):
+    """Two real megatron-core runs (the project's trainer, tiny model, one step, seed 1234): torch_dist
+    saves with Megatron's `.metadata` (its save plans in `all_local_plans`), `common.pt` and
+    `metadata.json` beside the `.distcp` file, and the tracker file."""
+    pytest.importorskip("megatron.core")
+    from pytest_miles.trainers.megatron import MegatronTrainer
+
+    t = tmp_path_factory.mktemp("megatron")
+    for side in ("a", "b"):
+        MegatronTrainer(seed=1234, timeout=300).train(1, save_dir=t / side)
+    return t / "a", t / "b"
+
+
+@pytest.mark.timeout(400)
+def test_real_megatron_saves_take_the_fast_path_with_the_full_paths_report(megatron_runs, tmp_path, capsys):
+    a, b = megatron_runs
+    it_a, it_b = a / "iter_0000001", b / "iter_0000001"
+    assert sorted(p.name for p in it_a.iterdir()) == [".metadata", "__0_0.distcp", "common.pt", "metadata.json"]
+    raw = (it_a / ".metadata").read_bytes()
+    assert b"all_local_plans" in raw and native.scan(raw) is not None, native.declined_at()
+    for x, y in ((a, b), (it_a, it_b), (a, it_b)):  # run dirs (tracker), iteration dirs, one of each
+        fast = dcp_fast.fast_equal(x, y)
+        assert fast is not None, (x, y)
+        full = compare_checkpoints(x, y, fast=False)
+        assert full.passed and _json(fast) == _json(full)
+    assert main(["compare", str(a), str(b)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    expected = compare_checkpoints(a, b, fast=False).render().splitlines()
+    assert [x for x in printed if " in " not in x] == [x for x in expected if " in " not in x]
+
+    common = _copy(a, tmp_path / "common")  # an argument changed in common.pt: the full path says which
+    payload = torch.load(common / "iter_0000001" / "common.pt", weights_only=False)  # our own file: trusted
+    payload["args"]["lr"] = 0.5
+    torch.save(payload, common / "iter_0000001" / "common.pt")
+    assert dcp_fast.fast_equal(a, common) is None
+    assert [d.name for d in compare_checkpoints(a, common).differences] == ["common.pt:args.lr"]
+    meta = _copy(a, tmp_path / "meta")
+    (meta / "iter_0000001" / "metadata.json").write_text('{"sharded_backend": "other"}')
+    assert dcp_fast.fast_equal(a, meta) is None and not compare_checkpoints(a, meta).passed
+    flipped = _copy(b, tmp_path / "flipped")
+    data = flipped / "iter_0000001" / "__0_0.distcp"
+    from pytest_miles.checks.element_diff import _raw_range
+    from pytest_miles.ckpt.layouts import load_layout
+
+    name = "model.embedding.word_embeddings.weight"
+    entry = load_layout(flipped).entries[name]
+    _, offset, _ = _raw_range(entry)  # its elements, inside the item's zip
+    blob = bytearray(data.read_bytes())
+    blob[offset + 4 * 1000 + 3] ^= 0x10  # element 1000's exponent
+    data.write_bytes(bytes(blob))
+    assert dcp_fast.fast_equal(a, flipped) is None
+    report = compare_checkpoints(a, flipped)
+    assert len(report.differences) == 1 and report.first.name == name
+    assert report.first.data["differing"] == 1 and report.first.data["first_index"] == [1000 // entry.shape[1], 1000 % entry.shape[1]]
+    assert _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
+
+    from pytest_miles.checks import element_diff
+    from pytest_miles.checks.bits import tensor_diff
+
+    layered = _copy(b, tmp_path / "layered")  # a layer-stacked tensor: one chunk (one DCP item) per layer
+    name = "model.decoder.layers.mlp.linear_fc1.weight"
+    entry = load_layout(layered).entries[name]
+    assert len(entry.chunks) > 1
+    _, _, (file, offset, length) = element_diff._chunk_ranges(entry)[-1]
+    blob = bytearray(file.read_bytes())
+    for k in (5, length // 4 - 1):  # two elements of the last chunk
+        blob[offset + 4 * k + 1] ^= 0x01
+    file.write_bytes(bytes(blob))
+    report = compare_checkpoints(a, layered)
+    ea, eb = load_layout(a).entries[name], load_layout(layered).entries[name]
+    expected = tensor_diff(name, ea.assemble(), eb.assemble())
+    assert [d.name for d in report.differences] == [name] and report.first.data == expected.to_json()
+    assert element_diff.element_diff(native, ea, eb) == expected  # from the two elements alone
+
+
+@pytest.mark.timeout(300)
+def test_mutated_megatron_metadata_never_crashes_and_is_never_vouched_for_wrongly(megatron_runs, tmp_path):
+    """The differential fuzz of the test above, on Megatron's `.metadata` (save plans included)."""
+    a, _ = megatron_runs
+    src = tmp_path / "plain"  # the iteration dir without the files beside: the fuzz compares DCP dirs
+    src.mkdir()
+    for name in (".metadata", "__0_0.distcp"):
+        shutil.copy(a / "iter_0000001" / name, src / name)
+    proc = subprocess.run([sys.executable, "-c", FUZZ, str(src), str(tmp_path), "6000", "15",
+                           str(Path(__file__).parent.parent / "scripts")],
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
+    assert "fuzz: 6000 mutations" in proc.stdout
+    assert int(proc.stdout.split(", ")[-1].split()[0]) > 0, proc.stdout

@@ -32,9 +32,9 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ig
     """Compare two checkpoints (or one against a manifest file/dict) and return the report.
 
     Raises CheckpointError for unusable input. Never writes to either input. `fast`: first try the
-    native path for two plain DCP dirs (dcp_fast.py), which only ever answers EQUAL (the same
-    report) or hands over to the full comparison; False: the full comparison only.
-    """
+    native path for two DCP dirs, plain or Megatron torch_dist (dcp_fast.py), which only ever
+    answers EQUAL (the same report) or hands over to the full comparison; False: the full
+    comparison only."""
     nworkers = validate_workers(workers)
     if fast and not ignore and not isinstance(b, dict):
         from pytest_miles.checks.dcp_fast import fast_equal

@@ -1,4 +1,6 @@
-"""`compare` of two plain DCP checkpoints that are equal, at the speed of reading their bytes.
+"""`compare` of two DCP checkpoints that are equal, at the speed of reading their bytes: plain DCP
+dirs and Megatron's torch_dist saves (run dir or `iter_XXXXXXX/`, with `common.pt` and
+`metadata.json` beside the `.distcp` files).
 
 Why: comparing two checkpoints of 20,000 small tensors must cost less than hashing them (the target:
 5x faster than `md5sum`). CPython's own unpickler alone needs ~60 ms for such a `.metadata`, and
@@ -13,10 +15,12 @@ common case (two plain DCP dirs, equal):
   DCP writes for the same state), is not read again; otherwise it is scanned too;
 - meanwhile a thread compares the data files whole (pread and memcmp, the GIL released);
 - equal plans + byte-identical data files (long enough for their items) = every item's bytes equal
-  = EQUAL, reported as the full path reports it (same counts, same notes; tests compare the two).
+  = EQUAL, reported as the full path reports it (same counts, same notes; tests compare the two);
+- the files beside them (Megatron's `common.pt`, `metadata.json`) must be byte-identical too; a
+  torch file is still read (restricted unpickler, small) for the counts the full path reports.
 
 Anything else returns None and the caller takes the full Python path, the reference: a dir holding
-more than `.metadata` and `*.distcp` files, a data file `.metadata` does not name, a `.metadata` the
+more than `.metadata`, `*.distcp`, torch files and json/txt/yaml files, a data file `.metadata` does not name, a `.metadata` the
 native reader does not vouch for (malformed, hostile, merely unusual), plans or bytes that differ,
 or no native reader (built at install where a C compiler is found). It never says DIFFERENT and
 never raises: it only shortens the way to an EQUAL that the full path gives.
@@ -53,13 +57,46 @@ def _ids(scan: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def _plain_dcp_dir(path: str | os.PathLike) -> tuple[Path, list[str]] | None:
-    """(the dir, its `.distcp` names) for a dir of only `.metadata` and `*.distcp` regular files."""
+_TORCH = (".pt", ".pth", ".bin")  # as ckpt/model.py: TORCH_SUFFIXES, SIDE_SUFFIXES
+_SIDE = (".json", ".txt", ".yaml", ".yml")
+_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class _Side:
+    """One side as the fast path sees it: the DCP dir, its `.distcp` names, the files beside them,
+    its kind and the note the full path adds for a Megatron run dir."""
+
+    def __init__(self, root: Path, distcp: list[str], beside: list[str], kind: str, notes: list[str]) -> None:
+        self.root, self.distcp, self.beside, self.kind, self.notes = root, distcp, beside, kind, notes
+
+
+def _iteration_dir(root: Path) -> Path | None:
+    """A Megatron run dir's iteration dir, as its tracker names it (anything unusual: None)."""
+    try:
+        with SafeFile(root / _TRACKER) as f:  # a regular file (a FIFO is refused, never opened blocking)
+            text = f.pread(0, min(f.size, 4096)).decode("ascii").strip()
+    except (CheckpointError, UnicodeDecodeError):
+        return None
+    if not text.isdigit() or len(text) > 7:
+        return None
+    it = root / f"iter_{int(text):07d}"
+    return it if it.is_dir() else None
+
+
+def _dcp_dir(path: str | os.PathLike) -> _Side | None:
+    """The side of a DCP dir holding only `.metadata`, `*.distcp`, torch and side files (all regular),
+    or of a Megatron run dir whose tracker names one."""
     try:
         root = Path(path).resolve(strict=True)
         if not root.is_dir():
             return None
-        names, meta = [], False
+        kind, notes = "dcp", []
+        if os.path.lexists(root / _TRACKER):
+            it = _iteration_dir(root)
+            if it is None:
+                return None
+            kind, notes, root = "megatron/dcp", [f"{root.name}/{_TRACKER} -> {it.name}"], it.resolve(strict=True)
+        distcp, beside, meta = [], [], False
         with os.scandir(root) as entries:
             for e in entries:
                 if not e.is_file():  # a dir, FIFO, socket, device, dangling link: the full path's
@@ -67,12 +104,36 @@ def _plain_dcp_dir(path: str | os.PathLike) -> tuple[Path, list[str]] | None:
                 if e.name == ".metadata":
                     meta = True
                 elif e.name.endswith(".distcp"):
-                    names.append(e.name)
+                    distcp.append(e.name)
+                elif e.name.endswith(_TORCH + _SIDE):
+                    beside.append(e.name)
                 else:
                     return None
     except (OSError, RuntimeError):
         return None
-    return (root, sorted(names)) if meta else None
+    return _Side(root, sorted(distcp), sorted(beside), kind, notes) if meta else None
+
+
+def _beside_counts(a: _Side, b: _Side) -> tuple[int, int] | None:
+    """(entries, bytes over both sides) the full path counts for the files beside the DCP files,
+    when they are byte-identical on both sides (equal bytes: equal values), else None."""
+    if a.beside != b.beside:
+        return None
+    from pytest_miles.ckpt.model import Layout
+    from pytest_miles.ckpt.torch_files import add_torch_file
+
+    count = nbytes = 0
+    for name in a.beside:
+        with SafeFile(a.root / name) as fa, SafeFile(b.root / name) as fb:
+            if fa.size != fb.size or fa.pread(0, fa.size, name) != fb.pread(0, fb.size, name):
+                return None
+        if name.endswith(_TORCH):
+            layout = Layout("torch", a.root)
+            add_torch_file(layout, a.root / name, f"{name}:", 0)  # CheckpointError for a bad file: the full path's
+            for e in layout.entries.values():
+                count += 1
+                nbytes += sum(2 * item.length for *_, item in e.chunks)
+    return count, nbytes
 
 
 class _WholeFiles:
@@ -117,47 +178,32 @@ class _WholeFiles:
 
 
 def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None = None) -> Report | None:
-    """The report of an EQUAL pair of plain DCP checkpoints, or None (take the full path)."""
+    """The report of an EQUAL pair of DCP checkpoints (plain or Megatron torch_dist), or None (take
+    the full path)."""
     native = native_reader()
     if native is None:
         return None
     t0 = time.perf_counter()
-    side_a, side_b = _plain_dcp_dir(a), _plain_dcp_dir(b)
-    if side_a is None or side_b is None or side_a[1] != side_b[1]:
+    side_a, side_b = _dcp_dir(a), _dcp_dir(b)
+    if side_a is None or side_b is None or side_a.distcp != side_b.distcp:
         return None
-    (root_a, names), (root_b, _) = side_a, side_b
     opened: list[SafeFile] = []
     data: _WholeFiles | None = None
     try:
         pairs = []
-        for name in names:
-            fa = SafeFile(root_a / name)
+        for name in side_a.distcp:
+            fa = SafeFile(side_a.root / name)
             opened.append(fa)
-            fb = SafeFile(root_b / name)
+            fb = SafeFile(side_b.root / name)
             opened.append(fb)
             if fa.size != fb.size:
                 return None
             pairs.append((fa, fb))
         data = _WholeFiles(native, pairs)
         data.start(1 if (workers or min(2, os.cpu_count() or 1)) > 1 else 0)
-        raw_a = read_bytes(root_a / ".metadata", what="DCP metadata")
-        sa = native.scan(raw_a)
-        if sa is None:
-            return None
-        ids_a = _ids(sa)
-        raw_b = read_bytes(root_b / ".metadata", what="DCP metadata")
-        ids_b = mirrored_ids(raw_a, raw_b, ids_a)  # B is A but its ids: A's reading is B's
-        del raw_a
-        if ids_b is None:
-            sb = native.scan(raw_b)
-            if sb is None or sb["plan"] != sa["plan"]:
-                return None
-            ids_b = _ids(sb)
-        sizes = {name: fa.size for name, (fa, _) in zip(names, pairs)}
-        if (not sa["items"] or sorted(name for name, _ in sa["files"]) != names
-                or any(sizes[name] < end for name, end in sa["files"])):
-            return None
-        if not data.equal():
+        scanned = _plans(native, side_a, side_b, {name: fa.size for name, (fa, _) in zip(side_a.distcp, pairs)})
+        beside = _beside_counts(side_a, side_b) if scanned is not None else None
+        if scanned is None or beside is None or not data.equal():
             return None
     except CheckpointError:
         return None
@@ -167,5 +213,29 @@ def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None =
         for f in opened:
             f.close()
         native.release()  # the scan's memory, kept between the two sides' scans
-    return Report(str(a), str(b), "dcp", "dcp", tensors_compared=sa["items"], bytes_compared=2 * sa["nbytes"],
-                  seconds=time.perf_counter() - t0, notes=merge_notes(id_notes(ids_a), id_notes(ids_b)))
+    sa, ids_a, ids_b = scanned
+    notes = merge_notes(id_notes(ids_a) + side_a.notes, id_notes(ids_b) + side_b.notes)
+    return Report(str(a), str(b), side_a.kind, side_b.kind, tensors_compared=sa["items"] + beside[0],
+                  bytes_compared=2 * sa["nbytes"] + beside[1], seconds=time.perf_counter() - t0, notes=notes)
+
+
+def _plans(native: Any, side_a: _Side, side_b: _Side, sizes: dict[str, int]) -> tuple | None:
+    """(A's scan, A's ids, B's ids) when both `.metadata` plans are equal and every data file is
+    long enough for its items, else None."""
+    raw_a = read_bytes(side_a.root / ".metadata", what="DCP metadata")
+    sa = native.scan(raw_a)
+    if sa is None:
+        return None
+    ids_a = _ids(sa)
+    raw_b = read_bytes(side_b.root / ".metadata", what="DCP metadata")
+    ids_b = mirrored_ids(raw_a, raw_b, ids_a)  # B is A but its ids: A's reading is B's
+    del raw_a
+    if ids_b is None:
+        sb = native.scan(raw_b)
+        if sb is None or sb["plan"] != sa["plan"]:
+            return None
+        ids_b = _ids(sb)
+    if (not sa["items"] or sorted(name for name, _ in sa["files"]) != side_a.distcp
+            or any(sizes[name] < end for name, end in sa["files"])):
+        return None
+    return sa, ids_a, ids_b

@@ -17,9 +17,11 @@ from typing import Any
 
 from pytest_miles.checks.byte_ranges import compare_group, split
 from pytest_miles.checks.compare_report import Difference, Report, merge_notes
+from pytest_miles.checks.element_diff import element_diff
 from pytest_miles.checks.values import Ignore, leaf_diff, objects_diff
 from pytest_miles.ckpt.dcp_layout import relocated
 from pytest_miles.ckpt.model import CheckpointEntry, CheckpointError, Item, Layout, side_file_value
+from pytest_miles.ckpt.native import native_reader
 
 __all__ = ["compare_layouts"]
 
@@ -159,6 +161,7 @@ def _decode(plan: _Plan, unequal: dict[int, tuple[CheckpointEntry, CheckpointEnt
             first: bool, stop: threading.Event) -> None:
     """Values of the entries whose bytes differ or whose layouts differ: which elements, how much."""
     diffs = report.differences
+    native = native_reader() if unequal else None
     for ea, eb in sorted([*unequal.values(), *plan.assembled], key=lambda p: p[0].order):
         if first and diffs:
             stop.set()
@@ -166,7 +169,9 @@ def _decode(plan: _Plan, unequal: dict[int, tuple[CheckpointEntry, CheckpointEnt
         if ea.kind == "bytes":
             found = objects_diff(ea.name, ea.chunks[0][2].decode(), eb.chunks[0][2].decode(), ign)
         else:
-            d = leaf_diff(ea.name, ea.assemble(), eb.assemble())
+            td = element_diff(native, ea, eb) if id(ea) in unequal else None  # without torch where it can
+            d = Difference("tensor", ea.name, td.render(), data=td.to_json()) if td is not None else leaf_diff(
+                ea.name, ea.assemble(), eb.assemble())
             found = [d] if d else []
             if id(ea) in plan.assembled_ids:
                 report.tensors_compared += 1

@@ -14,10 +14,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import SafeFile, read_bytes, write_atomic
+from pytest_miles._files import SafeFile, aligned_buffer, read_bytes, write_atomic
 from pytest_miles.ckpt.layouts import load_layout
 from pytest_miles.ckpt.lazy import LazyTensor, flatten_values
-from pytest_miles.ckpt.model import ITEMSIZE, CheckpointEntry, CheckpointError, Item, numel, side_file_value
+from pytest_miles.ckpt.model import ITEMSIZE, CheckpointEntry, CheckpointError, numel, side_file_value
 from pytest_miles.ckpt.torch_save import load_torch
 
 __all__ = ["MANIFEST_CHUNK_ELEMENTS", "MANIFEST_FORMAT", "MANIFEST_FORMATS", "build_manifest", "is_manifest",
@@ -60,25 +60,23 @@ def _digest_value(v: Any) -> str:
 
 def _tensor_digests(e: CheckpointEntry) -> tuple[str, list[str]]:
     """(digest of the whole tensor, digests of each MANIFEST_CHUNK_ELEMENTS-element range).
-    A tensor stored as one raw chunk is streamed from the file; others are assembled first."""
+    A tensor stored as one chunk (raw, or one contiguous tensor in a torch.save item) is streamed
+    from its file through a page-aligned buffer; others are assembled first."""
     itemsize = ITEMSIZE[e.dtype or "uint8"]
     whole = hashlib.sha256(f"torch.{e.dtype}|{list(e.shape or ())}|".encode())
     parts: list[str] = []
     step = MANIFEST_CHUNK_ELEMENTS * itemsize
-    item = e.chunks[0][2] if len(e.chunks) == 1 else None
-    if item is not None and item.encoding in ("raw", ("raw",), ("pt", "contiguous")) and item.length == \
-            itemsize * numel(e.shape):
-        with SafeFile(item.file) as f:
-            for pos in range(0, item.length, step):
-                data = f.pread(item.offset + pos, min(step, item.length - pos), f"tensor {e.name!r}")
-                whole.update(data)
-                parts.append(hashlib.sha256(data).hexdigest())
-    elif item is not None and item.encoding == ("torch.save", False) and (lazy := _lazy_chunk(item)) is not None:
-        raw = memoryview(lazy.read())
-        for pos in range(0, len(raw), step):
-            data = raw[pos:pos + step]
-            whole.update(data)
-            parts.append(hashlib.sha256(data).hexdigest())
+    span = _stored_span(e, itemsize)
+    if span is not None:
+        file, offset, length = span
+        buf = aligned_buffer(min(step, length))
+        with SafeFile(file) as f:
+            for pos in range(0, length, step):
+                n = min(step, length - pos)
+                if f.preadinto(buf[:n], offset + pos) != n:
+                    raise CheckpointError(f"{file}: truncated while reading tensor {e.name!r} (file shrank?)")
+                whole.update(buf[:n])
+                parts.append(hashlib.sha256(buf[:n]).hexdigest())
     else:
         import torch
 
@@ -90,12 +88,20 @@ def _tensor_digests(e: CheckpointEntry) -> tuple[str, list[str]]:
     return whole.hexdigest(), parts
 
 
-def _lazy_chunk(item: Item) -> LazyTensor | None:
-    """A DCP tensor chunk (a torch.save blob) read without torch, when it is one contiguous tensor."""
-    with SafeFile(item.file) as f:
-        blob = f.pread(item.offset, item.length, f"item {item.key!r}")
-    obj = load_torch(blob, f"{item.file} (item {item.key!r} at byte {item.offset})")
-    return obj if isinstance(obj, LazyTensor) and obj.is_contiguous() else None
+def _stored_span(e: CheckpointEntry, itemsize: int) -> tuple[Path, int, int] | None:
+    """(file, offset, length) of a tensor's elements when they lie in one file range, row-major."""
+    item = e.chunks[0][2] if len(e.chunks) == 1 else None
+    if item is None:
+        return None
+    if item.encoding in ("raw", ("raw",), ("pt", "contiguous")) and item.length == itemsize * numel(e.shape):
+        return item.file, item.offset, item.length
+    if item.encoding != ("torch.save", False):
+        return None
+    lazy = load_torch(item.file, f"{item.file} (item {item.key!r} at byte {item.offset})", (item.offset, item.length))
+    if not isinstance(lazy, LazyTensor) or not lazy.is_contiguous():  # read in place: its directory and pickle
+        return None
+    offset, length = lazy.byte_span()
+    return Path(lazy.storage.source), offset, length
 
 
 def build_manifest(path: str | os.PathLike) -> dict[str, Any]:

@@ -20,10 +20,11 @@ __all__ = ["load_torch"]
 
 
 class _Window(io.RawIOBase):
-    """A seekable read-only view of [0, size) of a SafeFile, for zipfile."""
+    """A seekable read-only view of bytes [base, base + size) of a SafeFile, for zipfile."""
 
-    def __init__(self, f: SafeFile) -> None:
-        self.f, self.pos = f, 0
+    def __init__(self, f: SafeFile, base: int = 0, size: int | None = None) -> None:
+        self.f, self.pos, self.base = f, 0, base
+        self.size = f.size - base if size is None else size
 
     def readable(self) -> bool:
         return True
@@ -35,32 +36,37 @@ class _Window(io.RawIOBase):
         return self.pos
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        self.pos = max(0, pos if whence == 0 else self.pos + pos if whence == 1 else self.f.size + pos)
+        self.pos = max(0, pos if whence == 0 else self.pos + pos if whence == 1 else self.size + pos)
         return self.pos
 
     def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self.f.size - self.pos))
-        data = self.f.pread(self.pos, n) if n else b""
+        n = max(0, min(len(b), self.size - self.pos))
+        data = self.f.pread(self.base + self.pos, n) if n else b""
         b[:n] = data
         self.pos += n
         return n
 
 
-def load_torch(source: str | os.PathLike | bytes, where: str | None = None) -> Any:
+def load_torch(source: str | os.PathLike | bytes, where: str | None = None, span: tuple[int, int] | None = None) -> Any:
     """A `torch.save` file (path) or blob (bytes): the object with `LazyTensor` leaves.
 
-    Only the zip format (torch >= 1.6) is read; entries must be stored, not compressed (as torch
-    writes them), and lie inside the file."""
+    `span`: (offset, length) of a blob inside the file `source` (a DCP item), read in place: only its
+    zip directory and pickle, not its tensor bytes. Only the zip format (torch >= 1.6) is read;
+    entries must be stored, not compressed (as torch writes them), and lie inside the file."""
     where = where or str(source)
     fh: SafeFile | None = None
+    base = span[0] if span is not None else 0
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
             raw: Any = io.BytesIO(source)
             size, head = len(source), bytes(source[:4])
         else:
             fh = SafeFile(source)
-            raw, size = _Window(fh), fh.size
-            head = fh.pread(0, min(4, size))
+            if span is not None and (span[0] < 0 or span[1] < 0 or span[0] + span[1] > fh.size):
+                raise CheckpointError(f"{where}: bytes [{span[0]}, {span[0] + span[1]}) are outside the file")
+            raw = _Window(fh, base, span[1] if span is not None else None)
+            size = raw.size
+            head = fh.pread(base, min(4, size))
         if size == 0:
             raise CheckpointError(f"{where}: empty file")
         if head != b"PK\x03\x04":
@@ -88,7 +94,7 @@ def load_torch(source: str | os.PathLike | bytes, where: str | None = None) -> A
                 raise CheckpointError(f"{where}: truncated: entry {info.filename} ends at byte "
                                       f"{start + info.file_size}, file has {size}")
             if info.filename.startswith(prefix + "data/"):
-                entries[info.filename[len(prefix) + 5:]] = (start, info.file_size)
+                entries[info.filename[len(prefix) + 5:]] = (base + start, info.file_size)
         pstart, plen = raw_pread_span(pkls[0], raw, where)
         data = raw_pread(raw, pstart, plen, where)
         src = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else str(source)

@@ -37,7 +37,8 @@ enum { N_TUPLE = 1, N_LIST, N_DICT, N_GLOBAL, N_OBJ, N_REDUCE };
 /* globals we know; anything else: not for us */
 enum {
     G_METADATA = 1, G_TSM, G_BSM, G_TPROPS, G_CSM, G_MINDEX, G_SMETA, G_SINFO, /* NEWOBJ classes */
-    G_SIZE, G_LAYOUT, G_MEMFMT, G_PATH,                                   /* REDUCE callables */
+    G_SAVEPLAN, G_WITEM, G_TWDATA, G_BIODATA, /* NEWOBJ: megatron-core's `all_local_plans` (never walked) */
+    G_SIZE, G_LAYOUT, G_MEMFMT, G_PATH, G_WITYPE,                          /* REDUCE callables */
     G_DTYPE0 = 32                                                         /* + dtype code */
 };
 

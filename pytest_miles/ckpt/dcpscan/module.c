@@ -214,70 +214,186 @@ static PyObject *scan(PyObject *self, PyObject *arg)
     return res;
 }
 
+/* ---- byte ranges ------------------------------------------------------------------------- */
+
+/* Read buffers start on a page: the kernel's copy into a buffer 16 bytes past a page boundary (where
+ * malloc puts a large block) is several times slower on some CPUs (measured 3.9-5.4x on an AMD
+ * EPYC), and that copy is most of a comparison's CPU time. */
+#define BLOCK ((size_t)1 << 18) /* 256 KiB: both blocks stay in L2 for the memcmp (1 MiB measured 1.2-1.5x cat, this 1.1x) */
+#define ALIGN ((size_t)4096)
+
+static int pread_full(int fd, unsigned char *buf, size_t want, long long off, int *err)
+{
+    size_t got = 0;
+    while (got < want) {
+        ssize_t r = pread(fd, buf + got, want - got, (off_t)(off + (long long)got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            *err = errno;
+            return -1;
+        }
+        if (r == 0)
+            return -2; /* the file shrank */
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* -1: equal; -2: a file is shorter than the range; else the offset (from the range's start) of the
+ * first differing byte, or, with `exact` 0, of the first differing block. The GIL is released. */
+static long long first_diff_of(int fa, long long oa, int fb, long long ob, long long len, int exact, int *err)
+{
+    unsigned char *ba = NULL, *bb = NULL;
+    if (posix_memalign((void **)&ba, ALIGN, BLOCK) || posix_memalign((void **)&bb, ALIGN, BLOCK)) {
+        free(ba);
+        *err = ENOMEM;
+        return -1;
+    }
+    long long result = -1, done = 0;
+    while (done < len) {
+        size_t want = (size_t)(len - done < (long long)BLOCK ? len - done : (long long)BLOCK);
+        int r = pread_full(fa, ba, want, oa + done, err);
+        if (!r)
+            r = pread_full(fb, bb, want, ob + done, err);
+        if (r) {
+            result = r == -2 ? -2 : -1;
+            break;
+        }
+        if (memcmp(ba, bb, want) != 0) {
+            size_t k = 0;
+            if (exact) /* the first differing byte: memcmp over halves would be no faster here */
+                while (ba[k] == bb[k])
+                    k++;
+            result = done + (long long)k;
+            break;
+        }
+        done += (long long)want;
+    }
+    free(ba);
+    free(bb);
+    return result;
+}
+
+static PyObject *range_result(long long result, int err)
+{
+    if (err == ENOMEM)
+        return PyErr_NoMemory();
+    if (err) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLongLong(result);
+}
+
 PyDoc_STRVAR(cmp_doc, "cmp_range(fd_a, fd_b, offset, length) -> int\n\n"
                       "-1 when bytes [offset, offset + length) of both files are equal, else the offset "
-                      "(from `offset`) of the first 1 MiB block that differs; -2 when a file is shorter "
-                      "than that (it shrank). Reads with pread, the GIL released.");
+                      "(from `offset`) of the first 256 KiB block that differs; -2 when a file is shorter "
+                      "than that (it shrank). Reads with pread into page-aligned buffers, the GIL released.");
 
 static PyObject *cmp_range(PyObject *self, PyObject *args)
 {
-    int fa, fb;
-    long long off, len;
+    int fa, fb, err = 0;
+    long long off, len, result;
     if (!PyArg_ParseTuple(args, "iiLL", &fa, &fb, &off, &len))
         return NULL;
     if (off < 0 || len < 0) {
         PyErr_SetString(PyExc_ValueError, "negative offset or length");
         return NULL;
     }
-    const size_t BLOCK = 1 << 20;
-    unsigned char *ba = malloc(BLOCK), *bb = malloc(BLOCK);
-    if (!ba || !bb) {
-        free(ba);
-        free(bb);
+    Py_BEGIN_ALLOW_THREADS
+    result = first_diff_of(fa, off, fb, off, len, 0, &err);
+    Py_END_ALLOW_THREADS
+    return range_result(result, err);
+}
+
+PyDoc_STRVAR(first_diff_doc, "first_diff(fd_a, offset_a, fd_b, offset_b, length) -> int\n\n"
+                             "-1 when bytes [offset_a, +length) of file A equal [offset_b, +length) of file B, "
+                             "else the offset (from the range's start) of the first differing byte; -2 when a "
+                             "file is shorter than that (it shrank). Page-aligned buffers, the GIL released.");
+
+static PyObject *first_diff(PyObject *self, PyObject *args)
+{
+    int fa, fb, err = 0;
+    long long oa, ob, len, result;
+    if (!PyArg_ParseTuple(args, "iLiLL", &fa, &oa, &fb, &ob, &len))
+        return NULL;
+    if (oa < 0 || ob < 0 || len < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative offset or length");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    result = first_diff_of(fa, oa, fb, ob, len, 1, &err);
+    Py_END_ALLOW_THREADS
+    return range_result(result, err);
+}
+
+PyDoc_STRVAR(diff_elements_doc,
+             "diff_elements(fd_a, offset_a, fd_b, offset_b, length, itemsize, limit) -> (count, index, a, b)\n\n"
+             "The elements (of `itemsize` bytes) of two byte ranges that differ: how many, and for the first "
+             "`limit` of them their indices (an array('q')-compatible bytes of int64) and their bytes on each "
+             "side. Reads as first_diff does (page-aligned buffers, the GIL released); raises OSError, "
+             "ValueError for a range that is not whole elements, EOFError when a file shrank.");
+
+static PyObject *diff_elements(PyObject *self, PyObject *args)
+{
+    int fa, fb, err = 0, shrank = 0;
+    long long oa, ob, len, isz, limit, count = 0;
+    if (!PyArg_ParseTuple(args, "iLiLLLL", &fa, &oa, &fb, &ob, &len, &isz, &limit))
+        return NULL;
+    if (oa < 0 || ob < 0 || len < 0 || isz < 1 || isz > 16 || len % isz || limit < 0 || limit > (1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "bad range, item size or limit");
+        return NULL;
+    }
+    size_t block = BLOCK - BLOCK % (size_t)isz; /* whole elements per block */
+    unsigned char *ba = NULL, *bb = NULL, *va = malloc((size_t)(limit * isz) + 1),
+                  *vb = malloc((size_t)(limit * isz) + 1);
+    int64_t *idx = malloc((size_t)limit * sizeof(int64_t) + 1);
+    if (!va || !vb || !idx || posix_memalign((void **)&ba, ALIGN, BLOCK) || posix_memalign((void **)&bb, ALIGN, BLOCK)) {
+        free(va), free(vb), free(idx), free(ba);
         return PyErr_NoMemory();
     }
-    long long result = -1, done = 0;
-    int err = 0;
     Py_BEGIN_ALLOW_THREADS
+    long long done = 0;
     while (done < len) {
-        size_t want = (size_t)(len - done < (long long)BLOCK ? len - done : (long long)BLOCK);
-        unsigned char *bufs[2] = {ba, bb};
-        int fds[2] = {fa, fb};
-        for (int s = 0; s < 2 && !err; s++) {
-            size_t got = 0;
-            while (got < want) {
-                ssize_t r = pread(fds[s], bufs[s] + got, want - got, (off_t)(off + done + (long long)got));
-                if (r < 0 && errno == EINTR)
-                    continue;
-                if (r < 0) {
-                    err = errno;
-                    break;
-                }
-                if (r == 0) {
-                    result = -2;
-                    break;
-                }
-                got += (size_t)r;
-            }
-            if (result == -2)
-                break;
-        }
-        if (err || result == -2)
-            break;
-        if (memcmp(ba, bb, want) != 0) {
-            result = done;
+        size_t want = (size_t)(len - done < (long long)block ? len - done : (long long)block);
+        int r = pread_full(fa, ba, want, oa + done, &err);
+        if (!r)
+            r = pread_full(fb, bb, want, ob + done, &err);
+        if (r) {
+            shrank = r == -2;
             break;
         }
+        if (memcmp(ba, bb, want) != 0)
+            for (size_t k = 0; k < want; k += (size_t)isz)
+                if (memcmp(ba + k, bb + k, (size_t)isz) != 0) {
+                    if (count < limit) {
+                        idx[count] = (done + (long long)k) / isz;
+                        memcpy(va + count * isz, ba + k, (size_t)isz);
+                        memcpy(vb + count * isz, bb + k, (size_t)isz);
+                    }
+                    count++;
+                }
         done += (long long)want;
     }
     Py_END_ALLOW_THREADS
     free(ba);
     free(bb);
+    PyObject *out = NULL;
     if (err) {
         errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (shrank) {
+        PyErr_SetString(PyExc_EOFError, "a file shrank while reading");
+    } else {
+        long long kept = count < limit ? count : limit;
+        out = Py_BuildValue("(Ly#y#y#)", count, (const char *)idx, (Py_ssize_t)(kept * 8), (const char *)va,
+                            (Py_ssize_t)(kept * isz), (const char *)vb, (Py_ssize_t)(kept * isz));
     }
-    return PyLong_FromLongLong(result);
+    free(va);
+    free(vb);
+    free(idx);
+    return out;
 }
 
 static PyObject *declined_at(PyObject *self, PyObject *unused) { return PyLong_FromLong(dcpscan_fail_line); }
@@ -302,6 +418,8 @@ static PyObject *dtypes(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O, scan_doc},
     {"cmp_range", cmp_range, METH_VARARGS, cmp_doc},
+    {"first_diff", first_diff, METH_VARARGS, first_diff_doc},
+    {"diff_elements", diff_elements, METH_VARARGS, diff_elements_doc},
     {"dtypes", dtypes, METH_NOARGS, "{dtype name: item size} this reader knows"},
     {"declined_at", declined_at, METH_NOARGS, "the source line of the check that declined the last scan (0: none)"},
     {"release", release, METH_NOARGS, "give back the memory kept from the last scan for the next one"},

@@ -97,6 +97,16 @@ static int which_global(P *p, V mod, V name)
             return G_MEMFMT;
         return 0;
     }
+    /* megatron-core's planner keeps the save plans in Metadata.all_local_plans: data classes and an
+     * enum (WriteItemType(n): a REDUCE), accepted as values, never walked (nor compared, as in the
+     * Python reader) */
+    if (str_is(p, mod, "torch.distributed.checkpoint.planner")) {
+        static const char *names[] = {"SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData"};
+        for (int i = 0; i < 4; i++)
+            if (str_is(p, name, names[i]))
+                return G_SAVEPLAN + i;
+        return str_is(p, name, "WriteItemType") ? G_WITYPE : 0;
+    }
     if (str_is(p, mod, "torch.distributed.checkpoint.filesystem"))
         return str_is(p, name, "_StorageInfo") ? G_SINFO : 0;
     if (str_is(p, mod, "torch.serialization"))
@@ -394,7 +404,7 @@ int dcpscan_run(P *p, V *out)
             if (pop(p, &b) || pop(p, &a))
                 return FAIL;
             Node *args = node_of(p, b, N_TUPLE), *cls = node_of(p, a, N_GLOBAL);
-            if (!args || args->len || !cls || cls->glob < G_METADATA || cls->glob > G_SINFO)
+            if (!args || args->len || !cls || cls->glob < G_METADATA || cls->glob > G_BIODATA)
                 return FAIL;
             if (push_call(p, N_OBJ, cls->glob, VNONE))
                 return FAIL;
@@ -404,7 +414,7 @@ int dcpscan_run(P *p, V *out)
             if (pop(p, &b) || pop(p, &a))
                 return FAIL;
             Node *args = node_of(p, b, N_TUPLE), *fn = node_of(p, a, N_GLOBAL);
-            if (!args || !fn || fn->glob < G_SIZE || fn->glob > G_PATH)
+            if (!args || !fn || fn->glob < G_SIZE || fn->glob > G_WITYPE)
                 return FAIL;
             /* torch.Size is tuple() there: one tuple argument (the _Ref and Path calls take anything) */
             if (fn->glob == G_SIZE && (args->len != 1 || !node_of(p, p->items[args->u.c.start], N_TUPLE)))
