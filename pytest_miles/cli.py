@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--torch", action="store_true",
                         help="import torch to check it (deterministic algorithms, CUDA) in this process")
 
-    d = sub.add_parser("doctor", parents=[common], help="check the environment against the seed's "
+    d = sub.add_parser("doctor", parents=[common], help="check the environment against the Miles reproducibility guide's "
                        "troubleshooting table; exit 1 when a check fails")
     d.add_argument("--attention-backend", default=None, help="the SGLang attention backend you configure")
     d.add_argument("--runtime-env", metavar="FILE.json", default=None,

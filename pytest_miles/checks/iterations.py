@@ -1,6 +1,6 @@
-"""First diverging iteration of two runs: the seed's troubleshooting starts from "hashes diverge
+"""First diverging iteration of two runs: the Miles reproducibility guide's troubleshooting starts from "hashes diverge
 after iter 1", so the walk compares every iteration both runs saved, in order, and stops at the
-first that differs, naming its first differing tensor and the seed's likely cause."""
+first that differs, naming its first differing tensor and the guide's likely cause."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pytest_miles.errors import CheckpointError
 __all__ = ["IterationWalk", "first_diverging_iteration", "saved_iterations"]
 
 _ITER = re.compile(r"^iter_(\d{7})$")
-# The seed's troubleshooting rows (seeds 000/001), keyed by where the divergence shows.
+# The reproducibility guide's troubleshooting rows, keyed by where the divergence shows.
 TROUBLESHOOTING = {
     "after_first": "seed troubleshooting: hashes diverge after iter 1 -> Flash-Attention 3 still installed? "
                    "(uninstall it: its kernels are not deterministic); run `pytest-miles doctor`",

@@ -1,5 +1,5 @@
 """Two loops, bit by bit, in the order the loop ran: the first divergence named by iteration,
-stage (rollout / reward / train / weight_sync) and item, with the seed's troubleshooting row."""
+stage (rollout / reward / train / weight_sync) and item, with the reproducibility guide's troubleshooting row."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pytest_miles.checks.loop_record import LoopRecord, LoopRun
 
 STAGES = ("rollout", "reward", "train", "weight_sync")
 
-# Seed 000's troubleshooting table, by the stage where the first difference shows.
+# The Miles reproducibility guide's troubleshooting table, by the stage where the first difference shows.
 TROUBLESHOOTING = {
     "rollout": "Hashes match for trainer but not SGLang -> `--sglang-attention-backend flashinfer` not set, or "
                "`--sglang-enable-deterministic-inference` off (the engine's kernels are not batch invariant)",

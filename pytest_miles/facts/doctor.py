@@ -1,4 +1,4 @@
-"""The doctor: the seed's troubleshooting table, run as checks before the symptoms appear.
+"""The doctor: the Miles reproducibility guide's troubleshooting table, run as checks before the symptoms appear.
 
 Each finding names the symptom the seed attributes to it and the fix. Nothing here imports
 torch unless asked (`import_torch=True`), so the pytest header can show a summary for free.
@@ -35,7 +35,7 @@ class Finding:
         return text
 
 
-# Symptom each variable causes when wrong (seed 000: troubleshooting + what's deterministic).
+# Symptom each variable causes when wrong (the reproducibility guide: troubleshooting + what's deterministic).
 _ENV_SYMPTOMS = {
     "NCCL_ALGO": ("Hashes diverge across nodes (NCCL collectives non-deterministic)",
                   "export NCCL_ALGO=Ring and pass it to every worker (Ray runtime_env env_vars)"),

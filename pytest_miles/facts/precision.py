@@ -1,4 +1,4 @@
-"""The rollout x training precision matrix of Miles' low-precision guide (seed 004), as data.
+"""The rollout x training precision matrix of Miles' low-precision guide, as data.
 
 One place holds the formats (block layout, scale format, maturity), which GPU generations can
 run each format, which rollout x training cells are supported, and the two rules Miles'
@@ -37,7 +37,7 @@ FORMATS: dict[str, Format] = {
                     "FP8 E4M3 per 1x16 block + FP32 per tensor", "experimental", None, None),
 }
 
-# GPU generation -> formats it runs (seed 004's hardware table). NVFP4 on Blackwell is "in
+# GPU generation -> formats it runs (the low-precision guide's hardware table). NVFP4 on Blackwell is "in
 # development" there, so no GPU runs it yet; Ada (sm_89) and consumer Blackwell are not in the
 # table and get BF16 only.
 SUPPORT: dict[str, frozenset[str]] = {
@@ -129,7 +129,7 @@ def unsupported_on(formats: Iterable[str], hw: Hardware) -> str | None:
 
 
 def cell_status(rollout: str, train: str) -> Cell:
-    """The cell as the seed's table and rules describe it (no hardware involved)."""
+    """The cell as the low-precision guide's table and rules describe it (no hardware involved)."""
     if train == "mxfp8" and rollout != "mxfp8":
         return Cell(rollout, train, False, RULE_MXFP8)
     if (rollout, train) in COMPATIBILITY:

@@ -26,14 +26,14 @@ LINEAR_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.wei
 # Fused in SGLang's Qwen2 (qkv_proj, gate_up_proj): every partition must fit the block rows.
 FUSED_PARTITIONS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
 FP8_NOT_CONVERTED = ["lm_head", "model.embed_tokens"]  # norms and biases are not linear layers
-# Seed 004 (tools/convert_hf_to_mxfp8.py): "every 2D *.weight tensor whose last dim is divisible by
+# The Miles low-precision guide (tools/convert_hf_to_mxfp8.py): "every 2D *.weight tensor whose last dim is divisible by
 # 32, except layernorm, embed, router, mlp.gate., norm, lm_head, eh_proj, weights_proj".
 MXFP8_SKIP = ("layernorm", "embed", "router", "mlp.gate.", "norm", "lm_head", "eh_proj", "weights_proj")
 
 QUANT_CONFIGS: dict[str, dict[str, Any]] = {
     "fp8_blockwise": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                       "weight_block_size": [128, 128], "modules_to_not_convert": FP8_NOT_CONVERTED},
-    # Seed 004's rewritten HF config, field for field.
+    # The low-precision guide's rewritten HF config, field for field.
     "mxfp8": {"quant_method": "mxfp8", "fmt": "e4m3", "weight_block_size": [1, 32], "scale_fmt": "ue8m0",
               "activation_scheme": "dynamic"},
 }
@@ -210,5 +210,5 @@ def sglang_fp8_config(path: str | Path):
 
 
 def serve_unsupported(fmt: str, hardware) -> str | None:
-    """Why this machine's GPU cannot serve `fmt` (seed 004: MXFP8 on Blackwell only), or None."""
+    """Why this machine's GPU cannot serve `fmt` (the low-precision guide: MXFP8 on Blackwell only), or None."""
     return unsupported_on([fmt], hardware)

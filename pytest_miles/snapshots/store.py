@@ -23,7 +23,7 @@ from pytest_miles.errors import SnapshotError  # noqa: F401  (importable here to
 
 FORMAT = "pytest-miles/snapshots/1"
 
-# Fingerprint field -> the seed's likely cause when it differs between record and run.
+# Fingerprint field -> the reproducibility guide's likely cause when it differs between record and run.
 CAUSES = {
     "cpu": "CPU kernels (oneDNN, MKL, ATen vectorisation) dispatch on the instruction set: other bits on another CPU",
     "cudnn": "Hashes match locally but not on a different machine: cuDNN version mismatch",

@@ -111,7 +111,7 @@ class Rank:
         self.device = torch.device("cuda" if cuda else "cpu")
         self.model.to(self.device)
         self.te = spec.get("transformer_impl", "local") == "transformer_engine"
-        if self.te:  # bf16 params and fp32 output, as Megatron's --bf16 (te_model.py, issue #16)
+        if self.te:  # bf16 params and fp32 output, as Megatron's --bf16 (te_model.py)
             from pytest_miles.trainers.te_model import wrap_bf16
 
             self.model = wrap_bf16(self.model)
@@ -245,7 +245,7 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
     layer_spec = get_gpt_layer_local_spec(normalization=m.get("normalization", "LayerNorm"))
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
-    if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py (issue #16)
+    if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py
         from pytest_miles.trainers.te_model import te_config_and_spec
 
         config, layer_spec = te_config_and_spec(config, spec)
