@@ -188,14 +188,30 @@ def file_size(path: str | os.PathLike) -> int:
         return f.size
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers see the old or the new
-    file, never half of one (a run stopped by a CI timeout included)."""
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename: readers see
+    the old or the new file, never half of one (a run stopped by a CI timeout included). The file
+    keeps its mode (a new one gets the umask's); the temporary is removed if anything fails.
+    The one atomic write of the package (reports, snapshots, manifests, trainer replies)."""
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        try:  # keep the file's mode (mkstemp makes 0600)
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def aligned_buffer(size: int) -> memoryview:

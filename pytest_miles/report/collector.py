@@ -14,11 +14,12 @@ while pytest is red; pytest's own per-test totals are kept beside the checks' ("
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pytest_miles._files import write_atomic  # noqa: F401  (the report writes through it; importable here too)
 
 KEY = "miles_check"
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
@@ -170,9 +171,3 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,21 +248,9 @@ class SnapshotStore:
         return data
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-            try:  # keep the file's mode (mkstemp makes 0600); a new file gets the umask's
-                mode = path.stat().st_mode & 0o7777
-            except FileNotFoundError:
-                umask = os.umask(0)
-                os.umask(umask)
-                mode = 0o666 & ~umask
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from pytest_miles._files import write_atomic
+
+        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
     def check(self, module: str, record_id: str, value: Any, conf: dict[str, Any],
               keep_value_limit: int = 4096) -> Outcome:

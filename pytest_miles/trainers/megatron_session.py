@@ -9,7 +9,6 @@ Rank 0 writes each answer to the command's reply file (atomically: written, then
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -176,10 +175,9 @@ def main(spec_path: str) -> None:
         except Exception:
             out = {"error": traceback.format_exc()}
         if r.rank == 0:
-            reply = Path(cmd["reply"])
-            tmp = reply.with_suffix(".tmp")
-            tmp.write_text(json.dumps(out))
-            os.replace(tmp, reply)
+            from pytest_miles._files import write_atomic
+
+            write_atomic(cmd["reply"], json.dumps(out))
         if "error" in out:
             print(out["error"], file=sys.stderr, flush=True)
             break
