@@ -161,3 +161,23 @@ def test_bad_marker_arguments_name_the_test(pytester):
     result = pytester.runpytest("--miles-gpu-class=h100")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*test_zero*gpus(0)*positive integer*"])
+
+
+@pytest.mark.parametrize("ini", ["strict_markers = true\n", "addopts = --strict-markers\nstrict_markers = true\n"])
+def test_strict_markers_ini_key_catches_a_typo_on_this_pytest(pytester, ini):
+    """The ini key works on every supported pytest: native from 9.0 (where `--strict-markers` in
+    addopts is ignored, pytest-dev/pytest#14442), given to pytest 8 by the plugin, with no
+    'Unknown config option' warning there."""
+    pytester.makeini("[pytest]\n" + ini)
+    pytester.makepyfile(SAMPLE.format(marker="hoper"))
+    result = pytester.runpytest_subprocess("-W", "error::pytest.PytestConfigWarning")
+    result.stdout.fnmatch_lines(["*'hoper' not found in `markers` configuration option*"])
+    assert "Unknown config option" not in result.stdout.str() + result.stderr.str()
+
+
+def test_strict_markers_false_leaves_typos_as_warnings(pytester):
+    pytester.makeini("[pytest]\nstrict_markers = false\n")
+    pytester.makepyfile(SAMPLE.format(marker="hoper"))
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*PytestUnknownMarkWarning*hoper*"])

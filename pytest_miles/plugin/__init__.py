@@ -41,6 +41,7 @@ MARKERS = markers.MARKERS
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     settings.add_options(parser)
+    markers.add_ini(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -33,9 +33,24 @@ CHECK_FIXTURES = frozenset({
 CHECK_MARKERS = frozenset({*GPU_CLASSES, "gpu", "gpus", "min_gpu_memory", "ray_gpus", "miles_precision"})
 
 
+# pytest 9 added the ini key `strict_markers`; on pytest 9.0.x `--strict-markers` given through
+# `addopts` is silently ignored (pytest-dev/pytest#14442, fixed in 9.1). The ini key is the one form
+# that works on every pytest from 9.0 on, and the plugin gives it to pytest 8 too, so a repo can
+# write `strict_markers = true` once for the whole supported range.
+STRICT_MARKERS_BACKPORT = int(pytest.__version__.split(".")[0]) < 9
+
+
+def add_ini(parser: pytest.Parser) -> None:
+    if STRICT_MARKERS_BACKPORT:
+        parser.addini("strict_markers", "Unregistered markers are errors (pytest 9's key; pytest-miles "
+                      "gives it to pytest 8)", type="bool", default=False)
+
+
 def register(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
+    if STRICT_MARKERS_BACKPORT and config.getini("strict_markers"):
+        config.option.strict_markers = True
 
 
 def is_check(item: pytest.Item) -> bool:
