@@ -233,9 +233,9 @@ class SnapshotStore:
         return data
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
-        from pytest_miles._files import write_atomic
+        from pytest_miles._files import atomic_write
 
-        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
     def check(self, module: str, record_id: str, value: Any, conf: dict[str, Any],
               keep_value_limit: int = 4096) -> Outcome:
