@@ -54,7 +54,7 @@ NEEDS = {
     "nvfp4": "a GPU with the NVFP4 recipe, which is still in development on blackwell",
 }
 
-# (rollout, train) -> how the seed describes the cell. Absent cells are not supported.
+# (rollout, train) -> how the Miles low-precision guide describes the cell. Absent cells are not supported.
 COMPATIBILITY: dict[tuple[str, str], str] = {
     ("bf16", "bf16"): "supported: baseline",
     ("fp8_blockwise", "fp8_blockwise"): "supported: unified block-wise FP8 (Hopper + Blackwell)",
