@@ -198,3 +198,11 @@ def test_cell_assert_rejected_is_a_check_that_can_fail():
         Cell("bf16", "bf16", False, "made-up rule").assert_rejected()  # NEGATIVE CONTROL: a valid pair marked invalid
     with pytest.raises(AssertionError, match=r"rejected with .*expected 'another rule'"):
         Cell("bf16", "mxfp8", False, "another rule").assert_rejected()
+
+
+def test_precision_cell_is_named_apart_from_the_capability_cell():
+    from pytest_miles import capabilities
+    from pytest_miles.facts.precision import PrecisionCell
+
+    assert Cell is PrecisionCell and isinstance(cell_status("bf16", "bf16"), PrecisionCell)
+    assert capabilities.Cell is not PrecisionCell and capabilities.Cell.__name__ == "Cell"

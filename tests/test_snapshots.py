@@ -109,7 +109,7 @@ def test_configuration_holds_what_decides_bits_only():
     assert "cpu" not in configuration(gpu, {})  # GPU runs: the CPU does not decide the bits
 
 
-def test_diagnosis_names_the_seed_causes():
+def test_diagnosis_names_the_guide_causes():
     lines = diagnose({"cudnn": "9.19", "env.NCCL_ALGO": "Ring", "config.attention_backend": "flashinfer"},
                      {"cudnn": "9.10", "env.NCCL_ALGO": None, "config.attention_backend": "torch_native"})
     assert "cuDNN 9.19 -> 9.10 (Hashes match locally but not on a different machine: cuDNN version mismatch)" in lines

@@ -27,6 +27,8 @@ PACKAGED = Path(__file__).with_name("sglang.toml")
 
 @dataclass(frozen=True)
 class Cell:
+    """One [[cell]] of a capability file (not facts.precision.PrecisionCell, a low-precision table cell)."""
+
     id: str
     versions: str
     backends: tuple[str, ...]

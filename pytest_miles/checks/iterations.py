@@ -14,17 +14,18 @@ from pytest_miles.checks.compare import compare_checkpoints
 from pytest_miles.checks.compare_report import Report
 from pytest_miles.ckpt.model import listdir, resolve_path
 from pytest_miles.errors import CheckpointError
+from pytest_miles.facts import troubleshooting
 
 __all__ = ["IterationWalk", "first_diverging_iteration", "saved_iterations"]
 
 _ITER = re.compile(r"^iter_(\d{7})$")
-# The reproducibility guide's troubleshooting rows, keyed by where the divergence shows.
-TROUBLESHOOTING = {
-    "after_first": "seed troubleshooting: hashes diverge after iter 1 -> Flash-Attention 3 still installed? "
-                   "(uninstall it: its kernels are not deterministic); run `pytest-miles doctor`",
-    "from_first": "the first saved iteration already differs: different seeds, data, model init or "
-                  "configuration (not a kernel nondeterminism that builds up over steps); run `pytest-miles doctor`",
-}
+
+
+def _hint(stage: str) -> str:
+    """The troubleshooting row (facts/troubleshooting.toml) of where the divergence shows."""
+    row = troubleshooting.for_stage(stage)[0]
+    source = "the Miles reproducibility guide's troubleshooting: " if row.guide else ""
+    return f"{source}{row.arrow()}; fix: {row.fix}; run `pytest-miles doctor`"
 
 
 def saved_iterations(run: str | os.PathLike) -> dict[int, Path]:
@@ -66,7 +67,7 @@ class IterationWalk:
         if self.first_diverging is None:
             return None
         earlier = [i for i in self.compared if i < self.first_diverging]
-        return TROUBLESHOOTING["after_first" if earlier else "from_first"]
+        return _hint("after_first" if earlier else "from_first")
 
     def render(self) -> str:
         if not self.compared:

@@ -7,22 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_miles.checks.loop_record import LoopRecord, LoopRun
+from pytest_miles.facts import troubleshooting
 
 STAGES = ("rollout", "reward", "train", "weight_sync")
 
-# The Miles reproducibility guide's troubleshooting table, by the stage where the first difference shows.
-TROUBLESHOOTING = {
-    "rollout": "Hashes match for trainer but not SGLang -> `--sglang-attention-backend flashinfer` not set, or "
-               "`--sglang-enable-deterministic-inference` off (the engine's kernels are not batch invariant)",
-    "reward": "rollouts equal but rewards differ -> the reward function itself is not deterministic "
-              "(seeded randomness, wall-clock, external calls)",
-    "train": "Hashes diverge after iter 1 -> Flash-Attention 3 still installed (non-deterministic backward: "
-             "pip uninstall flash_attn_3), or the trainer's --deterministic-mode is off",
-    "weight_sync": "trainer checkpoints equal but the weights pushed to the engine differ -> the HF conversion "
-                   "or export is not deterministic (dtype cast, parameter order)",
-}
-ELSEWHERE = ("only across nodes -> NCCL_ALGO=Ring not propagated to every worker (Ray runtime_env env_vars); "
-             "only on another machine -> cuDNN version mismatch (compare `pytest-miles fingerprint`)")
+# The troubleshooting rows (facts/troubleshooting.toml) by the stage where the first difference shows.
+TROUBLESHOOTING = {stage: "\n    or: ".join(row.arrow() for row in troubleshooting.for_stage(stage)) for stage in STAGES}
+ELSEWHERE = "; ".join(row.arrow() for row in troubleshooting.for_stage("elsewhere"))
 MAX_CHARS = 4000
 
 
@@ -35,8 +26,8 @@ class Divergence:
 
     def render(self, a: str = "A", b: str = "B") -> str:
         return (f"loops {a} and {b} diverge first at iteration {self.iteration}, stage {self.stage}: {self.item}\n"
-                f"  {self.detail}\n  likely cause (seed troubleshooting): {TROUBLESHOOTING[self.stage]}\n"
-                f"  if it happens {ELSEWHERE}")
+                f"  {self.detail}\n  likely cause: {TROUBLESHOOTING[self.stage]}\n"
+                f"  if it happens only across nodes or machines: {ELSEWHERE}")
 
 
 def _records(x: LoopRun | list[LoopRecord], which: str = "argument") -> list[LoopRecord]:

@@ -1,7 +1,8 @@
 """The doctor: the Miles reproducibility guide's troubleshooting table, run as checks before the symptoms appear.
 
-Each finding names the symptom the seed attributes to it and the fix. Nothing here imports
-torch unless asked (`import_torch=True`), so the pytest header can show a summary for free.
+Each finding names the symptom the guide attributes to it and the fix, read from the one
+troubleshooting table (facts/troubleshooting.toml). Nothing here imports torch unless asked
+(`import_torch=True`), so the pytest header can show a summary for free.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+from pytest_miles.facts import troubleshooting
 from pytest_miles.facts.environment import (
     ACCEPTED_VALUES,
     DETERMINISTIC_ATTENTION_BACKENDS,
@@ -35,23 +37,18 @@ class Finding:
         return text
 
 
-# Symptom each variable causes when wrong (the reproducibility guide: troubleshooting + what's deterministic).
-_ENV_SYMPTOMS = {
-    "NCCL_ALGO": ("Hashes diverge across nodes (NCCL collectives non-deterministic)",
-                  "export NCCL_ALGO=Ring and pass it to every worker (Ray runtime_env env_vars)"),
-    "NVTE_ALLOW_NONDETERMINISTIC_ALGO": (
-        "Training hashes diverge between runs (Transformer-Engine fused kernels non-deterministic)",
-        "export NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 (Ray runtime_env env_vars)"),
-    "CUBLAS_WORKSPACE_CONFIG": (
-        "Hashes diverge between runs (cuBLAS GEMM non-deterministic)",
-        "export CUBLAS_WORKSPACE_CONFIG=:4096:8 (or :16:8) before CUDA initialises"),
-}
 FA3_MODULES = ("flash_attn_3", "flash_attn_interface")
+
+
+def _symptom_fix(check: str) -> tuple[str, str]:
+    """(symptom with its cause, fix) of a check, from the troubleshooting table (facts/troubleshooting.toml)."""
+    row = troubleshooting.for_doctor(check)
+    return f"{row.symptom}: {row.cause}", row.fix
 
 
 def check_env_var(name: str, environ: dict[str, str]) -> Finding:
     value = environ.get(name)
-    symptom, fix = _ENV_SYMPTOMS[name]
+    symptom, fix = _symptom_fix(name)
     accepted = ACCEPTED_VALUES[name]
     if value is None:
         return Finding(name, FAIL, f"not set (deterministic: {' or '.join(accepted)})", symptom, fix)
@@ -72,8 +69,7 @@ def check_flash_attention_3() -> Finding:
             found.append(f"{mod} ({spec.origin})")
     if found:
         return Finding("flash-attention-3", FAIL, "importable: " + ", ".join(found),
-                       "Hashes diverge after iter 1 (FA3 backward kernels are non-deterministic)",
-                       "pip uninstall flash_attn_3 -y")
+                       *_symptom_fix("flash-attention-3"))
     return Finding("flash-attention-3", OK, "not importable")
 
 
@@ -84,8 +80,7 @@ def check_attention_backend(backend: str | None) -> Finding:
         return Finding(
             "sglang attention backend", FAIL,
             f"{backend!r} has no deterministic mode (deterministic: {', '.join(DETERMINISTIC_ATTENTION_BACKENDS)})",
-            "Hashes match for trainer but not SGLang",
-            "--sglang-attention-backend flashinfer (with --sglang-enable-deterministic-inference)")
+            *_symptom_fix("sglang attention backend"))
     return Finding("sglang attention backend", OK, f"{backend} (deterministic inference supported)")
 
 
@@ -101,9 +96,7 @@ def check_torch_deterministic(import_torch: bool = False) -> Finding:
                        "torch not imported in this process (the deterministic_env fixture turns them on)")
     if not torch.are_deterministic_algorithms_enabled():
         return Finding("torch deterministic algorithms", FAIL, "off in this process",
-                       "Megatron forward/backward non-deterministic: hashes diverge between runs",
-                       "torch.use_deterministic_algorithms(True) (Megatron: --deterministic-mode), "
-                       "or use the deterministic_env fixture")
+                       *_symptom_fix("torch deterministic algorithms"))
     return Finding("torch deterministic algorithms", OK, "on")
 
 

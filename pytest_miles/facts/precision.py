@@ -54,7 +54,7 @@ NEEDS = {
     "nvfp4": "a GPU with the NVFP4 recipe, which is still in development on blackwell",
 }
 
-# (rollout, train) -> how the seed describes the cell. Absent cells are not supported.
+# (rollout, train) -> how the Miles low-precision guide describes the cell. Absent cells are not supported.
 COMPATIBILITY: dict[tuple[str, str], str] = {
     ("bf16", "bf16"): "supported: baseline",
     ("fp8_blockwise", "fp8_blockwise"): "supported: unified block-wise FP8 (Hopper + Blackwell)",
@@ -67,7 +67,10 @@ RULE_MXFP8 = "--train-mxfp8 requires --rollout-mxfp8 (no MXFP8-train + FP8-rollo
 
 
 @dataclass(frozen=True)
-class Cell:
+class PrecisionCell:
+    """One (rollout format, train format) cell of the low-precision guide's table: valid or not, and why.
+    (Named apart from capabilities.Cell, a row of the SGLang capability data.)"""
+
     rollout: str
     train: str
     valid: bool
@@ -95,6 +98,9 @@ class Cell:
                 raise AssertionError(f"{self.id}: rejected with {str(exc)!r}, expected {self.status!r}") from None
             return
         raise AssertionError(f"{self.id}: accepted, but the compatibility table says: {self.status}")
+
+
+Cell = PrecisionCell  # the earlier name, still importable
 
 
 def _check_name(name: Any, what: str) -> str:
@@ -128,19 +134,19 @@ def unsupported_on(formats: Iterable[str], hw: Hardware) -> str | None:
     return None
 
 
-def cell_status(rollout: str, train: str) -> Cell:
+def cell_status(rollout: str, train: str) -> PrecisionCell:
     """The cell as the low-precision guide's table and rules describe it (no hardware involved)."""
     if train == "mxfp8" and rollout != "mxfp8":
-        return Cell(rollout, train, False, RULE_MXFP8)
+        return PrecisionCell(rollout, train, False, RULE_MXFP8)
     if (rollout, train) in COMPATIBILITY:
-        return Cell(rollout, train, True, COMPATIBILITY[(rollout, train)])
+        return PrecisionCell(rollout, train, True, COMPATIBILITY[(rollout, train)])
     if (rollout, train) in COMING:
-        return Cell(rollout, train, False, COMING[(rollout, train)])
-    return Cell(rollout, train, False, f"not a supported combination: rollout {rollout} x train {train} "
+        return PrecisionCell(rollout, train, False, COMING[(rollout, train)])
+    return PrecisionCell(rollout, train, False, f"not a supported combination: rollout {rollout} x train {train} "
                                        "is not in the compatibility table")
 
 
-def validate_precision_config(rollout: str | Iterable[str], train: str, gpu: str | Hardware | None = None) -> Cell:
+def validate_precision_config(rollout: str | Iterable[str], train: str, gpu: str | Hardware | None = None) -> PrecisionCell:
     """Raise ValueError naming the violated rule or the missing hardware support; else the cell.
 
     `rollout` may be one format or the set of rollout formats a launcher was given

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import write_atomic  # noqa: F401  (the report writes through it; importable here too)
+from pytest_miles._files import atomic_write
+from pytest_miles._files import atomic_write as write_atomic  # noqa: F401  (the earlier name, importable here too)
 
 KEY = "miles_check"
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
@@ -163,7 +164,7 @@ class Collector:
     def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:
         """Atomic write. Written after every check too (complete=False), so that a run killed by
         a CI timeout still leaves the figures of every check it finished."""
-        write_atomic(path, json.dumps(self.to_json(fingerprint, complete), indent=1, default=str))
+        atomic_write(path, json.dumps(self.to_json(fingerprint, complete), indent=1, default=str))
 
 
 def _short(value: Any, width: int = 60) -> str:

@@ -19,26 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_miles.errors import SnapshotError  # noqa: F401  (importable here too)
+from pytest_miles.facts import troubleshooting
 
 FORMAT = "pytest-miles/snapshots/1"
 
-# Fingerprint field -> the reproducibility guide's likely cause when it differs between record and run.
-CAUSES = {
-    "cpu": "CPU kernels (oneDNN, MKL, ATen vectorisation) dispatch on the instruction set: other bits on another CPU",
-    "cudnn": "Hashes match locally but not on a different machine: cuDNN version mismatch",
-    "env.NCCL_ALGO": "Hashes diverge across nodes: NCCL_ALGO=Ring not propagated to all workers",
-    "env.CUBLAS_WORKSPACE_CONFIG": "cuBLAS GEMM non-deterministic without CUBLAS_WORKSPACE_CONFIG=:4096:8",
-    "env.NVTE_ALLOW_NONDETERMINISTIC_ALGO": "Transformer-Engine fused kernels non-deterministic unless 0",
-    "packages.flash-attn-3": "Hashes diverge after iter 1: Flash-Attention 3 still installed",
-    "config.attention_backend": "Hashes match for trainer but not SGLang: --sglang-attention-backend flashinfer not set",
-    "driver": "driver differs: kernels and cuBLAS heuristics can change with it",
-    "gpu_name": "a different GPU model runs different kernels",
-    "gpu_capability": "a different GPU generation runs different kernels",
-    "gpu_count": "a different GPU count changes collectives and sharding",
-    "cuda_runtime": "a different CUDA runtime ships different kernels",
-    "nccl": "a different NCCL version can change collective algorithms",
-}
-LIB_CAUSE = "a different library version can change kernels"
+# The likely cause of each differing field comes from the one troubleshooting table (facts/troubleshooting.toml).
 LABELS = {"cudnn": "cuDNN", "nccl": "NCCL", "cuda_runtime": "CUDA", "driver": "driver", "gpu_name": "GPU",
           "gpu_capability": "GPU capability", "gpu_count": "GPU count", "cpu": "CPU"}
 
@@ -160,7 +145,7 @@ def diagnose(recorded: dict[str, Any], current: dict[str, Any], key_fields_only:
         a, b = recorded.get(key), current.get(key)
         if a != b:
             label = LABELS.get(key, key)
-            cause = CAUSES.get(key, LIB_CAUSE if key.startswith("packages.") else "it decides bitwise results")
+            cause = troubleshooting.for_fingerprint(key).explained()
             out.append(f"{label} {a} -> {b} ({cause})")
     return out
 
@@ -248,9 +233,9 @@ class SnapshotStore:
         return data
 
     def _write(self, path: Path, data: dict[str, Any]) -> None:
-        from pytest_miles._files import write_atomic
+        from pytest_miles._files import atomic_write
 
-        write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
 
     def check(self, module: str, record_id: str, value: Any, conf: dict[str, Any],
               keep_value_limit: int = 4096) -> Outcome:

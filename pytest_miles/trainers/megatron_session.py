@@ -175,9 +175,9 @@ def main(spec_path: str) -> None:
         except Exception:
             out = {"error": traceback.format_exc()}
         if r.rank == 0:
-            from pytest_miles._files import write_atomic
+            from pytest_miles._files import atomic_write
 
-            write_atomic(cmd["reply"], json.dumps(out))
+            atomic_write(cmd["reply"], json.dumps(out))
         if "error" in out:
             print(out["error"], file=sys.stderr, flush=True)
             break

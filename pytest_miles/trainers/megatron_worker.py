@@ -162,7 +162,9 @@ class Rank:
         sd["args"] = {"seed": self.seed, "lr": self.spec["lr"], "tensor_parallel": self.tp, "model": self.m}
         dist_checkpointing.save(sd, str(it_dir), sharded_strategy=self.strategy)
         if self.rank == 0:
-            (save_dir / "latest_checkpointed_iteration.txt").write_text(str(it))
+            from pytest_miles._files import atomic_write
+
+            atomic_write(save_dir / "latest_checkpointed_iteration.txt", str(it))
         dist.barrier()
         return str(it_dir)
 
@@ -304,7 +306,9 @@ def main(spec_path: str) -> None:
             from pytest_miles.trainers.te_model import te_facts
 
             result["facts"] = te_facts(spec)
-        Path(spec["result"]).write_text(json.dumps(result))
+        from pytest_miles._files import atomic_write
+
+        atomic_write(spec["result"], json.dumps(result))  # the parent never reads half a result
     dist.barrier()
     dist.destroy_process_group()
 
