@@ -17,6 +17,7 @@ _EXPORTS = {
     "deterministic_env_vars": "facts.environment",
     "DeterministicEnvironment": "facts.environment",
     "run_doctor": "facts.doctor",
+    "engine_start_limit": "plugin.state",
     "discover": "facts.hardware",
     "assert_checkpoints_equal": "checks.checkpoints",
     "compare_checkpoints": "checks.checkpoints",

@@ -44,13 +44,27 @@ def _doctor(args: argparse.Namespace) -> int:
     failed = any(f.status == FAIL for f in findings)
     fp = collect(hw)
     if args.json:
-        print(json.dumps({**as_json(findings), "fingerprint": fp.to_json()}, indent=2))
+        from pytest_miles.facts.kernel_caches import cache_dir, cache_key, warm_state
+
+        key = cache_key(fp.to_json())
+        state, detail = warm_state(cache_dir(), key)
+        print(json.dumps({**as_json(findings), "fingerprint": fp.to_json(),
+                          "kernel_cache": {"state": state, "key": key, "detail": detail}}, indent=2))
     else:
         print(f"pytest-miles doctor on {fp.header()}")
         for f in findings:
             print(f.line())
         print(summary(findings, hint=False))
+        print(_kernel_cache_line(fp.to_json()))
     return 1 if failed else 0
+
+
+def _kernel_cache_line(fingerprint: dict) -> str:
+    """Whether the JIT kernel caches are warm for this stack (informational: a cold cache is slow, not wrong)."""
+    from pytest_miles.facts.kernel_caches import cache_dir, cache_key, warm_state
+
+    state, detail = warm_state(cache_dir(), cache_key(fingerprint))
+    return f"kernel cache: {state}: {detail}"
 
 
 def _fingerprint(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ helper modules import no pytest. See docs/report.md."""
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -130,3 +131,29 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
         return inner
 
     return wrap
+
+
+# The stage a long step is in (an engine starting, trainer ranks launching): a timeout that fires
+# inside it is reported as a timeout of that stage. A plain global: pytest-timeout's signal and the
+# report both run on the main thread.
+_STAGE: list[tuple[str, float]] = []
+_FAILED_IN: list[str] = []
+
+
+@contextlib.contextmanager
+def stage(text: str):
+    """`with stage("starting sglang (flashinfer, deterministic)"):` names the stage for a timeout."""
+    _STAGE.append((text, time.monotonic()))
+    try:
+        yield
+    except BaseException:
+        if not _FAILED_IN:  # the innermost stage is the one that was slow
+            _FAILED_IN.append(f"{text}, {time.monotonic() - _STAGE[-1][1]:.0f} s in")
+        raise
+    finally:
+        _STAGE.pop()
+
+
+def failed_stage() -> str | None:
+    """The stage the last exception left (and forget it), for the test's report."""
+    return _FAILED_IN.pop() if _FAILED_IN else None

@@ -180,6 +180,7 @@ SETTING_CHECKS: dict[str, Any] = {
     "report_dir": lambda w, v: str(folder(w, v)),
     "snapshot_dir": lambda w, v: str(folder(w, v)),
     "gpu_lease_dir": lambda w, v: str(folder(w, v)),
+    "kernel_cache_dir": lambda w, v: str(folder(w, v)),
     "attention_backend": backend_name,
 }
 

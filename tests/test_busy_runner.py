@@ -31,7 +31,7 @@ def test_a_timeout_is_a_timeout_of_its_stage(pytester, workers):
     assert "not a determinism verdict" in check["reason"]
     assert data["totals"]["timeout"] == 1 and data["totals"]["failed"] == 0
     assert data["tests"]["failed"] == 1  # pytest's count, stated beside it
-    result.stdout.fnmatch_lines(["*1 determinism checks: 0 passed, 0 failed, 0 skipped, 1 timeout*"])
+    result.stdout.fnmatch_lines(["*1 determinism checks: 0 passed, 0 failed, 0 not applicable, 1 timeout*"])
 
 
 def test_suite_timeouts_scale_with_the_load(monkeypatch):
@@ -42,3 +42,56 @@ def test_suite_timeouts_scale_with_the_load(monkeypatch):
     assert conftest.machine_factor() == 4.5
     monkeypatch.setattr(conftest.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     assert conftest.machine_factor() == 1.0
+
+
+SLOW_ENGINE = """
+import sys
+from pytest_miles.engines.server import ServerEngine
+from pytest_miles.placement.processes import free_port
+
+def test_engine_never_healthy(miles_record, tmp_path):
+    # a real process that never answers its health check: the engine start-up stage is the slow one
+    eng = ServerEngine([sys.executable, "-c", "import time; time.sleep(120)"], port=free_port(),
+                       startup_timeout=60, log_dir=tmp_path)
+    with eng:
+        pass
+"""
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_timeout_names_the_slow_stage(pytester, workers):
+    """pytest-timeout fires while an engine starts: the report says that stage, with its limit."""
+    pytester.makepyfile(SLOW_ENGINE)
+    out = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-n", workers, "--timeout=3", "--timeout-method=signal",
+                                           f"--miles-report={out}")
+    result.assert_outcomes(failed=1)
+    (check,) = json.loads(out.read_text())["checks"]
+    assert check["outcome"] == "timeout"
+    assert "while starting server (limit 60 s), " in check["reason"] and " s in" in check["reason"]
+
+
+def test_engine_start_limits_keep_a_margin_over_every_measured_cold_start():
+    from pytest_miles.facts.kernel_caches import COLD_STARTS, MIN_START_LIMIT, start_limit
+
+    for c in COLD_STARTS:
+        assert start_limit(c.engine, c.backend) >= 1.2 * c.seconds, c  # never within 20% of a cold start
+    assert start_limit("sglang", "flashinfer") == 405.0  # 270 s cold on an H200 (185 s of it JIT)
+    assert start_limit("sglang", "fa3") >= 1.2 * max(c.seconds for c in COLD_STARTS)  # unmeasured: the slowest
+    assert start_limit("reference-server", "flashinfer") == MIN_START_LIMIT
+
+
+def test_suite_adds_the_engine_start_limit_to_tests_that_start_engines(pytester):
+    """The bundled suite's conftest: a test with engine_factory may pay two cold starts."""
+    pytester.makeconftest("from pytest_miles.suite.conftest import pytest_collection_modifyitems  # noqa\n")
+    pytester.makepyfile("""
+        import pytest
+
+        def test_plain(request):
+            assert request.node.get_closest_marker("timeout") is None
+
+        def test_with_engines(request, engine_factory):
+            assert request.node.get_closest_marker("timeout").args[0] == 100 + 2 * 30
+    """)
+    result = pytester.runpytest_subprocess("--timeout=100", "--miles-engine-timeout=30", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)

@@ -26,7 +26,7 @@ def test_records_reach_summary_and_json(pytester, workers):
     result = pytester.runpytest_subprocess("-n", workers, f"--miles-report={out}", "--miles-gpu-class=h100")
     result.assert_outcomes(passed=4, failed=1)
     result.stdout.fnmatch_lines(["*pytest-miles determinism report*", "fingerprint: 1 x NVIDIA H100*",
-                                 "*5 determinism checks: 4 passed, 1 failed, 0 skipped*"])
+                                 "*5 determinism checks: 4 passed, 1 failed, 0 not applicable*"])
     data = json.loads(out.read_text())
     assert sorted(c["check"] for c in data["checks"]) == sorted([f"check {i}" for i in range(4)] + ["check that fails"])
     assert {c["check"]: c["outcome"] for c in data["checks"]}["check that fails"] == "failed"
@@ -99,7 +99,7 @@ def test_every_check_appears_with_reason_duration_totals_and_schema(pytester):
     result = pytester.runpytest_subprocess("--miles-gpu-class=none", f"--miles-report={out}", "--miles-trials=3")
     result.assert_outcomes(passed=2, skipped=2, xfailed=1)
     data = json.loads(out.read_text())
-    assert data["schema"] == "pytest-miles/report" and data["schema_version"] == 2 and data["complete"]
+    assert data["schema"] == "pytest-miles/report" and data["schema_version"] == 3 and data["complete"]
     checks = {c["check"]: c for c in data["checks"]}
     assert checks["batch invariance [single]"]["source"] == "helper"
     assert checks["batch invariance [single]"]["figures"]["trials"] == 3  # --miles-trials reached the helper
@@ -115,7 +115,7 @@ def test_every_check_appears_with_reason_duration_totals_and_schema(pytester):
     assert data["totals"] == {"checks": 5, "passed": 2, "failed": 0, "skipped": 2, "xfailed": 1, "xpassed": 0,
                               "error": 0, "caught": 0, "inconclusive": 0, "timeout": 0}
     assert all(isinstance(c["duration_s"], float) for c in data["checks"]) and data["duration_s"] > 0
-    result.stdout.fnmatch_lines(["*5 determinism checks: 2 passed, 0 failed, 2 skipped, 1 xfailed*"])
+    result.stdout.fnmatch_lines(["*5 determinism checks: 2 passed, 0 failed, 2 not applicable, 1 xfailed*"])
 
 
 def test_a_helper_failure_the_test_expected_is_caught_not_failed(pytester):

@@ -52,10 +52,55 @@ def test_every_failing_test_is_in_the_report_with_its_message(pytester, workers)
     assert "test_plain_pass" not in by_test  # a passing non-check test is counted, not listed
     assert data["tests"] == {"tests": 5, "passed": 2, "failed": 2, "skipped": 0, "xfailed": 0, "xpassed": 0,
                              "error": 1}
-    assert data["totals"]["failed"] + data["totals"]["error"] == 3  # red in pytest -> red in the report
-    line = ("*4 determinism checks: 1 passed, 1 failed, 0 skipped, 2 error "
-            "(from 5 pytest tests: 2 passed, 2 failed, 1 error)*")
+    other = data["kinds"]["other"]
+    assert by_test["test_plain_failure"]["kind"] == by_test["test_setup_error"]["kind"] == "other"
+    assert data["totals"]["error"] + other["failed"] + other["error"] == 3  # red in pytest -> red in the report
+    line = ("*2 determinism checks: 1 passed, 0 failed, 0 not applicable, 1 error; 2 failing tests outside the "
+            "checks (from 5 pytest tests: 2 passed, 2 failed, 1 error)*")
     result.stdout.fnmatch_lines([line])
     assert data["summary"] in result.stdout.str()
     text = page.read_text()
     assert "CheckpointError" in text and "fixture exploded" in text and "from 5 pytest tests" in text
+
+
+KINDS = """
+import pytest
+from pytest_miles import NotApplicable
+
+def test_refused(miles_record):
+    miles_record("precision bf16 x fp8", kind="refusal", rule="rejected: mixed FP8")
+
+def test_doctor(miles_record):
+    miles_record("doctor", kind="setup", ok=3)
+
+def test_measured(miles_record):
+    miles_record("rollout batch invariance", items=8)
+
+def test_not_here(miles_record):
+    miles_record("cost of determinism", result="not meaningful here")
+    raise NotApplicable("not meaningful on CPU")
+
+def test_bad_kind(miles_record):
+    miles_record("x", kind="vibes")
+"""
+
+
+def test_totals_count_determinism_apart_from_refusals_and_setup(pytester):
+    """Rule refusals and setup checks pass without measuring determinism: they are counted apart, so
+    the determinism total is what was measured."""
+    pytester.makepyfile(KINDS)
+    out = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-p", "no:randomly", f"--miles-report={out}")
+    result.assert_outcomes(passed=3, skipped=1, failed=1)
+    data = json.loads(out.read_text())
+    assert data["schema_version"] == 3
+    kinds = {c["check"]: c["kind"] for c in data["checks"]}
+    assert kinds["precision bf16 x fp8"] == "refusal" and kinds["doctor"] == "setup"
+    assert kinds["rollout batch invariance"] == kinds["cost of determinism"] == "determinism"
+    assert data["totals"]["passed"] == 1 and data["totals"]["skipped"] == 1
+    assert data["kinds"]["refusal"]["passed"] == 1 and data["kinds"]["setup"]["passed"] == 1
+    result.stdout.fnmatch_lines([
+        "REFUSED *precision bf16 x fp8*rule=rejected: mixed FP8*",
+        "*3 determinism checks: 1 passed, 1 failed, 1 not applicable; 1 rule refusals confirmed; "
+        "1 setup checks: 1 passed, 0 failed (from 5 pytest tests: 3 passed, 1 failed, 1 skipped)*"])
+    result.stdout.fnmatch_lines(["*miles_record(kind=): 'vibes'*one of determinism, refusal, setup*"])

@@ -103,8 +103,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "engine_timeout",
-        "Seconds an engine may take to become healthy before it is killed.",
-        default=300.0,
+        "Seconds an engine may take to become healthy before it is killed; default: 1.5 x the measured cold "
+        "start of its configuration, at least 300 (flashinfer: 405, triton: 300).",
+        default=None,
         kind="float",
         env="PYTEST_MILES_ENGINE_TIMEOUT",
         group="rollout",
@@ -194,6 +195,12 @@ SETTINGS += (
             "path); false: the Python reader only (same verdicts), to compare the two or rule the native one out. "
             "Also read by the `pytest-miles compare` command.", default=True, kind="bool",
             env="PYTEST_MILES_NATIVE", group="model"),
+)
+
+SETTINGS += (
+    Setting("kernel_cache_dir", "Directory for the engines' JIT kernel caches (FlashInfer, Triton, TorchInductor): "
+            "keep it between CI runs and a fresh host skips minutes of compiling; `pytest-miles doctor` prints the "
+            "cache key and whether it is warm.", env="PYTEST_MILES_KERNEL_CACHE", group="performance"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -16,10 +16,11 @@ from pytest_miles.errors import Unavailable
 
 class EngineFactory:
     def __init__(self, *, model_dir: Callable[[], str], log_dir: Path, hardware: Callable[[], Any],
-                 attention_backend: str = "flashinfer", startup_timeout: float = 300.0, device: str = "auto",
+                 attention_backend: str = "flashinfer", startup_timeout: float | None = None, device: str = "auto",
                  extra_args: tuple[str, ...] = (),
                  start: Callable[[EngineSpec], Any] | None = None, leaser: Any = None,
-                 request_timeout: float = 300.0) -> None:
+                 request_timeout: float = 300.0, kernel_cache_dir: str | None = None,
+                 cache_key: Callable[[], str] | None = None) -> None:
         self._model_dir, self.log_dir, self._hardware = model_dir, log_dir, hardware
         self.attention_backend, self.startup_timeout = attention_backend, startup_timeout
         self.device = device
@@ -28,6 +29,9 @@ class EngineFactory:
         self.leaser = leaser  # GpuLeaser under pytest-xdist: engines start on GPUs no other worker holds
         self.leases: list[Any] = []
         self.request_timeout = request_timeout  # --miles-engine-request-timeout
+        # --miles-kernel-cache-dir: SGLang servers keep their JIT kernels there; after a start, a stamp
+        # under the stack's cache key (the doctor's "warm") records it
+        self.kernel_cache_dir, self._cache_key = kernel_cache_dir, cache_key
         self.notes: list[str] = []  # engines replaced because they stopped answering
         self.launches = 0
         self.live: dict[tuple, Any] = {}
@@ -63,6 +67,7 @@ class EngineFactory:
         if not alongside:
             self.close()  # a new configuration: free the old engine (and its GPU memory) first
         eng = self._make(spec)
+        self._mark_warm(spec, eng)
         self.launches += 1
         self.live[key] = eng
         return eng
@@ -74,9 +79,16 @@ class EngineFactory:
         if isinstance(extra_args, (list, tuple)):  # anything else is refused by the spec, named
             extra_args = (*self.extra_args, *extra_args)
         backend = self.attention_backend if attention_backend is None else attention_backend
+        timeout = self.startup_timeout
+        if timeout is None:  # derived from the configuration's measured cold start, with a margin
+            from pytest_miles.facts.kernel_caches import start_limit
+
+            timeout = start_limit(str(kind), str(backend))
+        options = dict(options) if isinstance(options, dict) else options
+        if kind == "sglang" and self.kernel_cache_dir and isinstance(options, dict):
+            options.setdefault("kernel_cache_dir", self.kernel_cache_dir)
         return EngineSpec(kind, self._model_dir() if model is None else model, deterministic, backend, extra_args,
-                          dict(options), self._device(), str(self.log_dir), self.startup_timeout,
-                          self.request_timeout)
+                          options, self._device(), str(self.log_dir), timeout, self.request_timeout)
 
     def _make(self, spec: EngineSpec):
         if self.start is not None:  # a placement: e.g. a Ray actor, the deterministic env in its runtime_env
@@ -95,6 +107,13 @@ class EngineFactory:
             raise
         self.leases.append(lease)
         return eng
+
+    def _mark_warm(self, spec: EngineSpec, eng: Any) -> None:
+        seconds = getattr(eng, "startup_seconds", None)
+        if spec.kind == "sglang" and self.kernel_cache_dir and self._cache_key is not None and seconds:
+            from pytest_miles.facts.kernel_caches import mark_warm
+
+            mark_warm(self.kernel_cache_dir, self._cache_key(), spec.kind, spec.attention_backend, seconds)
 
     def _answers(self, eng: Any) -> bool:
         """Whether a live engine still answers its health check (a short timeout). A wedged one

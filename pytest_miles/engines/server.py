@@ -30,10 +30,12 @@ from pytest_miles.engines.base import (
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, port_in_use, tail, wait_until
+from pytest_miles.recording import stage
 
 
 class ServerEngine:
     name = "server"
+    start_advice = ""  # what a start-up timeout adds: the measured cold start, how to warm the cache
 
     def __init__(self, cmd: list[str], *, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
                  startup_timeout: float = 300.0, request_timeout: float = 300.0, log_dir: str | Path | None = None,
@@ -58,14 +60,18 @@ class ServerEngine:
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+        label = f"starting {self.name} (limit {self.startup_timeout:g} s)" + \
+            (f": {self.start_advice}" if self.start_advice else "")
         try:
-            ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
+            with stage(label):
+                ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
             if not ok:
                 if self.proc.poll() is not None:
                     raise EngineError(f"{self.name} exited with code {self.proc.returncode} while starting "
                                       f"(log {self.log_path}):\n{tail(self.log_path)}")
+                advice = f"\n{self.start_advice}" if self.start_advice else ""
                 raise EngineError(f"{self.name} did not become healthy within {self.startup_timeout:g} s "
-                                  f"(log {self.log_path}):\n{tail(self.log_path)}")
+                                  f"(stage: engine start-up; log {self.log_path}){advice}\n{tail(self.log_path)}")
         except BaseException:
             self.close()
             raise
@@ -231,7 +237,9 @@ class SGLangEngine(ServerEngine):
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
                  port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
-                 python: str = sys.executable, **kw: Any) -> None:
+                 python: str = sys.executable, kernel_cache_dir: str | Path | None = None, **kw: Any) -> None:
+        from pytest_miles.facts.kernel_caches import cache_env, slow_start_advice
+
         model_path = Path(model_path)
         if not (model_path / "config.json").exists():
             raise EngineError(f"{model_path}: no config.json (not an HF model directory)")
@@ -249,7 +257,8 @@ class SGLangEngine(ServerEngine):
             cmd.append("--disable-cuda-graph")
         cmd += sglang_passthrough(extra_args)
         self.deterministic, self.attention_backend = deterministic, attention_backend
-        kw["env"] = {**sglang_start_env(), **(kw.get("env") or {})}
+        self.start_advice = slow_start_advice("sglang", attention_backend)
+        kw["env"] = {**sglang_start_env(), **cache_env(kernel_cache_dir), **(kw.get("env") or {})}
         super().__init__(cmd, port=port, health_path="/health", **kw)
 
 

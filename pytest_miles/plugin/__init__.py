@@ -106,6 +106,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Known upstream limitations -> XFAIL naming the reference; a non-strict unexpected pass -> XPASS."""
     rep = yield
     from pytest_miles.capabilities.verdict import adjust_report
+    from pytest_miles.recording import failed_stage
+    from pytest_miles.report.collector import STAGE_KEY
 
     adjust_report(item, call, rep)
+    where = failed_stage()
+    if where and rep.failed:
+        rep.user_properties.append((STAGE_KEY, where))  # the report's timeout line names the slow stage
     return rep

@@ -119,6 +119,8 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
         start=_ray_start(_placement(request, st)),
         leaser=request.getfixturevalue("miles_gpu_leaser"),
         request_timeout=st.setting("engine_request_timeout"),
+        kernel_cache_dir=st.setting("kernel_cache_dir"),
+        cache_key=lambda: _kernel_cache_key(st),
     )
     try:
         yield factory
@@ -128,6 +130,14 @@ def engine_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
 def _tiny_model(tmp_path_factory: pytest.TempPathFactory):
     return _shape_model(tmp_path_factory, "tiny")
+
+
+def _kernel_cache_key(st) -> str:
+    """The cache key of this machine's real stack (not the --miles-gpu-class pretence)."""
+    from pytest_miles.facts.fingerprint import collect
+    from pytest_miles.facts.kernel_caches import cache_key
+
+    return cache_key(collect(st.real_hardware).to_json())
 
 
 def _shape_model(tmp_path_factory: pytest.TempPathFactory, shape: str):
@@ -224,11 +234,15 @@ def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
 @pytest.fixture
 def miles_record(request: pytest.FixtureRequest):
-    """`miles_record(check, **figures)`: put a line in the determinism report for this test."""
+    """`miles_record(check, kind="determinism", **figures)`: put a line in the determinism report for
+    this test. `kind="refusal"` (a configuration refused by a rule, nothing measured) and
+    `kind="setup"` (the environment the checks rely on) are counted apart from the determinism checks."""
     from pytest_miles.report.collector import KEY
+    from pytest_miles.validation import choice
 
-    def record(check: str, **figures):
-        request.node.user_properties.append((KEY, {"check": check, "figures": figures}))
+    def record(check: str, *, kind: str = "determinism", **figures):
+        choice("miles_record(kind=)", kind, ("determinism", "refusal", "setup"))
+        request.node.user_properties.append((KEY, {"check": check, "figures": figures, "kind": kind}))
 
     return record
 

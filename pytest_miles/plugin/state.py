@@ -118,3 +118,14 @@ STATE = pytest.StashKey[MilesSession]()
 
 def state(config: pytest.Config) -> MilesSession:
     return config.stash[STATE]
+
+
+def engine_start_limit(config: pytest.Config) -> float:
+    """Seconds an engine of this session may take to become healthy: --miles-engine-timeout, else
+    derived from the measured cold start of the session's engine and attention backend, with a
+    margin (`pytest_miles.facts.kernel_caches.start_limit`)."""
+    from pytest_miles.facts.kernel_caches import start_limit
+
+    st = state(config)
+    own = st.setting("engine_timeout")
+    return float(own) if own else start_limit(st.setting("engine"), st.setting("attention_backend"))

@@ -23,14 +23,21 @@ from pytest_miles._files import atomic_write
 from pytest_miles._files import atomic_write as write_atomic  # noqa: F401  (the earlier name, importable here too)
 
 KEY = "miles_check"
+STAGE_KEY = "miles_stage"  # user property: the stage a failing test was in (recording.stage)
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
 SCHEMA = "pytest-miles/report"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: each check has a kind; "totals" counts determinism checks only, "kinds" the rest
 # "caught": a helper's failure that its test expected and caught (a negative control that worked).
 # "inconclusive": a timing figure whose spread covers its claim (noise, said as noise).
 # "timeout": a stage (setup, call, teardown) ran past pytest-timeout's limit: not a determinism verdict.
 OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive", "timeout")
 TEST_OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
+# What a line is about. Only "determinism" lines are determinism checks; the others are counted apart so
+# that a total of passes means determinism measured: "refusal" (a configuration refused by a rule:
+# nothing measured, the refusal confirmed), "setup" (the environment the checks rely on: doctor, env
+# propagation), "other" (a failing test outside the checks: pytest is red, so is the report).
+KINDS = ("determinism", "refusal", "setup", "other")
+SAID = {"skipped": "not applicable"}  # how an outcome reads in the summary line
 
 
 @dataclass
@@ -42,6 +49,7 @@ class Entry:
     duration_s: float = 0.0
     reason: str = ""
     source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
+    kind: str = "determinism"  # one of KINDS
 
 
 def _timed_out(report) -> bool:
@@ -65,7 +73,9 @@ def _reason(report) -> str:
         return str(report.wasxfail)
     if _timed_out(report):
         crash = report.longrepr.reprcrash.message.splitlines()[0].removeprefix("Failed: ")
-        return (f"timeout of the {report.when} stage after {report.duration:.0f} s ({crash}); "
+        slow = next((v for k, v in getattr(report, "user_properties", ()) if k == STAGE_KEY), None)
+        where = f" while {slow}" if slow else ""
+        return (f"timeout of the {report.when} stage after {report.duration:.0f} s{where} ({crash}); "
                 "not a determinism verdict")
     longrepr = report.longrepr
     if longrepr is None:
@@ -112,23 +122,30 @@ class Collector:
                         own = "caught"  # a failure the test expected (pytest.raises): its own negative control
                     e = Entry(report.nodeid, value["check"], own or outcome, value.get("figures", {}),
                               float(value.get("duration", report.duration) or 0.0),
-                              value.get("reason") or ("" if own else _reason(report)), value.get("source", "record"))
+                              value.get("reason") or ("" if own else _reason(report)), value.get("source", "record"),
+                              value.get("kind", "determinism"))
                     p.entries.append(e)
                     self.entries.append(e)
         if report.when == "teardown":
             self.pending.pop(report.nodeid, None)
             self.tests[report.nodeid] = "failed" if p.outcome == "timeout" else p.outcome  # pytest's count
+            kind = "determinism"
             if not p.name and not p.entries and p.outcome in ("failed", "error", "timeout"):
-                p.name = report.nodeid  # a failing test outside the checks: pytest is red, so is the report
+                p.name, kind = report.nodeid, "other"  # a failing test outside the checks: pytest is red, so is the report
             if p.name and not p.entries:
-                e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test")
+                e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test", kind)
                 p.entries.append(e)
                 self.entries.append(e)
         return len(self.entries) > before
 
-    def totals(self) -> dict[str, int]:
-        counts = {o: sum(e.outcome == o for e in self.entries) for o in OUTCOMES}
-        return {"checks": len(self.entries), **counts}
+    def totals(self, kind: str = "determinism") -> dict[str, int]:
+        """Counts per outcome of the lines of one kind (the determinism checks by default)."""
+        entries = [e for e in self.entries if e.kind == kind]
+        counts = {o: sum(e.outcome == o for e in entries) for o in OUTCOMES}
+        return {"checks": len(entries), **counts}
+
+    def kinds(self) -> dict[str, dict[str, int]]:
+        return {k: self.totals(k) for k in KINDS[1:]}
 
     def test_totals(self) -> dict[str, int]:
         """pytest's totals, one outcome per test: its first outcome that was not "passed" (pytest
@@ -137,12 +154,16 @@ class Collector:
         return {"tests": len(self.tests), **counts}
 
     def summary(self) -> str:
-        """The one total line: the checks, and pytest's tests they came from."""
+        """The one total line: the determinism checks, apart from them rule refusals, setup checks and
+        failing tests outside the checks, and pytest's tests they all came from."""
         t, pt = self.totals(), self.test_totals()
-        checks = ", ".join(f"{t[o]} {o}" for o in OUTCOMES if t[o] or o in ("passed", "failed", "skipped"))
-        tests = ", ".join(f"{pt[o]} {o}" for o in TEST_OUTCOMES if pt[o])
-        tests = tests or "none"
-        return f"{t['checks']} determinism checks: {checks} (from {pt['tests']} pytest tests: {tests})"
+        checks = ", ".join(f"{t[o]} {SAID.get(o, o)}" for o in OUTCOMES if t[o] or o in ("passed", "failed", "skipped"))
+        parts = [f"{t['checks']} determinism checks: {checks}"]
+        for kind, k in self.kinds().items():
+            if k["checks"]:
+                parts.append(_kind_total(kind, k))
+        tests = ", ".join(f"{pt[o]} {o}" for o in TEST_OUTCOMES if pt[o]) or "none"
+        return "; ".join(parts) + f" (from {pt['tests']} pytest tests: {tests})"
 
     def lines(self) -> list[str]:
         out = []
@@ -150,7 +171,8 @@ class Collector:
         for e in self.entries:
             figures = ", ".join(f"{k}={_short(v)}" for k, v in e.figures.items() if k != "message")
             why = f"  ({_short(e.reason.splitlines()[0], 160)})" if e.reason and e.outcome != "passed" else ""
-            out.append(f"{e.outcome.upper():8} {e.check:{width}} {e.duration_s:7.2f}s  {figures}{why}")
+            shown = "REFUSED" if e.kind == "refusal" and e.outcome == "passed" else e.outcome.upper()
+            out.append(f"{shown:8} {e.check:{width}} {e.duration_s:7.2f}s  {figures}{why}")
         out.append(self.summary())
         return out
 
@@ -158,13 +180,23 @@ class Collector:
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": complete,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
                 "duration_s": round(time.time() - self.started, 3), "totals": self.totals(),
-                "tests": self.test_totals(), "summary": self.summary(),
+                "kinds": self.kinds(), "tests": self.test_totals(), "summary": self.summary(),
                 "fingerprint": fingerprint, "checks": [vars(e) for e in self.entries]}
 
     def write(self, path: str | Path, fingerprint: dict[str, Any], complete: bool = True) -> None:
         """Atomic write. Written after every check too (complete=False), so that a run killed by
         a CI timeout still leaves the figures of every check it finished."""
         atomic_write(path, json.dumps(self.to_json(fingerprint, complete), indent=1, default=str))
+
+
+def _kind_total(kind: str, k: dict[str, int]) -> str:
+    others = ", ".join(f"{k[o]} {SAID.get(o, o)}" for o in OUTCOMES if k[o] and o != "passed")
+    if kind == "refusal":
+        return f"{k['passed']} rule refusals confirmed" + (f" ({others})" if others else "")
+    if kind == "setup":
+        return f"{k['checks']} setup checks: " + ", ".join(
+            f"{k[o]} {SAID.get(o, o)}" for o in OUTCOMES if k[o] or o in ("passed", "failed"))
+    return f"{k['checks']} failing tests outside the checks"
 
 
 def _short(value: Any, width: int = 60) -> str:

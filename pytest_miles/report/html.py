@@ -110,11 +110,8 @@ def render(data: dict[str, Any], hardware=None) -> str:
     else:
         figs = "".join(f"<figure><img alt='{e(t)}' src='{_data_uri(b)}'><figcaption>{e(t)}</figcaption></figure>"
                        for t, b in images) or "<p>No plots in this run.</p>"
-    summary = ", ".join(f"{v} {k}" for k, v in totals.items() if k != "checks" and v)
-    tests = data.get("tests")  # pytest's own totals (reports written before they were kept have none)
-    if tests:
-        summary += f" (from {tests['tests']} pytest tests: " + \
-            (", ".join(f"{v} {k}" for k, v in tests.items() if k != "tests" and v) or "none") + ")"
+    summary = data.get("summary") or f"{totals['checks']} determinism checks: " + ", ".join(
+        f"{v} {k}" for k, v in totals.items() if k != "checks" and v)  # a report from before the summary line
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pytest-miles determinism report</title>
 <style>
@@ -125,7 +122,7 @@ td.node {{ color: #666; font-family: monospace; }}
 figure {{ display: inline-block; margin: 0 1em 1em 0; }} img {{ max-width: 720px; }}
 </style></head><body>
 <h1>pytest-miles determinism report</h1>
-<p id="totals">{totals['checks']} determinism checks: {e(summary)}; run of {data['duration_s']:.1f} s started
+<p id="totals">{e(summary)}; run of {data['duration_s']:.1f} s started
 {e(data['started'])}{'' if data['complete'] else ' (incomplete: the run did not finish)'}</p>
 <h2>Checks</h2>
 <table id="checks"><tr><th>check</th><th>outcome</th><th>duration</th><th>figures</th><th>reason</th><th>test</th></tr>

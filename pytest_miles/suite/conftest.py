@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from pytest_miles import engine_start_limit
 from pytest_miles.errors import Unavailable
 
 
@@ -66,10 +67,15 @@ def machine_factor() -> float:
         return 1.0
 
 
+ENGINE_FIXTURES = {"engine_factory": 2, "engine": 1, "sglang_engine": 1, "reference_engine": 1}  # starts a test may pay
+
+
 def scale_timeouts(config, items) -> None:
-    """pytest-timeout's limit (the project's `timeout` ini or --timeout), scaled for this machine's
-    load when the suite starts, so a busy runner does not turn a slow check into a failure. A test
-    with its own timeout marker keeps it."""
+    """pytest-timeout's limit (the project's `timeout` ini or --timeout), plus the engine start-up
+    limit of this configuration for each engine a test may start (derived from the measured cold
+    start with a margin, facts/kernel_caches.py), all scaled for this machine's load when the suite
+    starts, so neither a cold kernel cache nor a busy runner turns a slow check into a failure. A
+    test with its own timeout marker keeps it."""
     if not config.pluginmanager.has_plugin("timeout"):
         return
     # pytest-timeout's own order: --timeout, then PYTEST_TIMEOUT, then the ini value
@@ -79,10 +85,17 @@ def scale_timeouts(config, items) -> None:
         limit = float(raw or 0)
     except ValueError:
         return  # pytest-timeout reports its own bad value
-    factor = machine_factor()
-    if limit <= 0 or factor == 1.0:
+    if limit <= 0:
         return
-    config.stash[TIMEOUT_NOTE] = f"suite timeouts: {limit:.0f} s x {factor:.1f} (load per core at start)"
+    start = engine_start_limit(config)
+    factor = machine_factor()
+    changed = False
     for item in items:
-        if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(round(limit * factor)))
+        starts = max((n for name, n in ENGINE_FIXTURES.items() if name in getattr(item, "fixturenames", ())),
+                     default=0)
+        if item.get_closest_marker("timeout") is None and (starts or factor > 1.0):
+            item.add_marker(pytest.mark.timeout(round((limit + starts * start) * factor)))
+            changed = True
+    if changed:
+        config.stash[TIMEOUT_NOTE] = (f"suite timeouts: ({limit:.0f} s + {start:.0f} s per engine start-up a test "
+                                      f"may pay) x {factor:.1f} (load per core at start)")

@@ -15,7 +15,7 @@ from pytest_miles.suite.conftest import require
 
 def test_env_propagated_to_every_worker(ray_cluster, miles_record):
     results = assert_env_propagated(ray_cluster)
-    miles_record("deterministic env reaches every Ray worker", workers=len(results),
+    miles_record("deterministic env reaches every Ray worker", kind="setup", workers=len(results),
                  nodes=", ".join(sorted({r.node.label for r in results})))
 
 

@@ -19,6 +19,7 @@ from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, tail
+from pytest_miles.recording import stage
 from pytest_miles.trainers.config import ModelArgs, TrainerConfig, config_from
 
 __all__ = ["MegatronTrainer", "ModelArgs", "Run", "TrainerConfig", "TrainerError", "wait_for_ranks"]
@@ -132,7 +133,9 @@ class MegatronTrainer:
         # earlier trainer's launch must never stand in for this one's
         (run_dir / "result.json").unlink(missing_ok=True)
         t0 = time.monotonic()
-        self._launch(run_dir)
+        with stage(f"megatron-core run {self.launches}: {self.world} rank(s) on {self.device}, {steps} step(s) "
+                   f"(logs {run_dir})"):
+            self._launch(run_dir)
         try:
             result = json.loads((run_dir / "result.json").read_text())
         except (OSError, ValueError) as exc:
