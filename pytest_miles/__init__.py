@@ -18,6 +18,7 @@ _EXPORTS = {
     "DeterministicEnvironment": "facts.environment",
     "run_doctor": "facts.doctor",
     "engine_start_limit": "plugin.state",
+    "miles_setting": "plugin.state",
     "discover": "facts.hardware",
     "assert_checkpoints_equal": "checks.checkpoints",
     "compare_checkpoints": "checks.checkpoints",

@@ -134,22 +134,27 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
 
 
 # The stage a long step is in (an engine starting, trainer ranks launching): a timeout that fires
-# inside it is reported as a timeout of that stage. A plain global: pytest-timeout's signal and the
-# report both run on the main thread.
+# inside it is reported as a timeout of that stage, and finished stages are the report's per-stage
+# times. Plain globals: pytest-timeout's signal and the report both run on the main thread.
 _STAGE: list[tuple[str, float]] = []
 _FAILED_IN: list[str] = []
+_DONE: list[tuple[str, float]] = []
 
 
 @contextlib.contextmanager
-def stage(text: str):
-    """`with stage("starting sglang (flashinfer, deterministic)"):` names the stage for a timeout."""
-    _STAGE.append((text, time.monotonic()))
+def stage(label: str, hint: str = ""):
+    """`with stage("starting sglang", hint=...):` names the stage for a timeout (with `hint`: what to
+    do about a slow one) and times it for the report."""
+    t0 = time.monotonic()
+    _STAGE.append((label, t0))
     try:
         yield
     except BaseException:
         if not _FAILED_IN:  # the innermost stage is the one that was slow
-            _FAILED_IN.append(f"{text}, {time.monotonic() - _STAGE[-1][1]:.0f} s in")
+            _FAILED_IN.append(f"{label}, {time.monotonic() - t0:.0f} s in" + (f" ({hint})" if hint else ""))
         raise
+    else:
+        _DONE.append((label, round(time.monotonic() - t0, 3)))
     finally:
         _STAGE.pop()
 
@@ -157,3 +162,10 @@ def stage(text: str):
 def failed_stage() -> str | None:
     """The stage the last exception left (and forget it), for the test's report."""
     return _FAILED_IN.pop() if _FAILED_IN else None
+
+
+def finished_stages() -> list[tuple[str, float]]:
+    """The stages finished since the last call (and forget them), with their seconds."""
+    done = list(_DONE)
+    _DONE.clear()
+    return done

@@ -4,6 +4,7 @@ as a timeout of that stage (not as a determinism failure), and the suite scales 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -82,16 +83,72 @@ def test_engine_start_limits_keep_a_margin_over_every_measured_cold_start():
 
 
 def test_suite_adds_the_engine_start_limit_to_tests_that_start_engines(pytester):
-    """The bundled suite's conftest: a test with engine_factory may pay two cold starts."""
+    """The bundled suite's conftest: a test with engine_factory may pay two cold starts (the load
+    factor, if this machine is busy, multiplies both limits alike)."""
     pytester.makeconftest("from pytest_miles.suite.conftest import pytest_collection_modifyitems  # noqa\n")
     pytester.makepyfile("""
-        import pytest
+        import json, pathlib
+
+        def _limit(request):
+            mark = request.node.get_closest_marker("timeout")
+            return mark.args[0] if mark else None
 
         def test_plain(request):
-            assert request.node.get_closest_marker("timeout") is None
+            pathlib.Path("plain.json").write_text(json.dumps(_limit(request)))
 
         def test_with_engines(request, engine_factory):
-            assert request.node.get_closest_marker("timeout").args[0] == 100 + 2 * 30
+            pathlib.Path("engines.json").write_text(json.dumps(_limit(request)))
     """)
     result = pytester.runpytest_subprocess("--timeout=100", "--miles-engine-timeout=30", "-p", "no:randomly")
     result.assert_outcomes(passed=2)
+    plain = json.loads((pytester.path / "plain.json").read_text())
+    engines = json.loads((pytester.path / "engines.json").read_text())
+    if plain is None:  # an idle machine: only the engine test's limit changes
+        assert engines == 100 + 2 * 30
+    else:  # a busy one: both scaled by the same load factor
+        assert abs(engines / plain - 160 / 100) < 0.02, (plain, engines)
+
+
+STAGED = """
+from pytest_miles.recording import stage
+
+def test_staged(miles_record):
+    with stage("starting the thing"):
+        pass
+    with stage("training the thing"):
+        pass
+    miles_record("a staged check", ok=1)
+"""
+
+
+def test_the_report_has_per_stage_times(pytester):
+    pytester.makepyfile(STAGED)
+    out = pytester.path / "r.json"
+    pytester.runpytest_subprocess(f"--miles-report={out}").assert_outcomes(passed=1)
+    (check,) = json.loads(out.read_text())["checks"]
+    assert [label for label, _ in check["stages"]] == ["starting the thing", "training the thing"]
+    assert all(isinstance(s, float) and s >= 0 for _, s in check["stages"])
+
+
+def test_the_commit_profile_selects_its_subset(pytester):
+    """`pytest-miles suite --miles-suite-profile=commit`: the per-commit subset, the rest deselected."""
+    result = pytester.run(sys.executable, "-m", "pytest_miles.cli", "suite", "--miles-suite-profile=commit",
+                          "--collect-only", "-q", "-p", "no:randomly")
+    lines = [ln.split("::")[-1] for ln in result.stdout.lines if ln.startswith("test_") and "::" in ln]
+    from pytest_miles.suite.conftest import COMMIT_PROFILE
+
+    assert sorted(lines) == sorted(COMMIT_PROFILE)
+    result.stdout.fnmatch_lines([f"*{len(COMMIT_PROFILE)}/* tests collected (* deselected)*"])
+
+
+def test_miles_setting_names_a_bad_name(pytester):
+    pytester.makeconftest("""
+        from pytest_miles import miles_setting
+
+        def pytest_collection_modifyitems(config, items):
+            assert miles_setting(config, "trials") == 10
+            miles_setting(config, "trails")
+    """)
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(["*miles_setting('trails'): not a pytest-miles setting; expected one of*trials*"])

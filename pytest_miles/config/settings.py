@@ -198,6 +198,10 @@ SETTINGS += (
 )
 
 SETTINGS += (
+    Setting("suite_profile", "Which part of the bundled suite runs: full (every check: nightly) or commit (the "
+            "doctor, the single-mode negative control and batch invariance, training twice and its negative "
+            "control: for every commit).", default="full", kind="choice", choices=("full", "commit"),
+            env="PYTEST_MILES_SUITE_PROFILE", group="general"),
     Setting("kernel_cache_dir", "Directory for the engines' JIT kernel caches (FlashInfer, Triton, TorchInductor): "
             "keep it between CI runs and a fresh host skips minutes of compiling; `pytest-miles doctor` prints the "
             "cache key and whether it is warm.", env="PYTEST_MILES_KERNEL_CACHE", group="performance"),

@@ -60,10 +60,8 @@ class ServerEngine:
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
-        label = f"starting {self.name} (limit {self.startup_timeout:g} s)" + \
-            (f": {self.start_advice}" if self.start_advice else "")
         try:
-            with stage(label):
+            with stage(f"starting {self.name} (limit {self.startup_timeout:g} s)", hint=self.start_advice):
                 ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
             if not ok:
                 if self.proc.poll() is not None:

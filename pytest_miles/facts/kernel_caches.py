@@ -40,6 +40,7 @@ COLD_STARTS = (
               "H200, 2026-12-03, sglang 0.5.17, flashinfer 0.6.15, the negative-control engine of the suite"),
     ColdStart("sglang", "triton", 131.0, None, 51.0, "H100, 2026-11-23, sglang 0.5.17, triton 3.6.0"),
     ColdStart("reference-server", "any", 10.0, None, None, "2-core CPU runner, 2026-12-03"),
+    ColdStart("reference", "any", 5.0, None, None, "2-core CPU runner, 2026-12-03 (in-process: loads the model)"),
 )
 
 

@@ -106,11 +106,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Known upstream limitations -> XFAIL naming the reference; a non-strict unexpected pass -> XPASS."""
     rep = yield
     from pytest_miles.capabilities.verdict import adjust_report
-    from pytest_miles.recording import failed_stage
-    from pytest_miles.report.collector import STAGE_KEY
+    from pytest_miles.recording import failed_stage, finished_stages
+    from pytest_miles.report.collector import STAGE_KEY, STAGES_KEY
 
     adjust_report(item, call, rep)
     where = failed_stage()
     if where and rep.failed:
         rep.user_properties.append((STAGE_KEY, where))  # the report's timeout line names the slow stage
+    done = finished_stages()
+    if done:
+        rep.user_properties.append((STAGES_KEY, [[label, seconds] for label, seconds in done]))
     return rep

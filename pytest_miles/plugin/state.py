@@ -129,3 +129,14 @@ def engine_start_limit(config: pytest.Config) -> float:
     st = state(config)
     own = st.setting("engine_timeout")
     return float(own) if own else start_limit(st.setting("engine"), st.setting("attention_backend"))
+
+
+def miles_setting(config: pytest.Config, name: str) -> Any:
+    """A pytest-miles setting of this session by name (resolved once: CLI > env > config file > ini >
+    default), for conftest hooks; inside a test, the `miles_settings` fixture."""
+    from pytest_miles.config import BY_NAME
+
+    if name not in BY_NAME:
+        raise InputError(f"miles_setting({name!r}): not a pytest-miles setting; expected one of "
+                         + ", ".join(sorted(BY_NAME)))
+    return state(config).setting(name)

@@ -24,6 +24,7 @@ from pytest_miles._files import atomic_write as write_atomic  # noqa: F401  (the
 
 KEY = "miles_check"
 STAGE_KEY = "miles_stage"  # user property: the stage a failing test was in (recording.stage)
+STAGES_KEY = "miles_stages"  # user property: [label, seconds] of the stages a phase finished
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
 SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 3  # 3: each check has a kind; "totals" counts determinism checks only, "kinds" the rest
@@ -50,6 +51,7 @@ class Entry:
     reason: str = ""
     source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
     kind: str = "determinism"  # one of KINDS
+    stages: list = field(default_factory=list)  # [label, seconds] of the test's finished stages (engine starts, launches)
 
 
 def _timed_out(report) -> bool:
@@ -93,6 +95,7 @@ class _Pending:
     outcome: str = "passed"
     reason: str = ""
     duration: float = 0.0
+    stages: list = field(default_factory=list)
 
 
 @dataclass
@@ -110,6 +113,9 @@ class Collector:
         for name, value in props:
             if name == CHECK_TEST:
                 p.name = value
+        for name, value in props:
+            if name == STAGES_KEY:
+                p.stages += [list(done) for done in value]
         outcome = _outcome(report)
         if outcome != "passed" and p.outcome == "passed":
             p.outcome, p.reason = outcome, _reason(report)
@@ -128,12 +134,14 @@ class Collector:
                     self.entries.append(e)
         if report.when == "teardown":
             self.pending.pop(report.nodeid, None)
+            for e in p.entries:
+                e.stages = p.stages
             self.tests[report.nodeid] = "failed" if p.outcome == "timeout" else p.outcome  # pytest's count
             kind = "determinism"
             if not p.name and not p.entries and p.outcome in ("failed", "error", "timeout"):
                 p.name, kind = report.nodeid, "other"  # a failing test outside the checks: pytest is red, so is the report
             if p.name and not p.entries:
-                e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test", kind)
+                e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test", kind, p.stages)
                 p.entries.append(e)
                 self.entries.append(e)
         return len(self.entries) > before

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pytest_miles import engine_start_limit
+from pytest_miles import engine_start_limit, miles_setting
 from pytest_miles.errors import Unavailable
 
 
@@ -46,7 +46,27 @@ def pytest_collection_modifyitems(config, items):
         return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
 
     items.sort(key=rank)
+    if miles_setting(config, "suite_profile") == "commit":
+        keep = [i for i in items if not _is_suite(i) or i.name in COMMIT_PROFILE]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = keep
     scale_timeouts(config, items)
+
+
+# The per-commit profile (--miles-suite-profile=commit): a negative control and its positive check on
+# one engine pair, training twice and the check that can fail, the doctor. The rest runs nightly.
+COMMIT_PROFILE = frozenset({
+    "test_applied_environment_passes_doctor", "test_ambient_environment", "test_negative_control[single]",
+    "test_batch_invariance[single]", "test_run_twice_bitwise_equal", "test_checkpoint_check_can_fail"})
+
+
+def _is_suite(item) -> bool:
+    return getattr(getattr(item, "module", None), "__name__", "").startswith("pytest_miles.suite.")
+
+
+
 
 
 TIMEOUT_NOTE = pytest.StashKey[str]()
