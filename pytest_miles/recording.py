@@ -77,7 +77,11 @@ def _figures(result: Any) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != "passed" and (isinstance(v, (int, float, str, bool)) or v is None)}
 
 
-def recorded(check: str, settings: dict[str, str] | None = None, progress: bool = False) -> Callable:
+KIND = "__kind__"  # a figure key the plugin takes as the line's kind (see report.collector.KINDS)
+
+
+def recorded(check: str, settings: dict[str, str] | None = None, progress: bool = False,
+             kind: str = "determinism") -> Callable:
     """Decorator for an assert_* helper: inside a pytest test, fill arguments the caller left
     unset from the settings named in `settings` ({argument: setting}), pass a progress callback
     when the helper takes one, and record the outcome (passed, or failed with the first line of
@@ -103,11 +107,12 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
             if (progress or "progress" in sig.parameters) and "progress" not in bound:
                 kwargs["progress"] = rec.progress(label)
             t0 = time.perf_counter()
+            tag = {} if kind == "determinism" else {KIND: kind}
             try:
                 result = fn(*args, **kwargs)
             except AssertionError as exc:
                 message = str(exc)
-                rec.record(label, "failed", {"message": message}, time.perf_counter() - t0)
+                rec.record(label, "failed", {"message": message, **tag}, time.perf_counter() - t0)
                 capped = cap_message(message)
                 if capped != message:
                     raise AssertionError(capped) from None
@@ -123,9 +128,9 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
                     outcome, message = "skipped", str(exc)
                 else:  # bad input, a crash: the helper could not judge; pytest says failed, so does this
                     outcome, message = "error", f"{type(exc).__name__}: {exc}"
-                rec.record(label, outcome, {"message": message}, time.perf_counter() - t0)
+                rec.record(label, outcome, {"message": message, **tag}, time.perf_counter() - t0)
                 raise
-            rec.record(label, "passed", _figures(result), time.perf_counter() - t0)
+            rec.record(label, "passed", {**_figures(result), **tag}, time.perf_counter() - t0)
             return result
 
         return inner

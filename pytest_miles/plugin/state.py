@@ -89,8 +89,9 @@ class MilesSession:
         from pytest_miles.report.collector import KEY
 
         def record(check: str, outcome: str, figures: dict, duration: float) -> None:
+            kind = figures.pop(recording.KIND, "determinism")
             item.user_properties.append((KEY, {"check": check, "outcome": outcome, "figures": figures,
-                                               "duration": round(duration, 3), "source": "helper",
+                                               "duration": round(duration, 3), "source": "helper", "kind": kind,
                                                "reason": str(figures.pop("message", ""))[:20000]}))
 
         token = recording.CURRENT.set(recording.Recorder(

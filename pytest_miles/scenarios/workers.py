@@ -185,7 +185,7 @@ def assert_same_across_workers(results: list[WorkerResult], what: str = "the com
         raise AssertionError(report)
 
 
-@recorded("env propagated")
+@recorded("env propagated", kind="setup")
 def assert_env_propagated(cluster: RayCluster, env: Mapping[str, str] | None = None, *,
                           runtime_env: RuntimeEnv = "default", per_gpu: bool | None = None,
                           timeout: float | None = None) -> list[WorkerResult]:
