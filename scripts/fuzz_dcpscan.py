@@ -7,7 +7,7 @@ package's own build is untouched), then scans random mutations (byte changes, bi
 deletions, insertions, self-splices, truncations) of each given `.metadata` (default: fresh DCP
 saves of a few shapes). Any memory error or undefined behaviour aborts with the sanitizer's report;
 the run prints how many mutations it scanned and how many the reader vouched for. The verdict side
-(what it vouches for, the full Python path agrees) is tests/test_dcp_native.py's fuzz.
+(what it vouches for, the full Python path agrees) is tests/ckpt/test_dcp_native.py's fuzz.
 """
 
 from __future__ import annotations

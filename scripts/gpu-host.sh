@@ -81,7 +81,7 @@ for step in "$@"; do
     bench-engines)
       timeout 580 $PY benchmarks/batch_invariance_vs_sglang_tool.py 2>&1 | tee "$OUT/bench-engines.log" || rc=1 ;;
     snapshots)
-      args=(tests/test_cross_machine_snapshots.py -v -rs -p no:cacheprovider --miles-engine=sglang --miles-require-gpu)
+      args=(tests/snapshots/test_cross_machine_snapshots.py -v -rs -p no:cacheprovider --miles-engine=sglang --miles-require-gpu)
       { echo "== record (--miles-snapshot-update)"; timeout 280 $PY -m pytest "${args[@]}" --miles-snapshot-update
         echo "== a later run: compare"; timeout 280 $PY -m pytest "${args[@]}"; } 2>&1 | tee "$OUT/snapshots.log" || rc=1
       cp fixtures/snapshots/tests/test_cross_machine_snapshots.json "$OUT/" 2>/dev/null ;;
@@ -137,7 +137,7 @@ for step in "$@"; do
       fi
       MILES_CUDNN=$CUDNN_STASH/site/nvidia/cudnn te_pytest te-fused-cudnn -k "attention_backend_te_picks" || rc=1 ;;
     te-serve)  # SGLang serves the block-wise FP8 checkpoint with its FP8 kernels (~3 min: two engine starts)
-      te_pytest te-serve tests/test_quantized_checkpoints.py -k "fp8_checkpoint_served or sglang_parses" \
+      te_pytest te-serve tests/models/test_quantized_checkpoints.py -k "fp8_checkpoint_served or sglang_parses" \
         --basetemp=/tmp/miles-bt-te-serve || rc=1
       cp /tmp/miles-bt-te-serve/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     te-cells)  # the precision matrix end to end on tiny128: 3 Hopper cells measured, the rest refused/skipped (~5 min)

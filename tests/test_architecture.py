@@ -167,3 +167,14 @@ def test_the_bundled_suite_uses_only_the_public_api():
             if isinstance(node, ast.ImportFrom) and node.module == "pytest_miles":
                 deep += [f"{path.name}: {a.name} is not exported" for a in node.names if a.name not in pytest_miles.__all__]
     assert not deep, deep
+
+
+def test_tests_mirror_the_rooms():
+    """A test lives in the folder of the room it tests (tests/<room>/), so a room's tests are found
+    where its code is; the house rules, packaging and README tests sit at the top."""
+    rooms = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("gpu", "helpers", "__pycache__")}
+    assert folders <= rooms, f"test folders that are not rooms of the package: {sorted(folders - rooms)}"
+    top = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert top == ["test_architecture.py", "test_atomic_write.py", "test_install.py", "test_install_size.py",
+                   "test_readme_examples.py"], top

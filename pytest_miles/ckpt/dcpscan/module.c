@@ -22,7 +22,7 @@
  *
  * Where it would differ from CPython's unpickler it declines: reads that cross a pickle frame's
  * end, dict keys Python could not hash, BUILD and REDUCE arguments Python would refuse, non-ASCII
- * strings, protocols below 2. tests/test_dcp_native.py holds the evidence: real saves read with
+ * strings, protocols below 2. tests/ckpt/test_dcp_native.py holds the evidence: real saves read with
  * the full path's reports, malformed and hostile files declined, and a differential fuzz (every
  * mutated file the fast path calls EQUAL, the full path must call EQUAL with the same report).
  *

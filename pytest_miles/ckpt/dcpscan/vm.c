@@ -78,7 +78,7 @@ static int node_append(P *p, int64_t id, const V *src, size_t k)
     return 0;
 }
 
-/* the dtypes of layouts.ITEMSIZE, in this order (tests/test_dcp_native.py checks they are the same) */
+/* the dtypes of layouts.ITEMSIZE, in this order (tests/ckpt/test_dcp_native.py checks they are the same) */
 const char *const DCPSCAN_DTYPES[DCPSCAN_NDTYPES] = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                                "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2",
                                "float8_e8m0fnu", "complex64", "complex128"};

@@ -26,7 +26,7 @@ def doctor(env_overrides: dict[str, str | None], tmp_path, extra_path: str | Non
     from pathlib import Path
 
     # this checkout's package (not another installed copy), and a planted module when asked
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, root) if p)
     proc = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "doctor", "--json", *args],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)

@@ -16,7 +16,7 @@ from pytest_miles.cli import main
 from pytest_miles.facts.doctor_env import EnvInputError, check_run_env, load_runtime_env, parse_train_env_vars
 from pytest_miles.facts.environment import deterministic_env_vars
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "miles_style" / "test_determinism_ci.py"
 
 

@@ -330,7 +330,7 @@ def test_mutated_metadata_never_crashes_and_is_never_vouched_for_wrongly(saves, 
     its copy, the full Python path answers the same report (not an error, not other counts)."""
     _, pairs = saves
     proc = subprocess.run([sys.executable, "-c", FUZZ, str(pairs["adamw"][0]), str(tmp_path), "20000", "14",
-                           str(Path(__file__).parent.parent / "scripts")],
+                           str(Path(__file__).resolve().parents[2] / "scripts")],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
     assert "fuzz: 20000 mutations" in proc.stdout
@@ -479,7 +479,7 @@ def test_mutated_megatron_metadata_never_crashes_and_is_never_vouched_for_wrongl
     for name in (".metadata", "__0_0.distcp"):
         shutil.copy(a / "iter_0000001" / name, src / name)
     proc = subprocess.run([sys.executable, "-c", FUZZ, str(src), str(tmp_path), "6000", "15",
-                           str(Path(__file__).parent.parent / "scripts")],
+                           str(Path(__file__).resolve().parents[2] / "scripts")],
                           capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout[-2000:]} {proc.stderr[-3000:]}"
     assert "fuzz: 6000 mutations" in proc.stdout

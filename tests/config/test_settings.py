@@ -20,7 +20,7 @@ from pytest_miles import config as options
 from pytest_miles import plugin
 from pytest_miles.cli import main
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch")  # imported before pytester snapshots sys.modules (a second torch import crashes)
 from pytest_miles.models.embedded import write_shape  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = (ROOT / "docs" / "precision-matrix.md").read_text()
 
 

@@ -263,7 +263,7 @@ def test_sigterm_during_ray_init_reaches_our_handler(tmp_path):
     signals back until our handler is back: the session is interrupted as by Ctrl-C."""
     _need("ray")
     result = subprocess.run([sys.executable, "-c", RAY_INIT_SIGNAL, str(tmp_path)], capture_output=True, text=True,
-                            timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                            timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert "TERMINATED" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("megatron.core")
-EXAMPLE = Path(__file__).parent.parent / "examples" / "downstream"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "downstream"
 
 
 @pytest.fixture
