@@ -84,7 +84,7 @@ for step in "$@"; do
       args=(tests/snapshots/test_cross_machine_snapshots.py -v -rs -p no:cacheprovider --miles-engine=sglang --miles-require-gpu)
       { echo "== record (--miles-snapshot-update)"; timeout 280 $PY -m pytest "${args[@]}" --miles-snapshot-update
         echo "== a later run: compare"; timeout 280 $PY -m pytest "${args[@]}"; } 2>&1 | tee "$OUT/snapshots.log" || rc=1
-      cp fixtures/snapshots/tests/test_cross_machine_snapshots.json "$OUT/" 2>/dev/null ;;
+      cp fixtures/snapshots/tests/snapshots/test_cross_machine_snapshots.json "$OUT/" 2>/dev/null ;;
     iterations)
       timeout 580 $PY -m pytest tests/gpu/test_gpu_iterations.py -x -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee "$OUT/iterations.log" || rc=1 ;;
