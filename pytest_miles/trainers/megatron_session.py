@@ -31,8 +31,9 @@ def _batch(r: Rank, samples: list[dict]):
     return tokens, mask, pos
 
 
-def _response_logprobs(r: Rank, samples: list[dict]):
-    """Per sample, a 1-D tensor of logprobs of its response tokens (differentiable)."""
+def _response_logprobs(r: Rank, samples: list[dict], where: list | None = None):
+    """Per sample, a 1-D tensor of logprobs of its response tokens (differentiable). `where`, when
+    given, receives per sample the (target ids, input positions) gathered: what parity checks."""
     import torch
 
     tokens, mask, pos = _batch(r, samples)
@@ -47,6 +48,8 @@ def _response_logprobs(r: Rank, samples: list[dict]):
         p, n = s["prompt_len"], len(s["tokens"])
         targets = tokens[i, p:n]
         out.append(logp[i, p - 1:n - 1].gather(-1, targets[:, None])[:, 0])
+        if where is not None:
+            where.append((targets.tolist(), list(range(p - 1, n - 1))))
     return out
 
 
@@ -71,6 +74,12 @@ def handle(r: Rank, cmd: dict) -> dict:
         with torch.no_grad():
             rows = _response_logprobs(r, cmd["samples"])
         return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows]}
+    if op == "score":  # logprobs with the ids and positions they were taken at (train-rollout parity)
+        where: list = []
+        with torch.no_grad():
+            rows = _response_logprobs(r, cmd["samples"], where)
+        return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows],
+                "targets": [t for t, _ in where], "positions": [p for _, p in where]}
     if op == "train":
         from megatron.core import parallel_state
 

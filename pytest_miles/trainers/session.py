@@ -100,6 +100,12 @@ class MegatronSession:
         """Per sample ({"tokens", "prompt_len"}), the logprobs of its response tokens."""
         return [[float.fromhex(x) for x in row] for row in self.call("logprobs", samples=samples)["logprobs"]]
 
+    def score(self, samples: list[dict]) -> dict:
+        """Per sample ({"tokens", "prompt_len"}): "logprobs" of its response tokens, the "targets"
+        (token ids) they were taken for and the input "positions" that scored them."""
+        out = self.call("score", samples=samples)
+        return {**out, "logprobs": [[float.fromhex(x) for x in row] for row in out["logprobs"]]}
+
     def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28) -> dict:
         """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's)."""
         return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
