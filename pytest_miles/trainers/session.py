@@ -106,9 +106,25 @@ class MegatronSession:
         out = self.call("score", samples=samples)
         return {**out, "logprobs": [[float.fromhex(x) for x in row] for row in out["logprobs"]]}
 
-    def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28) -> dict:
-        """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's)."""
-        return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
+    def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28,
+                   trace: str | Path | None = None) -> dict:
+        """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's).
+        `trace`: a safetensors path for this step's forward outputs and backward gradients per
+        layer point (the divergence locator's records); the answer's "trace" names it."""
+        extra = {"trace": str(trace)} if trace is not None else {}
+        return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high, **extra)
+
+    def reset(self, init_hf: str | Path) -> None:
+        """Load the HF weights at `init_hf` again and start a fresh optimizer (the state a session
+        opened on them starts in): a second run in the same ranks, without paying the start-up."""
+        self.call("reset", init_hf=str(init_hf))
+
+    def hidden_states(self, tokens: list[int], path: str | Path) -> dict:
+        """Per layer point the [tokens, hidden] output of one forward of `tokens` (forward hooks),
+        in the locator's names; written to `path` (safetensors) on the way."""
+        from safetensors.torch import load_file
+
+        return load_file(self.call("trace", tokens=list(tokens), path=str(path))["path"])
 
     def save(self, save_dir: str | Path, iteration: int) -> Path:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])

@@ -24,6 +24,15 @@ PARAMS = SamplingParams(temperature=1.0, max_new_tokens=10, sampling_seed=7, ign
 KEY = {"model": "tiny", "rollout": "fp32", "train": "fp32", "backend": "torch-reference", "tp": 1}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process engine of a tiny model: one torch thread is far faster on a shared CPU."""
+    from pytest_miles.scenarios.loop.run import host_threads
+
+    with host_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     return write_hf_checkpoint(tmp_path_factory.mktemp("parity") / "hf", CFG, dtype="float32")
@@ -82,3 +91,56 @@ def test_selected_token_and_shift_named(session, weights):
 
     report = measure_parity(engine, session, PROMPTS, params=PARAMS, config=KEY, transform=swap, prefill=False)
     assert any("selected token at response position 8" in e for e in report.identity), report.identity
+
+
+# ---- the divergence locator on the same session ---------------------------------------------
+
+TOKENS = [5, 17, 99, 3, 44, 8, 301, 77, 12]
+
+
+def test_locator_engine_vs_trainer_agree_and_planted_fault_found(session, weights, tmp_path):
+    """The same weights agree within fp32 noise at every point; a 1% scale planted in layer 1's MLP
+    down projection on the engine's side (negative control) is named at layer 1 mlp, not before."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pytest_miles.scenarios.locate import locate_engine_vs_trainer
+
+    clean = locate_engine_vs_trainer(ReferenceEngine(weights, deterministic=True), session, TOKENS, tmp_path / "clean",
+                                     tolerance=1e-4)
+    assert clean.first is None and len(clean.rows) == 13, clean.render()
+    assert clean.rows[0]["name"] == "embedding" and clean.rows[0]["equal"]
+    planted = tmp_path / "planted"
+    shutil.copytree(weights, planted)
+    f = next(planted.glob("*.safetensors"))
+    state = load_file(f)
+    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"] * 1.01
+    save_file(state, str(f))
+    prof = locate_engine_vs_trainer(ReferenceEngine(planted, deterministic=True), session, TOKENS, tmp_path / "p",
+                                    tolerance=1e-4)
+    assert prof.first["name"] == "layers.1.mlp", prof.render()
+    assert "first differs at layer 1 mlp" in prof.answer() and "layer 1 post attention norm before it agrees" in \
+        prof.answer()
+    assert (tmp_path / "p" / "layers.png").exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_locator_two_trainer_runs_step_and_phase(session, weights, tmp_path):
+    """Two runs fed the same step 1 and a step 2 whose advantages differ in run b (negative
+    control): step 1 agrees forward and backward, step 2's forward agrees (same weights), its
+    backward differs first where the loss gradient enters, the logits. The two runs are the module's
+    session reset to the initial weights and a fresh optimizer before each (and after)."""
+    from pytest_miles.scenarios.locate import locate_trainer_runs
+
+    samples = [{"tokens": TOKENS, "prompt_len": 4, "advantage": 1.0, "old_logprobs": [-1.0] * 5},
+               {"tokens": TOKENS[::-1], "prompt_len": 3, "advantage": -1.0, "old_logprobs": [-1.2] * 6}]
+    changed = [dict(s, advantage=s["advantage"] * 0.5) for s in samples]
+    try:
+        same = locate_trainer_runs(session, session, [samples, samples], tmp_path / "same", reset=weights)
+        found = locate_trainer_runs(session, session, ([samples, samples], [samples, changed]), tmp_path / "planted",
+                                    reset=weights)
+    finally:
+        session.reset(weights)
+    assert same.step is None and "agree at every point of 2 steps" in same.answer()
+    assert (found.step, found.phase, found.profile.first["name"]) == (2, "backward", "logits"), found.answer()
+    assert found.answer().startswith("step 2, backward, logits first differs")
