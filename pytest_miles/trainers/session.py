@@ -29,6 +29,7 @@ class MegatronSession:
         if init_hf is not None and not (Path(init_hf) / "config.json").exists():
             raise TrainerError(f"init_hf {init_hf}: no config.json (not an HF model directory)")
         self.trainer = trainer
+        self.hf_config = hf_config
         self.timeout = timeout or trainer.timeout
         trainer.launches += 1
         trainer.log_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +139,19 @@ class MegatronSession:
         unconverted): compare it with the served weights through
         `assert_served_weights_equal(engine, state, config=...)`."""
         return Path(self.call("state", path=str(path))["path"])
+
+    def live_hf(self, path: str | Path) -> dict:
+        """The model's live parameters (its own state dict, not what `export_hf` sends), converted
+        to HF names: what the served weights must equal after a sync."""
+        from safetensors.torch import load_file
+
+        from pytest_miles.models.convert import megatron_to_hf
+        from pytest_miles.models.embedded import TinyConfig
+
+        if not self.hf_config:
+            raise TrainerError("live_hf: this session has no hf_config (the HF model's shapes)")
+        spec = "te" if self.trainer.transformer_impl == "transformer_engine" else "local"
+        return megatron_to_hf(load_file(str(self.export_state(path))), TinyConfig(**self.hf_config), spec=spec)
 
     def close(self) -> None:
         procs, self.procs = self.procs, []
