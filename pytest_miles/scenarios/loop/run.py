@@ -82,13 +82,14 @@ def checked_sync(engine, session, weights: Path, cfg: LoopConfig, iteration: int
                  live: dict[str, dict]) -> dict:
     """Push `weights`, then prove the sync did something (checks.weight_sync): served == the
     trainer's live parameters, and changed wherever those changed. `live["before"]`: the trainer's
-    parameters at the previous sync (set here for the next one)."""
+    parameters at the previous sync, `live["served"]` the engine's weights after it (both set here
+    for the next one)."""
     from pytest_miles.engines.base import WeightNotServed
 
     after = session.live_hf(work_dir / "live" / f"iter_{iteration:07d}.safetensors")
     shapes = {k: tuple(v.shape) for k, v in after.items()}
-    try:
-        served_before = read_served(engine, shapes, SYNC_ROWS)
+    try:  # what the engine served after the last sync (a rollout changes no weight), else read now
+        served_before = live.get("served") or read_served(engine, shapes, SYNC_ROWS)
     except WeightNotServed as exc:  # SGLang's Qwen2 class may answer "failed" for every name (sglang#5066)
         engine.update_weights_from_disk(weights)
         return {"iteration": iteration, "passed": False, "not_applicable": f"the engine serves no weights by name: "
@@ -97,7 +98,7 @@ def checked_sync(engine, session, weights: Path, cfg: LoopConfig, iteration: int
     served_after = read_served(engine, shapes, SYNC_ROWS)
     report = judge_sync(iteration, live.get("before", served_before), after, served_before, served_after,
                         cfg.weights_dtype)
-    live["before"] = after
+    live["before"], live["served"] = after, served_after
     return assert_sync_took_effect(report).to_json()
 
 
