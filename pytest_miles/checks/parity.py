@@ -189,6 +189,19 @@ def compare_parity(records: list[ParityRecord], config: dict[str, Any] | None = 
                         [len(r.sampled) for r in records], dict(versions or {}))
 
 
+def loop_parity(records: list[Any], config: dict[str, Any] | None = None) -> ParityReport:
+    """The parity report of RL loop iterations (LoopRecord: the rollout's logprobs and the trainer's
+    of the same ids before its step), every sample of every iteration one sequence."""
+    out = []
+    for r in records:
+        for p, prompt in enumerate(r.prompts):
+            for s, ids in enumerate(r.tokens[p]):
+                if ids:
+                    out.append(ParityRecord(list(prompt), list(ids), [float.fromhex(x) for x in r.logprob_bits[p][s]],
+                                            [float.fromhex(x) for x in r.train_logprob_bits[p][s]]))
+    return compare_parity(out, config)
+
+
 def _over_budget(f: PairFigures, budget: Budget) -> list[str]:
     if budget.kind == "exact":
         return [] if f.bitwise_equal == f.tokens else [f"{f.tokens - f.bitwise_equal} of {f.tokens} tokens not "

@@ -38,6 +38,13 @@ def test_two_loops_bitwise_equal(rl_loop_factory, straight, miles_record):
     assert all(0.0 < r.train_rollout_logprob_abs_diff < 1e-3 for r in straight.records), \
         [r.train_rollout_logprob_abs_diff for r in straight.records]
     assert straight.records[0].weights_manifest != straight.records[1].weights_manifest
+    # the loop's rollout and trainer logprobs as a parity report: per token, first token apart, no identity error
+    from pytest_miles.checks.parity import loop_parity
+
+    parity = loop_parity(straight.records)
+    f = parity.pairs["train_vs_decode"]
+    assert not parity.identity and f.tokens == sum(len(t) for r in straight.records for g in r.tokens for t in g)
+    assert f.mean_abs == pytest.approx(sum(r.train_rollout_logprob_abs_diff for r in straight.records) / ITERATIONS)
     # every sync took effect: served == the trainer's live parameters, changed where those changed
     assert all(r.sync["passed"] and r.sync["changed"] > 0 and r.sync["iteration"] == r.iteration
                for r in straight.records), [r.sync for r in straight.records]
