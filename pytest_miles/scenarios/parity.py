@@ -44,12 +44,15 @@ def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
                    params: SamplingParams | list[SamplingParams] | None = None, config: dict[str, Any] | None = None,
                    init_hf: str | Path | None = None, hf_config: dict | None = None, prefill: bool = True,
                    plot: str | Path | None = None,
-                   transform: Callable[[list[dict]], list[dict]] | None = None) -> ParityReport:
+                   transform: Callable[[list[dict]], list[dict]] | None = None,
+                   locate: float | None = None, work_dir: str | Path | None = None) -> ParityReport:
     """Sample `prompts` on `engine` (temperature 1 by default), recompute the same ids by prefill
     (`prefill=True`), score them with the trainer; the ParityReport (no verdict: assert_parity).
     `config`: model, rollout, train, backend, tp (the budget key; the engine's attention backend by
     default). `transform`: applied to the samples before the trainer sees them (negative controls).
-    `plot`: a PNG path for the histogram and delta by position."""
+    `plot`: a PNG path for the histogram and delta by position. `locate` (a tolerance): also run
+    the divergence locator on the sequence with the largest |delta| (engines with hidden_states and
+    a live session), its answer in the report and so in any failure message of assert_parity."""
     if not prompts or any(not p for p in prompts):
         raise InputError("measure_parity(prompts): expected a non-empty list of non-empty token-id lists")
     params = params or SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=0, ignore_eos=True)
@@ -66,6 +69,17 @@ def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
     cfg = {"backend": info.get("attention_backend"), "tp": info.get("tp_size", 1), "engine": getattr(engine, "name", "?"),
            **(config or {})}
     report = compare_parity(records, cfg, versions())
+    if locate is not None and report.pairs and hasattr(engine, "hidden_states") and hasattr(trainer_or_session, "score"):
+        from pytest_miles.scenarios.locate import locate_engine_vs_trainer
+
+        deltas = report.pairs["train_vs_decode"].deltas
+        worst = max(range(len(deltas)), key=lambda i: max(map(abs, deltas[i]), default=0.0))
+        where = Path(work_dir) if work_dir is not None else Path(plot).parent if plot is not None else None
+        if where is None:
+            raise InputError("measure_parity(locate=): give work_dir= (or plot=) for the locator's records")
+        prof = locate_engine_vs_trainer(engine, trainer_or_session, samples[worst]["tokens"], where / "locator",
+                                        tolerance=locate)
+        report.locator = f"sequence {worst}: {prof.answer()}"
     if plot is not None and report.pairs:
         from pytest_miles.report.parity_plot import plot_parity
 
