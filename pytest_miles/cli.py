@@ -141,6 +141,19 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity_budget(args: argparse.Namespace) -> int:
+    import datetime
+    import platform
+
+    from pytest_miles.capabilities.parity_budgets import budget_from_files
+
+    date = datetime.datetime.now(datetime.UTC).date().isoformat()
+    text = budget_from_files(args.reports, margin=args.margin, host=args.host or platform.node(), date=date,
+                             pair=args.pair)
+    print(text, end="")
+    return 0
+
+
 def _capabilities(args: argparse.Namespace) -> int:
     from pytest_miles.capabilities import (
         BACKENDS,
@@ -259,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
     x.add_argument("--gpu", default=None, help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
     x.set_defaults(func=_matrix)
+
+    pb = sub.add_parser("parity-budget", help="a train-rollout parity budget ([[budget]] TOML) from N parity reports "
+                        "of one configuration (ParityReport.to_json() files): exact, or margin x the worst run")
+    pb.add_argument("reports", nargs="+", help="parity report JSON files, one per run (at least 2)")
+    pb.add_argument("--margin", type=float, default=1.5, help="tolerance = margin x the worst run (default 1.5)")
+    pb.add_argument("--host", default=None, help="the host named in the calibration (default: this machine's name)")
+    pb.add_argument("--pair", default="train_vs_decode",
+                    help="train_vs_decode (default), train_vs_prefill or prefill_vs_decode")
+    pb.set_defaults(func=_parity_budget)
 
     m = sub.add_parser("manifest", help="write per-tensor, per-chunk and per-layer digests of a checkpoint")
     m.add_argument("dir")

@@ -26,6 +26,10 @@ class CapabilityError(InputError):
     """A capability file that cannot be used; the message names the file and the field."""
 
 
+class BudgetError(InputError):
+    """A parity budget file that cannot be used; the message names the file, the budget and the field."""
+
+
 class EnvInputError(InputError):
     """A runtime_env file or env-vars JSON that cannot be used; the message names it."""
 
@@ -84,6 +88,11 @@ class NotApplicable(MilesError):  # noqa: N818  (named for what it reports, like
 class Inconclusive(NotApplicable):  # noqa: N818
     """A timing figure whose spread covers its claim (noise, said as noise): not a pass. A skip in
     pytest, "inconclusive" in the determinism report."""
+
+
+class Unbudgeted(NotApplicable):  # noqa: N818
+    """A parity figure measured for a configuration that has no budget: reported "unbudgeted",
+    never passed (a skip in pytest)."""
 
 
 class Unavailable(NotApplicable):

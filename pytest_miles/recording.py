@@ -118,10 +118,18 @@ def recorded(check: str, settings: dict[str, str] | None = None, progress: bool 
                     raise AssertionError(capped) from None
                 raise
             except Exception as exc:
-                from pytest_miles.errors import Inconclusive, KnownLimitation, NotApplicable, Unavailable
+                from pytest_miles.errors import (
+                    Inconclusive,
+                    KnownLimitation,
+                    NotApplicable,
+                    Unavailable,
+                    Unbudgeted,
+                )
 
                 if isinstance(exc, KnownLimitation):  # a verdict of the capability data, not a failure
                     outcome, message = "xfailed", str(exc)
+                elif isinstance(exc, Unbudgeted):
+                    outcome, message = "unbudgeted", str(exc)
                 elif isinstance(exc, Inconclusive):
                     outcome, message = "inconclusive", str(exc)
                 elif isinstance(exc, (NotApplicable, Unavailable)):

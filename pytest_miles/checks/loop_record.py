@@ -24,6 +24,7 @@ class LoopRecord:
     weights: str  # the HF checkpoint pushed to the engine
     weights_manifest: dict[str, str]
     seconds: dict[str, float] = field(default_factory=dict)
+    sync: dict[str, Any] = field(default_factory=dict)  # checks.weight_sync's verdict on this iteration's sync
 
     @property
     def loss(self) -> float:

@@ -164,6 +164,24 @@ class ReferenceEngine:
         start = len(prompt)
         return [float(logp[start - 1 + j, tok]) for j, tok in enumerate(continuation)]
 
+    def hidden_states(self, tokens: list[int]) -> dict:
+        """Per layer point (embedding, layers.N.{input_norm, attention, post_attention_norm, mlp,
+        output}, final_norm, logits) the [tokens, hidden] tensor of one prefill of `tokens`: the
+        engine side of the divergence locator (checks.locate), in the names it compares by."""
+        import torch
+
+        self._check([list(tokens)])
+        got: dict = {}
+        self.model.trace = lambda name, value: got.__setitem__(name, value[0].detach().cpu().clone())
+        try:
+            with torch.no_grad():
+                ids, pos, mask = self._left_pad([list(tokens)])
+                logits = self.model.step(ids, pos, mask, all_logits=True)[0]
+        finally:
+            self.model.trace = None
+        got["logits"] = logits[0].cpu()
+        return got
+
     # -- internals -------------------------------------------------------------------------
 
     def _left_pad(self, seqs: list[list[int]]):

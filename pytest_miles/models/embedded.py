@@ -298,6 +298,7 @@ class TinyDecoder:
 
         self.cfg = cfg
         self.act_quant = act_quant  # applied to every linear layer's input (FP8 recipes quantize activations)
+        self.trace = None  # (name, tensor [B, S, H]) per layer point when set: the divergence locator's records
         self.dtype = dtype or torch.float32
         self.w = {k: v.to(device=device, dtype=self.dtype) for k, v in state.items()}
         self.device = device
@@ -344,10 +345,13 @@ class TinyDecoder:
         bias = torch.zeros(b, 1, s_new, total, dtype=self.dtype, device=ids.device)
         bias = bias.masked_fill(~allowed[:, None], float("-inf"))
         x = w["model.embed_tokens.weight"][ids]
+        t = self.trace or (lambda name, value: None)
+        t("embedding", x)
         new_cache = []
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}"
             hsn = self._rms(x, w[f"{p}.input_layernorm.weight"])
+            t(f"layers.{n}.input_norm", hsn)
             q = (self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
             k = (self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
             v = (self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
@@ -362,12 +366,19 @@ class TinyDecoder:
             scores = (q @ kr.transpose(-1, -2)) / d**0.5 + bias
             probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(self.dtype)
             att = (probs @ vr).transpose(1, 2).reshape(b, s_new, nh * d)
-            x = x + self._lin(att, w[f"{p}.self_attn.o_proj.weight"])
+            att = self._lin(att, w[f"{p}.self_attn.o_proj.weight"])
+            t(f"layers.{n}.attention", att)
+            x = x + att
             hsn = self._rms(x, w[f"{p}.post_attention_layernorm.weight"])
+            t(f"layers.{n}.post_attention_norm", hsn)
             gate = torch.nn.functional.silu(self._lin(hsn, w[f"{p}.mlp.gate_proj.weight"]))
-            x = x + self._lin(gate * self._lin(hsn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
+            mlp = self._lin(gate * self._lin(hsn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
+            t(f"layers.{n}.mlp", mlp)
+            x = x + mlp
+            t(f"layers.{n}.output", x)
         if not all_logits:
             x = x[:, -1]
         x = self._rms(x, w["model.norm.weight"])
+        t("final_norm", x)
         head = w["model.embed_tokens.weight"] if cfg.tie_word_embeddings else w["lm_head.weight"]
         return self._lin(x, head).float(), new_cache

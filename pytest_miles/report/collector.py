@@ -30,8 +30,10 @@ SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 3  # 3: each check has a kind; "totals" counts determinism checks only, "kinds" the rest
 # "caught": a helper's failure that its test expected and caught (a negative control that worked).
 # "inconclusive": a timing figure whose spread covers its claim (noise, said as noise).
+# "unbudgeted": a parity figure for a configuration without a budget (measured, never passed).
 # "timeout": a stage (setup, call, teardown) ran past pytest-timeout's limit: not a determinism verdict.
-OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive", "timeout")
+OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error", "caught", "inconclusive", "timeout",
+            "unbudgeted")
 TEST_OUTCOMES = ("passed", "failed", "skipped", "xfailed", "xpassed", "error")
 # What a line is about. Only "determinism" lines are determinism checks; the others are counted apart so
 # that a total of passes means determinism measured: "refusal" (a configuration refused by a rule:

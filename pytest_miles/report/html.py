@@ -16,7 +16,7 @@ from pytest_miles.report.collector import write_atomic
 
 COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#c62828", "skipped": "#9e9e9e",
            "xfailed": "#ef6c00", "xpassed": "#6a1b9a", "caught": "#1565c0",
-           "inconclusive": "#8d6e00"}
+           "inconclusive": "#8d6e00", "unbudgeted": "#5d4037"}
 _CELL = re.compile(r"precision rollout=(?P<r>[\w]+)-train=(?P<t>[\w]+)")
 
 

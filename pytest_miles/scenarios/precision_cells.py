@@ -34,6 +34,7 @@ class CellReport:
     tolerance: float | None = None
     reference: DriftReport | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    parity: Any = None  # checks.parity.ParityReport of the same tokens (per token, first vs rest, buckets)
 
     @property
     def verdict(self) -> str:
@@ -50,11 +51,15 @@ class CellReport:
 
     def render(self) -> str:
         ref = f"; in-process reference {self.reference.train_rollout_logprob_abs_diff:.6g}" if self.reference else ""
-        return f"{self.drift.render()} ({self.sequences} sequences); {self.verdict}{ref}"
+        parity = f"\n{self.parity.render()}" if self.parity is not None else ""
+        return f"{self.drift.render()} ({self.sequences} sequences); {self.verdict}{ref}{parity}"
 
     def figures(self) -> dict[str, Any]:
         d = self.drift
-        return {"train_rollout_logprob_abs_diff": f"{d.train_rollout_logprob_abs_diff:.6g}",
+        first = self.parity.pairs.get("train_vs_decode") if self.parity is not None else None
+        extra = {} if first is None else {"first_token_abs_diff": f"{first.first_token_mean_abs:.6g}",
+                                          "bitwise_equal": f"{first.bitwise_equal}/{first.tokens}"}
+        return {**extra, "train_rollout_logprob_abs_diff": f"{d.train_rollout_logprob_abs_diff:.6g}",
                 "max_abs_diff": f"{d.max_abs_diff:.6g}", "kl": f"{d.kl:.6g}", "tokens": d.tokens,
                 "verdict": self.verdict}
 
@@ -202,13 +207,19 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     samples = [{"tokens": p + o.output_ids, "prompt_len": len(p)} for p, o in zip(prompts, outs)]
     train_lp, facts = trainer_logprobs(trainer_factory, bf16_dir, cfg, samples, train, **(trainer_kwargs or {}))
     drift = drift_between(rollout, train, [o.logprobs for o in outs], train_lp, f"end-to-end: {engine.name}")
+    from pytest_miles.checks.parity import ParityRecord, compare_parity
+
+    parity = compare_parity([ParityRecord(p, o.output_ids, o.logprobs, lp) for p, o, lp in zip(prompts, outs, train_lp)],
+                            {"model": f"hidden{cfg.hidden_size}", "rollout": rollout, "train": train,
+                             "backend": (engine.server_info() if hasattr(engine, "server_info") else {}).get(
+                                 "attention_backend"), "tp": 1})
     reference = measure_logprob_drift(rollout, train, config=cfg, seed=seed)
     # How peaked the model is, for reading the figure: a near-uniform model hides precision drift, a
     # saturated one (the sampled token's logprob ~0, others far below) turns any rounding into a flip.
     rollout_lp = [x for o in outs for x in o.logprobs]
     report = CellReport(drift, sequences, tolerance, reference,
                         {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name,
-                         "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4)})
+                         "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4)}, parity)
     if record is not None:
         record(f"precision cell rollout={rollout} x train={train} (end to end)", **report.figures())
     return report

@@ -31,8 +31,9 @@ def _batch(r: Rank, samples: list[dict]):
     return tokens, mask, pos
 
 
-def _response_logprobs(r: Rank, samples: list[dict]):
-    """Per sample, a 1-D tensor of logprobs of its response tokens (differentiable)."""
+def _response_logprobs(r: Rank, samples: list[dict], where: list | None = None):
+    """Per sample, a 1-D tensor of logprobs of its response tokens (differentiable). `where`, when
+    given, receives per sample the (target ids, input positions) gathered: what parity checks."""
     import torch
 
     tokens, mask, pos = _batch(r, samples)
@@ -47,6 +48,8 @@ def _response_logprobs(r: Rank, samples: list[dict]):
         p, n = s["prompt_len"], len(s["tokens"])
         targets = tokens[i, p:n]
         out.append(logp[i, p - 1:n - 1].gather(-1, targets[:, None])[:, 0])
+        if where is not None:
+            where.append((targets.tolist(), list(range(p - 1, n - 1))))
     return out
 
 
@@ -61,6 +64,42 @@ def _policy_loss(logp, old, adv: float, eps_clip: float, eps_clip_high: float):
     return torch.maximum(pg1, pg2).mean()
 
 
+def _train(r: Rank, cmd: dict) -> dict:
+    """One GRPO step; with cmd["trace"] (a path), every point's forward output and backward
+    gradient of this step saved there (the locator's records), and the order gradients came in."""
+    import contextlib
+
+    import torch
+    from megatron.core import parallel_state
+
+    from pytest_miles.trainers.megatron_trace import save_points, traced
+
+    samples = cmd["samples"]
+    dp, dpr = parallel_state.get_data_parallel_world_size(), r.dp_rank
+    mine = samples[dpr::dp]
+    fwd: dict = {}
+    bwd: dict = {}
+    order: list = []
+    hooks = traced(r.model, fwd, bwd, order) if cmd.get("trace") else contextlib.nullcontext()
+    with hooks:
+        rows = _response_logprobs(r, mine)
+        losses = [_policy_loss(lp, torch.tensor(s["old_logprobs"], dtype=torch.float32, device=r.device),
+                               float(s["advantage"]), cmd["eps_clip"], cmd["eps_clip_high"])
+                  for lp, s in zip(rows, mine)]
+        loss = torch.stack(losses).mean()
+        loss.backward()
+    norm = r.grad_norm_and_step()
+    lv = r.dp_mean(loss)
+    if r.cuda:
+        torch.cuda.synchronize()
+    out = {"loss": float(lv).hex(), "grad_norm": float(norm).hex(),
+           "logprobs": [[float(x).hex() for x in row.detach().double().tolist()] for row in rows]}
+    if cmd.get("trace"):
+        records = {**{f"forward/{k}": v for k, v in fwd.items()}, **{f"backward/{k}": v for k, v in bwd.items()}}
+        out["trace"] = {"path": str(save_points(Path(cmd["trace"]), records)), "backward_order": order}
+    return out
+
+
 def handle(r: Rank, cmd: dict) -> dict:
     import torch
 
@@ -71,24 +110,25 @@ def handle(r: Rank, cmd: dict) -> dict:
         with torch.no_grad():
             rows = _response_logprobs(r, cmd["samples"])
         return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows]}
+    if op == "score":  # logprobs with the ids and positions they were taken at (train-rollout parity)
+        where: list = []
+        with torch.no_grad():
+            rows = _response_logprobs(r, cmd["samples"], where)
+        return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows],
+                "targets": [t for t, _ in where], "positions": [p for _, p in where]}
     if op == "train":
-        from megatron.core import parallel_state
+        return _train(r, cmd)
+    if op == "trace":  # the divergence locator's records of one forward of one sequence
+        from pytest_miles.trainers.megatron_trace import save_points, traced
 
-        samples = cmd["samples"]
-        dp, dpr = parallel_state.get_data_parallel_world_size(), r.dp_rank
-        mine = samples[dpr::dp]
-        rows = _response_logprobs(r, mine)
-        losses = [_policy_loss(lp, torch.tensor(s["old_logprobs"], dtype=torch.float32, device=r.device),
-                               float(s["advantage"]), cmd["eps_clip"], cmd["eps_clip_high"])
-                  for lp, s in zip(rows, mine)]
-        loss = torch.stack(losses).mean()
-        loss.backward()
-        norm = r.grad_norm_and_step()
-        lv = r.dp_mean(loss)
-        if r.cuda:
-            torch.cuda.synchronize()
-        return {"loss": float(lv).hex(), "grad_norm": float(norm).hex(),
-                "logprobs": [[float(x).hex() for x in row.detach().double().tolist()] for row in rows]}
+        store: dict = {}
+        with torch.no_grad(), traced(r.model, store):
+            _response_logprobs(r, [{"tokens": cmd["tokens"], "prompt_len": 1}])
+        return {"path": str(save_points(Path(cmd["path"]), {k: v[0] for k, v in store.items()}))}
+    if op == "reset":  # the initial HF weights again and a fresh optimizer: a second run in the same ranks
+        load_hf(r, Path(cmd["init_hf"]))
+        r.opt = torch.optim.AdamW(r.model.parameters(), lr=r.spec["lr"], weight_decay=0.01, foreach=False)
+        return {"reset": True}
     if op == "save":
         return {"checkpoint": r.save(Path(cmd["save_dir"]), int(cmd["iteration"]))}
     if op == "export":

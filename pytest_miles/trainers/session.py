@@ -29,6 +29,7 @@ class MegatronSession:
         if init_hf is not None and not (Path(init_hf) / "config.json").exists():
             raise TrainerError(f"init_hf {init_hf}: no config.json (not an HF model directory)")
         self.trainer = trainer
+        self.hf_config = hf_config
         self.timeout = timeout or trainer.timeout
         trainer.launches += 1
         trainer.log_dir.mkdir(parents=True, exist_ok=True)
@@ -100,9 +101,31 @@ class MegatronSession:
         """Per sample ({"tokens", "prompt_len"}), the logprobs of its response tokens."""
         return [[float.fromhex(x) for x in row] for row in self.call("logprobs", samples=samples)["logprobs"]]
 
-    def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28) -> dict:
-        """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's)."""
-        return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
+    def score(self, samples: list[dict]) -> dict:
+        """Per sample ({"tokens", "prompt_len"}): "logprobs" of its response tokens, the "targets"
+        (token ids) they were taken for and the input "positions" that scored them."""
+        out = self.call("score", samples=samples)
+        return {**out, "logprobs": [[float.fromhex(x) for x in row] for row in out["logprobs"]]}
+
+    def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28,
+                   trace: str | Path | None = None) -> dict:
+        """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's).
+        `trace`: a safetensors path for this step's forward outputs and backward gradients per
+        layer point (the divergence locator's records); the answer's "trace" names it."""
+        extra = {"trace": str(trace)} if trace is not None else {}
+        return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high, **extra)
+
+    def reset(self, init_hf: str | Path) -> None:
+        """Load the HF weights at `init_hf` again and start a fresh optimizer (the state a session
+        opened on them starts in): a second run in the same ranks, without paying the start-up."""
+        self.call("reset", init_hf=str(init_hf))
+
+    def hidden_states(self, tokens: list[int], path: str | Path) -> dict:
+        """Per layer point the [tokens, hidden] output of one forward of `tokens` (forward hooks),
+        in the locator's names; written to `path` (safetensors) on the way."""
+        from safetensors.torch import load_file
+
+        return load_file(self.call("trace", tokens=list(tokens), path=str(path))["path"])
 
     def save(self, save_dir: str | Path, iteration: int) -> Path:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])
@@ -116,6 +139,19 @@ class MegatronSession:
         unconverted): compare it with the served weights through
         `assert_served_weights_equal(engine, state, config=...)`."""
         return Path(self.call("state", path=str(path))["path"])
+
+    def live_hf(self, path: str | Path) -> dict:
+        """The model's live parameters (its own state dict, not what `export_hf` sends), converted
+        to HF names: what the served weights must equal after a sync."""
+        from safetensors.torch import load_file
+
+        from pytest_miles.models.convert import megatron_to_hf
+        from pytest_miles.models.embedded import TinyConfig
+
+        if not self.hf_config:
+            raise TrainerError("live_hf: this session has no hf_config (the HF model's shapes)")
+        spec = "te" if self.trainer.transformer_impl == "transformer_engine" else "local"
+        return megatron_to_hf(load_file(str(self.export_state(path))), TinyConfig(**self.hf_config), spec=spec)
 
     def close(self) -> None:
         procs, self.procs = self.procs, []

@@ -113,7 +113,8 @@ def test_every_check_appears_with_reason_duration_totals_and_schema(pytester):
     assert skipped["reason"] == "nothing to compare on this stack"
     assert not any(k.endswith("::test_not_a_check") for k in checks)
     assert data["totals"] == {"checks": 5, "passed": 2, "failed": 0, "skipped": 2, "xfailed": 1, "xpassed": 0,
-                              "error": 0, "caught": 0, "inconclusive": 0, "timeout": 0}
+                              "error": 0, "caught": 0, "inconclusive": 0, "timeout": 0,
+                              "unbudgeted": 0}
     assert all(isinstance(c["duration_s"], float) for c in data["checks"]) and data["duration_s"] > 0
     result.stdout.fnmatch_lines(["*5 determinism checks: 2 passed, 0 failed, 2 not applicable, 1 xfailed*"])
 

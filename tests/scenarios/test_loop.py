@@ -38,6 +38,16 @@ def test_two_loops_bitwise_equal(rl_loop_factory, straight, miles_record):
     assert all(0.0 < r.train_rollout_logprob_abs_diff < 1e-3 for r in straight.records), \
         [r.train_rollout_logprob_abs_diff for r in straight.records]
     assert straight.records[0].weights_manifest != straight.records[1].weights_manifest
+    # the loop's rollout and trainer logprobs as a parity report: per token, first token apart, no identity error
+    from pytest_miles.checks.parity import loop_parity
+
+    parity = loop_parity(straight.records)
+    f = parity.pairs["train_vs_decode"]
+    assert not parity.identity and f.tokens == sum(len(t) for r in straight.records for g in r.tokens for t in g)
+    assert f.mean_abs == pytest.approx(sum(r.train_rollout_logprob_abs_diff for r in straight.records) / ITERATIONS)
+    # every sync took effect: served == the trainer's live parameters, changed where those changed
+    assert all(r.sync["passed"] and r.sync["changed"] > 0 and r.sync["iteration"] == r.iteration
+               for r in straight.records), [r.sync for r in straight.records]
     miles_record("RL loop run twice (reference engine + megatron-core gloo)", iterations=ITERATIONS,
                  train_rollout_logprob_abs_diff=last.train_rollout_logprob_abs_diff, final_loss=last.loss,
                  **{f"{k}_s": round(v, 2) for k, v in straight.stage_seconds().items()})
@@ -90,6 +100,34 @@ def test_negative_control_trainer_deterministic_off(rl_loop_factory, straight):
     found = _expect(first_divergence(straight.records[:1], off), 1, "train",
                     "on this CPU torch's and megatron-core's deterministic switches change no kernel")
     assert "Flash-Attention 3" in found.render()
+
+
+class SkipsSyncAt:
+    """Negative control: a reference engine that ignores the weight update of one iteration (a
+    stale or skipped sync, the engine still serving the weights it had)."""
+
+    def __init__(self, engine, iteration: int) -> None:
+        self.engine, self.skip, self.updates = engine, iteration, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def update_weights_from_disk(self, path) -> None:
+        self.updates += 1
+        if self.updates != self.skip + 1:  # the first update is the loop's start (the initial weights)
+            self.engine.update_weights_from_disk(path)
+
+
+def test_negative_control_stale_sync_named_at_its_iteration(rl_loop_factory, tmp_path):
+    from pytest_miles.engines.reference import ReferenceEngine
+    from pytest_miles.scenarios.loop.factory import LoopFactory
+
+    def engines(kind, model, deterministic, **opts):
+        return SkipsSyncAt(ReferenceEngine(model, deterministic=deterministic), 2)
+
+    loops = LoopFactory(engine_factory=engines, make_trainer=rl_loop_factory.make_trainer, work_root=tmp_path)
+    with pytest.raises(AssertionError, match=r"iteration 2: weight sync did nothing for \d+ of the \d+ tensors"):
+        loops("reference", iterations=2, seed=1234, n_prompts=2, n_samples=2, max_new_tokens=4, name="stale")
 
 
 def test_negative_control_different_seed(rl_loop_factory, straight):

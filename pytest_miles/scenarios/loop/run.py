@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pytest_miles.checks.checkpoints import write_manifest
 from pytest_miles.checks.loop_record import LoopRecord
+from pytest_miles.checks.weight_sync import assert_sync_took_effect, judge_sync, read_served
 from pytest_miles.engines.base import SamplingParams
 
 
@@ -74,7 +75,35 @@ def _manifest(path: Path, out: Path) -> dict[str, str]:
     return dict(json.loads(write_manifest(path, out).read_text())["entries"])
 
 
-def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Path) -> LoopRecord:
+SYNC_ROWS = 512  # rows read back per tensor after each sync: every row of the embedded shapes
+
+
+def checked_sync(engine, session, weights: Path, cfg: LoopConfig, iteration: int, work_dir: Path,
+                 live: dict[str, dict]) -> dict:
+    """Push `weights`, then prove the sync did something (checks.weight_sync): served == the
+    trainer's live parameters, and changed wherever those changed. `live["before"]`: the trainer's
+    parameters at the previous sync, `live["served"]` the engine's weights after it (both set here
+    for the next one)."""
+    from pytest_miles.engines.base import WeightNotServed
+
+    after = session.live_hf(work_dir / "live" / f"iter_{iteration:07d}.safetensors")
+    shapes = {k: tuple(v.shape) for k, v in after.items()}
+    try:  # what the engine served after the last sync (a rollout changes no weight), else read now
+        served_before = live.get("served") or read_served(engine, shapes, SYNC_ROWS)
+    except WeightNotServed as exc:  # SGLang's Qwen2 class may answer "failed" for every name (sglang#5066)
+        engine.update_weights_from_disk(weights)
+        return {"iteration": iteration, "passed": False, "not_applicable": f"the engine serves no weights by name: "
+                f"{exc}"}
+    engine.update_weights_from_disk(weights)
+    served_after = read_served(engine, shapes, SYNC_ROWS)
+    report = judge_sync(iteration, live.get("before", served_before), after, served_before, served_after,
+                        cfg.weights_dtype)
+    live["before"], live["served"] = after, served_after
+    return assert_sync_took_effect(report).to_json()
+
+
+def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Path,
+                  live: dict[str, dict] | None = None) -> LoopRecord:
     sec: dict[str, float] = {}
     t0 = time.perf_counter()
     prompts = prompts_for(cfg, iteration)
@@ -113,7 +142,11 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
 
     t0 = time.perf_counter()
     weights = session.export_hf(work_dir / "weights" / f"iter_{iteration:07d}", cfg.weights_dtype)
-    engine.update_weights_from_disk(weights)
+    if live is None:
+        engine.update_weights_from_disk(weights)
+        sync = {}
+    else:
+        sync = checked_sync(engine, session, weights, cfg, iteration, work_dir, live)
     sec["weight_sync"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -125,7 +158,7 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
         loss_bits=out["loss"], grad_norm_bits=out["grad_norm"], checkpoint=str(ckpt),
         checkpoint_manifest=_manifest(ckpt, work_dir / "manifests" / f"checkpoint-{iteration:07d}.json"),
         weights=str(weights), weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
-        seconds=sec)
+        seconds=sec, sync=sync)
     sec["manifests"] = time.perf_counter() - t0
     return record
 
@@ -154,5 +187,6 @@ def run_loop(engine, session, cfg: LoopConfig, work_dir: str | Path, first: int,
     work_dir = Path(work_dir)
     if first < 1 or last < first:
         raise ValueError(f"iterations {first}..{last}: expected 1 <= first <= last")
+    live: dict[str, dict] = {}  # the trainer's parameters at the last sync (checked_sync)
     with host_threads(threads):
-        return [run_iteration(engine, session, cfg, it, work_dir) for it in range(first, last + 1)]
+        return [run_iteration(engine, session, cfg, it, work_dir, live) for it in range(first, last + 1)]
