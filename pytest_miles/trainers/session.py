@@ -104,6 +104,13 @@ class MegatronSession:
         """One GRPO step: samples carry tokens, prompt_len, advantage, old_logprobs (rollout's)."""
         return self.call("train", samples=samples, eps_clip=eps_clip, eps_clip_high=eps_clip_high)
 
+    def routing(self, samples: list[dict]) -> list:
+        """The experts each sample's tokens go to in each MoE layer, from one forward (no step):
+        one RoutingRecord per sample (its "tokens")."""
+        from pytest_miles.models.routing import RoutingRecord
+
+        return [RoutingRecord.from_json(x) for x in self.call("routing", samples=samples)["records"]]
+
     def save(self, save_dir: str | Path, iteration: int) -> Path:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])
 
