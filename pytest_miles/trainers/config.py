@@ -170,6 +170,12 @@ class TrainerConfig:
         if not isinstance(m, ModelArgs):
             raise InputError(f"{WHERE}(model=): {m!r} is not accepted; expected a "
                              "pytest_miles.trainers.megatron.ModelArgs or an embedded shape's name")
+        if m.num_moe_experts and self.transformer_impl != "local":
+            raise InputError(f"{WHERE}(transformer_impl=): {self.transformer_impl!r} with a mixture-of-experts "
+                             "model is not wired here; expected \"local\" (megatron-core's local MoE spec)")
+        if m.num_moe_experts and tp > 1:
+            raise InputError(f"{WHERE}(tensor_parallel=): {tp} with a mixture-of-experts model is not wired here "
+                             "(expert tensor parallelism); expected 1")
         if m.num_attention_heads % tp or (m.num_query_groups or m.num_attention_heads) % tp:
             raise InputError(f"{WHERE}(tensor_parallel=): tensor_parallel {tp} does not divide the attention "
                              f"heads ({m.num_attention_heads}) and query groups ({m.num_query_groups}) of the "
