@@ -4,8 +4,8 @@ megatron-core 0.16.1's `Router.gating` moves the router weight to the CUDA devic
 (`megatron/core/transformer/moe/router.py`, `gating`), and its `router_gating_linear` reads
 `te_general_gemm`, which is undefined without TransformerEngine (`moe_utils.py`,
 `RouterGatingLinearFunction.forward`). `HostTopKRouter` is a `TopKRouter` supplied through the layer
-spec's public extension point (`MoESubmodules.router`): on a CUDA weight it gates as megatron-core
-does; on the host it computes the same fp32 linear with torch. Both record the router's logits and
+spec's public extension point (`MoESubmodules.router`): on a CUDA weight with TransformerEngine it
+gates as megatron-core does; elsewhere it computes the same fp32 linear with torch. Both record the router's logits and
 the routing map of each forward while `recording` is on.
 """
 
@@ -14,13 +14,14 @@ from __future__ import annotations
 
 def host_router_class():
     import torch
+    from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.router import TopKRouter
 
     class HostTopKRouter(TopKRouter):
         recording = False
 
         def gating(self, input):
-            if self.weight.device.type == "cuda":
+            if self.weight.device.type == "cuda" and moe_utils.HAVE_TE:
                 logits = super().gating(input)
             else:
                 logits = torch.nn.functional.linear(input.to(torch.float32), self.weight.to(torch.float32),
