@@ -177,10 +177,16 @@ class MoeDecoder(TinyDecoder):
         flat, h = hsn.reshape(-1, hsn.shape[-1]), hsn.shape[-1]
         flat_experts, flat_top = experts.reshape(flat.shape[0], -1), top.to(self.dtype).reshape(flat.shape[0], -1)
         out = torch.zeros_like(flat)
+        if flat.shape[0] == 1:  # one token (the deterministic mode's every step): its k experts, no gather
+            for slot, e in sorted(enumerate(flat_experts[0].tolist()), key=lambda x: x[1]):
+                out += self._expert(p, e, flat) * flat_top[:, slot, None]
+            return out.view(*hsn.shape[:-1], h)
         for e in torch.unique(flat_experts).tolist():
             rows, slot = (flat_experts == e).nonzero(as_tuple=True)
-            x = flat[rows]
-            gate = self._act(self._lin(x, w[f"{p}.experts.{e}.gate_proj.weight"]))
-            y = self._lin(gate * self._lin(x, w[f"{p}.experts.{e}.up_proj.weight"]), w[f"{p}.experts.{e}.down_proj.weight"])
-            out.index_add_(0, rows, y * flat_top[rows, slot, None])
+            out.index_add_(0, rows, self._expert(p, e, flat[rows]) * flat_top[rows, slot, None])
         return out.view(*hsn.shape[:-1], h)
+
+    def _expert(self, p: str, e: int, x):
+        w = self.w
+        gate = self._act(self._lin(x, w[f"{p}.experts.{e}.gate_proj.weight"]))
+        return self._lin(gate * self._lin(x, w[f"{p}.experts.{e}.up_proj.weight"]), w[f"{p}.experts.{e}.down_proj.weight"])
