@@ -1,7 +1,8 @@
 """Mixture of experts on the GPU host: SGLang serving the tiny-moe shape (Qwen3-MoE, SGLang's
 qwen3_moe class) with --enable-deterministic-inference on triton and flashinfer, its routing twice
 and against megatron-core's forward on the same weights (rollout vs trainer), and megatron-core's
-MoE layer trained twice bitwise on CUDA.
+MoE layer trained twice bitwise and resumed on CUDA; the realistic shape (qwen3-30b-a3b-2l: Qwen3-
+30B-A3B's layer, 2 layers, ~3.7 GB bf16 written here) in deterministic mode and its flag-off control.
 
     python3 -m pytest tests/gpu/test_gpu_moe.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
         --miles-report out/moe.json
@@ -13,7 +14,12 @@ from dataclasses import asdict
 
 import pytest
 
-from pytest_miles import assert_routing_equal, assert_runs_bitwise_equal, compare_routing
+from pytest_miles import (
+    assert_resume_equivalent,
+    assert_routing_equal,
+    assert_runs_bitwise_equal,
+    compare_routing,
+)
 from pytest_miles.capabilities.verdict import KnownLimitation, NotApplicable
 from pytest_miles.checks.batch_invariance import assert_batch_invariant, negative_control
 from pytest_miles.engines.base import SamplingParams
@@ -29,6 +35,13 @@ def moe_dir(tmp_path_factory):
     from pytest_miles.models.shapes import write_shape
 
     return write_shape(tmp_path_factory.mktemp("tiny-moe") / "m", "tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def big_moe_dir(tmp_path_factory):
+    from pytest_miles.models.shapes import write_shape
+
+    return write_shape(tmp_path_factory.mktemp("qwen3-30b-a3b-2l") / "m", "qwen3-30b-a3b-2l")
 
 
 def _sglang(engine_factory, moe_dir, backend, deterministic=True):
@@ -94,3 +107,27 @@ def test_megatron_moe_twice_bitwise_on_gpu(megatron_trainer_factory, tmp_path):
     assert a.device == "cuda"
     print(f"\nrun1 losses {a.losses}\nrun2 losses {b.losses}")
     assert_runs_bitwise_equal(a, b)
+
+
+def test_megatron_moe_resume_on_gpu(megatron_trainer_factory, tmp_path):
+    straight, _, resumed = assert_resume_equivalent(
+        lambda **kw: megatron_trainer_factory(model="tiny-moe", device="cuda", **kw), 4, tmp_path, seed=99)
+    print(f"\nstraight {straight.losses}\nresumed  {resumed.losses}")
+
+
+def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, big_moe_dir):
+    """The negative control needs a realistic shape (tiny models hide batch variance): Qwen3-30B-A3B's layer."""
+    eng = _sglang(engine_factory, big_moe_dir, "triton")
+    failed = []
+    for mode in ("single", "needle"):
+        try:
+            print(assert_batch_invariant(eng, mode=mode, trials=MODES[mode], max_batch=16).render())
+        except (KnownLimitation, NotApplicable) as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        except AssertionError as exc:
+            print(exc)
+            failed.append(mode)
+    off = _sglang(engine_factory, big_moe_dir, "triton", deterministic=False)
+    control = negative_control(off, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    print(control.render(limit=4))
+    assert not failed, f"qwen3-30b-a3b-2l modes failing with deterministic inference on: {failed}"
