@@ -46,10 +46,12 @@ def record_from_layers(source: str, experts_by_layer: list, probs_by_layer: list
                        tokens=None) -> RoutingRecord:
     """From per-layer tensors (experts [T, k] or a boolean routing map [T, E]; probs [T, E]) to a
     record indexed [token][layer]."""
+    import torch
+
     rows = []
     for layer in experts_by_layer:
         layer = layer.detach().cpu()
-        if layer.dtype == bool_dtype():
+        if layer.dtype == torch.bool:
             rows.append([tuple(int(e) for e in r.nonzero().flatten().tolist()) for r in layer])
         else:
             rows.append([tuple(sorted(int(e) for e in r.tolist())) for r in layer])
@@ -61,9 +63,3 @@ def record_from_layers(source: str, experts_by_layer: list, probs_by_layer: list
     return RoutingRecord(source=source, experts=tuple(tuple(t) for t in experts),
                          scores=None if scores is None else tuple(tuple(t) for t in scores),
                          tokens=None if tokens is None else tuple(int(t) for t in tokens))
-
-
-def bool_dtype():
-    import torch
-
-    return torch.bool
