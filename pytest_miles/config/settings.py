@@ -170,7 +170,9 @@ SETTINGS += (
             env="PYTEST_MILES_CAPABILITIES", group="rollout"),
     Setting("model_shape", "Shape of the embedded seeded model the engines load when --miles-model is unset: tiny "
             "(2 layers, hidden 128), tiny128 (head_dim 128), qwen2.5-0.5b (Qwen2.5-0.5B's shape, ~1 GB bf16, "
-            "written once per session).", default="tiny", kind="choice", choices=("tiny", "tiny128", "qwen2.5-0.5b"),
+            "written once per session); mixture of experts (Qwen3-MoE): tiny-moe (2 layers, 8 experts, top-2), "
+            "qwen3-30b-a3b-2l (Qwen3-30B-A3B's layer shape, 2 layers, ~3.7 GB bf16).", default="tiny",
+            kind="choice", choices=("tiny", "tiny128", "qwen2.5-0.5b", "tiny-moe", "qwen3-30b-a3b-2l"),
             env="PYTEST_MILES_MODEL_SHAPE", group="model"),
     Setting("engine_request_timeout", "Seconds one engine request (generate, score) may take before the engine is "
             "declared wedged; also bounds the health check before an engine is reused (at most 5 s).",

@@ -15,13 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_miles.engines.base import EngineError, Output, SamplingParams, WeightNotServed, per_item
-from pytest_miles.models.embedded import (
-    TinyConfig,
-    TinyDecoder,
-    config_from_dir,
-    init_weights,
-    load_safetensors_dir,
-)
+from pytest_miles.models.embedded import TinyConfig, load_safetensors_dir
+from pytest_miles.models.moe import MoeConfig
+from pytest_miles.models.routing import RoutingRecord, record_from_layers
+from pytest_miles.models.shapes import config_of_dir, decoder_class, init_any_weights
 
 
 def _load_state(model_dir: Path):
@@ -50,22 +47,22 @@ class ReferenceEngine:
         """The earlier name of `deterministic` (read-only)."""
         return self.deterministic
 
-    def __init__(self, model_dir: str | Path | None = None, *, config: TinyConfig | None = None,
+    def __init__(self, model_dir: str | Path | None = None, *, config: TinyConfig | MoeConfig | None = None,
                  deterministic: bool = False, device: str = "cpu", dtype: str = "float32",
                  batch_invariant: bool | None = None) -> None:
         import torch
 
         deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
         if model_dir is not None:
-            cfg = config_from_dir(model_dir)
+            cfg = config_of_dir(model_dir)
             state = _load_state(Path(model_dir))
         else:
             cfg = config or TinyConfig()
-            state = init_weights(cfg)
+            state = init_any_weights(cfg)
         self.config = cfg
         self.deterministic = deterministic
         self.device = device
-        self.model = TinyDecoder(cfg, state, device=device, dtype=getattr(torch, dtype))
+        self.model = decoder_class(cfg)(cfg, state, device=device, dtype=getattr(torch, dtype))
         self.closed = False
         self.launches = 1
 
@@ -76,11 +73,11 @@ class ReferenceEngine:
 
         if self.closed:
             raise EngineError("reference engine is closed")
-        cfg = config_from_dir(model_path)
+        cfg = config_of_dir(model_path)
         if replace(cfg, seed=self.config.seed) != self.config:
             raise EngineError(f"{model_path}: config.json describes another model than the one loaded "
                               f"({cfg} vs {self.config})")
-        self.model = TinyDecoder(self.config, _load_state(Path(model_path)), device=self.device,
+        self.model = decoder_class(self.config)(self.config, _load_state(Path(model_path)), device=self.device,
                                  dtype=self.model.dtype if self.model is not None else torch.float32)
 
     def weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:
@@ -100,6 +97,37 @@ class ReferenceEngine:
             raise WeightNotServed(f"{self.name}: get_weights_by_name({name!r}) answered None (SGLang's "
                                   f"\"Get parameter by name failed\"): the model has no parameter of that name")
         return got
+
+    def routing(self, tokens: list[int], router_hooks: tuple = ()) -> RoutingRecord:
+        """The experts each of `tokens` goes to in each MoE layer, from one prefill over them (token
+        by token in deterministic mode), with the router's probabilities. `router_hooks`: see
+        MoeDecoder (an experiment that nudges a router's logits). A dense model is an EngineError."""
+        import torch
+
+        if not isinstance(self.config, MoeConfig):
+            raise EngineError("routing: the loaded model is dense (no router); load a mixture-of-experts "
+                              "shape (tiny-moe, qwen3-30b-a3b-2l)")
+        self._check([list(tokens)])
+        picked: dict[int, list] = {}
+        probs: dict[int, list] = {}
+
+        def sink(layer, positions, p, experts):
+            picked.setdefault(layer, []).append(experts.reshape(-1, experts.shape[-1]).cpu())
+            probs.setdefault(layer, []).append(p.reshape(-1, p.shape[-1]).cpu())
+
+        self.model.routing_sink, self.model.router_hooks = sink, list(router_hooks)
+        try:
+            with torch.no_grad():
+                if self.deterministic:
+                    self._incremental(list(tokens))
+                else:
+                    ids, pos, mask = self._left_pad([list(tokens)])
+                    self.model.step(ids, pos, mask, all_logits=True)
+        finally:
+            self.model.routing_sink, self.model.router_hooks = None, []
+        layers = sorted(picked)
+        return record_from_layers(f"{self.name} engine", [torch.cat(picked[n]) for n in layers],
+                                  [torch.cat(probs[n]) for n in layers], tokens=tokens)
 
     # -- protocol --------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ def shared_root(basetemp: Path) -> Path:
 def cached_shape_dir(basetemp: Path, shape: str) -> Path:
     from filelock import FileLock
 
-    from pytest_miles.models.embedded import SHAPES, write_shape
+    from pytest_miles.models.shapes import SHAPES, write_shape
 
     if shape not in SHAPES:
         raise ValueError(f"--miles-model-shape: {shape!r} is not one of {', '.join(SHAPES)}")

@@ -144,7 +144,7 @@ def tensor_chunks(cfg: TinyConfig, name: str, shape: tuple[int, ...], rows: int 
         yield scale * torch.randn((min(rows, shape[0] - start),) + tuple(shape[1:]), generator=g)
 
 
-def write_streamed_safetensors(file: str | Path, cfg: TinyConfig, dtype: str = "bfloat16") -> Path:
+def write_streamed_safetensors(file: str | Path, cfg: TinyConfig, dtype: str = "bfloat16", specs=None) -> Path:
     """model.safetensors written tensor by tensor (header first, then each chunk): a 0.5B-parameter
     shape in a few seconds without holding its weights in memory."""
     import torch
@@ -154,7 +154,7 @@ def write_streamed_safetensors(file: str | Path, cfg: TinyConfig, dtype: str = "
     size = tdt.itemsize
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
-    specs = tensor_specs(cfg)
+    specs = tensor_specs(cfg) if specs is None else specs
     for name, shape in specs.items():
         n = 1
         for s in shape:
@@ -325,6 +325,27 @@ class TinyDecoder:
         x1, x2 = x[..., ::2], x[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
+    def _qkv(self, p: str, hsn, b: int, s_new: int):
+        """q, k, v of one layer as [B, S, heads, d] (Qwen2: biased projections)."""
+        w, cfg, d = self.w, self.cfg, self.cfg.head_dim
+        q = (self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"])
+        k = (self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"])
+        v = (self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"])
+        nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        return q.view(b, s_new, nh, d), k.view(b, s_new, nkv, d), v.view(b, s_new, nkv, d)
+
+    def _mlp(self, n: int, hsn, positions):
+        """Layer n's feed-forward block (Qwen2: one SwiGLU MLP)."""
+        w, p = self.w, f"model.layers.{n}"
+        gate = self._act(self._lin(hsn, w[f"{p}.mlp.gate_proj.weight"]))
+        return self._lin(gate * self._lin(hsn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
+
+    @staticmethod
+    def _act(x):
+        import torch
+
+        return torch.nn.functional.silu(x)
+
     def step(self, ids, positions, key_mask, cache=None, all_logits: bool = False):
         """Process S new positions per item against a KV cache, as a serving engine does.
 
@@ -352,17 +373,13 @@ class TinyDecoder:
             p = f"model.layers.{n}"
             hsn = self._rms(x, w[f"{p}.input_layernorm.weight"])
             t(f"layers.{n}.input_norm", hsn)
-            q = (self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
-            k = (self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
-            v = (self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k, v = (y.transpose(1, 2) for y in self._qkv(p, hsn, b, s_new))
             q, k = self._rope(q, positions), self._rope(k, positions)
             if cache is not None:
                 k = torch.cat((cache[n][0], k), dim=2)
                 v = torch.cat((cache[n][1], v), dim=2)
             new_cache.append((k, v))
-            rep = nh // nkv
-            kr, vr = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            kr, vr = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
             scores = (q @ kr.transpose(-1, -2)) / d**0.5 + bias
             probs = torch.nan_to_num(torch.softmax(scores.float(), dim=-1)).to(self.dtype)
             att = (probs @ vr).transpose(1, 2).reshape(b, s_new, nh * d)
@@ -371,8 +388,7 @@ class TinyDecoder:
             x = x + att
             hsn = self._rms(x, w[f"{p}.post_attention_layernorm.weight"])
             t(f"layers.{n}.post_attention_norm", hsn)
-            gate = torch.nn.functional.silu(self._lin(hsn, w[f"{p}.mlp.gate_proj.weight"]))
-            mlp = self._lin(gate * self._lin(hsn, w[f"{p}.mlp.up_proj.weight"]), w[f"{p}.mlp.down_proj.weight"])
+            mlp = self._mlp(n, hsn, positions)
             t(f"layers.{n}.mlp", mlp)
             x = x + mlp
             t(f"layers.{n}.output", x)

@@ -42,6 +42,38 @@ class ModelArgs:
     rotary_base: float = 10000.0
     rotary_interleaved: bool = False
     tie_embeddings: bool = False
+    # Mixture of experts (`ModelArgs.qwen3_moe`): every layer an MoELayer when num_moe_experts is set.
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    qk_layernorm: bool = False
+
+    @classmethod
+    def qwen3_moe(cls, cfg, *, seq_length: int | None = None, rotary_interleaved: bool = False) -> ModelArgs:
+        """The architecture of an HF Qwen3-MoE config (a `MoeConfig`): RMSNorm, q/k norms per head,
+        no bias, RoPE, every layer an MoELayer (softmax router, top-k renormalised, no aux loss)."""
+        return cls(num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+                   num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
+                   ffn_hidden_size=cfg.moe_intermediate_size, vocab_size=cfg.vocab_size,
+                   seq_length=seq_length or cfg.max_position_embeddings, position_embedding_type="rope",
+                   normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, swiglu=True,
+                   add_bias_linear=False, add_qkv_bias=False, kv_channels=cfg.head_dim, rotary_base=cfg.rope_theta,
+                   rotary_interleaved=rotary_interleaved, tie_embeddings=cfg.tie_word_embeddings,
+                   num_moe_experts=cfg.num_experts, moe_router_topk=cfg.num_experts_per_tok,
+                   moe_ffn_hidden_size=cfg.moe_intermediate_size, qk_layernorm=True)
+
+    @classmethod
+    def of_shape(cls, shape: str, *, seq_length: int = 32) -> ModelArgs:
+        """An embedded shape by name (--miles-model-shape's values, dense or mixture-of-experts)."""
+        from pytest_miles.models.moe import MoeConfig
+        from pytest_miles.models.shapes import SHAPES
+
+        if shape not in SHAPES:
+            raise InputError(f"{WHERE}(model=): shape {shape!r} is not accepted; expected a ModelArgs or one "
+                             f"of {', '.join(SHAPES)}")
+        cfg = SHAPES[shape]
+        make = cls.qwen3_moe if isinstance(cfg, MoeConfig) else cls.qwen2
+        return make(cfg, seq_length=seq_length)
 
     @classmethod
     def qwen2(cls, cfg, *, seq_length: int | None = None, rotary_interleaved: bool = False) -> ModelArgs:
@@ -64,8 +96,9 @@ class TrainerConfig:
 
     seed: int = 1234
     """Megatron's seed (model init, dropout, data): an integer in [0, 2**32 - 1]."""
-    model: ModelArgs = ModelArgs()
-    """The architecture; `ModelArgs.qwen2(cfg)` for the Qwen2 shape of an HF config."""
+    model: ModelArgs | str = ModelArgs()
+    """The architecture; `ModelArgs.qwen2(cfg)` for the Qwen2 shape of an HF config, or an embedded
+    shape's name ("tiny-moe", "tiny", ...: `ModelArgs.of_shape`, sequences of 32 tokens)."""
     tensor_parallel: int = 1
     """Tensor-parallel size: >= 1, dividing the attention heads and the query groups."""
     world_size: int | None = None
@@ -131,9 +164,18 @@ class TrainerConfig:
         if env is not None:
             object.__setattr__(self, "env", dict(env))  # the caller's dict may change later; this may not
         m = self.model
+        if isinstance(m, str):
+            m = ModelArgs.of_shape(m)
+            object.__setattr__(self, "model", m)
         if not isinstance(m, ModelArgs):
             raise InputError(f"{WHERE}(model=): {m!r} is not accepted; expected a "
-                             "pytest_miles.trainers.megatron.ModelArgs")
+                             "pytest_miles.trainers.megatron.ModelArgs or an embedded shape's name")
+        if m.num_moe_experts and self.transformer_impl != "local":
+            raise InputError(f"{WHERE}(transformer_impl=): {self.transformer_impl!r} with a mixture-of-experts "
+                             "model is not wired here; expected \"local\" (megatron-core's local MoE spec)")
+        if m.num_moe_experts and tp > 1:
+            raise InputError(f"{WHERE}(tensor_parallel=): {tp} with a mixture-of-experts model is not wired here "
+                             "(expert tensor parallelism); expected 1")
         if m.num_attention_heads % tp or (m.num_query_groups or m.num_attention_heads) % tp:
             raise InputError(f"{WHERE}(tensor_parallel=): tensor_parallel {tp} does not divide the attention "
                              f"heads ({m.num_attention_heads}) and query groups ({m.num_query_groups}) of the "

@@ -129,6 +129,14 @@ def handle(r: Rank, cmd: dict) -> dict:
         load_hf(r, Path(cmd["init_hf"]))
         r.opt = torch.optim.AdamW(r.model.parameters(), lr=r.spec["lr"], weight_decay=0.01, foreach=False)
         return {"reset": True}
+    if op == "routing":  # the experts each sample's tokens go to, from one forward (moe_router.py)
+        from pytest_miles.trainers.moe_router import record_routing
+
+        samples = cmd["samples"]
+        tokens, mask, pos = _batch(r, samples)
+        with torch.no_grad():
+            return {"records": record_routing(r.model, lambda: r.model(tokens, pos, mask), "megatron-core forward",
+                                              [list(s["tokens"]) for s in samples])}
     if op == "save":
         return {"checkpoint": r.save(Path(cmd["save_dir"]), int(cmd["iteration"]))}
     if op == "export":
@@ -140,15 +148,34 @@ def handle(r: Rank, cmd: dict) -> dict:
 
 def _tiny_config(spec: dict):
     from pytest_miles.models.embedded import TinyConfig
+    from pytest_miles.models.moe import MoeConfig
 
     if not spec.get("hf_config"):
         raise ValueError("this session has no hf_config: export and init_hf need the HF model's shapes")
-    return TinyConfig(**spec["hf_config"])
+    raw = spec["hf_config"]
+    return MoeConfig(**raw) if "num_experts" in raw else TinyConfig(**raw)
+
+
+def _to_megatron(r: Rank, hf: dict, cfg):
+    from pytest_miles.models.convert import hf_to_megatron
+    from pytest_miles.models.convert_moe import hf_to_megatron_moe
+    from pytest_miles.models.moe import MoeConfig
+
+    if isinstance(cfg, MoeConfig):
+        return hf_to_megatron_moe(hf, cfg, experts="local")
+    return hf_to_megatron(hf, cfg, spec="te" if r.te else "local")
+
+
+def _to_hf(state: dict, cfg):
+    from pytest_miles.models.convert import megatron_to_hf
+    from pytest_miles.models.convert_moe import megatron_to_hf_moe
+    from pytest_miles.models.moe import MoeConfig
+
+    return megatron_to_hf_moe(state, cfg, experts="local") if isinstance(cfg, MoeConfig) else megatron_to_hf(state, cfg)
 
 
 def export(r: Rank, path: Path, dtype: str) -> Path:
     """Rank 0 writes the HF checkpoint (tensor parallel 1: the full weights live on every rank)."""
-    from pytest_miles.models.convert import megatron_to_hf
     from pytest_miles.models.embedded import save_hf_weights
 
     if r.tp != 1:
@@ -156,7 +183,7 @@ def export(r: Rank, path: Path, dtype: str) -> Path:
     cfg = _tiny_config(r.spec)
     if r.rank == 0:
         state = {k: v for k, v in r.model.state_dict().items() if not k.endswith("_extra_state")}
-        save_hf_weights(path, megatron_to_hf(state, cfg), cfg, dtype)
+        save_hf_weights(path, _to_hf(state, cfg), cfg, dtype)
     return path
 
 
@@ -179,13 +206,12 @@ def load_hf(r: Rank, path: Path) -> None:
     """The initial weights: an HF checkpoint converted to megatron's names, loaded strictly."""
     import torch
 
-    from pytest_miles.models.convert import hf_to_megatron
     from pytest_miles.models.embedded import load_safetensors_dir
 
     if r.tp != 1:
         raise ValueError(f"init_hf with tensor_parallel {r.tp}: only 1 is supported (no TP split yet)")
     hf = load_safetensors_dir(path)
-    state = {k: v.to(torch.float32) for k, v in hf_to_megatron(hf, _tiny_config(r.spec), spec="te" if r.te else "local").items()}
+    state = {k: v.to(torch.float32) for k, v in _to_megatron(r, hf, _tiny_config(r.spec)).items()}
     own = r.model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
     if missing:

@@ -233,6 +233,9 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
         extra.update(gated_linear_unit=True, activation_func=torch.nn.functional.silu, bias_activation_fusion=False)
     if m.get("kv_channels"):
         extra["kv_channels"] = m["kv_channels"]
+    from pytest_miles.trainers.moe_router import host_router_class, moe_config_fields
+
+    extra.update(moe_config_fields(m))
     config = TransformerConfig(
         num_layers=m["num_layers"], hidden_size=m["hidden_size"], num_attention_heads=m["num_attention_heads"],
         num_query_groups=m.get("num_query_groups"), ffn_hidden_size=m.get("ffn_hidden_size"),
@@ -244,9 +247,12 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
         add_bias_linear=m.get("add_bias_linear", True), add_qkv_bias=m.get("add_qkv_bias", False),
         rotary_interleaved=m.get("rotary_interleaved", False), **extra,
     )
-    layer_spec = get_gpt_layer_local_spec(normalization=m.get("normalization", "LayerNorm"))
+    layer_spec = get_gpt_layer_local_spec(normalization=m.get("normalization", "LayerNorm"),
+                                          num_experts=m.get("num_moe_experts"), qk_layernorm=bool(m.get("qk_layernorm")))
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
+    if m.get("num_moe_experts"):  # moe_router.py: the router megatron-core gates on CUDA only
+        layer_spec.submodules.mlp.submodules.router = host_router_class()
     if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py
         from pytest_miles.trainers.te_model import te_config_and_spec
 

@@ -127,6 +127,13 @@ class MegatronSession:
 
         return load_file(self.call("trace", tokens=list(tokens), path=str(path))["path"])
 
+    def routing(self, samples: list[dict]) -> list:
+        """The experts each sample's tokens go to in each MoE layer, from one forward (no step):
+        one RoutingRecord per sample (its "tokens")."""
+        from pytest_miles.models.routing import RoutingRecord
+
+        return [RoutingRecord.from_json(x) for x in self.call("routing", samples=samples)["records"]]
+
     def save(self, save_dir: str | Path, iteration: int) -> Path:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])
 

@@ -78,7 +78,10 @@ def test_sglang_command_line_runs_cuda_graphs_unless_asked(model_dir, tmp_path):
 
 
 def test_shapes():
-    assert set(BY_NAME["model_shape"].choices) == set(SHAPES)
+    from pytest_miles.models.shapes import SHAPES as ALL_SHAPES
+
+    assert set(BY_NAME["model_shape"].choices) == set(ALL_SHAPES)  # dense and mixture-of-experts
+    assert set(SHAPES) < set(ALL_SHAPES)
     q = SHAPES["qwen2.5-0.5b"]
     hf = q.hf_config()
     assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["num_key_value_heads"],

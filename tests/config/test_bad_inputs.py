@@ -202,7 +202,9 @@ TRAINER = [  # MegatronTrainer(**kwargs): refused before any rank starts
     ({"timeout": 0}, "timeout="), ({"timeout": float("inf")}, "timeout="),
     ({"device": "gpu"}, "device="), ({"device": None}, "device="),
     ({"deterministic": "no"}, "deterministic="), ({"deterministic": 0}, "deterministic="),
-    ({"env": {"A": 1}}, "env="), ({"env": "A=1"}, "env="), ({"model": "tiny"}, "model="),
+    ({"env": {"A": 1}}, "env="), ({"env": "A=1"}, "env="), ({"model": "gpt-tiny"}, "model="), ({"model": 3}, "model="),
+    ({"model": "tiny-moe", "tensor_parallel": 2}, "tensor_parallel="),
+    ({"model": "tiny-moe", "transformer_impl": "transformer_engine"}, "transformer_impl="),
 ]
 
 

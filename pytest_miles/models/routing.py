@@ -1,0 +1,65 @@
+"""A routing record: which experts each token went to in each MoE layer, as an engine or a
+trainer's forward chose them, with the router's probabilities where the producer has them (what
+tells a tie from a divergence). Produced by engines and trainers, compared by checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    """experts[token][layer]: the chosen expert ids, ascending (a set: the top-k slot order is not
+    part of the routing); scores[token][layer]: the router's probability of every expert (None when
+    the producer does not keep them); tokens: the token ids routed, when known."""
+
+    source: str
+    experts: tuple[tuple[tuple[int, ...], ...], ...]
+    scores: tuple[tuple[tuple[float, ...], ...], ...] | None = None
+    tokens: tuple[int, ...] | None = None
+    facts: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.experts)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.experts[0]) if self.experts else 0
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "experts": [[list(e) for e in t] for t in self.experts],
+                "scores": None if self.scores is None else [[list(s) for s in t] for t in self.scores],
+                "tokens": None if self.tokens is None else list(self.tokens)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> RoutingRecord:
+        scores = raw.get("scores")
+        return cls(source=str(raw["source"]),
+                   experts=tuple(tuple(tuple(int(x) for x in e) for e in t) for t in raw["experts"]),
+                   scores=None if scores is None else tuple(tuple(tuple(float(x) for x in s) for s in t)
+                                                            for t in scores),
+                   tokens=None if raw.get("tokens") is None else tuple(int(x) for x in raw["tokens"]))
+
+
+def record_from_layers(source: str, experts_by_layer: list, probs_by_layer: list | None = None,
+                       tokens=None) -> RoutingRecord:
+    """From per-layer tensors (experts [T, k] or a boolean routing map [T, E]; probs [T, E]) to a
+    record indexed [token][layer]."""
+    import torch
+
+    rows = []
+    for layer in experts_by_layer:
+        layer = layer.detach().cpu()
+        if layer.dtype == torch.bool:
+            rows.append([tuple(int(e) for e in r.nonzero().flatten().tolist()) for r in layer])
+        else:
+            rows.append([tuple(sorted(int(e) for e in r.tolist())) for r in layer])
+    experts = tuple(zip(*rows)) if rows else ()
+    scores = None
+    if probs_by_layer is not None:
+        cols = [[tuple(float(x) for x in r.tolist()) for r in p.detach().cpu().float()] for p in probs_by_layer]
+        scores = tuple(zip(*cols))
+    return RoutingRecord(source=source, experts=tuple(tuple(t) for t in experts),
+                         scores=None if scores is None else tuple(tuple(t) for t in scores),
+                         tokens=None if tokens is None else tuple(int(t) for t in tokens))

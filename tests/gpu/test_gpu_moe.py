@@ -1,0 +1,133 @@
+"""Mixture of experts on the GPU host: SGLang serving the tiny-moe shape (Qwen3-MoE, SGLang's
+qwen3_moe class) with --enable-deterministic-inference on triton and flashinfer, its routing twice
+and against megatron-core's forward on the same weights (rollout vs trainer), and megatron-core's
+MoE layer trained twice bitwise and resumed on CUDA; the realistic shape (qwen3-30b-a3b-2l: Qwen3-
+30B-A3B's layer, 2 layers, ~3.7 GB bf16 written here) in deterministic mode and its flag-off control.
+
+    python3 -m pytest tests/gpu/test_gpu_moe.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
+        --miles-report out/moe.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+from pytest_miles import (
+    assert_resume_equivalent,
+    assert_routing_equal,
+    assert_runs_bitwise_equal,
+    compare_routing,
+)
+from pytest_miles.capabilities.verdict import KnownLimitation, NotApplicable
+from pytest_miles.checks.batch_invariance import assert_batch_invariant, negative_control
+from pytest_miles.engines.base import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
+BACKENDS = ["triton", "flashinfer"]
+MODES = {"single": 16, "needle": 8, "prefix": 8, "p_vs_d": 4}
+TOKENS = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 1, 2, 77, 140, 33, 208, 9, 10, 11, 400, 401, 13, 14, 15]
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    from pytest_miles.models.shapes import write_shape
+
+    return write_shape(tmp_path_factory.mktemp("tiny-moe") / "m", "tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def big_moe_dir(tmp_path_factory):
+    from pytest_miles.models.shapes import write_shape
+
+    return write_shape(tmp_path_factory.mktemp("qwen3-30b-a3b-2l") / "m", "qwen3-30b-a3b-2l")
+
+
+def _sglang(engine_factory, moe_dir, backend, deterministic=True):
+    from pytest_miles.engines.routing import SERVER_FLAG
+
+    eng = engine_factory("sglang", model=str(moe_dir), attention_backend=backend, deterministic=deterministic,
+                         extra_args=(SERVER_FLAG,))
+    print(f"\nsglang [{backend}] tiny-moe, deterministic={deterministic}: up after {eng.startup_seconds:.1f} s")
+    return eng
+
+
+def _routing(eng):
+    from pytest_miles.engines.routing import sglang_routing
+    from pytest_miles.models.moe import MOE_SHAPES
+
+    cfg = MOE_SHAPES["tiny-moe"]
+    return sglang_routing(eng, TOKENS, cfg.num_hidden_layers, cfg.num_experts_per_tok)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice(engine_factory, moe_dir, backend):
+    eng = _sglang(engine_factory, moe_dir, backend)
+    failed = []
+    for mode, trials in MODES.items():
+        try:
+            print(assert_batch_invariant(eng, mode=mode, trials=trials, max_batch=16).render())
+        except (KnownLimitation, NotApplicable) as exc:  # the capability data's verdicts, not failures
+            print(f"{type(exc).__name__}: {exc}")
+        except AssertionError as exc:
+            print(exc)
+            failed.append(mode)
+    first, second = _routing(eng), _routing(eng)
+    print(assert_routing_equal(first, second).render())
+    assert not failed, f"MoE modes failing with deterministic inference on: {failed}"
+
+
+def test_sglang_moe_negative_control_flag_off(engine_factory, moe_dir):
+    eng = _sglang(engine_factory, moe_dir, "triton", deterministic=False)
+    report = negative_control(eng, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    print(report.render(limit=4))  # on the tiny shape it may pass (tiny models hide batch variance): a finding
+
+
+def test_routing_rollout_vs_trainer(engine_factory, moe_dir, tmp_path):
+    from pytest_miles.models.moe import MOE_SHAPES
+    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
+
+    cfg = MOE_SHAPES["tiny-moe"]
+    rollout = _routing(_sglang(engine_factory, moe_dir, "triton"))
+    model = ModelArgs.qwen3_moe(cfg, seq_length=64)  # HF's rotate-half RoPE, as SGLang computes it
+    with MegatronTrainer(seed=1, model=model, device="cuda", log_dir=tmp_path / "logs").session(
+            init_hf=moe_dir, hf_config=asdict(cfg)) as session:
+        (trainer,) = session.routing([{"tokens": TOKENS, "prompt_len": 4}])
+    report = compare_routing(rollout, trainer)
+    print(report.render(limit=20))
+    agree = 1 - len(report.differences) / (report.tokens * report.layers)
+    print(f"rollout (SGLang bf16) vs trainer (megatron-core fp32 from the same bf16 weights): {agree:.1%} agree")
+    assert report.tokens == len(TOKENS) and agree >= 0.9, report.render()
+
+
+def test_megatron_moe_twice_bitwise_on_gpu(megatron_trainer_factory, tmp_path):
+    a, b = (megatron_trainer_factory(seed=1234, model="tiny-moe", device="cuda").train(4, save_dir=tmp_path / f"r{i}")
+            for i in (1, 2))
+    assert a.device == "cuda"
+    print(f"\nrun1 losses {a.losses}\nrun2 losses {b.losses}")
+    assert_runs_bitwise_equal(a, b)
+
+
+def test_megatron_moe_resume_on_gpu(megatron_trainer_factory, tmp_path):
+    straight, _, resumed = assert_resume_equivalent(
+        lambda **kw: megatron_trainer_factory(model="tiny-moe", device="cuda", **kw), 4, tmp_path, seed=99)
+    print(f"\nstraight {straight.losses}\nresumed  {resumed.losses}")
+
+
+def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, big_moe_dir):
+    """The negative control needs a realistic shape (tiny models hide batch variance): Qwen3-30B-A3B's layer."""
+    eng = _sglang(engine_factory, big_moe_dir, "triton")
+    failed = []
+    for mode in ("single", "needle"):
+        try:
+            print(assert_batch_invariant(eng, mode=mode, trials=MODES[mode], max_batch=16).render())
+        except (KnownLimitation, NotApplicable) as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        except AssertionError as exc:
+            print(exc)
+            failed.append(mode)
+    off = _sglang(engine_factory, big_moe_dir, "triton", deterministic=False)
+    control = negative_control(off, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    print(control.render(limit=4))
+    assert not failed, f"qwen3-30b-a3b-2l modes failing with deterministic inference on: {failed}"
