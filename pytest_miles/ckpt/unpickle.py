@@ -199,6 +199,7 @@ _DENY_MODULES = {
 _SAFE = {
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "tuple"),
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "object"), ("builtins", "bytearray"),
+    ("collections", "defaultdict"), ("collections", "deque"),
     ("builtins", "bytes"), ("builtins", "complex"), ("builtins", "slice"), ("builtins", "range"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
     ("argparse", "Namespace"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"),

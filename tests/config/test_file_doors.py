@@ -207,3 +207,17 @@ def test_pytest_gives_a_usage_error_before_any_test(pytester, option, kind):
     out = result.stdout.str() + result.stderr.str()
     assert result.ret == pytest.ExitCode.USAGE_ERROR, out
     assert path in out and "a test ran" not in out and "Traceback" not in out, out
+
+
+def test_gpu_lease_with_a_string_count_is_named(pytester):
+    pytester.makepyfile("""
+        import pytest
+        from pytest_miles.errors import InputError
+
+        def test_lease(miles_gpu_lease):
+            for bad in ("2", 2.0, True, 10**30, -1):
+                with pytest.raises(InputError, match=r"miles_gpu_lease\\(n\\)"):
+                    miles_gpu_lease(bad)
+    """)
+    result = pytester.runpytest("-p", "no:randomly")
+    assert result.ret == 0, result.stdout.str()
