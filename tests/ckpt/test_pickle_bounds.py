@@ -104,3 +104,4 @@ def test_allow_listed_classes_are_read(tmp_path):
     torch.save({"args": argparse.Namespace(lr=1.0), "od": collections.OrderedDict(a=1), "dtype": torch.bfloat16,
                 "size": torch.Size([2, 3])}, path)
     assert compare_checkpoints(path, Path(path)).equal
+
