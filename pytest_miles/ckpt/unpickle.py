@@ -224,6 +224,26 @@ def _compat_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
+MAX_RANGE = 2**24  # elements: list(range(10**12)) in a 40-byte pickle would never end
+
+
+def _sized(ctor: type) -> Any:
+    """`bytes`/`bytearray`/`range` as a pickle may call them, without building what its size does not
+    pay for: bytes(10**12) or a range that list()/set() would expand are refused."""
+    def build(*args: Any) -> Any:
+        if ctor is not range and args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(f"refused: {ctor.__name__}({args[0]}) would build {args[0]} zero bytes")
+        value = ctor(*args)
+        if ctor is range and len(value) > MAX_RANGE:
+            raise pickle.UnpicklingError(f"refused: a range of {len(value)} elements (at most {MAX_RANGE})")
+        return value
+    return build
+
+
+_SIZED = {("builtins", "bytes"): _sized(bytes), ("builtins", "bytearray"): _sized(bytearray),
+          ("builtins", "range"): _sized(range)}
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """`pickle.Unpickler` whose globals are data builders, lazy tensors or inert stand-ins."""
 
@@ -237,6 +257,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         module, name = _compat_name(module, name)  # Python 2 names (copy_reg, __builtin__), as pickle maps them
         top = module.split(".")[0]
+        if (module, name) in _SIZED:
+            return _SIZED[(module, name)]
         if (module, name) in _SAFE:
             return super().find_class(module, name)
         if module == "_codecs" and name == "encode":  # bytes in protocol-2 pickles

@@ -105,3 +105,25 @@ def test_allow_listed_classes_are_read(tmp_path):
                 "size": torch.Size([2, 3])}, path)
     assert compare_checkpoints(path, Path(path)).equal
 
+
+
+SIZED = {  # REDUCE calls whose size the file does not pay for
+    "bytes(10**12)": b"\x80\x02c__builtin__\nbytes\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.",
+    "bytearray(10**12)": b"\x80\x02c__builtin__\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.",
+    "list(range(10**12))": b"\x80\x02c__builtin__\nlist\nc__builtin__\nrange\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R\x85R.",
+}
+
+
+@pytest.mark.parametrize("case", list(SIZED))
+def test_calls_that_would_build_more_than_the_file_pays_for_are_refused(case):
+    assert pickle.loads(SIZED[case].replace(b"\x8a\x06\x00\x10\xa5\xd4\xe8\x00", b"\x8a\x01\x03")) is not None  # valid
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="x.pkl: corrupt or truncated pickle .*refused: "):
+        load_pickle(SIZED[case], "x.pkl")
+    assert time.monotonic() - t0 < 2
+
+
+def test_legitimate_bytes_and_ranges_still_load():
+    value = {"b": b"abc", "ba": bytearray(b"xyz"), "r": range(5), "l": list(range(5))}
+    for proto in range(6):
+        assert load_pickle(pickle.dumps(value, protocol=proto), "x") == value
