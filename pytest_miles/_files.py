@@ -101,23 +101,43 @@ INPUT_LIMIT = 16 * 2**20  # a settings, capability, snapshot or env file is smal
 MAX_DEPTH = 64  # nesting of TOML/JSON values: deeper is not a configuration, it is an attack on the parser
 
 
-def read_input(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> str:
+_SPECIAL_ROOTS = ("/proc", "/sys", "/dev")  # kernel views: sizes lie (0 bytes or endless), reads can block
+
+
+def _special(path: str | os.PathLike) -> str | None:
+    """The kernel file system a path lies in (/proc, /sys, /dev), by its real name, or None."""
+    try:
+        real = os.path.realpath(path)
+    except (OSError, ValueError):
+        return None
+    return next((root for root in _SPECIAL_ROOTS if real == root or real.startswith(root + "/")), None)
+
+
+def read_input(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT, error: type | None = None) -> str:
     """The UTF-8 text of a small input file, through the same door as checkpoints (regular files
-    only, non-blocking open, size bounded before reading). Errors are one InputError naming `what`,
-    the file and what is accepted."""
+    only, non-blocking open, size bounded before reading, nothing under /proc, /sys or /dev). Errors
+    are one InputError (or `error`) naming `what`, the file and what is accepted."""
     from pytest_miles.errors import InputError
 
+    error = error or InputError
+    accepted = f"a regular UTF-8 text file of at most {limit} bytes"
+    root = _special(path)
+    if root is not None:
+        raise error(f"{path}: {what}: a file under {root} (a kernel view, not a file to read); "
+                    f"expected {accepted}")
     try:
         with SafeFile(path) as f:
             if f.size > limit:
-                raise InputError(f"{what} {str(path)!r}: {f.size} bytes, larger than the {limit} bytes accepted")
+                raise error(f"{path}: {what}: {f.size} bytes, larger than the {limit} bytes accepted")
             data = f.pread(0, f.size, what)
     except CheckpointError as exc:
-        raise InputError(f"{what}: {exc}; expected a regular, readable file") from None
+        problem = str(exc).removeprefix(f"{path}: ")
+        raise error(f"{path}: {what}: {problem}; expected {accepted}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{what} {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{path}: {what}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                    f"expected {accepted}") from None
 
 
 def _depth(value: object, limit: int) -> int:
@@ -135,52 +155,47 @@ def _depth(value: object, limit: int) -> int:
     return deepest
 
 
-def load_toml(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> dict:
+def load_toml(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT, error: type | None = None) -> dict:
     """A TOML input file as a dict (see `read_input`); bad TOML or deep nesting named."""
     import tomllib
 
     from pytest_miles.errors import InputError
 
-    text = read_input(path, what, limit)
-    try:
+    error = error or InputError
+    text = read_input(path, what, limit, error)
+    try:  # tomllib is pure Python: a deep inline array ends in a clean RecursionError
         data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise InputError(f"{what} {str(path)!r}: not valid TOML ({str(exc)[:200]})") from None
+        raise error(f"{path}: {what}: not valid TOML ({str(exc)[:200]})") from None
     if _depth(data, MAX_DEPTH) > MAX_DEPTH:
-        raise InputError(f"{what} {str(path)!r}: nested deeper than {MAX_DEPTH} levels")
+        raise error(f"{path}: {what}: nested deeper than {MAX_DEPTH} levels (TOML of at most "
+                    f"{MAX_DEPTH} levels is accepted)")
     return data
 
 
-def load_json(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT) -> object:
+def load_json(path: str | os.PathLike, what: str, limit: int = INPUT_LIMIT, error: type | None = None) -> object:
     """A JSON input file (see `read_input`); bad JSON or deep nesting named."""
+    text = read_input(path, what, limit, error)
+    return parse_json(text, f"{path}: {what}", error)
+
+
+def parse_json(text: str, what: str, error: type | None = None, limit: int = INPUT_LIMIT) -> object:
+    """JSON text from a user (a file's or an option's), bounded in size and nesting before parsing."""
     import json
 
     from pytest_miles.errors import InputError
 
-    text = read_input(path, what, limit)
-    if text.count("[") + text.count("{") > MAX_DEPTH and _bracket_depth(text) > MAX_DEPTH:
-        raise InputError(f"{what} {str(path)!r}: nested deeper than {MAX_DEPTH} levels")
-    try:
-        return json.loads(text)
+    error = error or InputError
+    if len(text) > limit:
+        raise error(f"{what}: {len(text)} characters, more than the {limit} accepted")
+    try:  # the C scanner ends a deep array in a clean RecursionError; the depth is checked after
+        data = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise InputError(f"{what} {str(path)!r}: not valid JSON ({str(exc)[:200]})") from None
-
-
-def _bracket_depth(text: str) -> int:
-    """Nesting depth of JSON brackets outside strings, measured before parsing (the parser recurses)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
+        raise error(f"{what}: not valid JSON ({str(exc)[:200]})") from None
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise error(f"{what}: nested deeper than {MAX_DEPTH} levels (JSON of at most {MAX_DEPTH} levels "
+                    "is accepted)")
+    return data
 
 
 def file_size(path: str | os.PathLike) -> int:

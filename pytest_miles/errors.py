@@ -50,6 +50,11 @@ class UnsafePickle(MilesError, pickle.UnpicklingError):
         self.name = name
 
 
+class UnknownClass(UnsafePickle):
+    """The pickle holds an object of a class outside the documented allow-list: nothing is called,
+    but a stand-in would compare only what the file says, so the file is refused by name."""
+
+
 class SnapshotError(MilesError):
     """Unusable snapshot data (corrupt or hand-edited file, unwritable dir, duplicate record)."""
 

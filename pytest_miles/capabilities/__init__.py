@@ -165,18 +165,10 @@ def _cell(raw: Any, index: int, path: str) -> Cell:
 
 def read_file(path: str | Path) -> tuple[list[Cell], bool]:
     """Cells of one file, and whether it extends the packaged data ([meta] extends, default true)."""
-    import tomllib
+    from pytest_miles._files import load_toml
 
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise CapabilityError(f"{path}: capability file not found") from None
-    except IsADirectoryError:
-        raise CapabilityError(f"{path}: is a directory, expected a TOML capability file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CapabilityError(f"{path}: not valid TOML ({exc})") from None
+    data = load_toml(path, "capability file (a TOML file of [meta] and [[cell]] tables)", error=CapabilityError)
     unknown = sorted(set(data) - {"meta", "cell"})
     if unknown:
         raise CapabilityError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [meta], [[cell]])")

@@ -58,7 +58,21 @@ def bits_equal(a, b) -> bool:
         return False
     if a.numel() == 0:
         return True
-    return bool(torch.equal(_int_view(a.contiguous()), _int_view(b.contiguous())))
+    return bool(torch.equal(_byte_view(a), _byte_view(b)))
+
+
+def _byte_view(t):
+    """The tensor's bytes (any dtype: FP8, FP4, bits, complex128 have no integer twin to index)."""
+    import torch
+
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def _opaque(t) -> bool:
+    """Dtypes torch cannot index or compare elementwise on CPU (bits*, float4 pairs) or without an
+    integer of their width (complex128): compared as rows of bytes."""
+    name = str(t.dtype)
+    return t.element_size() not in _INT_VIEW or name.startswith(("torch.bits", "torch.float4"))
 
 
 def tensor_diff(name: str, a, b) -> TensorDiff | None:
@@ -67,6 +81,8 @@ def tensor_diff(name: str, a, b) -> TensorDiff | None:
 
     fa = a.detach().contiguous().reshape(-1)
     fb = b.detach().contiguous().reshape(-1)
+    if _opaque(fa):
+        return _opaque_diff(name, a, fa, fb)
     ia, ib = _int_view(fa), _int_view(fb)
     ne = ia != ib
     count = int(ne.sum())
@@ -103,3 +119,24 @@ def tensor_diff(name: str, a, b) -> TensorDiff | None:
         bits_a=bits(ia[first]), bits_b=bits(ib[first]), max_abs_diff=max_abs, max_ulp=max_ulp,
         nan_mismatches=nan_mismatch,
     )
+
+
+def _opaque_diff(name: str, a, fa, fb) -> TensorDiff | None:
+    import torch
+
+    size = fa.element_size()
+    ra, rb = _byte_view(fa).reshape(-1, size), _byte_view(fb).reshape(-1, size)
+    ne = (ra != rb).any(dim=1)
+    count = int(ne.sum())
+    if count == 0:
+        return None
+    first = int(torch.argmax(ne.to(torch.uint8)))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(a.shape))) if a.dim() else ()
+
+    def bits(row) -> str:  # little-endian bytes as one hexadecimal number
+        return "0x" + bytes(row.tolist())[::-1].hex()
+
+    return TensorDiff(name=name, dtype=str(a.dtype).replace("torch.", ""), shape=tuple(a.shape), differing=count,
+                      total=fa.numel(), first_index=index, value_a=bits(ra[first]), value_b=bits(rb[first]),
+                      bits_a=bits(ra[first]), bits_b=bits(rb[first]), max_abs_diff=None, max_ulp=None,
+                      nan_mismatches=0)

@@ -28,7 +28,7 @@ from pytest_miles.ckpt.dcp_mirror import id_notes, mirrored_ids
 from pytest_miles.ckpt.lazy import LazyTensor, materialize
 from pytest_miles.ckpt.model import ITEMSIZE, CheckpointEntry, CheckpointError, Item, Layout, listdir
 from pytest_miles.ckpt.torch_save import load_torch
-from pytest_miles.ckpt.unpickle import load_pickle
+from pytest_miles.ckpt.unpickle import load_pickle, unshare
 
 _IDS = ("save_id", "checkpoint_id")
 
@@ -131,11 +131,11 @@ def _meta_and_notes(md: Any, layout: Layout) -> dict[str, str]:
     ids: dict[str, str] = {}
     if sm is not None:
         ids = {k: getattr(sm, k) for k in _IDS if getattr(sm, k, None)}
-        rest = {k: v for k, v in vars(sm).items() if k not in _IDS}
+        rest = unshare({k: v for k, v in vars(sm).items() if k not in _IDS}, str(layout.root / ".metadata"))
         if rest:
             layout.meta[".metadata:storage_meta"] = rest
     _id_notes(layout, ids)
-    planner = getattr(md, "planner_data", None)
+    planner = unshare(getattr(md, "planner_data", None), str(layout.root / ".metadata"))
     if isinstance(planner, dict):
         for fqn, value in planner.items():
             layout.meta[f".metadata:planner_data:{fqn}"] = value

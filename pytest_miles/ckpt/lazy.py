@@ -16,11 +16,14 @@ from pytest_miles.errors import CheckpointError
 
 __all__ = ["LazyTensor", "Storage", "check_tensors", "flatten_values", "materialize"]
 
+# Every dtype torch.save writes (2.13: `_rebuild_tensor_v2` with a typed storage, or `_v3` with an
+# untyped storage and the dtype): bytes per element.
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
-             "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16, "uint16": 2, "uint32": 4,
-             "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
-             "float8_e8m0fnu": 1}
-
+             "int8": 1, "uint8": 1, "bool": 1, "complex32": 4, "complex64": 8, "complex128": 16, "uint16": 2,
+             "uint32": 4, "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1,
+             "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2,
+             "bits1x8": 1, "bits2x4": 1, "bits4x2": 1}
+ITEMSIZE = _ITEMSIZE
 
 
 @dataclass
@@ -90,7 +93,8 @@ class LazyTensor:
 
         dtype = getattr(torch, self.dtype)
         data = bytearray(self.read())
-        flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        # as bytes, then viewed: frombuffer does not take every dtype (FP8, bits, complex32)
+        flat = torch.frombuffer(data, dtype=torch.uint8).view(dtype) if data else torch.empty(0, dtype=dtype)
         first = 0
         return torch.as_strided(flat, self.size, self.stride, first).clone()
 

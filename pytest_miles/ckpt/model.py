@@ -21,7 +21,8 @@ __all__ = ["ITEMSIZE", "CheckpointEntry", "CheckpointError", "Item", "Layout", "
 
 ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
             "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
-            "float8_e8m0fnu": 1, "complex64": 8, "complex128": 16}
+            "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1, "complex32": 4,
+            "complex64": 8, "complex128": 16, "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1}
 ITER_RE = re.compile(r"iter_(\d{7})$")
 MP_RANK_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
 SIDE_SUFFIXES = (".json", ".txt", ".yaml", ".yml")

@@ -37,10 +37,62 @@ def raw_item(key: str, path: Path, offset: int, length: int, order: int, dtype: 
 
         with SafeFile(path) as f:
             buf = bytearray(f.pread(offset, length, f"tensor {key!r}"))
-        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length else torch.empty(0, dtype=getattr(torch, dtype))
+        dt = getattr(torch, dtype)  # bytes viewed: frombuffer does not take every dtype (FP8)
+        t = torch.frombuffer(buf, dtype=torch.uint8).view(dt) if length else torch.empty(0, dtype=dt)
         return t.reshape(shape)
 
     return Item(key, path, offset, length, order, "tensor", "raw", decode)
+
+
+MAX_HEADER = 100_000_000  # the safetensors library's MAX_HEADER_SIZE
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"name {dup!r} appears twice")
+    return out
+
+
+def _u64(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 2**64
+
+
+def _header(path: Path, raw: bytes) -> dict:
+    """The JSON header as strictly as the safetensors library reads it: UTF-8 without a byte-order
+    mark, no NaN/Infinity, an object. Stricter on one point: a name twice is refused (the library
+    keeps the last one silently; two tensors of one name would make a comparison ambiguous)."""
+    try:
+        text = raw.decode("utf-8")  # a byte-order mark is refused by json, as by the library
+        header = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({str(exc)[:200]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a {type(header).__name__}, not an object)")
+    return header
+
+
+def _entry(path: Path, name: str, info: Any) -> tuple[int, int, str, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry: offsets and shape non-negative integers (no
+    strings, floats or booleans), a known dtype, as the library requires."""
+    bad = "expected {dtype: string, shape: [integers >= 0], data_offsets: [begin, end] integers >= 0}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({bad})")
+    offsets, shape, dtype = info["data_offsets"], info["shape"], info["dtype"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_u64, offsets))) or not (
+            isinstance(shape, list) and all(map(_u64, shape))) or not isinstance(dtype, str):
+        raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({bad}; got offsets {offsets!r:.60}, "
+                              f"shape {shape!r:.60}, dtype {dtype!r:.30})")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: safetensors entry {name!r}: dtype {dtype!r:.30} not supported "
+                              f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+    return offsets[0], offsets[1], SAFETENSORS_DTYPES[dtype], tuple(shape)
 
 
 def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[int, list[str], Any]:
@@ -50,27 +102,19 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
         if size < 8:
             raise CheckpointError(f"{path}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", f.pread(0, 8))
-        if n > size - 8 or n > 100 * 2**20:
+        if n > size - 8 or n > MAX_HEADER:
             raise CheckpointError(f"{path}: corrupt safetensors header (declares {n} header bytes, file has {size})")
         raw = f.pread(8, n, "safetensors header")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (a {type(header).__name__}, not an object)")
+    header = _header(path, raw)
     base = 8 + n
     meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     parsed = []
     for name, info in header.items():
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({exc!r})") from None
-        if begin < 0 or end < begin or any(s < 0 for s in shape):
-            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} (offsets [{begin}, {end}], shape {list(shape)})")
+        begin, end, dtype, shape = _entry(path, name, info)
+        if end < begin:
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} (offsets [{begin}, {end}])")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
         if end - begin != numel(shape) * ITEMSIZE[dtype]:
@@ -79,12 +123,14 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
         parsed.append((begin, end, name, dtype, shape))
     parsed.sort()
     prev_end, prev = 0, None
-    for begin, end, name, _, _ in parsed:
-        if begin < prev_end and end > begin:
-            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} at [{begin}, {end}) "
-                                  f"overlaps {prev!r}")
-        if end > begin:
-            prev_end, prev = end, name
+    for begin, end, name, _, _ in parsed:  # the library's rule: tensors tile the data, in offset order
+        if begin != prev_end:
+            what = f"overlaps {prev!r}" if begin < prev_end else f"leaves bytes [{prev_end}, {begin}) unused"
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} at [{begin}, {end}) {what}")
+        prev_end, prev = end, name
+    if base + prev_end != size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: its tensors end at byte {base + prev_end}, the file "
+                              f"has {size} (the library accepts no bytes after the tensors)")
     order = start_order
     for begin, end, name, dtype, shape in parsed:
         item = raw_item(name, path, base + begin, end - begin, order, dtype, shape)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pytest_miles._files import SafeFile
 from pytest_miles.ckpt.lazy import check_tensors
-from pytest_miles.ckpt.unpickle import RestrictedUnpickler
+from pytest_miles.ckpt.unpickle import RestrictedUnpickler, check_memo, refusal, unshare
 from pytest_miles.errors import CheckpointError, UnsafePickle
 
 __all__ = ["load_torch"]
@@ -98,15 +98,16 @@ def load_torch(source: str | os.PathLike | bytes, where: str | None = None, span
         pstart, plen = raw_pread_span(pkls[0], raw, where)
         data = raw_pread(raw, pstart, plen, where)
         src = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+        check_memo(data, where)
         try:
             obj = RestrictedUnpickler(io.BytesIO(data), src, entries, where).load()
         except UnsafePickle as exc:
-            raise CheckpointError(f"{where}: refused: the pickle calls {exc.name} "
-                                  "(checkpoint files are never executed)") from None
+            raise refusal(where, exc) from None
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointError(f"{where}: corrupt torch file ({type(exc).__name__}: {exc})") from None
+        obj = unshare(obj, where)
         check_tensors(obj, where)
         return obj
     finally:

@@ -18,9 +18,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_miles.ckpt.lazy import LazyTensor, Storage
+from pytest_miles.ckpt.lazy import ITEMSIZE, LazyTensor, Storage
+from pytest_miles.ckpt.pickle_bounds import check_memo
+from pytest_miles.ckpt.pickle_bounds import unshare as _unshare
 from pytest_miles.errors import (
     CheckpointError,
+    UnknownClass,
     UnsafePickle,  # noqa: F401  (importable here too)
 )
 
@@ -166,6 +169,19 @@ def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, *
                       storage.dtype)
 
 
+def _rebuild_tensor_v3(storage: Any, storage_offset: int, size: Any, stride: Any, requires_grad: Any = False,
+                       hooks: Any = None, dtype: Any = None, *rest: Any) -> LazyTensor:
+    """torch >= 2.1 for dtypes without a typed storage (FP8, FP4, uint16/32/64, bits, complex32):
+    an untyped storage and the dtype beside it."""
+    name = str(dtype).removeprefix("torch.")
+    if not isinstance(storage, Storage):
+        raise pickle.UnpicklingError("tensor rebuild without a storage")
+    if name not in ITEMSIZE:
+        raise pickle.UnpicklingError(f"not supported: tensor dtype {name}")
+    typed = Storage(storage.source, storage.offset, storage.nbytes, name)
+    return _rebuild_tensor(typed, storage_offset, size, stride)
+
+
 def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, *state: Any) -> Any:
     return data
 
@@ -183,6 +199,7 @@ _DENY_MODULES = {
 _SAFE = {
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "tuple"),
     ("builtins", "list"), ("builtins", "dict"), ("builtins", "object"), ("builtins", "bytearray"),
+    ("collections", "defaultdict"), ("collections", "deque"),
     ("builtins", "bytes"), ("builtins", "complex"), ("builtins", "slice"), ("builtins", "range"),
     ("builtins", "int"), ("builtins", "float"), ("builtins", "str"), ("builtins", "bool"),
     ("argparse", "Namespace"), ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"),
@@ -192,6 +209,39 @@ _NUMPY = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", 
           ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
           ("numpy", "dtype")}
 _CLASS_NAME = re.compile(r"_?[A-Z][A-Za-z0-9_]*")
+# The allow-list of packages whose classes a checkpoint may hold (kept as inert stand-ins that
+# compare by their fields): torch (DCP metadata, tensor subclasses), Megatron (enums, sharded-object
+# records in common.pt), TransformerEngine (FP8 metadata), besides the builtins and numpy above.
+# A class of any other package makes the file refused by name (documented in docs/architecture.md).
+ALLOWED_CLASS_PACKAGES = frozenset({"torch", "megatron", "transformer_engine"})
+
+
+def _compat_name(module: str, name: str) -> tuple[str, str]:
+    import _compat_pickle
+
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+MAX_RANGE = 2**24  # elements: list(range(10**12)) in a 40-byte pickle would never end
+
+
+def _sized(ctor: type) -> Any:
+    """`bytes`/`bytearray`/`range` as a pickle may call them, without building what its size does not
+    pay for: bytes(10**12) or a range that list()/set() would expand are refused."""
+    def build(*args: Any) -> Any:
+        if ctor is not range and args and isinstance(args[0], int):
+            raise pickle.UnpicklingError(f"refused: {ctor.__name__}({args[0]}) would build {args[0]} zero bytes")
+        value = ctor(*args)
+        if ctor is range and len(value) > MAX_RANGE:
+            raise pickle.UnpicklingError(f"refused: a range of {len(value)} elements (at most {MAX_RANGE})")
+        return value
+    return build
+
+
+_SIZED = {("builtins", "bytes"): _sized(bytes), ("builtins", "bytearray"): _sized(bytearray),
+          ("builtins", "range"): _sized(range)}
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -205,7 +255,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._source, self._entries, self._where = storage_source, entries or {}, where
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = _compat_name(module, name)  # Python 2 names (copy_reg, __builtin__), as pickle maps them
         top = module.split(".")[0]
+        if (module, name) in _SIZED:
+            return _SIZED[(module, name)]
         if (module, name) in _SAFE:
             return super().find_class(module, name)
         if module == "_codecs" and name == "encode":  # bytes in protocol-2 pickles
@@ -215,12 +268,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         if top == "torch":
             if module == "torch._utils" and name == "_rebuild_tensor_v2":
                 return _rebuild_tensor
+            if module == "torch._utils" and name == "_rebuild_tensor_v3":
+                return _rebuild_tensor_v3
             if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
                 return _rebuild_parameter
             if module == "torch._utils" and name == "_rebuild_from_type_v2":  # a tensor subclass: its data
                 return lambda func, cls, args, state: func(*args)
             if name.startswith("_rebuild"):  # quantized, sparse, nested, meta ...: not silently a string
-                raise pickle.UnpicklingError(f"unsupported tensor encoding {module}.{name}")
+                kind = name.removeprefix("_rebuild_").removesuffix("_tensor").replace("_", " ")
+                raise pickle.UnpicklingError(f"not supported: {kind} tensors ({module}.{name})")
             if name in _STORAGE_DTYPES:
                 return _StorageType(_STORAGE_DTYPES[name])
             if module == "torch" and name == "Size":
@@ -232,6 +288,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return lambda *parts: os.path.join(*map(str, parts)) if parts else ""
         if top in _DENY_MODULES or module.startswith("__") or not _CLASS_NAME.fullmatch(name):
             raise UnsafePickle(f"{module}.{name}")
+        if top not in ALLOWED_CLASS_PACKAGES:
+            raise UnknownClass(f"{module}.{name}")
         return self._stub(module, name)
 
     def _stub(self, module: str, name: str) -> type:
@@ -255,13 +313,27 @@ class RestrictedUnpickler(pickle.Unpickler):
         return Storage(self._source, offset, nbytes, pid[1].dtype)
 
 
+def refusal(where: str, exc: UnsafePickle) -> CheckpointError:
+    if isinstance(exc, UnknownClass):
+        return CheckpointError(f"{where}: refused: the pickle holds an object of class {exc.name}, outside the "
+                               f"allow-list (builtins, numpy, {', '.join(sorted(ALLOWED_CLASS_PACKAGES))})")
+    return CheckpointError(f"{where}: refused: the pickle calls {exc.name} (checkpoint files are never executed)")
+
+
 def load_pickle(data: bytes, where: str) -> Any:
     """A plain pickle (DCP `.metadata`): CheckpointError naming `where` for anything bad."""
+    check_memo(data, where)
     try:
-        return RestrictedUnpickler(io.BytesIO(data), where=where).load()
+        obj = RestrictedUnpickler(io.BytesIO(data), where=where).load()
     except UnsafePickle as exc:
-        raise CheckpointError(f"{where}: refused: the pickle calls {exc.name} (checkpoint files are never executed)") from None
+        raise refusal(where, exc) from None
     except CheckpointError:
         raise
     except Exception as exc:
         raise CheckpointError(f"{where}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
+    return obj  # DCP metadata objects are read by attribute; values taken from it go through `unshare`
+
+
+def unshare(obj: Any, where: str) -> Any:
+    """`pickle_bounds.unshare` for objects of this reader (stand-ins' fields walked too)."""
+    return _unshare(obj, where, _StubBase)

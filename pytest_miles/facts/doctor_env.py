@@ -16,8 +16,6 @@ SGLang sets its own value itself, nothing to pass for the rollout side.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from pytest_miles.errors import EnvInputError  # noqa: F401  (importable here too)
@@ -40,14 +38,9 @@ def _env_vars(data: Any, source: str, where: str) -> dict[str, str]:
 
 def load_runtime_env(path: str) -> dict[str, str]:
     """env_vars of a Ray runtime_env JSON file (`{"env_vars": {...}, ...}`)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise EnvInputError(f"--runtime-env {path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise EnvInputError(f"--runtime-env {path}: not valid JSON ({exc})") from None
+    from pytest_miles._files import load_json
+
+    data = load_json(path, "--runtime-env (a Ray runtime_env JSON file)", error=EnvInputError)
     if not isinstance(data, dict):
         raise EnvInputError(f"--runtime-env {path}: a Ray runtime_env is a JSON object with an \"env_vars\" key")
     return _env_vars(data.get("env_vars", {}), f"--runtime-env {path}", "env_vars")
@@ -55,10 +48,9 @@ def load_runtime_env(path: str) -> dict[str, str]:
 
 def parse_train_env_vars(text: str) -> dict[str, str]:
     """Miles' `--train-env-vars '{"NCCL_ALGO": "Ring", ...}'`."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise EnvInputError(f"--train-env-vars: not valid JSON ({exc}): {text[:80]!r}") from None
+    from pytest_miles._files import parse_json
+
+    data = parse_json(text, f"--train-env-vars {text[:80]!r} (a JSON object of NAME: value)", EnvInputError)
     return _env_vars(data, "--train-env-vars", "the value")
 
 

@@ -70,16 +70,10 @@ def _row(raw: Any, index: int, path: str) -> Row:
 
 def read_file(path: str | Path) -> list[Row]:
     """The rows of one troubleshooting file, validated."""
-    import tomllib
+    from pytest_miles._files import load_toml
 
     path = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: troubleshooting file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    data = load_toml(path, "troubleshooting file (a TOML file of [[row]] tables)")
     unknown = sorted(set(data) - {"row"})
     if unknown:
         raise InputError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [[row]])")

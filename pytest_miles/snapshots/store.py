@@ -211,9 +211,12 @@ class SnapshotStore:
     def read(self, path: Path) -> dict[str, Any]:
         if not path.exists():
             return {"format": FORMAT, "configurations": {}}
+        from pytest_miles._files import load_json
+        from pytest_miles.errors import InputError
+
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+            data = load_json(path, "snapshot file (JSON written by pytest-miles)", limit=256 * 2**20)
+        except InputError as exc:
             raise SnapshotError(f"{path}: corrupt snapshot file ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configurations"), dict):
             raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")

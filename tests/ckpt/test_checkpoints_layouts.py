@@ -112,18 +112,17 @@ def test_pt_files_with_different_names_stream_by_tensor(tmp_path):
 
 
 class TrainerConfig:
-    """A user's own class inside a checkpoint: read as an inert stand-in, compared by its fields."""
+    """A user's own class inside a checkpoint: outside the allow-list, so the file is refused by name
+    (a stand-in would compare only what the pickle says, never what the class would rebuild)."""
 
     def __init__(self, lr: float) -> None:
         self.lr = lr
 
 
-def test_unknown_classes_become_inert_stand_ins(tmp_path):
-    for name, lr in (("a.pt", 1e-4), ("b.pt", 1e-4), ("c.pt", 2e-4)):
-        torch.save({"w": torch.ones(3), "config": TrainerConfig(lr)}, tmp_path / name)
-    assert_checkpoints_equal(tmp_path / "a.pt", tmp_path / "b.pt")
-    report = compare_checkpoints(tmp_path / "a.pt", tmp_path / "c.pt")
-    assert [d.detail for d in report.differences] == ["config.lr: 0.0001 vs 0.0002"], report.render()
+def test_unknown_classes_make_the_file_refused_by_name(tmp_path):
+    torch.save({"w": torch.ones(3), "config": TrainerConfig(1e-4)}, tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"a\.pt: refused: .* class \S*TrainerConfig, outside the allow-list"):
+        compare_checkpoints(tmp_path / "a.pt", tmp_path / "a.pt")
 
 
 def test_ignore_matches_printed_names_and_reports_unmatched(tmp_path, capsys):

@@ -512,6 +512,9 @@ CLI = [
     (["manifest", "EMPTY", "-o", "/nonexistent/dir/m.json"], "EMPTY"),
     (["bogus"], "invalid choice"), (["compare", "only-one"], "required"), (["doctor", "--attention-backend"], "expected one argument"),
     (["fingerprint", "--nope"], "unrecognized arguments"), ([], "required"),
+    (["doctor", "--sglang-tp", "0"], "--sglang-tp: 0 is not accepted"),
+    (["doctor", "--sglang-tp", "-1"], "--sglang-tp"), (["doctor", "--sglang-tp", "1" + "0" * 23], "1..1024"),
+    (["doctor", "--train-env-vars", "[" * 3000], "--train-env-vars"),
 ]
 
 
