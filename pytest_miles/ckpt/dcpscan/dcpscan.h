@@ -178,7 +178,7 @@ static inline __attribute__((always_inline)) int str_is_n(P *p, V v, const char 
 static inline __attribute__((always_inline)) V item(P *p, Node *nd, size_t k) { return p->items[(size_t)nd->u.c.start + k]; }
 
 /* the dtypes of layouts.ITEMSIZE (vm.c; tests/ckpt/test_dcp_native.py checks they are the same) */
-#define DCPSCAN_NDTYPES 18
+#define DCPSCAN_NDTYPES 27
 extern const char *const DCPSCAN_DTYPES[DCPSCAN_NDTYPES];
 extern const int DCPSCAN_ITEMSIZES[DCPSCAN_NDTYPES];
 

@@ -79,10 +79,12 @@ static int node_append(P *p, int64_t id, const V *src, size_t k)
 }
 
 /* the dtypes of layouts.ITEMSIZE, in this order (tests/ckpt/test_dcp_native.py checks they are the same) */
-const char *const DCPSCAN_DTYPES[DCPSCAN_NDTYPES] = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                               "uint8", "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2",
-                               "float8_e8m0fnu", "complex64", "complex128"};
-const int DCPSCAN_ITEMSIZES[DCPSCAN_NDTYPES] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 2, 4, 8, 1, 1, 1, 1, 8, 16};
+const char *const DCPSCAN_DTYPES[DCPSCAN_NDTYPES] = {
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+    "uint16", "uint32", "uint64", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+    "float8_e5m2fnuz", "float8_e8m0fnu", "float4_e2m1fn_x2", "complex32", "complex64",
+    "complex128", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2"};
+const int DCPSCAN_ITEMSIZES[DCPSCAN_NDTYPES] = {8, 4, 2, 2, 8, 4, 2, 1, 1, 2, 4, 8, 1, 1, 1, 1, 1, 1, 1, 4, 8, 16, 1, 2, 1, 1, 1};
 
 static int which_global(P *p, V mod, V name)
 {
