@@ -183,9 +183,10 @@ class ServerEngine:
                     line = raw.decode(errors="replace").strip()
                     if not line.startswith("data:") or line == "data: [DONE]":
                         continue
-                    last = json.loads(line[5:])
-                    if "error" in last:
-                        raise EngineError(f"{self.name} {path} (stream): {last['error']}")
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        raise EngineError(f"{self.name} {path} (stream): {chunk['error']}")
+                    last = _stream_merge(last, chunk)
         except (urllib.error.URLError, OSError) as exc:
             raise EngineError(f"{self.name} {path} (stream): {exc}; log tail:\n{tail(self.log_path)}") from None
         return last
@@ -277,6 +278,21 @@ class ServerEngine:
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise EngineError(f"{self.name} /get_server_info: {exc}") from None
         return self._server_info
+
+
+def _stream_merge(acc: dict | None, chunk: dict) -> dict:
+    """Cumulative chunks (each extends the last) replace it; incremental ones are appended."""
+    if acc is None:
+        return chunk
+    a, c = acc.get("output_ids") or [], chunk.get("output_ids") or []
+    if len(c) > len(a) and c[:len(a)] == a:
+        return chunk
+    meta, cm = dict(acc["meta_info"]), chunk.get("meta_info", {})
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        if key in cm:
+            meta[key] = list(meta.get(key) or []) + list(cm[key])
+    meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
+    return {**chunk, "output_ids": a + c, "meta_info": meta}
 
 
 class SGLangEngine(ServerEngine):
