@@ -6,6 +6,7 @@ boundaries where a batch's shape switches kernels (FlashInfer's Q tiles at 16/64
 from __future__ import annotations
 
 from pytest_miles.errors import InputError
+from pytest_miles.recording import recorded
 
 TILE_BOUNDARIES = (1, 15, 16, 17, 63, 64, 65, 127, 128, 129)
 
@@ -38,3 +39,43 @@ def coverage_cases(n: int, window: int = 3) -> dict[str, list[tuple[int, ...]]]:
 def composition_batches(n: int, window: int = 3) -> list[tuple[str, tuple[int, ...]]]:
     """coverage_cases flattened: (kind, batch) in a fixed order."""
     return [(kind, batch) for kind, batches in coverage_cases(n, window).items() for batch in batches]
+
+
+def check_compositions(engine, *, page_size: int = 16, max_len: int = 129, params=None, seed: int = 0,
+                       window: int = 3) -> tuple[int, list[str]]:
+    """Every composition batch over prompts of the boundary lengths, each item compared bitwise
+    (ids, chosen logprobs) with the same prompt alone after a cache flush. Returns (items
+    compared, differences)."""
+    import random
+
+    from pytest_miles.checks.traffic import first_difference
+    from pytest_miles.engines.base import SamplingParams
+
+    params = params or SamplingParams(temperature=0.0, max_new_tokens=4)
+    vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in boundary_lengths(page_size, max_len)]
+    alone = []
+    for p in prompts:
+        engine.flush_cache()
+        alone.append(engine.generate([p], params)[0])
+    compared, diffs = 0, []
+    for kind, batch in composition_batches(len(prompts), window):
+        engine.flush_cache()
+        for slot, (i, out) in enumerate(zip(batch, engine.generate([prompts[i] for i in batch], params))):
+            compared += 1
+            d = first_difference(alone[i], out)
+            if d is not None:
+                diffs.append(f"{kind} {batch}, slot {slot} (prompt length {len(prompts[i])}): {d}")
+    return compared, diffs
+
+
+@recorded("batch compositions")
+def assert_composition_invariant(engine, **kwargs) -> dict:
+    """AssertionError listing the differences (batch composition variance); else the figures."""
+    compared, diffs = check_compositions(engine, **kwargs)
+    name = getattr(engine, "name", type(engine).__name__)
+    if diffs:
+        raise AssertionError(f"batch compositions on {name}: {len(diffs)} of {compared} items differ from the "
+                             "prompt alone (batch composition variance):\n" + "\n".join("  - " + d for d in diffs[:10]))
+    return {"engine": name, "items": compared}

@@ -79,3 +79,4 @@ def test_boundary_lengths():
     assert boundary_lengths(32, max_len=64) == [1, 15, 16, 17, 31, 32, 33, 63, 64]
     with pytest.raises(InputError, match="page_size"):
         boundary_lengths(0)
+

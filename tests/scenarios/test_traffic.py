@@ -43,6 +43,17 @@ def test_invariant_server_passes_under_load_with_the_stress_witnessed(invariant)
     assert w["retractions"] >= 1 and w["chunked_prefills"] >= 1 and w["max_running_batch"] >= 2, report.render()
 
 
+SMALL = {"page_size": 16, "max_len": 17}
+
+
+def test_systematic_compositions_pass_on_the_invariant_server(invariant):
+    from pytest_miles.checks.compositions import assert_composition_invariant
+    from pytest_miles.engines.base import SamplingParams
+
+    got = assert_composition_invariant(invariant, params=SamplingParams(temperature=0.0, max_new_tokens=2), **SMALL)
+    assert got["items"] == 4 + 24 + 12 + 8  # singletons, ordered pairs, cyclic windows, adjacent duplicates
+
+
 def test_without_the_stress_it_is_not_applicable(invariant):
     with pytest.raises(NotApplicable, match="no retractions"):  # 2 short requests cannot fill the pool
         assert_deterministic_under_load(invariant, 2, seed=1, max_prompt=4, max_new_tokens=2, spread_s=0.0,
@@ -107,8 +118,13 @@ def test_negative_control_a_stall_is_reported_with_the_engines_queue_and_pool(in
 
 
 def test_negative_control_invariance_off_is_caught_and_the_variance_named(model_dir, tmp_path):
+    from pytest_miles.checks.compositions import assert_composition_invariant
+    from pytest_miles.engines.base import SamplingParams
+
     with ReferenceServerEngine(model_dir, deterministic=False, log_dir=tmp_path, **PRESSURE) as s:
         report = traffic_negative_control(s, 16, seed=3, **SHAPE)
+        with pytest.raises(AssertionError, match="batch composition variance"):  # the compositions catch it too
+            assert_composition_invariant(s, params=SamplingParams(temperature=0.0, max_new_tokens=2), **SMALL)
     assert "batch composition" in report.variances, report.render()
     assert "variance caught: batch composition" in report.render()
 
