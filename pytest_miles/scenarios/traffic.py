@@ -126,11 +126,33 @@ def stall_message(engine, left: int, total: int, waited: float) -> str:
             f"the engine says: {state or 'nothing (no /metrics)'}")
 
 
-def _witness_delta(before: dict, after: dict, outs: list[Output], peak: int, settings: dict) -> dict[str, Any]:
+def _log_size(engine) -> int:
+    import os
+
+    path = getattr(engine, "log_path", None)
+    return os.path.getsize(path) if path and os.path.exists(path) else 0
+
+
+def _log_retractions(engine, start: int) -> int:
+    """Lines SGLang's scheduler logs when the KV pool is full ("... Retract requests ...") since `start`."""
+    path = getattr(engine, "log_path", None)
+    if not path:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        return sum(1 for line in f.read().decode(errors="replace").splitlines() if "retract" in line.lower())
+
+
+def _witness_delta(before: dict, after: dict, outs: list[Output], peak: int, settings: dict,
+                   reqs: list[TrafficRequest]) -> dict[str, Any]:
     w: dict[str, Any] = {}
     for key in ("retractions", "cached_tokens", "chunked_prefills"):
         a, b = _metric(after, key), _metric(before, key)
         w[key] = None if a is None else int(a - (b or 0))
+    chunk = settings.get("chunked_prefill_size")
+    if w["chunked_prefills"] is None and isinstance(chunk, int) and chunk > 0:  # SGLang has no counter of them
+        w["chunked_prefills"] = sum(1 for r in reqs if len(r.prompt) > chunk)
+        w["chunked_prefills_from"] = "prompts longer than chunked_prefill_size (settings)"
     if not w["cached_tokens"]:
         w["cached_tokens"] = sum(o.cached_tokens or 0 for o in outs)
     w["max_running_batch"] = max(peak, int(_metric(after, "max_running_batch") or 0))
@@ -154,10 +176,14 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
     report = TrafficReport(getattr(engine, "name", type(engine).__name__), n_requests, required=tuple(required),
                            settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape})
     engine.flush_cache()
-    before = getattr(engine, "metrics", lambda: {})() or {}
+    before, log_at = getattr(engine, "metrics", lambda: {})() or {}, _log_size(engine)
     first, peak = drive(engine, reqs, top_logprobs=top_logprobs, stall_timeout=stall_timeout)
     after = getattr(engine, "metrics", lambda: {})() or {}
-    report.witnesses = _witness_delta(before, after, first, peak, settings)
+    report.witnesses = _witness_delta(before, after, first, peak, settings, reqs)
+    if not report.witnesses["retractions"]:
+        logged = _log_retractions(engine, log_at)
+        if logged:
+            report.witnesses.update(retractions=logged, retractions_from="server log lines")
     engine.flush_cache()
     second, _ = drive(engine, reordered(reqs, seed + 1), top_logprobs=top_logprobs, stall_timeout=stall_timeout)
     alone = []
