@@ -146,15 +146,23 @@ class Scheduler:
         return len(req.tokens) - req.kv_len
 
     def _admit(self) -> None:
+        """Admit waiting requests in arrival order, skipping over one that does not fit for a later
+        one that does (the pool is filled, as SGLang's scheduler fills it); a retracted request
+        waits at the front."""
         used = sum(len(r.tokens) for r in self.running)
+        kept: collections.deque[Request] = collections.deque()
         while self.waiting and len(self.running) < self.max_running:
-            req = self.waiting[0]
+            req = self.waiting.popleft()
             if used + len(req.tokens) + 1 > self.pool and self.running:
-                break
-            self.waiting.popleft()
+                kept.append(req)
+                if req.retracted or len(kept) >= 64:
+                    break
+                continue
             self._lookup(req)
             self.running.append(req)
             used += len(req.tokens)
+        kept.extend(self.waiting)
+        self.waiting = kept
         self.counters["max_running_batch"] = max(self.counters["max_running_batch"], len(self.running))
 
     def _lookup(self, req: Request) -> None:

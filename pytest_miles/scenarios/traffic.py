@@ -43,12 +43,14 @@ class TrafficRequest:
 
 
 def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 160, max_new_tokens: int = 12,
-                 spread_s: float = 0.5, page_size: int = 16) -> list[TrafficRequest]:
-    """n requests; half the prompt lengths on tile/page boundaries, half random."""
+                 spread_s: float = 0.5, page_size: int = 16, group: int = 2) -> list[TrafficRequest]:
+    """n requests; half the prompt lengths on tile/page boundaries, half random; as an RL rollout
+    samples each prompt `group` times, consecutive requests share a prompt (their own sampling
+    parameters and seeds), so the prefix cache is hit while the group is in flight."""
     if not isinstance(n, int) or n < 2:
         raise InputError(f"n_requests: expected an integer >= 2, got {n!r}")
-    if max_prompt < 1 or max_new_tokens < 1 or spread_s < 0:
-        raise InputError("max_prompt and max_new_tokens must be >= 1 and spread_s >= 0")
+    if max_prompt < 1 or max_new_tokens < 1 or spread_s < 0 or not isinstance(group, int) or group < 1:
+        raise InputError("max_prompt, max_new_tokens and group must be >= 1 and spread_s >= 0")
     rng = random.Random(seed)
     bounds = boundary_lengths(page_size, max_prompt)
     out = []
@@ -59,8 +61,8 @@ def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 1
                                 top_k=rng.choice([-1, -1, 5, 40]), top_p=rng.choice([1.0, 0.9, 0.7]),
                                 min_p=rng.choice([0.0, 0.0, 0.05]), max_new_tokens=rng.randint(1, max_new_tokens),
                                 sampling_seed=rng.randrange(1 << 30))
-        out.append(TrafficRequest([rng.randrange(3, vocab) for _ in range(length)], params, rng.random() < 0.5,
-                                  rng.uniform(0, spread_s)))
+        prompt = out[-1].prompt if i % group else [rng.randrange(3, vocab) for _ in range(length)]
+        out.append(TrafficRequest(prompt, params, rng.random() < 0.5, rng.uniform(0, spread_s)))
     return out
 
 

@@ -21,8 +21,8 @@ from pytest_miles.scenarios.traffic import (  # noqa: E402
     traffic_negative_control,
 )
 
-SHAPE = {"max_prompt": 70, "max_new_tokens": 6, "spread_s": 0.3}
-PRESSURE = {"max_total_tokens": 160, "chunked_prefill_size": 16, "threads": 1}
+SHAPE = {"max_prompt": 70, "max_new_tokens": 12, "spread_s": 0.05}  # near-simultaneous: the pool fills
+PRESSURE = {"max_total_tokens": 128, "chunked_prefill_size": 16, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,10 @@ def invariant(model_dir, tmp_path_factory):
 
 
 def test_invariant_server_passes_under_load_with_the_stress_witnessed(invariant):
-    report = assert_deterministic_under_load(invariant, 20, seed=3, **SHAPE)
+    report = assert_deterministic_under_load(invariant, 24, seed=3, **SHAPE)
     w = report.witnesses
     assert w["retractions"] >= 1 and w["chunked_prefills"] >= 1 and w["max_running_batch"] >= 2, report.render()
+    assert w["cached_tokens"] >= 1, report.render()  # requests of one group share their prompt: cache hits
 
 
 SMALL = {"page_size": 16, "max_len": 17}
@@ -136,6 +137,7 @@ def test_traffic_is_seeded_mixed_and_reordered():
     assert 0.0 in temps and len(temps) > 2 and {r.stream for r in a} == {True, False}
     assert len({r.params.sampling_seed for r in a}) == 40 and any(r.params.min_p for r in a)
     assert {1, 16, 17, 64, 129} <= {len(r.prompt) for r in a}
+    assert all(a[i].prompt == a[i + 1].prompt for i in range(0, 40, 2))  # groups of two samples per prompt
     other = reordered(a, 1)
     assert [r.prompt for r in other] == [r.prompt for r in a] and [r.arrival for r in other] != [r.arrival for r in a]
     with pytest.raises(InputError, match="n_requests"):
