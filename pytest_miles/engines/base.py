@@ -36,6 +36,7 @@ class SamplingParams:
     top_k: int = -1
     max_new_tokens: int = 16
     sampling_seed: int | None = 42
+    min_p: float = 0.0  # SGLang's: drop tokens below min_p x the top token's probability
     ignore_eos: bool = False  # SGLang's: generate max_new_tokens even past EOS (the embedded engines always do)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.temperature: {self.temperature} < 0")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p: {self.top_p} not in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p: {self.min_p} not in [0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"SamplingParams.max_new_tokens: {self.max_new_tokens} < 1")
 
@@ -76,6 +79,7 @@ class Output:
     output_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (SGLang meta_info), if told
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # per position: token id -> logprob
 
 
 @runtime_checkable

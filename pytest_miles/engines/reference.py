@@ -296,4 +296,6 @@ def _sample(logits, params: SamplingParams, gen) -> int:
         mask = torch.zeros_like(probs, dtype=torch.bool)
         mask[order[keep]] = True
         probs = torch.where(mask, probs, torch.zeros_like(probs))
+    if params.min_p > 0:
+        probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

@@ -1,8 +1,11 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
 behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache,
 /get_server_info, /update_weights_from_disk, /get_weights_by_name with SGLang's request and
-answer: engines/weights_by_name.py).
-Requests are served one at a time, each list of input_ids as one batch."""
+answer: engines/weights_by_name.py, /metrics in Prometheus text).
+/generate goes through a dynamic-batching scheduler (engines/scheduler.py): concurrent requests
+share steps, a bounded token pool (--max-total-tokens) retracts requests when it runs short,
+--chunked-prefill-size chunks long prompts, --enable-prefix-cache reuses KV; `stream: true`
+answers server-sent events as SGLang does; `top_logprobs_num` adds the top-k logprob maps."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pytest_miles.engines.base import SamplingParams
 from pytest_miles.engines.reference import ReferenceEngine
+from pytest_miles.engines.scheduler import Scheduler
 from pytest_miles.models.weights_by_name import FAILED, json_value, parse_request
 
 
@@ -21,6 +25,7 @@ class Handler(BaseHTTPRequestHandler):
 
     engine: ReferenceEngine
     lock: threading.Lock
+    scheduler: Scheduler
 
     def _send(self, code: int, body) -> None:
         data = json.dumps(body).encode()
@@ -33,8 +38,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/health":
             return self._send(200, {"ok": True})
-        if self.path == "/get_server_info":  # as SGLang: the effective settings (no radix cache here)
-            return self._send(200, self.engine.server_info())
+        if self.path == "/get_server_info":  # as SGLang: the effective settings and the scheduler's counters
+            return self._send(200, server_info(self.engine, self.scheduler))
+        if self.path == "/metrics":
+            data = prometheus(self.scheduler.metrics()).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
         if self.path == "/get_weights_by_name":  # SGLang takes GET or POST, the request in the body
             return self._weights(self._body())
         self._send(404, {"error": self.path})
@@ -67,8 +80,10 @@ class Handler(BaseHTTPRequestHandler):
             return self._weights(req)
         if isinstance(req, ValueError):
             return self._send(400, {"error": f"body: not JSON ({req})"})
-        if self.path == "/flush_cache":
-            return self._send(200, {})
+        if self.path == "/flush_cache":  # as SGLang: 400 while requests are queued or running
+            if self.scheduler.flush():
+                return self._send(200, {})
+            return self._send(400, {"error": "Cache not flushed because there are pending requests."})
         if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message
             try:
                 with self.lock:
@@ -79,10 +94,44 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/generate":
             return self._send(404, {"error": self.path})
         try:
-            with self.lock:
-                self._send(200, _generate(self.engine, req))
-        except (ValueError, KeyError, TypeError) as exc:
-            self._send(400, {"error": str(exc)})
+            if req.get("logprob_start_len") is not None and req["logprob_start_len"] >= 0:
+                with self.lock:
+                    return self._send(200, _score(self.engine, req))
+            reqs, single = _submit(self.engine, self.scheduler, req)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return self._send(400, {"error": str(exc)})
+        if req.get("stream") and single:
+            return self._stream(reqs[0])
+        for r in reqs:
+            r.done.wait()
+        errors = [r.error for r in reqs if r.error]
+        if errors:
+            return self._send(500, {"error": errors[0]})
+        res = [_answer(r) for r in reqs]
+        self._send(200, res[0] if single else res)
+
+    def _stream(self, r) -> None:
+        """SGLang's server-sent events: one `data: {json}` per new token (output_ids cumulative),
+        then `data: [DONE]`."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        sent = 0
+        while True:
+            with r.updated:
+                if len(r.output_ids) == sent and not r.done.is_set():
+                    r.updated.wait(timeout=1.0)
+            n = len(r.output_ids)
+            if n > sent:
+                sent = n
+                self.wfile.write(b"data: " + json.dumps(_answer(r, n)).encode() + b"\n\n")
+                self.wfile.flush()
+            if r.done.is_set() and sent == len(r.output_ids):
+                break
+        if r.error:
+            self.wfile.write(b"data: " + json.dumps({"error": r.error}).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
     def log_message(self, *a) -> None:
         pass
@@ -96,38 +145,89 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--max-total-tokens", type=int, default=None, help="the KV token pool (default: unbounded)")
+    ap.add_argument("--chunked-prefill-size", type=int, default=None, help="prefill tokens per step")
+    ap.add_argument("--max-running-requests", type=int, default=None)
+    ap.add_argument("--enable-prefix-cache", action="store_true", help="reuse KV of earlier requests")
     args = ap.parse_args()
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     engine = ReferenceEngine(args.model, deterministic=args.deterministic, device=args.device)
-    handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": threading.Lock()})
+    lock = threading.Lock()
+    sched = Scheduler(engine, max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunked_prefill_size,
+                      max_running_requests=args.max_running_requests, prefix_cache=args.enable_prefix_cache, lock=lock)
+    handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": lock, "scheduler": sched})
+    ThreadingHTTPServer.request_queue_size = 1024  # hundreds of concurrent clients, as a rollout has
+    ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"reference server on {args.host}:{args.port}", flush=True)
     server.serve_forever()
 
 
-def _generate(engine: ReferenceEngine, req: dict):
+def _score(engine: ReferenceEngine, req: dict):
+    """Input token logprobs from one prefill (logprob_start_len >= 0)."""
+    ids = req["input_ids"]
+    seq = ids if ids and isinstance(ids[0], int) else ids[0]
+    lps = engine.score(seq[:1], seq[1:])  # logprob of every input token after the first
+    rows = [[None, seq[0], None]] + [[lp, t, None] for lp, t in zip(lps, seq[1:])]
+    return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[req["logprob_start_len"]:],
+                                            "output_token_logprobs": []}}
+
+
+def _submit(engine: ReferenceEngine, sched: Scheduler, req: dict):
     ids = req["input_ids"]
     single = bool(ids) and isinstance(ids[0], int)
     batch = [ids] if single else ids
+    engine._check(batch)
     sp = req.get("sampling_params") or {}
-    start = req.get("logprob_start_len")
     if isinstance(sp, list) and len(sp) != len(batch):
         raise ValueError(f"sampling_params: {len(sp)} given for {len(batch)} prompts")
-    if start is not None and start >= 0:  # scoring: input token logprobs from one prefill
-        seq = batch[0]
-        lps = engine.score(seq[:1], seq[1:])  # logprob of every input token after the first
-        rows = [[None, seq[0], None]] + [[lp, t, None] for lp, t in zip(lps, seq[1:])]
-        return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[start:],
-                                                "output_token_logprobs": []}}
-    outs = engine.generate(batch, [_params(s) for s in sp] if isinstance(sp, list) else _params(sp))
-    res = [{"output_ids": o.output_ids,
-            "meta_info": {"output_token_logprobs": [[lp, t, None] for lp, t in zip(o.logprobs, o.output_ids)],
-                          "cached_tokens": 0}}
-           for o in outs]
-    return res[0] if single else res
+    params = [_params(s) for s in sp] if isinstance(sp, list) else [_params(sp)] * len(batch)
+    k = int(req.get("top_logprobs_num") or 0) if req.get("return_logprob", True) else 0
+    limit = engine.config.max_position_embeddings
+    for p, pr in zip(batch, params):
+        if len(p) + pr.max_new_tokens > limit:
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's {limit} positions")
+    return [sched.submit(p, pr, k) for p, pr in zip(batch, params)], single
+
+
+def _answer(r, n: int | None = None) -> dict:
+    n = len(r.output_ids) if n is None else n
+    meta = {"output_token_logprobs": [[lp, t, None] for lp, t in zip(r.logprobs[:n], r.output_ids[:n])],
+            "cached_tokens": r.cached_tokens, "retracted": r.retracted, "id": str(r.rid)}
+    if r.top_logprobs:
+        meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in row] for row in r.top[:n]]
+    return {"output_ids": r.output_ids[:n], "meta_info": meta}
+
+
+def server_info(engine: ReferenceEngine, sched: Scheduler) -> dict:
+    info = engine.server_info()
+    pool = sched.pool if sched.pool < 1 << 30 else None
+    info.update({"disable_radix_cache": not sched.prefix_cache, "chunked_prefill_size": sched.chunk
+                 if sched.chunk < 1 << 30 else None, "max_total_tokens": pool,
+                 "max_running_requests": sched.max_running if sched.max_running < 1 << 30 else None,
+                 "scheduler": "dynamic batching", "internal_states": [sched.metrics()]})
+    if sched.prefix_cache:
+        info["note"] = "the embedded reference server with its prefix cache on"
+    return info
+
+
+# The counters under SGLang's metric names where SGLang has one (sglang:num_running_reqs, ...);
+# retractions, the largest batch and chunked prefills as cumulative counters of our own.
+METRIC_NAMES = {"num_running_reqs": "sglang:num_running_reqs", "num_queue_reqs": "sglang:num_queue_reqs",
+                "num_used_tokens": "sglang:num_used_tokens", "token_usage": "sglang:token_usage",
+                "max_total_tokens": "sglang:max_total_num_tokens", "prompt_tokens": "sglang:prompt_tokens_total",
+                "generation_tokens": "sglang:generation_tokens_total", "cached_tokens": "sglang:cached_tokens_total",
+                "requests": "sglang:num_requests_total", "retractions": "sglang:num_retractions_total",
+                "max_running_batch": "sglang:max_running_reqs_seen", "chunked_prefills": "sglang:chunked_prefills_total",
+                "steps": "sglang:forward_steps_total", "cache_entries": "sglang:prefix_cache_entries"}
+
+
+def prometheus(metrics: dict) -> str:
+    return "".join(f'{METRIC_NAMES[k]}{{model_name="embedded"}} {float(v)}\n'
+                   for k, v in metrics.items() if k in METRIC_NAMES)
 
 
 def _params(sp: dict) -> SamplingParams:

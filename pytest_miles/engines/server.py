@@ -155,6 +155,61 @@ class ServerEngine:
                                item["meta_info"].get("cached_tokens")))
         return outs
 
+    def generate_one(self, prompt: list[int], params: SamplingParams | None = None, *, top_logprobs: int = 0,
+                     stream: bool = False) -> Output:
+        """One request as an RL rollout client sends it (/generate, one prompt), with the top-k
+        logprob maps when `top_logprobs` > 0; `stream` reads SGLang's server-sent events."""
+        payload = {"input_ids": list(prompt), "sampling_params": (params or SamplingParams()).to_sglang(),
+                   "return_logprob": True, "stream": bool(stream)}
+        if top_logprobs:
+            payload["top_logprobs_num"] = int(top_logprobs)
+        item = self._post_stream("/generate", payload) if stream else self._post("/generate", payload)
+        if not isinstance(item, dict) or "meta_info" not in item:
+            raise EngineError(f"{self.name}: /generate answered {item!r:.300}")
+        meta = item["meta_info"]
+        lps = meta["output_token_logprobs"]
+        ids = item.get("output_ids") or [int(t[1]) for t in lps]
+        top = [{int(t[1]): float(t[0]) for t in row} for row in meta.get("output_top_logprobs") or []]
+        return Output([int(t) for t in ids], [float(t[0]) for t in lps], meta.get("cached_tokens"), top)
+
+    def _post_stream(self, path: str, payload: Any) -> Any:
+        """The last `data:` object of a server-sent-event answer (SGLang sends cumulative output)."""
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        last = None
+        try:
+            with urllib.request.urlopen(req, timeout=self.request_timeout) as r:
+                for raw in r:
+                    line = raw.decode(errors="replace").strip()
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        raise EngineError(f"{self.name} {path} (stream): {chunk['error']}")
+                    last = _stream_merge(last, chunk)
+        except (urllib.error.URLError, OSError) as exc:
+            raise EngineError(f"{self.name} {path} (stream): {exc}; log tail:\n{tail(self.log_path)}") from None
+        return last
+
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics (Prometheus text; SGLang with --enable-metrics): name -> value, labels
+        dropped (values of one name summed). {} when the server has no /metrics."""
+        try:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+                text = r.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError):
+            return {}
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
+            except ValueError:
+                continue
+        return out
+
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Input-token logprobs of one prefill. SGLang returns [logprob, token_id, text] per input
         position from logprob_start_len on; the continuation is located by its token ids, so an
@@ -225,6 +280,21 @@ class ServerEngine:
         return self._server_info
 
 
+def _stream_merge(acc: dict | None, chunk: dict) -> dict:
+    """Cumulative chunks (each extends the last) replace it; incremental ones are appended."""
+    if acc is None:
+        return chunk
+    a, c = acc.get("output_ids") or [], chunk.get("output_ids") or []
+    if len(c) > len(a) and c[:len(a)] == a:
+        return chunk
+    meta, cm = dict(acc["meta_info"]), chunk.get("meta_info", {})
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        if key in cm:
+            meta[key] = list(meta.get(key) or []) + list(cm[key])
+    meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
+    return {**chunk, "output_ids": a + c, "meta_info": meta}
+
+
 class SGLangEngine(ServerEngine):
     """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode, in the
     production configuration: CUDA graphs on unless the caller passes `disable_cuda_graph=True`
@@ -278,7 +348,9 @@ class ReferenceServerEngine(ServerEngine):
 
     def __init__(self, model_dir: str | Path, *, deterministic: bool = False, port: int | None = None,
                  device: str = "cpu", python: str = sys.executable, threads: int | None = None,
-                 batch_invariant: bool | None = None, **kw: Any) -> None:
+                 batch_invariant: bool | None = None, max_total_tokens: int | None = None,
+                 chunked_prefill_size: int | None = None, max_running_requests: int | None = None,
+                 prefix_cache: bool = False, **kw: Any) -> None:
         from pytest_miles.engines.reference import deterministic_switch
 
         deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
@@ -289,6 +361,13 @@ class ReferenceServerEngine(ServerEngine):
             cmd += ["--threads", str(threads)]
         if deterministic:
             cmd.append("--deterministic")
+        for flag, v in (("--max-total-tokens", max_total_tokens), ("--chunked-prefill-size", chunked_prefill_size),
+                        ("--max-running-requests", max_running_requests)):
+            if v is not None:
+                cmd += [flag, str(int(v))]
+        if prefix_cache:
+            cmd.append("--enable-prefix-cache")
+        self.has_prefix_cache = bool(prefix_cache)
         self.deterministic = deterministic
         kw.setdefault("startup_timeout", 120.0)
         super().__init__(cmd, port=port, **kw)

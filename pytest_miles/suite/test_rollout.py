@@ -83,3 +83,37 @@ def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, requ
     if not caught:
         raise NotApplicable(f"vacuous: negative control not caught on {where}; [{mode}] passed, but the same check "
                             "cannot fail here with determinism off, so the pass is not counted")
+
+
+# Scheduler pressure for the traffic check: a small KV pool, chunked prefill, many clients.
+TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, "chunk": 32}
+
+
+def _traffic_engine(engine_factory, miles_settings, deterministic: bool):
+    require("torch", "torch")
+    kind = miles_settings("engine")
+    if kind.startswith("sglang"):
+        args = ("--max-total-tokens", str(TRAFFIC["pool"] * 8), "--chunked-prefill-size", str(TRAFFIC["chunk"]),
+                "--enable-metrics")
+        return engine_factory("sglang", deterministic=deterministic, extra_args=args)
+    return engine_factory("reference-server", deterministic=deterministic, threads=1, prefix_cache=True,
+                          max_total_tokens=TRAFFIC["pool"], chunked_prefill_size=TRAFFIC["chunk"])
+
+
+def test_deterministic_under_load(engine_factory, miles_settings):
+    """Concurrent clients, mixed sampling, streaming and whole: every request the same bits as alone
+    and in another arrival order, with retractions, chunked prefill and batching witnessed."""
+    from pytest_miles import assert_deterministic_under_load
+
+    eng = _traffic_engine(engine_factory, miles_settings, True)
+    assert_deterministic_under_load(eng, TRAFFIC["requests"], max_prompt=TRAFFIC["max_prompt"],
+                                    max_new_tokens=TRAFFIC["max_new_tokens"], spread_s=0.5)
+
+
+def test_traffic_negative_control(engine_factory, miles_settings):
+    """The same traffic with determinism off must be caught; the report names the variance."""
+    from pytest_miles import traffic_negative_control
+
+    eng = _traffic_engine(engine_factory, miles_settings, False)
+    traffic_negative_control(eng, TRAFFIC["requests"], max_prompt=TRAFFIC["max_prompt"],
+                             max_new_tokens=TRAFFIC["max_new_tokens"], spread_s=0.5)

@@ -1,0 +1,156 @@
+"""Determinism under production traffic, the judging half (scenarios/traffic.py drives the engine):
+every request's token ids, chosen logprobs and top-k logprob maps compared bit for bit against
+the same request served alone on a flushed engine, and against a second run with another
+arrival order; non-finite values are a failure. Witnesses read from the engine prove that the
+stress happened (retractions, chunked prefills, a batch of more than one); without them a pass
+is not applicable, never PASSED. Each difference names its variance: batch composition (no
+cache hit, the same request alone differs), cache state (the request hit the prefix cache) or
+arrival order (the two traffic runs differ)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_miles.engines.base import Output
+from pytest_miles.errors import NotApplicable
+
+WITNESSES = ("retractions", "max_running_batch", "chunked_prefills", "cached_tokens")
+VARIANCES = ("batch composition", "cache state", "arrival order")
+
+
+def _bits(x: float | None) -> str | None:
+    return None if x is None else float(x).hex()
+
+
+def first_difference(ref: Output, got: Output) -> str | None:
+    """The first way `got` differs from `ref` bitwise (ids, chosen logprobs, top-k maps), or a
+    non-finite value in either; None when they are the same bits."""
+    for name, out in (("reference", ref), ("served", got)):
+        for pos, lp in enumerate(out.logprobs):
+            if not math.isfinite(lp):
+                return f"{name} chosen logprob at token {pos} is {lp!r} (non-finite)"
+        for pos, row in enumerate(out.top_logprobs):
+            bad = [t for t, v in row.items() if not math.isfinite(v)]
+            if bad:
+                return f"{name} top-k logprob of token id {bad[0]} at position {pos} is {row[bad[0]]!r} (non-finite)"
+    for pos in range(max(len(ref.output_ids), len(got.output_ids))):
+        a = ref.output_ids[pos] if pos < len(ref.output_ids) else None
+        b = got.output_ids[pos] if pos < len(got.output_ids) else None
+        la = ref.logprobs[pos] if pos < len(ref.logprobs) else None
+        lb = got.logprobs[pos] if pos < len(got.logprobs) else None
+        if a != b or _bits(la) != _bits(lb):
+            return f"token {pos}: id {a} vs {b}, logprob {la!r} vs {lb!r}"
+    if len(ref.top_logprobs) != len(got.top_logprobs):
+        return f"top-k logprob maps for {len(ref.top_logprobs)} vs {len(got.top_logprobs)} positions"
+    for pos, (ra, rb) in enumerate(zip(ref.top_logprobs, got.top_logprobs)):
+        if set(ra) != set(rb):
+            return f"top-k at token {pos}: token ids {sorted(ra)} vs {sorted(rb)}"
+        for t in sorted(ra):
+            if _bits(ra[t]) != _bits(rb[t]):
+                return f"top-k at token {pos}: token id {t} logprob {ra[t]!r} vs {rb[t]!r}"
+    return None
+
+
+@dataclass
+class TrafficMismatch:
+    request: int
+    against: str  # "alone on a flushed engine" | "a second run with another arrival order"
+    variance: str
+    detail: str
+    sampling: str
+
+    def render(self) -> str:
+        return f"request {self.request} ({self.sampling}) vs {self.against} [{self.variance}]: {self.detail}"
+
+
+@dataclass
+class TrafficReport:
+    engine: str
+    requests: int
+    mismatches: list[TrafficMismatch] = field(default_factory=list)
+    witnesses: dict[str, Any] = field(default_factory=dict)
+    required: tuple[str, ...] = ()
+    settings: dict[str, Any] = field(default_factory=dict)
+    shape: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatches
+
+    @property
+    def variances(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.mismatches:
+            out[m.variance] = out.get(m.variance, 0) + 1
+        return out
+
+    def missing_witnesses(self) -> list[str]:
+        return [w for w in self.required if not self.witnesses.get(w)]
+
+    def render(self, limit: int = 10) -> str:
+        head = (f"determinism under load on {self.engine}: {'PASS' if self.passed else 'FAIL'}; {self.requests} "
+                f"requests, {len(self.mismatches)} differences, {self.seconds:.1f} s")
+        lines = [head]
+        if self.mismatches:
+            lines.append("  variance caught: " + ", ".join(f"{k} ({v})" for k, v in self.variances.items()))
+        lines += ["  - " + m.render() for m in self.mismatches[:limit]]
+        if len(self.mismatches) > limit:
+            lines.append(f"  ... and {len(self.mismatches) - limit} more")
+        lines.append("  witnesses (read from the engine): " + ", ".join(f"{k}={v}" for k, v in self.witnesses.items()))
+        if self.shape:
+            lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in self.shape.items()))
+        if self.settings:
+            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "passed": self.passed, "requests": self.requests,
+                "mismatches": [vars(m) for m in self.mismatches], "variances": self.variances,
+                "witnesses": self.witnesses, "settings": self.settings, "shape": self.shape,
+                "notes": self.notes, "seconds": self.seconds}
+
+
+def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Output], second: list[Output],
+                    alone: list[Output]) -> TrafficReport:
+    """Fill `report.mismatches`: each request of the first run vs alone and vs the second run."""
+    for i, (a, b, solo) in enumerate(zip(first, second, alone)):
+        for got, against in ((a, "itself alone on a flushed engine"),
+                             (b, "itself alone on a flushed engine (in the reordered run)")):
+            diff = first_difference(solo, got)
+            if diff is not None:
+                variance = "cache state" if (got.cached_tokens or 0) > 0 else "batch composition"
+                if variance == "cache state":
+                    diff += f" (the request hit the prefix cache: cached_tokens {got.cached_tokens})"
+                report.mismatches.append(TrafficMismatch(i, against, variance, diff, sampling[i]))
+                break
+        diff = first_difference(a, b)
+        if diff is not None:
+            report.mismatches.append(TrafficMismatch(i, "a second run with another arrival order", "arrival order",
+                                                     diff, sampling[i]))
+    return report
+
+
+def judge_traffic(report: TrafficReport) -> TrafficReport:
+    """A difference is a failure; a pass without the stress witnessed is not applicable."""
+    if not report.passed:
+        raise AssertionError(report.render())
+    missing = report.missing_witnesses()
+    if missing:
+        raise NotApplicable(f"determinism under load not applicable: the engine shows no {', '.join(missing)} "
+                            f"(a pass would not show determinism under that stress)\n{report.render()}")
+    return report
+
+
+def judge_control(report: TrafficReport, deterministic: Any) -> TrafficReport:
+    """A negative control must be caught; the report names which variance caught it."""
+    if report.passed:
+        on = " (its deterministic mode is ON: a control needs it off)" if deterministic else ""
+        raise AssertionError(f"negative control: determinism under load passed on {report.engine}{on}, so a pass "
+                             f"of this check does not show determinism here\n{report.render()}")
+    report.notes.append("negative control caught; variance: " + ", ".join(report.variances))
+    return report

@@ -1,0 +1,209 @@
+"""Production-like traffic against one served engine: N concurrent clients with seeded arrival
+times, prompt and output lengths and per-request sampling parameters (greedy next to sampled,
+temperature, top-k, top-p, min-p, each with its own seed), streaming and non-streaming. Then
+every request alone on a flushed engine, and a second run with another arrival order;
+checks/traffic.py judges. The engine needs `generate_one(prompt, params, top_logprobs=, stream=)`
+and `flush_cache()`; `metrics()` (Prometheus /metrics) gives the witnesses."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_miles.checks.compositions import boundary_lengths
+from pytest_miles.checks.traffic import TrafficReport, compare_traffic, judge_control, judge_traffic
+from pytest_miles.checks.witness import engine_settings
+from pytest_miles.engines.base import Output, SamplingParams
+from pytest_miles.errors import InputError
+from pytest_miles.recording import recorded
+
+# Witness -> the /metrics names that carry it (ours, then SGLang's, unverified on GPU for newer ones).
+METRICS = {"retractions": ("sglang:num_retractions_total", "sglang:num_retracted_reqs"),
+           "cached_tokens": ("sglang:cached_tokens_total",),
+           "chunked_prefills": ("sglang:chunked_prefills_total",),
+           "max_running_batch": ("sglang:max_running_reqs_seen", "sglang:num_running_reqs")}
+DEFAULT_REQUIRED = ("retractions", "max_running_batch", "chunked_prefills")
+
+
+@dataclass(frozen=True)
+class TrafficRequest:
+    prompt: list[int]
+    params: SamplingParams
+    stream: bool
+    arrival: float  # seconds after the start of the run
+
+    def describe(self) -> str:
+        p = self.params
+        kind = "greedy" if p.temperature == 0 else (f"T={p.temperature} top_k={p.top_k} top_p={p.top_p} "
+                                                    f"min_p={p.min_p} own seed")
+        return f"{kind}, prompt {len(self.prompt)}, {p.max_new_tokens} new, {'stream' if self.stream else 'whole'}"
+
+
+def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 160, max_new_tokens: int = 12,
+                 spread_s: float = 0.5, page_size: int = 16, group: int = 2) -> list[TrafficRequest]:
+    """n requests; half the prompt lengths on tile/page boundaries, half random; as an RL rollout
+    samples each prompt `group` times, consecutive requests share a prompt (their own sampling
+    parameters and seeds), so the prefix cache is hit while the group is in flight."""
+    if not isinstance(n, int) or n < 2:
+        raise InputError(f"n_requests: expected an integer >= 2, got {n!r}")
+    if max_prompt < 1 or max_new_tokens < 1 or spread_s < 0 or not isinstance(group, int) or group < 1:
+        raise InputError("max_prompt, max_new_tokens and group must be >= 1 and spread_s >= 0")
+    rng = random.Random(seed)
+    bounds = boundary_lengths(page_size, max_prompt)
+    out = []
+    for i in range(n):
+        length = bounds[(i // 2) % len(bounds)] if i % 2 == 0 else rng.randint(1, max_prompt)
+        greedy = rng.random() < 0.3
+        params = SamplingParams(temperature=0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3]),
+                                top_k=rng.choice([-1, -1, 5, 40]), top_p=rng.choice([1.0, 0.9, 0.7]),
+                                min_p=rng.choice([0.0, 0.0, 0.05]), max_new_tokens=rng.randint(1, max_new_tokens),
+                                sampling_seed=rng.randrange(1 << 30))
+        prompt = out[-1].prompt if i % group else [rng.randrange(3, vocab) for _ in range(length)]
+        out.append(TrafficRequest(prompt, params, rng.random() < 0.5, rng.uniform(0, spread_s)))
+    return out
+
+
+def reordered(reqs: list[TrafficRequest], seed: int) -> list[TrafficRequest]:
+    """The same requests, arrival times permuted among them (another arrival order)."""
+    times = [r.arrival for r in reqs]
+    random.Random(seed).shuffle(times)
+    return [TrafficRequest(r.prompt, r.params, r.stream, t) for r, t in zip(reqs, times)]
+
+
+def _metric(m: dict[str, float], witness: str) -> float | None:
+    for name in METRICS[witness]:
+        if name in m:
+            return m[name]
+    return None
+
+
+def drive(engine, reqs: list[TrafficRequest], *, top_logprobs: int = 8, stall_timeout: float = 60.0
+          ) -> tuple[list[Output], int]:
+    """Send every request at its arrival time from its own client thread; returns the outputs and
+    the largest running batch polled from the engine. A run where no request finishes for
+    `stall_timeout` seconds raises AssertionError naming the stall and the engine's queue and pool."""
+    outs: list[Output | None] = [None] * len(reqs)
+    errors: list[str] = []
+    progress = threading.Condition()
+    t0 = time.monotonic()
+
+    def client(i: int, r: TrafficRequest) -> None:
+        time.sleep(max(0.0, t0 + r.arrival - time.monotonic()))
+        try:
+            outs[i] = engine.generate_one(r.prompt, r.params, top_logprobs=top_logprobs, stream=r.stream)
+        except Exception as exc:  # the report says which request and why
+            errors.append(f"request {i}: {type(exc).__name__}: {exc}")
+        with progress:
+            progress.notify_all()
+
+    threads = [threading.Thread(target=client, args=(i, r), daemon=True) for i, r in enumerate(reqs)]
+    for t in threads:
+        t.start()
+    peak, done, last = 0, 0, time.monotonic()
+    metrics = getattr(engine, "metrics", lambda: {})
+    while done < len(reqs):
+        with progress:
+            progress.wait(timeout=0.1)
+        running = _metric(metrics() or {}, "max_running_batch") if len(reqs) - done > 1 else None
+        peak = max(peak, int(running or 0))
+        now_done = sum(1 for t in threads if not t.is_alive())
+        if now_done > done:
+            done, last = now_done, time.monotonic()
+        elif time.monotonic() - last > stall_timeout:
+            raise AssertionError(stall_message(engine, len(reqs) - done, len(reqs), stall_timeout))
+    if errors:
+        raise AssertionError(f"{len(errors)} of {len(reqs)} requests failed under load: " + "; ".join(errors[:5]))
+    return [o for o in outs if o is not None], peak
+
+
+def stall_message(engine, left: int, total: int, waited: float) -> str:
+    m = getattr(engine, "metrics", lambda: {})() or {}
+    state = {k.split(":")[-1]: v for k, v in m.items()
+             if k.split(":")[-1] in ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage",
+                                     "max_total_num_tokens")}
+    return (f"stall under load: {left} of {total} requests unfinished and none finished for {waited:.0f} s; "
+            f"the engine says: {state or 'nothing (no /metrics)'}")
+
+
+def _log_size(engine) -> int:
+    import os
+
+    path = getattr(engine, "log_path", None)
+    return os.path.getsize(path) if path and os.path.exists(path) else 0
+
+
+def _log_retractions(engine, start: int) -> int:
+    """Lines SGLang's scheduler logs when the KV pool is full ("... Retract requests ...") since `start`."""
+    path = getattr(engine, "log_path", None)
+    if not path:
+        return 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        return sum(1 for line in f.read().decode(errors="replace").splitlines() if "retract" in line.lower())
+
+
+def _witness_delta(before: dict, after: dict, outs: list[Output], peak: int, settings: dict,
+                   reqs: list[TrafficRequest]) -> dict[str, Any]:
+    w: dict[str, Any] = {}
+    for key in ("retractions", "cached_tokens", "chunked_prefills"):
+        a, b = _metric(after, key), _metric(before, key)
+        w[key] = None if a is None else int(a - (b or 0))
+    chunk = settings.get("chunked_prefill_size")
+    if w["chunked_prefills"] is None and isinstance(chunk, int) and chunk > 0:  # SGLang has no counter of them
+        w["chunked_prefills"] = sum(1 for r in reqs if len(r.prompt) > chunk)
+        w["chunked_prefills_from"] = "prompts longer than chunked_prefill_size (settings)"
+    if not w["cached_tokens"]:
+        w["cached_tokens"] = sum(o.cached_tokens or 0 for o in outs)
+    w["max_running_batch"] = max(peak, int(_metric(after, "max_running_batch") or 0))
+    w["chunked_prefill_size"] = settings.get("chunked_prefill_size")
+    return w
+
+
+def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: int = 8, stall_timeout: float = 60.0,
+                required: tuple[str, ...] = DEFAULT_REQUIRED, **shape: Any) -> TrafficReport:
+    """Both traffic runs and every request alone; the report, unjudged."""
+    if not hasattr(engine, "generate_one"):
+        raise InputError(f"engine: {type(engine).__name__} cannot send single concurrent requests (needs "
+                         "generate_one, as the served engines have: ReferenceServerEngine, SGLangEngine)")
+    bad = [w for w in required if w not in METRICS]
+    if bad:
+        raise InputError(f"required: {bad} not witnesses; accepted: {', '.join(METRICS)}")
+    vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
+    reqs = make_traffic(n_requests, seed=seed, vocab=vocab, **shape)
+    t0 = time.perf_counter()
+    settings = engine_settings(engine)
+    report = TrafficReport(getattr(engine, "name", type(engine).__name__), n_requests, required=tuple(required),
+                           settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape})
+    engine.flush_cache()
+    before, log_at = getattr(engine, "metrics", lambda: {})() or {}, _log_size(engine)
+    first, peak = drive(engine, reqs, top_logprobs=top_logprobs, stall_timeout=stall_timeout)
+    after = getattr(engine, "metrics", lambda: {})() or {}
+    report.witnesses = _witness_delta(before, after, first, peak, settings, reqs)
+    if not report.witnesses["retractions"]:
+        logged = _log_retractions(engine, log_at)
+        if logged:
+            report.witnesses.update(retractions=logged, retractions_from="server log lines")
+    engine.flush_cache()
+    second, _ = drive(engine, reordered(reqs, seed + 1), top_logprobs=top_logprobs, stall_timeout=stall_timeout)
+    alone = []
+    for r in reqs:
+        engine.flush_cache()
+        alone.append(engine.generate_one(r.prompt, r.params, top_logprobs=top_logprobs, stream=False))
+    report.seconds = time.perf_counter() - t0
+    return compare_traffic(report, [r.describe() for r in reqs], first, second, alone)
+
+
+@recorded("determinism under load")
+def assert_deterministic_under_load(engine, n_requests: int = 64, **kwargs: Any) -> TrafficReport:
+    """Raise AssertionError with the report unless every request matches itself alone and across
+    arrival orders bitwise; NotApplicable when the engine shows none of the `required` stress."""
+    return judge_traffic(run_traffic(engine, n_requests, **kwargs))
+
+
+@recorded("negative control (must fail): determinism under load")
+def traffic_negative_control(engine, n_requests: int = 64, **kwargs: Any) -> TrafficReport:
+    """The same traffic on an engine with determinism off: it must be caught, naming the variance."""
+    return judge_control(run_traffic(engine, n_requests, **kwargs), getattr(engine, "deterministic", None))

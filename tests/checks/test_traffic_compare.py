@@ -1,0 +1,82 @@
+"""The judging half of determinism under load: bitwise comparison of ids, chosen logprobs and
+top-k maps, non-finite values, variance names, witnesses; and the systematic compositions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pytest_miles.checks.compositions import boundary_lengths, composition_batches, coverage_cases
+from pytest_miles.checks.traffic import (
+    TrafficReport,
+    compare_traffic,
+    first_difference,
+    judge_control,
+    judge_traffic,
+)
+from pytest_miles.engines.base import Output
+from pytest_miles.errors import InputError, NotApplicable
+
+
+def _out(cached=0):
+    return Output([5, 9], [-0.25, -1.5], cached, [{5: -0.25, 7: -1.0, 8: -2.0}, {9: -1.5, 3: -1.75, 2: -3.0}])
+
+
+def test_same_bits_pass_and_a_one_ulp_change_in_a_non_chosen_top_k_entry_is_caught():
+    assert first_difference(_out(), _out()) is None
+    planted = _out()  # NEGATIVE CONTROL: a fault planted in one top-k entry that is not the chosen token
+    planted.top_logprobs[1][3] = math.nextafter(-1.75, 0.0)
+    assert first_difference(_out(), planted) == f"top-k at token 1: token id 3 logprob -1.75 vs {planted.top_logprobs[1][3]!r}"
+    other = _out()
+    other.top_logprobs[0] = {5: -0.25, 7: -1.0, 6: -2.0}
+    assert "token ids [5, 7, 8] vs [5, 6, 7]" in first_difference(_out(), other)
+
+
+@pytest.mark.parametrize("where", ["chosen", "top"])
+def test_non_finite_values_are_a_failure_even_when_equal(where):
+    bad = _out()
+    if where == "chosen":
+        bad.logprobs[1] = float("nan")
+    else:
+        bad.top_logprobs[0][8] = float("-inf")
+    assert "non-finite" in first_difference(bad, bad)
+
+
+def test_variances_are_named_and_witnesses_decide_applicability():
+    changed = _out()
+    changed.logprobs[0] = -0.5
+    report = TrafficReport("e", 3, required=("retractions",), witnesses={"retractions": 0})
+    compare_traffic(report, ["greedy"] * 3, [changed, _out(cached=4), _out()], [_out(), _out(), changed],
+                    [_out(), changed, _out()])
+    assert report.variances == {"batch composition": 2, "cache state": 1, "arrival order": 2}
+    with pytest.raises(AssertionError, match="variance caught: batch composition"):
+        judge_traffic(report)
+    assert "negative control caught" in judge_control(report, False).notes[-1]
+    clean = TrafficReport("e", 1, required=("retractions",), witnesses={"retractions": 0})
+    with pytest.raises(NotApplicable, match="no retractions"):
+        judge_traffic(clean)
+    with pytest.raises(AssertionError, match="deterministic mode is ON"):
+        judge_control(clean, True)
+    clean.witnesses["retractions"] = 2
+    assert judge_traffic(clean).passed
+
+
+def test_coverage_cases_are_systematic():
+    cases = coverage_cases(4)
+    assert cases["singletons"] == [(0,), (1,), (2,), (3,)]
+    assert len(cases["ordered_pairs"]) == 12 and (1, 0) in cases["ordered_pairs"] and (0, 1) in cases["ordered_pairs"]
+    assert cases["cyclic_windows"] == [(0, 1, 2), (1, 2, 3), (2, 3, 0), (3, 0, 1)]
+    assert cases["adjacent_duplicates"] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert coverage_cases(2)["cyclic_windows"] == []
+    assert len(composition_batches(4)) == 4 + 12 + 4 + 4
+    with pytest.raises(InputError, match="n: expected"):
+        coverage_cases(0)
+
+
+def test_boundary_lengths():
+    assert boundary_lengths() == [1, 15, 16, 17, 63, 64, 65, 127, 128, 129]
+    assert boundary_lengths(32, max_len=64) == [1, 15, 16, 17, 31, 32, 33, 63, 64]
+    with pytest.raises(InputError, match="page_size"):
+        boundary_lengths(0)
+

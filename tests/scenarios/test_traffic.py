@@ -1,0 +1,144 @@
+"""Determinism under load on the embedded reference server (a real subprocess with its dynamic-
+batching scheduler): the invariant server passes with the stress witnessed; with invariance off it
+is caught and the variance named; a planted top-k fault and a stalled client are caught (negative
+controls, named as such)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytest.importorskip("torch")
+
+from pytest_miles.engines.server import ReferenceServerEngine  # noqa: E402
+from pytest_miles.errors import InputError, NotApplicable  # noqa: E402
+from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
+from pytest_miles.scenarios.traffic import (  # noqa: E402
+    assert_deterministic_under_load,
+    make_traffic,
+    reordered,
+    traffic_negative_control,
+)
+
+SHAPE = {"max_prompt": 70, "max_new_tokens": 12, "spread_s": 0.05}  # near-simultaneous: the pool fills
+PRESSURE = {"max_total_tokens": 128, "chunked_prefill_size": 16, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def invariant(model_dir, tmp_path_factory):
+    with ReferenceServerEngine(model_dir, deterministic=True, prefix_cache=True,
+                               log_dir=tmp_path_factory.mktemp("logs"), **PRESSURE) as s:
+        yield s
+
+
+def test_invariant_server_passes_under_load_with_the_stress_witnessed(invariant):
+    report = assert_deterministic_under_load(invariant, 24, seed=3, **SHAPE)
+    w = report.witnesses
+    assert w["retractions"] >= 1 and w["chunked_prefills"] >= 1 and w["max_running_batch"] >= 2, report.render()
+    assert w["cached_tokens"] >= 1, report.render()  # requests of one group share their prompt: cache hits
+
+
+SMALL = {"page_size": 16, "max_len": 17}
+
+
+def test_systematic_compositions_pass_on_the_invariant_server(invariant):
+    from pytest_miles.checks.compositions import assert_composition_invariant
+    from pytest_miles.engines.base import SamplingParams
+
+    got = assert_composition_invariant(invariant, params=SamplingParams(temperature=0.0, max_new_tokens=2), **SMALL)
+    assert got["items"] == 4 + 24 + 12 + 8  # singletons, ordered pairs, cyclic windows, adjacent duplicates
+
+
+def test_without_the_stress_it_is_not_applicable(invariant):
+    with pytest.raises(NotApplicable, match="no retractions"):  # 2 short requests cannot fill the pool
+        assert_deterministic_under_load(invariant, 2, seed=1, max_prompt=4, max_new_tokens=2, spread_s=0.0,
+                                        required=("retractions",))
+
+
+class PlantedTopKFault:
+    """NEGATIVE CONTROL (a fake on purpose): the real server, but one traffic answer has one top-k
+    entry that is not the chosen token moved by one ulp."""
+
+    def __init__(self, engine):
+        self.engine, self.calls, self.planted = engine, 0, None
+        self.name, self.deterministic = engine.name, engine.deterministic
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate_one(self, prompt, params, **kw):
+        import math
+
+        out = self.engine.generate_one(prompt, params, **kw)
+        self.calls += 1
+        if self.planted is None and self.calls > 3 and out.top_logprobs:
+            row = out.top_logprobs[0]
+            tok = next(t for t in row if t != out.output_ids[0])
+            row[tok] = math.nextafter(row[tok], 0.0)
+            self.planted = tok
+        return out
+
+
+def test_negative_control_a_planted_fault_in_one_top_k_entry_is_caught(invariant):
+    faulty = PlantedTopKFault(invariant)
+    with pytest.raises(AssertionError, match="top-k at token 0: token id") as exc:
+        assert_deterministic_under_load(faulty, 6, seed=5, **SHAPE)
+    assert f"token id {faulty.planted} " in str(exc.value)
+
+
+class StalledClient:
+    """NEGATIVE CONTROL (a fake on purpose): one request never returns."""
+
+    def __init__(self, engine):
+        self.engine, self.gate, self.calls = engine, threading.Event(), 0
+        self.name = engine.name
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate_one(self, prompt, params, **kw):
+        self.calls += 1
+        if self.calls == 2:
+            self.gate.wait(30)
+        return self.engine.generate_one(prompt, params, **kw)
+
+
+def test_negative_control_a_stall_is_reported_with_the_engines_queue_and_pool(invariant):
+    stalled = StalledClient(invariant)
+    try:
+        with pytest.raises(AssertionError, match=r"stall under load: 1 of 4 requests unfinished .*num_queue_reqs"):
+            assert_deterministic_under_load(stalled, 4, seed=2, stall_timeout=1.0, **SHAPE)
+    finally:
+        stalled.gate.set()
+
+
+def test_negative_control_invariance_off_is_caught_and_the_variance_named(model_dir, tmp_path):
+    from pytest_miles.checks.compositions import assert_composition_invariant
+    from pytest_miles.engines.base import SamplingParams
+
+    with ReferenceServerEngine(model_dir, deterministic=False, log_dir=tmp_path, **PRESSURE) as s:
+        report = traffic_negative_control(s, 16, seed=3, **SHAPE)
+        with pytest.raises(AssertionError, match="batch composition variance"):  # the compositions catch it too
+            assert_composition_invariant(s, params=SamplingParams(temperature=0.0, max_new_tokens=2), **SMALL)
+    assert "batch composition" in report.variances, report.render()
+    assert "variance caught: batch composition" in report.render()
+
+
+def test_traffic_is_seeded_mixed_and_reordered():
+    a, b = make_traffic(40, seed=7), make_traffic(40, seed=7)
+    assert a == b
+    temps = {r.params.temperature for r in a}
+    assert 0.0 in temps and len(temps) > 2 and {r.stream for r in a} == {True, False}
+    assert len({r.params.sampling_seed for r in a}) == 40 and any(r.params.min_p for r in a)
+    assert {1, 16, 17, 64, 129} <= {len(r.prompt) for r in a}
+    assert all(a[i].prompt == a[i + 1].prompt for i in range(0, 40, 2))  # groups of two samples per prompt
+    other = reordered(a, 1)
+    assert [r.prompt for r in other] == [r.prompt for r in a] and [r.arrival for r in other] != [r.arrival for r in a]
+    with pytest.raises(InputError, match="n_requests"):
+        make_traffic(1)
