@@ -37,7 +37,8 @@ def raw_item(key: str, path: Path, offset: int, length: int, order: int, dtype: 
 
         with SafeFile(path) as f:
             buf = bytearray(f.pread(offset, length, f"tensor {key!r}"))
-        t = torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length else torch.empty(0, dtype=getattr(torch, dtype))
+        t = (torch.frombuffer(buf, dtype=getattr(torch, dtype)) if length
+             else torch.empty(0, dtype=getattr(torch, dtype)))
         return t.reshape(shape)
 
     return Item(key, path, offset, length, order, "tensor", "raw", decode)
@@ -70,7 +71,8 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} ({exc!r})") from None
         if begin < 0 or end < begin or any(s < 0 for s in shape):
-            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} (offsets [{begin}, {end}], shape {list(shape)})")
+            raise CheckpointError(f"{path}: corrupt safetensors entry {name!r} "
+                                  f"(offsets [{begin}, {end}], shape {list(shape)})")
         if base + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {base + end}, file has {size}")
         if end - begin != numel(shape) * ITEMSIZE[dtype]:
@@ -88,7 +90,8 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
     order = start_order
     for begin, end, name, dtype, shape in parsed:
         item = raw_item(name, path, base + begin, end - begin, order, dtype, shape)
-        layout.add(CheckpointEntry(name, order, "tensor", dtype, shape, [((0,) * len(shape), shape, item)], where=path.name), path)
+        layout.add(CheckpointEntry(name, order, "tensor", dtype, shape, [((0,) * len(shape), shape, item)],
+                                   where=path.name), path)
         order += 1
     return order, [p[2] for p in parsed], meta
 
@@ -123,7 +126,8 @@ def hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
         if weight_map is not None:
             for name in names:
                 if name in weight_map and weight_map[name] != shard.name:
-                    raise CheckpointError(f"{shard}: holds {name!r}, which {index[0].name} places in {weight_map[name]}")
+                    raise CheckpointError(f"{shard}: holds {name!r}, which {index[0].name} places in "
+                                          f"{weight_map[name]}")
     if weight_map is not None:
         absent = [k for k, v in weight_map.items() if k not in layout.entries]
         if absent:

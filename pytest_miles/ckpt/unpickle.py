@@ -260,7 +260,8 @@ def load_pickle(data: bytes, where: str) -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data), where=where).load()
     except UnsafePickle as exc:
-        raise CheckpointError(f"{where}: refused: the pickle calls {exc.name} (checkpoint files are never executed)") from None
+        raise CheckpointError(f"{where}: refused: the pickle calls {exc.name} "
+                              "(checkpoint files are never executed)") from None
     except CheckpointError:
         raise
     except Exception as exc:

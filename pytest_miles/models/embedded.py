@@ -348,9 +348,12 @@ class TinyDecoder:
         for n in range(cfg.num_hidden_layers):
             p = f"model.layers.{n}"
             hsn = self._rms(x, w[f"{p}.input_layernorm.weight"])
-            q = (self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"]).view(b, s_new, nh, d)
-            k = (self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"]).view(b, s_new, nkv, d)
-            v = (self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"]).view(b, s_new, nkv, d)
+            q = self._lin(hsn, w[f"{p}.self_attn.q_proj.weight"]) + w[f"{p}.self_attn.q_proj.bias"]
+            q = q.view(b, s_new, nh, d)
+            k = self._lin(hsn, w[f"{p}.self_attn.k_proj.weight"]) + w[f"{p}.self_attn.k_proj.bias"]
+            k = k.view(b, s_new, nkv, d)
+            v = self._lin(hsn, w[f"{p}.self_attn.v_proj.weight"]) + w[f"{p}.self_attn.v_proj.bias"]
+            v = v.view(b, s_new, nkv, d)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = self._rope(q, positions), self._rope(k, positions)
             if cache is not None:

@@ -65,7 +65,8 @@ def drift_between(rollout: str, train: str, rollout_logprobs: list[list[float]],
     tokens alone (SGLang returns the sampled token's logprob, not the distribution): the k3
     estimator mean(exp(r) - 1 - r), r = logp_train - logp_rollout, unbiased and >= 0."""
     if len(rollout_logprobs) != len(train_logprobs):
-        raise AssertionError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} scored by the trainer")
+        raise AssertionError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} "
+                             "scored by the trainer")
     diffs, k3 = [], []
     for i, (lr, lt) in enumerate(zip(rollout_logprobs, train_logprobs)):
         if len(lr) != len(lt):
@@ -148,7 +149,8 @@ def user_model(model_dir: str | Path):
 
 
 def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,
-                           config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
+                           config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16,
+                           max_new_tokens: int = 32,
                            seed: int = 0, tolerance: float | None = None, record: Callable[..., Any] | None = None,
                            trainer_kwargs: dict[str, Any] | None = None) -> CellReport:
     """Measure one (rollout, train) cell end to end; `cell` is a precision.Cell or (rollout, train).

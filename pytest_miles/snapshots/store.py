@@ -215,7 +215,8 @@ class SnapshotStore:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise SnapshotError(f"{path}: corrupt snapshot file ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configurations"), dict):
+        if (not isinstance(data, dict) or data.get("format") != FORMAT
+                or not isinstance(data.get("configurations"), dict)):
             raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")
         for key, conf in data["configurations"].items():
             if not isinstance(conf, dict) or config_digest(conf.get("fingerprint") or {}) != key:

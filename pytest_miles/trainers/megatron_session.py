@@ -145,7 +145,8 @@ def load_hf(r: Rank, path: Path) -> None:
     if r.tp != 1:
         raise ValueError(f"init_hf with tensor_parallel {r.tp}: only 1 is supported (no TP split yet)")
     hf = load_safetensors_dir(path)
-    state = {k: v.to(torch.float32) for k, v in hf_to_megatron(hf, _tiny_config(r.spec), spec="te" if r.te else "local").items()}
+    state = {k: v.to(torch.float32)
+             for k, v in hf_to_megatron(hf, _tiny_config(r.spec), spec="te" if r.te else "local").items()}
     own = r.model.state_dict()
     missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
     if missing:

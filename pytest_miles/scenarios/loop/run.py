@@ -124,7 +124,8 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
         train_rollout_logprob_abs_diff=sum(diffs) / len(diffs) if diffs else 0.0,
         loss_bits=out["loss"], grad_norm_bits=out["grad_norm"], checkpoint=str(ckpt),
         checkpoint_manifest=_manifest(ckpt, work_dir / "manifests" / f"checkpoint-{iteration:07d}.json"),
-        weights=str(weights), weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
+        weights=str(weights),
+        weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
         seconds=sec)
     sec["manifests"] = time.perf_counter() - t0
     return record
