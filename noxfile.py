@@ -70,7 +70,7 @@ def lint(session: nox.Session) -> None:
     """ruff (line length included) and the floors: import-linter's contracts in pyproject.toml."""
     session.install("ruff", "import-linter")
     session.run("ruff", "check", "pytest_miles", "tests", "benchmarks", "scripts", "examples", "noxfile.py",
-                *session.posargs)
+                "conftest.py", "setup.py", *session.posargs)
     session.install("-e", ".", "--no-deps")
     session.run("lint-imports")
 

@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--torch", action="store_true",
                         help="import torch to check it (deterministic algorithms, CUDA) in this process")
 
-    d = sub.add_parser("doctor", parents=[common], help="check the environment against the Miles reproducibility guide's "
+    d = sub.add_parser("doctor", parents=[common],
+                       help="check the environment against the Miles reproducibility guide's "
                        "troubleshooting table; exit 1 when a check fails")
     d.add_argument("--attention-backend", default=None, help="the SGLang attention backend you configure")
     d.add_argument("--runtime-env", metavar="FILE.json", default=None,
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
 
     x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
-    x.add_argument("--gpu", default=None, help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
+    x.add_argument("--gpu", default=None,
+                   help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
     x.set_defaults(func=_matrix)
 
     pb = sub.add_parser("parity-budget", help="a train-rollout parity budget ([[budget]] TOML) from N parity reports "
@@ -284,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("manifest", help="write per-tensor, per-chunk and per-layer digests of a checkpoint")
     m.add_argument("dir")
-    m.add_argument("-o", "--output", default=None, help="manifest path (default: beside the checkpoint, <name>.manifest.json; never inside it; "
+    m.add_argument("-o", "--output", default=None,
+                   help="manifest path (default: beside the checkpoint, <name>.manifest.json; never inside it; "
                    "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
     return parser
@@ -297,7 +300,8 @@ def _tp_size(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a tensor-parallel size 1..1024") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; "
+                                         "expected a tensor-parallel size 1..1024") from None
     if not 1 <= value <= 1024:
         raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a tensor-parallel size 1..1024")
     return value

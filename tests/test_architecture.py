@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,24 @@ def test_modules_and_functions_stay_small():
     assert not big and not long, f"over {MAX_MODULE_LINES} lines: {big}; functions over {MAX_FUNCTION_LINES}: {long}"
 
 
+# What `nox -s lint` runs ruff on (noxfile.py); every Python file there keeps pyproject's line length.
+LINTED = ("pytest_miles", "tests", "benchmarks", "scripts", "examples", "noxfile.py", "conftest.py", "setup.py")
+PRAGMA = re.compile(r"\s*# (noqa|type:|pragma)\b.*$")  # ruff's E501 does not count a trailing pragma comment
+
+
+def test_lines_stay_within_the_configured_length():
+    """ruff's E501 at [tool.ruff] line-length, checked here too so CI fails on a long line
+    even where ruff is not installed; `nox -s lint` runs ruff on the same paths."""
+    limit = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["ruff"]["line-length"]
+    nox_lint = (ROOT / "noxfile.py").read_text().split("def lint(", 1)[1].split("\n@", 1)[0]
+    assert all(f'"{p}"' in nox_lint for p in LINTED), f"nox -s lint must run ruff on all of {LINTED}"
+    files = [p for name in LINTED for p in ([ROOT / name] if name.endswith(".py") else (ROOT / name).rglob("*.py"))]
+    long = [f"{path.relative_to(ROOT)}:{number}: {len(line)} columns"
+            for path in files for number, line in enumerate(path.read_text().splitlines(), 1)
+            if len(PRAGMA.sub("", line)) > limit]
+    assert not long, f"lines over {limit} columns (pyproject [tool.ruff] line-length):\n" + "\n".join(long)
+
+
 # Words that mean something only inside this project's history; paths outside the package (the
 # package must not send a user to a file they do not have).
 INTERNAL = re.compile(r"\bseed'?s? ?0\d\d\b|\bseeds? 0\d\d/|\bissue #?\d+|\bthe seed'?s\b", re.IGNORECASE)
@@ -165,7 +184,8 @@ def test_the_bundled_suite_uses_only_the_public_api():
                 if node.module != "pytest_miles.suite.conftest" and node.module != "pytest_miles.errors":
                     deep.append(f"{path.name}: from {node.module} import ...")
             if isinstance(node, ast.ImportFrom) and node.module == "pytest_miles":
-                deep += [f"{path.name}: {a.name} is not exported" for a in node.names if a.name not in pytest_miles.__all__]
+                deep += [f"{path.name}: {a.name} is not exported" for a in node.names
+                         if a.name not in pytest_miles.__all__]
     assert not deep, deep
 
 
@@ -173,7 +193,8 @@ def test_tests_mirror_the_rooms():
     """A test lives in the folder of the room it tests (tests/<room>/), so a room's tests are found
     where its code is; the house rules, packaging and README tests sit at the top."""
     rooms = {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("gpu", "helpers", "__pycache__")}
+    folders = {p.name for p in (ROOT / "tests").iterdir()
+               if p.is_dir() and p.name not in ("gpu", "helpers", "__pycache__")}
     assert folders <= rooms, f"test folders that are not rooms of the package: {sorted(folders - rooms)}"
     top = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
     assert top == ["test_architecture.py", "test_atomic_write.py", "test_install.py", "test_install_size.py",

@@ -105,9 +105,9 @@ def test_downstream_example_fails_under_require_gpu_without_torch(venv, downstre
 
 
 def test_bundled_suite_runs_from_the_wheel_without_torch_and_without_rewrite_warnings(venv, tmp_path):
-    result = subprocess.run([venv.parent / "pytest-miles", "suite", "-q", "-W", "error::pytest.PytestAssertRewriteWarning",
-                             "-p", "no:randomly"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=_clean_env())
+    result = subprocess.run([venv.parent / "pytest-miles", "suite", "-q",
+                             "-W", "error::pytest.PytestAssertRewriteWarning", "-p", "no:randomly"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_clean_env())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "PytestAssertRewriteWarning" not in result.stdout + result.stderr
     assert "pip install 'pytest-miles[torch]'" in result.stdout

@@ -243,7 +243,8 @@ BACKENDS = ("flashinfer", "triton", "fa3", "fa4")
 
 def render_table(caps: Capabilities, version: str | None, backends: tuple[str, ...] = BACKENDS) -> list[str]:
     """One line per backend x mode for this SGLang version (the `pytest-miles capabilities` table)."""
-    lines = [f"SGLang {version or 'not installed (rows as for any version)'}; capability data: {', '.join(caps.sources)}"]
+    lines = [f"SGLang {version or 'not installed (rows as for any version)'}; "
+             f"capability data: {', '.join(caps.sources)}"]
     lines.append(f"{'backend':11} {'mode':19} {'status':17} cell / condition / reference")
     for backend in backends:
         for mode in MODES:

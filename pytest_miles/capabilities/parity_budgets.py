@@ -113,15 +113,28 @@ def _budget(raw: Any, index: int, path: str) -> Budget:
         raise BudgetError(f"{where}: field 'pair': {pair!r} is not one of {', '.join(PAIRS)}")
     limits = {n: _number(raw, n, where) for n in ("mean_abs", "max_abs", "k3_kl")}
     if kind == "exact" and any(v is not None for v in limits.values()):
-        raise BudgetError(f"{where}: field 'kind': 'exact' takes no mean_abs/max_abs/k3_kl (bitwise equal is the limit)")
+        raise BudgetError(
+            f"{where}: field 'kind': 'exact' takes no mean_abs/max_abs/k3_kl (bitwise equal is the limit)"
+        )
     if kind == "tolerance":
         if limits["mean_abs"] is None:
             raise BudgetError(f"{where}: field 'mean_abs' is missing (a tolerance needs at least the mean |delta|)")
         if "calibration" not in raw:
             raise BudgetError(f"{where}: field 'calibration' is missing (a tolerance says which runs it came from)")
     calibration = _calibration(raw["calibration"], where) if "calibration" in raw else {}
-    return Budget(raw["model"], raw["rollout"], raw["train"], raw["backend"], tp, kind, pair, **limits,
-                  note=raw.get("note", ""), calibration=calibration, source=path)
+    return Budget(
+        raw["model"],
+        raw["rollout"],
+        raw["train"],
+        raw["backend"],
+        tp,
+        kind,
+        pair,
+        **limits,
+        note=raw.get("note", ""),
+        calibration=calibration,
+        source=path,
+    )
 
 
 def read_budgets(path: str | Path) -> list[Budget]:
@@ -138,8 +151,10 @@ def read_budgets(path: str | Path) -> list[Budget]:
         raise BudgetError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [meta], [[budget]])")
     meta = data.get("meta", {})
     if not isinstance(meta, dict) or meta.get("schema", 1) != 1:
-        raise BudgetError(f"{path}: [meta] field 'schema': {meta.get('schema') if isinstance(meta, dict) else meta!r} "
-                          "is not supported (this is schema 1)")
+        raise BudgetError(
+            f"{path}: [meta] field 'schema': {meta.get('schema') if isinstance(meta, dict) else meta!r} "
+            "is not supported (this is schema 1)"
+        )
     raw = data.get("budget", [])
     if not isinstance(raw, list):
         raise BudgetError(f"{path}: 'budget' must be an array of tables ([[budget]])")
@@ -163,8 +178,9 @@ def find_budget(key: tuple, pair: str = "train_vs_decode", user: str | Path | No
     return None
 
 
-def derive_budget(reports: list[dict[str, Any]], *, margin: float = 1.5, host: str, date: str,
-                  pair: str = "train_vs_decode") -> str:
+def derive_budget(
+    reports: list[dict[str, Any]], *, margin: float = 1.5, host: str, date: str, pair: str = "train_vs_decode"
+) -> str:
     """A [[budget]] TOML block from N parity reports (their to_json()) of one configuration:
     `exact` when every run had every token bitwise equal, else a tolerance of `margin` x the worst
     run's mean and max |delta| and K3-KL. InputError when the reports are too few or mixed."""
@@ -174,18 +190,23 @@ def derive_budget(reports: list[dict[str, Any]], *, margin: float = 1.5, host: s
         raise InputError(f"parity-budget: margin {margin} < 1 (a budget below what was measured fails its own runs)")
     keys = {tuple(r.get("config", {}).get(n) for n in KEY_FIELDS) for r in reports}
     if len(keys) != 1 or None in next(iter(keys)):
-        raise InputError(f"parity-budget: the reports are not of one configuration ({sorted(map(str, keys))}); "
-                         f"each report's config must name {', '.join(KEY_FIELDS)}")
+        raise InputError(
+            f"parity-budget: the reports are not of one configuration ({sorted(map(str, keys))}); "
+            f"each report's config must name {', '.join(KEY_FIELDS)}"
+        )
     (key,) = keys
     figs = [r["pairs"][pair] for r in reports if pair in r.get("pairs", {})]
     if len(figs) != len(reports):
         raise InputError(f"parity-budget: {len(reports) - len(figs)} report(s) have no {pair} figures")
     if any(r.get("identity_errors") for r in reports):
-        raise InputError("parity-budget: a report has identity errors (token shift, mask, selected token); fix those "
-                         "first: a budget is for numerical drift only")
+        raise InputError(
+            "parity-budget: a report has identity errors (token shift, mask, selected token); fix those "
+            "first: a budget is for numerical drift only"
+        )
     versions = {k: str(v) for k, v in sorted((reports[0].get("versions") or {}).items())}
-    lines = ["[[budget]]"] + [f"{n} = {key[i]!r}".replace("'", '"') if n != "tp" else f"tp = {int(key[i])}"
-                              for i, n in enumerate(KEY_FIELDS)]
+    lines = ["[[budget]]"] + [
+        f"{n} = {key[i]!r}".replace("'", '"') if n != "tp" else f"tp = {int(key[i])}" for i, n in enumerate(KEY_FIELDS)
+    ]
     lines.append(f'pair = "{pair}"')
     if all(f["bitwise_equal"] == f["tokens"] for f in figs):
         lines.append('kind = "exact"')
@@ -195,8 +216,10 @@ def derive_budget(reports: list[dict[str, Any]], *, margin: float = 1.5, host: s
         for name in ("mean_abs", "max_abs", "k3_kl"):
             lines.append(f"{name} = {max(f[name] for f in figs) * margin:.6g}")
         statistic = f"max over runs x {margin:g}"
-    lines.append(f'calibration = {{ runs = {len(reports)}, statistic = "{statistic}", host = "{host}", '
-                 f'date = "{date}", versions = {{ ' + ", ".join(f'"{k}" = "{v}"' for k, v in versions.items()) + " } }")
+    lines.append(
+        f'calibration = {{ runs = {len(reports)}, statistic = "{statistic}", host = "{host}", '
+        f'date = "{date}", versions = {{ ' + ", ".join(f'"{k}" = "{v}"' for k, v in versions.items()) + " } }"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +231,9 @@ def budget_from_files(paths: list[str], **kwargs: Any) -> str:
     for path in paths:
         data = load_json(path, "parity report")
         if not isinstance(data, dict) or "pairs" not in data or "config" not in data:
-            raise InputError(f"parity-budget: {path}: not a parity report (no 'pairs'/'config'; write one with "
-                             "ParityReport.to_json())")
+            raise InputError(
+                f"parity-budget: {path}: not a parity report (no 'pairs'/'config'; write one with "
+                "ParityReport.to_json())"
+            )
         reports.append(data)
     return derive_budget(reports, **kwargs)

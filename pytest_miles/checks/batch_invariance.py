@@ -89,7 +89,8 @@ def _engine_vocab(engine) -> int:
 
 
 class _Checker:
-    def __init__(self, engine, mode: str, trials: int, params: SamplingParams, progress: Callable[[int, int], None] | None):
+    def __init__(self, engine, mode: str, trials: int, params: SamplingParams,
+                 progress: Callable[[int, int], None] | None):
         self.engine, self.mode, self.params = engine, mode, params
         self.report = InvarianceReport(mode, getattr(engine, "name", type(engine).__name__), trials)
         self.seen: dict[str, set] = {}

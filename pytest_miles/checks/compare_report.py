@@ -32,7 +32,8 @@ class Difference(_Record):
         self.name, self.detail, self.order, self.data = name, detail, order, data
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "detail": self.detail, **({"diff": self.data} if self.data else {})}
+        return {"kind": self.kind, "name": self.name, "detail": self.detail,
+                **({"diff": self.data} if self.data else {})}
 
 
 class Report(_Record):

@@ -20,9 +20,9 @@ common case (two plain DCP dirs, equal):
   torch file is still read (restricted unpickler, small) for the counts the full path reports.
 
 Anything else returns None and the caller takes the full Python path, the reference: a dir holding
-more than `.metadata`, `*.distcp`, torch files and json/txt/yaml files, a data file `.metadata` does not name, a `.metadata` the
-native reader does not vouch for (malformed, hostile, merely unusual), plans or bytes that differ,
-or no native reader (built at install where a C compiler is found). It never says DIFFERENT and
+more than `.metadata`, `*.distcp`, torch files and json/txt/yaml files, a data file `.metadata` does not
+name, a `.metadata` the native reader does not vouch for (malformed, hostile, merely unusual), plans or
+bytes that differ, or no native reader (built at install where a C compiler is found). It never says DIFFERENT and
 never raises: it only shortens the way to an EQUAL that the full path gives.
 """
 

@@ -12,7 +12,8 @@ from pytest_miles.facts import troubleshooting
 STAGES = ("rollout", "reward", "train", "weight_sync")
 
 # The troubleshooting rows (facts/troubleshooting.toml) by the stage where the first difference shows.
-TROUBLESHOOTING = {stage: "\n    or: ".join(row.arrow() for row in troubleshooting.for_stage(stage)) for stage in STAGES}
+TROUBLESHOOTING = {stage: "\n    or: ".join(row.arrow() for row in troubleshooting.for_stage(stage))
+                   for stage in STAGES}
 ELSEWHERE = "; ".join(row.arrow() for row in troubleshooting.for_stage("elsewhere"))
 MAX_CHARS = 4000
 

@@ -95,7 +95,9 @@ def pair_figures(a: list[list[float]], b: list[list[float]], confidence: list[li
     flat = [abs(d) for row in deltas for d in row]
     if not flat:
         raise AssertionError("no response tokens to compare: every sequence came back empty")
-    equal = sum(1 for ra, rb in zip(a, b) for x, y in zip(ra, rb) if x == y and math.copysign(1, x) == math.copysign(1, y))
+    equal = sum(
+        1 for ra, rb in zip(a, b) for x, y in zip(ra, rb) if x == y and math.copysign(1, x) == math.copysign(1, y)
+    )
     k3 = [math.expm1(d) - d for row in deltas for d in row]
     first = [abs(row[0]) for row in deltas if row]
     rest = [abs(d) for row in deltas for d in row[1:]]
@@ -107,11 +109,22 @@ def pair_figures(a: list[list[float]], b: list[list[float]], confidence: list[li
             buckets.setdefault(name, []).append(abs(d))
     width = max(len(r) for r in deltas)
     by_pos = [[abs(row[j]) for row in deltas if len(row) > j] for j in range(width)]
-    return PairFigures(len(flat), sum(flat) / len(flat), max(flat), sum(k3) / len(k3), equal,
-                       sum(first) / len(first), sum(rest) / len(rest) if rest else None,
-                       {n: {"tokens": len(v), "mean_abs": sum(v) / len(v), "max_abs": max(v)}
-                        for lo, hi, n in BUCKETS if (v := buckets.get(n))},
-                       [sum(v) / len(v) for v in by_pos], deltas)
+    return PairFigures(
+        len(flat),
+        sum(flat) / len(flat),
+        max(flat),
+        sum(k3) / len(k3),
+        equal,
+        sum(first) / len(first),
+        sum(rest) / len(rest) if rest else None,
+        {
+            n: {"tokens": len(v), "mean_abs": sum(v) / len(v), "max_abs": max(v)}
+            for lo, hi, n in BUCKETS
+            if (v := buckets.get(n))
+        },
+        [sum(v) / len(v) for v in by_pos],
+        deltas,
+    )
 
 
 @dataclass
@@ -134,24 +147,37 @@ class ParityReport:
 
     def render(self, pair: str = "train_vs_decode") -> str:
         head = f"parity {key_text(tuple(self.config.get(n) for n in ('model', 'rollout', 'train', 'backend', 'tp')))}"
-        lines = [f"{head}: {self.sequences} sequences, prompt length {min(self.prompt_lens)}-{max(self.prompt_lens)}, "
-                 f"response length {min(self.response_lens)}-{max(self.response_lens)}"]
+        lines = [
+            f"{head}: {self.sequences} sequences, prompt length {min(self.prompt_lens)}-{max(self.prompt_lens)}, "
+            f"response length {min(self.response_lens)}-{max(self.response_lens)}"
+        ]
         if self.identity:
             lines.append("IDENTITY ERRORS (semantics, not numerical drift):")
             lines += [f"  {e}" for e in self.identity[:WORST]]
         for name, f in self.pairs.items():
             rest = f"{f.rest_mean_abs:.4g}" if f.rest_mean_abs is not None else "-"
-            lines.append(f"{name}: mean |delta| {f.mean_abs:.4g}, max {f.max_abs:.4g}, K3-KL {f.k3_kl:.4g}, bitwise "
-                         f"equal {f.bitwise_equal}/{f.tokens}; first generated token {f.first_token_mean_abs:.4g} vs "
-                         f"rest {rest}")
+            lines.append(
+                f"{name}: mean |delta| {f.mean_abs:.4g}, max {f.max_abs:.4g}, K3-KL {f.k3_kl:.4g}, bitwise "
+                f"equal {f.bitwise_equal}/{f.tokens}; first generated token {f.first_token_mean_abs:.4g} vs "
+                f"rest {rest}"
+            )
         f = self.pairs.get(pair)
         if f is not None:
-            lines.append("  by policy confidence: " + "; ".join(
-                f"{n} {b['mean_abs']:.4g} (max {b['max_abs']:.4g}, {b['tokens']} tok)" for n, b in f.by_bucket.items()))
-            lines.append("  by position: " + " ".join(f"{v:.3g}" for v in f.by_position[:24])
-                         + (" ..." if len(f.by_position) > 24 else ""))
-            worst = sorted(((abs(d), i, j, d) for i, row in enumerate(f.deltas) for j, d in enumerate(row)),
-                           reverse=True)[:WORST]
+            lines.append(
+                "  by policy confidence: "
+                + "; ".join(
+                    f"{n} {b['mean_abs']:.4g} (max {b['max_abs']:.4g}, {b['tokens']} tok)"
+                    for n, b in f.by_bucket.items()
+                )
+            )
+            lines.append(
+                "  by position: "
+                + " ".join(f"{v:.3g}" for v in f.by_position[:24])
+                + (" ..." if len(f.by_position) > 24 else "")
+            )
+            worst = sorted(
+                ((abs(d), i, j, d) for i, row in enumerate(f.deltas) for j, d in enumerate(row)), reverse=True
+            )[:WORST]
             lines.append("  worst tokens: " + "; ".join(f"seq {i} pos {j} {d:+.4g}" for _, i, j, d in worst))
         if self.plot:
             lines.append(f"plot: {self.plot}")
@@ -161,17 +187,36 @@ class ParityReport:
 
     def to_json(self, per_token: bool = True) -> dict[str, Any]:
         main = self.pairs.get("train_vs_decode")
-        head = {} if main is None else {"mean_abs": main.mean_abs, "max_abs": main.max_abs, "k3_kl": main.k3_kl,
-                                        "first_token_mean_abs": main.first_token_mean_abs,
-                                        "bitwise_equal": main.bitwise_equal, "tokens": main.tokens}
-        return {**head, "identity_error_count": len(self.identity), "config": self.config, "identity_errors": self.identity, "sequences": self.sequences,
-                "prompt_lens": self.prompt_lens, "response_lens": self.response_lens, "versions": self.versions,
-                "pairs": {k: v.to_json(per_token) for k, v in self.pairs.items()}, "plot": self.plot,
-                "locator": self.locator}
+        head = (
+            {}
+            if main is None
+            else {
+                "mean_abs": main.mean_abs,
+                "max_abs": main.max_abs,
+                "k3_kl": main.k3_kl,
+                "first_token_mean_abs": main.first_token_mean_abs,
+                "bitwise_equal": main.bitwise_equal,
+                "tokens": main.tokens,
+            }
+        )
+        return {
+            **head,
+            "identity_error_count": len(self.identity),
+            "config": self.config,
+            "identity_errors": self.identity,
+            "sequences": self.sequences,
+            "prompt_lens": self.prompt_lens,
+            "response_lens": self.response_lens,
+            "versions": self.versions,
+            "pairs": {k: v.to_json(per_token) for k, v in self.pairs.items()},
+            "plot": self.plot,
+            "locator": self.locator,
+        }
 
 
-def compare_parity(records: list[ParityRecord], config: dict[str, Any] | None = None,
-                   versions: dict[str, str] | None = None) -> ParityReport:
+def compare_parity(
+    records: list[ParityRecord], config: dict[str, Any] | None = None, versions: dict[str, str] | None = None
+) -> ParityReport:
     """The report over records; the figures are computed over sequences whose lengths agree."""
     if not records:
         raise InputError("compare_parity: no records (one per sequence: prompt, sampled ids, decode, train logprobs)")
@@ -185,8 +230,15 @@ def compare_parity(records: list[ParityRecord], config: dict[str, Any] | None = 
         if pre and len(pre) == len(ok):
             pairs["train_vs_prefill"] = pair_figures([r.prefill for r in ok], [r.train for r in ok], conf)
             pairs["prefill_vs_decode"] = pair_figures([r.decode for r in ok], [r.prefill for r in ok], conf)
-    return ParityReport(dict(config or {}), identity, pairs, len(records), [len(r.prompt) for r in records],
-                        [len(r.sampled) for r in records], dict(versions or {}))
+    return ParityReport(
+        dict(config or {}),
+        identity,
+        pairs,
+        len(records),
+        [len(r.prompt) for r in records],
+        [len(r.sampled) for r in records],
+        dict(versions or {}),
+    )
 
 
 def loop_parity(records: list[Any], config: dict[str, Any] | None = None) -> ParityReport:
@@ -197,15 +249,24 @@ def loop_parity(records: list[Any], config: dict[str, Any] | None = None) -> Par
         for p, prompt in enumerate(r.prompts):
             for s, ids in enumerate(r.tokens[p]):
                 if ids:
-                    out.append(ParityRecord(list(prompt), list(ids), [float.fromhex(x) for x in r.logprob_bits[p][s]],
-                                            [float.fromhex(x) for x in r.train_logprob_bits[p][s]]))
+                    out.append(
+                        ParityRecord(
+                            list(prompt),
+                            list(ids),
+                            [float.fromhex(x) for x in r.logprob_bits[p][s]],
+                            [float.fromhex(x) for x in r.train_logprob_bits[p][s]],
+                        )
+                    )
     return compare_parity(out, config)
 
 
 def _over_budget(f: PairFigures, budget: Budget) -> list[str]:
     if budget.kind == "exact":
-        return [] if f.bitwise_equal == f.tokens else [f"{f.tokens - f.bitwise_equal} of {f.tokens} tokens not "
-                                                       f"bitwise equal (max |delta| {f.max_abs:.4g})"]
+        return (
+            []
+            if f.bitwise_equal == f.tokens
+            else [f"{f.tokens - f.bitwise_equal} of {f.tokens} tokens not bitwise equal (max |delta| {f.max_abs:.4g})"]
+        )
     over = []
     for name in ("mean_abs", "max_abs", "k3_kl"):
         limit = getattr(budget, name)
@@ -214,24 +275,37 @@ def _over_budget(f: PairFigures, budget: Budget) -> list[str]:
     return over
 
 
-def _budget_for(report: ParityReport, budget: Budget | str | float | None, pair: str,
-                budgets_file: str | None) -> Budget | None:
+def _budget_for(
+    report: ParityReport, budget: Budget | str | float | None, pair: str, budgets_file: str | None
+) -> Budget | None:
     if isinstance(budget, Budget):
         return budget
     key = tuple(report.config.get(n) for n in ("model", "rollout", "train", "backend", "tp"))
     if budget == "exact" or (isinstance(budget, (int, float)) and not isinstance(budget, bool)):
         exact = budget == "exact"
-        return Budget(*key, kind="exact" if exact else "tolerance", pair=pair,  # type: ignore[arg-type]
-                      mean_abs=None if exact else float(budget), source="given by the test")
+        return Budget(
+            *key,
+            kind="exact" if exact else "tolerance",
+            pair=pair,  # type: ignore[arg-type]
+            mean_abs=None if exact else float(budget),
+            source="given by the test",
+        )
     if budget is None:
         return None if None in key else find_budget(key, pair, budgets_file)
-    raise InputError(f"assert_parity(budget={budget!r}): expected a Budget, 'exact', a mean |delta| limit (a "
-                     "number) or None (look the configuration up in the parity budget files)")
+    raise InputError(
+        f"assert_parity(budget={budget!r}): expected a Budget, 'exact', a mean |delta| limit (a "
+        "number) or None (look the configuration up in the parity budget files)"
+    )
 
 
 @recorded("train-rollout parity")
-def assert_parity(report: ParityReport, budget: Budget | str | float | None = None, *,
-                  pair: str = "train_vs_decode", budgets_file: str | None = None) -> ParityReport:
+def assert_parity(
+    report: ParityReport,
+    budget: Budget | str | float | None = None,
+    *,
+    pair: str = "train_vs_decode",
+    budgets_file: str | None = None,
+) -> ParityReport:
     """AssertionError on identity errors (named as such) or a budget exceeded (with the per-token
     report and the locator's answer when there is one); Unbudgeted (reported "unbudgeted", a skip,
     never a pass) when no budget covers the configuration. `budget`: a Budget, "exact", a mean
@@ -239,19 +313,27 @@ def assert_parity(report: ParityReport, budget: Budget | str | float | None = No
     if pair not in PAIRS:
         raise InputError(f"assert_parity(pair={pair!r}): expected one of {', '.join(PAIRS)}")
     if report.identity:
-        raise AssertionError("train-rollout parity: identity error, not numerical drift (fix the semantics before "
-                             f"reading any figure):\n{report.render(pair)}")
+        raise AssertionError(
+            "train-rollout parity: identity error, not numerical drift (fix the semantics before "
+            f"reading any figure):\n{report.render(pair)}"
+        )
     figures = report.pairs.get(pair)
     if figures is None:
-        raise AssertionError(f"train-rollout parity: no {pair} figures in this report (pairs measured: "
-                             f"{', '.join(report.pairs) or 'none'})")
+        raise AssertionError(
+            f"train-rollout parity: no {pair} figures in this report (pairs measured: "
+            f"{', '.join(report.pairs) or 'none'})"
+        )
     chosen = _budget_for(report, budget, pair, budgets_file)
     if chosen is None:
         key = key_text(tuple(report.config.get(n) for n in ("model", "rollout", "train", "backend", "tp")))
-        raise Unbudgeted(f"unbudgeted: no parity budget for {key} [{pair}]; measured mean |delta| {figures.mean_abs:.6g}, max {figures.max_abs:.6g} "
-                         "(derive one from runs: pytest-miles parity-budget)")
+        raise Unbudgeted(
+            f"unbudgeted: no parity budget for {key} [{pair}]; "
+            f"measured mean |delta| {figures.mean_abs:.6g}, max {figures.max_abs:.6g} "
+            "(derive one from runs: pytest-miles parity-budget)"
+        )
     over = _over_budget(figures, chosen)
     if over:
-        raise AssertionError(f"train-rollout parity over its budget: {'; '.join(over)}\n{chosen.describe()}\n"
-                             f"{report.render(pair)}")
+        raise AssertionError(
+            f"train-rollout parity over its budget: {'; '.join(over)}\n{chosen.describe()}\n{report.render(pair)}"
+        )
     return report

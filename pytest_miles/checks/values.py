@@ -29,7 +29,8 @@ def leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
         y = y.materialize()
     if is_tensor(x) or is_tensor(y):
         if not (is_tensor(x) and is_tensor(y)):
-            return Difference("object", name, f"{name}: tensor on one side only ({type(x).__name__} vs {type(y).__name__})")
+            return Difference("object", name,
+                              f"{name}: tensor on one side only ({type(x).__name__} vs {type(y).__name__})")
         if x.dtype != y.dtype:
             return Difference("dtype", name, f"{name}: dtype {x.dtype} vs {y.dtype}")
         if tuple(x.shape) != tuple(y.shape):

@@ -82,7 +82,8 @@ def relocated(entry: CheckpointEntry, relocate: dict[Path, Path]) -> CheckpointE
         decode = partial(d.func, file, *d.args[1:]) if isinstance(d, partial) else d
         chunks.append((offsets, sizes, Item(item.key, file, item.offset, item.length, item.order, item.kind,
                                             item.encoding, decode)))
-    return CheckpointEntry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value, entry.where)
+    return CheckpointEntry(entry.name, entry.order, entry.kind, entry.dtype, entry.shape, chunks, entry.value,
+                           entry.where)
 
 
 def _storage_index(md: Any, meta_path: Path, budget: int) -> dict[tuple[str, tuple[int, ...]], tuple]:
@@ -279,7 +280,8 @@ def _unreferenced(layout: Layout, names: list[Path] | None, root: Path, referenc
             layout.side_files[p.name] = p
 
 
-def _mirror(index: DcpIndex, raw: bytes, root: Path, meta_path: Path, kind: str, names: list[Path] | None) -> Layout | None:
+def _mirror(index: DcpIndex, raw: bytes, root: Path, meta_path: Path, kind: str,
+            names: list[Path] | None) -> Layout | None:
     """This side's layout as `index`'s side relocated, when its `.metadata` differs only in the ids."""
     mine = mirrored_ids(index.raw, raw, index.ids)
     if mine is None:

@@ -134,7 +134,9 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
     order = start_order
     for begin, end, name, dtype, shape in parsed:
         item = raw_item(name, path, base + begin, end - begin, order, dtype, shape)
-        layout.add(CheckpointEntry(name, order, "tensor", dtype, shape, [((0,) * len(shape), shape, item)], where=path.name), path)
+        chunks = [((0,) * len(shape), shape, item)]
+        entry = CheckpointEntry(name, order, "tensor", dtype, shape, chunks, where=path.name)
+        layout.add(entry, path)
         order += 1
     return order, [p[2] for p in parsed], meta
 
@@ -169,12 +171,16 @@ def hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
         if weight_map is not None:
             for name in names:
                 if name in weight_map and weight_map[name] != shard.name:
-                    raise CheckpointError(f"{shard}: holds {name!r}, which {index[0].name} places in {weight_map[name]}")
+                    raise CheckpointError(
+                        f"{shard}: holds {name!r}, which {index[0].name} places in {weight_map[name]}"
+                    )
     if weight_map is not None:
         absent = [k for k, v in weight_map.items() if k not in layout.entries]
         if absent:
-            raise CheckpointError(f"{root / weight_map[absent[0]]}: does not hold {absent[0]!r}, which "
-                                  f"{index[0].name} places there ({len(absent)} such tensor(s))")
+            raise CheckpointError(
+                f"{root / weight_map[absent[0]]}: does not hold {absent[0]!r}, which "
+                f"{index[0].name} places there ({len(absent)} such tensor(s))"
+            )
     if metas:  # per tensor set, whatever the file names and the shard split
         layout.meta["safetensors __metadata__"] = sorted(set(metas))
     layout.layout_info["safetensors files"] = sorted(s.name for s in shards)

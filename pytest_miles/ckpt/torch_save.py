@@ -84,7 +84,8 @@ def load_torch(source: str | os.PathLike | bytes, where: str | None = None, span
         entries: dict[str, tuple[int, int]] = {}
         for info in infos:
             if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{where}: entry {info.filename} is compressed (torch stores entries uncompressed)")
+                raise CheckpointError(f"{where}: entry {info.filename} is compressed "
+                                      "(torch stores entries uncompressed)")
             local = raw_pread(raw, info.header_offset, 30, where)
             if local[:4] != b"PK\x03\x04":
                 raise CheckpointError(f"{where}: corrupt torch file (bad local header for {info.filename})")

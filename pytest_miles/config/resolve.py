@@ -25,7 +25,8 @@ def _parse(setting: Setting, raw: Any, source: str) -> Any:
             ("environment variable", "ini key")):  # an empty variable or ini value means unset (documented)
         raise InputError(f"{source}: an empty value is not accepted; expected {_accepted(setting)} "
                          "(leave the option out to use the default)")
-    if setting.kind in ("int", "float") and (isinstance(raw, bool) or (setting.kind == "int" and isinstance(raw, float))):
+    if setting.kind in ("int", "float") and (
+            isinstance(raw, bool) or (setting.kind == "int" and isinstance(raw, float))):
         raise InputError(f"{source}: {raw!r} is not {'an integer' if setting.kind == 'int' else 'a number'}")
     return check_setting(setting.name, _parse_kind(setting, raw, source), source)
 

@@ -46,7 +46,8 @@ class EngineFactory:
         """SGLang engines need sglang and an NVIDIA GPU: Unavailable (a skip, a failure under
         --miles-require-gpu) otherwise."""
         if importlib.util.find_spec("sglang") is None:
-            raise Unavailable(f"engine {kind!r} requires sglang (pip install 'pytest-miles[sglang]'); it is not installed")
+            raise Unavailable(f"engine {kind!r} requires sglang (pip install 'pytest-miles[sglang]'); "
+                              "it is not installed")
         if not self._hardware().nvidia:
             raise Unavailable(f"engine {kind!r} requires an NVIDIA GPU; found {self._hardware().describe()}")
 

@@ -216,18 +216,28 @@ def server_info(engine: ReferenceEngine, sched: Scheduler) -> dict:
 
 # The counters under SGLang's metric names where SGLang has one (sglang:num_running_reqs, ...);
 # retractions, the largest batch and chunked prefills as cumulative counters of our own.
-METRIC_NAMES = {"num_running_reqs": "sglang:num_running_reqs", "num_queue_reqs": "sglang:num_queue_reqs",
-                "num_used_tokens": "sglang:num_used_tokens", "token_usage": "sglang:token_usage",
-                "max_total_tokens": "sglang:max_total_num_tokens", "prompt_tokens": "sglang:prompt_tokens_total",
-                "generation_tokens": "sglang:generation_tokens_total", "cached_tokens": "sglang:cached_tokens_total",
-                "requests": "sglang:num_requests_total", "retractions": "sglang:num_retractions_total",
-                "max_running_batch": "sglang:max_running_reqs_seen", "chunked_prefills": "sglang:chunked_prefills_total",
-                "steps": "sglang:forward_steps_total", "cache_entries": "sglang:prefix_cache_entries"}
+METRIC_NAMES = {
+    "num_running_reqs": "sglang:num_running_reqs",
+    "num_queue_reqs": "sglang:num_queue_reqs",
+    "num_used_tokens": "sglang:num_used_tokens",
+    "token_usage": "sglang:token_usage",
+    "max_total_tokens": "sglang:max_total_num_tokens",
+    "prompt_tokens": "sglang:prompt_tokens_total",
+    "generation_tokens": "sglang:generation_tokens_total",
+    "cached_tokens": "sglang:cached_tokens_total",
+    "requests": "sglang:num_requests_total",
+    "retractions": "sglang:num_retractions_total",
+    "max_running_batch": "sglang:max_running_reqs_seen",
+    "chunked_prefills": "sglang:chunked_prefills_total",
+    "steps": "sglang:forward_steps_total",
+    "cache_entries": "sglang:prefix_cache_entries",
+}
 
 
 def prometheus(metrics: dict) -> str:
-    return "".join(f'{METRIC_NAMES[k]}{{model_name="embedded"}} {float(v)}\n'
-                   for k, v in metrics.items() if k in METRIC_NAMES)
+    return "".join(
+        f'{METRIC_NAMES[k]}{{model_name="embedded"}} {float(v)}\n' for k, v in metrics.items() if k in METRIC_NAMES
+    )
 
 
 def _params(sp: dict) -> SamplingParams:

@@ -273,7 +273,8 @@ class ServerEngine:
         read once: what the witnesses and every report show, instead of what we asked for."""
         if getattr(self, "_server_info", None) is None:
             try:
-                with urllib.request.urlopen(self.url + "/get_server_info", timeout=min(30.0, self.request_timeout)) as r:
+                with urllib.request.urlopen(self.url + "/get_server_info",
+                                            timeout=min(30.0, self.request_timeout)) as r:
                     self._server_info = json.loads(r.read())
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise EngineError(f"{self.name} /get_server_info: {exc}") from None
@@ -312,7 +313,8 @@ class SGLangEngine(ServerEngine):
         if not (model_path / "config.json").exists():
             raise EngineError(f"{model_path}: no config.json (not an HF model directory)")
         if skip_tokenizer_init is None:
-            skip_tokenizer_init = not any((model_path / n).exists() for n in ("tokenizer.json", "tokenizer_config.json"))
+            skip_tokenizer_init = not any((model_path / n).exists()
+                                          for n in ("tokenizer.json", "tokenizer_config.json"))
         port = port or free_port()
         cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", "127.0.0.1",
                "--port", str(port), "--attention-backend", attention_backend,

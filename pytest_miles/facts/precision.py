@@ -146,7 +146,8 @@ def cell_status(rollout: str, train: str) -> PrecisionCell:
                                        "is not in the compatibility table")
 
 
-def validate_precision_config(rollout: str | Iterable[str], train: str, gpu: str | Hardware | None = None) -> PrecisionCell:
+def validate_precision_config(rollout: str | Iterable[str], train: str,
+                              gpu: str | Hardware | None = None) -> PrecisionCell:
     """Raise ValueError naming the violated rule or the missing hardware support; else the cell.
 
     `rollout` may be one format or the set of rollout formats a launcher was given

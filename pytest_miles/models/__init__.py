@@ -1,1 +1,2 @@
-"""Embedded seeded models and their shapes, HF checkpoint I/O, the HF<->Megatron converter and the reference quantizers (floor 1)."""
+"""Embedded seeded models and their shapes, HF checkpoint I/O, the HF<->Megatron converter and the
+reference quantizers (floor 1)."""

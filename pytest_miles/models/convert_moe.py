@@ -58,7 +58,9 @@ def hf_to_megatron_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
         fc1, fc2 = [], []
         for e in range(ne):
             x = f"{h}.mlp.experts.{e}"
-            fc1.append(torch.cat((_take(state, f"{x}.gate_proj.weight", "HF"), _take(state, f"{x}.up_proj.weight", "HF")), 0))
+            fc1.append(
+                torch.cat((_take(state, f"{x}.gate_proj.weight", "HF"), _take(state, f"{x}.up_proj.weight", "HF")), 0)
+            )
             fc2.append(_take(state, f"{x}.down_proj.weight", "HF"))
         if layout == "local":
             for e in range(ne):
@@ -81,16 +83,28 @@ def hf_to_megatron_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
 def _experts_to_hf(state, m: str, ne: int, layout: str) -> list[tuple[Any, Any]]:
     """(fc1, fc2) per expert from megatron's layout."""
     if layout == "local":
-        return [(_take(state, f"{m}.mlp.experts.local_experts.{e}.linear_fc1.weight", "megatron"),
-                 _take(state, f"{m}.mlp.experts.local_experts.{e}.linear_fc2.weight", "megatron")) for e in range(ne)]
+        return [
+            (
+                _take(state, f"{m}.mlp.experts.local_experts.{e}.linear_fc1.weight", "megatron"),
+                _take(state, f"{m}.mlp.experts.local_experts.{e}.linear_fc2.weight", "megatron"),
+            )
+            for e in range(ne)
+        ]
     if layout == "te_grouped":
-        return [(_take(state, f"{m}.mlp.experts.linear_fc1.weight{e}", "megatron"),
-                 _take(state, f"{m}.mlp.experts.linear_fc2.weight{e}", "megatron")) for e in range(ne)]
+        return [
+            (
+                _take(state, f"{m}.mlp.experts.linear_fc1.weight{e}", "megatron"),
+                _take(state, f"{m}.mlp.experts.linear_fc2.weight{e}", "megatron"),
+            )
+            for e in range(ne)
+        ]
     w1, w2 = _take(state, f"{m}.mlp.experts.weight1", "megatron"), _take(state, f"{m}.mlp.experts.weight2", "megatron")
     hidden = w1.shape[0]
     if w1.shape[1] % (2 * ne) or w2.shape[0] % ne or w2.shape[1] != hidden:
-        raise ConvertError(f"{m}.mlp.experts: weight1 {tuple(w1.shape)} / weight2 {tuple(w2.shape)} do not hold "
-                           f"{ne} experts of [gate; up] (hidden {hidden})")
+        raise ConvertError(
+            f"{m}.mlp.experts: weight1 {tuple(w1.shape)} / weight2 {tuple(w2.shape)} do not hold "
+            f"{ne} experts of [gate; up] (hidden {hidden})"
+        )
     g1, g2 = w1.contiguous().view(ne, hidden, -1), w2.contiguous().view(ne, -1, hidden)
     return [(g1[e].t().contiguous(), g2[e].t().contiguous()) for e in range(ne)]
 
@@ -119,8 +133,9 @@ def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
         h, m = f"model.layers.{n}", f"decoder.layers.{n}"
         out[f"{h}.input_layernorm.weight"] = take(f"{m}.input_layernorm.weight")
         q, k, v = _split_qkv(take(f"{m}.self_attention.linear_qkv.weight"), s)
-        out.update({f"{h}.self_attn.q_proj.weight": q, f"{h}.self_attn.k_proj.weight": k,
-                    f"{h}.self_attn.v_proj.weight": v})
+        out.update(
+            {f"{h}.self_attn.q_proj.weight": q, f"{h}.self_attn.k_proj.weight": k, f"{h}.self_attn.v_proj.weight": v}
+        )
         out[f"{h}.self_attn.o_proj.weight"] = take(f"{m}.self_attention.linear_proj.weight")
         out[f"{h}.self_attn.q_norm.weight"] = take(f"{m}.self_attention.q_layernorm.weight")
         out[f"{h}.self_attn.k_norm.weight"] = take(f"{m}.self_attention.k_layernorm.weight")
@@ -139,6 +154,8 @@ def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
         out["lm_head.weight"] = take("output_layer.weight")
     extra = sorted(set(state) - used)
     if extra:
-        raise ConvertError(f"megatron state dict: unexpected key(s) {', '.join(extra[:5])} for the {layout!r} "
-                           f"experts layout with {ne} experts: not this Qwen3-MoE GPTModel")
+        raise ConvertError(
+            f"megatron state dict: unexpected key(s) {', '.join(extra[:5])} for the {layout!r} "
+            f"experts layout with {ne} experts: not this Qwen3-MoE GPTModel"
+        )
     return out

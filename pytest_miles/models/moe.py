@@ -108,8 +108,13 @@ def tensor_specs(cfg: MoeConfig) -> dict[str, tuple[int, ...]]:
                       f"{p}.self_attn.k_norm.weight": (d,), f"{p}.post_attention_layernorm.weight": (h,),
                       f"{p}.mlp.gate.weight": (cfg.num_experts, h)})
         for e in range(cfg.num_experts):
-            specs.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (f, h), f"{p}.mlp.experts.{e}.up_proj.weight": (f, h),
-                          f"{p}.mlp.experts.{e}.down_proj.weight": (h, f)})
+            specs.update(
+                {
+                    f"{p}.mlp.experts.{e}.gate_proj.weight": (f, h),
+                    f"{p}.mlp.experts.{e}.up_proj.weight": (f, h),
+                    f"{p}.mlp.experts.{e}.down_proj.weight": (h, f),
+                }
+            )
     specs["model.norm.weight"] = (h,)
     if not cfg.tie_word_embeddings:
         specs["lm_head.weight"] = (cfg.vocab_size, h)
@@ -124,8 +129,9 @@ def init_moe_weights(cfg: MoeConfig) -> dict:
     return {name: torch.cat(list(tensor_chunks(cfg, name, shape))) for name, shape in tensor_specs(cfg).items()}
 
 
-def write_moe_checkpoint(path: str | Path, cfg: MoeConfig = MoeConfig(), dtype: str = "bfloat16",
-                         tokenizer: bool = False) -> Path:
+def write_moe_checkpoint(
+    path: str | Path, cfg: MoeConfig = MoeConfig(), dtype: str = "bfloat16", tokenizer: bool = False
+) -> Path:
     """config.json + model.safetensors (written tensor by tensor) + generation config; the values
     are `init_moe_weights(cfg)`'s."""
     path = Path(path)
@@ -189,4 +195,6 @@ class MoeDecoder(TinyDecoder):
     def _expert(self, p: str, e: int, x):
         w = self.w
         gate = self._act(self._lin(x, w[f"{p}.experts.{e}.gate_proj.weight"]))
-        return self._lin(gate * self._lin(x, w[f"{p}.experts.{e}.up_proj.weight"]), w[f"{p}.experts.{e}.down_proj.weight"])
+        return self._lin(
+            gate * self._lin(x, w[f"{p}.experts.{e}.up_proj.weight"]), w[f"{p}.experts.{e}.down_proj.weight"]
+        )

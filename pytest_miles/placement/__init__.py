@@ -1,1 +1,2 @@
-"""Where processes run and how they end: process ownership, signals, GPU leases, the Ray cluster, worker probes (floor 2)."""
+"""Where processes run and how they end: process ownership, signals, GPU leases, the Ray cluster,
+worker probes (floor 2)."""

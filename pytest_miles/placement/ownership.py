@@ -169,7 +169,8 @@ def _wait(psutil: Any, procs: list, timeout: float) -> list:
     return alive
 
 
-def _kill_all(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, float], also: list | None = None) -> None:
+def _kill_all(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, float],
+              also: list | None = None) -> None:
     sids = set(roots)
     for sig, wait in ((signal.SIGTERM, _GRACE), (signal.SIGKILL, 3.0), (signal.SIGKILL, 2.0)):
         procs = [p for p in _sweep(psutil, tag, roots, known, sids) + (also or []) if not _dead(psutil, p)]

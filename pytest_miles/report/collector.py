@@ -53,7 +53,7 @@ class Entry:
     reason: str = ""
     source: str = "record"  # record (miles_record) | helper (an assert_* helper) | test (nothing recorded)
     kind: str = "determinism"  # one of KINDS
-    stages: list = field(default_factory=list)  # [label, seconds] of the test's finished stages (engine starts, launches)
+    stages: list = field(default_factory=list)  # [label, seconds] per finished stage (engine starts, launches)
 
 
 def _timed_out(report) -> bool:
@@ -141,7 +141,7 @@ class Collector:
             self.tests[report.nodeid] = "failed" if p.outcome == "timeout" else p.outcome  # pytest's count
             kind = "determinism"
             if not p.name and not p.entries and p.outcome in ("failed", "error", "timeout"):
-                p.name, kind = report.nodeid, "other"  # a failing test outside the checks: pytest is red, so is the report
+                p.name, kind = report.nodeid, "other"  # failing outside the checks: pytest is red, so is the report
             if p.name and not p.entries:
                 e = Entry(report.nodeid, p.name, p.outcome, {}, round(p.duration, 3), p.reason, "test", kind, p.stages)
                 p.entries.append(e)

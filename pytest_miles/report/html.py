@@ -97,7 +97,8 @@ def render(data: dict[str, Any], hardware=None) -> str:
         figures = ", ".join(f"{k}={v}" for k, v in c.get("figures", {}).items())
         colour = COLOURS.get(c["outcome"], "#000")
         rows.append(f"<tr><td class='check'>{e(c['check'])}</td><td style='color:{colour}'><b>{e(c['outcome'])}</b>"
-                    f"</td><td>{c.get('duration_s', 0):.2f} s</td><td>{e(figures)}</td><td>{e(c.get('reason', ''))}</td>"
+                    f"</td><td>{c.get('duration_s', 0):.2f} s</td><td>{e(figures)}</td>"
+                    f"<td>{e(c.get('reason', ''))}</td>"
                     f"<td class='node'>{e(c['nodeid'])}</td></tr>")
     fp = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in data["fingerprint"].items())
     images = []

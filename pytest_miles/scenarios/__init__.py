@@ -1,1 +1,2 @@
-"""What launches engines and trainers and then calls the checks: the RL loop, precision cells, runs, cost, workers (floor 5)."""
+"""What launches engines and trainers and then calls the checks: the RL loop, precision cells, runs, cost,
+workers (floor 5)."""

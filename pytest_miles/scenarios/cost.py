@@ -55,7 +55,8 @@ class CostReport:
 
     def figures(self) -> dict[str, Any]:
         c = self.costs
-        return {"cost_median": f"{self.median * 100:+.1f}%", "cost_spread": f"{min(c) * 100:+.1f}%..{max(c) * 100:+.1f}%",
+        return {"cost_median": f"{self.median * 100:+.1f}%",
+                "cost_spread": f"{min(c) * 100:+.1f}%..{max(c) * 100:+.1f}%",
                 "verdict": spread_verdict(c), "pairs": len(self.pairs),
                 "deterministic_tok_s": [round(d, 1) for d, _ in self.pairs],
                 "baseline_tok_s": [round(b, 1) for _, b in self.pairs], "seed_expects": EXPECTED_COST["rollout"]}

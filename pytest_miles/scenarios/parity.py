@@ -62,14 +62,31 @@ def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
     if transform is not None:
         samples = transform(samples)
     got = _scored(trainer_or_session, samples, init_hf, hf_config)
-    records = [ParityRecord(list(p), list(o.output_ids), list(o.logprobs), list(lp), pf, t, pos)
-               for p, o, pf, lp, t, pos in zip(prompts, outs, pre, got["logprobs"], got.get("targets", [None] * len(outs)),
-                                               got.get("positions", [None] * len(outs)))]
+    records = [
+        ParityRecord(list(p), list(o.output_ids), list(o.logprobs), list(lp), pf, t, pos)
+        for p, o, pf, lp, t, pos in zip(
+            prompts,
+            outs,
+            pre,
+            got["logprobs"],
+            got.get("targets", [None] * len(outs)),
+            got.get("positions", [None] * len(outs)),
+        )
+    ]
     info = engine.server_info() if hasattr(engine, "server_info") else {}
-    cfg = {"backend": info.get("attention_backend"), "tp": info.get("tp_size", 1), "engine": getattr(engine, "name", "?"),
-           **(config or {})}
+    cfg = {
+        "backend": info.get("attention_backend"),
+        "tp": info.get("tp_size", 1),
+        "engine": getattr(engine, "name", "?"),
+        **(config or {}),
+    }
     report = compare_parity(records, cfg, versions())
-    if locate is not None and report.pairs and hasattr(engine, "hidden_states") and hasattr(trainer_or_session, "score"):
+    if (
+        locate is not None
+        and report.pairs
+        and hasattr(engine, "hidden_states")
+        and hasattr(trainer_or_session, "score")
+    ):
         from pytest_miles.scenarios.locate import locate_engine_vs_trainer
 
         deltas = report.pairs["train_vs_decode"].deltas
@@ -77,8 +94,9 @@ def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
         where = Path(work_dir) if work_dir is not None else Path(plot).parent if plot is not None else None
         if where is None:
             raise InputError("measure_parity(locate=): give work_dir= (or plot=) for the locator's records")
-        prof = locate_engine_vs_trainer(engine, trainer_or_session, samples[worst]["tokens"], where / "locator",
-                                        tolerance=locate)
+        prof = locate_engine_vs_trainer(
+            engine, trainer_or_session, samples[worst]["tokens"], where / "locator", tolerance=locate
+        )
         report.locator = f"sequence {worst}: {prof.answer()}"
     if plot is not None and report.pairs:
         from pytest_miles.report.parity_plot import plot_parity

@@ -70,7 +70,8 @@ def drift_between(rollout: str, train: str, rollout_logprobs: list[list[float]],
     tokens alone (SGLang returns the sampled token's logprob, not the distribution): the k3
     estimator mean(exp(r) - 1 - r), r = logp_train - logp_rollout, unbiased and >= 0."""
     if len(rollout_logprobs) != len(train_logprobs):
-        raise AssertionError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} scored by the trainer")
+        raise AssertionError(f"{len(rollout_logprobs)} rollout sequences but {len(train_logprobs)} "
+                             "scored by the trainer")
     diffs, k3 = [], []
     for i, (lr, lt) in enumerate(zip(rollout_logprobs, train_logprobs)):
         if len(lr) != len(lt):
@@ -153,7 +154,8 @@ def user_model(model_dir: str | Path):
 
 
 def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,
-                           config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16, max_new_tokens: int = 32,
+                           config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16,
+                           max_new_tokens: int = 32,
                            seed: int = 0, tolerance: float | None = None, record: Callable[..., Any] | None = None,
                            trainer_kwargs: dict[str, Any] | None = None) -> CellReport:
     """Measure one (rollout, train) cell end to end; `cell` is a precision.Cell or (rollout, train).
@@ -209,17 +211,33 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     drift = drift_between(rollout, train, [o.logprobs for o in outs], train_lp, f"end-to-end: {engine.name}")
     from pytest_miles.checks.parity import ParityRecord, compare_parity
 
-    parity = compare_parity([ParityRecord(p, o.output_ids, o.logprobs, lp) for p, o, lp in zip(prompts, outs, train_lp)],
-                            {"model": f"hidden{cfg.hidden_size}", "rollout": rollout, "train": train,
-                             "backend": (engine.server_info() if hasattr(engine, "server_info") else {}).get(
-                                 "attention_backend"), "tp": 1})
+    parity = compare_parity(
+        [ParityRecord(p, o.output_ids, o.logprobs, lp) for p, o, lp in zip(prompts, outs, train_lp)],
+        {
+            "model": f"hidden{cfg.hidden_size}",
+            "rollout": rollout,
+            "train": train,
+            "backend": (engine.server_info() if hasattr(engine, "server_info") else {}).get("attention_backend"),
+            "tp": 1,
+        },
+    )
     reference = measure_logprob_drift(rollout, train, config=cfg, seed=seed)
     # How peaked the model is, for reading the figure: a near-uniform model hides precision drift, a
     # saturated one (the sampled token's logprob ~0, others far below) turns any rounding into a flip.
     rollout_lp = [x for o in outs for x in o.logprobs]
-    report = CellReport(drift, sequences, tolerance, reference,
-                        {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name,
-                         "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4)}, parity)
+    report = CellReport(
+        drift,
+        sequences,
+        tolerance,
+        reference,
+        {
+            **facts,
+            "rollout_checkpoint": str(serve_dir),
+            "engine": engine.name,
+            "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4),
+        },
+        parity,
+    )
     if record is not None:
         record(f"precision cell rollout={rollout} x train={train} (end to end)", **report.figures())
     return report
@@ -240,8 +258,12 @@ def heatmap_label(rollout: str, train: str, got: CellReport | str | None, hardwa
     return "-" if not status.valid else "not run"
 
 
-def plot_precision_matrix(reports: dict[tuple[str, str], CellReport | str], path: str | Path,
-                          title: str = "train_rollout_logprob_abs_diff", hardware=None) -> Path | None:
+def plot_precision_matrix(
+    reports: dict[tuple[str, str], CellReport | str],
+    path: str | Path,
+    title: str = "train_rollout_logprob_abs_diff",
+    hardware=None,
+) -> Path | None:
     """Heatmap of the matrix: measured cells with their figure, the others with why not
     (a skip reason, or the precision rule). `hardware` (a Hardware): a valid cell with no entry
     that this GPU cannot run (skipped before it started) shows that reason too, not "not run".

@@ -162,11 +162,13 @@ def disagreement_report(results: list[WorkerResult], what: str = "the computatio
                 continue
             for r in members:
                 where = first_difference(canonical(ref.value)[1], canonical(r.value)[1])
-                lines.append(f"  DIFFERS: {r.label}: digest {digest[:16]}" + (f"; first difference at {where}" if where else ""))
+                lines.append(f"  DIFFERS: {r.label}: digest {digest[:16]}"
+                             + (f"; first difference at {where}" if where else ""))
                 if ref_conf is not None and r.fingerprint:
                     causes = diagnose(ref_conf, configuration(r.fingerprint, {}))
                     lines.extend(f"      fingerprint: {c}" for c in causes) if causes else lines.append(
-                        "      fingerprint: identical to the majority's (same stack: look at the data or the code path)")
+                        "      fingerprint: identical to the majority's "
+                        "(same stack: look at the data or the code path)")
     else:
         lines.append(f"{len(results)} workers ran {what}; none answered")
     lines.extend(f"  FAILED: {r.label}: {r.error}" for r in failed)
@@ -219,6 +221,7 @@ def assert_env_propagated(cluster: RayCluster, env: Mapping[str, str] | None = N
             bad.append(f"  {r.label}: {seen}")
     if bad:
         raise AssertionError(f"the deterministic environment did not reach {len(bad)} of {len(results)} Ray workers "
-                             f"(cluster {cluster.address}, probed in {time.monotonic() - t0:.1f} s); the Miles reproducibility guide's "
+                             f"(cluster {cluster.address}, probed in {time.monotonic() - t0:.1f} s); "
+                             "the Miles reproducibility guide's "
                              f"'hashes diverge across nodes' failure:\n" + "\n".join(bad))
     return results

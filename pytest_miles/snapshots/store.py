@@ -218,7 +218,8 @@ class SnapshotStore:
             data = load_json(path, "snapshot file (JSON written by pytest-miles)", limit=256 * 2**20)
         except InputError as exc:
             raise SnapshotError(f"{path}: corrupt snapshot file ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("configurations"), dict):
+        if (not isinstance(data, dict) or data.get("format") != FORMAT
+                or not isinstance(data.get("configurations"), dict)):
             raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")
         for key, conf in data["configurations"].items():
             if not isinstance(conf, dict) or config_digest(conf.get("fingerprint") or {}) != key:

@@ -21,6 +21,7 @@ def test_precision_cell(cell, miles_record):
     report = assert_logprob_drift(cell.rollout, cell.train)
     miles_record(f"precision {cell.id}", train_rollout_logprob_abs_diff=f"{report.train_rollout_logprob_abs_diff:.6g}",
                  max=f"{report.max_abs_diff:.4g}", kl=f"{report.kl:.4g}",
-                 path=f"reference quantizers in torch ({report.gemm} GEMMs), not SGLang FP8 serving or TransformerEngine")
+                 path=f"reference quantizers in torch ({report.gemm} GEMMs), "
+                 "not SGLang FP8 serving or TransformerEngine")
     if not cell.unified:
         assert report.train_rollout_logprob_abs_diff > 0, "a mixed cell must show the drift Miles measures"

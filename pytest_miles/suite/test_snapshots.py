@@ -35,5 +35,6 @@ def test_training_matches_snapshot(megatron_trainer_factory, determinism_snapsho
     run = megatron_trainer_factory(seed=1234).train(4, save_dir=tmp_path / "run")
     manifest = build_manifest(run.checkpoint())
     determinism_snapshot.check("losses", run.losses)
-    determinism_snapshot.check("model manifest", {k: v for k, v in manifest["entries"].items() if k.startswith("model.")})
+    determinism_snapshot.check("model manifest",
+                               {k: v for k, v in manifest["entries"].items() if k.startswith("model.")})
     miles_record(f"training matches its snapshot ({run.device})", steps=len(run.losses))

@@ -42,6 +42,7 @@ def test_checkpoint_check_can_fail(trainer_factory, tmp_path, miles_record):
     a = trainer_factory(seed=1234).train(2, save_dir=tmp_path / "a")
     b = trainer_factory(seed=4321).train(2, save_dir=tmp_path / "b")
     report = compare_checkpoints(a.checkpoint(), b.checkpoint(), first=True)
-    miles_record("checkpoint check catches a different seed", first_difference=report.first.name if report.first else None)
+    miles_record("checkpoint check catches a different seed",
+                 first_difference=report.first.name if report.first else None)
     if report.equal:
         raise AssertionError("checkpoints of different seeds compared equal: the check cannot fail here")

@@ -248,7 +248,8 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
         rotary_interleaved=m.get("rotary_interleaved", False), **extra,
     )
     layer_spec = get_gpt_layer_local_spec(normalization=m.get("normalization", "LayerNorm"),
-                                          num_experts=m.get("num_moe_experts"), qk_layernorm=bool(m.get("qk_layernorm")))
+                                          num_experts=m.get("num_moe_experts"),
+                                          qk_layernorm=bool(m.get("qk_layernorm")))
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
     if m.get("num_moe_experts"):  # moe_router.py: the router megatron-core gates on CUDA only
@@ -257,11 +258,15 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
         from pytest_miles.trainers.te_model import te_config_and_spec
 
         config, layer_spec = te_config_and_spec(config, spec)
-    model = GPTModel(config=config, transformer_layer_spec=layer_spec, vocab_size=m["vocab_size"],
-                     max_sequence_length=m["seq_length"],
-                     position_embedding_type=m.get("position_embedding_type", "learned_absolute"),
-                     rotary_base=int(m.get("rotary_base", 10000)),
-                     share_embeddings_and_output_weights=m.get("tie_embeddings", False))
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=m["vocab_size"],
+        max_sequence_length=m["seq_length"],
+        position_embedding_type=m.get("position_embedding_type", "learned_absolute"),
+        rotary_base=int(m.get("rotary_base", 10000)),
+        share_embeddings_and_output_weights=m.get("tie_embeddings", False),
+    )
     if not cuda and getattr(model, "rotary_pos_emb", None) is not None:
         _cpu_rotary(model.rotary_pos_emb)
     return model
@@ -305,9 +310,16 @@ def main(spec_path: str) -> None:
         if save_dir is not None and it in spec.get("save_steps", []):
             saved.append(r.save(save_dir, it))
     if rank == 0:
-        result = {"losses": losses, "loss_bits": [x.hex() for x in losses], "grad_norms": grad_norms,
-                  "grad_norm_bits": [x.hex() for x in grad_norms], "checkpoints": saved, "first_step": start,
-                  "step_times": step_times, "device": spec["device"]}
+        result = {
+            "losses": losses,
+            "loss_bits": [x.hex() for x in losses],
+            "grad_norms": grad_norms,
+            "grad_norm_bits": [x.hex() for x in grad_norms],
+            "checkpoints": saved,
+            "first_step": start,
+            "step_times": step_times,
+            "device": spec["device"],
+        }
         if r.te:
             from pytest_miles.trainers.te_model import te_facts
 

@@ -96,8 +96,9 @@ def check_te_machine(transformer_impl: str, precision: str, device: str, hardwar
 def rank_env(precision: str | None) -> dict[str, str]:
     """Environment the ranks need for `precision`, as Miles' actor env has it (the Miles
     low-precision matrix: "Set NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1 ... to use FP32 scales
-    (miles/ray/actor_group.py already sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8 checkpoint SGLang serves
-    does, instead of powers of two. It must be there at launch: TE reads it when it is imported."""
+    (miles/ray/actor_group.py already sets this)"): TE's block-wise recipe then uses FP32 scales, as the FP8
+    checkpoint SGLang serves does, instead of powers of two. It must be there at launch: TE reads it when
+    it is imported."""
     import os
 
     if precision != "fp8_blockwise":

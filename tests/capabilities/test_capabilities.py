@@ -34,7 +34,8 @@ def packaged():
     ("flashinfer", "prefix", "0.5.17", "known_limitation", "flashinfer-prefix-random-mix"),
     ("flashinfer", "prefix", "0.5.23", "known_limitation", "flashinfer-prefix-random-mix"),
     ("flashinfer", "prefix", "0.5.24", "promised", "triton-flashinfer-batch-invariance"),  # outside the range
-    ("flashinfer", "prefix", "0.5.9", "promised", "triton-flashinfer-batch-invariance"),  # 0.5.9 < 0.5.17, not "0.5.9" > "0.5.17"
+    # 0.5.9 < 0.5.17, not "0.5.9" > "0.5.17"
+    ("flashinfer", "prefix", "0.5.9", "promised", "triton-flashinfer-batch-invariance"),
     ("flashinfer", "prefix", "0.5.17.post1", "known_limitation", "flashinfer-prefix-random-mix"),
     ("flashinfer", "prefix", "0.5.20.dev3+g1234abc", "known_limitation", "flashinfer-prefix-random-mix"),
     ("flashinfer", "prefix_long_anchor", "0.5.17", "promised", "triton-flashinfer-batch-invariance"),

@@ -14,7 +14,7 @@ from pytest_miles.capabilities.parity_budgets import (
 )
 from pytest_miles.errors import InputError
 
-GOOD = '''[[budget]]
+GOOD = """[[budget]]
 model = "tiny128"
 rollout = "bf16"
 train = "bf16"
@@ -22,8 +22,8 @@ backend = "flashinfer"
 tp = 1
 kind = "tolerance"
 mean_abs = 0.03
-calibration = { runs = 5, statistic = "max x 1.5", host = "H200", date = "2026-12-04", versions = { sglang = "0.5.17" } }
-'''
+calibration = {runs = 5, statistic = "max x 1.5", host = "H200", date = "2026-12-04", versions = {sglang = "0.5.17"}}
+"""
 
 
 def test_packaged_file_loads():
@@ -40,20 +40,23 @@ def test_good_file(tmp_path):
     assert find_budget(b.key, user=f) == b and find_budget(("x", "bf16", "bf16", "flashinfer", 1), user=f) is None
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace('kind = "tolerance"', 'kind = "close"'), "field 'kind': 'close' is not one of exact"),
-    (lambda t: t.replace("tp = 1", "tp = 0"), "field 'tp': expected an integer >= 1"),
-    (lambda t: t.replace("mean_abs = 0.03", "mean_abs = -1"), "field 'mean_abs': expected a finite number >= 0"),
-    (lambda t: t.replace("mean_abs = 0.03\n", ""), "field 'mean_abs' is missing"),
-    (lambda t: t.replace("runs = 5", "runs = 1"), "field 'calibration'.runs: expected an integer >= 2"),
-    (lambda t: t.replace('host = "H200", ', ""), "field 'calibration': field 'host' is missing"),
-    (lambda t: t.split("calibration")[0], "field 'calibration' is missing"),
-    (lambda t: t + "colour = 1\n", "unknown field.s. colour"),
-    (lambda t: t.replace('backend = "flashinfer"\n', ""), "field 'backend' is missing"),
-    (lambda t: t + t, "has two budgets"),
-    (lambda t: t.replace('kind = "tolerance"', 'kind = "exact"'), "'exact' takes no mean_abs"),
-    (lambda t: "[[budget]\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace('kind = "tolerance"', 'kind = "close"'), "field 'kind': 'close' is not one of exact"),
+        (lambda t: t.replace("tp = 1", "tp = 0"), "field 'tp': expected an integer >= 1"),
+        (lambda t: t.replace("mean_abs = 0.03", "mean_abs = -1"), "field 'mean_abs': expected a finite number >= 0"),
+        (lambda t: t.replace("mean_abs = 0.03\n", ""), "field 'mean_abs' is missing"),
+        (lambda t: t.replace("runs = 5", "runs = 1"), "field 'calibration'.runs: expected an integer >= 2"),
+        (lambda t: t.replace('host = "H200", ', ""), "field 'calibration': field 'host' is missing"),
+        (lambda t: t.split("calibration")[0], "field 'calibration' is missing"),
+        (lambda t: t + "colour = 1\n", "unknown field.s. colour"),
+        (lambda t: t.replace('backend = "flashinfer"\n', ""), "field 'backend' is missing"),
+        (lambda t: t + t, "has two budgets"),
+        (lambda t: t.replace('kind = "tolerance"', 'kind = "exact"'), "'exact' takes no mean_abs"),
+        (lambda t: "[[budget]\n", "not valid TOML"),
+    ],
+)
 def test_bad_file_names_file_budget_and_field(tmp_path, edit, message):
     f = tmp_path / "bad.toml"
     f.write_text(edit(GOOD))
@@ -65,10 +68,20 @@ def test_bad_file_names_file_budget_and_field(tmp_path, edit, message):
 
 
 def _report(mean, equal, tokens=10, model="tiny"):
-    return {"config": {"model": model, "rollout": "fp32", "train": "fp32", "backend": "torch", "tp": 1},
-            "versions": {"torch": "2.13"}, "identity_errors": [],
-            "pairs": {"train_vs_decode": {"mean_abs": mean, "max_abs": 4 * mean, "k3_kl": mean / 10,
-                                          "bitwise_equal": equal, "tokens": tokens}}}
+    return {
+        "config": {"model": model, "rollout": "fp32", "train": "fp32", "backend": "torch", "tp": 1},
+        "versions": {"torch": "2.13"},
+        "identity_errors": [],
+        "pairs": {
+            "train_vs_decode": {
+                "mean_abs": mean,
+                "max_abs": 4 * mean,
+                "k3_kl": mean / 10,
+                "bitwise_equal": equal,
+                "tokens": tokens,
+            }
+        },
+    }
 
 
 def test_derive_budget(tmp_path):

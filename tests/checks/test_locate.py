@@ -51,6 +51,8 @@ def test_step_three_backward_layer_five_mlp():
     planted[2] = {"forward": fwd, "backward": {**record(), "layers.5.mlp": record()["layers.5.mlp"] + 1e-6}}
     found = locate_in_steps(clean, planted)
     assert found.answer().startswith("step 3, backward, layer 5 mlp first differs"), found.answer()
-    assert locate_in_steps(clean, clean).answer() == "the two runs agree at every point of 4 steps, forward and backward"
+    assert (
+        locate_in_steps(clean, clean).answer() == "the two runs agree at every point of 4 steps, forward and backward"
+    )
     with pytest.raises(InputError, match="4 steps recorded in one run, 3 in the other"):
         locate_in_steps(clean, clean[:3])

@@ -27,7 +27,10 @@ def test_same_bits_pass_and_a_one_ulp_change_in_a_non_chosen_top_k_entry_is_caug
     assert first_difference(_out(), _out()) is None
     planted = _out()  # NEGATIVE CONTROL: a fault planted in one top-k entry that is not the chosen token
     planted.top_logprobs[1][3] = math.nextafter(-1.75, 0.0)
-    assert first_difference(_out(), planted) == f"top-k at token 1: token id 3 logprob -1.75 vs {planted.top_logprobs[1][3]!r}"
+    assert (
+        first_difference(_out(), planted)
+        == f"top-k at token 1: token id 3 logprob -1.75 vs {planted.top_logprobs[1][3]!r}"
+    )
     other = _out()
     other.top_logprobs[0] = {5: -0.25, 7: -1.0, 6: -2.0}
     assert "token ids [5, 7, 8] vs [5, 6, 7]" in first_difference(_out(), other)
@@ -47,8 +50,9 @@ def test_variances_are_named_and_witnesses_decide_applicability():
     changed = _out()
     changed.logprobs[0] = -0.5
     report = TrafficReport("e", 3, required=("retractions",), witnesses={"retractions": 0})
-    compare_traffic(report, ["greedy"] * 3, [changed, _out(cached=4), _out()], [_out(), _out(), changed],
-                    [_out(), changed, _out()])
+    compare_traffic(
+        report, ["greedy"] * 3, [changed, _out(cached=4), _out()], [_out(), _out(), changed], [_out(), changed, _out()]
+    )
     assert report.variances == {"batch composition": 2, "cache state": 1, "arrival order": 2}
     with pytest.raises(AssertionError, match="variance caught: batch composition"):
         judge_traffic(report)
@@ -79,4 +83,3 @@ def test_boundary_lengths():
     assert boundary_lengths(32, max_len=64) == [1, 15, 16, 17, 31, 32, 33, 63, 64]
     with pytest.raises(InputError, match="page_size"):
         boundary_lengths(0)
-

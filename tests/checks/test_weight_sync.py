@@ -22,7 +22,10 @@ def test_sync_took_effect():
 def test_stale_sync_named_at_its_iteration():
     """Negative control: the trainer changed `a`, the engine still serves the old `a`."""
     r = judge_sync(2, state(0.5), state(0.25), state(0.5), state(0.5))
-    with pytest.raises(AssertionError, match=r"iteration 2: weight sync did nothing for 1 of the 1 tensors the trainer changed \(first: a\)"):
+    with pytest.raises(
+        AssertionError,
+        match=r"iteration 2: weight sync did nothing for 1 of the 1 tensors the trainer changed \(first: a\)",
+    ):
         assert_sync_took_effect(r)
     assert r.stale == ["a"]
 

@@ -62,7 +62,8 @@ def test_one_flipped_bit_is_found_and_named(dcp_pair, tmp_path):
     assert d.name == W and d.kind == "tensor"
     assert d.data["differing"] == 1 and d.data["first_index"] == [1, 13] and d.data["max_ulp"] == 8
     assert d.data["value_a"] != d.data["value_b"]
-    with pytest.raises(AssertionError, match=r"decoder\.layers\.1\.mlp\.linear_fc1\.weight: 1 of 16384 elements differ"):
+    with pytest.raises(AssertionError,
+                       match=r"decoder\.layers\.1\.mlp\.linear_fc1\.weight: 1 of 16384 elements differ"):
         assert_checkpoints_equal(a, c)
 
 

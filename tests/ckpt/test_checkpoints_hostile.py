@@ -148,11 +148,13 @@ def _safetensors_cases(w: _World) -> None:
          "list.safetensors: corrupt safetensors header (a list")
     case("overlapping safetensors offsets", "st", _st_raw(t / "overlap.safetensors", {
         "a": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
-        "b": {"dtype": "F32", "shape": [8], "data_offsets": [16, 48]}}), "overlap.safetensors: corrupt safetensors header: tensor")
+        "b": {"dtype": "F32", "shape": [8], "data_offsets": [16, 48]}}),
+        "overlap.safetensors: corrupt safetensors header: tensor")
     case("safetensors offsets past the file", "st", _st_raw(t / "past.safetensors", {
         "w": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}), "past.safetensors: truncated: tensor 'w'")
     case("safetensors length not dtype x shape", "st", _st_raw(t / "len.safetensors", {
-        "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}), "len.safetensors: corrupt safetensors entry 'w'")
+        "w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}}),
+        "len.safetensors: corrupt safetensors entry 'w'")
     x = copy("hf", "wrong-shard")
     idx = x / "model.safetensors.index.json"
     name = next(iter(state))
@@ -246,7 +248,8 @@ def world(tmp_path_factory):
     """Good checkpoints of every kind and the hostile cases, built once for the module:
     {case: (good, bad, text the error must contain)}."""
     w = _World(tmp_path_factory.mktemp("hostile"))
-    for build in (_payload_cases, _special_file_cases, _safetensors_cases, _torch_file_cases, _dcp_cases, _megatron_cases):
+    for build in (_payload_cases, _special_file_cases, _safetensors_cases, _torch_file_cases, _dcp_cases,
+                  _megatron_cases):
         build(w)
     return w.t, w.marker, w.cases
 
@@ -306,7 +309,8 @@ def test_manifest_refuses_payload_and_writes_nothing(world, tmp_path):
     before = tree_state(t)
     with pytest.raises(CheckpointError, match=r"evil\.pt: refused: the pickle calls posix\.system"):
         write_manifest(cases["payload in a .pt"][1], tmp_path / "m.json")
-    r = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "manifest", str(cases["payload in legacy model_optim_rng.pt"][1]),
+    r = subprocess.run([sys.executable, "-m", "pytest_miles.cli", "manifest",
+                        str(cases["payload in legacy model_optim_rng.pt"][1]),
                         "-o", str(tmp_path / "m2.json")], capture_output=True, text=True, timeout=20)
     assert r.returncode == 2 and "model_optim_rng.pt: refused: the pickle calls posix.system" in r.stderr, r.stderr
     assert not marker.exists() and not (tmp_path / "m.json").exists() and tree_state(t) == before

@@ -356,7 +356,8 @@ def test_shared_sizes_cost_no_more_than_the_file(tmp_path):
 
     big, zeros = torch.Size([1] * 100_000), torch.Size([0] * 100_000)
     n = 5000
-    sdm = {f"t{i}": TensorStorageMetadata(TensorProperties(dtype=torch.float32), big, [ChunkStorageMetadata(zeros, big)])
+    sdm = {f"t{i}": TensorStorageMetadata(TensorProperties(dtype=torch.float32), big,
+                                          [ChunkStorageMetadata(zeros, big)])
            for i in range(n)}
     storage = {MetadataIndex(f"t{i}"): _StorageInfo("__0_0.distcp", 4 * i, 4) for i in range(n)}
     for index in storage:  # set after hashing (a frozen dataclass would hash 100,000 dimensions): shared
@@ -448,7 +449,8 @@ def test_real_megatron_saves_take_the_fast_path_with_the_full_paths_report(megat
     assert dcp_fast.fast_equal(a, flipped) is None
     report = compare_checkpoints(a, flipped)
     assert len(report.differences) == 1 and report.first.name == name
-    assert report.first.data["differing"] == 1 and report.first.data["first_index"] == [1000 // entry.shape[1], 1000 % entry.shape[1]]
+    assert report.first.data["differing"] == 1
+    assert report.first.data["first_index"] == [1000 // entry.shape[1], 1000 % entry.shape[1]]
     assert _json(report) == _json(compare_checkpoints(a, flipped, fast=False))
 
     from pytest_miles.checks import element_diff

@@ -92,7 +92,10 @@ class WithState:
 def test_objects_of_unknown_classes_make_the_file_refused_by_name(tmp_path, value, proto):
     path = tmp_path / "a.pt"
     torch.save({"w": torch.ones(1), "obj": value}, path, pickle_protocol=proto)
-    with pytest.raises(CheckpointError, match=r"a.pt: refused: the pickle holds an object of class \S*(Unknown|WithState), outside the allow"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"a.pt: refused: the pickle holds an object of class \S*(Unknown|WithState), outside the allow",
+    ):
         compare_checkpoints(path, path)
 
 
@@ -101,16 +104,23 @@ def test_allow_listed_classes_are_read(tmp_path):
     import collections
 
     path = tmp_path / "a.pt"
-    torch.save({"args": argparse.Namespace(lr=1.0), "od": collections.OrderedDict(a=1), "dtype": torch.bfloat16,
-                "size": torch.Size([2, 3])}, path)
+    torch.save(
+        {
+            "args": argparse.Namespace(lr=1.0),
+            "od": collections.OrderedDict(a=1),
+            "dtype": torch.bfloat16,
+            "size": torch.Size([2, 3]),
+        },
+        path,
+    )
     assert compare_checkpoints(path, Path(path)).equal
-
 
 
 SIZED = {  # REDUCE calls whose size the file does not pay for
     "bytes(10**12)": b"\x80\x02c__builtin__\nbytes\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.",
     "bytearray(10**12)": b"\x80\x02c__builtin__\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.",
-    "list(range(10**12))": b"\x80\x02c__builtin__\nlist\nc__builtin__\nrange\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R\x85R.",
+    "list(range(10**12))": (b"\x80\x02c__builtin__\nlist\nc__builtin__\nrange\n"
+                            b"\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R\x85R."),
 }
 
 

@@ -120,7 +120,9 @@ def test_our_verdict_is_the_library_verdict(tmp_path, case):
     if case in STRICTER:
         assert theirs and not ours, f"{case}: the library now {'accepts' if theirs else 'refuses'}; revisit"
         return
-    assert ours == theirs, f"{case}: the library {'accepts' if theirs else 'refuses'}, we {'accept' if ours else 'refuse'}"
+    assert ours == theirs, (
+        f"{case}: the library {'accepts' if theirs else 'refuses'}, we {'accept' if ours else 'refuse'}"
+    )
 
 
 def test_the_table_accepts_and_refuses():

@@ -252,7 +252,8 @@ def test_a_trainer_config_is_checked_again_when_a_field_is_replaced():
 
 
 TRAIN = [
-    ((0,), {}, "train(steps)"), (("3",), {}, "train(steps)"), ((1.5,), {}, "train(steps)"), ((None,), {}, "train(steps)"),
+    ((0,), {}, "train(steps)"), (("3",), {}, "train(steps)"), ((1.5,), {}, "train(steps)"),
+    ((None,), {}, "train(steps)"),
     ((2,), {"save_steps": [5], "save_dir": "SAVE"}, "train(save_steps=) entry"),
     ((2,), {"save_steps": [0], "save_dir": "SAVE"}, "train(save_steps=) entry"),
     ((2,), {"save_steps": "1", "save_dir": "SAVE"}, "train(save_steps=)"),
@@ -279,7 +280,8 @@ def test_bad_train_arguments_are_refused_before_any_rank_starts(tmp_path, args, 
 
 ENGINE = [
     (("vllm",), {}, "engine_factory(kind)"), ((3,), {}, "engine_factory(kind)"), ((None,), {}, "engine_factory(kind)"),
-    (("reference",), {"deterministic": "no"}, "deterministic="), (("reference",), {"deterministic": 1}, "deterministic="),
+    (("reference",), {"deterministic": "no"}, "deterministic="),
+    (("reference",), {"deterministic": 1}, "deterministic="),
     (("reference",), {"deterministic": None}, "deterministic="),
     (("reference",), {"model": "/nonexistent"}, "not a model folder"), (("reference",), {"model": 5}, "model="),
     (("reference",), {"attention_backend": 5}, "attention_backend="),
@@ -326,7 +328,8 @@ def test_bad_engine_spec_fields_are_named(tmp_path, fields, says):
 
     (tmp_path / "config.json").write_text("{}")
     good = dict(kind="sglang", model_dir=str(tmp_path), deterministic=True, attention_backend="triton",
-                extra_args=(), options={}, device="cuda", log_dir=str(tmp_path), startup_timeout=60.0, request_timeout=30.0)
+                extra_args=(), options={}, device="cuda", log_dir=str(tmp_path), startup_timeout=60.0,
+                request_timeout=30.0)
     fields = {k: str(tmp_path / "missing") if v == "MISSING" else v for k, v in fields.items()}
     with pytest.raises(InputError) as info:
         EngineSpec(**{**good, **fields})
@@ -345,28 +348,33 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
 
     leaser = GpuLeaser(Path(os.environ.get("TMPDIR", "/tmp")) / f"miles-bad-inputs-{os.getpid()}", ["0"], timeout=0)
     return [
-        ("assert_batch_invariant(None)", lambda: pm.assert_batch_invariant(None), TypeError, "engine: None is not an engine"),
+        ("assert_batch_invariant(None)", lambda: pm.assert_batch_invariant(None), TypeError,
+         "engine: None is not an engine"),
         ("assert_batch_invariant('x')", lambda: pm.assert_batch_invariant("x"), TypeError, "is not an engine"),
         ("assert_runs_bitwise_equal(None, None)", lambda: pm.assert_runs_bitwise_equal(None, None), TypeError,
          "is not a training run"),
-        ("assert_runs_bitwise_equal(1, 2)", lambda: pm.assert_runs_bitwise_equal(1, 2), TypeError, "is not a training run"),
+        ("assert_runs_bitwise_equal(1, 2)", lambda: pm.assert_runs_bitwise_equal(1, 2), TypeError,
+         "is not a training run"),
         ("validate_precision_config(rollout=8)", lambda: pm.validate_precision_config(rollout=8, train="bf16"),
          ValueError, "rollout: 8 is not a precision format"),
-        ("validate_precision_config(None)", lambda: pm.validate_precision_config(None, "bf16"), ValueError, "rollout: None"),
+        ("validate_precision_config(None)", lambda: pm.validate_precision_config(None, "bf16"), ValueError,
+         "rollout: None"),
         ("validate_precision_config('bf17')", lambda: pm.validate_precision_config("bf17", "bf16"), ValueError,
          "unknown precision format 'bf17'"),
         ("validate_precision_config(train=5)", lambda: pm.validate_precision_config("bf16", 5), ValueError,
          "train: unknown precision format 5"),
-        ("validate_precision_config([])", lambda: pm.validate_precision_config([], "bf16"), ValueError, "no precision format"),
+        ("validate_precision_config([])", lambda: pm.validate_precision_config([], "bf16"), ValueError,
+         "no precision format"),
         ("validate_precision_config(gpu='zzz')", lambda: pm.validate_precision_config("bf16", "bf16", gpu="zzz"),
          ValueError, "'zzz'"),
         ("precision_matrix(gpu='zzz')", lambda: pm.precision_matrix(gpu="zzz"), ValueError, "'zzz'"),
-        ("assert_logprob_drift(max_abs_diff=nan)", lambda: pm.assert_logprob_drift("bf16", "bf16", max_abs_diff=math.nan),
-         ValueError, "max_abs_diff="),
+        ("assert_logprob_drift(max_abs_diff=nan)",
+         lambda: pm.assert_logprob_drift("bf16", "bf16", max_abs_diff=math.nan), ValueError, "max_abs_diff="),
         ("assert_logprob_drift(max_abs_diff='0.1')",
          lambda: pm.assert_logprob_drift("bf16", "bf16", max_abs_diff="0.1"), ValueError, "max_abs_diff="),
         ("measure_logprob_drift('fp9')", lambda: pm.measure_logprob_drift("fp9", "bf16"), ValueError, "'fp9'"),
-        ("assert_resume_equivalent(steps=1)", lambda: pm.assert_resume_equivalent(None, 1, "/tmp"), ValueError, "steps: 1"),
+        ("assert_resume_equivalent(steps=1)", lambda: pm.assert_resume_equivalent(None, 1, "/tmp"), ValueError,
+         "steps: 1"),
         ("compare_checkpoints(missing)", lambda: pm.compare_checkpoints("/nonexistent/a", "/nonexistent/b"),
          Exception, "/nonexistent/a"),
         ("discover(override='zzz')", lambda: pm.discover(override="zzz"), ValueError, "'zzz'"),
@@ -510,7 +518,8 @@ CLI = [
     (["capabilities", "--sglang-version", "garbage"], "--sglang-version 'garbage': not a version"),
     (["capabilities", "--file", "/nonexistent/caps.toml"], "/nonexistent/caps.toml"),
     (["manifest", "EMPTY", "-o", "/nonexistent/dir/m.json"], "EMPTY"),
-    (["bogus"], "invalid choice"), (["compare", "only-one"], "required"), (["doctor", "--attention-backend"], "expected one argument"),
+    (["bogus"], "invalid choice"), (["compare", "only-one"], "required"),
+    (["doctor", "--attention-backend"], "expected one argument"),
     (["fingerprint", "--nope"], "unrecognized arguments"), ([], "required"),
     (["doctor", "--sglang-tp", "0"], "--sglang-tp: 0 is not accepted"),
     (["doctor", "--sglang-tp", "-1"], "--sglang-tp"), (["doctor", "--sglang-tp", "1" + "0" * 23], "1..1024"),
@@ -594,7 +603,8 @@ def test_ray_address_of_a_live_port_that_is_not_ray_fails_within_the_timeout(pyt
     try:
         pytester.makepyfile("def test_x(ray_cluster):\n    pass\n")
         t0 = time.monotonic()
-        result = pytester.runpytest_subprocess("-p", "no:randomly", f"--miles-ray-address=127.0.0.1:{srv.getsockname()[1]}",
+        result = pytester.runpytest_subprocess("-p", "no:randomly",
+                                               f"--miles-ray-address=127.0.0.1:{srv.getsockname()[1]}",
                                                "--miles-ray-timeout=8", timeout=90)
         took = time.monotonic() - t0
     finally:
@@ -638,8 +648,8 @@ def _not_deep(info: pytest.ExceptionInfo) -> None:
 
 def test_the_table_has_at_least_150_cases():
     n = (len(BAD_SETTINGS) + len(BOOL_SETTINGS)) * 3 - len(BOOL_SETTINGS) + 6 + len(CONFIG_FILES) + 1 + len(TRAINER) + \
-        len(TRAIN) + len(ENGINE) + len(HELPER_IDS) + len(ENGINE_CHECKS) + len(RECORD_NAMES) + 2 * len(SNAPSHOT_FILES) + \
-        len(VALUES) + 1 + len(CLI) + 1 + len(WIRING) + 3
+        len(TRAIN) + len(ENGINE) + len(HELPER_IDS) + len(ENGINE_CHECKS) + len(RECORD_NAMES) + \
+        2 * len(SNAPSHOT_FILES) + len(VALUES) + 1 + len(CLI) + 1 + len(WIRING) + 3
     print(f"bad-input cases: {n}")
     assert n >= 150
 

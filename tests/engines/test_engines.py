@@ -158,7 +158,8 @@ def test_engine_dying_mid_check_is_a_clear_error(model_dir, tmp_path):
             return real(*a, **k)
 
         eng.generate = generate_then_die
-        with pytest.raises(EngineError, match=r"reference-server is not running \(exit code -9\); log tail:\n.*reference server on"):
+        with pytest.raises(EngineError,
+                           match=r"reference-server is not running \(exit code -9\); log tail:\n.*reference server on"):
             check_batch_invariance(eng, "single", trials=3, prompt_len=8)
     finally:
         eng.close()

@@ -33,7 +33,8 @@ def test_the_documented_test_file_runs_on_your_model(pytester, tmp_path):
     outcomes = res.parseoutcomes()
     assert outcomes.get("passed", 0) >= 12 and not outcomes.get("failed") and not outcomes.get("errors"), outcomes
     if outcomes.get("skipped"):  # no GPU / no SGLang here: each skip names why
-        res.stdout.re_match_lines([r"SKIPPED .*(needs (hopper|blackwell)|requires (sglang|an NVIDIA GPU)|TransformerEngine)"])
+        res.stdout.re_match_lines(
+            [r"SKIPPED .*(needs (hopper|blackwell)|requires (sglang|an NVIDIA GPU)|TransformerEngine)"])
     try:
         import matplotlib  # noqa: F401
     except ImportError:

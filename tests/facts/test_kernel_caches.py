@@ -14,7 +14,8 @@ FP = {"packages": {"sglang": "0.5.17", "flashinfer-python": "0.6.15", "torch": "
 
 def test_cache_env_puts_every_jit_cache_under_one_directory(tmp_path):
     env = cache_env(tmp_path, environ={})
-    assert env == {"FLASHINFER_WORKSPACE_BASE": str(tmp_path / "flashinfer"), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+    assert env == {"FLASHINFER_WORKSPACE_BASE": str(tmp_path / "flashinfer"),
+                   "TRITON_CACHE_DIR": str(tmp_path / "triton"),
                    "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     assert "TRITON_CACHE_DIR" not in cache_env(tmp_path, environ={"TRITON_CACHE_DIR": "/mine"})  # the user's wins
     assert cache_env(None, environ={}) == {}

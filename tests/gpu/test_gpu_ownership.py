@@ -59,8 +59,8 @@ def test_sigkill_of_pytest_frees_the_gpu_within_15_s(tmp_path):
         print(timeline[-1], flush=True)
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pytest", str(tmp_path / "test_inner.py"), "-p", "no:cacheprovider",
-                                 "-p", "no:randomly", "-s", "--rootdir", str(tmp_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "pytest", str(tmp_path / "test_inner.py"),
+                                 "-p", "no:cacheprovider", "-p", "no:randomly", "-s", "--rootdir", str(tmp_path)],
                                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240

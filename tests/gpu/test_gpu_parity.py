@@ -43,8 +43,11 @@ def test_sglang_vs_megatron_core_tiny128_bf16(engine_factory, megatron_trainer_f
     weights = write_hf_checkpoint(tmp_path / "bf16", TINY128, dtype="bfloat16")
     engine = engine_factory("sglang", model=str(weights), deterministic=True)
     te = importlib.util.find_spec("transformer_engine") is not None
-    trainer = megatron_trainer_factory(seed=1, model=ModelArgs.qwen2(TINY128, seq_length=64),
-                                       **({"transformer_impl": "transformer_engine", "precision": "bf16"} if te else {}))
+    trainer = megatron_trainer_factory(
+        seed=1,
+        model=ModelArgs.qwen2(TINY128, seq_length=64),
+        **({"transformer_impl": "transformer_engine", "precision": "bf16"} if te else {}),
+    )
     backend = engine.server_info().get("attention_backend")
     key = {"model": "tiny128", "rollout": "bf16", "train": "bf16", "backend": str(backend), "tp": 1}
     out = _out_dir(request, tmp_path)
@@ -53,16 +56,22 @@ def test_sglang_vs_megatron_core_tiny128_bf16(engine_factory, megatron_trainer_f
         for run in range(RUNS):
             prompts = prompts_for(LoopConfig(seed=100 + run, vocab_size=TINY128.vocab_size, prompt_len=(8, 24)), 1)
             params = SamplingParams(temperature=1.0, max_new_tokens=32, sampling_seed=run, ignore_eos=True)
-            report = measure_parity(engine, session, prompts, params=params, config=key,
-                                    plot=out / f"parity-{run}.png")
+            report = measure_parity(engine, session, prompts, params=params, config=key, plot=out / f"parity-{run}.png")
             (out / f"parity-{run}.json").write_text(json.dumps(report.to_json()))
             print(f"\nrun {run} ({'TE' if te else 'local'} trainer):\n{report.render()}")
             assert not report.identity, report.render()
             reports.append(report)
     f = reports[0].pairs["train_vs_decode"]
-    miles_record("train-rollout parity, SGLang vs megatron-core, tiny128 bf16", mean_abs=f.mean_abs,
-                 max_abs=f.max_abs, first_token=f.first_token_mean_abs, rest=f.rest_mean_abs, k3_kl=f.k3_kl,
-                 bitwise_equal=f"{f.bitwise_equal}/{f.tokens}", reports=str(out))
+    miles_record(
+        "train-rollout parity, SGLang vs megatron-core, tiny128 bf16",
+        mean_abs=f.mean_abs,
+        max_abs=f.max_abs,
+        first_token=f.first_token_mean_abs,
+        rest=f.rest_mean_abs,
+        k3_kl=f.k3_kl,
+        bitwise_equal=f"{f.bitwise_equal}/{f.tokens}",
+        reports=str(out),
+    )
     print(f"\nbudget from these runs: pytest-miles parity-budget {out}/parity-*.json")
     try:
         assert_parity(reports[0])

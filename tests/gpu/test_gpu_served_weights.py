@@ -10,9 +10,9 @@ SGLang's Qwen2ForCausalLM may not implement get_weights_by_name (model_runner.py
 support for Qwen models"; sgl-project/sglang#5066, closed inactive): where every name of a Qwen2
 model answers "Get parameter by name failed", the test xfails naming that, and the `llama` variant
 serves the very same tensors through SGLang's LlamaForCausalLM (which implements it; it holds no
-q/k/v bias, so those three are not read there) so the read-back still runs. Run: `scripts/gpu-host.sh served-weights` (bf16,
-~5 min) and `served-weights-fp8-inline` (~5 min: DeepGEMM's start-up precompile is off, engines/base.py
-SGLANG_START_ENV); H100 record in docs/validation/precision.md.
+q/k/v bias, so those three are not read there) so the read-back still runs. Run:
+`scripts/gpu-host.sh served-weights` (bf16, ~5 min) and `served-weights-fp8-inline` (~5 min: DeepGEMM's
+start-up precompile is off, engines/base.py SGLANG_START_ENV); H100 record in docs/validation/precision.md.
 """
 
 from __future__ import annotations

@@ -62,10 +62,13 @@ def test_te_trainer_with_the_attention_backend_te_picks(megatron_trainer_factory
             reason=f"cuDNN {cudnn}: TE 2.17.1's core was built against cuDNN >= 9.22 and its fused attention backward "
                    "fails with CUDNN_STATUS_BAD_PARAM on CUDNN_ATTR_OPERATION_RESHAPE_MODE (../shared/gpu/README.md, "
                    "TransformerEngine)", strict=True))
-    a = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(STEPS, save_dir=tmp_path / "run1")
-    b = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(STEPS, save_dir=tmp_path / "run2")
+    a = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(
+        STEPS, save_dir=tmp_path / "run1")
+    b = _te_trainer(megatron_trainer_factory, precision, attention_backend="auto").train(
+        STEPS, save_dir=tmp_path / "run2")
     selected = a.facts["attention_backend_selected"]
-    print(f"\n{precision}, auto (cuDNN {cudnn}): TE selected {selected}\nrun1 loss bits {a.loss_bits}\nrun2 loss bits {b.loss_bits}")
+    print(f"\n{precision}, auto (cuDNN {cudnn}): TE selected {selected}\nrun1 loss bits {a.loss_bits}"
+          f"\nrun2 loss bits {b.loss_bits}")
     assert_runs_bitwise_equal(a, b)
     print(assert_checkpoints_equal(tmp_path / "run1", tmp_path / "run2").render())
     miles_record(f"TE trainer {precision}, TE's attention choice, twice bitwise equal", cudnn=cudnn, attention=selected,

@@ -180,7 +180,8 @@ def save_hf(root: Path, state: dict, split: int, metadata: dict | None = None) -
     return root
 
 
-def save_legacy_megatron(run: Path, iteration: int, state: dict, tp: int = 1, pp: int = 1, extra: dict | None = None) -> Path:
+def save_legacy_megatron(run: Path, iteration: int, state: dict, tp: int = 1, pp: int = 1,
+                         extra: dict | None = None) -> Path:
     """Megatron-LM's legacy (non-distributed) layout: iter_XXXXXXX/mp_rank_NN[_PPP]/model_optim_rng.pt
     with the model split column-wise over tp and layer-wise over pp, plus the tracker file."""
     import argparse

@@ -99,7 +99,8 @@ def test_mxfp8_layout_of_seed_004(written):
 
 
 def test_block_fp8_refuses_a_shape_that_does_not_tile(tmp_path):
-    with pytest.raises(ValueError, match=r"multiples of 128; not: model\.layers\.0\.self_attn\.k_proj\.weight \(64, 128\)"):
+    with pytest.raises(ValueError,
+                       match=r"multiples of 128; not: model\.layers\.0\.self_attn\.k_proj\.weight \(64, 128\)"):
         write_quantized_checkpoint(tmp_path / "m", "fp8_blockwise", TinyConfig())
     with pytest.raises(ValueError, match="fmt 'int8': expected one of fp8_blockwise, mxfp8"):
         write_quantized_checkpoint(tmp_path / "m", "int8")
@@ -113,7 +114,8 @@ def test_layout_check_catches_a_broken_checkpoint(written, tmp_path):
     bad = shutil.copytree(root / "fp8", tmp_path / "bad")
     state = load_file(str(bad / "model.safetensors"))
     del state["model.layers.1.mlp.up_proj.weight_scale_inv"]
-    state["model.layers.0.mlp.down_proj.weight_scale_inv"] = state["model.layers.0.mlp.down_proj.weight_scale_inv"].T.contiguous()
+    key = "model.layers.0.mlp.down_proj.weight_scale_inv"
+    state[key] = state[key].T.contiguous()
     save_file(state, str(bad / "model.safetensors"))
     cfg = json.loads((bad / "config.json").read_text())
     cfg["quantization_config"]["activation_scheme"] = "static"
@@ -127,7 +129,8 @@ def test_layout_check_catches_a_broken_checkpoint(written, tmp_path):
 
 def test_sglang_parses_the_configs(written):
     """SGLang's own Fp8Config.from_config (GPU host: sglang installed)."""
-    pytest.importorskip("sglang.srt.layers.quantization.fp8", reason="sglang not importable: the schema check above stands in")
+    pytest.importorskip("sglang.srt.layers.quantization.fp8",
+                        reason="sglang not importable: the schema check above stands in")
     from sglang.srt.layers.quantization import QUANTIZATION_METHODS
 
     from pytest_miles.models.quantized_checkpoints import sglang_fp8_config

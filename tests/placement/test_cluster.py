@@ -239,7 +239,8 @@ def test_local_head_is_shut_down_after_the_session_even_when_a_test_fails(pytest
 def test_malformed_runtime_env_and_env_are_named_and_left_untouched(ray_cluster):
     runtime_env = {"env_vars": {"NCCL_ALGO": "Ring", "MILES_STEPS": 4}}
     snapshot = {"env_vars": dict(runtime_env["env_vars"])}
-    with pytest.raises(ClusterError, match=r"runtime_env\['env_vars'\]\['MILES_STEPS'\] for node .*: 4 is not a string"):
+    with pytest.raises(ClusterError,
+                       match=r"runtime_env\['env_vars'\]\['MILES_STEPS'\] for node .*: 4 is not a string"):
         run_on_every_worker(ray_cluster, probes.identity, runtime_env=runtime_env)
     assert runtime_env == snapshot
     with pytest.raises(ClusterError, match=r"runtime_env\['env_vars'\] for node .*: expected a dict, got list"):

@@ -111,7 +111,8 @@ def _run(sc: Scenario, root: Path) -> Scenario:
         proc = subprocess.Popen(
             [sys.executable, "-c", DEFAULT_SIGNALS, sys.executable, "-m", "pytest",
              f"{root / 'test_inner.py'}::{sc.test}", "-p", "no:cacheprovider",
-             "-p", "no:randomly", "-p", "no:hypothesispytest", "-p", "no:benchmark", "--rootdir", str(root), f"--basetemp={root / ('bt-' + sc.name)}", *sc.args],
+             "-p", "no:randomly", "-p", "no:hypothesispytest", "-p", "no:benchmark", "--rootdir", str(root),
+             f"--basetemp={root / ('bt-' + sc.name)}", *sc.args],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     ports: set[int] = set()
     try:
@@ -125,7 +126,8 @@ def _run(sc: Scenario, root: Path) -> Scenario:
             time.sleep(0.2)
         else:
             if proc.poll() is None:
-                raise AssertionError(f"{sc.name}: the session was not ready within 150 s; log:\n{log.read_text()[-3000:]}")
+                raise AssertionError(f"{sc.name}: the session was not ready within 150 s; "
+                                     f"log:\n{log.read_text()[-3000:]}")
         if proc.poll() is not None:
             raise AssertionError(f"{sc.name}: the session ended (exit {proc.returncode}) before its processes were up; "
                                  f"log:\n{log.read_text()[-3000:]}")

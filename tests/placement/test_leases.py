@@ -66,7 +66,8 @@ def test_separate_pytest_processes_never_hold_the_same_gpu(pytester, monkeypatch
     pytester.makepyfile(INNER)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider", "--miles-gpu-class=h100",
            "--miles-gpu-lease=on", "-k", "0 or 1", str(pytester.path)]
-    procs = [subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
     outs = [p.communicate(timeout=150)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     rows = _intervals(record)

@@ -139,7 +139,8 @@ def test_override_precedence_cli_over_env_over_ini(pytester, monkeypatch):
     (["--miles-gpu-class=tpu9"], "", "--miles-gpu-class: GPU class override 'tpu9': unknown 'tpu9'"),
     ([], "miles_gpu_class = h100x\n", "GPU class override 'h100x': unknown 'h100x'"),
     ([], "miles_require_gpu = maybe\n", "tox.ini: 'maybe' is not a boolean"),
-    (["--miles-engine=vllm"], "", "option --miles-engine: 'vllm' is not one of reference, reference-server, sglang, sglang-offline"),
+    (["--miles-engine=vllm"], "",
+     "option --miles-engine: 'vllm' is not one of reference, reference-server, sglang, sglang-offline"),
 ])
 def test_bad_settings_are_usage_errors(pytester, args, ini, message):
     pytester.makepyfile("def test_x(): pass")

@@ -187,7 +187,8 @@ def test_weight_sync_divergence_reads_the_pushed_weights(straight):
     """The weights pushed to the engine are an HF checkpoint: a difference is named by tensor
     and index from the files (pytest_miles.checks reads the safetensors)."""
     c = copy.deepcopy(straight)
-    c.records[0].weights, c.records[0].weights_manifest = straight.records[1].weights, straight.records[1].weights_manifest
+    c.records[0].weights = straight.records[1].weights
+    c.records[0].weights_manifest = straight.records[1].weights_manifest
     found = first_divergence(straight, c)
     assert (found.iteration, found.stage) == (1, "weight_sync"), found
     assert "tensor " in found.item and "first at [" in found.detail, found.render()

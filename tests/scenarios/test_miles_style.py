@@ -28,7 +28,8 @@ def test_the_plain_script_runs_the_helpers_without_pytest():
     result = subprocess.run([sys.executable, str(SCRIPT), "--trials", "3"], capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    for line in ("PASS deterministic train env", "PASS batch invariance [single] on reference", "PASS checkpoints equal"):
+    for line in ("PASS deterministic train env", "PASS batch invariance [single] on reference",
+                 "PASS checkpoints equal"):
         assert line in result.stdout
 
 
@@ -43,11 +44,13 @@ def test_sglang_tp_setting_in_the_training_env_is_named_with_the_fix(tmp_path, c
 
 
 def test_ring_passes_and_says_what_sglang_sets_for_itself(capsys):
-    main(["doctor", "--train-env-vars", json.dumps(deterministic_env_vars()), "--sglang-tp", "4", "--gpu-class", "none"])
+    main(["doctor", "--train-env-vars", json.dumps(deterministic_env_vars()), "--sglang-tp", "4",
+          "--gpu-class", "none"])
     out = capsys.readouterr().out
     # (torch's in-process deterministic flag is reported too when another test imported torch here)
     assert [ln for ln in out.splitlines() if ln.startswith("[FAIL]") and "torch deterministic" not in ln] == []
-    assert "Ring passes Megatron's validator; SGLang sets NCCL_ALGO=allreduce:tree in its own server process with TP=4" in out
+    assert ("Ring passes Megatron's validator; SGLang sets NCCL_ALGO=allreduce:tree in its own server process "
+            "with TP=4") in out
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -116,7 +116,8 @@ def test_te_config_from_the_trainers_config(precision):
     assert cfg.bf16 and cfg.params_dtype == torch.bfloat16 and cfg.attention_backend == AttnBackend.unfused
     assert {k: str(getattr(cfg, k).value if hasattr(getattr(cfg, k), "value") else getattr(cfg, k))
             for k in RECIPES[precision]} == RECIPES[precision]
-    assert (cfg.fp8 is None) == ("fp8" not in RECIPES[precision]) and (cfg.fp4 is None) == ("fp4" not in RECIPES[precision])
+    assert (cfg.fp8 is None) == ("fp8" not in RECIPES[precision])
+    assert (cfg.fp4 is None) == ("fp4" not in RECIPES[precision])
 
 
 def test_fp8_blockwise_ranks_get_fp32_scales(monkeypatch):

@@ -151,14 +151,24 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
 
     t0 = time.perf_counter()
     record = LoopRecord(
-        iteration=iteration, prompts=prompts, sampling_seeds=seeds, tokens=tokens,
+        iteration=iteration,
+        prompts=prompts,
+        sampling_seeds=seeds,
+        tokens=tokens,
         logprob_bits=[[[float(x).hex() for x in row] for row in group] for group in lps],
-        rewards=rewards, advantages=advantages, train_logprob_bits=train_lps,
+        rewards=rewards,
+        advantages=advantages,
+        train_logprob_bits=train_lps,
         train_rollout_logprob_abs_diff=sum(diffs) / len(diffs) if diffs else 0.0,
-        loss_bits=out["loss"], grad_norm_bits=out["grad_norm"], checkpoint=str(ckpt),
+        loss_bits=out["loss"],
+        grad_norm_bits=out["grad_norm"],
+        checkpoint=str(ckpt),
         checkpoint_manifest=_manifest(ckpt, work_dir / "manifests" / f"checkpoint-{iteration:07d}.json"),
-        weights=str(weights), weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
-        seconds=sec, sync=sync)
+        weights=str(weights),
+        weights_manifest=_manifest(weights, work_dir / "manifests" / f"weights-{iteration:07d}.json"),
+        seconds=sec,
+        sync=sync,
+    )
     sec["manifests"] = time.perf_counter() - t0
     return record
 
@@ -180,8 +190,9 @@ def host_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def run_loop(engine, session, cfg: LoopConfig, work_dir: str | Path, first: int, last: int,
-             threads: int | None = None) -> list[LoopRecord]:
+def run_loop(
+    engine, session, cfg: LoopConfig, work_dir: str | Path, first: int, last: int, threads: int | None = None
+) -> list[LoopRecord]:
     """Iterations first..last (1-based, inclusive) on a live engine and trainer session. The
     engine must already hold the weights iteration `first` starts from."""
     work_dir = Path(work_dir)
