@@ -155,8 +155,8 @@ def user_model(model_dir: str | Path):
 
 def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, work_dir: str | Path,
                            config=None, model_dir: str | Path | None = None, sequences: int = 4, prompt_len: int = 16,
-                           max_new_tokens: int = 32,
-                           seed: int = 0, tolerance: float | None = None, record: Callable[..., Any] | None = None,
+                           max_new_tokens: int = 32, seed: int = 0, tolerance: float | None = None,
+                           record: Callable[..., Any] | None = None,
                            trainer_kwargs: dict[str, Any] | None = None) -> CellReport:
     """Measure one (rollout, train) cell end to end; `cell` is a precision.Cell or (rollout, train).
 
@@ -211,33 +211,17 @@ def measure_precision_cell(cell, engine_factory, trainer_factory, *, hardware, w
     drift = drift_between(rollout, train, [o.logprobs for o in outs], train_lp, f"end-to-end: {engine.name}")
     from pytest_miles.checks.parity import ParityRecord, compare_parity
 
-    parity = compare_parity(
-        [ParityRecord(p, o.output_ids, o.logprobs, lp) for p, o, lp in zip(prompts, outs, train_lp)],
-        {
-            "model": f"hidden{cfg.hidden_size}",
-            "rollout": rollout,
-            "train": train,
-            "backend": (engine.server_info() if hasattr(engine, "server_info") else {}).get("attention_backend"),
-            "tp": 1,
-        },
-    )
+    backend = (engine.server_info() if hasattr(engine, "server_info") else {}).get("attention_backend")
+    records = [ParityRecord(p, o.output_ids, o.logprobs, lp) for p, o, lp in zip(prompts, outs, train_lp)]
+    parity = compare_parity(records, {"model": f"hidden{cfg.hidden_size}", "rollout": rollout, "train": train,
+                                      "backend": backend, "tp": 1})
     reference = measure_logprob_drift(rollout, train, config=cfg, seed=seed)
     # How peaked the model is, for reading the figure: a near-uniform model hides precision drift, a
     # saturated one (the sampled token's logprob ~0, others far below) turns any rounding into a flip.
     rollout_lp = [x for o in outs for x in o.logprobs]
-    report = CellReport(
-        drift,
-        sequences,
-        tolerance,
-        reference,
-        {
-            **facts,
-            "rollout_checkpoint": str(serve_dir),
-            "engine": engine.name,
-            "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4),
-        },
-        parity,
-    )
+    report = CellReport(drift, sequences, tolerance, reference,
+                        {**facts, "rollout_checkpoint": str(serve_dir), "engine": engine.name,
+                         "rollout_mean_logprob": round(sum(rollout_lp) / max(len(rollout_lp), 1), 4)}, parity)
     if record is not None:
         record(f"precision cell rollout={rollout} x train={train} (end to end)", **report.figures())
     return report
