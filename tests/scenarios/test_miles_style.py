@@ -63,15 +63,15 @@ def test_bad_runtime_env_names_the_file(tmp_path, capsys, content, expected):
     f.write_text(content)
     assert main(["doctor", "--runtime-env", str(f)]) == 2
     err = capsys.readouterr().err
-    assert f"--runtime-env {f}" in err and expected in err
+    assert str(f) in err and "--runtime-env" in err and expected in err  # the file and the option named
     with pytest.raises(EnvInputError, match="--runtime-env"):
         load_runtime_env(str(f))
 
 
 def test_bad_train_env_vars_and_missing_file_are_named(tmp_path):
-    with pytest.raises(EnvInputError, match=r"--train-env-vars: not valid JSON"):
+    with pytest.raises(EnvInputError, match=r"--train-env-vars .*: not valid JSON"):
         parse_train_env_vars("NCCL_ALGO=Ring")
-    with pytest.raises(EnvInputError, match=r"--runtime-env .*missing.json: cannot be read"):
+    with pytest.raises(EnvInputError, match=r"missing.json: --runtime-env .*no such file"):
         load_runtime_env(str(tmp_path / "missing.json"))
 
 
