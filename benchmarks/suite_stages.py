@@ -9,7 +9,8 @@ whole run (the baseline is the cold run of the same invocation).
 
 A run's own pytest args follow `--`. Without a GPU it measures the embedded default (reference
 engine, megatron-core on gloo), where there are no kernels to compile: cold and warm then differ only
-by noise. With `--cold-only` the second run is left out.
+by noise. With `--cold-only` the second run is left out; `--warm-only` runs only the second, over the cache a
+`--cold-only` run left in the same --out (so that other work can come between the two).
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="folder for the logs and reports (default: a temporary one)")
     ap.add_argument("--profile", default="full", choices=("full", "commit"))
     ap.add_argument("--cold-only", action="store_true")
+    ap.add_argument("--warm-only", action="store_true",
+                    help="only the warm run, over the kernel cache an earlier --cold-only run left in --out")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="miles-suite-stages-"))
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "kernel-cache"
-    runs = {"cold": run_suite(out, "cold", cache, args.profile, args.pytest_args)}
+    runs = {} if args.warm_only else {"cold": run_suite(out, "cold", cache, args.profile, args.pytest_args)}
     if not args.cold_only:
         runs["warm"] = run_suite(out, "warm", cache, args.profile, args.pytest_args)
     table = {name: stages(r["data"]) for name, r in runs.items()}
@@ -66,13 +69,13 @@ def main() -> int:
     print(f"suite stages, profile {args.profile}, args {' '.join(args.pytest_args) or '(none)'}; logs in {out}")
     print(f"{'':100} {'cold s':>8} {'warm s':>8} {'warm/cold':>9}")
     for k in keys:
-        cold, warm = table["cold"].get(k), table.get("warm", {}).get(k)
+        cold, warm = table.get("cold", {}).get(k), table.get("warm", {}).get(k)
         ratio = f"{warm / cold:9.2f}" if cold and warm is not None else " " * 9
         print(f"{k[:100]:100} {cold if cold is not None else float('nan'):8.1f} "
               f"{warm if warm is not None else float('nan'):8.1f} {ratio}")
     for name, r in runs.items():
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
-    if "warm" in runs:
+    if "warm" in runs and "cold" in runs:
         print(f"whole run warm/cold: {runs['warm']['wall'] / runs['cold']['wall']:.2f}x")
     return max(r["rc"] for r in runs.values())
 

@@ -226,7 +226,7 @@ METRIC_NAMES = {
     "generation_tokens": "sglang:generation_tokens_total",
     "cached_tokens": "sglang:cached_tokens_total",
     "requests": "sglang:num_requests_total",
-    "retractions": "sglang:num_retractions_total",
+    "retractions": "sglang:num_retracted_requests_total",  # SGLang 0.5.17 metrics_collector.py:464
     "max_running_batch": "sglang:max_running_reqs_seen",
     "chunked_prefills": "sglang:chunked_prefills_total",
     "steps": "sglang:forward_steps_total",

@@ -165,7 +165,9 @@ class ServerEngine:
             payload["top_logprobs_num"] = int(top_logprobs)
         item = self._post_stream("/generate", payload) if stream else self._post("/generate", payload)
         if not isinstance(item, dict) or "meta_info" not in item:
-            raise EngineError(f"{self.name}: /generate answered {item!r:.300}")
+            how = "a stream with no data event" if stream and item is None else f"{item!r:.300}"
+            raise EngineError(f"{self.name}: /generate ({'stream' if stream else 'whole'}) answered {how}; "
+                              f"log tail:\n{tail(self.log_path)}")
         meta = item["meta_info"]
         lps = meta["output_token_logprobs"]
         ids = item.get("output_ids") or [int(t[1]) for t in lps]

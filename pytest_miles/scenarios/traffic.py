@@ -18,10 +18,13 @@ from pytest_miles.checks.traffic import TrafficReport, compare_traffic, judge_co
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError
+from pytest_miles.placement.processes import tail
 from pytest_miles.recording import recorded
 
-# Witness -> the /metrics names that carry it (ours, then SGLang's, unverified on GPU for newer ones).
-METRICS = {"retractions": ("sglang:num_retractions_total", "sglang:num_retracted_reqs"),
+# Witness -> the /metrics names that carry it, first found wins. SGLang 0.5.17 (observability/
+# metrics_collector.py) has the retraction counter, cached_tokens_total and num_running_reqs; the
+# others are the embedded server's own (SGLang counts no chunked prefills: see _witness_delta).
+METRICS = {"retractions": ("sglang:num_retracted_requests_total", "sglang:num_retracted_reqs"),
            "cached_tokens": ("sglang:cached_tokens_total",),
            "chunked_prefills": ("sglang:chunked_prefills_total",),
            "max_running_batch": ("sglang:max_running_reqs_seen", "sglang:num_running_reqs")}
@@ -124,8 +127,10 @@ def stall_message(engine, left: int, total: int, waited: float) -> str:
     state = {k.split(":")[-1]: v for k, v in m.items()
              if k.split(":")[-1] in ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage",
                                      "max_total_num_tokens")}
+    log = getattr(engine, "log_path", None)
+    said = f"; its log ends:\n{tail(log, 15)}" if log else ""
     return (f"stall under load: {left} of {total} requests unfinished and none finished for {waited:.0f} s; "
-            f"the engine says: {state or 'nothing (no /metrics)'}")
+            f"the engine says: {state or 'nothing (no /metrics)'}{said}")
 
 
 def _log_size(engine) -> int:

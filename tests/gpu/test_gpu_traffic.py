@@ -1,10 +1,8 @@
 """Real SGLang under production-like traffic on the GPU host: >= 256 concurrent requests, a small
-KV pool (--max-total-tokens) so requests are retracted, --chunked-prefill-size 512, mixed sampling,
+KV pool (--max-total-tokens) so requests are retracted, --chunked-prefill-size 128, mixed sampling,
 streaming and whole; witnesses from /metrics (--enable-metrics) and the server log. With
 determinism on every request must equal itself alone and in another arrival order; with it off the
-negative control must be caught with its variance named. Prompts longer than 512 tokens need a
-model with a long context: run with --miles-model-shape qwen2.5-0.5b (the tiny shape has 512
-positions, so chunked prefill cannot happen there and the check reports not applicable)."""
+negative control must be caught with its variance named. Run with --miles-model-shape qwen2.5-0.5b."""
 
 from __future__ import annotations
 
@@ -16,8 +14,10 @@ from pytest_miles.scenarios.traffic import assert_deterministic_under_load, traf
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
 BACKENDS = ["flashinfer", "triton"]
 REQUESTS = 256
-CHUNK = 512
-POOL = 8192  # tokens: far less than 256 requests x ~700 tokens, so the scheduler must retract
+# 2026-12-04 on the H200 (0.5B shape, 512 positions: prompts up to 432 tokens) CHUNK 512 / POOL 8192 gave
+# no chunked prefill and no retraction (140 requests ran at once): both made smaller.
+CHUNK = 128
+POOL = 4096  # tokens: far less than 256 requests x ~250 tokens, so the scheduler must retract
 
 
 def _engine(engine_factory, backend: str, deterministic: bool):

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run a list of GPU steps one after another, detached from the device call that starts it, so that a
+# chain longer than one call's limit survives; every step's log lands in $CHAIN_OUT (default
+# /tmp/gpu-chain) and `scripts/gpu-chain.sh collect` copies them to $OUT in a later call.
+#   setsid nohup bash scripts/gpu-chain.sh run FILE &   FILE: one shell command per line, "# ..." ignored
+#   bash scripts/gpu-chain.sh collect                    copy the logs so far to $OUT, print the progress
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CHAIN_OUT=${CHAIN_OUT:-/tmp/gpu-chain}
+mkdir -p "$CHAIN_OUT"
+if [ "${1:-}" = collect ]; then
+  cp -r "$CHAIN_OUT"/. "${OUT:?}"/ 2>/dev/null
+  cat "$CHAIN_OUT/progress" 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
+  for f in "$CHAIN_OUT"/step-*.log; do [ -e "$f" ] && { echo "== $f"; tail -n 4 "$f"; }; done
+  exit 0
+fi
+[ "${1:-}" = run ] || { echo "usage: gpu-chain.sh run FILE | collect"; exit 2; }
+export PYTHONPATH=/tmp/miles-gpu/site PYTHONUNBUFFERED=1
+i=0
+while IFS= read -r cmd; do
+  case "$cmd" in ''|'#'*) continue;; esac
+  i=$((i + 1)); t0=$(date +%s)
+  echo "$(date -u +%H:%M:%S) step $i start: $cmd" >> "$CHAIN_OUT/progress"
+  bash -c "$cmd" > "$CHAIN_OUT/step-$i.log" 2>&1; rc=$?
+  echo "$(date -u +%H:%M:%S) step $i rc=$rc after $(( $(date +%s) - t0 )) s" >> "$CHAIN_OUT/progress"
+done < "$2"
+echo "$(date -u +%H:%M:%S) chain done" >> "$CHAIN_OUT/progress"
