@@ -96,8 +96,8 @@ def _traffic_engine(engine_factory, miles_settings, deterministic: bool):
     require("torch", "torch")
     kind = miles_settings("engine")
     if kind.startswith("sglang"):
-        args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]), "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]),
-                "--enable-metrics")
+        args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]),
+                "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics")
         return engine_factory("sglang", deterministic=deterministic, extra_args=args)
     return engine_factory("reference-server", deterministic=deterministic, threads=1, prefix_cache=True,
                           max_total_tokens=TRAFFIC["pool"], chunked_prefill_size=TRAFFIC["chunk"])
