@@ -138,6 +138,7 @@ def test_the_node_added_by_a_test_is_gone_after_it(ray_cluster):
 """
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_as_it_starts_fails_the_probe_in_bounded_time(pytester):
     # In its own session: Ray keeps retrying to start that worker, which would slow later tests.
     pytester.makepyfile(DIES_AS_IT_STARTS)
@@ -222,6 +223,7 @@ def test_fails_with_the_cluster_up(ray_cluster):
 """
 
 
+@pytest.mark.slow
 def test_local_head_is_shut_down_after_the_session_even_when_a_test_fails(pytester, monkeypatch):
     record = pytester.path / "record.json"
     monkeypatch.setenv("MILES_TEST_RECORD", str(record))

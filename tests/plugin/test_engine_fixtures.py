@@ -24,6 +24,7 @@ def _pids_file(pytester):
     return pytester.path / "pids.txt"
 
 
+@pytest.mark.slow
 def test_engines_are_reused_and_torn_down(pytester, monkeypatch):
     record = pytester.path / "record.json"
     monkeypatch.setenv("MILES_TEST_RECORD", str(record))

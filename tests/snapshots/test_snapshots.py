@@ -144,6 +144,7 @@ def test_record(determinism_snapshot, w, i):
 """
 
 
+@pytest.mark.slow
 def test_concurrent_xdist_runs_lose_and_tear_nothing(pytester):
     pytester.makepyfile(test_snap=XDIST)
     procs = [subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider",
