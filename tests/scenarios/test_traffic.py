@@ -112,8 +112,10 @@ class StalledClient:
 def test_negative_control_a_stall_is_reported_with_the_engines_queue_and_pool(invariant):
     stalled = StalledClient(invariant)
     try:
-        with pytest.raises(AssertionError, match=r"stall under load: 1 of 4 requests unfinished .*num_queue_reqs"):
+        stall = r"stall under load: 1 of 4 requests unfinished .*num_queue_reqs"
+        with pytest.raises(AssertionError, match=stall) as exc:
             assert_deterministic_under_load(stalled, 4, seed=2, stall_timeout=1.0, **SHAPE)
+        assert "; its log ends:\n" in str(exc.value)  # the server's own words on why, when it has a log
     finally:
         stalled.gate.set()
 
