@@ -169,10 +169,29 @@ def _wait(psutil: Any, procs: list, timeout: float) -> list:
     return alive
 
 
+def _own_sessions(psutil: Any, roots: dict[int, float]) -> set[int]:
+    """The session ids of the owned roots (each was spawned as a session leader). A root that is gone
+    still names its session (orphans may live on in it), unless its pid now belongs to another process:
+    Linux frees a pid only when no process uses it as a session id any more, so a reused pid means no
+    member of our session is left, and that number is somebody else's session (seen: a concurrent
+    test's megatron rank, started in its own session with the recycled pid, killed by this sweep)."""
+    out = set()
+    for pid, created in roots.items():
+        try:
+            if psutil.Process(pid).create_time() != created:
+                continue
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.Error:
+            continue
+        out.add(pid)
+    return out
+
+
 def _kill_all(psutil: Any, tag: str, roots: dict[int, float], known: dict[int, float],
               also: list | None = None) -> None:
-    sids = set(roots)
     for sig, wait in ((signal.SIGTERM, _GRACE), (signal.SIGKILL, 3.0), (signal.SIGKILL, 2.0)):
+        sids = _own_sessions(psutil, roots)
         procs = [p for p in _sweep(psutil, tag, roots, known, sids) + (also or []) if not _dead(psutil, p)]
         if not procs:
             return
