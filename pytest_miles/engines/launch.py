@@ -56,6 +56,11 @@ class EngineSpec:
         object.__setattr__(self, "model_dir", v.model_folder("engine_factory(model=)", str(model)))
         if self.kind.startswith("sglang"):
             _tp_size(self.extra_args, self.options)  # a bad size is named now, not when GPUs are leased
+        if "dump_hidden_states" in self.options:
+            v.boolean("engine_factory(dump_hidden_states=)", self.options["dump_hidden_states"])
+            if not self.kind.startswith("sglang"):
+                raise InputError(f"engine_factory(dump_hidden_states=): an option of the SGLang engines (their tensor "
+                                 f"dump); the {self.kind!r} engine gives per-layer hidden states through hooks")
 
     @property
     def gpus(self) -> int:
@@ -91,7 +96,17 @@ def _size(where: str, value: Any) -> int:
 
 
 def make_engine(spec: EngineSpec):
-    kind, opts = spec.kind, spec.options
+    kind, opts = spec.kind, {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
+    if kind.startswith("sglang") and spec.options.get("dump_hidden_states"):  # the divergence locator's engine
+        from pytest_miles.engines.sglang_dump import SGLangDumpEngine, SGLangOfflineDumpEngine
+
+        if kind == "sglang":
+            return SGLangDumpEngine(spec.model_dir, deterministic=spec.deterministic,
+                                    attention_backend=spec.attention_backend, extra_args=spec.extra_args,
+                                    log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
+                                    request_timeout=spec.request_timeout, **opts).start()
+        return SGLangOfflineDumpEngine(spec.model_dir, deterministic=spec.deterministic,
+                                       attention_backend=spec.attention_backend, **opts)
     if kind == "reference":
         from pytest_miles.engines.reference import ReferenceEngine
 
