@@ -112,3 +112,6 @@ def test_dump_hidden_states_is_an_sglang_option(model_dir, tmp_path):
         spec("sglang", "yes")
     with pytest.raises(InputError, match="an option of the SGLang engines"):
         spec("reference", True)
+    with pytest.raises(InputError, match=r"dump_dir=\): the tensor dump's folder, accepted only with"):
+        EngineSpec("sglang", str(model_dir), True, "flashinfer", (), {"dump_dir": str(tmp_path)}, "cpu",
+                   str(tmp_path), 10.0)

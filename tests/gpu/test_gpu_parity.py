@@ -118,6 +118,7 @@ def test_locate_sglang_vs_megatron_core_tiny128_bf16(engine_factory, session, we
 
     engine = _dump_engine(engine_factory, weights)
     out = _out_dir(request, tmp_path) / "locator"
+    out.mkdir(parents=True, exist_ok=True)
     prof = locate_engine_vs_trainer(engine, session, _tokens(), out, tolerance=0.0)
     print(f"\n({'TE' if TE else 'local'} trainer)\n{prof.render()}")
     (out / "layers.json").write_text(json.dumps(prof.to_json()))
