@@ -2,9 +2,10 @@
 
 Why the dump and not `--enable-return-hidden-states`: that returns one point, the final hidden
 state (after the final norm, or before it where the model hands that over), never the layers
-(sglang 0.5.17 `layers/logits_processor.py:655-709`). The dump (`--debug-tensor-dump-output-folder`,
+(sglang 0.5.17 `layers/logits_processor.py:654-709`). The dump (`--debug-tensor-dump-output-folder`,
 0.5.17 `debug_utils/tensor_dump_forward_hook.py`) hooks every leaf module of the model plus the
-top-level `model` and writes, per rank and per forward pass, one `torch.save` file
+top-level `model` (lines 113-124: `self_attn` and `mlp` have children, so their last leaves,
+`o_proj` and `down_proj`, stand for them) and writes, per rank and per forward pass, one `torch.save` file
 `<folder>/TP{tp}_PP{pp}_Rank{rank}_pid{pid}/Pass{n:05d}.pt` (lines 40-44, 81-85): a dict of module
 name -> output moved to the CPU (a tensor; a list when the module returned several, None dropped:
 lines 49-55), plus `model.forward_batch_info.{input_ids,seq_lens,positions}` of that pass (60-69).
@@ -40,7 +41,7 @@ from typing import Any
 from pytest_miles.engines.base import EngineError
 from pytest_miles.engines.server import SGLangEngine
 from pytest_miles.engines.sglang_offline import SGLangOfflineEngine
-from pytest_miles.errors import InputError
+from pytest_miles.errors import CheckpointError, InputError
 
 FOLDER_FLAG = "--debug-tensor-dump-output-folder"
 LAYERS_FLAG = "--debug-tensor-dump-layers"
@@ -130,7 +131,14 @@ def to_points(raw: dict, num_layers: int | None = None) -> dict[str, Any]:
 
 def _matching_run(files: list[Path], tokens: list[int]) -> list[tuple[Path, dict]] | None:
     """The consecutive passes of one stage whose input ids, joined, are `tokens` (the latest such)."""
-    loaded = [(f, _load(f)) for f in files]
+    loaded = []
+    for i, f in enumerate(files):
+        try:
+            loaded.append((f, _load(f)))
+        except CheckpointError:
+            if i < len(files) - 1:
+                raise
+            break  # the newest file may still be being written (torch.save is not atomic): read it next time
     ids = [_ids(raw, f) for f, raw in loaded]
     for start in range(len(loaded) - 1, -1, -1):
         got: list[int] = []
@@ -218,7 +226,7 @@ class SGLangDumpEngine(SGLangEngine):
         """Per layer point the [tokens, hidden] output of one prefill of `tokens` (module docstring)."""
         before = _before(self.dump_dir, tokens)
         self._post("/generate", {"input_ids": [int(t) for t in tokens], "sampling_params": dict(PROBE)})
-        return read_points(self.dump_dir, list(tokens), skip=before, num_layers=self.num_layers)
+        return _read_and_drop(self.dump_dir, tokens, before, self.num_layers, self._own_dump)
 
     def close(self) -> None:
         super().close()
@@ -244,7 +252,7 @@ class SGLangOfflineDumpEngine(SGLangOfflineEngine):
     def hidden_states(self, tokens: list[int]) -> dict:
         before = _before(self.dump_dir, tokens)
         self._engine.generate(input_ids=[int(t) for t in tokens], sampling_params=dict(PROBE))
-        return read_points(self.dump_dir, list(tokens), skip=before, num_layers=self.num_layers)
+        return _read_and_drop(self.dump_dir, tokens, before, self.num_layers, self._own_dump)
 
     def _drop_dump(self) -> None:
         if self._own_dump:
@@ -262,3 +270,13 @@ def _before(folder: Path, tokens: list[int]) -> set[Path]:
         raise InputError(f"hidden_states(tokens): {str(tokens)[:80]} is not accepted; expected a non-empty list of "
                          "token ids (non-negative integers)")
     return set(pass_files(folder))
+
+
+def _read_and_drop(folder: Path, tokens: list[int], before: set[Path], num_layers: int | None, own: bool) -> dict:
+    """read_points, then (in a folder the engine owns) the pass files seen so far are deleted: every
+    decode step writes one, and a 24-layer model's prefill of 32 tokens is tens of MB."""
+    points = read_points(folder, list(tokens), skip=before, num_layers=num_layers)
+    if own:
+        for f in pass_files(folder):
+            f.unlink(missing_ok=True)
+    return points

@@ -66,6 +66,17 @@ def test_a_chunked_prefill_is_joined_and_old_passes_skipped(records, tmp_path):
         read_points(tmp_path, TOKENS, skip={first, second}, wait=0)
 
 
+def test_a_pass_file_still_being_written_is_waited_for_not_misread(records, tmp_path):
+    ours, warm = records
+    write_pass(tmp_path, 0, sglang_pass(ours, TOKENS, LAYERS))
+    later = write_pass(tmp_path, 1, sglang_pass(warm, [1, 2, 3], LAYERS))
+    later.write_bytes(later.read_bytes()[:300])  # torch.save half way through the next pass
+    assert len(read_points(tmp_path, TOKENS, num_layers=LAYERS, wait=0)) == len(ours) - 1
+    with pytest.raises(MilesError, match="Pass00001.pt"):  # a damaged file before the newest is named
+        write_pass(tmp_path, 2, sglang_pass(warm, [1, 2, 3], LAYERS))
+        read_points(tmp_path, TOKENS, num_layers=LAYERS, wait=0)
+
+
 class _Planted:
     def __init__(self, marker: str) -> None:
         self.marker = marker
