@@ -13,8 +13,10 @@ session (TransformerEngine bf16 where it is importable, else the local spec) for
   named at layer 1 mlp.
 Each test starts at most one SGLang engine (the engine factory keeps one live per configuration).
 
-Run on the H200: `scripts/gpu-host.sh` set up as for tests/gpu/test_gpu_te.py, then
-`python -m pytest -p no:cacheprovider tests/gpu/test_gpu_parity.py -v -s --miles-report /tmp/parity/report.json`
+Run on the H200 (after `scripts/gpu-host.sh install`, and te-stash/te-install for the TE trainer):
+`scripts/gpu-host.sh parity locate` (one device call each, logs and reports under $OUT), or the
+whole module: `python -m pytest -p no:cacheprovider tests/gpu/test_gpu_parity.py -v -s -rs
+--miles-require-gpu --miles-report /tmp/parity/report.json`
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def test_sglang_vs_megatron_core_tiny128_bf16(engine_factory, session, weights, 
     backend = engine.server_info().get("attention_backend")
     key = {"model": "tiny128", "rollout": "bf16", "train": "bf16", "backend": str(backend), "tp": 1}
     out = _out_dir(request, tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
     reports = []
     for run in range(RUNS):
         prompts = prompts_for(LoopConfig(seed=100 + run, vocab_size=TINY128.vocab_size, prompt_len=(8, 24)), 1)
