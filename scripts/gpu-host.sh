@@ -3,7 +3,8 @@
 #   scripts/gpu-host.sh stash K      copy wheelhouse part K into /tmp/miles-gpu (once per part)
 #   scripts/gpu-host.sh install      install the stashed wheels, then this checkout (editable)
 #   scripts/gpu-host.sh STEP...      foundation | trainer | engines-<backend> | bench-engines | snapshots |
-#                                    leases | ownership | loop | iterations | suite | caps-<backend> | caps-05b-<backend>   (logs go to $OUT)
+#                                    leases | ownership | loop | iterations | suite | caps-<backend> | caps-05b-<backend> |
+#                                    parity | locate   (logs go to $OUT)
 #   scripts/gpu-host.sh te-stash K   copy TransformerEngine kit part K (.te/, ../shared/gpu/build-te.sh) to /tmp/miles-te
 #   scripts/gpu-host.sh te-install   build/install TE 2.17.1 into /tmp/miles-te/site, environment in /tmp/miles-te/env.sh
 #   scripts/gpu-host.sh te-trainer | te-serve | te-cells | te-cells-0.5b | te-fused   (issue #16; after te-install on the same host)
@@ -122,6 +123,14 @@ for step in "$@"; do
         --miles-require-gpu --miles-gpu-lease on 2>&1 | tee "$OUT/multigpu.log" || rc=1
       timeout 300 $PY -m pytest tests/gpu/test_gpu_leases.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee -a "$OUT/multigpu.log" || rc=1 ;;
+    parity|locate)  # tiny128 bf16, SGLang x megatron-core (TE when te-install ran): parity reports | the locator
+      sel="not locate"; [ "$step" = locate ] && sel="locate"  # one SGLang start each (locate: the tensor-dump engine)
+      mkdir -p "$OUT/$step"
+      ( [ -e "$TE_STASH/env.sh" ] && . "$TE_STASH/env.sh"
+        timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_parity.py -k "$sel" -v -s -rs -p no:cacheprovider \
+          -p no:randomly --miles-require-gpu --miles-report "$OUT/$step/report.json" --basetemp=/tmp/miles-bt-$step
+      ) 2>&1 | tee "$OUT/$step.log" || rc=1
+      cp /tmp/miles-bt-$step/engine-logs*/*.log "$OUT/" 2>/dev/null ;;
     suite)
       timeout 580 $PY -m pytest_miles.cli suite -v -rs --miles-engine=sglang --miles-report "$OUT/suite-report.json" \
         2>&1 | tee "$OUT/suite.log" || rc=1 ;;

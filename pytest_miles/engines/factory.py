@@ -111,7 +111,8 @@ class EngineFactory:
 
     def _mark_warm(self, spec: EngineSpec, eng: Any) -> None:
         seconds = getattr(eng, "startup_seconds", None)
-        if spec.kind == "sglang" and self.kernel_cache_dir and self._cache_key is not None and seconds:
+        if (spec.kind == "sglang" and self.kernel_cache_dir and self._cache_key is not None and seconds
+                and not spec.options.get("dump_hidden_states")):  # the dump engine captures no CUDA graphs
             from pytest_miles.facts.kernel_caches import mark_warm
 
             mark_warm(self.kernel_cache_dir, self._cache_key(), spec.kind, spec.attention_backend, seconds)

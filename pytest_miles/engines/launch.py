@@ -56,6 +56,7 @@ class EngineSpec:
         object.__setattr__(self, "model_dir", v.model_folder("engine_factory(model=)", str(model)))
         if self.kind.startswith("sglang"):
             _tp_size(self.extra_args, self.options)  # a bad size is named now, not when GPUs are leased
+        _dump_options(self.kind, self.options)
 
     @property
     def gpus(self) -> int:
@@ -64,6 +65,18 @@ class EngineSpec:
         if not (self.kind.startswith("sglang") or self.device == "cuda"):
             return 0
         return max(1, _tp_size(self.extra_args, self.options)) if self.kind.startswith("sglang") else 1
+
+
+def _dump_options(kind: str, options: dict[str, Any]) -> None:
+    """dump_hidden_states (a bool, SGLang engines only) and dump_dir (only with it)."""
+    if "dump_hidden_states" in options:
+        v.boolean("engine_factory(dump_hidden_states=)", options["dump_hidden_states"])
+        if not kind.startswith("sglang"):
+            raise InputError(f"engine_factory(dump_hidden_states=): an option of the SGLang engines (their tensor "
+                             f"dump); the {kind!r} engine gives per-layer hidden states through hooks")
+    if "dump_dir" in options and options.get("dump_hidden_states") is not True:
+        raise InputError("engine_factory(dump_dir=): the tensor dump's folder, accepted only with "
+                         "dump_hidden_states=True")
 
 
 TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
@@ -91,7 +104,17 @@ def _size(where: str, value: Any) -> int:
 
 
 def make_engine(spec: EngineSpec):
-    kind, opts = spec.kind, spec.options
+    kind, opts = spec.kind, {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
+    if kind.startswith("sglang") and spec.options.get("dump_hidden_states"):  # the divergence locator's engine
+        from pytest_miles.engines.sglang_dump import SGLangDumpEngine, SGLangOfflineDumpEngine
+
+        if kind == "sglang":
+            return SGLangDumpEngine(spec.model_dir, deterministic=spec.deterministic,
+                                    attention_backend=spec.attention_backend, extra_args=spec.extra_args,
+                                    log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
+                                    request_timeout=spec.request_timeout, **opts).start()
+        return SGLangOfflineDumpEngine(spec.model_dir, deterministic=spec.deterministic,
+                                       attention_backend=spec.attention_backend, **opts)
     if kind == "reference":
         from pytest_miles.engines.reference import ReferenceEngine
 

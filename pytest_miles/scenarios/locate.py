@@ -19,7 +19,8 @@ def locate_engine_vs_trainer(engine, session, tokens: list[int], work_dir: str |
         raise InputError("locate_engine_vs_trainer(tokens): expected a non-empty list of token ids")
     if not hasattr(engine, "hidden_states"):
         raise NotApplicable(f"{getattr(engine, 'name', engine)}: this engine exposes no per-layer hidden states "
-                            "(the embedded engines do through hooks)")
+                            "(the embedded engines do through hooks; an SGLang engine started with "
+                            "engine_factory(\"sglang\", dump_hidden_states=True) does through SGLang's tensor dump)")
     work = Path(work_dir)
     mine = engine.hidden_states(list(tokens))
     theirs = session.hidden_states(list(tokens), work / "trainer-points.safetensors")

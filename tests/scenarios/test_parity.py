@@ -147,3 +147,52 @@ def test_locator_two_trainer_runs_step_and_phase(session, weights, tmp_path):
     assert same.step is None and "agree at every point of 2 steps" in same.answer()
     assert (found.step, found.phase, found.profile.first["name"]) == (2, "backward", "logits"), found.answer()
     assert found.answer().startswith("step 2, backward, logits first differs")
+
+
+class _ReferenceInSGLangDumpLayout:
+    """The reference engine's prefill written in the layout SGLang's tensor dump writes (hidden and
+    residual apart, one torch.save file per pass) and read back by SGLang's dump reader: the SGLang
+    side of the locator (names, the fused residual, the pass picked by its ids) on CPU. Not SGLang."""
+
+    name = "reference in SGLang's dump layout"
+
+    def __init__(self, engine: ReferenceEngine, folder) -> None:
+        self.engine, self.folder, self.passes = engine, folder, 0
+
+    def hidden_states(self, tokens: list[int]) -> dict:
+        from pytest_miles.engines.sglang_dump import pass_files, read_points
+        from tests.helpers.sglang_dump import sglang_pass, write_pass
+
+        before = set(pass_files(self.folder))
+        write_pass(self.folder, self.passes, sglang_pass(self.engine.hidden_states(tokens), tokens,
+                                                         CFG.num_hidden_layers))
+        self.passes += 1
+        return read_points(self.folder, tokens, skip=before, num_layers=CFG.num_hidden_layers, wait=0)
+
+
+def test_locator_through_the_sglang_dump_reader_names_a_trainer_fault(session, weights, tmp_path):
+    """Engine side through the SGLang dump reader, trainer side megatron-core: the same weights
+    agree at every point both sides have (the logits are not in SGLang's dump); a 1% scale planted
+    in the trainer's layer 1 MLP down projection (negative control) is named at layer 1 mlp."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pytest_miles.scenarios.locate import locate_engine_vs_trainer
+
+    engine = _ReferenceInSGLangDumpLayout(ReferenceEngine(weights, deterministic=True), tmp_path / "dump")
+    clean = locate_engine_vs_trainer(engine, session, TOKENS, tmp_path / "clean", tolerance=1e-4, plot=False)
+    assert clean.first is None and len(clean.rows) == 12 and clean.only_one_side == ["logits"], clean.render()
+    planted = tmp_path / "planted"
+    shutil.copytree(weights, planted)
+    f = next(planted.glob("*.safetensors"))
+    state = load_file(f)
+    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"] * 1.01
+    save_file(state, str(f))
+    try:
+        session.reset(planted)
+        prof = locate_engine_vs_trainer(engine, session, TOKENS, tmp_path / "p", tolerance=1e-4, plot=False)
+    finally:
+        session.reset(weights)
+    assert prof.first["name"] == "layers.1.mlp", prof.render()
+    assert [r["name"] for r in prof.rows if r["max_abs"] > 1e-4] == ["layers.1.mlp", "layers.1.output", "final_norm"]
