@@ -11,10 +11,11 @@ from dataclasses import asdict
 
 import pytest
 
+from pytest_miles import measure_routing_replay
 from pytest_miles.engines.base import SamplingParams
 from pytest_miles.engines.reference import ReferenceEngine
 from pytest_miles.models.moe import MOE_SHAPES, write_moe_checkpoint
-from pytest_miles.scenarios.routing_replay import measure_routing_replay, nudge_router
+from pytest_miles.scenarios.routing_replay import nudge_router
 
 pytestmark = [pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core not installed"),
               pytest.mark.timeout(300)]
