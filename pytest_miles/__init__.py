@@ -41,6 +41,7 @@ _EXPORTS = {
     "assert_logprob_drift": "checks.drift",
     "measure_precision_cell": "scenarios.precision_cells",
     "measure_parity": "scenarios.parity",
+    "measure_routing_replay": "scenarios.routing_replay",
     "assert_parity": "checks.parity",
     "compare_parity": "checks.parity",
     "ParityRecord": "checks.parity",

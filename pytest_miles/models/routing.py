@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pytest_miles.errors import InputError
+
 
 @dataclass(frozen=True)
 class RoutingRecord:
@@ -63,3 +65,40 @@ def record_from_layers(source: str, experts_by_layer: list, probs_by_layer: list
     return RoutingRecord(source=source, experts=tuple(tuple(t) for t in experts),
                          scores=None if scores is None else tuple(tuple(t) for t in scores),
                          tokens=None if tokens is None else tuple(int(t) for t in tokens))
+
+
+def replay_experts(records, samples: list[dict], num_layers: int, num_experts: int, topk: int) -> list[list]:
+    """The routing each sample's forward must replay, checked against the model: one RoutingRecord
+    per sample, num_layers layers, top-k distinct expert ids in [0, num_experts) per token and layer,
+    and either every token of the sample or all but its last (what a rollout engine forwarded: the
+    last sampled token never went through the model; the trainer's routing of it reaches no scored
+    logprob). As JSON: [sample][token][layer] -> expert ids. InputError naming what and what is accepted."""
+    if not isinstance(records, (list, tuple)) or len(records) != len(samples):
+        n = len(records) if isinstance(records, (list, tuple)) else type(records).__name__
+        raise InputError(f"routing replay: {n} records for {len(samples)} samples; expected a list of one "
+                         "RoutingRecord per sample, in the samples' order")
+    out = []
+    for i, (rec, s) in enumerate(zip(records, samples)):
+        where = f"routing replay, sample {i}"
+        if not isinstance(rec, RoutingRecord):
+            raise InputError(f"{where}: {type(rec).__name__} is not accepted; expected a RoutingRecord "
+                             "(an engine's routing, decode_routed_experts, a trainer's routing record)")
+        n = len(s["tokens"])
+        if rec.num_tokens not in (n, n - 1):
+            raise InputError(f"{where}: the record holds {rec.num_tokens} tokens; the sample has {n}, and "
+                             f"{n} or {n - 1} (all but the last) are accepted")
+        if rec.tokens is not None and tuple(rec.tokens) != tuple(s["tokens"])[:len(rec.tokens)]:
+            raise InputError(f"{where}: the record routed other token ids than the sample's; expected the "
+                             "rollout's routing of these very tokens")
+        for t, row in enumerate(rec.experts):
+            if len(row) != num_layers:
+                raise InputError(f"{where}, token {t}: {len(row)} layers; the model has {num_layers} MoE layers "
+                                 "and exactly that many are accepted")
+            for layer, experts in enumerate(row):
+                bad = [e for e in experts if not 0 <= e < num_experts]
+                if len(set(experts)) != topk or len(experts) != topk or bad:
+                    raise InputError(f"{where}, token {t}, layer {layer}: experts {list(experts)}; accepted: "
+                                     f"{topk} distinct expert ids in 0..{num_experts - 1} (top-{topk} of "
+                                     f"{num_experts} experts)")
+        out.append([[list(e) for e in row] for row in rec.experts])
+    return out

@@ -100,6 +100,17 @@ def _train(r: Rank, cmd: dict) -> dict:
     return out
 
 
+def _replaying(r: Rank, cmd: dict):
+    """The forward inside replays cmd["replay"] (experts[sample][token][layer]) when given."""
+    from pytest_miles.trainers.moe_router import replay_targets, replaying
+
+    experts = cmd.get("replay")
+    if experts is None:
+        return replaying(r.model, None)
+    width = max(len(s["tokens"]) for s in cmd["samples"])
+    return replaying(r.model, replay_targets(experts, width, r.spec["model"]["moe_router_topk"]))
+
+
 def handle(r: Rank, cmd: dict) -> dict:
     import torch
 
@@ -112,7 +123,7 @@ def handle(r: Rank, cmd: dict) -> dict:
         return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows]}
     if op == "score":  # logprobs with the ids and positions they were taken at (train-rollout parity)
         where: list = []
-        with torch.no_grad():
+        with torch.no_grad(), _replaying(r, cmd):
             rows = _response_logprobs(r, cmd["samples"], where)
         return {"logprobs": [[float(x).hex() for x in row.double().tolist()] for row in rows],
                 "targets": [t for t, _ in where], "positions": [p for _, p in where]}
@@ -134,7 +145,7 @@ def handle(r: Rank, cmd: dict) -> dict:
 
         samples = cmd["samples"]
         tokens, mask, pos = _batch(r, samples)
-        with torch.no_grad():
+        with torch.no_grad(), _replaying(r, cmd):
             return {"records": record_routing(r.model, lambda: r.model(tokens, pos, mask), "megatron-core forward",
                                               [list(s["tokens"]) for s in samples])}
     if op == "save":

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_miles.errors import TrainerError
+from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import kill_tree, tail
 
@@ -101,10 +101,12 @@ class MegatronSession:
         """Per sample ({"tokens", "prompt_len"}), the logprobs of its response tokens."""
         return [[float.fromhex(x) for x in row] for row in self.call("logprobs", samples=samples)["logprobs"]]
 
-    def score(self, samples: list[dict]) -> dict:
+    def score(self, samples: list[dict], replay: list | None = None) -> dict:
         """Per sample ({"tokens", "prompt_len"}): "logprobs" of its response tokens, the "targets"
-        (token ids) they were taken for and the input "positions" that scored them."""
-        out = self.call("score", samples=samples)
+        (token ids) they were taken for and the input "positions" that scored them. `replay`: one
+        RoutingRecord per sample (the rollout's routing), forced in every MoE layer of the forward
+        (rollout routing replay, Miles' --use-rollout-routing-replay)."""
+        out = self.call("score", samples=samples, **self._replay(samples, replay))
         return {**out, "logprobs": [[float.fromhex(x) for x in row] for row in out["logprobs"]]}
 
     def train_step(self, samples: list[dict], *, eps_clip: float = 0.2, eps_clip_high: float = 0.28,
@@ -127,12 +129,28 @@ class MegatronSession:
 
         return load_file(self.call("trace", tokens=list(tokens), path=str(path))["path"])
 
-    def routing(self, samples: list[dict]) -> list:
+    def routing(self, samples: list[dict], replay: list | None = None) -> list:
         """The experts each sample's tokens go to in each MoE layer, from one forward (no step):
-        one RoutingRecord per sample (its "tokens")."""
+        one RoutingRecord per sample (its "tokens"); with `replay` (as in score), the experts the
+        forward was made to use."""
         from pytest_miles.models.routing import RoutingRecord
 
-        return [RoutingRecord.from_json(x) for x in self.call("routing", samples=samples)["records"]]
+        out = self.call("routing", samples=samples, **self._replay(samples, replay))
+        return [RoutingRecord.from_json(x) for x in out["records"]]
+
+    def _replay(self, samples: list[dict], replay: list | None) -> dict:
+        from pytest_miles.models.routing import replay_experts
+
+        if replay is None:
+            return {}
+        m = self.trainer.model
+        if not m.num_moe_experts:
+            raise InputError("routing replay: the trainer's model is dense (no router); a mixture-of-experts "
+                             "shape (tiny-moe, qwen3-30b-a3b-2l) is accepted")
+        if getattr(self.trainer, "tp", 1) != 1:
+            raise InputError(f"routing replay: tensor parallel size {self.trainer.tp}; size 1 is accepted (the "
+                             "host router replays whole [sequence, batch] token rows)")
+        return {"replay": replay_experts(replay, samples, m.num_layers, m.num_moe_experts, m.moe_router_topk)}
 
     def save(self, save_dir: str | Path, iteration: int) -> Path:
         return Path(self.call("save", save_dir=str(save_dir), iteration=iteration)["checkpoint"])

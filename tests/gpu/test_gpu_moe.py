@@ -1,8 +1,10 @@
 """Mixture of experts on the GPU host: SGLang serving the tiny-moe shape (Qwen3-MoE, SGLang's
 qwen3_moe class) with --enable-deterministic-inference on triton and flashinfer, its routing twice
 and against megatron-core's forward on the same weights (rollout vs trainer), and megatron-core's
-MoE layer trained twice bitwise and resumed on CUDA; the realistic shape (qwen3-30b-a3b-2l: Qwen3-
-30B-A3B's layer, 2 layers, ~3.7 GB bf16 written here) in deterministic mode and its flag-off control.
+MoE layer trained twice bitwise and resumed on CUDA; rollout routing replay (SGLang's routed experts
+replayed in megatron-core's forward: the train-rollout gap with and without); the realistic shape
+(qwen3-30b-a3b-2l: Qwen3-30B-A3B's layer, 2 layers, ~3.7 GB bf16 written here) in deterministic mode
+and its flag-off control.
 
     python3 -m pytest tests/gpu/test_gpu_moe.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
         --miles-report out/moe.json
@@ -131,3 +133,33 @@ def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, 
     control = negative_control(off, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
     print(control.render(limit=4))
     assert not failed, f"qwen3-30b-a3b-2l modes failing with deterministic inference on: {failed}"
+
+
+@pytest.mark.parametrize("shape", ["tiny-moe", "qwen3-30b-a3b-2l"])
+def test_routing_replay_sglang_to_megatron(engine_factory, shape, tmp_path_factory, tmp_path):
+    """R3: SGLang (bf16, deterministic, --enable-return-routed-experts) samples and records its experts;
+    megatron-core (fp32 from the same bf16 weights) scores the samples without and with the replay."""
+    from pytest_miles.engines.routing import sglang_routing
+    from pytest_miles.models.moe import MOE_SHAPES
+    from pytest_miles.models.shapes import write_shape
+    from pytest_miles.scenarios.routing_replay import measure_routing_replay
+    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
+
+    cfg = MOE_SHAPES[shape]
+    hf = write_shape(tmp_path_factory.mktemp(shape) / "m", shape)
+    eng = _sglang(engine_factory, hf, "triton")
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=7, ignore_eos=True)
+    model = ModelArgs.qwen3_moe(cfg, seq_length=64)  # HF's rotate-half RoPE, as SGLang computes it
+    with MegatronTrainer(seed=1, model=model, device="cuda", log_dir=tmp_path / "logs").session(
+            init_hf=hf, hf_config=asdict(cfg)) as session:
+        report = measure_routing_replay(
+            eng, session, [TOKENS[:8], TOKENS[4:20], TOKENS[10:]], params=params,
+            config={"model": shape, "rollout": "bf16", "train": "fp32", "backend": "triton", "tp": 1},
+            routing=lambda t: sglang_routing(eng, t, cfg.num_hidden_layers, cfg.num_experts_per_tok))
+    print(f"\n[{shape}] " + report.render())
+    print(report.replayed.render())
+    assert report.differ_replayed == 0, report.render()
+    if report.differ_without:
+        assert report.gap(True)[0] < report.gap(False)[0], report.render()
+    else:  # routing already agreed: replay must not move a bit
+        assert report.bitwise_same == 3 * 16, report.render()
