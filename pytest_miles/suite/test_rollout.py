@@ -41,7 +41,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
                                     params=SamplingParams(temperature=0.0, max_new_tokens=8))
     where = _where(report.settings, miles_settings)
     caught, why = report.batch_variance()  # caught only for batch composition, in the reference's cache state
-    request.config.stash.setdefault(NEGATIVE, {})[mode] = (caught, where)
+    request.config.stash.setdefault(NEGATIVE, {})[mode] = (caught, f"{where} ({why})")
     from pytest_miles import plot_deviation
 
     png = plot_deviation(report.max_logprob_deviation, miles_artefact_dir / f"negative-control-{mode}.png",
