@@ -48,7 +48,8 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
                          f"negative control [{mode}] on {report.engine} ({where}): determinism off, greedy")
     deviations = ", ".join(f"bs {k}: {v:.3g}" for k, v in sorted(report.max_logprob_deviation.items()))
     miles_record(f"negative control [{mode}] on {report.engine} {where} (determinism off, greedy)",
-                 caught=report.variances.get("batch composition", 0), variance=why, logprob_deviation_by_batch_size=deviations,
+                 caught=report.variances.get("batch composition", 0), variance=why,
+                 logprob_deviation_by_batch_size=deviations,
                  startup_seconds=getattr(eng, "startup_seconds", None), settings=_compact(report.settings),
                  plot=str(png) if png else "matplotlib not installed")
     if not caught and report.passed:
