@@ -30,6 +30,7 @@ def _doctor(args: argparse.Namespace) -> int:
         if args.train_env_vars:
             run_envs.append((parse_train_env_vars(args.train_env_vars), "--train-env-vars"))
         hw = discover(override=args.gpu_class)
+        sglang = _sglang_mode(args)
     except (EnvInputError, ValueError) as exc:
         print(f"pytest-miles doctor: {exc}", file=sys.stderr)
         return 2
@@ -49,14 +50,28 @@ def _doctor(args: argparse.Namespace) -> int:
         key = cache_key(fp.to_json())
         state, detail = warm_state(cache_dir(), key)
         print(json.dumps({**as_json(findings), "fingerprint": fp.to_json(),
-                          "kernel_cache": {"state": state, "key": key, "detail": detail}}, indent=2))
+                          "kernel_cache": {"state": state, "key": key, "detail": detail},
+                          "sglang_deterministic_mode": as_json(sglang)["findings"]}, indent=2))
     else:
         print(f"pytest-miles doctor on {fp.header()}")
         for f in findings:
             print(f.line())
+        for f in sglang:  # explanations, not checks: not counted in the summary
+            print(f.line())
         print(summary(findings, hint=False))
         print(_kernel_cache_line(fp.to_json()))
     return 1 if failed else 0
+
+
+def _sglang_mode(args: argparse.Namespace) -> list:
+    """What SGLang's deterministic mode sets for the installed (or --sglang-version) SGLang and the
+    --attention-backend, from the capability data; InputError for a version the data was not read from."""
+    from pytest_miles.capabilities import installed_sglang_version, load_capabilities
+    from pytest_miles.capabilities.deterministic_mode import doctor_findings
+
+    caps = load_capabilities()
+    version = args.sglang_version or installed_sglang_version()
+    return doctor_findings(caps.applies, version, args.attention_backend, given=bool(args.sglang_version))
 
 
 def _kernel_cache_line(fingerprint: dict) -> str:
@@ -241,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check Miles' --train-env-vars JSON object of env vars")
     d.add_argument("--sglang-tp", metavar="N", type=_tp_size, default=None,
                    help="the rollout's SGLang --tp-size (TP > 1: SGLang sets its own NCCL_ALGO)")
+    d.add_argument("--sglang-version", default=None,
+                   help="explain what --enable-deterministic-inference sets in this SGLang version (one the capability "
+                   "data was read from, 0.5.17 to 0.5.23) instead of the installed one")
     d.set_defaults(func=_doctor)
 
     f = sub.add_parser("fingerprint", parents=[common], help="print what decides bitwise results here")

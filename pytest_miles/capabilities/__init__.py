@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_miles.capabilities.deterministic_mode import Applies, check_read_from, read_applies
 from pytest_miles.errors import CapabilityError  # noqa: F401  (importable here too)
 
 STATUSES = ("promised", "known_limitation", "not_applicable")
 MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
 SHAPE_KEYS = ("seed", "max_batch", "prompt_len", "min_seq_len", "model_shape")
 CELL_FIELDS = ("id", "versions", "backends", "modes", "status", "condition", "reason", "references", "verified",
-               "reproduces")
+               "reproduces", "read_from")
 SGLANG_KINDS = ("sglang", "sglang-offline")
 PACKAGED = Path(__file__).with_name("sglang.toml")
 
@@ -40,6 +41,7 @@ class Cell:
     verified: str = ""
     reproduces: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    read_from: tuple[str, ...] = ()  # "VERSION sglang/PATH.py:LINE" of the released source it was read from
 
     def matches(self, backend: str, mode: str, version: str | None) -> bool:
         from packaging.specifiers import SpecifierSet
@@ -159,19 +161,30 @@ def _cell(raw: Any, index: int, path: str) -> Cell:
     if bad:
         raise CapabilityError(f"{where}: field 'reproduces': unknown key(s) {', '.join(bad)} "
                               f"(known: {', '.join(SHAPE_KEYS)})")
+    read_from = check_read_from(raw.get("read_from", []), where, versions)
+    if read_from and verified is True:
+        raise CapabilityError(f"{where}: field 'verified': true with 'read_from': say where it ran on a GPU, or false "
+                              "(read from the released source only)")
     return Cell(str(raw["id"]), versions, backends, modes, status, raw.get("condition", ""), raw.get("reason", ""),
-                refs, "" if verified is False else ("yes" if verified is True else verified), dict(reproduces), path)
+                refs, "" if verified is False else ("yes" if verified is True else verified), dict(reproduces), path,
+                read_from)
 
 
 def read_file(path: str | Path) -> tuple[list[Cell], bool]:
     """Cells of one file, and whether it extends the packaged data ([meta] extends, default true)."""
+    cells, extends, _ = read_all(path)
+    return cells, extends
+
+
+def read_all(path: str | Path) -> tuple[list[Cell], bool, list[Applies]]:
+    """Cells, extends, and the [[applies]] tables (what deterministic mode sets) of one file."""
     from pytest_miles._files import load_toml
 
     path = str(path)
     data = load_toml(path, "capability file (a TOML file of [meta] and [[cell]] tables)", error=CapabilityError)
-    unknown = sorted(set(data) - {"meta", "cell"})
+    unknown = sorted(set(data) - {"meta", "cell", "applies"})
     if unknown:
-        raise CapabilityError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [meta], [[cell]])")
+        raise CapabilityError(f"{path}: unknown table(s) {', '.join(unknown)} (known: [meta], [[cell]], [[applies]])")
     meta = data.get("meta", {})
     if not isinstance(meta, dict):
         raise CapabilityError(f"{path}: [meta] must be a table")
@@ -191,13 +204,14 @@ def read_file(path: str | Path) -> tuple[list[Cell], bool]:
         if c.id in seen:
             raise CapabilityError(f"{path}: field 'id': {c.id!r} is used by two cells")
         seen.add(c.id)
-    return cells, extends
+    return cells, extends, read_applies(data, path)
 
 
 @dataclass
 class Capabilities:
     cells: list[Cell]
     sources: list[str]
+    applies: list[Applies] = field(default_factory=list)  # what deterministic mode sets (user's first)
 
     def lookup(self, backend: str, mode: str, version: str | None, shape: dict[str, Any] | None = None,
                engine: str = "sglang") -> Capability:
@@ -219,14 +233,16 @@ def load_capabilities(user: str | Path | None = None) -> Capabilities:
     if key not in _CACHE:
         cells: list[Cell] = []
         sources: list[str] = []
+        applies: list[Applies] = []
         extends = True
         if user is not None:
-            cells, extends = read_file(user)
+            cells, extends, applies = read_all(user)
             sources.append(str(user))
         if extends:
-            cells += read_file(PACKAGED)[0]
+            more, _, more_applies = read_all(PACKAGED)
+            cells, applies = cells + more, applies + more_applies
             sources.append(str(PACKAGED))
-        _CACHE[key] = Capabilities(cells, sources)
+        _CACHE[key] = Capabilities(cells, sources, applies)
     return _CACHE[key]
 
 

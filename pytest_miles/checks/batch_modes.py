@@ -45,6 +45,13 @@ class Run:
     def gen(self, prompts: list[list[int]]) -> list[Output]:
         return self.engine.generate(prompts, self.params)
 
+    def flush(self) -> None:
+        """Back to a cold cache (an engine without flush_cache has none to flush; the items'
+        cached_tokens still tell a cache hit apart)."""
+        flush = getattr(self.engine, "flush_cache", None)
+        if flush is not None:
+            flush()
+
 
 def _batch_size(trial: int) -> int:
     """Trial i's batch size in `single`: the CUDA-graph-crossing sizes first, then counting on."""
@@ -54,8 +61,12 @@ def _batch_size(trial: int) -> int:
 
 
 def single(r: Run) -> None:
-    """One prompt at batch sizes that cross the CUDA-graph buckets; every item compared."""
+    """One prompt at batch sizes that cross the CUDA-graph buckets; every item compared. The cache is
+    flushed before the reference and before each batch, so every item starts from the reference's
+    cache state (a warm prefix cache would otherwise pass off a cold-vs-cached difference as batch
+    variance; that is radix_cache's question)."""
     c, p = r.c, list(r.prompt) if r.prompt else r.random_prompt(r.prompt_len)
+    r.flush()
     ref = r.gen([p])[0]
     sizes = r.batch_sizes
     graphs = c.report.settings.get("disable_cuda_graph") is False  # None (unknown): assume graphs
@@ -65,6 +76,7 @@ def single(r: Run) -> None:
     for i in range(1, r.trials + 1):
         bs = sizes[(i - 1) % len(sizes)] if sizes else _batch_size(i)
         c.report.batch_sizes.append(bs)
+        r.flush()
         for item, out in enumerate(r.gen([p] * bs)):
             c.compare(ref, out, bs, item, "P")
         c.tick(i)
@@ -143,9 +155,13 @@ def p_vs_d(r: Run) -> None:
 
 
 def needle(r: Run) -> None:
-    """The prompt at a random position inside batches of other prompts."""
+    """The prompt at a random position inside batches of other prompts, each batch on a flushed cache
+    as the reference was; the prompt alone once more first (batch size 1: the reference reproduces)."""
     c, needle_prompt = r.c, list(r.prompt) if r.prompt else r.random_prompt(r.prompt_len)
+    r.flush()
     ref = r.gen([needle_prompt])[0]
+    r.flush()
+    c.compare(ref, r.gen([needle_prompt])[0], 1, 0, "needle")  # one more sample, not a trial
     for i in range(1, r.trials + 1):
         sizes = [b for b in BATCH_SIZES if 2 <= b <= max(2, r.max_batch)]
         bs = sizes[(i - 1) % len(sizes)]
@@ -153,6 +169,7 @@ def needle(r: Run) -> None:
         at = r.rng.randrange(bs)
         batch = others[:at] + [needle_prompt] + others[at:]
         c.report.batch_sizes.append(bs)
+        r.flush()
         c.compare(ref, r.gen(batch)[at], bs, at, "needle")
         c.tick(i)
 

@@ -20,12 +20,13 @@ from pytest_miles.facts.environment import (
 )
 
 OK, FAIL, SKIP = "ok", "fail", "skip"
+INFO = "info"  # an explanation (what SGLang's deterministic mode sets), not a check
 
 
 @dataclass(frozen=True)
 class Finding:
     check: str
-    status: str  # ok | fail | skip
+    status: str  # ok | fail | skip | info
     detail: str
     symptom: str = ""
     fix: str = ""

@@ -32,20 +32,23 @@ def packaged():
 
 @pytest.mark.parametrize("backend,mode,version,status,cell", [
     ("flashinfer", "prefix", "0.5.17", "known_limitation", "flashinfer-prefix-random-mix"),
-    ("flashinfer", "prefix", "0.5.23", "known_limitation", "flashinfer-prefix-random-mix"),
-    ("flashinfer", "prefix", "0.5.24", "promised", "triton-flashinfer-batch-invariance"),  # outside the range
+    ("flashinfer", "prefix", "0.5.23", "known_limitation", "flashinfer-prefix-random-mix-0.5.18+"),
+    ("flashinfer", "prefix", "0.5.24", "promised", "triton-flashinfer-batch-invariance-0.5.18+"),  # outside the range
     # 0.5.9 < 0.5.17, not "0.5.9" > "0.5.17"
     ("flashinfer", "prefix", "0.5.9", "promised", "triton-flashinfer-batch-invariance"),
     ("flashinfer", "prefix", "0.5.17.post1", "known_limitation", "flashinfer-prefix-random-mix"),
-    ("flashinfer", "prefix", "0.5.20.dev3+g1234abc", "known_limitation", "flashinfer-prefix-random-mix"),
+    ("flashinfer", "prefix", "0.5.20.dev3+g1234abc", "known_limitation", "flashinfer-prefix-random-mix-0.5.18+"),
     ("flashinfer", "prefix_long_anchor", "0.5.17", "promised", "triton-flashinfer-batch-invariance"),
     ("triton", "prefix", "0.5.17", "promised", "triton-flashinfer-batch-invariance"),
     ("flashinfer", "radix_cache", "0.5.17", "not_applicable", "flashinfer-radix-cache-disabled"),
     ("triton", "radix_cache", "0.5.17", "promised", "triton-flashinfer-batch-invariance"),
     ("triton", "p_vs_d", "0.5.17", "known_limitation", "p_vs_d-not-promised"),
-    ("fa3", "p_vs_d", "0.5.30", "known_limitation", "p_vs_d-not-promised"),
+    ("fa3", "p_vs_d", "0.5.30", "known_limitation", "p_vs_d-not-promised-0.5.18+"),
     ("fa3", "single", "0.5.17", "promised", "fa3-as-documented"),
     ("fa4", "single", "0.5.17", "promised", "fa4-as-accepted"),
+    ("fa4", "radix_cache", "0.5.17", "known_limitation", "fa4-mask-split-before-fix"),  # before the masking fix
+    ("fa4", "radix_cache", "0.5.18", "promised", "fa4-batch-invariant-masking"),
+    ("flashinfer", "radix_cache", "0.5.23", "not_applicable", "flashinfer-radix-cache-disabled-0.5.18+"),
     ("torch_native", "single", "0.5.17", "promised", None),  # no cell: promised, said so
 ])
 def test_packaged_cells(packaged, backend, mode, version, status, cell):
@@ -53,7 +56,7 @@ def test_packaged_cells(packaged, backend, mode, version, status, cell):
     assert cap.status == status and (cap.cell.id if cap.cell else None) == cell
     if cell is None:
         assert "no capability cell matches" in cap.describe()
-    if cell in ("fa3-as-documented", "fa4-as-accepted"):
+    if cell in ("fa3-as-documented", "fa4-as-accepted", "fa4-batch-invariant-masking") or str(cell).endswith("0.5.18+"):
         assert "unverified" in cap.describe()
 
 

@@ -524,6 +524,7 @@ CLI = [
     (["doctor", "--sglang-tp", "0"], "--sglang-tp: 0 is not accepted"),
     (["doctor", "--sglang-tp", "-1"], "--sglang-tp"), (["doctor", "--sglang-tp", "1" + "0" * 23], "1..1024"),
     (["doctor", "--train-env-vars", "[" * 3000], "--train-env-vars"),
+    (["doctor", "--sglang-version", "0.5.9"], "--sglang-version: '0.5.9' is not a version the capability data"),
 ]
 
 
