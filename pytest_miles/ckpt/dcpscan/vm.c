@@ -180,9 +180,10 @@ static int push_str(P *p, size_t off, uint64_t len)
     for (size_t j = 0; j < len; j++)
         if (p->d[off + j] >= 0x80)
             return FAIL; /* non-ASCII: the Python reader decodes it */
-    if (GROW(p, strs, ns, cs, 1) || (uint64_t)p->nsd + len > UINT32_MAX || GROW(p, sd, nsd, csd, len))
+    if (GROW(p, strs, ns, cs, 1) || (uint64_t)p->nsd + len > UINT32_MAX || GROW(p, sd, nsd, csd, len + 1))
         return FAIL;
-    memcpy(p->sd + p->nsd, p->d + off, (size_t)len);
+    if (len) /* (room for one more byte above: the arena exists even for empty strings, never NULL) */
+        memcpy(p->sd + p->nsd, p->d + off, (size_t)len);
     p->strs[p->ns].off = p->nsd;
     p->strs[p->ns].len = (uint32_t)len;
     p->nsd += (uint32_t)len;
