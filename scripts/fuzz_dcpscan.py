@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import sys
+import tempfile
 import time
 
 
@@ -51,9 +52,16 @@ def main() -> None:
     for f in files:
         good = open(f, "rb").read()
         assert _dcpscan.scan(good) is not None, f"{f}: the reader does not vouch for the unmutated file"
-        for _ in range(rounds if len(good) < 2**20 else max(1, rounds // 200)):
-            vouched += _dcpscan.scan(mutate(rng, good)) is not None
+        for k in range(rounds if len(good) < 2**20 else max(1, rounds // 200)):
+            bad = mutate(rng, good)
+            got = _dcpscan.scan(bad)
+            vouched += got is not None
             scanned += 1
+            if k % 20 == 0:  # scan_fd (read as it goes, pages given back behind) must say the same
+                with tempfile.TemporaryFile() as tf:
+                    tf.write(bad)
+                    tf.flush()
+                    assert _dcpscan.scan_fd(tf.fileno(), len(bad)) == got, f"{f}: scan_fd differs from scan"
         _dcpscan.release()
     print(f"asan+ubsan: {scanned} mutated scans of {len(files)} file(s), {vouched} vouched for, no sanitizer "
           f"report, {time.time() - t0:.0f} s")

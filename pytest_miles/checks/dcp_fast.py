@@ -119,15 +119,15 @@ def _beside_counts(a: _Side, b: _Side) -> tuple[int, int] | None:
     when they are byte-identical on both sides (equal bytes: equal values), else None."""
     if a.beside != b.beside:
         return None
-    from pytest_miles.ckpt.model import Layout
-    from pytest_miles.ckpt.torch_files import add_torch_file
-
     count = nbytes = 0
     for name in a.beside:
         with SafeFile(a.root / name) as fa, SafeFile(b.root / name) as fb:
             if fa.size != fb.size or fa.pread(0, fa.size, name) != fb.pread(0, fb.size, name):
                 return None
-        if name.endswith(_TORCH):
+        if name.endswith(_TORCH):  # the torch reader imported only here (start-up of a plain DCP compare)
+            from pytest_miles.ckpt.model import Layout
+            from pytest_miles.ckpt.torch_files import add_torch_file
+
             layout = Layout("torch", a.root)
             add_torch_file(layout, a.root / name, f"{name}:", 0)  # CheckpointError for a bad file: the full path's
             for e in layout.entries.values():
@@ -219,19 +219,25 @@ def fast_equal(a: str | os.PathLike, b: str | os.PathLike, workers: int | None =
                   bytes_compared=2 * sa["nbytes"] + beside[1], seconds=time.perf_counter() - t0, notes=notes)
 
 
+def _scan(native: Any, path: Path) -> dict[str, Any] | None:
+    """The native scan of one `.metadata` (a regular file, opened as every input is), or None."""
+    with SafeFile(path) as f:
+        return native.scan_fd(f.fd, f.size)
+
+
 def _plans(native: Any, side_a: _Side, side_b: _Side, sizes: dict[str, int]) -> tuple | None:
     """(A's scan, A's ids, B's ids) when both `.metadata` plans are equal and every data file is
     long enough for its items, else None."""
-    raw_a = read_bytes(side_a.root / ".metadata", what="DCP metadata")
-    sa = native.scan(raw_a)
+    sa = _scan(native, side_a.root / ".metadata")  # read as it is scanned: never whole beside the scan's graph
     if sa is None:
         return None
     ids_a = _ids(sa)
+    raw_a = read_bytes(side_a.root / ".metadata", what="DCP metadata")  # the scan's memory is given back by now
     raw_b = read_bytes(side_b.root / ".metadata", what="DCP metadata")
     ids_b = mirrored_ids(raw_a, raw_b, ids_a)  # B is A but its ids: A's reading is B's
-    del raw_a
+    del raw_a, raw_b
     if ids_b is None:
-        sb = native.scan(raw_b)
+        sb = _scan(native, side_b.root / ".metadata")
         if sb is None or sb["plan"] != sa["plan"]:
             return None
         ids_b = _ids(sb)

@@ -13,10 +13,15 @@ __all__ = ["native_reader"]
 def native_reader() -> Any:
     """The `_dcpscan` extension module, or None (not built, or switched off). A bad switch value is
     an InputError naming the variable and the accepted values."""
-    from pytest_miles.config import resolve
+    import os
 
-    if not resolve(None, "native"):
-        return None
+    # Neither the variable nor a config file set: the default (on), without importing the settings
+    # machinery (~20 ms of `pytest-miles compare`'s start-up; exactly what resolve() returns then).
+    if os.environ.get("PYTEST_MILES_NATIVE", "") != "" or os.environ.get("PYTEST_MILES_CONFIG", "") != "":
+        from pytest_miles.config import resolve
+
+        if not resolve(None, "native"):
+            return None
     try:
         from pytest_miles.ckpt import _dcpscan
     except ImportError:

@@ -219,6 +219,24 @@ def _malformed(src: Path, t: Path) -> dict[str, Path]:
     return cases
 
 
+def test_scan_of_a_file_read_as_it_goes_is_the_scan_of_its_bytes(saves, tmp_path):
+    """scan_fd (the fast path's reader: the file read 256 KiB at a time, the pages behind given back)
+    gives what scan gives for the same bytes; a file shorter than said, or empty, is declined."""
+    _, pairs = saves
+    for name in PAIRS:
+        meta = pairs[name][0] / ".metadata"
+        with open(meta, "rb") as f:
+            assert native.scan_fd(f.fileno(), os.fstat(f.fileno()).st_size) == native.scan(meta.read_bytes()), name
+    big = pairs["many"][0] / ".metadata"
+    assert big.stat().st_size > 2**18  # more than a window: pages were given back behind the reader
+    short = tmp_path / "short"
+    short.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    with open(short, "rb") as f:
+        assert native.scan_fd(f.fileno(), big.stat().st_size) is None
+        assert native.scan_fd(f.fileno(), 0) is None
+    native.release()
+
+
 def test_malformed_metadata_is_declined_and_stays_an_error_even_against_its_own_copy(saves, tmp_path):
     _, pairs = saves
     cases = _malformed(pairs["plain"][0], tmp_path)
@@ -393,6 +411,20 @@ def test_the_native_reader_can_be_switched_off_and_a_bad_switch_is_named(saves, 
             and "Traceback" not in err), err
     assert main(["compare", "--json", str(a), str(b)]) == 2
     assert "PYTEST_MILES_NATIVE" in json.loads(capsys.readouterr().out)["error"]
+    monkeypatch.delenv("PYTEST_MILES_NATIVE")  # a config file that switches it off is read too
+    cfg = a.parent / "native-off.toml"
+    cfg.write_text("[model]\nnative = false\n")
+    monkeypatch.setenv("PYTEST_MILES_CONFIG", str(cfg))
+    assert dcp_fast.native_reader() is None
+
+
+def test_the_native_reader_is_found_without_importing_the_settings():
+    """Neither the variable nor a config file set: on, and the settings machinery is not imported (start-up)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_MILES_NATIVE", "PYTEST_MILES_CONFIG")}
+    code = ("import sys; from pytest_miles.ckpt.native import native_reader; "
+            "assert native_reader() is not None; assert 'pytest_miles.config' not in sys.modules, 'config imported'")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.fixture(scope="module")

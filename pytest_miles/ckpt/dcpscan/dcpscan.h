@@ -67,9 +67,16 @@ typedef struct {
     uint32_t ni, ci;
     Node *nodes;
     uint32_t nn, cn;
-    Str *strs;
+    Str *strs; /* byte ranges of `sd`, where every string's bytes are copied (the input is not kept) */
     uint32_t ns, cs;
-    V *memo;
+    unsigned char *sd;
+    uint32_t nsd, csd;
+    /* scan_fd: the input is read from `fd` as the VM needs it (pread into an anonymous mapping of
+     * the file's size, `filled` bytes so far), and the pages behind the VM are given back
+     * (MADV_DONTNEED) as it goes: the input never sits whole beside the graph. 0: a buffer in memory */
+    int from_fd, fd;
+    size_t filled;
+    uint32_t *memo; /* memo values, packed (memo_pack): pickle memoizes only strings and objects */
     uint32_t nm, cm;
     V *stack;
     uint32_t nst, cst;
@@ -163,7 +170,7 @@ static inline __attribute__((always_inline)) const unsigned char *sbytes(P *p, V
 {
     Str s = p->strs[PAY(v)];
     *len = s.len;
-    return p->d + s.off;
+    return p->sd + s.off;
 }
 
 static inline __attribute__((always_inline)) int str_is_n(P *p, V v, const char *lit, size_t litlen)
@@ -171,11 +178,47 @@ static inline __attribute__((always_inline)) int str_is_n(P *p, V v, const char 
     if (TAG(v) != T_STR)
         return 0;
     Str s = p->strs[PAY(v)];
-    return s.len == litlen && memcmp(p->d + s.off, lit, litlen) == 0;
+    return s.len == litlen && memcmp(p->sd + s.off, lit, litlen) == 0;
 }
 #define str_is(p, v, lit) str_is_n((p), (v), (lit), strlen(lit))
 
-static inline __attribute__((always_inline)) V item(P *p, Node *nd, size_t k) { return p->items[(size_t)nd->u.c.start + k]; }
+/* A memo entry in 4 bytes, not 8 (1.3 million of them for 50,000 tensors): the index of a string
+ * (low bit 0) or of a node (low bit 1). CPython's pickler memoizes nothing else; a pickle that
+ * memoizes another value, or more than 2^31 strings or nodes, is declined (stricter, never looser). */
+static inline __attribute__((always_inline)) int memo_pack(V v, uint32_t *out)
+{
+    int64_t pay = PAY(v);
+    if ((TAG(v) != T_STR && TAG(v) != T_NODE) || pay < 0 || pay >= ((int64_t)1 << 31))
+        return FAIL;
+    *out = ((uint32_t)pay << 1) | (uint32_t)(TAG(v) == T_NODE);
+    return 0;
+}
+
+static inline __attribute__((always_inline)) V memo_unpack(uint32_t m)
+{
+    return MK((m & 1u) ? T_NODE : T_STR, (int64_t)(m >> 1));
+}
+
+/* A tuple of one value holds it in its node (u.v), not in the arena: 9 such tuples per tensor in
+ * a DCP `.metadata` (torch.Size's arguments). Marked by this `glob` (unused by tuples otherwise);
+ * every read of a container's items goes through item(). */
+#define G_INLINE1 0xFFFFu
+
+static inline __attribute__((always_inline)) int64_t new_tuple1(P *p, V v)
+{
+    int64_t id = new_node(p, N_TUPLE);
+    if (id < 0)
+        return FAIL;
+    p->nodes[id].glob = (uint16_t)G_INLINE1;
+    p->nodes[id].len = 1;
+    p->nodes[id].u.v = v;
+    return id;
+}
+
+static inline __attribute__((always_inline)) V item(P *p, Node *nd, size_t k)
+{
+    return nd->glob == G_INLINE1 ? nd->u.v : p->items[(size_t)nd->u.c.start + k];
+}
 
 /* the dtypes of layouts.ITEMSIZE (vm.c; tests/ckpt/test_dcp_native.py checks they are the same) */
 #define DCPSCAN_NDTYPES 27

@@ -68,7 +68,10 @@ static PyObject *id_of(P *p, V v)
 }
 
 /* The arrays of the last scan, kept for the next one (its pages are already there: a fresh
- * mapping costs a page fault per 4 KiB, ~40% of a scan) until release() gives them back. Taken
+ * mapping costs a page fault per 4 KiB, ~40% of a scan) until release() gives them back. Since a
+ * scan that succeeds gives back its graph and VM arrays before returning (flat peak memory: the
+ * second side is usually not scanned at all, dcp_mirror.py), what is kept is the plan buffer,
+ * the spans and the file table, and a declined scan's arrays. Taken
  * and given back with the GIL held: one scan at a time uses them, a concurrent one makes its own. */
 static struct {
     int full;
@@ -83,6 +86,7 @@ static void take_cache(P *p, Out *o)
     p->items = cache.p.items, p->ci = cache.p.ci;
     p->nodes = cache.p.nodes, p->cn = cache.p.cn;
     p->strs = cache.p.strs, p->cs = cache.p.cs;
+    p->sd = cache.p.sd, p->csd = cache.p.csd;
     p->memo = cache.p.memo, p->cm = cache.p.cm;
     p->stack = cache.p.stack, p->cst = cache.p.cst;
     p->marks = cache.p.marks, p->cmk = cache.p.cmk;
@@ -112,6 +116,7 @@ static void put_cache(P *p, Out *o)
     cache.p.items = p->items, cache.p.ci = p->ci;
     cache.p.nodes = p->nodes, cache.p.cn = p->cn;
     cache.p.strs = p->strs, cache.p.cs = p->cs;
+    cache.p.sd = p->sd, cache.p.csd = p->csd;
     cache.p.memo = p->memo, cache.p.cm = p->cm;
     cache.p.stack = p->stack, cache.p.cst = p->cst;
     cache.p.marks = p->marks, cache.p.cmk = p->cmk;
@@ -136,14 +141,27 @@ static void p_free(P *p)
     dcpscan_arena_free(p->items, p->ci * sizeof(V));
     dcpscan_arena_free(p->nodes, p->cn * sizeof(Node));
     dcpscan_arena_free(p->strs, p->cs * sizeof(Str));
-    dcpscan_arena_free(p->memo, p->cm * sizeof(V));
+    dcpscan_arena_free(p->sd, p->csd);
+    dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
     dcpscan_arena_free(p->stack, p->cst * sizeof(V));
     dcpscan_arena_free(p->marks, p->cmk * sizeof(uint32_t));
 }
 
+/* The VM's working arrays (memo, stack, marks): the walk needs the graph only. Given back at once,
+ * so that the walk's plan never sits beside them (peak memory at 50,000 tensors). */
+static void drop_vm_arrays(P *p)
+{
+    dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
+    dcpscan_arena_free(p->stack, p->cst * sizeof(V));
+    dcpscan_arena_free(p->marks, p->cmk * sizeof(uint32_t));
+    p->memo = NULL, p->stack = NULL, p->marks = NULL;
+    p->nm = p->cm = p->nst = p->cst = p->nmk = p->cmk = 0;
+}
+
 static PyObject *build_result(P *p, Out *o)
 {
-    /* files: [(name, how far into it the items reach)] */
+    /* files: [(name, how far into it the items reach)]; the graph is given back before the plan is
+     * copied into a Python bytes object (the copy and the graph never coexist) */
     PyObject *files = NULL, *res = NULL, *plan = NULL, *sid = NULL, *cid = NULL;
     int64_t *ends = calloc(o->nf ? o->nf : 1, sizeof(int64_t));
     if (!ends)
@@ -164,9 +182,11 @@ static PyObject *build_result(P *p, Out *o)
             goto out;
         PyList_SET_ITEM(files, (Py_ssize_t)k, t);
     }
-    if (!(plan = PyBytes_FromStringAndSize((const char *)o->plan.b, (Py_ssize_t)o->plan.n)))
-        goto out;
     if (!(sid = id_of(p, o->save_id)) || !(cid = id_of(p, o->ckpt)))
+        goto out;
+    p_free(p);
+    memset(p, 0, sizeof(*p));
+    if (!(plan = PyBytes_FromStringAndSize((const char *)o->plan.b, (Py_ssize_t)o->plan.n)))
         goto out;
     res = Py_BuildValue("{s:O,s:O,s:L,s:L,s:O,s:O}", "plan", plan, "files", files, "items",
                         (long long)o->items, "nbytes", (long long)o->nbytes, "save_id", sid, "checkpoint_id", cid);
@@ -183,23 +203,24 @@ PyDoc_STRVAR(scan_doc, "scan(data: bytes) -> dict | None\n\n"
                        "The plan of a DCP `.metadata` (see the module source), or None: not a plain DCP "
                        "checkpoint this reader vouches for (take the full Python path).");
 
-static PyObject *scan(PyObject *self, PyObject *arg)
+/* the scan of `n` bytes at `d` (fd >= 0: read from that file into `d` as the VM goes) */
+static PyObject *scan_bytes(const unsigned char *d, size_t n, int fd)
 {
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
     P p = {0};
     Out o = {0};
     V root;
     PyObject *res = NULL;
     take_cache(&p, &o);
     dcpscan_fail_line = 0;
-    p.budget = 16 * (int64_t)view.len + (1 << 20);
-    p.d = view.buf;
-    p.n = (size_t)view.len;
+    p.budget = 16 * (int64_t)n + (1 << 20);
+    p.d = d;
+    p.n = n;
+    p.from_fd = fd >= 0, p.fd = fd;
     int ok;
     Py_BEGIN_ALLOW_THREADS /* C data only until build_result: two sides scan on two cores */
     ok = p.n <= UINT32_MAX && dcpscan_run(&p, &root) == 0;
+    if (ok)
+        drop_vm_arrays(&p);
     ok = ok && dcpscan_walk(&p, root, &o) == 0;
     Py_END_ALLOW_THREADS
     if (p.nomem || o.plan.nomem)
@@ -210,7 +231,39 @@ static PyObject *scan(PyObject *self, PyObject *arg)
     } else
         res = build_result(&p, &o);
     put_cache(&p, &o);
+    return res;
+}
+
+static PyObject *scan(PyObject *self, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *res = scan_bytes(view.buf, (size_t)view.len, -1);
     PyBuffer_Release(&view);
+    return res;
+}
+
+PyDoc_STRVAR(scan_fd_doc, "scan_fd(fd, size) -> dict | None\n\n"
+                          "scan() of the first `size` bytes of an open regular file, read as the reader goes "
+                          "(the pages already read are given back: peak memory is the plan's, not the file's). "
+                          "A read error or a file shorter than `size`: None (declined).");
+
+static PyObject *scan_fd(PyObject *self, PyObject *args)
+{
+    int fd;
+    long long size;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &size))
+        return NULL;
+    if (fd < 0 || size < 0 || (unsigned long long)size > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad descriptor or size");
+        return NULL;
+    }
+    unsigned char *buf = dcpscan_arena_realloc(NULL, 0, (size_t)size ? (size_t)size : 1); /* pages touched as read */
+    if (!buf)
+        return PyErr_NoMemory();
+    PyObject *res = scan_bytes(buf, (size_t)size, fd);
+    dcpscan_arena_free(buf, (size_t)size ? (size_t)size : 1);
     return res;
 }
 
@@ -417,6 +470,7 @@ static PyObject *dtypes(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O, scan_doc},
+    {"scan_fd", scan_fd, METH_VARARGS, scan_fd_doc},
     {"cmp_range", cmp_range, METH_VARARGS, cmp_doc},
     {"first_diff", first_diff, METH_VARARGS, first_diff_doc},
     {"diff_elements", diff_elements, METH_VARARGS, diff_elements_doc},

@@ -125,12 +125,37 @@ static int which_global(P *p, V mod, V name)
     return 0;
 }
 
+#define WINDOW ((size_t)1 << 18) /* scan_fd reads 256 KiB at a time and gives back what lies 256 KiB behind */
+
+/* scan_fd: read the input on to `upto` (at least WINDOW more, at most the size); a read error or a
+ * file that shrank declines the scan (the Python reader, reading it again, names the problem) */
+static int fill(P *p, size_t upto)
+{
+    size_t want = p->filled + WINDOW;
+    if (want < upto)
+        want = upto;
+    if (want > p->n)
+        want = p->n;
+    unsigned char *buf = (unsigned char *)(uintptr_t)p->d;
+    while (p->filled < want) {
+        ssize_t r = pread(p->fd, buf + p->filled, want - p->filled, (off_t)p->filled);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return FAIL;
+        p->filled += (size_t)r;
+    }
+    return 0;
+}
+
 /* k more bytes at i, inside the input and, where a frame is open, inside that frame: a read that
  * would cross a frame's end is an error in pickle's own (Python) reader, and what CPython's C
  * reader does then is not something we want to second-guess. Well-formed pickles never do it. */
 #define NEED(k)                                               \
     do {                                                      \
         if ((size_t)(k) > p->n - i)                           \
+            return FAIL;                                      \
+        if (p->from_fd && i + (size_t)(k) > p->filled && fill(p, i + (size_t)(k))) \
             return FAIL;                                      \
         if (frame_end) {                                      \
             if (i >= frame_end)                               \
@@ -155,10 +180,13 @@ static int push_str(P *p, size_t off, uint64_t len)
     for (size_t j = 0; j < len; j++)
         if (p->d[off + j] >= 0x80)
             return FAIL; /* non-ASCII: the Python reader decodes it */
-    if (GROW(p, strs, ns, cs, 1))
+    if (GROW(p, strs, ns, cs, 1) || (uint64_t)p->nsd + len > UINT32_MAX || GROW(p, sd, nsd, csd, len + 1))
         return FAIL;
-    p->strs[p->ns].off = (uint32_t)off;
+    if (len) /* (room for one more byte above: the arena exists even for empty strings, never NULL) */
+        memcpy(p->sd + p->nsd, p->d + off, (size_t)len);
+    p->strs[p->ns].off = p->nsd;
     p->strs[p->ns].len = (uint32_t)len;
+    p->nsd += (uint32_t)len;
     return push(p, MK(T_STR, p->ns++));
 }
 
@@ -196,7 +224,7 @@ static int hashable(P *p, V v, int depth)
         if (depth > 64)
             return 0;
         for (uint32_t k = 0; k < nd->len; k++)
-            if (!hashable(p, p->items[(size_t)nd->u.c.start + k], depth + 1))
+            if (!hashable(p, item(p, nd, k), depth + 1))
                 return 0;
         return 1;
     default:
@@ -220,7 +248,15 @@ int dcpscan_run(P *p, V *out)
     size_t i = 0, frame_end = 0;
     V a, b;
     int64_t id, empty = -1;
+    size_t dropped = 0; /* from_fd: input pages below this were given back */
     for (;;) {
+#ifdef __linux__
+        if (p->from_fd && i - dropped >= WINDOW) { /* never read again: strings are copied */
+            size_t upto = i & ~(size_t)4095;
+            madvise((void *)(uintptr_t)(p->d + dropped), upto - dropped, MADV_DONTNEED);
+            dropped = upto;
+        }
+#endif
         NEED(1);
         unsigned char op = p->d[i++];
         switch (op) {
@@ -309,7 +345,8 @@ int dcpscan_run(P *p, V *out)
             if (p->nst < fence(p) + k)
                 return FAIL;
             p->nst -= k;
-            if ((id = new_fixed(p, N_TUPLE, p->stack + p->nst, k)) < 0 || push(p, MK(T_NODE, id)))
+            id = k == 1 ? new_tuple1(p, p->stack[p->nst]) : new_fixed(p, N_TUPLE, p->stack + p->nst, k);
+            if (id < 0 || push(p, MK(T_NODE, id)))
                 return FAIL;
             break;
         }
@@ -371,20 +408,20 @@ int dcpscan_run(P *p, V *out)
             break;
         }
         case 0x94: /* MEMOIZE */
-            if (p->nst <= fence(p) || GROW(p, memo, nm, cm, 1))
+            if (p->nst <= fence(p) || GROW(p, memo, nm, cm, 1) || memo_pack(p->stack[p->nst - 1], &p->memo[p->nm]))
                 return FAIL;
-            p->memo[p->nm++] = p->stack[p->nst - 1];
+            p->nm++;
             break;
         case 'h': /* BINGET */
             NEED(1);
-            if (p->d[i] >= p->nm || push(p, p->memo[p->d[i]]))
+            if (p->d[i] >= p->nm || push(p, memo_unpack(p->memo[p->d[i]])))
                 return FAIL;
             i += 1;
             break;
         case 'j': { /* LONG_BINGET */
             NEED(4);
             uint64_t k = le(p->d + i, 4);
-            if (k >= p->nm || push(p, p->memo[k]))
+            if (k >= p->nm || push(p, memo_unpack(p->memo[k])))
                 return FAIL;
             i += 4;
             break;
@@ -419,7 +456,7 @@ int dcpscan_run(P *p, V *out)
             if (!args || !fn || fn->glob < G_SIZE || fn->glob > G_WITYPE)
                 return FAIL;
             /* torch.Size is tuple() there: one tuple argument (the _Ref and Path calls take anything) */
-            if (fn->glob == G_SIZE && (args->len != 1 || !node_of(p, p->items[args->u.c.start], N_TUPLE)))
+            if (fn->glob == G_SIZE && (args->len != 1 || !node_of(p, item(p, args, 0), N_TUPLE)))
                 return FAIL;
             if (push_call(p, N_REDUCE, fn->glob, b))
                 return FAIL;

@@ -111,7 +111,8 @@ static int canon(P *p, Buf *o, V v, int depth)
         return put8(o, 'U') || putstr(p, o, v);
     case T_NODE: {
         Node *nd = &p->nodes[PAY(v)];
-        if (put8(o, 'n') || put8(o, nd->kind) || put8(o, nd->built) || put64(o, nd->glob) || put64(o, nd->len))
+        if (put8(o, 'n') || put8(o, nd->kind) || put8(o, nd->built) ||
+            put64(o, nd->kind == N_TUPLE ? 0 : nd->glob) || put64(o, nd->len)) /* G_INLINE1 is how, not what */
             return FAIL;
         if (nd->kind == N_OBJ || nd->kind == N_REDUCE)
             return canon(p, o, nd->u.v, depth + 1);
@@ -129,9 +130,9 @@ static int canon(P *p, Buf *o, V v, int depth)
 /* ---- hash tables over (string, int tuple) keys ---------------------------------------------- */
 
 typedef struct {
-    V str;       /* key string */
-    Node *ints;  /* key ints (a tuple node) or NULL */
-    int64_t val; /* payload; -1: empty slot */
+    V str;         /* key string */
+    uint32_t ints; /* key ints: a tuple node's index + 1, or 0 (none) */
+    int32_t val;   /* payload; -1: empty slot (16 bytes a slot: 2 tables of 2^17 slots at 50,000 tensors) */
 } Slot;
 
 typedef struct {
@@ -173,6 +174,8 @@ static int same_ints(P *p, Node *x, Node *y)
 
 static int table_init(Table *t, size_t n)
 {
+    if (n > INT32_MAX / 4)
+        return FAIL; /* payloads are int32 (no real `.metadata` comes near) */
     t->cap = 16;
     while (t->cap < 2 * n + 2)
         t->cap *= 2;
@@ -191,7 +194,7 @@ static Slot *table_find(P *p, Table *t, V str, Node *ints)
     size_t k = (size_t)hkey(p, str, ints) & (t->cap - 1);
     for (;;) {
         Slot *s = &t->s[k];
-        if (s->val < 0 || (same_str(p, s->str, str) && same_ints(p, s->ints, ints)))
+        if (s->val < 0 || (same_str(p, s->str, str) && same_ints(p, s->ints ? &p->nodes[s->ints - 1] : NULL, ints)))
             return s;
         k = (k + 1) & (t->cap - 1);
     }
@@ -334,8 +337,8 @@ int dcpscan_walk(P *p, V root, Out *o)
         if (s->val >= 0)
             BAIL; /* two storage entries for one chunk: the Python reader keeps the last */
         s->str = fqn;
-        s->ints = offs;
-        s->val = (int64_t)k;
+        s->ints = offs ? (uint32_t)(offs - p->nodes) + 1 : 0;
+        s->val = (int32_t)k;
     }
 
     /* entries, in order */
@@ -354,8 +357,8 @@ int dcpscan_walk(P *p, V root, Out *o)
         if (s->val >= 0)
             BAIL; /* a key twice: the Python reader keeps the last */
         s->str = fqn;
-        s->ints = NULL;
-        s->val = (int64_t)k;
+        s->ints = 0;
+        s->val = (int32_t)k;
         if (putstr(p, b, fqn))
             BAIL;
         Node *shape = NULL, *chunks = NULL;
@@ -432,8 +435,8 @@ int dcpscan_walk(P *p, V root, Out *o)
                 if (grow(p, (void **)&o->files, &o->cf, o->nf + 1, sizeof(V)))
                     BAIL;
                 f->str = in->rel;
-                f->ints = NULL;
-                f->val = (int64_t)o->nf;
+                f->ints = 0;
+                f->val = (int32_t)o->nf;
                 o->files[o->nf++] = in->rel;
                 if (o->nf * 2 + 2 > ft.cap) { /* keep the table at most half full */
                     Table bigger;
@@ -442,8 +445,8 @@ int dcpscan_walk(P *p, V root, Out *o)
                     for (size_t q = 0; q < o->nf; q++) {
                         Slot *t = table_find(p, &bigger, o->files[q], NULL);
                         t->str = o->files[q];
-                        t->ints = NULL;
-                        t->val = (int64_t)q;
+                        t->ints = 0;
+                        t->val = (int32_t)q;
                     }
                     free(ft.s);
                     ft = bigger;
