@@ -50,6 +50,14 @@ def received() -> str | None:
     return _received[0] if _received else None
 
 
+def interruption(exc: BaseException) -> str:
+    """The summary line of a session ended by `exc` (a KeyboardInterrupt): which signal stopped it."""
+    name = received() if isinstance(exc, Terminated) else None
+    name = name or "SIGINT (Ctrl-C)"
+    return (f"pytest-miles: session interrupted by {name} (exit code 2); the engines, trainer ranks and Ray "
+            "cluster it started were torn down")
+
+
 _reraised: list[bool] = []
 
 
