@@ -85,6 +85,10 @@ DEFAULT_SIGNALS = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.
                    "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
 
 BOUND = 30.0  # seconds from a stop signal to pytest's exit, teardown included
+# During Ray's start-up the signal is held back until ray.init returns (let through, it can reach a
+# handler Ray's native code installed: SIGABRT, no summary); ray.init alone takes up to ~30 s when
+# several sessions start Ray at once on 2 cores, hence the longer bound for that moment.
+STARTING_BOUND = 60.0
 
 # Loaded with `-p fault_probe` into `pytest-miles suite`: says when Ray is up (and then holds the
 # test idle for MILES_FAULT_IDLE s) and when a test's body starts (a Ray task runs soon after).
@@ -127,6 +131,7 @@ class Scenario:
     starting: str | None = None  # signal as soon as a process of the session has this in its command line
     after: float = 0.0  # seconds between ready and the signal
     idle: float = 0.0  # the probe holds the suite this long once Ray is up
+    bound: float = 0.0  # seconds from the signal to pytest's exit (0: BOUND)
     result: dict = field(default_factory=dict)
 
 
@@ -234,7 +239,7 @@ def _run_all(scenarios: list[Scenario], root: Path) -> None:
     problems = []
     for sc in done:
         r = sc.result
-        print(f"--- {sc.name}\n" + "\n".join(r["timeline"]))
+        print(f"--- {sc.name} (ended {r['took']:.1f} s after the signal)\n" + "\n".join(r["timeline"]))
         if r["left"] or r["ports"]:
             problems.append(f"{sc.name}: {len(r['left'])} processes and ports {r['ports']} left 10 s after pytest "
                             f"ended: {r['left']}")
@@ -245,14 +250,16 @@ def _run_all(scenarios: list[Scenario], root: Path) -> None:
         if sc.summary and sc.sig != signal.SIGKILL and f"session interrupted by {named}" not in r["output"]:
             problems.append(f"{sc.name}: the summary does not say the session was interrupted by {named}; output "
                             f"tail:\n{r['output'][-2500:]}")
-        if sc.summary and r["took"] > BOUND:
-            problems.append(f"{sc.name}: pytest took {r['took']:.1f} s to end after the signal (bound {BOUND} s)")
+        if sc.summary and r["took"] > (sc.bound or BOUND):
+            problems.append(f"{sc.name}: pytest took {r['took']:.1f} s to end after the signal "
+                            f"(bound {sc.bound or BOUND} s)")
         if r["temp_left"]:
             problems.append(f"{sc.name}: Ray temporary folders left: {r['temp_left']}")
         if r["before"] < 2:
             problems.append(f"{sc.name}: only {r['before']} processes were up at the kill: the scenario tested "
                             f"nothing; output tail:\n{r['output'][-2500:]}")
-    assert not problems, "\n\n".join(problems)
+    timelines = "\n".join(f"{sc.name}: " + "; ".join(t.strip() for t in sc.result["timeline"]) for sc in done)
+    assert not problems, "\n\n".join(problems) + "\n\ntimelines:\n" + timelines
 
 
 def _need(*modules: str) -> None:
@@ -261,12 +268,13 @@ def _need(*modules: str) -> None:
 
 
 def test_signals_leave_no_process_and_no_port(tmp_path):
-    """SIGKILL mid-training (engine, Ray head, two megatron ranks) and SIGTERM with Ray up (Ray's
-    handler must not turn it into SIGABRT; pytest still prints its summary): nothing survives."""
+    """SIGKILL and SIGTERM mid-training (engine, Ray head, two megatron ranks) and SIGTERM with Ray up
+    (Ray's handler must not turn it into SIGABRT; pytest still prints its summary): nothing survives."""
     _need("ray", "megatron.core")
     _run_all([
         Scenario("sigkill-training", "test_engine_ray_and_training", sig=signal.SIGKILL, training=True),
         Scenario("sigterm-ray", "test_engine_and_ray", sig=signal.SIGTERM, summary=True),
+        Scenario("sigterm-training", "test_engine_ray_and_training", sig=signal.SIGTERM, training=True, summary=True),
     ], tmp_path)
 
 
@@ -297,10 +305,10 @@ def test_timeouts_and_xdist_leave_no_process_and_no_port(tmp_path):
 # Moments of a session with Ray: the head starting (the signal is held back while ray.init runs), Ray up
 # and idle, a Ray task running; for pytest on a test file and for `pytest-miles suite`.
 MOMENTS = {
-    ("pytest", "ray-starting"): dict(test="test_ray_idle", starting="gcs_server"),
+    ("pytest", "ray-starting"): dict(test="test_ray_idle", starting="gcs_server", bound=STARTING_BOUND),
     ("pytest", "ray-idle"): dict(test="test_ray_idle", after=0.5),
     ("pytest", "ray-task"): dict(test="test_inside_ray_get"),
-    ("suite", "ray-starting"): dict(test="", suite=True, starting="gcs_server"),
+    ("suite", "ray-starting"): dict(test="", suite=True, starting="gcs_server", bound=STARTING_BOUND),
     ("suite", "ray-idle"): dict(test="", suite=True, ready=("ray-up",), idle=600.0, after=0.5),
     ("suite", "ray-task"): dict(test="", suite=True, ready=("call",), after=1.0),
 }
@@ -314,9 +322,9 @@ def _moment(target: str, moment: str, sig: int) -> Scenario:
 @pytest.mark.slow
 def test_stop_signals_with_ray_end_the_session_promptly(tmp_path):
     """One representative per signal, moment and target: SIGTERM to `pytest-miles suite` with Ray up and
-    idle, SIGHUP to pytest while the head starts, SIGINT to the suite while a Ray task runs. Each
-    ends within BOUND s with exit code 2 and a summary naming the signal, leaving no process, no
-    listening port and no Ray temporary folder. MILES_SIGNAL_MATRIX=1 runs all 18 combinations."""
+    idle, SIGHUP to pytest while the head starts, SIGINT to the suite while a Ray task runs. Each ends
+    within its bound with exit code 2 and a summary naming the signal, leaving no process, no listening
+    port and no Ray temporary folder. MILES_SIGNAL_MATRIX=1 runs all 18 combinations."""
     _need("ray")
     _run_all([_moment("suite", "ray-idle", signal.SIGTERM), _moment("pytest", "ray-starting", signal.SIGHUP),
               _moment("suite", "ray-task", signal.SIGINT)], tmp_path)
@@ -359,17 +367,22 @@ finally:
         cluster.shutdown()
     except NameError:
         pass
+    # start_local's own clean-up ran: the driver is disconnected (a driver left connected to the
+    # head we killed makes Ray's exit hook wait without bound on the dead GCS)
+    print("RAY_INITIALIZED", ray.is_initialized())
 '''
 
 
 def test_sigterm_during_ray_init_reaches_our_handler(tmp_path):
     """Ray's ray.init() installs a SIGTERM handler that calls sys.exit (seen: fixtures erroring with
     SystemExit 15, the session running on, or SIGABRT with no summary). Our start-up holds the
-    signals back until our handler is back: the session is interrupted as by Ctrl-C."""
+    signals back until our handler is back: the session is interrupted as by Ctrl-C, and the driver
+    is disconnected before the head is stopped (else the process hangs at exit)."""
     _need("ray")
     result = subprocess.run([sys.executable, "-c", RAY_INIT_SIGNAL, str(tmp_path)], capture_output=True, text=True,
                             timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert "TERMINATED" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "RAY_INITIALIZED False" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]
 
 
 def test_a_swallowed_sigterm_still_ends_the_session(pytester):
