@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pytest_miles.errors import ClusterError, Unavailable  # noqa: F401  (importable here too)
 from pytest_miles.facts.environment import restore_env
-from pytest_miles.placement.ownership import disown, spawn
+from pytest_miles.placement.ownership import disown, disown_dir, own_dir, spawn
 from pytest_miles.placement.processes import free_port, kill_marked, kill_tree, tail
 from pytest_miles.placement.signals import ensure as ensure_signals
 from pytest_miles.placement.signals import ray_init
@@ -266,6 +266,7 @@ class RayCluster:
         restore_env(self._saved_env)
         if self._remove_temp and self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
+            disown_dir(self._temp_dir)
             self._remove_temp = False
 
     def __enter__(self) -> RayCluster:
@@ -287,6 +288,7 @@ class RayCluster:
         else:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="miles-ray-", dir="/tmp"))
             self._remove_temp = True
+            own_dir(self._temp_dir)  # removed by the watchdog if this process is killed
 
     @staticmethod
     def _auth_env() -> dict[str, str]:

@@ -274,7 +274,9 @@ def test_signals_leave_no_process_and_no_port(tmp_path):
     _run_all([
         Scenario("sigkill-training", "test_engine_ray_and_training", sig=signal.SIGKILL, training=True),
         Scenario("sigterm-ray", "test_engine_and_ray", sig=signal.SIGTERM, summary=True),
-        Scenario("sigterm-training", "test_engine_ray_and_training", sig=signal.SIGTERM, training=True, summary=True),
+        # teardown of the engine, the ranks and the head: 27 s measured with -n 2 on 2 cores
+        Scenario("sigterm-training", "test_engine_ray_and_training", sig=signal.SIGTERM, training=True, summary=True,
+                 bound=45.0),
     ], tmp_path)
 
 
