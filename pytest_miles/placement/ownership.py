@@ -7,6 +7,7 @@ one way the plugin starts a process tree; `disown()` once it closed normally. Se
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,19 @@ def disown(pid: int) -> None:
     """The tree of `pid` was closed normally: the watchdog forgets it."""
     if _watchdog is not None and _watchdog.owner == os.getpid():
         _watchdog.send(f"-{pid}")
+
+
+def own_dir(path: str | os.PathLike) -> None:
+    """A temporary folder the watchdog removes (after killing the trees) if this process dies first."""
+    wd = _current()
+    if wd is not None and "\n" not in str(path):
+        wd.send(f"d{os.fspath(path)}")
+
+
+def disown_dir(path: str | os.PathLike) -> None:
+    """The folder was removed (or is kept) normally: the watchdog forgets it."""
+    if _watchdog is not None and _watchdog.owner == os.getpid():
+        _watchdog.send(f"u{os.fspath(path)}")
 
 
 # ---- the watchdog process ---------------------------------------------------------------------
@@ -220,6 +234,7 @@ def _serve(owner: int, tag: str, watch: list[int]) -> None:
             watched[pid] = -1.0
     roots: dict[int, float] = {}
     known: dict[int, float] = {}
+    dirs: set[str] = set()
     buf = b""
     last_snapshot = 0.0
     controller_died = False
@@ -240,7 +255,10 @@ def _serve(owner: int, tag: str, watch: list[int]) -> None:
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
-                text = line.decode().strip()
+                text = line.decode(errors="replace").strip()
+                if text[:1] in ("d", "u") and text[1:].startswith("/"):
+                    (dirs.add if text[0] == "d" else dirs.discard)(text[1:])
+                    continue
                 if not text[1:].isdigit():
                     continue
                 pid = int(text[1:])
@@ -270,6 +288,8 @@ def _serve(owner: int, tag: str, watch: list[int]) -> None:
             pass
     if roots or known or also:
         _kill_all(psutil, tag, roots, known, also)
+    for path in dirs:  # after the kill: nothing writes there any more
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,23 @@ def kill_tree(pid: int, timeout: float = 10.0) -> list[int]:
     return [p.pid for p in procs]
 
 
+def kill_marked(key: str, value: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process whose environment has `key=value` (a tree's processes wherever they
+    were reparented or whatever session they started); returns their pids once gone (bounded)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE and p.environ().get(key) == value:
+                p.kill()
+                found.append(p)
+        except psutil.Error:
+            continue
+    psutil.wait_procs(found, timeout=timeout)
+    return [p.pid for p in found]
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.5, alive=None) -> bool:
     """Poll predicate until true or timeout; stop early (False) when alive() turns false."""
     deadline = time.monotonic() + timeout

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pytest_miles.errors import ClusterError, Unavailable  # noqa: F401  (importable here too)
 from pytest_miles.facts.environment import restore_env
-from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import free_port, kill_tree, tail
+from pytest_miles.placement.ownership import disown, disown_dir, own_dir, spawn
+from pytest_miles.placement.processes import free_port, kill_marked, kill_tree, tail
 from pytest_miles.placement.signals import ensure as ensure_signals
 from pytest_miles.placement.signals import ray_init
 
@@ -53,6 +53,8 @@ class NodeInfo:
 # Ports Ray's other components take by default (dashboard, its agent, client server, metrics,
 # GCS): seen as "dashboard_agent_http is trying to use a port number 52365 that is used by other
 # components" when the free port we picked for the GCS was one of them.
+MARKER = "PYTEST_MILES_RAY_HEAD"  # environment entry of every process of a head this session started
+
 RAY_DEFAULT_PORTS = frozenset({6379, 8076, 8265, 10001, 52365, 52366, 62365})
 
 
@@ -118,7 +120,8 @@ class RayCluster:
         self._temp_dir: Path | None = None
         self._remove_temp = False
         self._saved_env: dict[str, str | None] = {}
-        self._connected = False
+        self._connected = False  # set before ray.init: a signal inside it still gets ray.shutdown()
+        self._marker = secrets.token_hex(8)  # in the environment of every process of the head
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -139,11 +142,14 @@ class RayCluster:
             raise ClusterError(f"{source} {address!r}: no Ray cluster answered within {timeout:g} s "
                                f"(--miles-ray-timeout): {why}")
         cluster = cls(address, started=False, timeout=timeout)
+        cluster._connected = True
         try:
             ray_init(ray.init, address=address, log_to_driver=False, namespace="pytest-miles")
-        except Exception as exc:  # ConnectionError, RuntimeError: ray's own words
+        except BaseException as exc:  # ConnectionError, RuntimeError: ray's own words; or a stop signal
+            cluster.shutdown()
+            if not isinstance(exc, Exception):
+                raise
             raise ClusterError(f"{source} {address!r}: Ray refused the connection: {exc}") from None
-        cluster._connected = True
         ensure_signals()
         return cluster
 
@@ -167,8 +173,8 @@ class RayCluster:
             cluster._spawn("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus,
                            object_store_bytes, {})
             cluster._wait_port(port)
-            ray_init(ray.init, address=cluster.address, log_to_driver=False, namespace="pytest-miles")
             cluster._connected = True
+            ray_init(ray.init, address=cluster.address, log_to_driver=False, namespace="pytest-miles")
         except BaseException:
             cluster.shutdown()
             raise
@@ -241,19 +247,26 @@ class RayCluster:
     # ---- teardown ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:
+        """Disconnect the driver first (Ray's own exit hook would otherwise wait without bound on a
+        GCS we killed), then stop the head's processes, then any process still carrying its marker
+        (a worker the raylet started while it was being stopped)."""
         ray = sys.modules.get("ray")
         if self._connected and ray is not None:
-            ray.shutdown()
             self._connected = False
+            ray.shutdown()
         for proc, _ in reversed(self._procs):
             if proc.poll() is None:
                 kill_tree(proc.pid, timeout=5)
                 proc.wait(timeout=10)
+        if self._procs:
+            kill_marked(MARKER, self._marker)
+        for proc, _ in self._procs:
             disown(proc.pid)
         self._procs.clear()
         restore_env(self._saved_env)
         if self._remove_temp and self._temp_dir is not None:
             shutil.rmtree(self._temp_dir, ignore_errors=True)
+            disown_dir(self._temp_dir)
             self._remove_temp = False
 
     def __enter__(self) -> RayCluster:
@@ -275,6 +288,7 @@ class RayCluster:
         else:
             self._temp_dir = Path(tempfile.mkdtemp(prefix="miles-ray-", dir="/tmp"))
             self._remove_temp = True
+            own_dir(self._temp_dir)  # removed by the watchdog if this process is killed
 
     @staticmethod
     def _auth_env() -> dict[str, str]:
@@ -299,8 +313,11 @@ class RayCluster:
         cmd += ["start", "--block", *args, f"--num-cpus={num_cpus}", f"--object-store-memory={object_store_bytes}",
                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self._temp_dir}"]
         log = self._temp_dir / f"{name}.log"
+        # No drain on SIGTERM (`ray start` waits up to 30 s for Serve proxies by default): nothing
+        # of ours serves traffic, and the session must end promptly when it is stopped.
+        env = {**os.environ, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **env, MARKER: self._marker}
         with open(log, "wb") as f:
-            proc = spawn(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env})
+            proc = spawn(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self._procs.append((proc, log))
 
     def _wait_port(self, port: int) -> None:

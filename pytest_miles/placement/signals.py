@@ -50,6 +50,13 @@ def received() -> str | None:
     return _received[0] if _received else None
 
 
+def interruption(exc: BaseException) -> str:
+    """The summary line of a session ended by `exc` (a KeyboardInterrupt): which signal stopped it."""
+    name = received() or "SIGINT (Ctrl-C)"  # Ray re-raises our Terminated as a plain KeyboardInterrupt
+    return (f"pytest-miles: session interrupted by {name} (exit code 2); the engines, trainer ranks and Ray "
+            "cluster it started were torn down")
+
+
 _reraised: list[bool] = []
 
 
@@ -64,17 +71,28 @@ def raise_if_swallowed() -> None:
 
 def ray_init(init: Callable[..., Any], /, **kwargs: Any) -> Any:
     """`ray.init(**kwargs)` with SIGTERM/SIGHUP/SIGINT held back until our handlers are back: a
-    signal during Ray's start-up is delivered to us, not to the handler Ray installs."""
-    main = threading.current_thread() is threading.main_thread()
+    signal during Ray's start-up is delivered to us, not to the handler Ray installs. (Letting it
+    through instead is worse: once Ray's core worker is up, a SIGTERM during the rest of `ray.init`
+    reaches a handler Ray's native code installed: exit by SIGABRT, no summary; measured.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return init(**kwargs)
     held = {*SIGNALS, signal.SIGINT}
-    if main:
-        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         return init(**kwargs)
     finally:
-        if main:
-            ensure()
-            if signal.getsignal(signal.SIGINT) is not signal.default_int_handler and getattr(
-                    signal.getsignal(signal.SIGINT), "__module__", "").startswith("ray"):
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        _reinstall()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
+def _reinstall() -> None:
+    """Our handlers again, at the OS level too: Ray's native code may have replaced the process's
+    handler while Python still reports ours (then `ensure()` alone would keep Ray's)."""
+    for sig in SIGNALS:
+        current = signal.getsignal(sig)
+        if current is _handler or current in (signal.SIG_DFL, None) or \
+                getattr(current, "__module__", "").startswith("ray"):
+            signal.signal(sig, _handler)
+    current = signal.getsignal(signal.SIGINT)
+    if current is signal.default_int_handler or getattr(current, "__module__", "").startswith("ray"):
+        signal.signal(signal.SIGINT, signal.default_int_handler)

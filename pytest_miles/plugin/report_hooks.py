@@ -43,7 +43,14 @@ class ReportHooks:
             written.append(str(html))
         return written
 
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo) -> None:
+        from pytest_miles.placement.signals import interruption
+
+        self.interrupted = interruption(excinfo.value)
+
     def pytest_terminal_summary(self, terminalreporter) -> None:
+        if getattr(self, "interrupted", None):  # which signal ended the session, above pytest's own line
+            terminalreporter.write_line(self.interrupted, red=True, bold=True)
         st = state(self.config)
         if st.collector.entries:
             terminalreporter.write_sep("=", "pytest-miles determinism report")
