@@ -83,6 +83,31 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
+class _PortTaken(ClusterError):
+    """The head's port answers from a process that is not the head's."""
+
+
+def _listens_in_tree(pid: int, port: int) -> bool | None:
+    """Whether a process of `pid`'s tree listens on TCP `port`; None when that cannot be read."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return None
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="tcp")
+        except psutil.AccessDenied:
+            return None
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns):
+            return True
+    return False
+
+
 _PROBE = """
 import sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False, namespace="pytest-miles-probe")
@@ -165,20 +190,36 @@ class RayCluster:
         atexit.register(cluster.shutdown)  # the head has a session of its own: a crashed script must not leak it
         cluster._prepare_temp(temp_root)
         cluster._set_env(cluster._auth_env())
-        port = free_port()
-        while port in RAY_DEFAULT_PORTS:  # a GCS on one of them makes `ray start` refuse ("used by other components")
-            port = free_port()
-        cluster.address = f"127.0.0.1:{port}"
         try:
-            cluster._spawn("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus,
-                           object_store_bytes, {})
-            cluster._wait_port(port)
+            cluster._start_head(num_cpus, object_store_bytes)
             cluster._connected = True
             ray_init(ray.init, address=cluster.address, log_to_driver=False, namespace="pytest-miles")
         except BaseException:
             cluster.shutdown()
             raise
         return cluster
+
+    def _start_head(self, num_cpus: int, object_store_bytes: int, attempts: int = 3) -> None:
+        """`ray start --head` on a free port. The port is free when picked, not when Ray binds it: a
+        concurrent session can take it in between (seen with several heads starting at once), and
+        the head then exits before opening it. Such a head is started again on another port."""
+        for attempt in range(attempts):
+            port = free_port()
+            while port in RAY_DEFAULT_PORTS:  # `ray start` refuses a GCS on one ("used by other components")
+                port = free_port()
+            self.address = f"127.0.0.1:{port}"
+            self._spawn("head", ["--head", f"--port={port}", "--include-dashboard=false"], num_cpus,
+                        object_store_bytes, {})
+            proc, _ = self._procs[-1]
+            try:
+                self._wait_port(port)
+                return
+            except ClusterError as exc:
+                taken = isinstance(exc, _PortTaken)
+                if attempt == attempts - 1 or not (taken or proc.poll() is not None):
+                    raise
+                kill_tree(proc.pid)  # exited before opening its port, or the port is somebody else's
+                self._procs.pop()
 
     # ---- nodes -------------------------------------------------------------------------------
 
@@ -321,12 +362,16 @@ class RayCluster:
         self._procs.append((proc, log))
 
     def _wait_port(self, port: int) -> None:
+        """Until a process of our head's tree listens on `port`. A port that answers from another
+        process (a concurrent session took it after we picked it) raises _PortTaken."""
         proc, log = self._procs[0]
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ClusterError(f"ray start --head exited with code {proc.returncode}:\n{tail(log)}")
             if _reachable("127.0.0.1", port, timeout=1.0) is None:
+                if _listens_in_tree(proc.pid, port) is False:  # None: unreadable here, taken as ours
+                    raise _PortTaken(f"port {port} answers from a process outside this head")
                 return
             time.sleep(0.2)
         raise ClusterError(f"the Ray head did not open port {port} within {self.timeout:g} s:\n{tail(log)}")
