@@ -4,12 +4,16 @@
 # /tmp/gpu-chain) and `scripts/gpu-chain.sh collect` copies them to $OUT in a later call.
 #   setsid nohup bash scripts/gpu-chain.sh run FILE &   FILE: one shell command per line, "# ..." ignored
 #   bash scripts/gpu-chain.sh collect                    copy the logs so far to $OUT, print the progress
+#                                                        (and those of $CHAIN_EXTRA folders, default /tmp/st)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHAIN_OUT=${CHAIN_OUT:-/tmp/gpu-chain}
 mkdir -p "$CHAIN_OUT"
 if [ "${1:-}" = collect ]; then
   cp -r "$CHAIN_OUT"/. "${OUT:?}"/ 2>/dev/null
+  for d in ${CHAIN_EXTRA:-/tmp/st}; do  # folders steps write into themselves (suite_stages.py --out)
+    [ -d "$d" ] && mkdir -p "$OUT/$(basename "$d")" && cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null
+  done
   cat "$CHAIN_OUT/progress" 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
   for f in "$CHAIN_OUT"/step-*.log; do [ -e "$f" ] && { echo "== $f"; tail -n 4 "$f"; }; done
   exit 0
