@@ -83,10 +83,6 @@ def _reachable(host: str, port: int, timeout: float) -> str | None:
     return None
 
 
-class _PortTaken(ClusterError):
-    """The head's port answers from a process that is not the head's."""
-
-
 def _listens_in_tree(pid: int, port: int) -> bool | None:
     """Whether a process of `pid`'s tree listens on TCP `port`; None when that cannot be read."""
     import psutil
@@ -212,14 +208,16 @@ class RayCluster:
                         object_store_bytes, {})
             proc, _ = self._procs[-1]
             try:
-                self._wait_port(port)
-                return
-            except ClusterError as exc:
-                taken = isinstance(exc, _PortTaken)
-                if attempt == attempts - 1 or not (taken or proc.poll() is not None):
+                if self._wait_port(port):
+                    return
+                if attempt == attempts - 1:
+                    raise ClusterError(f"port {port} of the Ray head answers from a process outside the head, "
+                                       f"{attempts} times over (ports taken by concurrent sessions)")
+            except ClusterError:
+                if attempt == attempts - 1 or proc.poll() is None:
                     raise
-                kill_tree(proc.pid)  # exited before opening its port, or the port is somebody else's
-                self._procs.pop()
+            kill_tree(proc.pid)  # exited before opening its port, or the port is somebody else's
+            self._procs.pop()
 
     # ---- nodes -------------------------------------------------------------------------------
 
@@ -361,17 +359,15 @@ class RayCluster:
             proc = spawn(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self._procs.append((proc, log))
 
-    def _wait_port(self, port: int) -> None:
-        """Until a process of our head's tree listens on `port`. A port that answers from another
-        process (a concurrent session took it after we picked it) raises _PortTaken."""
+    def _wait_port(self, port: int) -> bool:
+        """Until a process of our head's tree listens on `port` (True). A port that answers from
+        another process (a concurrent session took it after we picked it): False."""
         proc, log = self._procs[0]
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise ClusterError(f"ray start --head exited with code {proc.returncode}:\n{tail(log)}")
             if _reachable("127.0.0.1", port, timeout=1.0) is None:
-                if _listens_in_tree(proc.pid, port) is False:  # None: unreadable here, taken as ours
-                    raise _PortTaken(f"port {port} answers from a process outside this head")
-                return
+                return _listens_in_tree(proc.pid, port) is not False  # None: unreadable here, taken as ours
             time.sleep(0.2)
         raise ClusterError(f"the Ray head did not open port {port} within {self.timeout:g} s:\n{tail(log)}")
