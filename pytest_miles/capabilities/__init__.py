@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_miles.capabilities.deterministic_mode import Applies, check_read_from, read_applies
+from pytest_miles.capabilities.deterministic_mode import (
+    Applies,
+    check_read_from,
+    in_versions,
+    read_applies,
+    string_list,
+)
 from pytest_miles.errors import CapabilityError  # noqa: F401  (importable here too)
 
 STATUSES = ("promised", "known_limitation", "not_applicable")
@@ -44,21 +50,13 @@ class Cell:
     read_from: tuple[str, ...] = ()  # "VERSION sglang/PATH.py:LINE" of the released source it was read from
 
     def matches(self, backend: str, mode: str, version: str | None) -> bool:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-
         if "*" not in self.backends and backend not in self.backends:
             return False
         if "*" not in self.modes and mode not in self.modes:
             return False
         if not self.versions:
             return True
-        if version is None:
-            return False
-        try:
-            return SpecifierSet(self.versions).contains(Version(version), prereleases=True)  # dev builds count
-        except InvalidVersion:
-            return False
+        return version is not None and in_versions(self.versions, version)  # dev builds count
 
     def reproduced_by(self, shape: dict[str, Any]) -> bool:
         """Whether a check of this shape reproduces the limitation (then a pass is XPASS(strict))."""
@@ -105,14 +103,6 @@ class Capability:
 PROMISED = Capability("promised")
 
 
-def _as_list(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise CapabilityError(f"{where}: expected a string or a list of strings, got {value!r}")
-
-
 def _cell(raw: Any, index: int, path: str) -> Cell:
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
@@ -138,12 +128,12 @@ def _cell(raw: Any, index: int, path: str) -> Cell:
     except InvalidSpecifier:
         raise CapabilityError(f"{where}: field 'versions': {versions!r} is not a version specifier "
                               "(PEP 440, e.g. '>=0.5.17,<0.5.24'; '' for every version)") from None
-    modes = _as_list(raw["modes"], f"{where}: field 'modes'")
+    modes = string_list(raw["modes"], f"{where}: field 'modes'")
     bad = [m for m in modes if m != "*" and m not in MODES]
     if bad:
         raise CapabilityError(f"{where}: field 'modes': {bad[0]!r} is not one of {', '.join(MODES)} or '*'")
-    backends = _as_list(raw["backends"], f"{where}: field 'backends'")
-    refs = _as_list(raw.get("references", []), f"{where}: field 'references'") if raw.get("references") else ()
+    backends = string_list(raw["backends"], f"{where}: field 'backends'")
+    refs = string_list(raw.get("references", []), f"{where}: field 'references'") if raw.get("references") else ()
     for name in ("condition", "reason"):
         if not isinstance(raw.get(name, ""), str):
             raise CapabilityError(f"{where}: field '{name}': expected a string")

@@ -24,6 +24,27 @@ READ_FROM = re.compile(r"^(?P<version>\d+\.\d+\.\d+(?:\.post\d+)?) (?P<path>sgla
 READ_FROM_FORM = "'VERSION sglang/PATH.py:LINE', e.g. '0.5.23 sglang/srt/arg_groups/attention_hook.py:676'"
 
 
+def string_list(value: Any, where: str) -> tuple[str, ...]:
+    """A string or a list of strings, as a tuple; else CapabilityError naming `where`."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise CapabilityError(f"{where}: expected a string or a list of strings, got {value!r}")
+
+
+def in_versions(versions: str, version: str) -> bool:
+    """Whether `version` is in the PEP 440 range `versions` (dev and pre-release builds count); an
+    unparsable version is in no range."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return SpecifierSet(versions).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
+
+
 def check_read_from(value: Any, where: str, versions: str) -> tuple[str, ...]:
     """`read_from` entries: each names a released version the entry's `versions` admit, a file of
     that wheel and a line. Raises CapabilityError naming `where` and the entry."""
@@ -61,15 +82,9 @@ class Applies:
     verified: str
 
     def matches(self, version: str, backend: str | None) -> bool:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-
         if backend and "*" not in self.backends and backend not in self.backends:
             return False
-        try:
-            return not self.versions or SpecifierSet(self.versions).contains(Version(version), prereleases=True)
-        except InvalidVersion:
-            return False
+        return not self.versions or in_versions(self.versions, version)
 
     def source_for(self, version: str) -> str:
         """The read_from line of this version, else the nearest one read (said so)."""
@@ -80,11 +95,7 @@ class Applies:
 
 
 def _strings(raw: dict, name: str, where: str, required: bool = True) -> tuple[str, ...]:
-    value = raw.get(name, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CapabilityError(f"{where}: field '{name}': expected a string or a list of strings, got {value!r}")
+    value = string_list(raw.get(name, []), f"{where}: field '{name}'")
     if required and not value:
         raise CapabilityError(f"{where}: field '{name}' is missing or empty")
     return tuple(value)
