@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_miles.report.collector import write_atomic
+from pytest_miles.report.plot import pyplot
 
 COLOURS = {"passed": "#2e7d32", "failed": "#c62828", "error": "#c62828", "skipped": "#9e9e9e",
            "xfailed": "#ef6c00", "xpassed": "#6a1b9a", "caught": "#1565c0",
@@ -24,23 +25,12 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def precision_heatmap(checks: list[dict[str, Any]], hardware=None) -> bytes | None:
     """PNG: rollout x train cells coloured by train_rollout_logprob_abs_diff where measured,
     labelled with the outcome (rejected, skipped, ...) elsewhere. None without matplotlib."""
     from pytest_miles.facts.precision import FORMATS, cell_status, unsupported_on
 
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     names = list(FORMATS)
@@ -106,7 +96,7 @@ def render(data: dict[str, Any], hardware=None) -> str:
     if heat:
         images.append(("precision heatmap", heat))
     images += _plots(checks)
-    if _pyplot() is None:
+    if pyplot() is None:
         figs = "<p>matplotlib is not installed: no plots (pip install matplotlib).</p>"
     else:
         figs = "".join(f"<figure><img alt='{e(t)}' src='{_data_uri(b)}'><figcaption>{e(t)}</figcaption></figure>"

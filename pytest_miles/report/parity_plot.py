@@ -6,16 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+from pytest_miles.report.plot import pyplot, save
 
 
 def plot_parity(pairs: dict[str, Any], path: str | Path, title: str) -> Path | None:
@@ -24,7 +15,7 @@ def plot_parity(pairs: dict[str, Any], path: str | Path, title: str) -> Path | N
     from pytest_miles.validation import writable_file
 
     path = writable_file("plot_parity(path)", path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, (hist, pos) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -46,10 +37,7 @@ def plot_parity(pairs: dict[str, Any], path: str | Path, title: str) -> Path | N
     pos.set_ylabel("mean |delta|")
     pos.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
 
 
 def plot_layers(rows: list[dict[str, Any]], path: str | Path, title: str) -> Path | None:
@@ -57,7 +45,7 @@ def plot_layers(rows: list[dict[str, Any]], path: str | Path, title: str) -> Pat
     from pytest_miles.validation import writable_file
 
     path = writable_file("plot_layers(path)", path)
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.35), 3.8))
@@ -71,7 +59,4 @@ def plot_layers(rows: list[dict[str, Any]], path: str | Path, title: str) -> Pat
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=70, fontsize=6)
     ax.set_ylabel("max |a - b|")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(plt, fig, path)
