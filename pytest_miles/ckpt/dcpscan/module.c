@@ -4,7 +4,7 @@
  * Why: a 20,000-tensor `.metadata` is a 4.4 MB pickle of ~2 million opcodes. CPython's own C
  * unpickler needs ~60 ms for it (its floor: every opcode builds or touches a Python object), and
  * the per-entry Python work after it as much again, on each side. `pytest-miles compare` of two
- * such checkpoints must cost less than hashing their data (issue 14: 5x faster than md5sum).
+ * such checkpoints must cost less than hashing their data (the target: 5x faster than md5sum).
  *
  * What it is: a small pickle VM over the opcodes DCP writes (protocol 2-5 binary opcodes, no
  * PUT/persistent ids/extensions), into a flat value graph (8-byte tagged values, index-addressed
