@@ -61,7 +61,7 @@ class EngineFactory:
         if kind.startswith("sglang"):
             self._need(kind)
         key = (kind, model, deterministic, spec.attention_backend, spec.extra_args,
-               tuple(sorted(options.items())))
+               tuple(sorted((k, _hashable(v)) for k, v in options.items())))
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
@@ -142,3 +142,12 @@ class EngineFactory:
             leases, self.leases = self.leases, []
             for lease in leases:
                 lease.release()
+
+
+def _hashable(value: Any) -> Any:
+    """An option's value as part of a configuration's key (env={...} is a dict)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, set)):
+        return tuple(_hashable(v) for v in value)
+    return value

@@ -309,6 +309,7 @@ class SGLangEngine(ServerEngine):
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
                  port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
                  python: str = sys.executable, kernel_cache_dir: str | Path | None = None, **kw: Any) -> None:
+        from pytest_miles.engines.sglang_chunking import check_deterministic_chunking
         from pytest_miles.facts.kernel_caches import cache_env, slow_start_advice
 
         model_path = Path(model_path)
@@ -328,6 +329,7 @@ class SGLangEngine(ServerEngine):
         if disable_cuda_graph:
             cmd.append("--disable-cuda-graph")
         cmd += sglang_passthrough(extra_args)
+        check_deterministic_chunking(deterministic, attention_backend, cmd, {**os.environ, **(kw.get("env") or {})})
         self.deterministic, self.attention_backend = deterministic, attention_backend
         self.start_advice = slow_start_advice("sglang", attention_backend)
         kw["env"] = {**sglang_start_env(), **cache_env(kernel_cache_dir), **(kw.get("env") or {})}

@@ -91,8 +91,10 @@ def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, requ
 
 # Scheduler pressure for the traffic check: a small KV pool, chunked prefill, many clients.
 TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, "chunk": 32}
-# SGLang 0.5.17 on an H200 (2026-12-04) stalled with a 1,920-token pool and 32-token chunks, determinism on
-# and off (nothing ran, nothing queued); it served a 8,192/512 configuration. Larger for SGLang, unverified.
+# SGLang: a 4,096-token pool, 64-token chunks. Its deterministic scheduler cuts chunks only at its prefill
+# alignment (4,096 tokens by default; a smaller chunk starves every longer prompt, sgl-project/sglang#36344:
+# the stall of 2026-12-04 on an H200), so the deterministic engine runs with the alignment lowered to the chunk
+# (engines/sglang_chunking.py): chunked prefill then happens on the tiny model, cut where SGLang cuts.
 SGLANG_TRAFFIC = {"pool": 4096, "chunk": 64}
 
 
@@ -100,9 +102,12 @@ def _traffic_engine(engine_factory, miles_settings, deterministic: bool):
     require("torch", "torch")
     kind = miles_settings("engine")
     if kind.startswith("sglang"):
+        from pytest_miles.engines.sglang_chunking import aligned_env
+
         args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]),
                 "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics")
-        return engine_factory("sglang", deterministic=deterministic, extra_args=args)
+        env = aligned_env(miles_settings("attention_backend"), SGLANG_TRAFFIC["chunk"]) if deterministic else {}
+        return engine_factory("sglang", deterministic=deterministic, extra_args=args, **({"env": env} if env else {}))
     return engine_factory("reference-server", deterministic=deterministic, threads=1, prefix_cache=True,
                           max_total_tokens=TRAFFIC["pool"], chunked_prefill_size=TRAFFIC["chunk"])
 

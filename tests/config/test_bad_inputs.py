@@ -318,6 +318,12 @@ ENGINE_SPEC = [  # EngineSpec(...) built by hand (a placement, a script): every 
     ({"extra_args": ("--tp", "two", "--tp", "2")}, "SGLang argument --tp: 'two'"),
     ({"options": {"tp_size": "x"}}, "engine option tp_size: 'x' is not an integer"),
     ({"options": {"tp_size": 1.5}}, "engine option tp_size: 1.5 is not an integer"),
+    # a deterministic chunk below SGLang's prefill alignment would starve every longer prompt
+    ({"extra_args": ("--chunked-prefill-size", "128")}, "--chunked-prefill-size 128 with determinism on"),
+    ({"extra_args": ("--sglang-chunked-prefill-size=x",)}, "'x' is not an integer"),
+    ({"options": {"env": "A=1"}}, "engine_factory(env=)"),
+    ({"extra_args": ("--chunked-prefill-size", "64"), "options": {"env": {
+        "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE": "small"}}}, "expected an integer number of tokens"),
 ]
 
 
