@@ -29,6 +29,8 @@ _EXPORTS = {
     "RoutingRecord": "models.routing",
     "assert_deterministic_under_load": "scenarios.traffic",
     "traffic_negative_control": "scenarios.traffic",
+    "assert_min_p_served": "scenarios.traffic",
+    "aligned_env": "engines.sglang_chunking",
     "assert_composition_invariant": "checks.compositions",
     "coverage_cases": "checks.compositions",
     "boundary_lengths": "checks.compositions",

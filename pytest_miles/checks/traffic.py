@@ -162,3 +162,25 @@ def judge_control(report: TrafficReport, deterministic: Any) -> TrafficReport:
         f"{v} ({n})" for v, n in report.variances.items() if v in about)
         + "".join(f"; {v} ({n}) not counted" for v, n in report.variances.items() if v not in about))
     return report
+
+
+@dataclass
+class FeatureReport:
+    """Whether a served engine answered a request with one sampling feature (e.g. min_p with a seed);
+    the capability data decides whether a failure is a known limitation."""
+
+    engine: str
+    mode: str
+    passed: bool
+    detail: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def render(self, limit: int = 10) -> str:
+        lines = [f"{self.mode} on {self.engine}: {'PASS' if self.passed else 'FAIL'}; {self.detail}"]
+        if self.settings:
+            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "mode": self.mode, "passed": self.passed, "detail": self.detail,
+                "settings": self.settings}

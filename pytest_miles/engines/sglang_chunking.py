@@ -8,7 +8,8 @@ smaller than that alignment, and retries it the same way forever: with --chunked
 the alignment, any prompt longer than the chunk is never scheduled (the server stays healthy, the
 request waits). Upstream: sgl-project/sglang#36344, open; the validation is proposed in
 sgl-project/sglang#36417. Measured here on an H200 (2026-12-04): 9 requests queued, none running,
-for 60 s, with 32-token chunks."""
+for 60 s, with 32-token chunks. From 0.5.22 triton has no alignment (its kernel tiles keys at absolute
+positions; `backend_sizes` keeps only flashinfer), read from the released sources 0.5.17-0.5.23."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pytest_miles.errors import InputError
 ALIGN_ENV = {"flashinfer": "SGLANG_FLASHINFER_PREFILL_SPLIT_TILE_SIZE",
              "triton": "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE"}
 DEFAULT_ALIGN = 4096
+TRITON_ALIGNED_BEFORE = "0.5.22"
 FLAGS = ("--chunked-prefill-size", "--sglang-chunked-prefill-size")
 
 
@@ -38,11 +40,29 @@ def chunk_size(args: Sequence[str]) -> int | None:
     return size
 
 
-def alignment(backend: str, env: Mapping[str, str]) -> int | None:
-    """The deterministic prefill alignment of `backend` under `env` (None: the backend has none)."""
+def installed_version() -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("sglang")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def alignment(backend: str, env: Mapping[str, str], version: str | None = None) -> int | None:
+    """The deterministic prefill alignment of `backend` under `env` in SGLang `version` (None: the
+    backend has none; an unknown version is taken to have one)."""
     name = ALIGN_ENV.get(backend)
     if name is None:
         return None
+    if backend == "triton" and version is not None:
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            if Version(version).release >= Version(TRITON_ALIGNED_BEFORE).release:
+                return None
+        except InvalidVersion:
+            pass
     raw = env.get(name)
     if raw is None:
         return DEFAULT_ALIGN
@@ -60,12 +80,13 @@ def aligned_env(backend: str, chunk: int) -> dict[str, str]:
 
 
 def check_deterministic_chunking(deterministic: bool, backend: str, args: Sequence[str],
-                                 env: Mapping[str, str]) -> None:
-    """InputError when a deterministic server would starve every prompt longer than its chunk."""
+                                 env: Mapping[str, str], version: str | None = "installed") -> None:
+    """InputError when a deterministic server would starve every prompt longer than its chunk
+    (`version`: SGLang's; "installed" reads the installed one)."""
     size = chunk_size(args)
     if not deterministic or size is None or size <= 0:
         return
-    align = alignment(backend, env)
+    align = alignment(backend, env, installed_version() if version == "installed" else version)
     if align is not None and size < align:
         raise InputError(
             f"SGLang argument --chunked-prefill-size {size} with determinism on and the {backend} backend: "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_miles.checks.compositions import boundary_lengths
-from pytest_miles.checks.traffic import TrafficReport, compare_traffic, judge_control, judge_traffic
+from pytest_miles.checks.traffic import FeatureReport, TrafficReport, compare_traffic, judge_control, judge_traffic
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError
@@ -46,10 +46,12 @@ class TrafficRequest:
 
 
 def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 160, max_new_tokens: int = 12,
-                 spread_s: float = 0.5, page_size: int = 16, group: int = 2) -> list[TrafficRequest]:
+                 spread_s: float = 0.5, page_size: int = 16, group: int = 2, min_p: bool = True
+                 ) -> list[TrafficRequest]:
     """n requests; half the prompt lengths on tile/page boundaries, half random; as an RL rollout
     samples each prompt `group` times, consecutive requests share a prompt (their own sampling
-    parameters and seeds), so the prefix cache is hit while the group is in flight."""
+    parameters and seeds), so the prefix cache is hit while the group is in flight. `min_p=False`
+    leaves min-p out (every other parameter drawn as with it)."""
     if not isinstance(n, int) or n < 2:
         raise InputError(f"n_requests: expected an integer >= 2, got {n!r}")
     if max_prompt < 1 or max_new_tokens < 1 or spread_s < 0 or not isinstance(group, int) or group < 1:
@@ -60,9 +62,11 @@ def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 1
     for i in range(n):
         length = bounds[(i // 2) % len(bounds)] if i % 2 == 0 else rng.randint(1, max_prompt)
         greedy = rng.random() < 0.3
-        params = SamplingParams(temperature=0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3]),
-                                top_k=rng.choice([-1, -1, 5, 40]), top_p=rng.choice([1.0, 0.9, 0.7]),
-                                min_p=rng.choice([0.0, 0.0, 0.05]), max_new_tokens=rng.randint(1, max_new_tokens),
+        temperature = 0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3])
+        top_k, top_p = rng.choice([-1, -1, 5, 40]), rng.choice([1.0, 0.9, 0.7])
+        drawn_min_p = rng.choice([0.0, 0.0, 0.05])
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=drawn_min_p if min_p else 0.0, max_new_tokens=rng.randint(1, max_new_tokens),
                                 sampling_seed=rng.randrange(1 << 30))
         prompt = out[-1].prompt if i % group else [rng.randrange(3, vocab) for _ in range(length)]
         out.append(TrafficRequest(prompt, params, rng.random() < 0.5, rng.uniform(0, spread_s)))
@@ -177,11 +181,16 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
     if bad:
         raise InputError(f"required: {bad} not witnesses; accepted: {', '.join(METRICS)}")
     vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
-    reqs = make_traffic(n_requests, seed=seed, vocab=vocab, **shape)
-    t0 = time.perf_counter()
     settings = engine_settings(engine)
+    limit = min_p_limitation(engine, settings)
+    min_p = bool(shape.pop("min_p", True)) and limit is None
+    reqs = make_traffic(n_requests, seed=seed, vocab=vocab, min_p=min_p, **shape)
+    t0 = time.perf_counter()
     report = TrafficReport(getattr(engine, "name", type(engine).__name__), n_requests, required=tuple(required),
-                           settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape})
+                           settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape,
+                                                     "min_p": min_p})
+    if limit is not None:
+        report.notes.append(f"min_p left out of the traffic (every other parameter as drawn): {limit}")
     engine.flush_cache()
     before, log_at = getattr(engine, "metrics", lambda: {})() or {}, _log_size(engine)
     first, peak = drive(engine, reqs, top_logprobs=top_logprobs, stall_timeout=stall_timeout)
@@ -199,6 +208,34 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
         alone.append(engine.generate_one(r.prompt, r.params, top_logprobs=top_logprobs, stream=False))
     report.seconds = time.perf_counter() - t0
     return compare_traffic(report, [r.describe() for r in reqs], first, second, alone)
+
+
+def min_p_limitation(engine, settings: dict[str, Any]) -> str | None:
+    """The capability data's known limitation for min-p requests on this engine (a deterministic
+    SGLang server dies on one), described; None where min-p is served."""
+    from pytest_miles.capabilities.verdict import capability_for
+
+    cap = capability_for(engine, "min_p_with_seed", {}, settings)
+    return cap.describe() if cap.known else None
+
+
+@recorded("min_p with a seed served")
+def assert_min_p_served(engine, *, seed: int = 0, max_new_tokens: int = 8) -> FeatureReport:
+    """One sampled request with min_p (and its own seed) must be answered; a deterministic SGLang
+    server that dies on it is the capability data's known limitation (XFAIL naming its reference).
+    The engine may be dead afterwards: the engine factory starts a new one for the next test."""
+    from pytest_miles.capabilities.verdict import capability_for, judge
+
+    settings = engine_settings(engine)
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.05, max_new_tokens=max_new_tokens,
+                            sampling_seed=seed + 1)
+    name = getattr(engine, "name", type(engine).__name__)
+    try:
+        out = engine.generate_one([5, 17, 99, 3, 250, 41, 7, 300], params, stream=False)
+        report = FeatureReport(name, "min_p_with_seed", True, f"answered {len(out.output_ids)} token(s)", settings)
+    except Exception as exc:  # the server's own failure is the finding
+        report = FeatureReport(name, "min_p_with_seed", False, f"{type(exc).__name__}: {str(exc)[:1500]}", settings)
+    return judge(report, capability_for(engine, "min_p_with_seed", {}, settings))
 
 
 @recorded("determinism under load")

@@ -91,21 +91,25 @@ def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, requ
 
 # Scheduler pressure for the traffic check: a small KV pool, chunked prefill, many clients.
 TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, "chunk": 32}
-# SGLang: a 4,096-token pool, 64-token chunks. Its deterministic scheduler cuts chunks only at its prefill
+# SGLang: a 2,048-token pool, 64-token chunks. Its deterministic scheduler cuts chunks only at its prefill
 # alignment (4,096 tokens by default; a smaller chunk starves every longer prompt, sgl-project/sglang#36344:
 # the stall of 2026-12-04 on an H200), so the deterministic engine runs with the alignment lowered to the chunk
 # (engines/sglang_chunking.py): chunked prefill then happens on the tiny model, cut where SGLang cuts.
-SGLANG_TRAFFIC = {"pool": 4096, "chunk": 64}
+# --schedule-conservativeness 0.05: admission counts on short answers, so decode outgrows the pool and
+# SGLang retracts (at its default it admits only with room for 0.7 x max_new_tokens; no retraction was seen
+# with 4,096/128 and 256 requests on an H200).
+SGLANG_TRAFFIC = {"pool": 2048, "chunk": 64, "conservativeness": 0.05}
 
 
 def _traffic_engine(engine_factory, miles_settings, deterministic: bool):
     require("torch", "torch")
     kind = miles_settings("engine")
     if kind.startswith("sglang"):
-        from pytest_miles.engines.sglang_chunking import aligned_env
+        from pytest_miles import aligned_env
 
         args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]),
-                "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics")
+                "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics",
+                "--schedule-conservativeness", str(SGLANG_TRAFFIC["conservativeness"]))
         env = aligned_env(miles_settings("attention_backend"), SGLANG_TRAFFIC["chunk"]) if deterministic else {}
         return engine_factory("sglang", deterministic=deterministic, extra_args=args, **({"env": env} if env else {}))
     return engine_factory("reference-server", deterministic=deterministic, threads=1, prefix_cache=True,

@@ -23,7 +23,18 @@ SERVED = [  # (deterministic, backend, args, env)
 
 @pytest.mark.parametrize(("deterministic", "backend", "args", "env"), SERVED)
 def test_configurations_sglang_serves_pass(deterministic, backend, args, env):
-    check_deterministic_chunking(deterministic, backend, args, env)
+    check_deterministic_chunking(deterministic, backend, args, env, version="0.5.17")
+
+
+def test_triton_has_no_alignment_from_0_5_22_flashinfer_keeps_its_own():
+    small = ("--chunked-prefill-size", "128")
+    check_deterministic_chunking(True, "triton", small, {}, version="0.5.22")
+    check_deterministic_chunking(True, "triton", small, {}, version="0.5.23.post1")
+    for version in ("0.5.21", None):  # None: an unknown version is taken to have the alignment
+        with pytest.raises(InputError):
+            check_deterministic_chunking(True, "triton", small, {}, version=version)
+    with pytest.raises(InputError):
+        check_deterministic_chunking(True, "flashinfer", small, {}, version="0.5.23")
 
 
 @pytest.mark.parametrize(("backend", "args", "env", "align"), [
@@ -34,7 +45,7 @@ def test_configurations_sglang_serves_pass(deterministic, backend, args, env):
 ])
 def test_a_chunk_below_the_alignment_is_refused_naming_the_way_out(backend, args, env, align):
     with pytest.raises(InputError) as info:
-        check_deterministic_chunking(True, backend, args, env)
+        check_deterministic_chunking(True, backend, args, env, version="0.5.17")
     msg = str(info.value)
     assert align in msg and "wait forever" in msg and "Accepted:" in msg and "sgl-project/sglang#36344" in msg
 

@@ -144,3 +144,31 @@ def test_traffic_is_seeded_mixed_and_reordered():
     assert [r.prompt for r in other] == [r.prompt for r in a] and [r.arrival for r in other] != [r.arrival for r in a]
     with pytest.raises(InputError, match="n_requests"):
         make_traffic(1)
+
+
+def test_min_p_can_be_left_out_with_every_other_parameter_as_drawn():
+    from dataclasses import replace
+
+    with_min_p, without = make_traffic(40, seed=7), make_traffic(40, seed=7, min_p=False)
+    assert any(r.params.min_p for r in with_min_p) and not any(r.params.min_p for r in without)
+    assert [replace(r, params=replace(r.params, min_p=0.0)) for r in with_min_p] == without
+
+
+def test_the_capability_data_names_the_min_p_crash_of_deterministic_sglang():
+    from pytest_miles.capabilities import load_capabilities
+
+    caps = load_capabilities()
+    for backend in ("flashinfer", "triton", "fa3"):
+        cap = caps.lookup(backend, "min_p_with_seed", "0.5.17")
+        assert cap.known and "sgl-project/sglang/issues/33695" in cap.describe()
+    assert not caps.lookup("flashinfer", "min_p_with_seed", "0.5.24").known  # a later release must show it again
+
+
+def test_min_p_is_served_by_the_reference_server_and_kept_in_its_traffic(invariant):
+    from pytest_miles.checks.witness import engine_settings
+    from pytest_miles.scenarios.traffic import assert_min_p_served, min_p_limitation, run_traffic
+
+    assert min_p_limitation(invariant, engine_settings(invariant)) is None
+    assert assert_min_p_served(invariant).passed
+    report = run_traffic(invariant, 4, seed=2, max_prompt=8, max_new_tokens=2, spread_s=0.0, required=())
+    assert report.shape["min_p"] is True and not any("min_p left out" in n for n in report.notes)
