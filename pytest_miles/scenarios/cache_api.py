@@ -55,6 +55,17 @@ def _cached_total(engine: Any) -> float | None:
     return m.get(CACHED_METRIC)
 
 
+def _settings(engine: Any) -> dict[str, Any]:
+    """The witness settings, plus the overlap scheduler (its radix-cache race is an open report) and
+    a planted fault (the reference server's negative controls name theirs)."""
+    settings = engine_settings(engine)
+    info = engine.server_info() if hasattr(engine, "server_info") and "error" not in settings else {}
+    for key in ("disable_overlap_schedule", "fault"):
+        if info.get(key) is not None:
+            settings[key] = info[key]
+    return settings
+
+
 def _warm(engine: Any, prompt: list[int], p: SamplingParams, k: int) -> tuple[Output, int | None]:
     before = _cached_total(engine)
     out = engine.generate_one(prompt, p, top_logprobs=k)
@@ -98,7 +109,7 @@ def run_cache_paths(engine: Any, *, trials: int = 2, prompt_len: int = 40, new_t
     if any(p.max_new_tokens < 2 for p in items):
         raise InputError("params: max_new_tokens must be >= 2, so that turn 1 writes KV while decoding")
     rng, vocab = random.Random(seed), getattr(getattr(engine, "config", None), "vocab_size", 512)
-    settings = engine_settings(engine)
+    settings = _settings(engine)
     report = CacheReport(_engine_name(engine), settings=settings, shape={
         "trials": trials, "prompt_len": prompt_len, "new_tokens": new_tokens, "top_logprobs": top_logprobs})
     t0 = time.perf_counter()
@@ -120,9 +131,6 @@ def run_cache_paths(engine: Any, *, trials: int = 2, prompt_len: int = 40, new_t
             report.paths.append(CachePath("decode_kv", trial, _describe(p), cold, warm, len(base) + 1, delta,
                                           _cold(engine, turn2, p, top_logprobs)))
     report.seconds = time.perf_counter() - t0
-    overlap = (engine.server_info() if hasattr(engine, "server_info") else {}).get("disable_overlap_schedule")
-    if overlap is not None:  # the overlap scheduler's radix-cache race is one of the open reports
-        report.settings["disable_overlap_schedule"] = overlap
     report.notes += _open_references(engine, settings)
     return report
 
@@ -176,7 +184,7 @@ def run_api_surfaces(engine: Any, offline: Any = None, *, requests: int = 2, pro
     items = _params(params)
     if not isinstance(requests, int) or requests < 1 or not isinstance(prompt_len, int) or prompt_len < 1:
         raise InputError(f"requests >= 1 and prompt_len >= 1 expected, got {requests!r}, {prompt_len!r}")
-    settings = engine_settings(engine)
+    settings = _settings(engine)
     calls, skipped = _surfaces(engine, offline, settings)
     report = SurfaceReport(_engine_name(engine), not_applicable=skipped, settings=settings, shape={
         "requests": requests * len(items), "prompt_len": prompt_len, "top_logprobs": top_logprobs})
