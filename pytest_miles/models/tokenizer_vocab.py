@@ -78,10 +78,26 @@ def has_tokenizer(model_dir: str | Path) -> bool:
     return any((Path(model_dir) / n).exists() for n in TOKENIZER_FILES)
 
 
+def is_embedded_tokenizer(model_dir: str | Path) -> bool | None:
+    """Whether `model_dir` holds this tokenizer (its chat template and vocabulary); None when the
+    folder cannot be read here (a remote path, a hub name)."""
+    path = Path(str(model_dir))
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+        tok = json.loads((path / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return None if not path.is_dir() else False
+    vocab_size = len(tok.get("model", {}).get("vocab") or {})
+    return cfg.get("chat_template") == CHAT_TEMPLATE and vocab_size >= 98 and tok["model"]["vocab"] == vocab(vocab_size)
+
+
 def with_tokenizer(model_dir: str | Path, dest: str | Path) -> Path:
     """`dest`: the model of `model_dir` (its files linked, not copied) with the embedded tokenizer
-    and its chat template, for engines whose OpenAI surfaces need one. The model dir is untouched."""
+    and its chat template, for engines whose OpenAI surfaces need one. The model dir is untouched; a
+    model folder that has a tokenizer of its own is returned as it is (its tokenizer is the model's)."""
     src, dest = Path(model_dir), Path(dest)
+    if has_tokenizer(src):
+        return src
     cfg = src / "config.json"
     if not cfg.exists():
         raise InputError(f"model_dir: {src} has no config.json (expected an HF model folder)")

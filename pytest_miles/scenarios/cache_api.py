@@ -163,6 +163,10 @@ def _surfaces(engine: Any, offline: Any, settings: dict[str, Any]) -> tuple[dict
                "and text-keyed logprobs, and the chat surface applies the tokenizer's chat template (serve a model "
                "folder with a tokenizer: models.tokenizer_vocab.with_tokenizer)")
         skipped.update({"/v1/completions": why, "/v1/chat/completions": why})
+    elif _foreign_tokenizer(info):
+        why = ("the served tokenizer is not the embedded one (models.tokenizer_vocab): the OpenAI surfaces key "
+               "their top-k logprobs by token text, which only the embedded tokenizer maps back to ids exactly")
+        skipped.update({"/v1/completions": why, "/v1/chat/completions": why})
     else:
         calls["/v1/completions"] = lambda pr, p, k: (oa.complete_one(engine, pr, p, k), None)
         calls["/v1/chat/completions"] = lambda pr, p, k: oa.chat_one(engine, pr, p, k)
@@ -171,6 +175,14 @@ def _surfaces(engine: Any, offline: Any, settings: dict[str, Any]) -> tuple[dict
     else:
         calls["sglang.Engine"] = lambda pr, p, k: (offline.generate_one(pr, p, top_logprobs=k), None)
     return calls, skipped
+
+
+def _foreign_tokenizer(info: dict[str, Any]) -> bool:
+    """The server names its tokenizer folder (SGLang: tokenizer_path, model_path) and it is not ours."""
+    from pytest_miles.models.tokenizer_vocab import is_embedded_tokenizer
+
+    path = info.get("tokenizer_path") or info.get("model_path")
+    return bool(path) and is_embedded_tokenizer(path) is False
 
 
 def run_api_surfaces(engine: Any, offline: Any = None, *, requests: int = 2, prompt_len: int = 24,

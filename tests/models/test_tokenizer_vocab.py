@@ -49,3 +49,14 @@ def test_with_tokenizer_links_the_model_and_leaves_it_untouched(tmp_path):
     assert (dest / "model.safetensors").is_symlink() and (dest / "config.json").read_text() == '{"vocab_size": 256}'
     with pytest.raises(InputError, match="has no config.json"):
         with_tokenizer(tmp_path / "nothing", tmp_path / "t2")
+
+
+def test_the_embedded_tokenizer_is_told_from_another_and_a_models_own_is_kept(tmp_path):
+    from pytest_miles.models.tokenizer_vocab import is_embedded_tokenizer
+
+    write_tokenizer(tmp_path, 256)
+    assert is_embedded_tokenizer(tmp_path) is True and is_embedded_tokenizer(tmp_path / "absent") is None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ other }}"}))
+    assert is_embedded_tokenizer(tmp_path) is False
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 256}))
+    assert with_tokenizer(tmp_path, tmp_path / "t") == tmp_path  # the model's own tokenizer stays
