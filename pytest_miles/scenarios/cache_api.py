@@ -20,8 +20,11 @@ from pytest_miles.models.tokenizer_vocab import text_ids
 from pytest_miles.recording import recorded
 
 CACHED_METRIC = "sglang:cached_tokens_total"
-DEFAULT_PARAMS = (SamplingParams(temperature=0.0, max_new_tokens=8, sampling_seed=None),
-                  SamplingParams(temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=8, sampling_seed=1234))
+# Greedy next to sampled with its own seed; ignore_eos so every surface and turn runs its full length
+# (a stop token would end turn 1 early, and the surfaces trim stops differently).
+DEFAULT_PARAMS = (SamplingParams(temperature=0.0, max_new_tokens=8, sampling_seed=None, ignore_eos=True),
+                  SamplingParams(temperature=0.9, top_k=40, top_p=0.95, max_new_tokens=8, sampling_seed=1234,
+                                 ignore_eos=True))
 
 
 def _engine_name(engine: Any) -> str:

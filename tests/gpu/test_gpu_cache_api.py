@@ -1,0 +1,69 @@
+"""Real SGLang, determinism on, flashinfer and triton: every cache path (a cached prefix; a second
+turn reusing decode-written KV) with its hit witnessed from meta_info.cached_tokens and /metrics
+(--enable-metrics), and every API surface (/generate, /v1/completions, /v1/chat/completions, the
+offline sglang.Engine) giving the same bits. The model folder gets the embedded tokenizer (nothing
+downloaded) so the OpenAI surfaces can serve it. Expected on 0.5.17: flashinfer's cache paths not
+applicable (its deterministic mode turns the radix cache off); triton keeps its radix cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_miles.errors import KnownLimitation, NotApplicable
+from pytest_miles.models.tokenizer_vocab import text_ids, with_tokenizer
+from pytest_miles.scenarios.cache_api import assert_api_surfaces_agree, assert_cache_paths_deterministic
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
+BACKENDS = ["flashinfer", "triton"]
+
+
+@pytest.fixture(scope="module")
+def model(engine_factory, tmp_path_factory):
+    return str(with_tokenizer(engine_factory.model_path(), tmp_path_factory.mktemp("model-with-tokenizer")))
+
+
+def _server(engine_factory, model: str, backend: str):
+    return engine_factory("sglang", model=model, attention_backend=backend, deterministic=True,
+                          extra_args=("--enable-metrics",))
+
+
+def _verdict(fn, *args, **kw):
+    try:
+        report = fn(*args, **kw)
+    except (KnownLimitation, NotApplicable) as exc:
+        print(f"{type(exc).__name__}: {exc}")
+        raise
+    print(report.render())
+    return report
+
+
+def test_the_embedded_tokenizer_round_trips_through_transformers(model):
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    ids = list(text_ids())
+    text = tok.decode(ids)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    assert tok.encode(chat, add_special_tokens=False) == ids  # the chat template keeps the prompt ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sglang_every_cache_path(engine_factory, model, backend):
+    eng = _server(engine_factory, model, backend)
+    if backend == "flashinfer":  # 0.5.17's deterministic mode drops the radix cache here: named, not passed
+        with pytest.raises(NotApplicable, match="flashinfer-radix-cache-disabled|disable_radix_cache=true") as exc:
+            assert_cache_paths_deterministic(eng, trials=3)
+        print(f"NotApplicable: {exc.value}")
+        return
+    report = _verdict(assert_cache_paths_deterministic, eng, trials=3)
+    assert all(p.witnessed for p in report.paths), report.render()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sglang_every_api_surface(engine_factory, model, backend):
+    eng = _server(engine_factory, model, backend)
+    offline = engine_factory("sglang-offline", model=model, attention_backend=backend, deterministic=True,
+                             alongside=True)
+    report = _verdict(assert_api_surfaces_agree, eng, offline, requests=3)
+    assert set(report.surfaces) == {"/generate", "/v1/completions", "/v1/chat/completions", "sglang.Engine"}, \
+        report.render()
