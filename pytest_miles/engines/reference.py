@@ -176,6 +176,27 @@ class ReferenceEngine:
             return [self._run([p], [sp])[0] for p, sp in zip(prompts, items)]
         return self._run(prompts, items)
 
+    def generate_one(self, prompt: list[int], params: SamplingParams | None = None, *, top_logprobs: int = 0,
+                     stream: bool = False) -> Output:
+        """One request in process, through the same scheduler the reference server runs (the
+        in-process counterpart of the offline `sglang.Engine`), with the top-k logprob maps when
+        `top_logprobs` > 0; `stream` is accepted for the served engines' signature."""
+        from pytest_miles.engines.scheduler import Scheduler
+
+        self._check([list(prompt)])
+        params = params or SamplingParams()
+        if len(prompt) + params.max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's {self.config.max_position_embeddings} "
+                             "positions")
+        if getattr(self, "_scheduler", None) is None:
+            self._scheduler = Scheduler(self)
+        req = self._scheduler.submit(list(prompt), params, int(top_logprobs))
+        req.done.wait()
+        if req.error:
+            raise EngineError(f"{self.name}: {req.error}")
+        return Output(list(req.output_ids), list(req.logprobs), req.cached_tokens,
+                      [dict(row) for row in req.top])
+
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Logprobs of `continuation` from one prefill of prompt + continuation."""
         import torch

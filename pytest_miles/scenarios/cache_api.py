@@ -176,7 +176,9 @@ def _surfaces(engine: Any, offline: Any, settings: dict[str, Any]) -> tuple[dict
     if offline is None:
         skipped["sglang.Engine"] = "no offline engine given (offline=SGLangOfflineEngine(...))"
     else:
-        calls["sglang.Engine"] = lambda pr, p, k: (offline.generate_one(pr, p, top_logprobs=k), None)
+        name = _engine_name(offline)
+        label = "sglang.Engine" if name.startswith("sglang") else f"{name} (in process)"
+        calls[label] = lambda pr, p, k: (offline.generate_one(pr, p, top_logprobs=k), None)
     return calls, skipped
 
 

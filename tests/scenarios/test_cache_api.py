@@ -48,10 +48,14 @@ def test_every_cache_path_passes_with_its_hit_witnessed(invariant):
     assert all(p.metric_hit == p.hit for p in report.paths), report.render()  # /metrics agrees with meta_info
 
 
-def test_every_api_surface_gives_the_same_bits_with_the_seed_witnessed(invariant):
-    report = assert_api_surfaces_agree(invariant, requests=1, prompt_len=12)
-    assert report.surfaces == ["/generate", "/v1/completions", "/v1/chat/completions"], report.render()
-    assert report.seed_witnessed and "sglang.Engine" in report.not_applicable
+def test_every_api_surface_gives_the_same_bits_with_the_seed_witnessed(invariant, tokenized):
+    from pytest_miles.engines.reference import ReferenceEngine
+
+    offline = ReferenceEngine(tokenized, deterministic=True)  # in process, as sglang.Engine is offline
+    report = assert_api_surfaces_agree(invariant, offline, requests=1, prompt_len=12)
+    assert report.surfaces == ["/generate", "/v1/completions", "/v1/chat/completions", "reference (in process)"], \
+        report.render()
+    assert report.seed_witnessed and not report.not_applicable, report.render()
     assert all(r.prompt_ids["/v1/chat/completions"] == r.prompt for r in report.requests)  # the same request
 
 
@@ -75,17 +79,17 @@ def test_without_a_cache_or_a_tokenizer_both_are_not_applicable_naming_why(model
     with ReferenceServerEngine(model_dir, deterministic=True, threads=1, log_dir=tmp_path) as s:
         with pytest.raises(NotApplicable, match="disable_radix_cache=true.*no prefix cache"):
             assert_cache_paths_deterministic(s, **SMALL)
-        with pytest.raises(NotApplicable, match="fewer than two surfaces.*without a tokenizer"):
+        with pytest.raises(NotApplicable, match="(?s)fewer than two surfaces.*without a tokenizer.*no offline engine"):
             assert_api_surfaces_agree(s, requests=1, prompt_len=12)
 
 
 def test_bad_inputs_are_named(invariant, tokenized):
-    from pytest_miles.engines.reference import ReferenceEngine
-
     with pytest.raises(InputError, match="fault: 'nope' is not a planted fault"):
         ReferenceServerEngine(tokenized, fault="nope")
-    with pytest.raises(InputError, match="lacks generate_one"):
-        run_cache_paths(ReferenceEngine(config=None))
+    with pytest.raises(InputError, match="object lacks generate_one, flush_cache"):
+        run_cache_paths(object())
+    with pytest.raises(InputError, match="offline: dict lacks generate_one"):
+        assert_api_surfaces_agree(invariant, {})
     with pytest.raises(InputError, match="max_new_tokens must be >= 2"):
         from pytest_miles.engines.base import SamplingParams
 
