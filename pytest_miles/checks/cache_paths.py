@@ -130,7 +130,13 @@ def judge_cache_paths(report: CacheReport, capability: Any) -> CacheReport:
                              f"this is run-to-run nondeterminism, not a cache path)\n{report.render()}")
     reason = no_cache_reason(report.settings, capability)
     if reason is not None:
+        hits = [p for p in report.paths if p.witnessed]
+        if hits:  # the data or the settings say no cache, yet the engine reports hits: say so
+            report.notes.append(f"{len(hits)} requests report cache hits although the check is {reason}; the "
+                                "capability data or the settings may be stale")
         raise NotApplicable(f"cache paths {reason}\n{report.render()}")
+    if report.differences():  # a witnessed hit that changed the bits: not hidden by another path's missing hit
+        return judge(report, capability)
     missing = report.unwitnessed()
     if missing:
         paths = sorted({p.path for p in missing})

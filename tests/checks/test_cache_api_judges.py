@@ -90,3 +90,9 @@ def test_a_chat_template_that_changes_the_prompt_takes_the_chat_surface_out_nami
     report = judge_api_surfaces(_api_report(outs, {"/v1/chat/completions": [1, 5, 6, 7]}), PROMISED)
     assert report.surfaces == ["/generate", "/v1/completions"]
     assert "chat template changes the prompt" in report.not_applicable["/v1/chat/completions"]
+
+
+def test_a_difference_on_a_hit_path_fails_even_when_another_path_had_no_hit():
+    bad = _path(warm_lp=-0.5)
+    with pytest.raises(AssertionError, match=r"prefix #1 \(greedy\) warm vs flushed"):
+        judge_cache_paths(_cache_report(bad, _path("decode_kv", cached=24, needed=25)), PROMISED)
