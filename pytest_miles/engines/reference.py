@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_miles.engines.base import EngineError, Output, SamplingParams, WeightNotServed, per_item
+from pytest_miles.engines.sampling import _sample
 from pytest_miles.models.embedded import TinyConfig, load_safetensors_dir
 from pytest_miles.models.moe import MoeConfig
 from pytest_miles.models.routing import RoutingRecord, record_from_layers
@@ -300,23 +301,3 @@ class ReferenceEngine:
                 ids = torch.tensor(toks, device=self.device)[:, None]
                 logits, cache = self.model.step(ids, pos, mask, cache)
         return outs
-
-
-def _sample(logits, params: SamplingParams, gen) -> int:
-    import torch
-
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0:
-        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-    if params.min_p > 0:
-        probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

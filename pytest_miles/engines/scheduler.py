@@ -272,7 +272,7 @@ class Scheduler:
     def _after(self, work: list[tuple[Request, int]]) -> None:
         import torch
 
-        from pytest_miles.engines.reference import _sample
+        from pytest_miles.engines.sampling import _sample
 
         with self.cv:
             self.counters["steps"] += 1
