@@ -71,3 +71,19 @@ def test_sglang_every_api_surface(engine_factory, model, backend):
     report = _verdict(assert_api_surfaces_agree, eng, offline, requests=3)
     assert set(report.surfaces) == {"/generate", "/v1/completions", "/v1/chat/completions", "sglang.Engine"}, \
         report.render()
+
+
+def test_sglang_cache_paths_negative_control_determinism_off(engine_factory, model):
+    """NEGATIVE CONTROL: triton with determinism off keeps its radix cache; a warm prefill or a second
+    turn over decode-written KV is expected to change the bits. Not caught: the positive check's pass
+    on triton shows less than it seems (reported as not applicable, never as a pass)."""
+    from pytest_miles.scenarios.cache_api import run_cache_paths
+
+    eng = engine_factory("sglang", model=model, attention_backend="triton", deterministic=False,
+                         extra_args=("--enable-metrics",))
+    report = run_cache_paths(eng, trials=3)
+    print(report.render())
+    assert all(p.witnessed for p in report.paths), report.render()
+    if report.passed:
+        raise NotApplicable(f"negative control not caught: with determinism off every cache hit gave the cold bits "
+                            f"on this shape\n{report.render()}")
