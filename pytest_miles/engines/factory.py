@@ -37,6 +37,10 @@ class EngineFactory:
         self.live: dict[tuple, Any] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
 
+    def model_path(self) -> str:
+        """The model folder engines start from when a call names none (--miles-model or the shape's)."""
+        return self._model_dir()
+
     def _device(self) -> str:
         if self.device != "auto":
             return self.device

@@ -27,6 +27,7 @@ from pytest_miles.engines.base import (
     params_json,
     sglang_start_env,
 )
+from pytest_miles.errors import InputError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, port_in_use, tail, wait_until
@@ -356,8 +357,9 @@ class ReferenceServerEngine(ServerEngine):
                  device: str = "cpu", python: str = sys.executable, threads: int | None = None,
                  batch_invariant: bool | None = None, max_total_tokens: int | None = None,
                  chunked_prefill_size: int | None = None, max_running_requests: int | None = None,
-                 prefix_cache: bool = False, **kw: Any) -> None:
+                 prefix_cache: bool = False, fault: str | None = None, **kw: Any) -> None:
         from pytest_miles.engines.reference import deterministic_switch
+        from pytest_miles.engines.reference_server import FAULTS
 
         deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
         port = port or free_port()
@@ -373,7 +375,11 @@ class ReferenceServerEngine(ServerEngine):
                 cmd += [flag, str(int(v))]
         if prefix_cache:
             cmd.append("--enable-prefix-cache")
-        self.has_prefix_cache = bool(prefix_cache)
+        if fault is not None:  # a negative control: one named fault planted in the server
+            if fault not in FAULTS:
+                raise InputError(f"fault: {fault!r} is not a planted fault; accepted: {', '.join(FAULTS)}")
+            cmd += ["--fault", fault]
+        self.has_prefix_cache, self.fault = bool(prefix_cache), fault
         self.deterministic = deterministic
         kw.setdefault("startup_timeout", 120.0)
         super().__init__(cmd, port=port, **kw)
