@@ -45,12 +45,13 @@ def big_moe_dir(tmp_path_factory):
     return write_shape(tmp_path_factory.mktemp("qwen3-30b-a3b-2l") / "m", "qwen3-30b-a3b-2l")
 
 
-def _sglang(engine_factory, moe_dir, backend, deterministic=True):
+def _sglang(engine_factory, moe_dir, backend, deterministic=True, extra=()):
     from pytest_miles.engines.routing import SERVER_FLAG
 
     eng = engine_factory("sglang", model=str(moe_dir), attention_backend=backend, deterministic=deterministic,
-                         extra_args=(SERVER_FLAG,))
-    print(f"\nsglang [{backend}] tiny-moe, deterministic={deterministic}: up after {eng.startup_seconds:.1f} s")
+                         extra_args=(SERVER_FLAG, *extra))
+    shape = moe_dir.parent.name.rstrip("0123456789")
+    print(f"\nsglang [{backend}] {shape}, deterministic={deterministic}: up after {eng.startup_seconds:.1f} s")
     return eng
 
 
@@ -134,8 +135,11 @@ def test_routing_replay_sglang_to_megatron_tiny_moe(engine_factory, moe_dir, tmp
 
 def test_sglang_moe_negative_control_flag_off(engine_factory, moe_dir):
     eng = _sglang(engine_factory, moe_dir, "triton", deterministic=False)
-    report = negative_control(eng, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
-    print(report.render(limit=4))  # on the tiny shape it may pass (tiny models hide batch variance): a finding
+    try:
+        report = negative_control(eng, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    except AssertionError as exc:  # 2026-12-04 (H200): not caught on tiny-moe; caught on the realistic shape
+        raise NotApplicable(f"vacuous on tiny-moe (tiny models hide batch variance): {exc}") from None
+    print(report.render(limit=4))
 
 
 def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice_flashinfer(engine_factory, moe_dir):
@@ -179,10 +183,38 @@ def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, 
 
 
 def test_realistic_moe_shape_flashinfer(engine_factory, big_moe_dir):
-    """Qwen3-30B-A3B's layer on flashinfer, deterministic: [single] and [needle]."""
-    eng = _sglang(engine_factory, big_moe_dir, "flashinfer")
+    """Qwen3-30B-A3B's layer on flashinfer, deterministic: [single] and [needle]. On 2026-12-04 (H200,
+    0.5.17) the server did not start: the capability data's `serve` cell. Where its start fails that way,
+    the modes run with the prefill CUDA graphs off (decode graphs on) and the test XFAILs naming the cell."""
+    from pytest_miles.capabilities import installed_sglang_version, load_capabilities
+    from pytest_miles.errors import EngineError
+
+    try:
+        eng, limit = _sglang(engine_factory, big_moe_dir, "flashinfer"), None
+    except EngineError as exc:
+        limit = load_capabilities().lookup("flashinfer", "serve", installed_sglang_version())
+        if not (limit.known and "Buffer overflow" in str(exc) + _log_of(exc)):
+            raise
+        print(f"{limit.describe()}\n  reproduced: {str(exc)[:600]}")
+        eng = _sglang(engine_factory, big_moe_dir, "flashinfer", extra=("--cuda-graph-backend-prefill", "disabled"))
+    failed = []
     for mode in ("single", "needle"):
         try:
             print(assert_batch_invariant(eng, mode=mode, trials=MODES[mode], max_batch=16).render())
         except (KnownLimitation, NotApplicable) as exc:
             print(f"{type(exc).__name__}: {exc}")
+        except AssertionError as exc:
+            print(exc)
+            failed.append(mode)
+    assert not failed, f"qwen3-30b-a3b-2l on flashinfer failing with deterministic inference on: {failed}"
+    if limit is not None:
+        pytest.xfail(f"known limitation: {limit.describe()} (modes checked with the prefill CUDA graphs off)")
+
+
+def _log_of(exc) -> str:
+    """The server log a start failure names (its message carries only the tail)."""
+    import re
+    from pathlib import Path
+
+    m = re.search(r"\(log (\S+?)\)", str(exc))
+    return Path(m.group(1)).read_text(errors="replace") if m and Path(m.group(1)).exists() else ""
