@@ -30,6 +30,7 @@ _EXPORTS = {
     "assert_deterministic_under_load": "scenarios.traffic",
     "traffic_negative_control": "scenarios.traffic",
     "assert_min_p_served": "scenarios.traffic",
+    "assert_sampling_batch_invariant": "scenarios.traffic",
     "aligned_env": "engines.sglang_chunking",
     "assert_cache_paths_deterministic": "scenarios.cache_api",
     "assert_api_surfaces_agree": "scenarios.cache_api",

@@ -137,8 +137,8 @@ def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Outp
 
 def judge_traffic(report: TrafficReport) -> TrafficReport:
     """A difference is a failure; a pass without the stress witnessed is not applicable."""
-    if not report.passed:
-        raise AssertionError(report.render())
+    if not report.passed:  # every difference in the message: the determinism report keeps it whole
+        raise AssertionError(report.render(limit=len(report.mismatches)))
     missing = report.missing_witnesses()
     if missing:
         raise NotApplicable(f"determinism under load not applicable: the engine shows no {', '.join(missing)} "

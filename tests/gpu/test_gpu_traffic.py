@@ -4,8 +4,9 @@ streaming and whole; witnesses from /metrics (--enable-metrics) and the server l
 determinism on every request must equal itself alone and in another arrival order; with it off the
 negative control must be caught with its variance named, and on the same flag-off engine the batch
 negative controls must be caught for batch composition (not cache state). min_p requests are left out
-of the deterministic traffic where the capability data says the server dies on them; a test of its
-own shows that (XFAIL with the reference). Tests are grouped by
+of the deterministic traffic where the capability data says the server dies on them, and every sampled
+request filters where it says a seeded request samples another token beside a filtering batchmate;
+a test of its own shows each (XFAIL with the reference). Tests are grouped by
 backend (a module-scoped parameter), so each backend starts two engines. Run once per shape:
 --miles-model-shape tiny128 and --miles-model-shape qwen2.5-0.5b."""
 
@@ -20,6 +21,7 @@ from pytest_miles.errors import KnownLimitation, NotApplicable
 from pytest_miles.scenarios.traffic import (
     assert_deterministic_under_load,
     assert_min_p_served,
+    assert_sampling_batch_invariant,
     traffic_negative_control,
 )
 
@@ -64,6 +66,11 @@ def test_sglang_deterministic_under_load(engine_factory, backend):
         print(f"{type(exc).__name__}: {exc}")
         raise
     print(report.render())
+
+
+def test_sglang_seeded_sampling_beside_a_filtering_batchmate(engine_factory, backend):
+    """SGLang's seeded sampler follows its batchmates (capability data: XFAIL naming the reference)."""
+    print(assert_sampling_batch_invariant(_engine(engine_factory, backend, True)).render())
 
 
 def test_sglang_min_p_with_seed(engine_factory, backend):
