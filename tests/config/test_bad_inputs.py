@@ -352,7 +352,10 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
     from pytest_miles.placement.leases import GpuLeaser, LeaseError
     from pytest_miles.report.plot import plot_deviation
 
-    leaser = GpuLeaser(Path(os.environ.get("TMPDIR", "/tmp")) / f"miles-bad-inputs-{os.getpid()}", ["0"], timeout=0)
+    def leaser():  # made when a case runs (in a folder that goes with it), not when the cases are listed
+        import tempfile
+
+        return GpuLeaser(tempfile.mkdtemp(prefix="miles-bad-inputs-"), ["0"], timeout=0)
     return [
         ("assert_batch_invariant(None)", lambda: pm.assert_batch_invariant(None), TypeError,
          "engine: None is not an engine"),
@@ -387,9 +390,9 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
         ("plot_deviation(path=a folder)", lambda: plot_deviation({1: 0.0}, "/", "t"), ValueError, "is a folder"),
         ("plot_deviation(path under /proc)", lambda: plot_deviation({1: 0.0}, "/proc/self/nope/p.png", "t"), ValueError,
          "cannot create the folder"),
-        ("GpuLeaser.acquire(0)", lambda: leaser.acquire(0), LeaseError, "n=0"),
-        ("GpuLeaser.acquire('2')", lambda: leaser.acquire("2"), LeaseError, "n='2'"),
-        ("GpuLeaser.acquire(9)", lambda: leaser.acquire(9), LeaseError, "needs 9 GPU(s)"),
+        ("GpuLeaser.acquire(0)", lambda: leaser().acquire(0), LeaseError, "n=0"),
+        ("GpuLeaser.acquire('2')", lambda: leaser().acquire("2"), LeaseError, "n='2'"),
+        ("GpuLeaser.acquire(9)", lambda: leaser().acquire(9), LeaseError, "needs 9 GPU(s)"),
     ]
 
 
@@ -398,9 +401,18 @@ HELPER_IDS = [h[0] for h in _helpers()]
 
 @pytest.mark.parametrize("case", HELPER_IDS)
 def test_bad_helper_arguments_are_named(case):
+    import shutil
+    import tempfile
+
     _, call, exc, says = next(h for h in _helpers() if h[0] == case)
-    with pytest.raises(exc) as info:
-        call()
+    tmp = tempfile.mkdtemp(prefix="miles-bad-helpers-")
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # every folder a case makes goes with it
+            mp.setattr(tempfile, "tempdir", tmp)
+            with pytest.raises(exc) as info:
+                call()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert says in str(info.value), str(info.value)
     _not_deep(info)
 
