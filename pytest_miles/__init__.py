@@ -31,6 +31,7 @@ _EXPORTS = {
     "traffic_negative_control": "scenarios.traffic",
     "assert_min_p_served": "scenarios.traffic",
     "assert_sampling_batch_invariant": "scenarios.traffic",
+    "cross_check_sglang_tool": "scenarios.sglang_tool",
     "aligned_env": "engines.sglang_chunking",
     "assert_cache_paths_deterministic": "scenarios.cache_api",
     "assert_api_surfaces_agree": "scenarios.cache_api",

@@ -73,6 +73,16 @@ def test_sglang_every_api_surface(engine_factory, model, backend):
         report.render()
 
 
+def test_sglang_cross_check_with_sglangs_own_tool(engine_factory, model, backend):
+    """SGLang's `python -m sglang.test.test_deterministic` in each mode it shares with ours, against this
+    same server, beside our check of the matching mode: they must not disagree. The tool's prefix and
+    p_vs_d prompts need ~4,300 positions and radix_cache token ids up to 50,000: run it with
+    --miles-model-shape qwen2.5-0.5b for every mode (the tiny shape runs single only)."""
+    from pytest_miles.scenarios.sglang_tool import cross_check_sglang_tool
+
+    _verdict(cross_check_sglang_tool, _server(engine_factory, model, backend), model, trials=8)
+
+
 def test_sglang_cache_paths_negative_control_determinism_off(engine_factory, model):
     """NEGATIVE CONTROL: triton with determinism off keeps its radix cache; a warm prefill or a second
     turn over decode-written KV is expected to change the bits. Not caught: the positive check's pass
