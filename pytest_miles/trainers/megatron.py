@@ -18,7 +18,7 @@ from typing import Any
 from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import free_port, kill_tree, tail
+from pytest_miles.placement.processes import PORT_RACE_TRIES, free_port, kill_tree, port_race_lost, tail
 from pytest_miles.recording import stage
 from pytest_miles.trainers.config import ModelArgs, TrainerConfig, config_from
 
@@ -174,6 +174,14 @@ class MegatronTrainer:
         return MegatronSession(self, **kwargs)
 
     def _launch_local(self, run_dir: Path, argv: list[str], lease_env: dict[str, str]) -> None:
+        for left in range(PORT_RACE_TRIES - 1, -1, -1):
+            try:
+                return self._launch_once(run_dir, argv, lease_env)
+            except TrainerError:
+                if not left or not port_race_lost([run_dir / f"rank{r}.log" for r in range(self.world)]):
+                    raise
+
+    def _launch_once(self, run_dir: Path, argv: list[str], lease_env: dict[str, str]) -> None:
         base = self.rank_env(lease_env)
         procs: list[tuple[int, subprocess.Popen, Path]] = []
         try:

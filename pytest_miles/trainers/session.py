@@ -15,7 +15,7 @@ from typing import Any
 
 from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import kill_tree, tail
+from pytest_miles.placement.processes import PORT_RACE_TRIES, kill_tree, port_race_lost, tail
 
 
 class MegatronSession:
@@ -45,7 +45,7 @@ class MegatronSession:
         self.seconds: dict[str, float] = {}
         self._start()
 
-    def _start(self) -> None:
+    def _start(self, tries: int = PORT_RACE_TRIES) -> None:
         t = self.trainer
         lease_env: dict[str, str] = {}
         if t.device == "cuda" and t.gpu_lease is not None:
@@ -60,6 +60,11 @@ class MegatronSession:
                         [t.python, "-m", "pytest_miles.trainers.megatron_session", str(self.run_dir / "spec.json")],
                         stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, env=env))
             self.call("ready")
+        except TrainerError:
+            self.close()
+            if tries > 1 and port_race_lost(self.logs):  # a race for the free port: a new one
+                return self._start(tries - 1)
+            raise
         except BaseException:
             self.close()
             raise
