@@ -62,7 +62,7 @@ def sessions(rl_loop_factory, work):
             if key not in live:
                 if cell.needs_te and not TE:
                     pytest.skip(f"not applicable here: {cell.id} trains with TransformerEngine, which is not "
-                                "importable (scripts/gpu-host.sh te-stash 1..5 and te-install, then . /tmp/miles-te/env.sh)")
+                                "importable (scripts/gpu-host.sh te-stash 1..5, te-install; . /tmp/miles-te/env.sh)")
                 bf16, _ = serve_weights(cell, work)
                 trainer = rl_loop_factory.make_trainer(seed=1, **cell.trainer_kwargs())
                 live[key] = stack.enter_context(trainer.session(init_hf=bf16, hf_config=asdict(cell.config)))
