@@ -91,3 +91,15 @@ def test_rollout_batch_from_a_record():
     assert {(p.temperature, p.max_new_tokens, p.ignore_eos) for p in params} == {(1.0, 12, True)}
     with pytest.raises(ValueError, match="2 prompts but 1 rows"):
         rollout_batch([[5], [6]], [[1, 2]], 4)
+
+
+def test_fp8_cell_serves_a_checkpoint_quantized_from_the_trainers_bf16_files(tmp_path):
+    import json
+
+    from pytest_miles.scenarios.parity_cells import serve_weights
+
+    bf16, serve = serve_weights(cell("tiny128:fp8_blockwise:bf16"), tmp_path)
+    assert bf16 == tmp_path / "tiny128" / "bf16" and serve == tmp_path / "tiny128" / "fp8_blockwise"
+    qc = json.loads((serve / "config.json").read_text())["quantization_config"]
+    assert qc["weight_block_size"] == [128, 128] and qc["quant_method"] == "fp8"
+    assert serve_weights(cell("tiny128:bf16:bf16"), tmp_path) == (bf16, bf16)  # written once, shared
