@@ -18,6 +18,9 @@ The order starts each engine configuration's two SGLang servers once (the engine
 live); trainer sessions stay up for the module, one per shape x train precision. TE cells skip,
 naming why, where transformer_engine is not importable (run te-stash/te-install first).
 
+Wall time per engine configuration (two SGLang starts, 50-190 s each warm to cold, a cold FP8 one
+~4 min; a trainer session 10-60 s; 5 parity runs and a profile seconds): tiny128-bf16 3-7 min (the
+local-spec half took 133 s on 2026-12-04), qwen2.5-0.5b 5-9 min, tiny128-fp8_blockwise 4-8 min.
 Run on the H200, one engine configuration per command (scripts/gpu-steps/parity-next.steps):
 `python -m pytest tests/gpu/test_gpu_parity.py -k tiny128-bf16 -v -s -rs -p no:randomly
 --miles-require-gpu --miles-report /tmp/parity/report.json`

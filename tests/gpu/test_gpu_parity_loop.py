@@ -14,7 +14,8 @@ serving their bf16 export.
   precision's share; (a) - (b) is the share of the weights' bf16 rounding.
 - located: the tensor-dump engine on iteration 3's weights, the layer profile of the worst
   sequence against (a) and (b): where each gap starts and how it grows.
-Two SGLang starts (the loop's engine, then the dump engine) and one trainer session besides the loops'.
+Two SGLang starts (the loop's engine, then the dump engine) and one trainer session besides the loops';
+wall time 3-7 min (engine starts 50-190 s each, the two loops ~20-30 s each, the rest seconds).
 
 Run on the H200: `python -m pytest tests/gpu/test_gpu_parity_loop.py -v -s -rs -p no:randomly
 --miles-require-gpu --miles-report /tmp/parity-loop/report.json` (reports under /tmp/parity-loop/parity-loop/).
