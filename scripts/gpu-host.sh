@@ -123,8 +123,9 @@ for step in "$@"; do
         --miles-require-gpu --miles-gpu-lease on 2>&1 | tee "$OUT/multigpu.log" || rc=1
       timeout 300 $PY -m pytest tests/gpu/test_gpu_leases.py -v -s -rs -p no:cacheprovider --miles-require-gpu \
         2>&1 | tee -a "$OUT/multigpu.log" || rc=1 ;;
-    parity|locate)  # tiny128 bf16, SGLang x megatron-core (TE when te-install ran): parity reports | the locator
-      sel="not locate"; [ "$step" = locate ] && sel="locate"  # one SGLang start each (locate: the tensor-dump engine)
+    parity|locate)  # tiny128 bf16, SGLang x megatron-core (local fp32; TE bf16 when te-install ran): parity | locator
+      # one SGLang start each (locate: the tensor-dump engine); every cell: scripts/gpu-steps/parity-next.steps
+      sel="tiny128-bf16 and not locate and not planted"; [ "$step" = locate ] && sel="tiny128-bf16 and (locate or planted)"
       mkdir -p "$OUT/$step"
       ( [ -e "$TE_STASH/env.sh" ] && . "$TE_STASH/env.sh"
         timeout "$STEP_TIMEOUT" $PY -m pytest tests/gpu/test_gpu_parity.py -k "$sel" -v -s -rs -p no:cacheprovider \

@@ -40,19 +40,43 @@ def _scored(trainer_or_session, samples: list[dict], init_hf, hf_config) -> dict
                      "trainer (session)")
 
 
+def pad_samples(samples: list[dict], multiple: int | None) -> list[dict]:
+    """Every sample right-padded (id 0) to one width, a multiple of `multiple` (TE's FP8 GEMMs want
+    the token count so); causal attention: no scored position sees the padding. None: unchanged."""
+    if multiple is None:
+        return samples
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise InputError(f"measure_parity(pad_multiple={multiple!r}): expected an integer >= 1 or None")
+    width = -(-max(len(s["tokens"]) for s in samples) // multiple) * multiple
+    return [{**s, "tokens": list(s["tokens"]) + [0] * (width - len(s["tokens"]))} for s in samples]
+
+
+def trim_scored(got: dict, samples: list[dict]) -> dict:
+    """The trainer's answer on padded samples cut back to each (unpadded) sample's response tokens:
+    logprobs, and the targets and positions where the trainer gave them."""
+    out = dict(got)
+    for key in ("logprobs", "targets", "positions"):
+        if got.get(key) is not None:
+            out[key] = [list(row)[: len(s["tokens"]) - s["prompt_len"]] for row, s in zip(got[key], samples)]
+    return out
+
+
 def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
                    params: SamplingParams | list[SamplingParams] | None = None, config: dict[str, Any] | None = None,
                    init_hf: str | Path | None = None, hf_config: dict | None = None, prefill: bool = True,
                    plot: str | Path | None = None,
                    transform: Callable[[list[dict]], list[dict]] | None = None,
-                   locate: float | None = None, work_dir: str | Path | None = None) -> ParityReport:
+                   locate: float | None = None, work_dir: str | Path | None = None,
+                   pad_multiple: int | None = None) -> ParityReport:
     """Sample `prompts` on `engine` (temperature 1 by default), recompute the same ids by prefill
     (`prefill=True`), score them with the trainer; the ParityReport (no verdict: assert_parity).
     `config`: model, rollout, train, backend, tp (the budget key; the engine's attention backend by
     default). `transform`: applied to the samples before the trainer sees them (negative controls).
     `plot`: a PNG path for the histogram and delta by position. `locate` (a tolerance): also run
     the divergence locator on the sequence with the largest |delta| (engines with hidden_states and
-    a live session), its answer in the report and so in any failure message of assert_parity."""
+    a live session), its answer in the report and so in any failure message of assert_parity.
+    `pad_multiple`: the trainer scores the samples right-padded to a multiple of it (FP8 training),
+    its answer cut back to the real tokens."""
     if not prompts or any(not p for p in prompts):
         raise InputError("measure_parity(prompts): expected a non-empty list of non-empty token-id lists")
     params = params or SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=0, ignore_eos=True)
@@ -61,7 +85,7 @@ def measure_parity(engine, trainer_or_session, prompts: list[list[int]], *,
     samples = [{"tokens": list(p) + list(o.output_ids), "prompt_len": len(p)} for p, o in zip(prompts, outs)]
     if transform is not None:
         samples = transform(samples)
-    got = _scored(trainer_or_session, samples, init_hf, hf_config)
+    got = trim_scored(_scored(trainer_or_session, pad_samples(samples, pad_multiple), init_hf, hf_config), samples)
     records = [
         ParityRecord(list(p), list(o.output_ids), list(o.logprobs), list(lp), pf, t, pos)
         for p, o, pf, lp, t, pos in zip(

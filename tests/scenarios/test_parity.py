@@ -69,6 +69,18 @@ def test_reference_engine_vs_megatron_core(session, weights, tmp_path):
         assert_parity(report)
 
 
+def test_padded_for_fp8_scores_the_same_tokens(session, weights):
+    """measure_parity(pad_multiple=16), as FP8 training needs: the trainer sees every sample padded
+    to 16 ids, the report keeps only the real tokens: no identity error, the same figures."""
+    engine = ReferenceEngine(weights, deterministic=True)
+    plain = measure_parity(engine, session, PROMPTS, params=PARAMS, config=KEY, prefill=False)
+    padded = measure_parity(engine, session, PROMPTS, params=PARAMS, config=KEY, prefill=False, pad_multiple=16)
+    assert not padded.identity, padded.identity
+    a, b = plain.pairs["train_vs_decode"], padded.pairs["train_vs_decode"]
+    assert b.tokens == a.tokens == 30
+    assert max(abs(x - y) for ra, rb in zip(a.deltas, b.deltas) for x, y in zip(ra, rb)) < 1e-5
+
+
 def test_token_shift_is_an_identity_error(session, weights):
     """Negative control: the trainer is handed every sample with its prompt one token shorter, so
     it scores each response token from the wrong position (and one token too many)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,22 @@ from pytest_miles.scenarios.loop.run import LoopConfig, run_loop
 def weights_dtype(engine: str) -> str:
     """fp32 weights for the embedded engines (same dtype as the trainer); bf16 for SGLang."""
     return "bfloat16" if engine.startswith("sglang") else "float32"
+
+
+@dataclass(frozen=True)
+class LoopSetup:
+    """The loop's configuration on one engine kind (`LoopFactory.setup`)."""
+
+    engine_kind: str
+    shape: TinyConfig  # the embedded model the loop starts from
+    init: Path  # its HF checkpoint in the engine's dtype (what both sides load first)
+    weights_dtype: str  # what the trainer exports for the engine at every sync
+    trainer: dict[str, Any]  # make_trainer(**trainer): seed, model (ModelArgs), deterministic; the local spec, fp32
+    engine: dict[str, Any]  # engine_factory(engine_kind, **engine): model, deterministic, ...
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        return asdict(self.shape)
 
 
 class LoopFactory:
@@ -53,6 +69,26 @@ class LoopFactory:
             write_hf_checkpoint(path, self.model, dtype=dtype)
         return path
 
+    def setup(self, engine: str = "reference", *, seed: int = 1234, engine_deterministic: bool = True,
+              trainer_deterministic: bool = True) -> LoopSetup:
+        """What a loop on `engine` runs with, before anything starts: the trainer's and the engine
+        factory's keywords and the initial weights (written here once). The loop itself uses it, so
+        a test that measures on "the loop's configuration" takes it from here."""
+        from pytest_miles.trainers.config import ModelArgs
+
+        init = self.init_weights(engine)
+        # the embedded reference engine rotates pairs (2i, 2i+1); SGLang HF's halves
+        args = ModelArgs.qwen2(self.model, rotary_interleaved=engine.startswith("reference"))
+        opts = {"threads": 1} if engine == "reference-server" else {}
+        return LoopSetup(
+            engine_kind=engine,
+            shape=self.model,
+            init=init,
+            weights_dtype=weights_dtype(engine),
+            trainer={"seed": seed, "model": args, "deterministic": trainer_deterministic},
+            engine={"model": str(init), "deterministic": engine_deterministic, **opts},
+        )
+
     def __call__(self, engine: str = "reference", *, trainer: str = "megatron", iterations: int = 3, seed: int = 1234,
                  prompts: list[list[int]] | None = None, n_prompts: int = 4, n_samples: int = 4,
                  max_new_tokens: int = 12, engine_deterministic: bool = True, trainer_deterministic: bool = True,
@@ -73,15 +109,13 @@ class LoopFactory:
         cfg = LoopConfig(seed=seed, n_prompts=len(prompts) if prompts else n_prompts, n_samples=n_samples,
                          max_new_tokens=max_new_tokens, vocab_size=self.model.vocab_size,
                          prompts=tuple(map(tuple, prompts)) if prompts else None, weights_dtype=weights_dtype(engine))
-        from pytest_miles.trainers.config import ModelArgs
-
-        args = ModelArgs.qwen2(self.model, rotary_interleaved=engine.startswith("reference"))
-        trainer = self.make_trainer(seed=seed, model=args, deterministic=trainer_deterministic)
-        hf = asdict(self.model)
-        # CPU engines of the embedded model run single-threaded (see run.host_threads)
-        opts = {"threads": 1} if engine == "reference-server" else {}
-        threads = 1 if engine == "reference" else None
-        eng = self.engine_factory(engine, model=str(init), deterministic=engine_deterministic, **opts)
+        setup = self.setup(engine, seed=seed, engine_deterministic=engine_deterministic,
+                           trainer_deterministic=trainer_deterministic)
+        trainer = self.make_trainer(**setup.trainer)
+        hf = setup.hf_config
+        opts = {k: v for k, v in setup.engine.items() if k not in ("model", "deterministic")}
+        threads = 1 if engine == "reference" else None  # CPU engines run single-threaded (run.host_threads)
+        eng = self.engine_factory(engine, **setup.engine)
         eng.update_weights_from_disk(init)  # a reused engine may hold another run's weights
         records = []
         with trainer.session(init_hf=init, hf_config=hf) as session:

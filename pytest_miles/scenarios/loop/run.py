@@ -56,6 +56,19 @@ def prompts_for(cfg: LoopConfig, iteration: int) -> list[list[int]]:
             for _ in range(cfg.n_prompts)]
 
 
+def rollout_batch(prompts: list[list[int]], seeds: list[list[int]],
+                  max_new_tokens: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """One iteration's rollout as the engine gets it: one batch, each prompt once per sampling seed
+    of its row (temperature 1; ignore_eos: every response max_new_tokens long on every engine, the
+    embedded ones never stop). From a LoopRecord: rollout_batch(r.prompts, r.sampling_seeds, n)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"rollout_batch: {len(prompts)} prompts but {len(seeds)} rows of sampling seeds")
+    batch = [list(p) for p, row in zip(prompts, seeds) for _ in row]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, sampling_seed=s, ignore_eos=True)
+              for row in seeds for s in row]
+    return batch, params
+
+
 def toy_reward(tokens: list[int], every: int) -> float:
     """Deterministic and cheap: the count of response tokens that are multiples of `every`."""
     return float(sum(1 for t in tokens if t % every == 0))
@@ -109,10 +122,7 @@ def run_iteration(engine, session, cfg: LoopConfig, iteration: int, work_dir: Pa
     prompts = prompts_for(cfg, iteration)
     seeds = [[derived_seed("sample", cfg.seed, iteration, p, s) for s in range(cfg.n_samples)]
              for p in range(len(prompts))]
-    batch = [p for p in prompts for _ in range(cfg.n_samples)]  # one batch, as a rollout engine gets it
-    # ignore_eos: every response max_new_tokens long on every engine (the embedded ones never stop)
-    params = [SamplingParams(temperature=1.0, max_new_tokens=cfg.max_new_tokens, sampling_seed=s, ignore_eos=True)
-              for row in seeds for s in row]
+    batch, params = rollout_batch(prompts, seeds, cfg.max_new_tokens)
     outs = engine.generate(batch, params)
     for i, o in enumerate(outs):
         if len(o.output_ids) != len(o.logprobs) or not o.output_ids:
