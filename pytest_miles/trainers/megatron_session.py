@@ -247,7 +247,8 @@ def load_hf(r: Rank, path: Path) -> None:
     hf = load_safetensors_dir(path)
     state = {k: v.to(torch.float32) for k, v in _to_megatron(r, hf, _tiny_config(r.spec)).items()}
     own = r.model.state_dict()
-    missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
+    # TE keeps an absent bias as an empty tensor: nothing to load there
+    missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state") and own[k].numel())
     if missing:
         raise ValueError(f"{path}: the converted weights lack {', '.join(missing[:5])}")
     with torch.no_grad():
