@@ -13,7 +13,8 @@ What SGLang 0.5.17 does with it, read in its sources (sglang/srt/):
   same suffix (the scales as `w13_weight_scale_inv` [E, 2 x ceil(I/128), ceil(H/128)], `w2_weight_scale_inv`
   [E, ceil(H/128), ceil(I/128)], fp32: layers/quantization/fp8.py:1266-1291).
 - layers/quantization/fp8.py:1135-1140: block FP8 experts need moe_intermediate_size divisible by the block's
-  128 rows (else a ValueError at load): `tiny-moe` (64) cannot be served so, hence `tiny128-moe` here.
+  128 rows, and :506-516 (validate_block_quant_shapes) every fused q/k/v partition (else a ValueError at load):
+  `tiny-moe` (experts of 64, KV projection of 64 rows) cannot be served so, hence `tiny128-moe` here.
 - fp8.py:2265-2281: on Hopper with no all-to-all backend the MoE runner is `auto` -> triton (DeepGEMM only with
   DeepEP/Mooncake/NIXL), whatever the attention backend; arg_groups/overrides.py:1283-1293 changes Qwen3-MoE's
   quantization/runner on sm100 only. layers/moe/moe_runner/triton_utils/fused_moe_triton_config.py:72,190: in
@@ -46,9 +47,9 @@ def fp8_moe_unsupported(cfg: MoeConfig) -> str | None:
     bad = [f"{k} {v}" for k, v in dims.items() if v % BLOCK]
     if not bad:
         return None
-    return (f"block-wise FP8 needs {', '.join(bad)} to be multiples of {BLOCK} (SGLang's FP8 loader tiles each "
-            f"expert's gate/up rows and each fused q/k/v partition into {BLOCK}-row blocks); shapes that fit: "
-            f"{', '.join(FP8_MOE_SHAPES)}")
+    return (f"block-wise FP8 needs {', '.join(bad)} to be multiples of {BLOCK} (SGLang's FP8 loader refuses expert "
+            f"gate/up rows and fused q/k/v partitions that do not tile into {BLOCK}-row blocks; the quantizer here "
+            f"tiles every linear dimension); shapes that fit: {', '.join(FP8_MOE_SHAPES)}")
 
 
 def fp8_moe_config(shape: str | MoeConfig) -> MoeConfig:
