@@ -63,16 +63,18 @@ def fp8_moe_config(shape: str | MoeConfig) -> MoeConfig:
     return cfg
 
 
-def write_fp8_moe_checkpoints(work: str | Path, shape: str | MoeConfig) -> tuple[Path, Path]:
+def write_fp8_moe_checkpoints(work: str | Path, shape: str | MoeConfig,
+                              device: str | None = None) -> tuple[Path, Path]:
     """-> (bf16_dir, fp8_dir) under `work`: the shape's bf16 checkpoint (what the trainer loads) and its
-    block-wise FP8 twin (what SGLang serves). Written once: existing dirs are reused."""
+    block-wise FP8 twin (what SGLang serves), quantized on `device` (the host by default). Written once:
+    existing dirs are reused."""
     cfg = fp8_moe_config(shape)
     work = Path(work)
     bf16, fp8 = work / "bf16", work / "fp8_blockwise"
     if not (bf16 / "config.json").exists():
         write_moe_checkpoint(bf16, cfg)
     if not (fp8 / "config.json").exists():
-        quantize_checkpoint_dir(bf16, fp8, "fp8_blockwise")
+        quantize_checkpoint_dir(bf16, fp8, "fp8_blockwise", device)
     return bf16, fp8
 
 

@@ -91,7 +91,10 @@ def rollout_checkpoint(work_dir: str | Path, shape, rollout: str) -> tuple[Path,
         if not (bf16 / "config.json").exists():
             write_moe_checkpoint(bf16, cfg)
         return bf16, bf16
-    bf16, fp8 = write_fp8_moe_checkpoints(work, cfg)
+    import torch
+
+    # the realistic shape's 768 expert weights quantize in seconds on the GPU (minutes on the host's cores)
+    bf16, fp8 = write_fp8_moe_checkpoints(work, cfg, "cuda" if torch.cuda.is_available() else None)
     problems = check_moe_fp8_layout(fp8, cfg)
     if problems:
         raise ValueError(f"rollout checkpoint {fp8}: SGLang's FP8 MoE loader would refuse it: "
