@@ -12,7 +12,7 @@ Miles' `--moe-grouped-gemm`; FP8 through TE's block-scaling recipe)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,12 @@ class MoeCellReport:
     backend: str
     replay: RoutingReplayReport
     facts: dict[str, Any] = field(default_factory=dict)
+    experts: str = ""  # the trainer's experts module
 
     @property
     def name(self) -> str:
-        return f"{self.shape} rollout={self.rollout} x train={self.train} ({self.backend})"
+        experts = f", {self.experts}" if self.experts else ""
+        return f"{self.shape} rollout={self.rollout} x train={self.train} ({self.backend}{experts})"
 
     def figures(self) -> dict[str, Any]:
         """The cell's figures, as strings and counts (what the report records)."""
@@ -57,7 +59,14 @@ class MoeCellReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"shape": self.shape, "rollout": self.rollout, "train": self.train, "backend": self.backend,
+                "experts": self.experts,
                 "figures": self.figures(), "facts": self.facts, "replay": self.replay.to_json(per_token=True)}
+
+
+def _experts(impl: str, grouped: bool) -> str:
+    if impl != "transformer_engine":
+        return "SequentialMLP (local spec)"
+    return "TEGroupedMLP" if grouped else "SequentialMLP (TE linears)"
 
 
 def _check(rollout: str, train: str, backend: str, hardware) -> None:
@@ -106,10 +115,12 @@ def measure_moe_precision_cell(engine_factory, trainer_factory, *, shape="tiny12
                                train: str = "fp8_blockwise", backend: str = "triton", work_dir: str | Path,
                                hardware=None, prompts: list[list[int]] | None = None,
                                params: SamplingParams | None = None, engine_args: tuple[str, ...] = (),
-                               record: Callable[..., Any] | None = None, seed: int = 1) -> MoeCellReport:
+                               record: Callable[..., Any] | None = None, seed: int = 1,
+                               grouped_experts: bool = True) -> MoeCellReport:
     """Measure one MoE cell end to end (module doc). `shape`: a name of quantized_moe.FP8_MOE_SHAPES or
     a MoeConfig that block FP8 can serve; `prompts`: token ids (4 seeded prompts of 12 by default);
-    `engine_args`: extra SGLang server arguments. No verdict: the caller asserts on the report."""
+    `engine_args`: extra SGLang server arguments; `grouped_experts`: on the TransformerEngine spec,
+    TEGroupedMLP (True) or a SequentialMLP of TE linears. No verdict: the caller asserts on the report."""
     from pytest_miles.engines.routing import SERVER_FLAG, sglang_routing
     from pytest_miles.models.quantized_moe import fp8_moe_config
     from pytest_miles.trainers.megatron import ModelArgs
@@ -124,7 +135,7 @@ def measure_moe_precision_cell(engine_factory, trainer_factory, *, shape="tiny12
     params = params or SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=7, ignore_eos=True)
     engine = engine_factory("sglang", model=str(serve_dir), attention_backend=backend, deterministic=True,
                             extra_args=(SERVER_FLAG, *engine_args))
-    model = ModelArgs.qwen3_moe(cfg, seq_length=64)  # HF's rotate-half RoPE, as SGLang computes it
+    model = replace(ModelArgs.qwen3_moe(cfg, seq_length=64), moe_grouped_gemm=grouped_experts)  # HF's RoPE
     trainer = trainer_factory(seed=seed, model=model, transformer_impl=TRAIN_IMPL[train], precision=train)
     config = {"model": shape if isinstance(shape, str) else "custom", "rollout": rollout, "train": train,
               "backend": backend, "tp": 1}
@@ -133,10 +144,10 @@ def measure_moe_precision_cell(engine_factory, trainer_factory, *, shape="tiny12
             engine, session, prompts, params=params, config=config,
             routing=lambda t: sglang_routing(engine, t, cfg.num_hidden_layers, cfg.num_experts_per_tok))
     facts = {"rollout_checkpoint": str(serve_dir), "trainer": f"megatron-core {TRAIN_IMPL[train]} {train}",
-             "experts": "TEGroupedMLP" if TRAIN_IMPL[train] == "transformer_engine" else "SequentialMLP (local)",
+             "experts": _experts(TRAIN_IMPL[train], grouped_experts),
              "engine_start_s": round(getattr(engine, "startup_seconds", 0.0) or 0.0, 1),
              "engine_log": str(getattr(engine, "log_path", "") or "")}
-    out = MoeCellReport(config["model"], rollout, train, backend, report, facts)
+    out = MoeCellReport(config["model"], rollout, train, backend, report, facts, facts["experts"])
     if record is not None:
         record(f"MoE precision cell {out.name}, with and without routing replay", **out.figures())
     return out

@@ -23,8 +23,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1200)]
 # File order is engine order: the engine factory keeps one live configuration, so the cells that share
 # an engine (shape, backend) stand together, the unified FP8 cell first (what a short session must not miss),
 # the fp32 cell (the local spec: runs without TransformerEngine) last.
+# "fp8_blockwise-sequential": the same cell with a SequentialMLP of TE linears in place of TEGroupedMLP.
 CELLS = [
-    ("tiny128-moe", "triton", "fp8_blockwise"), ("tiny128-moe", "triton", "bf16"), ("tiny128-moe", "triton", "fp32"),
+    ("tiny128-moe", "triton", "fp8_blockwise"), ("tiny128-moe", "triton", "fp8_blockwise-sequential"),
+    ("tiny128-moe", "triton", "bf16"), ("tiny128-moe", "triton", "fp32"),
     ("qwen3-30b-a3b-2l", "triton", "fp8_blockwise"), ("qwen3-30b-a3b-2l", "triton", "bf16"),
     ("qwen3-30b-a3b-2l", "triton", "fp32"),
     ("tiny128-moe", "flashinfer", "fp8_blockwise"), ("tiny128-moe", "flashinfer", "fp32"),
@@ -57,10 +59,12 @@ def test_moe_fp8_cell_with_and_without_routing_replay(shape, backend, train, eng
     from pytest_miles.errors import CellNotRunnable
     from pytest_miles.scenarios.moe_precision import measure_moe_precision_cell
 
+    train, _, layout = train.partition("-")
     try:
         cell = measure_moe_precision_cell(engine_factory, megatron_trainer_factory, shape=shape,
                                           rollout="fp8_blockwise", train=train, backend=backend, work_dir=cells_dir,
-                                          hardware=miles_hardware, record=miles_record)
+                                          hardware=miles_hardware, record=miles_record,
+                                          grouped_experts=layout != "sequential")
     except CellNotRunnable as exc:
         pytest.skip(str(exc))
     print(f"\n{cell.render()}\nfigures {cell.figures()}\nfacts {cell.facts}")
@@ -80,7 +84,8 @@ def _keep(cell, report: str | None) -> None:
     """The cell's whole record (per token, both routings) beside --miles-report, for docs/validation."""
     if not report:
         return
-    name = f"{cell.shape}-{cell.backend}-{cell.rollout}-x-{cell.train}"
+    layout = "-sequential" if "TE linears" in cell.experts else ""
+    name = f"{cell.shape}-{cell.backend}-{cell.rollout}-x-{cell.train}{layout}"
     path = Path(report).with_suffix(f".moe-fp8-{name}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cell.to_json(), indent=1))

@@ -48,11 +48,11 @@ def test_the_figures_a_cell_records():
         routing_without=[RoutingReport("sglang", "megatron-core", 5, 2, differ)],
         routing_replayed=[RoutingReport("sglang", "megatron-core", 5, 2, [])],
         train={"without": [[-1.0, -2.5, -3.0]], "replayed": [[-1.0, -2.0, -3.125]]})
-    cell = MoeCellReport("tiny128-moe", "fp8_blockwise", "fp8_blockwise", "triton", replay)
+    cell = MoeCellReport("tiny128-moe", "fp8_blockwise", "fp8_blockwise", "triton", replay, experts="TEGroupedMLP")
     f = cell.figures()
     assert (f["tokens"], f["routing_decisions"], f["differ_without_replay"], f["differ_with_replay"]) == (3, 10, 1, 0)
     assert (f["agreement_without_replay"], f["agreement_with_replay"]) == ("90.0000%", "100.0000%")
     assert (f["gap_mean_without_replay"], f["gap_max_without_replay"]) == ("0.166667", "0.5")
     assert (f["gap_mean_with_replay"], f["gap_max_with_replay"]) == ("0.0416667", "0.125")
-    assert cell.render().startswith("tiny128-moe rollout=fp8_blockwise x train=fp8_blockwise (triton)")
+    assert cell.render().startswith("tiny128-moe rollout=fp8_blockwise x train=fp8_blockwise (triton, TEGroupedMLP)")
     assert cell.to_json()["figures"] == f and replay.bitwise_same == 1
