@@ -89,6 +89,8 @@ def _check(rollout: str, train: str, backend: str, hardware) -> None:
 def rollout_checkpoint(work_dir: str | Path, shape, rollout: str) -> tuple[Path, Path]:
     """-> (trainer's bf16 dir, the dir SGLang serves) for the shape, written once under work_dir/<shape>;
     the FP8 one checked against SGLang's loaders first (ValueError naming what it would reject)."""
+    import torch
+
     from pytest_miles.models.moe import write_moe_checkpoint
     from pytest_miles.models.quantized_moe import check_moe_fp8_layout, fp8_moe_config, write_fp8_moe_checkpoints
 
@@ -100,8 +102,6 @@ def rollout_checkpoint(work_dir: str | Path, shape, rollout: str) -> tuple[Path,
         if not (bf16 / "config.json").exists():
             write_moe_checkpoint(bf16, cfg)
         return bf16, bf16
-    import torch
-
     # the realistic shape's 768 expert weights quantize in seconds on the GPU (minutes on the host's cores)
     bf16, fp8 = write_fp8_moe_checkpoints(work, cfg, "cuda" if torch.cuda.is_available() else None)
     problems = check_moe_fp8_layout(fp8, cfg)
