@@ -9,7 +9,11 @@ megatron-core's layouts:
 - "te_grouped": `TEGroupedMLP` (`mlp.experts.linear_fc1.weightE`, `linear_fc2.weightE`);
 - "grouped": the legacy `GroupedMLP`: `weight1` [hidden, E x 2 x ffn], read by megatron-core as
   E blocks of [hidden, 2 x ffn] (each expert's fc1 transposed), `weight2` [E x ffn, hidden]
-  (each expert's fc2 transposed)."""
+  (each expert's fc2 transposed).
+
+`spec="te"`: megatron-core's TransformerEngine layer spec with experts (`get_gpt_layer_with_transformer_engine_spec(
+num_experts=...)`, what Miles trains MoE with) fuses the input norm into `linear_qkv` (`layer_norm_weight`); the
+pre-MLP norm, the q/k norms and the router stay modules of their own (an MoE layer cannot take a fused norm)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pytest_miles.errors import ConvertError
-from pytest_miles.models.convert import QwenShape, _fuse_qkv, _split_qkv, _take
+from pytest_miles.models.convert import QwenShape, _fuse_qkv, _spec, _split_qkv, _take
 
 EXPERT_LAYOUTS = ("local", "te_grouped", "grouped")
 
@@ -35,6 +39,10 @@ def _num_experts(config: Any) -> int:
     return int(e)
 
 
+def _input_norm(m: str, spec: str) -> str:
+    return f"{m}.self_attention.linear_qkv.layer_norm_weight" if spec == "te" else f"{m}.input_layernorm.weight"
+
+
 def _attention_to_megatron(state, h: str, m: str, s: QwenShape, out: dict) -> None:
     att = {x: _take(state, f"{h}.self_attn.{x}_proj.weight", "HF") for x in "qkv"}
     out[f"{m}.self_attention.linear_qkv.weight"] = _fuse_qkv(att["q"], att["k"], att["v"], s)
@@ -43,15 +51,16 @@ def _attention_to_megatron(state, h: str, m: str, s: QwenShape, out: dict) -> No
     out[f"{m}.self_attention.k_layernorm.weight"] = _take(state, f"{h}.self_attn.k_norm.weight", "HF")
 
 
-def hf_to_megatron_moe(state: Mapping[str, Any], config: Any, experts: str = "local") -> dict[str, Any]:
-    """HF Qwen3-MoE names -> GPTModel (MoE, local spec) names, experts in `experts` layout."""
+def hf_to_megatron_moe(state: Mapping[str, Any], config: Any, experts: str = "local",
+                       spec: str = "local") -> dict[str, Any]:
+    """HF Qwen3-MoE names -> GPTModel (MoE, `spec` layer spec) names, experts in `experts` layout."""
     import torch
 
-    layout, s, ne = _layout(experts), QwenShape.of(config), _num_experts(config)
+    layout, s, ne, spec = _layout(experts), QwenShape.of(config), _num_experts(config), _spec(spec)
     out = {"embedding.word_embeddings.weight": _take(state, "model.embed_tokens.weight", "HF")}
     for n in range(s.num_layers):
         h, m = f"model.layers.{n}", f"decoder.layers.{n}"
-        out[f"{m}.input_layernorm.weight"] = _take(state, f"{h}.input_layernorm.weight", "HF")
+        out[_input_norm(m, spec)] = _take(state, f"{h}.input_layernorm.weight", "HF")
         _attention_to_megatron(state, h, m, s, out)
         out[f"{m}.pre_mlp_layernorm.weight"] = _take(state, f"{h}.post_attention_layernorm.weight", "HF")
         out[f"{m}.mlp.router.weight"] = _take(state, f"{h}.mlp.gate.weight", "HF")
@@ -117,10 +126,11 @@ def _expert_keys(m: str, ne: int, layout: str) -> list[str]:
     return [f"{m}.mlp.experts.weight1", f"{m}.mlp.experts.weight2"]
 
 
-def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "local") -> dict[str, Any]:
-    """GPTModel (MoE, local spec) names -> HF Qwen3-MoE names; `_extra_state` dropped; an unknown
-    megatron name is a ConvertError naming it."""
-    layout, s, ne = _layout(experts), QwenShape.of(config), _num_experts(config)
+def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "local",
+                       spec: str = "local") -> dict[str, Any]:
+    """GPTModel (MoE, `spec` layer spec) names -> HF Qwen3-MoE names; `_extra_state` dropped; an
+    unknown megatron name is a ConvertError naming it."""
+    layout, s, ne, spec = _layout(experts), QwenShape.of(config), _num_experts(config), _spec(spec)
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
     used: set[str] = set()
 
@@ -131,7 +141,7 @@ def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
     out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")}
     for n in range(s.num_layers):
         h, m = f"model.layers.{n}", f"decoder.layers.{n}"
-        out[f"{h}.input_layernorm.weight"] = take(f"{m}.input_layernorm.weight")
+        out[f"{h}.input_layernorm.weight"] = take(_input_norm(m, spec))
         q, k, v = _split_qkv(take(f"{m}.self_attention.linear_qkv.weight"), s)
         out.update(
             {f"{h}.self_attn.q_proj.weight": q, f"{h}.self_attn.k_proj.weight": k, f"{h}.self_attn.v_proj.weight": v}
@@ -156,6 +166,6 @@ def megatron_to_hf_moe(state: Mapping[str, Any], config: Any, experts: str = "lo
     if extra:
         raise ConvertError(
             f"megatron state dict: unexpected key(s) {', '.join(extra[:5])} for the {layout!r} "
-            f"experts layout with {ne} experts: not this Qwen3-MoE GPTModel"
+            f"experts layout with {ne} experts and the {spec!r} spec: not this Qwen3-MoE GPTModel"
         )
     return out

@@ -56,18 +56,21 @@ def quantized_names(state: dict, fmt: str) -> list[str]:
     raise ValueError(f"fmt {fmt!r}: expected one of {', '.join(QUANT_CONFIGS)}")
 
 
-def quantize_state(state: dict, fmt: str) -> dict:
-    """bf16 HF state -> the quantized HF state: `<w>` float8_e4m3fn + `<w>_scale_inv`."""
+def quantize_state(state: dict, fmt: str, device: str | None = None) -> dict:
+    """bf16 HF state -> the quantized HF state: `<w>` float8_e4m3fn + `<w>_scale_inv` (on the host).
+    `device`: where each weight is quantized, one at a time (e.g. "cuda" for a large MoE); the host by default."""
     import torch
 
     from pytest_miles.models.quantize import quantize_fp8_blockwise, quantize_mxfp8
 
     out = dict(state)
     for name in quantized_names(state, fmt):
-        w = state[name].float()
+        w = state[name].to(device or "cpu").float()
         q = quantize_fp8_blockwise(w) if fmt == "fp8_blockwise" else quantize_mxfp8(w)
-        out[name] = q.values.reshape(q.values.shape[0] * q.block[0], -1)[: w.shape[0], : w.shape[1]].contiguous()
-        out[name + SCALE_SUFFIX] = q.scales.to(torch.float32 if fmt == "fp8_blockwise" else torch.uint8).contiguous()
+        values = q.values.reshape(q.values.shape[0] * q.block[0], -1)[: w.shape[0], : w.shape[1]]
+        out[name] = values.contiguous().cpu()
+        scale_dtype = torch.float32 if fmt == "fp8_blockwise" else torch.uint8
+        out[name + SCALE_SUFFIX] = q.scales.to(scale_dtype).contiguous().cpu()
     return out
 
 
@@ -87,7 +90,7 @@ def write_quantized_checkpoint(path: str | Path, fmt: str, cfg: TinyConfig = TIN
     return path
 
 
-def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path:
+def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str, device: str | None = None) -> Path:
     """A user's own bf16/fp32 HF Qwen2 checkpoint (`--miles-model`) as an `fmt` HF checkpoint in
     `path`: its weights cast to bf16 (what the trainer holds), quantized as above; config.json with
     `quantization_config`; tokenizer files copied. Safetensors only (nothing is unpickled)."""
@@ -106,7 +109,7 @@ def quantize_checkpoint_dir(src: str | Path, path: str | Path, fmt: str) -> Path
     if not any(src.glob("*.safetensors")):
         raise ValueError(f"{src}: no *.safetensors (pickled .bin checkpoints are not read)")
     state = {k: v.to(torch.bfloat16) for k, v in load_safetensors_dir(src).items()}
-    quantized = quantize_state(state, fmt)  # refuses a shape the blocks do not fit, before anything is written
+    quantized = quantize_state(state, fmt, device)  # refuses a shape the blocks do not fit, before anything is written
     path.mkdir(parents=True, exist_ok=True)
     save_file(quantized, str(path / "model.safetensors"), metadata={"format": "pt"})
     config["quantization_config"] = QUANT_CONFIGS[fmt]

@@ -47,6 +47,9 @@ class ModelArgs:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: int | None = None
     qk_layernorm: bool = False
+    # TransformerEngine spec only: the experts as TEGroupedMLP (Miles' --moe-grouped-gemm) or as a
+    # SequentialMLP of TE linears; the local spec runs SequentialMLP either way.
+    moe_grouped_gemm: bool = True
 
     @classmethod
     def qwen3_moe(cls, cfg, *, seq_length: int | None = None, rotary_interleaved: bool = False) -> ModelArgs:
@@ -170,9 +173,6 @@ class TrainerConfig:
         if not isinstance(m, ModelArgs):
             raise InputError(f"{WHERE}(model=): {m!r} is not accepted; expected a "
                              "pytest_miles.trainers.megatron.ModelArgs or an embedded shape's name")
-        if m.num_moe_experts and self.transformer_impl != "local":
-            raise InputError(f"{WHERE}(transformer_impl=): {self.transformer_impl!r} with a mixture-of-experts "
-                             "model is not wired here; expected \"local\" (megatron-core's local MoE spec)")
         if m.num_moe_experts and tp > 1:
             raise InputError(f"{WHERE}(tensor_parallel=): {tp} with a mixture-of-experts model is not wired here "
                              "(expert tensor parallelism); expected 1")

@@ -15,13 +15,27 @@ from pathlib import Path
 
 from pytest_miles.trainers.megatron_worker import Rank
 
+# TE's FP8 GEMMs want the token count a multiple of 16 (megatron-core fp8_utils.get_fp8_align_size: 16
+# for block-wise, 32 for MXFP8): a quantized TE rank right-pads every batch to that width (causal: the
+# real positions never see the pads, whose scores are dropped).
+QUANTIZED_WIDTH_MULTIPLE = {"fp8_blockwise": 16, "mxfp8": 32, "nvfp4": 32}
+
+
+def batch_width(spec: dict, samples: list[dict]) -> int:
+    """The batch's width: its longest sample, right-padded to the quantized GEMMs' multiple."""
+    width = max(len(s["tokens"]) for s in samples)
+    if spec.get("transformer_impl") != "transformer_engine":
+        return width
+    k = QUANTIZED_WIDTH_MULTIPLE.get(spec.get("precision") or "bf16", 1)
+    return -(-width // k) * k
+
 
 def _batch(r: Rank, samples: list[dict]):
     """Right-padded tokens, causal mask, positions, and the (row, position, target) of every
     response token: position t predicts token t+1."""
     import torch
 
-    width = max(len(s["tokens"]) for s in samples)
+    width = batch_width(r.spec, samples)
     tokens = torch.zeros(len(samples), width, dtype=torch.long)
     for i, s in enumerate(samples):
         tokens[i, :len(s["tokens"])] = torch.tensor(s["tokens"])
@@ -107,8 +121,8 @@ def _replaying(r: Rank, cmd: dict):
     experts = cmd.get("replay")
     if experts is None:
         return replaying(r.model, None)
-    width = max(len(s["tokens"]) for s in cmd["samples"])
-    return replaying(r.model, replay_targets(experts, width, r.spec["model"]["moe_router_topk"]))
+    return replaying(r.model, replay_targets(experts, batch_width(r.spec, cmd["samples"]),
+                                             r.spec["model"]["moe_router_topk"]))
 
 
 def handle(r: Rank, cmd: dict) -> dict:
@@ -167,22 +181,31 @@ def _tiny_config(spec: dict):
     return MoeConfig(**raw) if "num_experts" in raw else TinyConfig(**raw)
 
 
+def _moe_layout(r: Rank) -> dict:
+    """The converter's arguments for this rank's MoE layer: the layer spec, and TEGroupedMLP's names
+    (`te_grouped`) or SequentialMLP's (`local`, TE linears or megatron-core's own)."""
+    grouped = r.te and r.spec["model"].get("moe_grouped_gemm", True)
+    return {"experts": "te_grouped" if grouped else "local", "spec": "te" if r.te else "local"}
+
+
 def _to_megatron(r: Rank, hf: dict, cfg):
     from pytest_miles.models.convert import hf_to_megatron
     from pytest_miles.models.convert_moe import hf_to_megatron_moe
     from pytest_miles.models.moe import MoeConfig
 
     if isinstance(cfg, MoeConfig):
-        return hf_to_megatron_moe(hf, cfg, experts="local")
+        return hf_to_megatron_moe(hf, cfg, **_moe_layout(r))
     return hf_to_megatron(hf, cfg, spec="te" if r.te else "local")
 
 
-def _to_hf(state: dict, cfg):
+def _to_hf(r: Rank, state: dict, cfg):
     from pytest_miles.models.convert import megatron_to_hf
     from pytest_miles.models.convert_moe import megatron_to_hf_moe
     from pytest_miles.models.moe import MoeConfig
 
-    return megatron_to_hf_moe(state, cfg, experts="local") if isinstance(cfg, MoeConfig) else megatron_to_hf(state, cfg)
+    if isinstance(cfg, MoeConfig):
+        return megatron_to_hf_moe(state, cfg, **_moe_layout(r))
+    return megatron_to_hf(state, cfg, spec="te" if r.te else "local")
 
 
 def export(r: Rank, path: Path, dtype: str) -> Path:
@@ -194,7 +217,7 @@ def export(r: Rank, path: Path, dtype: str) -> Path:
     cfg = _tiny_config(r.spec)
     if r.rank == 0:
         state = {k: v for k, v in r.model.state_dict().items() if not k.endswith("_extra_state")}
-        save_hf_weights(path, _to_hf(state, cfg), cfg, dtype)
+        save_hf_weights(path, _to_hf(r, state, cfg), cfg, dtype)
     return path
 
 
@@ -224,7 +247,8 @@ def load_hf(r: Rank, path: Path) -> None:
     hf = load_safetensors_dir(path)
     state = {k: v.to(torch.float32) for k, v in _to_megatron(r, hf, _tiny_config(r.spec)).items()}
     own = r.model.state_dict()
-    missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state"))
+    # TE keeps an absent bias as an empty tensor: nothing to load there
+    missing = sorted(k for k in own if k not in state and not k.endswith("_extra_state") and own[k].numel())
     if missing:
         raise ValueError(f"{path}: the converted weights lack {', '.join(missing[:5])}")
     with torch.no_grad():

@@ -252,12 +252,12 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
                                           qk_layernorm=bool(m.get("qk_layernorm")))
     if not cuda:
         layer_spec.submodules.self_attention.submodules.core_attention = _cpu_core_attention()
-    if m.get("num_moe_experts"):  # moe_router.py: the router megatron-core gates on CUDA only
-        layer_spec.submodules.mlp.submodules.router = host_router_class()
     if spec.get("transformer_impl", "local") == "transformer_engine":  # te_model.py
         from pytest_miles.trainers.te_model import te_config_and_spec
 
         config, layer_spec = te_config_and_spec(config, spec)
+    if m.get("num_moe_experts"):  # moe_router.py: records and replays (gates as megatron-core does on CUDA with TE)
+        layer_spec.submodules.mlp.submodules.router = host_router_class()
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec,

@@ -78,8 +78,9 @@ def moe_config_fields(m: dict) -> dict:
 
 
 def routers(model) -> list:
-    """The model's routers, in layer order."""
-    return [layer.mlp.router for layer in model.decoder.layers if hasattr(layer.mlp, "router")]
+    """The model's routers, in layer order (through Float16Module, the TransformerEngine path's bf16 wrapper)."""
+    inner = getattr(model, "module", model)
+    return [layer.mlp.router for layer in inner.decoder.layers if hasattr(layer.mlp, "router")]
 
 
 def record_routing(model, forward, source: str, tokens: list[list[int]]) -> list[dict]:
@@ -97,11 +98,11 @@ def record_routing(model, forward, source: str, tokens: list[list[int]]) -> list
     finally:
         for r in rs:
             r.recording = False
-    b, width = len(tokens), max(len(t) for t in tokens)
+    b, e = len(tokens), rs[0].records[-1]["map"].shape[-1]  # the forward's width may be padded past the longest
     out = []
     for i, seq in enumerate(tokens):
-        rows = [r.records[-1]["map"].view(width, b, -1)[:len(seq), i] for r in rs]
-        probs = [torch.softmax(r.records[-1]["logits"].view(width, b, -1)[:len(seq), i], -1) for r in rs]
+        rows = [r.records[-1]["map"].view(-1, b, e)[:len(seq), i] for r in rs]
+        probs = [torch.softmax(r.records[-1]["logits"].view(-1, b, e)[:len(seq), i], -1) for r in rs]
         out.append(record_from_layers(source, rows, probs, tokens=seq).to_json())
     return out
 

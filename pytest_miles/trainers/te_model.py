@@ -119,6 +119,8 @@ def te_config(config, spec: dict[str, Any]):
     overrides = dict(params_dtype=torch.bfloat16, bf16=True, pipeline_dtype=torch.bfloat16,
                      attention_backend=AttnBackend[spec.get("attention_backend") or DEFAULT_ATTENTION_BACKEND],
                      **RECIPES[spec.get("precision") or "bf16"])
+    if "moe_grouped_gemm" in spec:
+        overrides["moe_grouped_gemm"] = spec["moe_grouped_gemm"]
     # TransformerConfig.__post_init__ derives fields from others: rebuild from the init fields.
     init = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     init.update(overrides)
@@ -126,10 +128,19 @@ def te_config(config, spec: dict[str, Any]):
 
 
 def te_config_and_spec(config, spec: dict[str, Any]):
-    """`te_config` and megatron-core's TransformerEngine layer spec (needs transformer_engine)."""
+    """`te_config` and megatron-core's TransformerEngine layer spec (needs transformer_engine). A
+    mixture-of-experts model gets the spec with experts (megatron-core 0.16.1 gpt_layer_specs.py
+    `get_gpt_layer_with_transformer_engine_spec(num_experts=, moe_grouped_gemm=, qk_layernorm=)`):
+    TEGroupedMLP (TE GroupedLinear, FP8 through TE's recipe, tokens per expert padded by Fp8Padding,
+    experts.py TEGroupedMLP.forward) or a SequentialMLP of TE linears."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return te_config(config, spec), get_gpt_layer_with_transformer_engine_spec()
+    m = spec.get("model") or {}
+    if not m.get("num_moe_experts"):
+        return te_config(config, spec), get_gpt_layer_with_transformer_engine_spec()
+    grouped = bool(m.get("moe_grouped_gemm", True))
+    return te_config(config, {**spec, "moe_grouped_gemm": grouped}), get_gpt_layer_with_transformer_engine_spec(
+        num_experts=m["num_moe_experts"], moe_grouped_gemm=grouped, qk_layernorm=bool(m.get("qk_layernorm")))
 
 
 def wrap_bf16(model):

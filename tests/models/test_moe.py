@@ -61,13 +61,19 @@ def test_reference_engine_serves_the_moe_checkpoint(tmp_path):
     assert all(len(set(e)) == 2 and all(0 <= x < 8 for x in e) for t in record.experts for e in t)
 
 
+@pytest.mark.parametrize("spec", ["local", "te"])
 @pytest.mark.parametrize("layout", EXPERT_LAYOUTS)
-def test_converter_round_trip_is_bitwise(layout):
+def test_converter_round_trip_is_bitwise(layout, spec):
     cfg = MOE_SHAPES["tiny-moe"]
     hf = init_moe_weights(cfg)
-    meg = hf_to_megatron_moe(hf, cfg, experts=layout)
+    meg = hf_to_megatron_moe(hf, cfg, experts=layout, spec=spec)
     assert meg["decoder.layers.0.mlp.router.weight"] is hf["model.layers.0.mlp.gate.weight"]
-    back = megatron_to_hf_moe(meg, cfg, experts=layout)
+    # TE's spec with experts fuses only the input norm (into linear_qkv); the pre-MLP and q/k norms stay TENorm
+    fused = "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"
+    assert (fused in meg, "decoder.layers.1.input_layernorm.weight" in meg) == (spec == "te", spec == "local")
+    m = "decoder.layers.1"
+    assert {f"{m}.pre_mlp_layernorm.weight", f"{m}.self_attention.q_layernorm.weight"} <= set(meg)
+    back = megatron_to_hf_moe(meg, cfg, experts=layout, spec=spec)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) and back[k].dtype == hf[k].dtype for k in hf)
 
@@ -94,6 +100,9 @@ def test_converter_names_what_is_wrong():
         megatron_to_hf_moe(extra, cfg)
     with pytest.raises(ConvertError, match="missing 'decoder.layers.1.mlp.router.weight'"):
         megatron_to_hf_moe({k: v for k, v in meg.items() if "layers.1.mlp.router" not in k}, cfg)
+    with pytest.raises(ConvertError, match="unexpected key.*input_layernorm.*'te' spec"):
+        megatron_to_hf_moe({**hf_to_megatron_moe(init_moe_weights(cfg), cfg, spec="te"),
+                            "decoder.layers.0.input_layernorm.weight": torch.zeros(1)}, cfg, spec="te")
     with pytest.raises(ConvertError, match="num_experts"):
         hf_to_megatron_moe({}, {"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8})
 

@@ -132,3 +132,28 @@ def test_fp8_blockwise_ranks_get_fp32_scales(monkeypatch):
     assert rank_env("fp8_blockwise") == {"NVTE_FP8_BLOCK_SCALING_FP32_SCALES": "0"}
     trainer = MegatronTrainer(transformer_impl="local")
     assert "NVTE_FP8_BLOCK_SCALING_FP32_SCALES" not in trainer.extra_env
+
+
+def test_te_config_of_a_moe_model_and_its_batch_width():
+    """A mixture-of-experts rank on the TE path: the experts as TEGroupedMLP unless the model says
+    otherwise (the spec itself needs TE: checked on the GPU); a quantized rank pads its batch width."""
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from pytest_miles.trainers.config import ModelArgs, TrainerConfig
+    from pytest_miles.trainers.megatron_session import batch_width
+    from pytest_miles.trainers.moe_router import moe_config_fields
+    from pytest_miles.trainers.te_model import te_config
+
+    m = ModelArgs.of_shape("tiny-moe")
+    assert m.moe_grouped_gemm and TrainerConfig(model=m, transformer_impl="transformer_engine",
+                                                precision="fp8_blockwise").resolved_precision == "fp8_blockwise"
+    local = TransformerConfig(num_layers=2, hidden_size=128, num_attention_heads=2, num_query_groups=1,
+                              ffn_hidden_size=64, use_cpu_initialization=True, params_dtype=torch.float32,
+                              **moe_config_fields({"num_moe_experts": 8, "moe_router_topk": 2, "qk_layernorm": True}))
+    cfg = te_config(local, {"precision": "bf16", "moe_grouped_gemm": True})
+    assert cfg.moe_grouped_gemm and cfg.num_moe_experts == 8 and cfg.bf16 and cfg.moe_router_dtype == "fp32"
+    samples = [{"tokens": [1] * 21}, {"tokens": [2] * 5}]
+    assert batch_width({"transformer_impl": "transformer_engine", "precision": "fp8_blockwise"}, samples) == 32
+    assert batch_width({"transformer_impl": "transformer_engine", "precision": "bf16"}, samples) == 21
+    assert batch_width({"transformer_impl": "local", "precision": "fp32"}, samples) == 21
