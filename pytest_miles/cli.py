@@ -6,10 +6,16 @@ Exit codes follow the tools users know: 0 good, 1 a finding/difference, 2 unusab
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    """json.dumps, json imported only for --json (start-up of `pytest-miles compare`)."""
+    import json
+
+    return json.dumps(obj, **kwargs)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -49,7 +55,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
         key = cache_key(fp.to_json())
         state, detail = warm_state(cache_dir(), key)
-        print(json.dumps({**as_json(findings), "fingerprint": fp.to_json(),
+        print(_dumps({**as_json(findings), "fingerprint": fp.to_json(),
                           "kernel_cache": {"state": state, "key": key, "detail": detail},
                           "sglang_deterministic_mode": as_json(sglang)["findings"]}, indent=2))
     else:
@@ -87,7 +93,7 @@ def _fingerprint(args: argparse.Namespace) -> int:
     from pytest_miles.facts.hardware import discover
 
     fp = collect(discover(override=args.gpu_class, use_torch=args.torch))
-    print(json.dumps(fp.to_json(), indent=2) if args.json else fp.header())
+    print(_dumps(fp.to_json(), indent=2) if args.json else fp.header())
     return 0
 
 
@@ -113,11 +119,11 @@ def _compare(args: argparse.Namespace) -> int:
                                          workers=args.workers)
     except (CheckpointError, InputError) as exc:
         if args.json:
-            print(json.dumps({"equal": None, "error": str(exc)}, indent=2))
+            print(_dumps({"equal": None, "error": str(exc)}, indent=2))
         else:
             print(f"pytest-miles compare: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.render())
+    print(_dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.passed else 1
 
 
@@ -202,7 +208,7 @@ def _capabilities(args: argparse.Namespace) -> int:
                 cap = caps.lookup(backend, mode, version)
                 rows.append({"backend": backend, "mode": mode, "status": cap.status,
                              "cell": cap.cell.id if cap.cell else None, "describe": cap.describe()})
-        print(json.dumps({"sglang": version, "sources": caps.sources, "cells": rows}, indent=2))
+        print(_dumps({"sglang": version, "sources": caps.sources, "cells": rows}, indent=2))
     else:
         print("\n".join(render_table(caps, version)))
     return 0
@@ -234,11 +240,34 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+_COMMANDS = ("doctor", "fingerprint", "capabilities", "suite", "compare", "matrix", "parity-budget", "manifest")
+
+
+class _Skipped:
+    """A subcommand's parser that this command line does not name: every call on it does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+class _Only:
+    """Stands in for the subparsers: adds the command asked for (all of them for None)."""
+
+    def __init__(self, subs: Any, only: str | None) -> None:
+        self.subs, self.only = subs, only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        return self.subs.add_parser(name, **kwargs) if self.only in (None, name) else _Skipped()
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (`only`, a command name) one with that subcommand alone: building every
+    subcommand's arguments is ~6 ms of `pytest-miles compare`'s start-up; parsing that command's line
+    gives the same result and the same errors either way."""
     parser = argparse.ArgumentParser(
         prog="pytest-miles", description="Determinism checks for LLM RL stacks (SGLang + Megatron-core).")
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = _Only(parser.add_subparsers(dest="command", required=True), only)
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--gpu-class", help="pretend these GPUs are present (e.g. h100, a100x8, none)")
@@ -350,7 +379,7 @@ def _user_errors(run, argv: list[str], debug: bool) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     if argv and argv[0] == "suite":  # everything after `suite` belongs to pytest
         return _suite(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)

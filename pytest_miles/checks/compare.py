@@ -55,11 +55,10 @@ def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, nworkers: int
     from pytest_miles.checks.layout_compare import compare_layouts
     from pytest_miles.checks.values import Ignore
     from pytest_miles.ckpt.layouts import load_layout
-    from pytest_miles.ckpt.manifest import is_manifest
 
     t0 = time.perf_counter()
     ign = Ignore(tuple(ignore))
-    if isinstance(b, dict) or (str(b).endswith(".json") and is_manifest(Path(b))):
+    if isinstance(b, dict) or (str(b).endswith(".json") and _is_manifest(Path(b))):
         from pytest_miles.checks.manifest_compare import compare_with_manifest
 
         report = compare_with_manifest(a, b, ign, t0)
@@ -70,6 +69,12 @@ def _compare_checkpoints(a: Any, b: Any, ignore: Any, first: bool, nworkers: int
     report = compare_layouts(la, lb, str(a), str(b), ign, first, nworkers)
     report.seconds = time.perf_counter() - t0
     return _something_compared(report, ign)
+
+
+def _is_manifest(path: Path) -> bool:
+    from pytest_miles.ckpt.manifest import is_manifest  # hashlib and the manifest writer: only for a .json
+
+    return is_manifest(path)
 
 
 def _something_compared(report: Report, ign: Any) -> Report:

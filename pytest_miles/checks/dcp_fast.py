@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_miles._files import SafeFile, read_bytes
+from pytest_miles._files import SafeFile
 from pytest_miles.checks.compare_report import Report, merge_notes
-from pytest_miles.ckpt.dcp_mirror import id_notes, mirrored_ids
+from pytest_miles.ckpt.dcp_mirror import id_notes, mirrored_ids_files
 from pytest_miles.ckpt.native import native_reader
 from pytest_miles.errors import CheckpointError
 
@@ -225,6 +225,14 @@ def _scan(native: Any, path: Path) -> dict[str, Any] | None:
         return native.scan_fd(f.fd, f.size)
 
 
+def _same_prefix(native: Any, fa: SafeFile, fb: SafeFile, n: int) -> bool:
+    """The first n bytes of both files equal? (A read error: no, and the full path names it.)"""
+    try:
+        return native.first_diff(fa.fd, 0, fb.fd, 0, n) == -1
+    except OSError:
+        return False
+
+
 def _plans(native: Any, side_a: _Side, side_b: _Side, sizes: dict[str, int]) -> tuple | None:
     """(A's scan, A's ids, B's ids) when both `.metadata` plans are equal and every data file is
     long enough for its items, else None."""
@@ -232,10 +240,9 @@ def _plans(native: Any, side_a: _Side, side_b: _Side, sizes: dict[str, int]) -> 
     if sa is None:
         return None
     ids_a = _ids(sa)
-    raw_a = read_bytes(side_a.root / ".metadata", what="DCP metadata")  # the scan's memory is given back by now
-    raw_b = read_bytes(side_b.root / ".metadata", what="DCP metadata")
-    ids_b = mirrored_ids(raw_a, raw_b, ids_a)  # B is A but its ids: A's reading is B's
-    del raw_a, raw_b
+    with SafeFile(side_a.root / ".metadata") as fa, SafeFile(side_b.root / ".metadata") as fb:
+        # B is A but its ids: A's reading is B's (the prefixes compared natively, never whole in Python)
+        ids_b = mirrored_ids_files(fa, fb, ids_a, lambda n: _same_prefix(native, fa, fb, n))
     if ids_b is None:
         sb = _scan(native, side_b.root / ".metadata")
         if sb is None or sb["plan"] != sa["plan"]:

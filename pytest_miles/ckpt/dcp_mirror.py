@@ -12,13 +12,16 @@ depends on this.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["IDS_IGNORED", "id_notes", "mirrored_ids"]
+__all__ = ["IDS_IGNORED", "id_notes", "mirrored_ids", "mirrored_ids_files"]
 
 IDS_IGNORED = ".metadata: save_id and checkpoint_id are ignored (random per save / path-dependent)"
 _TAIL = b"\x8c\x0cstorage_meta\x94"  # protocol 4: the key of Metadata.storage_meta, then its value
 _STRINGS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"}
+_TAIL_MAX = 65536  # the tail (storage_meta and the ids) is ~200 bytes; more is not what DCP writes
+_PIECE = 2**20
 
 
 def id_notes(ids: dict[str, Any]) -> list[str]:
@@ -29,12 +32,12 @@ def id_notes(ids: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _tail_ops(raw: bytes, start: int) -> list[tuple[str, Any]] | None:
-    """The opcodes of a pickle's tail (from `start`, an opcode boundary): [(name, arg)]."""
+def _tail_ops(tail: bytes) -> list[tuple[str, Any]] | None:
+    """The opcodes of a pickle's tail (starting at an opcode boundary): [(name, arg)]."""
     import pickletools
 
     try:
-        return [(op.name, arg) for op, arg, _ in pickletools.genops(raw[start:])]
+        return [(op.name, arg) for op, arg, _ in pickletools.genops(tail)]
     except Exception:
         return None
 
@@ -50,10 +53,44 @@ def mirrored_ids(raw_a: bytes, raw_b: bytes, ids_a: dict[str, str]) -> dict[str,
     if len(raw_a) != len(raw_b) or raw_a.count(_TAIL) != 1:
         return None
     start = raw_a.find(_TAIL)
-    if (len(raw_a) - start > 65536 or raw_b.find(_TAIL) != start
+    if (len(raw_a) - start > _TAIL_MAX or raw_b.find(_TAIL) != start
             or not raw_a.startswith(memoryview(raw_b)[:start])):  # the prefixes, compared without copying them
         return None
-    ops_a, ops_b = _tail_ops(raw_a, start), _tail_ops(raw_b, start)
+    return _tail_ids(raw_a[start:], raw_b[start:], ids_a)
+
+
+def mirrored_ids_files(fa: Any, fb: Any, ids_a: dict[str, str],
+                       same_prefix: Callable[[int], bool]) -> dict[str, str] | None:
+    """mirrored_ids of two open `.metadata` files (`_files.SafeFile`), same rules, same answers,
+    without either file whole in memory: A is searched for the key in pieces of 1 MiB, the prefixes
+    are compared by `same_prefix(n)` (are the first n bytes of both files equal? the native reader's
+    `first_diff`, the GIL released), and only the tails (at most 64 KiB) are read into Python.
+
+    B's key at A's key's offset is B's first: both prefixes are equal and A holds the key once, so an
+    earlier key on B (inside the prefix or across its end) would be one on A too."""
+    size = fa.size
+    if fb.size != size:
+        return None
+    start, found, keep = -1, 0, len(_TAIL) - 1
+    for at in range(0, size, _PIECE):  # a key starting in [at, at + _PIECE) lies whole in this piece
+        piece = fa.pread(at, min(_PIECE + keep, size - at), "DCP metadata")
+        n = piece.count(_TAIL)  # the key cannot overlap itself (one 0x8c byte): no key is missed
+        if n:
+            found += n
+            start = at + piece.find(_TAIL)
+        if found > 1:
+            return None
+    if found != 1 or size - start > _TAIL_MAX:
+        return None
+    tail_a, tail_b = fa.pread(start, size - start, "DCP metadata"), fb.pread(start, size - start, "DCP metadata")
+    if not tail_b.startswith(_TAIL) or not same_prefix(start):
+        return None
+    return _tail_ids(tail_a, tail_b, ids_a)
+
+
+def _tail_ids(tail_a: bytes, tail_b: bytes, ids_a: dict[str, str]) -> dict[str, str] | None:
+    """B's ids from the two tails (from the `storage_meta` key on), when they differ only in them."""
+    ops_a, ops_b = _tail_ops(tail_a), _tail_ops(tail_b)
     if ops_a is None or ops_b is None or len(ops_a) != len(ops_b):
         return None
     save_id, ckpt = ids_a.get("save_id"), ids_a.get("checkpoint_id")

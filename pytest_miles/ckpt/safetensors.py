@@ -4,7 +4,6 @@ located from the JSON header, every header checked (offsets, sizes, overlaps, th
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -68,6 +67,8 @@ def _header(path: Path, raw: bytes) -> dict:
     """The JSON header as strictly as the safetensors library reads it: UTF-8 without a byte-order
     mark, no NaN/Infinity, an object. Stricter on one point: a name twice is refused (the library
     keeps the last one silently; two tensors of one name would make a comparison ambiguous)."""
+    import json  # only where a safetensors file is read (start-up of other comparisons)
+
     try:
         text = raw.decode("utf-8")  # a byte-order mark is refused by json, as by the library
         header = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique)
@@ -142,6 +143,8 @@ def _safetensors_entries(path: Path, start_order: int, layout: Layout) -> tuple[
 
 
 def hf_layout(root: Path, files: list[Path] | None = None) -> Layout:
+    import json
+
     layout = Layout("safetensors", root)
     entries = listdir(root) if files is None else files
     index = sorted(e for e in entries if e.name.endswith(".safetensors.index.json")) if files is None else []

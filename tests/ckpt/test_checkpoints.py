@@ -179,6 +179,21 @@ def test_cli_exit_codes_and_json(dcp_pair, tmp_path):
     assert r.returncode == 2 and "nope: no such file or directory" in r.stderr
 
 
+def test_cli_builds_only_the_named_command_with_the_same_result():
+    """`pytest-miles compare ...` builds the compare subcommand alone (start-up): the commands it
+    knows are the full parser's, and a command line parses to the same namespace either way."""
+    import argparse
+
+    from pytest_miles import cli as cli_module
+
+    full = cli_module.build_parser()
+    subs = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert tuple(subs.choices) == cli_module._COMMANDS
+    for argv in (["compare", "a", "b"], ["compare", "a", "b", "--first", "--json", "--ignore", "x*", "--workers", "3"],
+                 ["manifest", "d", "-o", "m.json"], ["doctor", "--json"]):
+        assert vars(cli_module.build_parser(argv[0]).parse_args(argv)) == vars(full.parse_args(argv)), argv
+
+
 def test_manifest_round_trip(dcp_pair, tmp_path):
     a, b = dcp_pair
     before = tree_state(a)

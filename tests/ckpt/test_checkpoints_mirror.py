@@ -125,3 +125,45 @@ def test_mirrored_ids_rules():
                                     {**ids, "checkpoint_id": "/tmp/run/z"}) is None  # not A's path
     plain = raw("/tmp/run/a", "s" * 36)
     assert dcp_mirror.mirrored_ids(plain, raw("/tmp/run/b", "s" * 36), ids) == {**ids, "checkpoint_id": "/tmp/run/b"}
+
+
+@pytest.mark.parametrize("piece", [5, 64, 2**20])
+def test_mirrored_ids_files_answers_as_mirrored_ids(tmp_path, monkeypatch, piece):
+    """The fast path's reading of two `.metadata` files (in pieces, prefixes compared natively) gives
+    `mirrored_ids`'s answer for every pair: mirrored, not mirrored, the key twice, a key across a
+    piece's end (pieces of 5 and 64 bytes), other lengths, other prefix bytes, a shorter tail."""
+    import pickle
+    from pathlib import PosixPath
+
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    from pytest_miles._files import SafeFile
+    from pytest_miles.ckpt.native import native_reader
+
+    monkeypatch.setattr(dcp_mirror, "_PIECE", piece)
+
+    def raw(ckpt, save_id, extra="x", version="1.0.0", value=None):
+        md = Metadata(state_dict_metadata={extra: value}, storage_data={}, storage_meta=StorageMeta(ckpt, save_id))
+        md.version = version
+        return pickle.dumps(md)
+
+    ids = {"checkpoint_id": "/tmp/run/a", "save_id": "s" * 36}
+    base = raw(PosixPath("/tmp/run/a"), "s" * 36)
+    others = [base, raw(PosixPath("/tmp/run/b"), "t" * 36), raw(PosixPath("/tmp/run/bb"), "t" * 35),
+              raw(PosixPath("/tmp/run/a"), "s" * 36, version="1.0.1"), raw(PosixPath("/tmp/run/b"), "t" * 36, "y"),
+              base[:-3], base.replace(b"Metadata", b"Metadatb")]
+    twice = raw(PosixPath("/tmp/run/a"), "s" * 36, value=b"\x8c\x0cstorage_meta\x94")  # the key also in the prefix
+    assert twice.count(b"\x8c\x0cstorage_meta\x94") == 2
+    native = native_reader()
+    for n, (a_bytes, b_bytes) in enumerate([(base, o) for o in others] + [(twice, twice)]):
+        (tmp_path / f"a{n}").write_bytes(a_bytes)
+        (tmp_path / f"b{n}").write_bytes(b_bytes)
+        with SafeFile(tmp_path / f"a{n}") as fa, SafeFile(tmp_path / f"b{n}") as fb:
+            def same_prefix(k):
+                if native is not None:
+                    return native.first_diff(fa.fd, 0, fb.fd, 0, k) == -1
+                return fa.pread(0, k) == fb.pread(0, k)
+
+            got = dcp_mirror.mirrored_ids_files(fa, fb, ids, same_prefix)
+        assert got == dcp_mirror.mirrored_ids(a_bytes, b_bytes, ids), n
+    assert dcp_mirror.mirrored_ids(base, others[1], ids) is not None  # the cases include a mirrored pair
