@@ -66,8 +66,9 @@ def test_sglang_every_cache_path(engine_factory, model, backend):
 
 def test_sglang_every_api_surface(engine_factory, model, backend):
     eng = _server(engine_factory, model, backend)
+    # a capped KV pool: the offline engine runs beside the server (and other chains may share the GPU)
     offline = engine_factory("sglang-offline", model=model, attention_backend=backend, deterministic=True,
-                             alongside=True)
+                             alongside=True, max_total_tokens=32768)
     report = _verdict(assert_api_surfaces_agree, eng, offline, requests=3)
     assert set(report.surfaces) == {"/generate", "/v1/completions", "/v1/chat/completions", "sglang.Engine"}, \
         report.render()
