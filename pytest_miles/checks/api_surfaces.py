@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_miles.checks.traffic import first_difference
+from pytest_miles.checks.witness import context_lines
 from pytest_miles.engines.base import Output
 from pytest_miles.errors import NotApplicable
 
@@ -88,11 +89,7 @@ class SurfaceReport:
         sampled = [r for r in self.requests if r.seed_changes is not None]
         lines.append(f"  seed witness (/generate, another seed): {sum(bool(r.seed_changes) for r in sampled)} of "
                      f"{len(sampled)} sampled requests change")
-        if self.shape:
-            lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in self.shape.items()))
-        if self.settings:
-            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += context_lines(self.shape, self.settings, self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

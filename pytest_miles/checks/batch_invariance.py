@@ -12,7 +12,7 @@ from typing import Any
 
 from pytest_miles.capabilities import MODES  # the mode names, defined once
 from pytest_miles.checks.batch_modes import BATCH_SIZES, LONG_ANCHOR_FRACTIONS, Run, run_mode  # noqa: F401
-from pytest_miles.checks.witness import engine_settings, radix_cache_witness
+from pytest_miles.checks.witness import context_lines, engine_settings, radix_cache_witness
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.recording import recorded
 
@@ -123,11 +123,7 @@ class InvarianceReport:
         if self.max_logprob_deviation and not self.passed:
             dev = ", ".join(f"bs {k}: {v:.3g}" for k, v in sorted(self.max_logprob_deviation.items()) if v)
             lines.append(f"  max |logprob - reference| by batch size: {dev}")
-        if self.shape:
-            lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in self.shape.items()))
-        if self.settings:
-            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += context_lines(self.shape, self.settings, self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

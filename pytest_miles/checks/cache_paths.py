@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_miles.checks.traffic import first_difference
+from pytest_miles.checks.witness import context_lines
 from pytest_miles.engines.base import Output
 from pytest_miles.errors import NotApplicable
 
@@ -92,11 +93,7 @@ class CacheReport:
         lines += [f"  - {p.path} #{p.trial} ({p.sampling}) flushed vs flushed [run to run, no cache]: {d}"
                   for p, d in r2r[:limit]]
         lines += ["  witness: " + p.describe() for p in self.paths[:limit]]
-        if self.shape:
-            lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in self.shape.items()))
-        if self.settings:
-            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += context_lines(self.shape, self.settings, self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

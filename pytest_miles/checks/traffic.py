@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_miles.checks.witness import context_lines
 from pytest_miles.engines.base import Output
 from pytest_miles.errors import NotApplicable
 
@@ -101,11 +102,7 @@ class TrafficReport:
         if len(self.mismatches) > limit:
             lines.append(f"  ... and {len(self.mismatches) - limit} more")
         lines.append("  witnesses (read from the engine): " + ", ".join(f"{k}={v}" for k, v in self.witnesses.items()))
-        if self.shape:
-            lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in self.shape.items()))
-        if self.settings:
-            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
-        lines += [f"  note: {n}" for n in self.notes]
+        lines += context_lines(self.shape, self.settings, self.notes)
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:

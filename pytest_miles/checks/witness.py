@@ -49,3 +49,13 @@ def radix_cache_witness(settings: dict[str, Any], cached_tokens: list[int | None
         return "vacuous", (f"{engine} reports its radix cache on, but no warm request hit it (cached_tokens "
                            f"{known}): the comparison was two cold prefills and shows nothing")
     return "hit", f"cached_tokens on the warm requests: {known}"
+
+
+def context_lines(shape: dict[str, Any], settings: dict[str, Any], notes: list[str]) -> list[str]:
+    """The lines every report ends with: the shape it ran, the settings read from the engine, its notes."""
+    lines = []
+    if shape:
+        lines.append("  shape: " + ", ".join(f"{k} {v}" for k, v in shape.items()))
+    if settings:
+        lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    return lines + [f"  note: {n}" for n in notes]
