@@ -14,6 +14,7 @@ import pytest
 from pytest_miles.checks.batch_invariance import InvarianceReport, Mismatch, classify, negative_control
 from pytest_miles.checks.traffic import TrafficMismatch, TrafficReport, judge_control
 from pytest_miles.engines.base import Output, SamplingParams
+from tests.helpers.controls import StaleCache
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 
@@ -72,18 +73,6 @@ def flag_off(tmp_path_factory):
         yield e
 
 
-class StaleCache:
-    """Negative control (a named fake): the real flag-off server behind a flush_cache that does
-    nothing, so the reference is a cold prefill and every later request hits the prefix cache."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def flush_cache(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("mode", ["single", "needle"])

@@ -24,6 +24,7 @@ from pytest_miles.scenarios.traffic import (
     assert_sampling_batch_invariant,
     traffic_negative_control,
 )
+from tests.helpers.controls import StaleCache
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1200)]
 REQUESTS = 256
@@ -85,17 +86,6 @@ def test_sglang_traffic_negative_control(engine_factory, backend):
     print(report.render(limit=6))
 
 
-class StaleCache:
-    """Negative control (a named fake): the real server behind a flush_cache that does nothing."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def flush_cache(self) -> None:
-        pass
 
 
 def test_sglang_batch_controls_name_their_variance(engine_factory, backend):
