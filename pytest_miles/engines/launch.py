@@ -133,7 +133,8 @@ def build_server(spec: EngineSpec):
         from pytest_miles.engines.server import ReferenceServerEngine
 
         return ReferenceServerEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device,
-                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout, **opts)
+                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout,
+                                     **{"startup_timeout": spec.startup_timeout, **opts})
     if spec.kind != "sglang":
         raise InputError(f"engine kind {spec.kind!r} does not run as a server of its own; those that do: "
                          f"{', '.join(SERVER_KINDS)}")

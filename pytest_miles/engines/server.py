@@ -53,8 +53,8 @@ class ServerEngine:
         self.log_path = log_dir / f"{self.name}-{port}.log"
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
-        self.spawned_at: float | None = None  # time.monotonic() of the spawn and of the first healthy answer
-        self.ready_at: float | None = None
+        # time.monotonic() of the spawn, of `memory_marker` in the log (background starts), of the first answer
+        self.spawned_at = self.settled_at = self.ready_at = None
         self.pids: list[int] = []
         self.cancelled, self._spawn_lock = False, threading.Lock()
 
@@ -76,6 +76,7 @@ class ServerEngine:
                                          env=self.env)
             self.spawned_at = t0
             if settled is not None and self.memory_marker is None:
+                self.settled_at = time.monotonic()
                 settled.set()
             with stage(f"starting {self.name} (limit {self.startup_timeout:g} s)", hint=self.start_advice):
                 ok = wait_until(lambda: self._probe(settled, since), self.startup_timeout, 0.5,
@@ -99,12 +100,12 @@ class ServerEngine:
 
     def _probe(self, settled: threading.Event | None, since: int) -> bool:
         if settled is not None and not settled.is_set() and log_contains(self.log_path, self.memory_marker, since):
+            self.settled_at = time.monotonic()
             settled.set()
         return self._healthy()
 
     def cancel(self) -> None:
-        """Stop this server from any thread: a start under way fails (the process is killed), one not
-        yet spawned never spawns."""
+        """Stop it from any thread: a start under way fails (killed), one not yet spawned never spawns."""
         with self._spawn_lock:
             self.cancelled = True
         self.close()
