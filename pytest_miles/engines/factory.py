@@ -241,7 +241,9 @@ class EngineFactory:
         live, self.live = self.live, {}
         self.planned = set()
         try:
-            for p in pending.values():  # in the order they were started: each unblocks the next
+            for p in pending.values():  # all marked first: a stopped start unblocks the next one
+                p.stop()
+            for p in pending.values():
                 p.cancel()
             for eng in live.values():
                 eng.close()

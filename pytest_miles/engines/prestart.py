@@ -80,13 +80,18 @@ class Pending:
                               f"{self.error}") from self.error
         return self.engine
 
-    def cancel(self) -> None:
-        """Stop it, started or not: a start under way is killed, one not begun never begins."""
+    def stop(self) -> None:
+        """Mark it stopped (a start not begun never begins) and kill a start under way; no waiting.
+        Stop every start of a chain before waiting for any: a stopped start unblocks the next."""
         with self._lock:
             self.cancelled = True
             eng = self.engine
         if eng is not None:
             eng.cancel()
+
+    def cancel(self) -> None:
+        """Stop it and wait for its thread: a start under way is killed, one not begun never begins."""
+        self.stop()
         self.thread.join(timeout=60)
         if self.engine is not None:  # started between the two looks
             self.engine.cancel()

@@ -110,6 +110,8 @@ def test_a_start_waits_for_the_previous_servers_memory_line_and_close_stops_both
     # closed while the first is starting: it is killed, and the second never spawns
     first = Pending("first", _marked(model_dir, tmp_path, True), None, 120)
     second = Pending("second", _marked(model_dir, tmp_path, False), first.settled, 120)
+    first.stop()
+    second.stop()
     first.cancel()
     second.cancel()
     assert first.done.is_set() and second.done.is_set()
@@ -146,3 +148,13 @@ def test_a_lent_engine_serves_the_other_weights_and_gets_its_own_back(model_dir,
         assert (after.output_ids, after.logprobs) == (before.output_ids, before.logprobs)  # its own, bit for bit
     finally:
         f.close()
+
+
+def test_close_stops_the_starts_under_way(model_dir, tmp_path):
+    f = factory(model_dir, tmp_path)
+    f.prestart([{**SERVER, "deterministic": True}, {**SERVER, "deterministic": False}])
+    starts = list(f.pending.values())
+    f.close()
+    assert not f.pending and all(p.done.is_set() for p in starts)
+    for p in starts:
+        assert p.engine is None or (p.engine.proc is None and all(map(gone, p.engine.pids)))
