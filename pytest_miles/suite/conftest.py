@@ -73,6 +73,9 @@ ENGINES_OF = (
     ("test_rollout.py::test_traffic_negative_control", ("traffic-control",)),
 )
 FIRST = ("test_doctor.py",)
+# Timing measurements need no engine but a quiet machine: they run after the engine tests, when no
+# engine is starting (compiling kernels, capturing CUDA graphs) beside them.
+QUIET = ("test_cost.py::test_training_cost",)
 ENGINE_FIXTURES = {"engine_factory": 2, "engine": 1, "sglang_engine": 1, "reference_engine": 1}  # starts a test may pay
 
 
@@ -82,10 +85,12 @@ def _name(item) -> str:
 
 def rank(item) -> tuple[int, int]:
     """The doctor, then the suite's tests that need no engine, then ENGINES_OF's order, then other
-    tests that use engines, then tests from outside the suite."""
+    tests that use engines, then the timing measurements (QUIET), then tests from outside the suite."""
     if not _is_suite(item):
         return (3, 0)
     name = _name(item)
+    if name.startswith(QUIET):
+        return (2, len(ENGINES_OF) + 1)
     if not ENGINE_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
         return (0, 0 if name.startswith(FIRST) else 1)
     return (2, next((i for i, (p, _) in enumerate(ENGINES_OF) if name.startswith(p)), len(ENGINES_OF)))
