@@ -100,7 +100,7 @@ def prestart_names(config, items) -> list[str]:
     """The configurations the selected suite tests will ask for, in the order they will (none with
     --miles-engine-prestart=off, and none in a pytest-xdist worker: it learns its tests one at a time,
     so it would start every engine, once per worker)."""
-    if miles_setting(config, "engine_prestart") != "on" or os.environ.get("PYTEST_XDIST_WORKER"):
+    if miles_setting(config, "engine_prestart") != "on" or hasattr(config, "workerinput"):  # an xdist worker
         return []
     names: list[str] = []
     for item in items:
