@@ -149,7 +149,8 @@ class EngineFactory:
         Otherwise the block gets an engine of its own, as `engine_factory(kind, model=DIR, ...)`."""
         spec, key = self._resolve(kind, model, deterministic, options.pop("attention_backend", None),
                                   options.pop("extra_args", ()), options)
-        donor = next((k for k in [*self.live, *self.pending] if k[0] == key[0] and k[2:] == key[2:]
+        donors = [k for k, e in self.live.items() if getattr(e, "alive", True)] + list(self.pending)
+        donor = next((k for k in donors if k[0] == key[0] and k[2:] == key[2:]
                       and same_but_weights(self.specs[k].model_dir, spec.model_dir)), None)
         if donor is None:
             yield self(kind, model=model, deterministic=deterministic, attention_backend=key[3],

@@ -57,7 +57,10 @@ def test_prestarted_engines_start_together_and_are_taken_not_launched_again(mode
                              {**SERVER, "deterministic": True},  # the same configuration: one start
                              {"kind": "reference"}])  # in-process: started when asked, not in the background
         assert len(labels) == 2 and f.launches == 2, labels
+        with f.lend(model=str(_other(model_dir, tmp_path)), deterministic=True, **SERVER) as lent:
+            assert f.launches == 2 and len(f.pending) == 1  # lent from its background start
         a = f(deterministic=True, **SERVER)
+        assert a is lent
         b = f(deterministic=False, **SERVER)
         assert f.launches == 2 and not f.pending  # taken from the background starts
         # overlap, shown by the timestamps: each spawned before the other answered
@@ -121,7 +124,8 @@ def test_a_start_waits_for_the_previous_servers_memory_line_and_close_stops_both
         second.result()
 
 
-def test_a_lent_engine_serves_the_other_weights_and_gets_its_own_back(model_dir, tmp_path):
+def _other(model_dir, tmp_path):
+    """The model folder with other weights (every other file the same)."""
     from safetensors.torch import load_file, save_file
 
     other = tmp_path / "other"
@@ -129,6 +133,11 @@ def test_a_lent_engine_serves_the_other_weights_and_gets_its_own_back(model_dir,
     weights = load_file(other / "model.safetensors")
     save_file({k: v + 0.25 if k.endswith("weight") and v.dim() == 2 else v for k, v in weights.items()},
               str(other / "model.safetensors"))
+    return other
+
+
+def test_a_lent_engine_serves_the_other_weights_and_gets_its_own_back(model_dir, tmp_path):
+    other = _other(model_dir, tmp_path)
     assert same_but_weights(str(model_dir), str(other)) and not same_but_weights(str(model_dir), str(model_dir))
     config = json.loads((other / "config.json").read_text())
     unlike = tmp_path / "unlike"
