@@ -97,6 +97,7 @@ class EngineFactory:
         it started: none where engines start elsewhere (a Ray placement) or on leased GPUs
         (pytest-xdist), or for a configuration this machine cannot run (its test says why)."""
         from pytest_miles.engines.prestart import Pending, memory_fractions
+        from pytest_miles.placement.ownership import owner_tag
 
         if self.start is not None or self.leaser is not None:
             return []
@@ -113,15 +114,20 @@ class EngineFactory:
                 chosen.setdefault(key, spec)
         fractions = iter(memory_fractions(sum(s.kind == "sglang" for s in chosen.values())))
         after, limit, ports, labels = None, 0.0, set(), []
+        owner_tag()  # the ownership watchdog exists before any thread spawns (processes die with pytest)
         for key, spec in chosen.items():
             opts = dict(spec.options)
             if spec.kind == "sglang":
                 opts.setdefault("mem_fraction_static", next(fractions))
             opts.setdefault("port", _distinct_port(ports))
             spec = replace(spec, options=opts)
+            try:  # built here: its environment is read now, on this thread, not while a test changes it
+                server = build_server(spec)
+            except MilesError:  # the test that asks for it starts it and reports the error
+                continue
             limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
             label = describe(spec)
-            pending = Pending(label, lambda s=spec: build_server(s), after, limit + 60)
+            pending = Pending(label, lambda s=server: s, after, limit + 60)
             self.pending[key], self.specs[key], after = pending, spec, pending.settled
             self.planned.add(key)
             self.launches += 1
