@@ -128,6 +128,7 @@ class EngineFactory:
             limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
             label = describe(spec)
             pending = Pending(label, lambda s=server: s, after, limit + 60)
+            pending.advice = server.start_advice  # what a timeout while waiting for it says
             self.pending[key], self.specs[key], after = pending, spec, pending.settled
             self.planned.add(key)
             self.launches += 1
@@ -137,7 +138,7 @@ class EngineFactory:
     def _take(self, key: tuple):
         """The engine of a background start, once started (raises its error)."""
         pending = self.pending.pop(key)
-        with stage(f"waiting for {pending.label}, started in the background"):
+        with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
             eng = pending.result()
         note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
         self._mark_warm(self.specs[key], eng)

@@ -43,6 +43,7 @@ class Pending:
         self.engine: Any = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.advice = ""  # what a timeout while waiting for it adds (the measured cold start, the cache)
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, args=(build, after), name=f"miles-prestart {label}",
                                        daemon=True)
