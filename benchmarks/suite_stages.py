@@ -54,6 +54,15 @@ def stages(data: dict) -> dict[str, float]:
     return out
 
 
+def background(stages_of_run: dict[str, float]) -> tuple[float, float]:
+    """(seconds the background starts took, seconds tests waited for them): engines/factory.py names
+    these stages 'starting ... in the background' and 'waiting for ..., started in the background'."""
+    started = sum(v for k, v in stages_of_run.items()
+                  if k.startswith("  stage: starting ") and "in the background" in k)
+    waited = sum(v for k, v in stages_of_run.items() if k.startswith("  stage: waiting for "))
+    return started, waited
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for the logs and reports (default: a temporary one)")
@@ -88,6 +97,10 @@ def main() -> int:
         print(f"{k[:100]:100} {cells}{ratio}")
     for name, r in runs.items():
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
+        started, waited = background(table[name])
+        if started:
+            print(f"{name}: engines started in the background: {started:.1f} s of start-up, {waited:.1f} s of it "
+                  f"waited for by tests, {started - waited:.1f} s hidden behind other tests")
     if len(names) == 2:
         print(f"whole run {names[1]}/{names[0]}: {runs[names[1]]['wall'] / runs[names[0]]['wall']:.2f}x")
     return max(r["rc"] for r in runs.values())
