@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Run a list of GPU steps one after another, detached from the device call that starts it, so that a
 # chain longer than one call's limit survives; every step's log lands in $CHAIN_OUT (default
-# /tmp/gpu-chain) and `scripts/gpu-chain.sh collect` copies them to $OUT in a later call.
+# /tmp/gpu-chain; CHAIN_OUT=/tmp/gpu-chain-NAME runs chains side by side) and `scripts/gpu-chain.sh collect`
+# archives every chain's logs into $OUT/chains.tgz in a later call.
 #   setsid nohup bash scripts/gpu-chain.sh run FILE &   FILE: one shell command per line, "# ..." ignored
-#   bash scripts/gpu-chain.sh collect                    copy the logs so far to $OUT, print the progress
-#                                                        (and those of $CHAIN_EXTRA folders, default /tmp/st)
+#   bash scripts/gpu-chain.sh collect                    archive the logs so far to $OUT, print the progress
+#                                                        (with those of $CHAIN_EXTRA folders, default /tmp/st)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHAIN_OUT=${CHAIN_OUT:-/tmp/gpu-chain}
 mkdir -p "$CHAIN_OUT"
-if [ "${1:-}" = collect ]; then
-  cp -r "$CHAIN_OUT"/. "${OUT:?}"/ 2>/dev/null
-  for d in ${CHAIN_EXTRA:-/tmp/st}; do  # folders steps write into themselves (suite_stages.py --out)
-    [ -d "$d" ] && mkdir -p "$OUT/$(basename "$d")" && cp "$d"/*.log "$d"/*.json "$OUT/$(basename "$d")/" 2>/dev/null
+if [ "${1:-}" = collect ]; then  # every chain's folder (/tmp/gpu-chain*) in one archive: $OUT takes 8 files
+  extra=""; for d in ${CHAIN_EXTRA:-/tmp/st}; do [ -d "$d" ] && extra="$extra $(ls "$d"/*.log "$d"/*.json 2>/dev/null)"; done
+  tar czf "${OUT:?}/chains.tgz" /tmp/gpu-chain* $extra 2>/dev/null
+  for c in /tmp/gpu-chain*; do
+    echo "=== $c"; cat "$c/progress" 2>/dev/null
+    for f in "$c"/step-*.log; do [ -e "$f" ] && { echo "== $f"; tail -n 4 "$f" | cut -c1-400; }; done
   done
-  cat "$CHAIN_OUT/progress" 2>/dev/null; nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
-  for f in "$CHAIN_OUT"/step-*.log; do [ -e "$f" ] && { echo "== $f"; tail -n 4 "$f"; }; done
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
   exit 0
 fi
 [ "${1:-}" = run ] || { echo "usage: gpu-chain.sh run FILE | collect"; exit 2; }

@@ -25,6 +25,11 @@ from pytest_miles.errors import CapabilityError  # noqa: F401  (importable here 
 
 STATUSES = ("promised", "known_limitation", "not_applicable")
 MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "needle")
+# What a cell's `modes` may name: the batch-invariance modes, and the checks outside them that consult
+# the same data (the cache-path check uses radix_cache's cells; api_surfaces: the same request on every
+# API surface; min_p_with_seed: a min-p request to a deterministic server, which samples with a seed;
+# mixed_sampling: a seeded request beside a batchmate that filters; serve: whether the server starts at all).
+CHECKS = (*MODES, "api_surfaces", "min_p_with_seed", "mixed_sampling", "serve")
 SHAPE_KEYS = ("seed", "max_batch", "prompt_len", "min_seq_len", "model_shape")
 CELL_FIELDS = ("id", "versions", "backends", "modes", "status", "condition", "reason", "references", "verified",
                "reproduces", "read_from")
@@ -129,9 +134,9 @@ def _cell(raw: Any, index: int, path: str) -> Cell:
         raise CapabilityError(f"{where}: field 'versions': {versions!r} is not a version specifier "
                               "(PEP 440, e.g. '>=0.5.17,<0.5.24'; '' for every version)") from None
     modes = string_list(raw["modes"], f"{where}: field 'modes'")
-    bad = [m for m in modes if m != "*" and m not in MODES]
+    bad = [m for m in modes if m != "*" and m not in CHECKS]
     if bad:
-        raise CapabilityError(f"{where}: field 'modes': {bad[0]!r} is not one of {', '.join(MODES)} or '*'")
+        raise CapabilityError(f"{where}: field 'modes': {bad[0]!r} is not one of {', '.join(CHECKS)} or '*'")
     backends = string_list(raw["backends"], f"{where}: field 'backends'")
     refs = string_list(raw.get("references", []), f"{where}: field 'references'") if raw.get("references") else ()
     for name in ("condition", "reason"):

@@ -137,8 +137,8 @@ def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Outp
 
 def judge_traffic(report: TrafficReport) -> TrafficReport:
     """A difference is a failure; a pass without the stress witnessed is not applicable."""
-    if not report.passed:
-        raise AssertionError(report.render())
+    if not report.passed:  # every difference in the message: the determinism report keeps it whole
+        raise AssertionError(report.render(limit=len(report.mismatches)))
     missing = report.missing_witnesses()
     if missing:
         raise NotApplicable(f"determinism under load not applicable: the engine shows no {', '.join(missing)} "
@@ -162,3 +162,25 @@ def judge_control(report: TrafficReport, deterministic: Any) -> TrafficReport:
         f"{v} ({n})" for v, n in report.variances.items() if v in about)
         + "".join(f"; {v} ({n}) not counted" for v, n in report.variances.items() if v not in about))
     return report
+
+
+@dataclass
+class FeatureReport:
+    """Whether a served engine answered a request with one sampling feature (e.g. min_p with a seed);
+    the capability data decides whether a failure is a known limitation."""
+
+    engine: str
+    mode: str
+    passed: bool
+    detail: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def render(self, limit: int = 10) -> str:
+        lines = [f"{self.mode} on {self.engine}: {'PASS' if self.passed else 'FAIL'}; {self.detail}"]
+        if self.settings:
+            lines.append("  engine settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "mode": self.mode, "passed": self.passed, "detail": self.detail,
+                "settings": self.settings}

@@ -115,3 +115,17 @@ def stream_merge(acc: dict | None, chunk: dict) -> dict:
             meta[key] = list(meta.get(key) or []) + list(cm[key])
     meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
     return {**chunk, "output_ids": a + c, "meta_info": meta}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text (SGLang's /metrics): name -> value, labels dropped (values of one name summed)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
+        except ValueError:
+            continue
+    return out

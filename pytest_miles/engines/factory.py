@@ -42,6 +42,10 @@ class EngineFactory:
         self.specs: dict[tuple, EngineSpec] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
 
+    def model_path(self) -> str:
+        """The model folder engines start from when a call names none (--miles-model or the shape's)."""
+        return self._model_dir()
+
     def _device(self) -> str:
         if self.device != "auto":
             return self.device
@@ -85,7 +89,7 @@ class EngineFactory:
         if kind.startswith("sglang"):
             self._need(kind)
         return spec, (kind, model, deterministic, spec.attention_backend, spec.extra_args,
-                      tuple(sorted(options.items())))
+                      tuple(sorted((k, _hashable(v)) for k, v in options.items())))
 
     def prestart(self, calls: Iterable[dict[str, Any]]) -> list[str]:
         """Start these configurations now, in the background (each a dict of this factory's call
@@ -294,3 +298,12 @@ def same_but_weights(a: str, b: str) -> bool:
         return all(files[0][n].read_bytes() == files[1][n].read_bytes() for n in files[0])
     except OSError:
         return False
+
+
+def _hashable(value: Any) -> Any:
+    """An option's value as part of a configuration's key (env={...} is a dict)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, set)):
+        return tuple(_hashable(v) for v in value)
+    return value

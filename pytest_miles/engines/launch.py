@@ -56,6 +56,7 @@ class EngineSpec:
         object.__setattr__(self, "model_dir", v.model_folder("engine_factory(model=)", str(model)))
         if self.kind.startswith("sglang"):
             _tp_size(self.extra_args, self.options)  # a bad size is named now, not when GPUs are leased
+            _chunking(self)
         _dump_options(self.kind, self.options)
 
     @property
@@ -77,6 +78,19 @@ def _dump_options(kind: str, options: dict[str, Any]) -> None:
     if "dump_dir" in options and options.get("dump_hidden_states") is not True:
         raise InputError("engine_factory(dump_dir=): the tensor dump's folder, accepted only with "
                          "dump_hidden_states=True")
+
+
+def _chunking(spec: EngineSpec) -> None:
+    """A deterministic SGLang server whose prefill chunk is below its alignment starves long prompts."""
+    import os
+
+    from pytest_miles.engines.sglang_chunking import check_deterministic_chunking
+
+    env = spec.options.get("env") or {}
+    if not isinstance(env, dict):
+        raise InputError(f"engine_factory(env=): {env!r} is not accepted; expected a dict of strings")
+    check_deterministic_chunking(spec.deterministic, spec.attention_backend, spec.extra_args,
+                                 {**os.environ, **env})
 
 
 TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")

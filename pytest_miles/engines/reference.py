@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_miles.engines.base import EngineError, Output, SamplingParams, WeightNotServed, per_item
+from pytest_miles.engines.sampling import _sample
 from pytest_miles.models.embedded import TinyConfig, load_safetensors_dir
 from pytest_miles.models.moe import MoeConfig
 from pytest_miles.models.routing import RoutingRecord, record_from_layers
@@ -176,6 +177,27 @@ class ReferenceEngine:
             return [self._run([p], [sp])[0] for p, sp in zip(prompts, items)]
         return self._run(prompts, items)
 
+    def generate_one(self, prompt: list[int], params: SamplingParams | None = None, *, top_logprobs: int = 0,
+                     stream: bool = False) -> Output:
+        """One request in process, through the same scheduler the reference server runs (the
+        in-process counterpart of the offline `sglang.Engine`), with the top-k logprob maps when
+        `top_logprobs` > 0; `stream` is accepted for the served engines' signature."""
+        from pytest_miles.engines.scheduler import Scheduler
+
+        self._check([list(prompt)])
+        params = params or SamplingParams()
+        if len(prompt) + params.max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens exceeds the model's {self.config.max_position_embeddings} "
+                             "positions")
+        if getattr(self, "_scheduler", None) is None:
+            self._scheduler = Scheduler(self)
+        req = self._scheduler.submit(list(prompt), params, int(top_logprobs))
+        req.done.wait()
+        if req.error:
+            raise EngineError(f"{self.name}: {req.error}")
+        return Output(list(req.output_ids), list(req.logprobs), req.cached_tokens,
+                      [dict(row) for row in req.top])
+
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Logprobs of `continuation` from one prefill of prompt + continuation."""
         import torch
@@ -279,23 +301,3 @@ class ReferenceEngine:
                 ids = torch.tensor(toks, device=self.device)[:, None]
                 logits, cache = self.model.step(ids, pos, mask, cache)
         return outs
-
-
-def _sample(logits, params: SamplingParams, gen) -> int:
-    import torch
-
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
-    if params.top_k > 0:
-        kth = torch.topk(probs, min(params.top_k, probs.numel())).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if params.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[order[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-    if params.min_p > 0:
-        probs = torch.where(probs >= params.min_p * probs.max(), probs, torch.zeros_like(probs))
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

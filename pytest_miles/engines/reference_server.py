@@ -1,11 +1,14 @@
 """`python -m pytest_miles.engines.reference_server --model DIR --port P`: the embedded engine
 behind the subset of SGLang's HTTP API the checks use (/health, /generate, /flush_cache,
 /get_server_info, /update_weights_from_disk, /get_weights_by_name with SGLang's request and
-answer: engines/weights_by_name.py, /metrics in Prometheus text).
+answer: engines/weights_by_name.py, /metrics in Prometheus text, /v1/completions and
+/v1/chat/completions in SGLang's format: engines/openai_surfaces.py, when the model folder has a
+tokenizer, as SGLang needs one for them).
 /generate goes through a dynamic-batching scheduler (engines/scheduler.py): concurrent requests
 share steps, a bounded token pool (--max-total-tokens) retracts requests when it runs short,
 --chunked-prefill-size chunks long prompts, --enable-prefix-cache reuses KV; `stream: true`
-answers server-sent events as SGLang does; `top_logprobs_num` adds the top-k logprob maps."""
+answers server-sent events as SGLang does; `top_logprobs_num` adds the top-k logprob maps.
+`--fault` plants one named fault, for negative controls only (FAULTS)."""
 
 from __future__ import annotations
 
@@ -19,6 +22,12 @@ from pytest_miles.engines.reference import ReferenceEngine
 from pytest_miles.engines.scheduler import Scheduler
 from pytest_miles.models.weights_by_name import FAILED, json_value, parse_request
 
+# Planted faults (negative controls only): what each one breaks.
+FAULTS = {
+    "cache-hit-bf16-kv": "KV read from the prefix cache is rounded through bfloat16 (a cache hit changes the bits)",
+    "completions-ignores-seed": "/v1/completions drops the request's seed (one API surface samples differently)",
+}
+
 
 class Handler(BaseHTTPRequestHandler):
     """SGLang's HTTP surface over one ReferenceEngine (`engine`), requests serialised by `lock`."""
@@ -26,6 +35,8 @@ class Handler(BaseHTTPRequestHandler):
     engine: ReferenceEngine
     lock: threading.Lock
     scheduler: Scheduler
+    tokenizer: bool = False  # the model folder has one: the OpenAI surfaces answer
+    fault: str | None = None
 
     def _send(self, code: int, body) -> None:
         data = json.dumps(body).encode()
@@ -39,7 +50,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             return self._send(200, {"ok": True})
         if self.path == "/get_server_info":  # as SGLang: the effective settings and the scheduler's counters
-            return self._send(200, server_info(self.engine, self.scheduler))
+            return self._send(200, {**server_info(self.engine, self.scheduler), "skip_tokenizer_init":
+                                    not self.tokenizer, "fault": self.fault})
         if self.path == "/metrics":
             data = prometheus(self.scheduler.metrics()).encode()
             self.send_response(200)
@@ -91,6 +103,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
             except (KeyError, TypeError, OSError, ValueError, RuntimeError) as exc:
                 return self._send(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
+        if self.path in ("/v1/completions", "/v1/chat/completions"):
+            return self._openai(req)
         if self.path != "/generate":
             return self._send(404, {"error": self.path})
         try:
@@ -109,6 +123,29 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(500, {"error": errors[0]})
         res = [_answer(r) for r in reqs]
         self._send(200, res[0] if single else res)
+
+    def _openai(self, req) -> None:
+        """SGLang's OpenAI surfaces (non-streaming), as its serving_completions / serving_chat answer."""
+        from pytest_miles.engines import openai_surfaces as oa
+
+        chat = self.path.endswith("/chat/completions")
+        if not self.tokenizer:  # SGLang with --skip-tokenizer-init: no text, no chat template
+            return self._send(400, {"object": "error", "type": "BadRequestError", "code": 400, "message":
+                                    f"{self.path} needs a tokenizer; this server runs without one"})
+        try:
+            prompt, params, k = (oa.chat_request if chat else oa.completion_request)(req)
+            if self.fault == "completions-ignores-seed" and not chat:
+                params = SamplingParams(**{**vars(params), "sampling_seed": None})
+            self.engine._check([prompt])
+            r = self.scheduler.submit(prompt, params, k)
+        except (ValueError, KeyError, TypeError) as exc:
+            return self._send(400, {"object": "error", "type": "BadRequestError", "code": 400, "message": str(exc)})
+        r.done.wait()
+        if r.error:
+            return self._send(500, {"object": "error", "code": 500, "message": r.error})
+        logprobs = bool(req.get("logprobs")) if chat else req.get("logprobs") is not None
+        answer = oa.chat_answer if chat else oa.completion_answer
+        self._send(200, answer(r, logprobs, bool(req.get("return_token_ids"))))
 
     def _stream(self, r) -> None:
         """SGLang's server-sent events: one `data: {json}` per new token (output_ids cumulative),
@@ -149,6 +186,7 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=None, help="prefill tokens per step")
     ap.add_argument("--max-running-requests", type=int, default=None)
     ap.add_argument("--enable-prefix-cache", action="store_true", help="reuse KV of earlier requests")
+    ap.add_argument("--fault", choices=sorted(FAULTS), default=None, help="plant a fault (negative controls only)")
     args = ap.parse_args()
     if args.threads is not None:
         import torch
@@ -157,13 +195,24 @@ def main() -> None:
     engine = ReferenceEngine(args.model, deterministic=args.deterministic, device=args.device)
     lock = threading.Lock()
     sched = Scheduler(engine, max_total_tokens=args.max_total_tokens, chunked_prefill_size=args.chunked_prefill_size,
-                      max_running_requests=args.max_running_requests, prefix_cache=args.enable_prefix_cache, lock=lock)
-    handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": lock, "scheduler": sched})
+                      max_running_requests=args.max_running_requests, prefix_cache=args.enable_prefix_cache, lock=lock,
+                      kv_on_hit=_bf16_kv if args.fault == "cache-hit-bf16-kv" else None)
+    from pytest_miles.models.tokenizer_vocab import has_tokenizer
+
+    handler = type("EngineHandler", (Handler,), {"engine": engine, "lock": lock, "scheduler": sched,
+                                                 "tokenizer": has_tokenizer(args.model), "fault": args.fault})
     ThreadingHTTPServer.request_queue_size = 1024  # hundreds of concurrent clients, as a rollout has
     ThreadingHTTPServer.daemon_threads = True
     server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"reference server on {args.host}:{args.port}", flush=True)
     server.serve_forever()
+
+
+def _bf16_kv(kv: list) -> list:
+    """The planted cache-hit fault: cached KV rounded through bfloat16."""
+    import torch
+
+    return [(k.to(torch.bfloat16).to(k.dtype), v.to(torch.bfloat16).to(v.dtype)) for k, v in kv]
 
 
 def _score(engine: ReferenceEngine, req: dict):

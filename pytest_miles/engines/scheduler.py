@@ -56,7 +56,7 @@ class Scheduler:
 
     def __init__(self, engine, *, max_total_tokens: int | None = None, chunked_prefill_size: int | None = None,
                  max_running_requests: int | None = None, prefix_cache: bool = False,
-                 lock: threading.Lock | None = None, cache_entries: int = 256) -> None:
+                 lock: threading.Lock | None = None, cache_entries: int = 256, kv_on_hit: Any = None) -> None:
         for name, v in (("max_total_tokens", max_total_tokens), ("chunked_prefill_size", chunked_prefill_size),
                         ("max_running_requests", max_running_requests)):
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -68,6 +68,7 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.cache: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
         self.cache_entries = cache_entries
+        self.kv_on_hit = kv_on_hit  # a planted fault only (reference_server --fault): alters KV read from the cache
         self.lock = lock or threading.Lock()
         self.cv = threading.Condition()
         self.waiting: collections.deque[Request] = collections.deque()
@@ -180,6 +181,8 @@ class Scheduler:
             kv = self.cache[hit]
             self.cache.move_to_end(hit)
             req.kv = [(k[:, :, :best].clone(), v[:, :, :best].clone()) for k, v in kv]
+            if self.kv_on_hit is not None:
+                req.kv = self.kv_on_hit(req.kv)
             req.kv_len = best
             req.cached_tokens = max(req.cached_tokens, best)
             self.counters["cached_tokens"] += best
@@ -269,7 +272,7 @@ class Scheduler:
     def _after(self, work: list[tuple[Request, int]]) -> None:
         import torch
 
-        from pytest_miles.engines.reference import _sample
+        from pytest_miles.engines.sampling import _sample
 
         with self.cv:
             self.counters["steps"] += 1

@@ -26,9 +26,11 @@ from pytest_miles.engines.base import (
     SamplingParams,
     WeightNotServed,
     params_json,
+    parse_metrics,
     sglang_start_env,
     stream_merge,
 )
+from pytest_miles.errors import InputError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, log_contains, port_in_use, tail, wait_until
@@ -235,16 +237,7 @@ class ServerEngine:
                 text = r.read().decode(errors="replace")
         except (urllib.error.URLError, OSError):
             return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
-            except ValueError:
-                continue
-        return out
+        return parse_metrics(text)
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Input-token logprobs of one prefill. SGLang returns [logprob, token_id, text] per input
@@ -331,6 +324,7 @@ class SGLangEngine(ServerEngine):
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
                  port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
                  python: str = sys.executable, kernel_cache_dir: str | Path | None = None, **kw: Any) -> None:
+        from pytest_miles.engines.sglang_chunking import check_deterministic_chunking
         from pytest_miles.facts.kernel_caches import cache_env, slow_start_advice
 
         model_path = Path(model_path)
@@ -350,6 +344,7 @@ class SGLangEngine(ServerEngine):
         if disable_cuda_graph:
             cmd.append("--disable-cuda-graph")
         cmd += sglang_passthrough(extra_args)
+        check_deterministic_chunking(deterministic, attention_backend, cmd, {**os.environ, **(kw.get("env") or {})})
         self.deterministic, self.attention_backend = deterministic, attention_backend
         self.start_advice = slow_start_advice("sglang", attention_backend)
         kw["env"] = {**sglang_start_env(), **cache_env(kernel_cache_dir), **(kw.get("env") or {})}
@@ -376,8 +371,9 @@ class ReferenceServerEngine(ServerEngine):
                  device: str = "cpu", python: str = sys.executable, threads: int | None = None,
                  batch_invariant: bool | None = None, max_total_tokens: int | None = None,
                  chunked_prefill_size: int | None = None, max_running_requests: int | None = None,
-                 prefix_cache: bool = False, **kw: Any) -> None:
+                 prefix_cache: bool = False, fault: str | None = None, **kw: Any) -> None:
         from pytest_miles.engines.reference import deterministic_switch
+        from pytest_miles.engines.reference_server import FAULTS
 
         deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
         port = port or free_port()
@@ -393,7 +389,11 @@ class ReferenceServerEngine(ServerEngine):
                 cmd += [flag, str(int(v))]
         if prefix_cache:
             cmd.append("--enable-prefix-cache")
-        self.has_prefix_cache = bool(prefix_cache)
+        if fault is not None:  # a negative control: one named fault planted in the server
+            if fault not in FAULTS:
+                raise InputError(f"fault: {fault!r} is not a planted fault; accepted: {', '.join(FAULTS)}")
+            cmd += ["--fault", fault]
+        self.has_prefix_cache, self.fault = bool(prefix_cache), fault
         self.deterministic = deterministic
         kw.setdefault("startup_timeout", 120.0)
         super().__init__(cmd, port=port, **kw)

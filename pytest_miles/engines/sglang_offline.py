@@ -53,6 +53,19 @@ class SGLangOfflineEngine:
                        [float(t[0]) for t in r["meta_info"]["output_token_logprobs"]],
                        r["meta_info"].get("cached_tokens")) for r in res]
 
+    def generate_one(self, prompt: list[int], params: SamplingParams | None = None, *, top_logprobs: int = 0,
+                     stream: bool = False) -> Output:
+        """One request through `sglang.Engine.generate` (the offline API surface), with the top-k
+        logprob maps when `top_logprobs` > 0; `stream` is accepted for the served engines' signature
+        and ignored (the offline call returns the whole answer)."""
+        kw = {"top_logprobs_num": int(top_logprobs)} if top_logprobs else {}
+        r = self._engine.generate(input_ids=list(prompt), sampling_params=(params or SamplingParams()).to_sglang(),
+                                  return_logprob=True, **kw)
+        meta = r["meta_info"]
+        lps = meta["output_token_logprobs"]
+        top = [{int(t[1]): float(t[0]) for t in row} for row in meta.get("output_top_logprobs") or []]
+        return Output([int(t[1]) for t in lps], [float(t[0]) for t in lps], meta.get("cached_tokens"), top)
+
     def server_info(self) -> dict[str, Any]:
         """The engine's effective server_args (after SGLang's own adjustments) and version."""
         import dataclasses

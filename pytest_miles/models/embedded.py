@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from pytest_miles.models.tokenizer_vocab import write_tokenizer  # noqa: F401  (importable here too)
+
 
 @dataclass(frozen=True)
 class TinyConfig:
@@ -171,28 +173,6 @@ def write_streamed_safetensors(file: str | Path, cfg: TinyConfig, dtype: str = "
             for chunk in tensor_chunks(cfg, name, shape):
                 f.write(chunk.to(tdt).contiguous().view(torch.uint8).numpy().tobytes())
     return file
-
-
-def write_tokenizer(path: str | Path, vocab_size: int) -> None:
-    """A character-level tokenizer (tokenizer.json, WordLevel) for text-driven tools such as
-    `python -m sglang.test.test_deterministic`: ids 0-2 special, then printable ASCII, then
-    filler tokens so that every id the model can emit decodes."""
-    path = Path(path)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for c in map(chr, range(32, 127)):
-        vocab[c] = len(vocab)
-    while len(vocab) < vocab_size:
-        vocab[f"<t{len(vocab)}>"] = len(vocab)
-    special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True} for t, i in list(vocab.items())[:3]]
-    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
-           "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False},
-           "post_processor": None, "decoder": {"type": "Fuse"},
-           "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
-    (path / "tokenizer.json").write_text(json.dumps(tok))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "model_max_length": 512, "add_bos_token": False}))
 
 
 def write_hf_checkpoint(path: str | Path, cfg: TinyConfig = TinyConfig(), dtype: str = "bfloat16",

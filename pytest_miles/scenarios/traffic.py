@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pytest_miles.checks.compositions import boundary_lengths
-from pytest_miles.checks.traffic import TrafficReport, compare_traffic, judge_control, judge_traffic
+from pytest_miles.checks.traffic import (
+    FeatureReport,
+    TrafficReport,
+    compare_traffic,
+    first_difference,
+    judge_control,
+    judge_traffic,
+)
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError
@@ -46,10 +53,13 @@ class TrafficRequest:
 
 
 def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 160, max_new_tokens: int = 12,
-                 spread_s: float = 0.5, page_size: int = 16, group: int = 2) -> list[TrafficRequest]:
+                 spread_s: float = 0.5, page_size: int = 16, group: int = 2, min_p: bool = True,
+                 filtered: bool = False) -> list[TrafficRequest]:
     """n requests; half the prompt lengths on tile/page boundaries, half random; as an RL rollout
     samples each prompt `group` times, consecutive requests share a prompt (their own sampling
-    parameters and seeds), so the prefix cache is hit while the group is in flight."""
+    parameters and seeds), so the prefix cache is hit while the group is in flight. `min_p=False`
+    leaves min-p out; `filtered=True` gives every sampled request a top-k (40 where it drew none and
+    no top-p), so no request samples unfiltered; every other parameter is drawn as without them."""
     if not isinstance(n, int) or n < 2:
         raise InputError(f"n_requests: expected an integer >= 2, got {n!r}")
     if max_prompt < 1 or max_new_tokens < 1 or spread_s < 0 or not isinstance(group, int) or group < 1:
@@ -60,9 +70,13 @@ def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 1
     for i in range(n):
         length = bounds[(i // 2) % len(bounds)] if i % 2 == 0 else rng.randint(1, max_prompt)
         greedy = rng.random() < 0.3
-        params = SamplingParams(temperature=0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3]),
-                                top_k=rng.choice([-1, -1, 5, 40]), top_p=rng.choice([1.0, 0.9, 0.7]),
-                                min_p=rng.choice([0.0, 0.0, 0.05]), max_new_tokens=rng.randint(1, max_new_tokens),
+        temperature = 0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3])
+        top_k, top_p = rng.choice([-1, -1, 5, 40]), rng.choice([1.0, 0.9, 0.7])
+        drawn_min_p = rng.choice([0.0, 0.0, 0.05])
+        if filtered and temperature > 0 and top_k == -1 and top_p == 1.0:
+            top_k = 40
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=drawn_min_p if min_p else 0.0, max_new_tokens=rng.randint(1, max_new_tokens),
                                 sampling_seed=rng.randrange(1 << 30))
         prompt = out[-1].prompt if i % group else [rng.randrange(3, vocab) for _ in range(length)]
         out.append(TrafficRequest(prompt, params, rng.random() < 0.5, rng.uniform(0, spread_s)))
@@ -177,11 +191,19 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
     if bad:
         raise InputError(f"required: {bad} not witnesses; accepted: {', '.join(METRICS)}")
     vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
-    reqs = make_traffic(n_requests, seed=seed, vocab=vocab, **shape)
-    t0 = time.perf_counter()
     settings = engine_settings(engine)
+    limit, mixed = limitation(engine, settings, "min_p_with_seed"), limitation(engine, settings, "mixed_sampling")
+    min_p = bool(shape.pop("min_p", True)) and limit is None
+    filtered = bool(shape.pop("filtered", False)) or mixed is not None
+    reqs = make_traffic(n_requests, seed=seed, vocab=vocab, min_p=min_p, filtered=filtered, **shape)
+    t0 = time.perf_counter()
     report = TrafficReport(getattr(engine, "name", type(engine).__name__), n_requests, required=tuple(required),
-                           settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape})
+                           settings=settings, shape={"requests": n_requests, "top_logprobs": top_logprobs, **shape,
+                                                     "min_p": min_p, "filtered": filtered})
+    if limit is not None:
+        report.notes.append(f"min_p left out of the traffic (every other parameter as drawn): {limit}")
+    if mixed is not None:
+        report.notes.append(f"every sampled request filters (top-k 40 where it drew no filter): {mixed}")
     engine.flush_cache()
     before, log_at = getattr(engine, "metrics", lambda: {})() or {}, _log_size(engine)
     first, peak = drive(engine, reqs, top_logprobs=top_logprobs, stall_timeout=stall_timeout)
@@ -199,6 +221,68 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
         alone.append(engine.generate_one(r.prompt, r.params, top_logprobs=top_logprobs, stream=False))
     report.seconds = time.perf_counter() - t0
     return compare_traffic(report, [r.describe() for r in reqs], first, second, alone)
+
+
+def limitation(engine, settings: dict[str, Any], check: str) -> str | None:
+    """The capability data's known limitation of this engine for `check` (min_p_with_seed: a
+    deterministic SGLang server dies on a min-p request; mixed_sampling: a seeded request samples
+    another token when a batchmate filters), described; None where the engine has none."""
+    from pytest_miles.capabilities.verdict import capability_for
+
+    cap = capability_for(engine, check, {}, settings)
+    return cap.describe() if cap.known else None
+
+
+@recorded("seeded sampling beside a filtering batchmate")
+def assert_sampling_batch_invariant(engine, *, trials: int = 8, prompt_len: int = 16, max_new_tokens: int = 4
+                                    ) -> FeatureReport:
+    """A seeded, unfiltered request (top_k -1, top_p 1) must sample the same tokens alone and in one
+    batch beside a greedy request (greedy is top-k 1: a filter). SGLang's deterministic sampler hashes
+    its noise by token id for an all-unfiltered batch and by sorted rank once any row filters, so the
+    batchmate changes the token: the capability data's known limitation (XFAIL naming it)."""
+    from pytest_miles.capabilities.verdict import capability_for, judge
+
+    if not isinstance(trials, int) or trials < 1:
+        raise InputError(f"trials: expected an integer >= 1, got {trials!r}")
+    settings = engine_settings(engine)
+    vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
+    rng = random.Random(trials)
+    differ = []
+    for t in range(trials):
+        prompt = [rng.randrange(3, vocab) for _ in range(prompt_len)]
+        free = SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, sampling_seed=1000 + t)
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+        engine.flush_cache()
+        alone = engine.generate([prompt], free)[0]
+        engine.flush_cache()
+        beside = engine.generate([prompt, prompt[::-1]], [free, greedy])[0]
+        diff = first_difference(alone, beside)
+        if diff is not None:
+            differ.append(f"trial {t}: {diff}")
+    name = getattr(engine, "name", type(engine).__name__)
+    detail = (f"{trials} seeded unfiltered requests, alone and beside a greedy one: {len(differ)} differ"
+              + "".join(f"\n  - {d}" for d in differ[:5]))
+    report = FeatureReport(name, "mixed_sampling", not differ, detail, settings)
+    return judge(report, capability_for(engine, "mixed_sampling", {}, settings))
+
+
+@recorded("min_p with a seed served")
+def assert_min_p_served(engine, *, seed: int = 0, max_new_tokens: int = 8) -> FeatureReport:
+    """One sampled request with min_p (and its own seed) must be answered; a deterministic SGLang
+    server that dies on it is the capability data's known limitation (XFAIL naming its reference).
+    The engine may be dead afterwards: the engine factory starts a new one for the next test."""
+    from pytest_miles.capabilities.verdict import capability_for, judge
+
+    settings = engine_settings(engine)
+    params = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.05, max_new_tokens=max_new_tokens,
+                            sampling_seed=seed + 1)
+    name = getattr(engine, "name", type(engine).__name__)
+    try:
+        out = engine.generate_one([5, 17, 99, 3, 250, 41, 7, 300], params, stream=False)
+        report = FeatureReport(name, "min_p_with_seed", True, f"answered {len(out.output_ids)} token(s)", settings)
+    except Exception as exc:  # the server's own failure is the finding
+        report = FeatureReport(name, "min_p_with_seed", False, f"{type(exc).__name__}: {str(exc)[:1500]}", settings)
+    return judge(report, capability_for(engine, "min_p_with_seed", {}, settings))
 
 
 @recorded("determinism under load")

@@ -108,3 +108,31 @@ def test_traffic_negative_control(engine_factory, miles_settings):
     eng = engine_for("traffic-control", engine_factory, miles_settings)
     traffic_negative_control(eng, TRAFFIC["requests"], max_prompt=TRAFFIC["max_prompt"],
                              max_new_tokens=TRAFFIC["max_new_tokens"], spread_s=0.5)
+
+
+@pytest.fixture
+def cache_api_engine(engine_factory, miles_settings, tmp_path_factory):
+    """Deterministic, with a prefix cache, /metrics, and a tokenizer (the OpenAI surfaces need one:
+    the embedded one is written beside a model folder that has none)."""
+    require("torch", "torch")
+    from pytest_miles import with_tokenizer
+
+    model = str(with_tokenizer(engine_factory.model_path(), tmp_path_factory.mktemp("model-with-tokenizer")))
+    if miles_settings("engine").startswith("sglang"):
+        return engine_factory("sglang", model=model, deterministic=True, extra_args=("--enable-metrics",))
+    return engine_factory("reference-server", model=model, deterministic=True, threads=1, prefix_cache=True)
+
+
+def test_every_cache_path(cache_api_engine):
+    """A cached prefix, and a second turn reusing the KV its first turn wrote while decoding: the bits
+    of the same request on a flushed engine, each hit witnessed (not applicable where no cache is kept)."""
+    from pytest_miles import assert_cache_paths_deterministic
+
+    assert_cache_paths_deterministic(cache_api_engine)
+
+
+def test_every_api_surface(cache_api_engine):
+    """The same request (seeded) on /generate, /v1/completions and /v1/chat/completions: the same bits."""
+    from pytest_miles import assert_api_surfaces_agree
+
+    assert_api_surfaces_agree(cache_api_engine)

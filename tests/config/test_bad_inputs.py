@@ -318,6 +318,12 @@ ENGINE_SPEC = [  # EngineSpec(...) built by hand (a placement, a script): every 
     ({"extra_args": ("--tp", "two", "--tp", "2")}, "SGLang argument --tp: 'two'"),
     ({"options": {"tp_size": "x"}}, "engine option tp_size: 'x' is not an integer"),
     ({"options": {"tp_size": 1.5}}, "engine option tp_size: 1.5 is not an integer"),
+    # a deterministic chunk below SGLang's prefill alignment would starve every longer prompt
+    ({"extra_args": ("--chunked-prefill-size", "128")}, "--chunked-prefill-size 128 with determinism on"),
+    ({"extra_args": ("--sglang-chunked-prefill-size=x",)}, "'x' is not an integer"),
+    ({"options": {"env": "A=1"}}, "engine_factory(env=)"),
+    ({"extra_args": ("--chunked-prefill-size", "64"), "options": {"env": {
+        "SGLANG_TRITON_PREFILL_TRUNCATION_ALIGN_SIZE": "small"}}}, "expected an integer number of tokens"),
 ]
 
 
@@ -346,7 +352,10 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
     from pytest_miles.placement.leases import GpuLeaser, LeaseError
     from pytest_miles.report.plot import plot_deviation
 
-    leaser = GpuLeaser(Path(os.environ.get("TMPDIR", "/tmp")) / f"miles-bad-inputs-{os.getpid()}", ["0"], timeout=0)
+    def leaser():  # made when a case runs (in a folder that goes with it), not when the cases are listed
+        import tempfile
+
+        return GpuLeaser(tempfile.mkdtemp(prefix="miles-bad-inputs-"), ["0"], timeout=0)
     return [
         ("assert_batch_invariant(None)", lambda: pm.assert_batch_invariant(None), TypeError,
          "engine: None is not an engine"),
@@ -381,9 +390,9 @@ def _helpers() -> list[tuple[str, Callable[[], Any], type, str]]:
         ("plot_deviation(path=a folder)", lambda: plot_deviation({1: 0.0}, "/", "t"), ValueError, "is a folder"),
         ("plot_deviation(path under /proc)", lambda: plot_deviation({1: 0.0}, "/proc/self/nope/p.png", "t"), ValueError,
          "cannot create the folder"),
-        ("GpuLeaser.acquire(0)", lambda: leaser.acquire(0), LeaseError, "n=0"),
-        ("GpuLeaser.acquire('2')", lambda: leaser.acquire("2"), LeaseError, "n='2'"),
-        ("GpuLeaser.acquire(9)", lambda: leaser.acquire(9), LeaseError, "needs 9 GPU(s)"),
+        ("GpuLeaser.acquire(0)", lambda: leaser().acquire(0), LeaseError, "n=0"),
+        ("GpuLeaser.acquire('2')", lambda: leaser().acquire("2"), LeaseError, "n='2'"),
+        ("GpuLeaser.acquire(9)", lambda: leaser().acquire(9), LeaseError, "needs 9 GPU(s)"),
     ]
 
 
@@ -392,9 +401,18 @@ HELPER_IDS = [h[0] for h in _helpers()]
 
 @pytest.mark.parametrize("case", HELPER_IDS)
 def test_bad_helper_arguments_are_named(case):
+    import shutil
+    import tempfile
+
     _, call, exc, says = next(h for h in _helpers() if h[0] == case)
-    with pytest.raises(exc) as info:
-        call()
+    tmp = tempfile.mkdtemp(prefix="miles-bad-helpers-")
+    try:
+        with pytest.MonkeyPatch.context() as mp:  # every folder a case makes goes with it
+            mp.setattr(tempfile, "tempdir", tmp)
+            with pytest.raises(exc) as info:
+                call()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     assert says in str(info.value), str(info.value)
     _not_deep(info)
 

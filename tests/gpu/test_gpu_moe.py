@@ -27,7 +27,6 @@ from pytest_miles.checks.batch_invariance import assert_batch_invariant, negativ
 from pytest_miles.engines.base import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
-BACKENDS = ["triton", "flashinfer"]
 MODES = {"single": 16, "needle": 8, "prefix": 8, "p_vs_d": 4}
 TOKENS = [5, 17, 99, 3, 250, 41, 7, 300, 12, 64, 1, 2, 77, 140, 33, 208, 9, 10, 11, 400, 401, 13, 14, 15]
 
@@ -46,12 +45,13 @@ def big_moe_dir(tmp_path_factory):
     return write_shape(tmp_path_factory.mktemp("qwen3-30b-a3b-2l") / "m", "qwen3-30b-a3b-2l")
 
 
-def _sglang(engine_factory, moe_dir, backend, deterministic=True):
+def _sglang(engine_factory, moe_dir, backend, deterministic=True, extra=()):
     from pytest_miles.engines.routing import SERVER_FLAG
 
     eng = engine_factory("sglang", model=str(moe_dir), attention_backend=backend, deterministic=deterministic,
-                         extra_args=(SERVER_FLAG,))
-    print(f"\nsglang [{backend}] tiny-moe, deterministic={deterministic}: up after {eng.startup_seconds:.1f} s")
+                         extra_args=(SERVER_FLAG, *extra))
+    shape = moe_dir.parent.name.rstrip("0123456789")
+    print(f"\nsglang [{backend}] {shape}, deterministic={deterministic}: up after {eng.startup_seconds:.1f} s")
     return eng
 
 
@@ -63,8 +63,7 @@ def _routing(eng):
     return sglang_routing(eng, TOKENS, cfg.num_hidden_layers, cfg.num_experts_per_tok)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice(engine_factory, moe_dir, backend):
+def _serves(engine_factory, moe_dir, backend):
     eng = _sglang(engine_factory, moe_dir, backend)
     failed = []
     for mode, trials in MODES.items():
@@ -80,10 +79,10 @@ def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice(engine_fa
     assert not failed, f"MoE modes failing with deterministic inference on: {failed}"
 
 
-def test_sglang_moe_negative_control_flag_off(engine_factory, moe_dir):
-    eng = _sglang(engine_factory, moe_dir, "triton", deterministic=False)
-    report = negative_control(eng, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
-    print(report.render(limit=4))  # on the tiny shape it may pass (tiny models hide batch variance): a finding
+# The tests run in file order and the engine factory keeps one live configuration: those sharing an
+# engine (tiny-moe on triton, deterministic) stand together.
+def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice_triton(engine_factory, moe_dir):
+    _serves(engine_factory, moe_dir, "triton")
 
 
 def test_routing_rollout_vs_trainer(engine_factory, moe_dir, tmp_path):
@@ -103,6 +102,50 @@ def test_routing_rollout_vs_trainer(engine_factory, moe_dir, tmp_path):
     assert report.tokens == len(TOKENS) and agree >= 0.9, report.render()
 
 
+def _replay(engine_factory, shape, hf, tmp_path):
+    """R3: SGLang (bf16, deterministic, --enable-return-routed-experts) samples and records its experts;
+    megatron-core (fp32 from the same bf16 weights) scores the samples without and with the replay."""
+    from pytest_miles.engines.routing import sglang_routing
+    from pytest_miles.models.moe import MOE_SHAPES
+    from pytest_miles.scenarios.routing_replay import measure_routing_replay
+    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
+
+    cfg = MOE_SHAPES[shape]
+    eng = _sglang(engine_factory, hf, "triton")
+    params = SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=7, ignore_eos=True)
+    model = ModelArgs.qwen3_moe(cfg, seq_length=64)  # HF's rotate-half RoPE, as SGLang computes it
+    with MegatronTrainer(seed=1, model=model, device="cuda", log_dir=tmp_path / "logs").session(
+            init_hf=hf, hf_config=asdict(cfg)) as session:
+        report = measure_routing_replay(
+            eng, session, [TOKENS[:8], TOKENS[4:20], TOKENS[10:]], params=params,
+            config={"model": shape, "rollout": "bf16", "train": "fp32", "backend": "triton", "tp": 1},
+            routing=lambda t: sglang_routing(eng, t, cfg.num_hidden_layers, cfg.num_experts_per_tok))
+    print(f"\n[{shape}] " + report.render())
+    print(report.replayed.render())
+    assert report.differ_replayed == 0, report.render()
+    if report.differ_without:
+        assert report.gap(True)[0] < report.gap(False)[0], report.render()
+    else:  # routing already agreed: replay must not move a bit
+        assert report.bitwise_same == 3 * 16, report.render()
+
+
+def test_routing_replay_sglang_to_megatron_tiny_moe(engine_factory, moe_dir, tmp_path):
+    _replay(engine_factory, "tiny-moe", moe_dir, tmp_path)
+
+
+def test_sglang_moe_negative_control_flag_off(engine_factory, moe_dir):
+    eng = _sglang(engine_factory, moe_dir, "triton", deterministic=False)
+    try:
+        report = negative_control(eng, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
+    except AssertionError as exc:  # 2026-12-04 (H200): not caught on tiny-moe; caught on the realistic shape
+        raise NotApplicable(f"vacuous on tiny-moe (tiny models hide batch variance): {exc}") from None
+    print(report.render(limit=4))
+
+
+def test_sglang_serves_tiny_moe_batch_invariant_and_routes_alike_twice_flashinfer(engine_factory, moe_dir):
+    _serves(engine_factory, moe_dir, "flashinfer")
+
+
 def test_megatron_moe_twice_bitwise_on_gpu(megatron_trainer_factory, tmp_path):
     a, b = (megatron_trainer_factory(seed=1234, model="tiny-moe", device="cuda").train(4, save_dir=tmp_path / f"r{i}")
             for i in (1, 2))
@@ -115,6 +158,10 @@ def test_megatron_moe_resume_on_gpu(megatron_trainer_factory, tmp_path):
     straight, _, resumed = assert_resume_equivalent(
         lambda **kw: megatron_trainer_factory(model="tiny-moe", device="cuda", **kw), 4, tmp_path, seed=99)
     print(f"\nstraight {straight.losses}\nresumed  {resumed.losses}")
+
+
+def test_routing_replay_sglang_to_megatron_realistic_shape(engine_factory, big_moe_dir, tmp_path):
+    _replay(engine_factory, "qwen3-30b-a3b-2l", big_moe_dir, tmp_path)
 
 
 def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, big_moe_dir):
@@ -135,31 +182,39 @@ def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, 
     assert not failed, f"qwen3-30b-a3b-2l modes failing with deterministic inference on: {failed}"
 
 
-@pytest.mark.parametrize("shape", ["tiny-moe", "qwen3-30b-a3b-2l"])
-def test_routing_replay_sglang_to_megatron(engine_factory, shape, tmp_path_factory, tmp_path):
-    """R3: SGLang (bf16, deterministic, --enable-return-routed-experts) samples and records its experts;
-    megatron-core (fp32 from the same bf16 weights) scores the samples without and with the replay."""
-    from pytest_miles.engines.routing import sglang_routing
-    from pytest_miles.models.moe import MOE_SHAPES
-    from pytest_miles.models.shapes import write_shape
-    from pytest_miles.scenarios.routing_replay import measure_routing_replay
-    from pytest_miles.trainers.megatron import MegatronTrainer, ModelArgs
+def test_realistic_moe_shape_flashinfer(engine_factory, big_moe_dir):
+    """Qwen3-30B-A3B's layer on flashinfer, deterministic: [single] and [needle]. On 2026-12-04 (H200,
+    0.5.17) the server did not start: the capability data's `serve` cell. Where its start fails that way,
+    the modes run with the prefill CUDA graphs off (decode graphs on) and the test XFAILs naming the cell."""
+    from pytest_miles.capabilities import installed_sglang_version, load_capabilities
+    from pytest_miles.errors import EngineError
 
-    cfg = MOE_SHAPES[shape]
-    hf = write_shape(tmp_path_factory.mktemp(shape) / "m", shape)
-    eng = _sglang(engine_factory, hf, "triton")
-    params = SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=7, ignore_eos=True)
-    model = ModelArgs.qwen3_moe(cfg, seq_length=64)  # HF's rotate-half RoPE, as SGLang computes it
-    with MegatronTrainer(seed=1, model=model, device="cuda", log_dir=tmp_path / "logs").session(
-            init_hf=hf, hf_config=asdict(cfg)) as session:
-        report = measure_routing_replay(
-            eng, session, [TOKENS[:8], TOKENS[4:20], TOKENS[10:]], params=params,
-            config={"model": shape, "rollout": "bf16", "train": "fp32", "backend": "triton", "tp": 1},
-            routing=lambda t: sglang_routing(eng, t, cfg.num_hidden_layers, cfg.num_experts_per_tok))
-    print(f"\n[{shape}] " + report.render())
-    print(report.replayed.render())
-    assert report.differ_replayed == 0, report.render()
-    if report.differ_without:
-        assert report.gap(True)[0] < report.gap(False)[0], report.render()
-    else:  # routing already agreed: replay must not move a bit
-        assert report.bitwise_same == 3 * 16, report.render()
+    try:
+        eng, limit = _sglang(engine_factory, big_moe_dir, "flashinfer"), None
+    except EngineError as exc:
+        limit = load_capabilities().lookup("flashinfer", "serve", installed_sglang_version())
+        if not (limit.known and "Buffer overflow" in str(exc) + _log_of(exc)):
+            raise
+        print(f"{limit.describe()}\n  reproduced: {str(exc)[:600]}")
+        eng = _sglang(engine_factory, big_moe_dir, "flashinfer", extra=("--cuda-graph-backend-prefill", "disabled"))
+    failed = []
+    for mode in ("single", "needle"):
+        try:
+            print(assert_batch_invariant(eng, mode=mode, trials=MODES[mode], max_batch=16).render())
+        except (KnownLimitation, NotApplicable) as exc:
+            print(f"{type(exc).__name__}: {exc}")
+        except AssertionError as exc:
+            print(exc)
+            failed.append(mode)
+    assert not failed, f"qwen3-30b-a3b-2l on flashinfer failing with deterministic inference on: {failed}"
+    if limit is not None:
+        pytest.xfail(f"known limitation: {limit.describe()} (modes checked with the prefill CUDA graphs off)")
+
+
+def _log_of(exc) -> str:
+    """The server log a start failure names (its message carries only the tail)."""
+    import re
+    from pathlib import Path
+
+    m = re.search(r"\(log (\S+?)\)", str(exc))
+    return Path(m.group(1)).read_text(errors="replace") if m and Path(m.group(1)).exists() else ""

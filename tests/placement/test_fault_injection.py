@@ -9,269 +9,23 @@ test run in parallel (each is mostly waiting), so the module costs one session's
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
 import subprocess
 import sys
-import textwrap
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.helpers.processes import TAG, describe, listening, still_held, tagged
+from tests.helpers.fault_injection import STARTING_BOUND, Scenario, need, run_all
 
 pytestmark = pytest.mark.timeout(240)
-
-INNER = textwrap.dedent('''
-    import json, os, time
-    import pytest
-
-    def ready(name, **info):
-        path = os.path.join(os.environ["MILES_FAULT_READY"], name)
-        with open(path + ".tmp", "w") as f:
-            json.dump(info, f)
-        os.replace(path + ".tmp", path)
-
-    @pytest.fixture
-    def eng(engine_factory):  # started in setup: pytest-timeout (timeout_func_only) times the test only
-        return engine_factory("reference-server")
-
-    def test_engine(eng):
-        ready("engine", port=eng.port)
-        time.sleep(600)
-
-    def test_engine_and_ray(ray_cluster, eng):
-        ready("engine", port=eng.port)
-        time.sleep(600)
-
-    def test_engine_ray_and_training(ray_cluster, eng, megatron_trainer_factory, tmp_path):
-        ready("engine", port=eng.port, checkpoints=str(tmp_path / "ckpt"))
-        trainer = megatron_trainer_factory(world_size=2, timeout=600.0)
-        trainer.train(100000, save_dir=tmp_path / "ckpt", save_steps=[1])
-
-    def test_ray_idle(ray_cluster):  # the signal arrives while Ray is up and nothing runs on it
-        ready("engine", port=0)
-        time.sleep(600)
-
-    def test_inside_ray_get(ray_cluster):  # the signal arrives while the test waits in ray.get
-        import ray
-
-        @ray.remote(num_cpus=0)
-        def slow():
-            time.sleep(600)
-
-        ref = slow.remote()
-        time.sleep(2)
-        ready("engine", port=0)
-        ray.get(ref)
-
-    @pytest.mark.parametrize("i", range(2))
-    def test_engine_per_worker(eng, i):
-        ready(os.environ.get("PYTEST_XDIST_WORKER", "main"), port=eng.port)
-        time.sleep(600)
-''')
-
-# The inner session starts as from a terminal, whatever this runner ignores (under `nohup`, SIGHUP
-# is ignored and children inherit that: the plugin rightly leaves an ignored signal ignored, so the
-# SIGHUP scenario would test nothing). The dispositions are reset, then pytest is exec'd (same pid).
-DEFAULT_SIGNALS = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-                   "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
-
-BOUND = 30.0  # seconds from a stop signal to pytest's exit, teardown included
-# During Ray's start-up the signal is held back until ray.init returns (let through, it can reach a
-# handler Ray's native code installed: SIGABRT, no summary); ray.init alone takes up to ~30 s when
-# several sessions start Ray at once on 2 cores, hence the longer bound for that moment.
-STARTING_BOUND = 60.0
-
-# Loaded with `-p fault_probe` into `pytest-miles suite`: says when Ray is up (and then holds the
-# test idle for MILES_FAULT_IDLE s) and when a test's body starts (a Ray task runs soon after).
-PROBE = textwrap.dedent('''
-    import json, os, time
-    import pytest
-
-    def ready(name):
-        path = os.path.join(os.environ["MILES_FAULT_READY"], name)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"port": 0}, f)
-        os.replace(path + ".tmp", path)
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_setup(item):
-        result = yield
-        ready("ray-up")
-        time.sleep(float(os.environ.get("MILES_FAULT_IDLE", "0")))
-        return result
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_call(item):
-        ready("call")
-        return (yield)
-''')
-
-SUMMARY = re.compile(r"^=+ .*\bin [\d.]+s.* =+$", re.M)
-
-
-@dataclass
-class Scenario:
-    name: str
-    test: str
-    args: tuple[str, ...] = ()
-    sig: int | None = None  # sent once the session is ready; None: pytest-timeout ends it
-    ready: tuple[str, ...] = ("engine",)  # files the inner tests write when their processes are up
-    training: bool = False  # also wait for the ranks to finish step 1
-    summary: bool = False  # pytest must still print its summary
-    suite: bool = False  # `pytest-miles suite -k test_cluster` (with the probe plugin) instead of pytest on INNER
-    starting: str | None = None  # signal as soon as a process of the session has this in its command line
-    after: float = 0.0  # seconds between ready and the signal
-    idle: float = 0.0  # the probe holds the suite this long once Ray is up
-    bound: float = 0.0  # seconds from the signal to pytest's exit (0: BOUND)
-    result: dict = field(default_factory=dict)
-
-
-def _run(sc: Scenario, root: Path) -> Scenario:
-    """Start the session, wait until its processes are up, kill it, then poll (up to 10 s) for
-    survivors. Every step is bounded; the timeline goes into the result."""
-    tag, ready_dir = uuid.uuid4().hex, root / f"ready-{sc.name}"
-    ready_dir.mkdir()
-    env = {**os.environ, TAG: tag, "MILES_FAULT_READY": str(ready_dir), "PYTHONUNBUFFERED": "1",
-           "PYTEST_MILES_RAY_TIMEOUT": "120"}
-    env["MILES_FAULT_IDLE"] = str(sc.idle)
-    env.pop("PYTEST_XDIST_WORKER", None)
-    env.pop("PYTEST_XDIST_TESTRUNUID", None)
-    log = root / f"{sc.name}.log"
-    t0 = time.monotonic()
-    timeline = []
-    if sc.suite:  # the bundled suite's Ray tests, the probe plugin saying when Ray is up / a test runs
-        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-        target = ["-m", "pytest_miles.cli", "suite", "-k", "test_cluster", "-p", "fault_probe"]
-    else:
-        target = ["-m", "pytest", f"{root / 'test_inner.py'}::{sc.test}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", DEFAULT_SIGNALS, sys.executable, *target, "-p", "no:cacheprovider",
-             "-p", "no:randomly", "-p", "no:hypothesispytest", "-p", "no:benchmark", "--rootdir", str(root),
-             f"--basetemp={root / ('bt-' + sc.name)}", *sc.args],
-            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    ports: set[int] = set()
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if sc.starting is not None:
-                if any(sc.starting in " ".join(_cmdline(p)) for p in tagged(tag)):
-                    break
-                time.sleep(0.05)
-                continue
-            files = [ready_dir / r for r in sc.ready]
-            if all(f.exists() for f in files):
-                info = [json.loads(f.read_text()) for f in files]
-                if not sc.training or Path(info[0]["checkpoints"], "iter_0000001").exists():
-                    break
-            time.sleep(0.2)
-        else:
-            if proc.poll() is None:
-                raise AssertionError(f"{sc.name}: the session was not ready within 150 s; "
-                                     f"log:\n{log.read_text()[-3000:]}")
-        if proc.poll() is not None:
-            raise AssertionError(f"{sc.name}: the session ended (exit {proc.returncode}) before its processes were up; "
-                                 f"log:\n{log.read_text()[-3000:]}")
-        timeline.append(f"{time.monotonic() - t0:6.1f} s ready")
-        time.sleep(sc.after)
-        procs = tagged(tag)
-        ours = {p.pid for p in procs}
-        ports = listening(ours)
-        temp_dirs = {a.split("=", 1)[1] for p in procs for a in _cmdline(p) if a.startswith("--temp-dir=")}
-        sc.result["before"] = len(procs)
-        t_sig = time.monotonic()
-        if sc.sig is not None:
-            os.kill(proc.pid, sc.sig)
-            timeline.append(f"{time.monotonic() - t0:6.1f} s {signal.Signals(sc.sig).name} to pytest "
-                            f"({len(procs)} processes, ports {sorted(ports)})")
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            timeline.append(f"{time.monotonic() - t0:6.1f} s pytest still running 90 s later: SIGKILL")
-            proc.kill()
-            proc.wait()
-        t_exit = time.monotonic()
-        sc.result["took"] = t_exit - t_sig
-        timeline.append(f"{t_exit - t0:6.1f} s pytest exited with code {proc.returncode}")
-        left = tagged(tag)
-        while left and time.monotonic() - t_exit < 10:
-            time.sleep(0.2)
-            left = tagged(tag)
-        timeline.append(f"{time.monotonic() - t0:6.1f} s {len(left)} processes left")
-        held, reused = still_held(ports, ours, tag)
-        if reused:
-            timeline.append(f"{time.monotonic() - t0:6.1f} s ports let go and since taken by others: {reused}")
-        sc.result["temp_left"] = sorted(d for d in temp_dirs if os.path.exists(d) and not d.startswith(str(root)))
-        sc.result.update(left=describe(left), ports=held, code=proc.returncode,
-                         output=log.read_text(errors="replace"), timeline=timeline)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in tagged(tag):  # never leave anything to the next test, even when this one fails
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-    return sc
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
-def _run_all(scenarios: list[Scenario], root: Path) -> None:
-    (root / "test_inner.py").write_text(INNER)
-    (root / "fault_probe.py").write_text(PROBE)
-    with ThreadPoolExecutor(len(scenarios)) as pool:
-        done = list(pool.map(lambda sc: _run(sc, root), scenarios))
-    problems = []
-    for sc in done:
-        r = sc.result
-        print(f"--- {sc.name} (ended {r['took']:.1f} s after the signal)\n" + "\n".join(r["timeline"]))
-        if r["left"] or r["ports"]:
-            problems.append(f"{sc.name}: {len(r['left'])} processes and ports {r['ports']} left 10 s after pytest "
-                            f"ended: {r['left']}")
-        if sc.summary and (not SUMMARY.search(r["output"]) or r["code"] != 2):
-            problems.append(f"{sc.name}: no summary, or exit code {r['code']} instead of 2 (interrupted); output "
-                            f"tail:\n{r['output'][-2500:]}")
-        named = signal.Signals(sc.sig).name if sc.sig else ""
-        if sc.summary and sc.sig != signal.SIGKILL and f"session interrupted by {named}" not in r["output"]:
-            problems.append(f"{sc.name}: the summary does not say the session was interrupted by {named}; output "
-                            f"tail:\n{r['output'][-2500:]}")
-        if sc.summary and r["took"] > (sc.bound or BOUND):
-            problems.append(f"{sc.name}: pytest took {r['took']:.1f} s to end after the signal "
-                            f"(bound {sc.bound or BOUND} s)")
-        if r["temp_left"]:
-            problems.append(f"{sc.name}: Ray temporary folders left: {r['temp_left']}")
-        if r["before"] < 2:
-            problems.append(f"{sc.name}: only {r['before']} processes were up at the kill: the scenario tested "
-                            f"nothing; output tail:\n{r['output'][-2500:]}")
-    timelines = "\n".join(f"{sc.name}: " + "; ".join(t.strip() for t in sc.result["timeline"]) for sc in done)
-    assert not problems, "\n\n".join(problems) + "\n\ntimelines:\n" + timelines
-
-
-def _need(*modules: str) -> None:
-    for m in modules:
-        pytest.importorskip(m)
-
 
 def test_signals_leave_no_process_and_no_port(tmp_path):
     """SIGKILL mid-training (engine, Ray head, two megatron ranks; SIGTERM too with MILES_SIGNAL_MATRIX=1)
     and SIGTERM with Ray up (Ray's handler must not turn it into SIGABRT; pytest still prints its
     summary): nothing survives, not even the head's temporary folder."""
-    _need("ray", "megatron.core")
+    need("ray", "megatron.core")
     scenarios = [
         Scenario("sigkill-training", "test_engine_ray_and_training", sig=signal.SIGKILL, training=True),
         Scenario("sigterm-ray", "test_engine_and_ray", sig=signal.SIGTERM, summary=True),
@@ -280,24 +34,24 @@ def test_signals_leave_no_process_and_no_port(tmp_path):
         # teardown of the engine, the ranks and the head: 12-27 s measured on 2 cores
         scenarios.append(Scenario("sigterm-training", "test_engine_ray_and_training", sig=signal.SIGTERM,
                                   training=True, summary=True, bound=45.0))
-    _run_all(scenarios, tmp_path)
+    run_all(scenarios, tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_signals_inside_ray_get_end_the_session(tmp_path, sig):
     """A stop signal while the test waits in ray.get (where Ray may catch the interruption): the
     session still ends, within the bound, with its summary and exit code 2, and leaves nothing."""
-    _need("ray")
-    _run_all([Scenario(f"{sig.name.lower()}-ray-get", "test_inside_ray_get", sig=sig, summary=True)], tmp_path)
+    need("ray")
+    run_all([Scenario(f"{sig.name.lower()}-ray-get", "test_inside_ray_get", sig=sig, summary=True)], tmp_path)
 
 
 def test_timeouts_and_xdist_leave_no_process_and_no_port(tmp_path):
     """pytest-timeout's thread method (os._exit, no teardown) and signal method; SIGKILL of an
     xdist controller while each worker holds an engine; SIGTERM and SIGHUP with an engine up
     (pytest still prints its summary)."""
-    _need("xdist", "pytest_timeout")
+    need("xdist", "pytest_timeout")
     timeout = ("--timeout=3", "-o", "timeout_func_only=true")
-    _run_all([
+    run_all([
         Scenario("timeout-thread", "test_engine", args=(*timeout, "--timeout-method=thread")),
         Scenario("timeout-signal", "test_engine", args=(*timeout, "--timeout-method=signal")),
         Scenario("xdist-sigkill", "test_engine_per_worker", args=("-n", "2"), sig=signal.SIGKILL,
@@ -330,8 +84,8 @@ def test_stop_signals_with_ray_end_the_session_promptly(tmp_path):
     idle, SIGHUP to pytest while the head starts, SIGINT to the suite while a Ray task runs. Each ends
     within its bound with exit code 2 and a summary naming the signal, leaving no process, no listening
     port and no Ray temporary folder. MILES_SIGNAL_MATRIX=1 runs all 18 combinations."""
-    _need("ray")
-    _run_all([_moment("suite", "ray-idle", signal.SIGTERM), _moment("pytest", "ray-starting", signal.SIGHUP),
+    need("ray")
+    run_all([_moment("suite", "ray-idle", signal.SIGTERM), _moment("pytest", "ray-starting", signal.SIGHUP),
               _moment("suite", "ray-task", signal.SIGINT)], tmp_path)
 
 
@@ -340,8 +94,8 @@ def test_stop_signals_with_ray_end_the_session_promptly(tmp_path):
 @pytest.mark.parametrize("target,moment", sorted(MOMENTS), ids=lambda v: v)
 def test_stop_signal_matrix(tmp_path, target, moment):
     """Every stop signal at every moment, for both targets (opt-in: 6 x ~60 s)."""
-    _need("ray")
-    _run_all([_moment(target, moment, sig) for sig in STOP], tmp_path)
+    need("ray")
+    run_all([_moment(target, moment, sig) for sig in STOP], tmp_path)
 
 
 RAY_INIT_SIGNAL = '''
@@ -383,7 +137,7 @@ def test_sigterm_during_ray_init_reaches_our_handler(tmp_path):
     SystemExit 15, the session running on, or SIGABRT with no summary). Our start-up holds the
     signals back until our handler is back: the session is interrupted as by Ctrl-C, and the driver
     is disconnected before the head is stopped (else the process hangs at exit)."""
-    _need("ray")
+    need("ray")
     result = subprocess.run([sys.executable, "-c", RAY_INIT_SIGNAL, str(tmp_path)], capture_output=True, text=True,
                             timeout=180, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert "TERMINATED" in result.stdout, result.stdout[-2000:] + result.stderr[-3000:]

@@ -144,3 +144,54 @@ def test_traffic_is_seeded_mixed_and_reordered():
     assert [r.prompt for r in other] == [r.prompt for r in a] and [r.arrival for r in other] != [r.arrival for r in a]
     with pytest.raises(InputError, match="n_requests"):
         make_traffic(1)
+
+
+def test_min_p_can_be_left_out_and_filters_made_universal_with_every_other_parameter_as_drawn():
+    from dataclasses import replace
+
+    with_min_p, without = make_traffic(40, seed=7), make_traffic(40, seed=7, min_p=False)
+    assert any(r.params.min_p for r in with_min_p) and not any(r.params.min_p for r in without)
+    assert [replace(r, params=replace(r.params, min_p=0.0)) for r in with_min_p] == without
+    filtered = make_traffic(40, seed=7, filtered=True)
+    unfiltered = [r for r in with_min_p if r.params.temperature > 0 and r.params.top_k == -1 and r.params.top_p == 1]
+    assert unfiltered, "the mix has unfiltered sampled requests to begin with"
+    for a, b in zip(with_min_p, filtered):
+        if a in unfiltered:
+            assert b.params.top_k == 40 and replace(b, params=replace(b.params, top_k=-1)) == a
+        else:
+            assert a == b
+
+
+def test_the_capability_data_names_the_batchmate_dependent_seeded_sampler():
+    from pytest_miles.capabilities import load_capabilities
+
+    cap = load_capabilities().lookup("triton", "mixed_sampling", "0.5.17")
+    assert cap.known and "sgl-project/sglang/pull/35697" in cap.describe()
+
+
+def test_the_capability_data_names_the_min_p_crash_of_deterministic_sglang():
+    from pytest_miles.capabilities import load_capabilities
+
+    caps = load_capabilities()
+    for backend in ("flashinfer", "triton", "fa3"):
+        cap = caps.lookup(backend, "min_p_with_seed", "0.5.17")
+        assert cap.known and "sgl-project/sglang/issues/33695" in cap.describe()
+    assert not caps.lookup("flashinfer", "min_p_with_seed", "0.5.24").known  # a later release must show it again
+
+
+def test_min_p_is_served_by_the_reference_server_and_kept_in_its_traffic(invariant):
+    from pytest_miles.checks.witness import engine_settings
+    from pytest_miles.scenarios.traffic import (
+        assert_min_p_served,
+        assert_sampling_batch_invariant,
+        limitation,
+        run_traffic,
+    )
+
+    settings = engine_settings(invariant)
+    assert limitation(invariant, settings, "min_p_with_seed") is None
+    assert limitation(invariant, settings, "mixed_sampling") is None
+    assert assert_min_p_served(invariant).passed
+    assert assert_sampling_batch_invariant(invariant, trials=3).passed  # the reference samples per row
+    report = run_traffic(invariant, 4, seed=2, max_prompt=8, max_new_tokens=2, spread_s=0.0, required=())
+    assert report.shape["min_p"] is True and report.shape["filtered"] is False and not report.notes
