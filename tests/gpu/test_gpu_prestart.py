@@ -12,10 +12,6 @@ import pytest
 from pytest_miles.engines.base import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
-TRAFFIC = ("--max-total-tokens", "4096", "--chunked-prefill-size", "64", "--enable-metrics")
-CALLS = [{"kind": "sglang", "deterministic": False}, {"kind": "sglang", "deterministic": True},
-         {"kind": "sglang", "deterministic": True, "extra_args": TRAFFIC},
-         {"kind": "sglang", "deterministic": False, "extra_args": TRAFFIC}]
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 PROMPTS = [[5, 17, 42, 99, 7, 3, 250, 11], [9, 8, 7, 6]]
 
@@ -25,11 +21,15 @@ def _gpu_memory() -> str:
                           capture_output=True, text=True).stdout.strip()
 
 
-def test_the_suites_engines_start_together_on_one_gpu(engine_factory):
+def test_the_suites_engines_start_together_on_one_gpu(engine_factory, miles_settings):
+    from pytest_miles.suite.conftest import engine_calls
+
+    # the bundled suite's four SGLang configurations, as it asks for them
+    calls = list(engine_calls(lambda name: "sglang" if name == "engine" else miles_settings(name)).values())
     print(f"\nbefore: {_gpu_memory()}")
-    labels = engine_factory.prestart(CALLS)
-    assert len(labels) == len(CALLS), labels
-    engines = [engine_factory(**call) for call in CALLS]
+    labels = engine_factory.prestart(calls)
+    assert len(labels) == len(calls), labels
+    engines = [engine_factory(**call) for call in calls]
     for label, eng in zip(labels, engines):
         print(f"{label}: spawned {eng.spawned_at:.1f}, memory pool {eng.settled_at}, up {eng.ready_at:.1f} "
               f"({eng.startup_seconds:.1f} s)")
@@ -37,7 +37,7 @@ def test_the_suites_engines_start_together_on_one_gpu(engine_factory):
         assert before.settled_at is not None, "SGLang's memory-pool line not found in its log: the starts were serial"
         assert after.spawned_at >= before.settled_at
     print(f"all up: {_gpu_memory()}")
-    assert engine_factory.launches == len(CALLS)
+    assert engine_factory.launches == len(calls)
     for eng in engines:
         assert all(o.output_ids for o in eng.generate(PROMPTS, GREEDY))
 
