@@ -11,6 +11,11 @@ A run's own pytest args follow `--`. Without a GPU it measures the embedded defa
 engine, megatron-core on gloo), where there are no kernels to compile: cold and warm then differ only
 by noise. With `--cold-only` the second run is left out; `--warm-only` runs only the second, over the cache a
 `--cold-only` run left in the same --out (so that other work can come between the two).
+
+With `--ab-prestart` it runs the suite twice over the same kernel cache, `--miles-engine-prestart=off`
+then `on` (engines started when first asked for, then all at session start in the background while
+the tests that need none run), and prints the on/off ratio of each stage and of the whole run. Give it
+a cache a `--cold-only` run filled (the same --out), or run it where there is nothing to compile (CPU).
 """
 
 from __future__ import annotations
@@ -49,6 +54,15 @@ def stages(data: dict) -> dict[str, float]:
     return out
 
 
+def background(stages_of_run: dict[str, float]) -> tuple[float, float]:
+    """(seconds the background starts took, seconds tests waited for them): engines/factory.py names
+    these stages 'starting ... in the background' and 'waiting for ..., started in the background'."""
+    started = sum(v for k, v in stages_of_run.items()
+                  if k.startswith("  stage: starting ") and "in the background" in k)
+    waited = sum(v for k, v in stages_of_run.items() if k.startswith("  stage: waiting for "))
+    return started, waited
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for the logs and reports (default: a temporary one)")
@@ -56,27 +70,39 @@ def main() -> int:
     ap.add_argument("--cold-only", action="store_true")
     ap.add_argument("--warm-only", action="store_true",
                     help="only the warm run, over the kernel cache an earlier --cold-only run left in --out")
+    ap.add_argument("--ab-prestart", action="store_true",
+                    help="two runs over the same cache: --miles-engine-prestart=off, then on; their ratio")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="miles-suite-stages-"))
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "kernel-cache"
-    runs = {} if args.warm_only else {"cold": run_suite(out, "cold", cache, args.profile, args.pytest_args)}
-    if not args.cold_only:
-        runs["warm"] = run_suite(out, "warm", cache, args.profile, args.pytest_args)
+    if args.ab_prestart:
+        runs = {name: run_suite(out, name.replace(" ", "-"), cache, args.profile,
+                                [*args.pytest_args, f"--miles-engine-prestart={name.split()[-1]}"])
+                for name in ("prestart off", "prestart on")}
+    else:
+        runs = {} if args.warm_only else {"cold": run_suite(out, "cold", cache, args.profile, args.pytest_args)}
+        if not args.cold_only:
+            runs["warm"] = run_suite(out, "warm", cache, args.profile, args.pytest_args)
     table = {name: stages(r["data"]) for name, r in runs.items()}
     keys = list(dict.fromkeys(k for t in table.values() for k in t))
+    names = list(runs)
     print(f"suite stages, profile {args.profile}, args {' '.join(args.pytest_args) or '(none)'}; logs in {out}")
-    print(f"{'':100} {'cold s':>8} {'warm s':>8} {'warm/cold':>9}")
+    print(f"{'':100} " + " ".join(f"{n + ' s':>13}" for n in names) + (f" {'ratio':>9}" if len(names) == 2 else ""))
     for k in keys:
-        cold, warm = table.get("cold", {}).get(k), table.get("warm", {}).get(k)
-        ratio = f"{warm / cold:9.2f}" if cold and warm is not None else " " * 9
-        print(f"{k[:100]:100} {cold if cold is not None else float('nan'):8.1f} "
-              f"{warm if warm is not None else float('nan'):8.1f} {ratio}")
+        vals = [table[n].get(k) for n in names]
+        cells = " ".join(f"{v if v is not None else float('nan'):13.1f}" for v in vals)
+        ratio = f" {vals[1] / vals[0]:9.2f}" if len(vals) == 2 and vals[0] and vals[1] is not None else ""
+        print(f"{k[:100]:100} {cells}{ratio}")
     for name, r in runs.items():
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
-    if "warm" in runs and "cold" in runs:
-        print(f"whole run warm/cold: {runs['warm']['wall'] / runs['cold']['wall']:.2f}x")
+        started, waited = background(table[name])
+        if started:
+            print(f"{name}: engines started in the background: {started:.1f} s of start-up, {waited:.1f} s of it "
+                  f"waited for by tests, {started - waited:.1f} s hidden behind other tests")
+    if len(names) == 2:
+        print(f"whole run {names[1]}/{names[0]}: {runs[names[1]]['wall'] / runs[names[0]]['wall']:.2f}x")
     return max(r["rc"] for r in runs.values())
 
 

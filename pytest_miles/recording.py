@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,7 +158,12 @@ _DONE: list[tuple[str, float]] = []
 @contextlib.contextmanager
 def stage(label: str, hint: str = ""):
     """`with stage("starting sglang", hint=...):` names the stage for a timeout (with `hint`: what to
-    do about a slow one) and times it for the report."""
+    do about a slow one) and times it for the report. Off the main thread (an engine starting in the
+    background) it does nothing: the stage stack is the main thread's; the test that takes the
+    engine records the wait instead (`note_stage`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     t0 = time.monotonic()
     _STAGE.append((label, t0))
     try:
@@ -170,6 +176,12 @@ def stage(label: str, hint: str = ""):
         _DONE.append((label, round(time.monotonic() - t0, 3)))
     finally:
         _STAGE.pop()
+
+
+def note_stage(label: str, seconds: float) -> None:
+    """A stage that ran elsewhere (an engine started in the background), timed for the report."""
+    if threading.current_thread() is threading.main_thread():
+        _DONE.append((label, round(seconds, 3)))
 
 
 def failed_stage() -> str | None:

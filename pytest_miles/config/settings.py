@@ -207,6 +207,11 @@ SETTINGS += (
     Setting("kernel_cache_dir", "Directory for the engines' JIT kernel caches (FlashInfer, Triton, TorchInductor): "
             "keep it between CI runs and a fresh host skips minutes of compiling; `pytest-miles doctor` prints the "
             "cache key and whether it is warm.", env="PYTEST_MILES_KERNEL_CACHE", group="performance"),
+    Setting("engine_prestart", "The bundled suite starts the server engines its selected tests need in the "
+            "background at session start (staggered, memory fractions planned for one GPU) and runs the tests "
+            "that need no engine first, so kernel compilation overlaps training; off: each engine starts when a "
+            "test first asks for it. Not under pytest-xdist or --miles-placement=ray.", default="on",
+            kind="choice", choices=("on", "off"), env="PYTEST_MILES_ENGINE_PRESTART", group="performance"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

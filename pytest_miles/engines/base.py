@@ -100,3 +100,32 @@ class Engine(Protocol):
     def __enter__(self) -> Engine: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+def stream_merge(acc: dict | None, chunk: dict) -> dict:
+    """Cumulative chunks (each extends the last) replace it; incremental ones are appended."""
+    if acc is None:
+        return chunk
+    a, c = acc.get("output_ids") or [], chunk.get("output_ids") or []
+    if len(c) > len(a) and c[:len(a)] == a:
+        return chunk
+    meta, cm = dict(acc["meta_info"]), chunk.get("meta_info", {})
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        if key in cm:
+            meta[key] = list(meta.get(key) or []) + list(cm[key])
+    meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
+    return {**chunk, "output_ids": a + c, "meta_info": meta}
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text (SGLang's /metrics): name -> value, labels dropped (values of one name summed)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
+        except ValueError:
+            continue
+    return out

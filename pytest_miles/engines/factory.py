@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pytest_miles.engines.launch import EngineSpec, make_engine
-from pytest_miles.errors import Unavailable
+from pytest_miles.engines.launch import SERVER_KINDS, EngineSpec, build_server, make_engine
+from pytest_miles.errors import MilesError, Unavailable
+from pytest_miles.recording import note_stage, stage
 
 
 class EngineFactory:
@@ -35,6 +37,9 @@ class EngineFactory:
         self.notes: list[str] = []  # engines replaced because they stopped answering
         self.launches = 0
         self.live: dict[tuple, Any] = {}
+        self.pending: dict[tuple, Any] = {}  # configuration -> prestart.Pending: starting in the background
+        self.planned: set[tuple] = set()  # started by prestart: their GPU memory was planned together
+        self.specs: dict[tuple, EngineSpec] = {}
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
 
     def model_path(self) -> str:
@@ -60,22 +65,119 @@ class EngineFactory:
                  **options: Any):
         """`alongside=True` keeps the live engines running (two configurations at once, e.g. to
         interleave throughput measurements); by default a new configuration replaces the live one."""
-        spec = self.spec(kind, model=model, deterministic=deterministic, attention_backend=attention_backend,
-                         extra_args=extra_args, options=options)  # checked: a bad argument starts nothing
-        if kind.startswith("sglang"):
-            self._need(kind)
-        key = (kind, model, deterministic, spec.attention_backend, spec.extra_args,
-               tuple(sorted((k, _hashable(v)) for k, v in options.items())))
+        spec, key = self._resolve(kind, model, deterministic, attention_backend, extra_args, options)
         eng = self.live.get(key)
         if eng is not None and getattr(eng, "alive", True) and self._answers(eng):
             return eng
-        if not alongside:
-            self.close()  # a new configuration: free the old engine (and its GPU memory) first
+        if eng is not None:  # stopped or wedged: replaced below
+            self.live.pop(key).close()
+        if key in self.pending:
+            return self._take(key)
+        if not alongside:  # a new configuration: free the old engine (and its GPU memory) first
+            self._close_unplanned()
         eng = self._make(spec)
         self._mark_warm(spec, eng)
         self.launches += 1
+        self.live[key], self.specs[key] = eng, spec
+        return eng
+
+    def _resolve(self, kind: Any, model: Any, deterministic: Any, attention_backend: Any, extra_args: Any,
+                 options: dict[str, Any]) -> tuple[EngineSpec, tuple]:
+        """The spec of one call (checked: a bad argument starts nothing) and its configuration key."""
+        spec = self.spec(kind, model=model, deterministic=deterministic, attention_backend=attention_backend,
+                         extra_args=extra_args, options=options)
+        if kind.startswith("sglang"):
+            self._need(kind)
+        return spec, (kind, model, deterministic, spec.attention_backend, spec.extra_args,
+                      tuple(sorted((k, _hashable(v)) for k, v in options.items())))
+
+    def prestart(self, calls: Iterable[dict[str, Any]]) -> list[str]:
+        """Start these configurations now, in the background (each a dict of this factory's call
+        arguments; server engines only: sglang, reference-server), so that their start-up overlaps
+        whatever runs meanwhile; a later call of the same configuration waits for its start instead of
+        launching another, and gets its error (with the server's log tail) if it failed. The starts
+        are staggered and SGLang's memory fractions planned so that they fit on one GPU together
+        (engines/prestart.py); prestarted engines stay live until close(). Returns the labels of what
+        it started: none where engines start elsewhere (a Ray placement) or on leased GPUs
+        (pytest-xdist), or for a configuration this machine cannot run (its test says why)."""
+        from pytest_miles.engines.prestart import Pending, memory_fractions
+        from pytest_miles.placement.ownership import owner_tag
+
+        if self.start is not None or self.leaser is not None:
+            return []
+        chosen: dict[tuple, EngineSpec] = {}
+        for call in calls:
+            call = dict(call)
+            try:
+                spec, key = self._resolve(call.pop("kind", "reference"), call.pop("model", None),
+                                          call.pop("deterministic", True), call.pop("attention_backend", None),
+                                          call.pop("extra_args", ()), call)
+            except MilesError:  # Unavailable, a bad argument: the test that asks for it reports it
+                continue
+            if spec.kind in SERVER_KINDS and key not in self.live and key not in self.pending:
+                chosen.setdefault(key, spec)
+        fractions = iter(memory_fractions(sum(s.kind == "sglang" for s in chosen.values())))
+        after, limit, ports, labels = None, 0.0, set(), []
+        owner_tag()  # the ownership watchdog exists before any thread spawns (processes die with pytest)
+        for key, spec in chosen.items():
+            opts = dict(spec.options)
+            if spec.kind == "sglang":
+                opts.setdefault("mem_fraction_static", next(fractions))
+            opts.setdefault("port", _distinct_port(ports))
+            spec = replace(spec, options=opts)
+            try:  # built here: its environment is read now, on this thread, not while a test changes it
+                server = build_server(spec)
+            except MilesError:  # the test that asks for it starts it and reports the error
+                continue
+            limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
+            label = describe(spec)
+            pending = Pending(label, lambda s=server: s, after, limit + 60)
+            pending.advice = server.start_advice  # what a timeout while waiting for it says
+            self.pending[key], self.specs[key], after = pending, spec, pending.settled
+            self.planned.add(key)
+            self.launches += 1
+            labels.append(label)
+        return labels
+
+    def _take(self, key: tuple):
+        """The engine of a background start, once started (raises its error)."""
+        pending = self.pending.pop(key)
+        with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
+            eng = pending.result()
+        note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
+        self._mark_warm(self.specs[key], eng)
         self.live[key] = eng
         return eng
+
+    @contextlib.contextmanager
+    def lend(self, kind: str = "reference", *, model: str, deterministic: bool = True,
+             **options: Any) -> Iterator[Any]:
+        """`with engine_factory.lend(kind, model=DIR) as eng:` an engine serving DIR's weights for the
+        block. A live or background-started engine of the same configuration whose model folder
+        differs from DIR in its weights only (every other file equal: config.json, generation config)
+        is lent: DIR's weights are loaded into it (update_weights_from_disk) and its own put back
+        after the block, so that later tests find it as it started (closed if that fails).
+        Otherwise the block gets an engine of its own, as `engine_factory(kind, model=DIR, ...)`."""
+        spec, key = self._resolve(kind, model, deterministic, options.pop("attention_backend", None),
+                                  options.pop("extra_args", ()), options)
+        donors = [k for k, e in self.live.items() if getattr(e, "alive", True)] + list(self.pending)
+        donor = next((k for k in donors if k[0] == key[0] and k[2:] == key[2:]
+                      and same_but_weights(self.specs[k].model_dir, spec.model_dir)), None)
+        if donor is None:
+            yield self(kind, model=model, deterministic=deterministic, attention_backend=key[3],
+                       extra_args=key[4], **options)
+            return
+        eng = self.live[donor] if donor in self.live else self._take(donor)
+        eng.update_weights_from_disk(spec.model_dir)
+        try:
+            yield eng
+        finally:
+            try:
+                eng.update_weights_from_disk(self.specs[donor].model_dir)
+            except BaseException:
+                self.live.pop(donor, None)
+                eng.close()  # nobody may find it serving another model's weights
+                raise
 
     def spec(self, kind: Any, *, model: Any, deterministic: Any, attention_backend: Any, extra_args: Any,
              options: dict[str, Any]) -> EngineSpec:
@@ -137,15 +239,65 @@ class EngineFactory:
         warnings.warn(note, stacklevel=3)
         return False
 
+    def _close_unplanned(self) -> None:
+        if not self.planned:
+            self.close()
+            return
+        for key in [k for k in self.live if k not in self.planned]:
+            self.live.pop(key).close()
+
     def close(self) -> None:
+        """Stop every engine: those starting in the background (a start under way is killed) and
+        the live ones; give the GPU leases back."""
+        pending, self.pending = self.pending, {}
         live, self.live = self.live, {}
+        self.planned = set()
         try:
+            for p in pending.values():  # all marked first: a stopped start unblocks the next one
+                p.stop()
+            for p in pending.values():
+                p.cancel()
             for eng in live.values():
                 eng.close()
         finally:
             leases, self.leases = self.leases, []
             for lease in leases:
                 lease.release()
+
+
+def describe(spec: EngineSpec) -> str:
+    """'the sglang engine (determinism on, --enable-metrics)': a configuration in a message."""
+    extra = "".join(f" {a}" for a in spec.extra_args)
+    return f"the {spec.kind} engine (determinism {'on' if spec.deterministic else 'off'}{',' if extra else ''}{extra})"
+
+
+def _distinct_port(taken: set[int]) -> int:
+    """A free port none of the engines starting together got (their HTTP servers bind late)."""
+    from pytest_miles.placement.processes import free_port
+
+    port = free_port()
+    while port in taken:
+        port = free_port()
+    taken.add(port)
+    return port
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".safetensors.index.json", ".bin.index.json")
+
+
+def same_but_weights(a: str, b: str) -> bool:
+    """Two model folders that differ at most in their weight files: every other file (config.json,
+    generation_config.json, tokenizer files) byte-equal, no subfolders. The same folder is not."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return False
+    try:
+        files = [{p.name: p for p in d.iterdir() if not p.name.endswith(WEIGHT_FILES)} for d in (pa, pb)]
+        if files[0].keys() != files[1].keys() or not all(p.is_file() for p in files[0].values()):
+            return False
+        return all(files[0][n].read_bytes() == files[1][n].read_bytes() for n in files[0])
+    except OSError:
+        return False
 
 
 def _hashable(value: Any) -> Any:

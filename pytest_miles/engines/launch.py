@@ -117,34 +117,45 @@ def _size(where: str, value: Any) -> int:
         raise InputError(f"{where}: {value!r} is not an integer tensor parallel size") from None
 
 
-def make_engine(spec: EngineSpec):
-    kind, opts = spec.kind, {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
-    if kind.startswith("sglang") and spec.options.get("dump_hidden_states"):  # the divergence locator's engine
-        from pytest_miles.engines.sglang_dump import SGLangDumpEngine, SGLangOfflineDumpEngine
+SERVER_KINDS = ("sglang", "reference-server")  # engines in a process of their own: they can start in the background
 
-        if kind == "sglang":
-            return SGLangDumpEngine(spec.model_dir, deterministic=spec.deterministic,
-                                    attention_backend=spec.attention_backend, extra_args=spec.extra_args,
-                                    log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
-                                    request_timeout=spec.request_timeout, **opts).start()
+
+def make_engine(spec: EngineSpec):
+    if spec.kind in SERVER_KINDS:
+        return build_server(spec).start()
+    kind, opts = spec.kind, {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
+    if kind == "sglang-offline" and spec.options.get("dump_hidden_states"):  # the divergence locator's engine
+        from pytest_miles.engines.sglang_dump import SGLangOfflineDumpEngine
+
         return SGLangOfflineDumpEngine(spec.model_dir, deterministic=spec.deterministic,
                                        attention_backend=spec.attention_backend, **opts)
     if kind == "reference":
         from pytest_miles.engines.reference import ReferenceEngine
 
         return ReferenceEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device, **opts)
-    if kind == "reference-server":
-        from pytest_miles.engines.server import ReferenceServerEngine
-
-        return ReferenceServerEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device,
-                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout, **opts).start()
-    if kind == "sglang":
-        from pytest_miles.engines.server import SGLangEngine
-
-        return SGLangEngine(spec.model_dir, deterministic=spec.deterministic, attention_backend=spec.attention_backend,
-                            extra_args=spec.extra_args, log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
-                            request_timeout=spec.request_timeout, **opts).start()
     from pytest_miles.engines.sglang_offline import SGLangOfflineEngine
 
     return SGLangOfflineEngine(spec.model_dir, deterministic=spec.deterministic,
                                attention_backend=spec.attention_backend, **opts)
+
+
+def build_server(spec: EngineSpec):
+    """The server engine of a spec of SERVER_KINDS, not started yet (`.start()` starts it; `.cancel()`
+    from another thread stops a start under way)."""
+    opts = {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
+    if spec.kind == "reference-server":
+        from pytest_miles.engines.server import ReferenceServerEngine
+
+        return ReferenceServerEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device,
+                                     log_dir=spec.log_dir, request_timeout=spec.request_timeout,
+                                     **{"startup_timeout": spec.startup_timeout, **opts})
+    if spec.kind != "sglang":
+        raise InputError(f"engine kind {spec.kind!r} does not run as a server of its own; those that do: "
+                         f"{', '.join(SERVER_KINDS)}")
+    if spec.options.get("dump_hidden_states"):  # the divergence locator's engine
+        from pytest_miles.engines.sglang_dump import SGLangDumpEngine as Server
+    else:
+        from pytest_miles.engines.server import SGLangEngine as Server
+    return Server(spec.model_dir, deterministic=spec.deterministic, attention_backend=spec.attention_backend,
+                  extra_args=spec.extra_args, log_dir=spec.log_dir, startup_timeout=spec.startup_timeout,
+                  request_timeout=spec.request_timeout, **opts)

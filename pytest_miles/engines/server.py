@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -25,18 +26,21 @@ from pytest_miles.engines.base import (
     SamplingParams,
     WeightNotServed,
     params_json,
+    parse_metrics,
     sglang_start_env,
+    stream_merge,
 )
 from pytest_miles.errors import InputError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import free_port, kill_tree, port_in_use, tail, wait_until
+from pytest_miles.placement.processes import free_port, kill_tree, log_contains, port_in_use, tail, wait_until
 from pytest_miles.recording import stage
 
 
 class ServerEngine:
     name = "server"
     start_advice = ""  # what a start-up timeout adds: the measured cold start, how to warm the cache
+    memory_marker: str | None = None  # a log line after which the server holds its static GPU memory
 
     def __init__(self, cmd: list[str], *, port: int, host: str = "127.0.0.1", env: dict[str, str] | None = None,
                  startup_timeout: float = 300.0, request_timeout: float = 300.0, log_dir: str | Path | None = None,
@@ -51,22 +55,37 @@ class ServerEngine:
         self.log_path = log_dir / f"{self.name}-{port}.log"
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        # time.monotonic() of the spawn, of `memory_marker` in the log (background starts), of the first answer
+        self.spawned_at = self.settled_at = self.ready_at = None
         self.pids: list[int] = []
+        self.cancelled, self._spawn_lock = False, threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self) -> ServerEngine:
-        if port_in_use(self.port, self.host):
-            raise EngineError(f"{self.name}: port {self.port} on {self.host} is already in use")
+    def start(self, settled: threading.Event | None = None) -> ServerEngine:
+        """Spawn the server and wait until it answers. `settled` (a start in the background) is set
+        once the server's static GPU memory is allocated (`memory_marker` in its log; at spawn when
+        it has none), and in any case when the start ends, so that the next start can begin."""
         t0 = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
         try:
+            if port_in_use(self.port, self.host):
+                raise EngineError(f"{self.name}: port {self.port} on {self.host} is already in use")
+            since = self.log_path.stat().st_size if self.log_path.exists() else 0
+            with self._spawn_lock, open(self.log_path, "ab") as log:
+                if self.cancelled:
+                    raise EngineError(f"{self.name}: closed before it started")
+                self.proc = proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=self.env)
+            self.spawned_at = t0
+            if settled is not None and self.memory_marker is None:
+                self.settled_at = time.monotonic()
+                settled.set()
             with stage(f"starting {self.name} (limit {self.startup_timeout:g} s)", hint=self.start_advice):
-                ok = wait_until(self._healthy, self.startup_timeout, 0.5, alive=lambda: self.proc.poll() is None)
+                ok = wait_until(lambda: self._probe(settled, since), self.startup_timeout, 0.5,
+                                alive=lambda: proc.poll() is None)
             if not ok:
-                if self.proc.poll() is not None:
-                    raise EngineError(f"{self.name} exited with code {self.proc.returncode} while starting "
+                if proc.poll() is not None:
+                    raise EngineError(f"{self.name} exited with code {proc.returncode} while starting "
                                       f"(log {self.log_path}):\n{tail(self.log_path)}")
                 advice = f"\n{self.start_advice}" if self.start_advice else ""
                 raise EngineError(f"{self.name} did not become healthy within {self.startup_timeout:g} s "
@@ -74,8 +93,24 @@ class ServerEngine:
         except BaseException:
             self.close()
             raise
-        self.startup_seconds = time.monotonic() - t0
+        finally:
+            if settled is not None:
+                settled.set()
+        self.ready_at = time.monotonic()
+        self.startup_seconds = self.ready_at - t0
         return self
+
+    def _probe(self, settled: threading.Event | None, since: int) -> bool:
+        if settled is not None and not settled.is_set() and log_contains(self.log_path, self.memory_marker, since):
+            self.settled_at = time.monotonic()
+            settled.set()
+        return self._healthy()
+
+    def cancel(self) -> None:
+        """Stop it from any thread: a start under way fails (killed), one not yet spawned never spawns."""
+        with self._spawn_lock:
+            self.cancelled = True
+        self.close()
 
     def __enter__(self) -> ServerEngine:
         return self if self.proc is not None else self.start()
@@ -84,14 +119,14 @@ class ServerEngine:
         self.close()
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.pids = kill_tree(self.proc.pid) or self.pids
+        proc, self.proc = self.proc, None  # one owner of the kill, whichever thread closes
+        if proc is not None:
+            self.pids = kill_tree(proc.pid) or self.pids
             try:
-                self.proc.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-            disown(self.proc.pid)
-            self.proc = None
+            disown(proc.pid)
 
     @property
     def alive(self) -> bool:
@@ -189,7 +224,7 @@ class ServerEngine:
                     chunk = json.loads(line[5:])
                     if "error" in chunk:
                         raise EngineError(f"{self.name} {path} (stream): {chunk['error']}")
-                    last = _stream_merge(last, chunk)
+                    last = stream_merge(last, chunk)
         except (urllib.error.URLError, OSError) as exc:
             raise EngineError(f"{self.name} {path} (stream): {exc}; log tail:\n{tail(self.log_path)}") from None
         return last
@@ -202,16 +237,7 @@ class ServerEngine:
                 text = r.read().decode(errors="replace")
         except (urllib.error.URLError, OSError):
             return {}
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
-            except ValueError:
-                continue
-        return out
+        return parse_metrics(text)
 
     def score(self, prompt: list[int], continuation: list[int]) -> list[float]:
         """Input-token logprobs of one prefill. SGLang returns [logprob, token_id, text] per input
@@ -284,27 +310,15 @@ class ServerEngine:
         return self._server_info
 
 
-def _stream_merge(acc: dict | None, chunk: dict) -> dict:
-    """Cumulative chunks (each extends the last) replace it; incremental ones are appended."""
-    if acc is None:
-        return chunk
-    a, c = acc.get("output_ids") or [], chunk.get("output_ids") or []
-    if len(c) > len(a) and c[:len(a)] == a:
-        return chunk
-    meta, cm = dict(acc["meta_info"]), chunk.get("meta_info", {})
-    for key in ("output_token_logprobs", "output_top_logprobs"):
-        if key in cm:
-            meta[key] = list(meta.get(key) or []) + list(cm[key])
-    meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
-    return {**chunk, "output_ids": a + c, "meta_info": meta}
-
-
 class SGLangEngine(ServerEngine):
     """A real SGLang server (`python -m sglang.launch_server`) in deterministic mode, in the
     production configuration: CUDA graphs on unless the caller passes `disable_cuda_graph=True`
     or `--disable-cuda-graph` / `--sglang-disable-cuda-graph` in extra_args."""
 
     name = "sglang"
+    # model_runner: the KV pool is sized from the free memory measured before the weights load, so
+    # a second server on the GPU must not start before this line (engines/prestart.py)
+    memory_marker = "Memory pool end"
 
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),

@@ -57,6 +57,16 @@ def tail(path: str | Path | None, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def log_contains(path: str | Path, marker: str, since: int = 0) -> bool:
+    """Whether a log file holds `marker` after byte offset `since` (False while it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(since)
+            return marker.encode() in f.read()
+    except OSError:
+        return False
+
+
 def kill_tree(pid: int, timeout: float = 10.0) -> list[int]:
     """SIGTERM the process and all its descendants, then SIGKILL what is left. Returns the pids."""
     import psutil

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pytest_miles import engine_start_limit, miles_setting
-from pytest_miles.errors import Unavailable
+from pytest_miles.errors import MilesError, Unavailable
 
 
 def require(module: str, extra: str) -> None:
@@ -27,24 +27,116 @@ def _announce(request, capsys):
     yield
 
 
-# Engine configurations, in the order the suite uses them: a real SGLang engine takes a minute or
-# more to start, and the engine factory keeps one live configuration, so grouping the tests that
-# share one makes a suite run start two engines (not deterministic, then deterministic) instead of
-# one per switch. The negative controls come first: their verdict decides whether a pass of the
-# positive check counts (a control that cannot fail makes the positive vacuous).
-ORDER = ("test_doctor.py", "test_cluster.py", "test_rollout.py::test_negative_control",
-         "test_rollout.py::test_batch_invariance", "test_snapshots.py::test_rollout", "test_cost.py::test_rollout_cost")
+# Scheduler pressure for the traffic check: a small KV pool, chunked prefill, many clients.
+TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, "chunk": 32}
+# SGLang: a 2,048-token pool, 64-token chunks. Its deterministic scheduler cuts chunks only at its prefill
+# alignment (4,096 tokens by default; a smaller chunk starves every longer prompt, sgl-project/sglang#36344:
+# the stall of 2026-12-04 on an H200), so the deterministic engine runs with the alignment lowered to the chunk
+# (engines/sglang_chunking.py): chunked prefill then happens on the tiny model, cut where SGLang cuts.
+# --schedule-conservativeness 0.05: admission counts on short answers, so decode outgrows the pool and
+# SGLang retracts (at its default it admits only with room for 0.7 x max_new_tokens; no retraction was seen
+# with 4,096/128 and 256 requests on an H200).
+SGLANG_TRAFFIC = {"pool": 2048, "chunk": 64, "conservativeness": 0.05}
+
+
+def engine_calls(setting) -> dict[str, dict]:
+    """The engine configurations the suite's tests ask for, by name, as engine_factory arguments:
+    one place, so that what the session starts in the background is exactly what the tests ask for."""
+    kind = setting("engine")
+    calls = {"control": {"kind": kind, "deterministic": False}, "deterministic": {"kind": kind, "deterministic": True}}
+    for name, deterministic in (("traffic", True), ("traffic-control", False)):
+        if kind.startswith("sglang"):
+            from pytest_miles import aligned_env
+
+            args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]),
+                    "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics",
+                    "--schedule-conservativeness", str(SGLANG_TRAFFIC["conservativeness"]))
+            env = aligned_env(setting("attention_backend"), SGLANG_TRAFFIC["chunk"]) if deterministic else {}
+            calls[name] = {"kind": "sglang", "deterministic": deterministic, "extra_args": args,
+                           **({"env": env} if env else {})}
+        else:
+            calls[name] = {"kind": "reference-server", "deterministic": deterministic, "threads": 1,
+                           "prefix_cache": True, "max_total_tokens": TRAFFIC["pool"],
+                           "chunked_prefill_size": TRAFFIC["chunk"]}
+    return calls
+
+
+def engine_for(name: str, engine_factory, miles_settings, **kw):
+    """The engine of one named configuration (engine_calls) from the engine factory."""
+    return engine_factory(**engine_calls(miles_settings)[name], **kw)
+
+
+# The tests that ask for engines, in the order the suite runs them, with the configurations they ask
+# for. The tests that need no engine run first: with --miles-engine-prestart (the default) every engine
+# below starts in the background at session start and its minutes of kernel compilation overlap them.
+# The engine factory keeps one live configuration otherwise, so grouping the tests that share one
+# starts each once. The negative controls come before their positive checks: their verdict decides
+# whether a pass of the positive check counts (a control that cannot fail makes the positive vacuous).
+# The RL loop borrows the deterministic engine (its weights loaded, then put back: EngineFactory.lend).
+ENGINES_OF = (
+    ("test_rollout.py::test_negative_control", ("control",)),
+    ("test_rollout.py::test_batch_invariance", ("deterministic",)),
+    ("test_snapshots.py::test_rollout", ("deterministic",)),
+    ("test_cost.py::test_rollout_cost", ("deterministic", "control")),
+    ("test_loop.py::", ("deterministic",)),
+    ("test_rollout.py::test_deterministic_under_load", ("traffic",)),
+    ("test_rollout.py::test_traffic_negative_control", ("traffic-control",)),
+    ("test_rollout.py::test_every_", ()),  # cache paths, API surfaces: a model folder with a tokenizer, made then
+)
+FIRST = ("test_doctor.py",)
+# Timing measurements need no engine but a quiet machine: they run after the engine tests, when no
+# engine is starting (compiling kernels, capturing CUDA graphs) beside them.
+QUIET = ("test_cost.py::test_training_cost",)
+ENGINE_FIXTURES = {"engine_factory": 2, "engine": 1, "sglang_engine": 1, "reference_engine": 1}  # starts a test may pay
+
+
+def _name(item) -> str:
+    return f"{item.path.name}::{item.name}"
+
+
+def rank(item) -> tuple[int, int]:
+    """The doctor, then the suite's tests that need no engine, then ENGINES_OF's order, then other
+    tests that use engines, then the timing measurements (QUIET), then tests from outside the suite."""
+    if not _is_suite(item):
+        return (3, 0)
+    name = _name(item)
+    if name.startswith(QUIET):
+        return (2, len(ENGINES_OF) + 1)
+    if not ENGINE_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+        return (0, 0 if name.startswith(FIRST) else 1)
+    return (2, next((i for i, (p, _) in enumerate(ENGINES_OF) if name.startswith(p)), len(ENGINES_OF)))
+
+
+def prestart_names(config, items) -> list[str]:
+    """The configurations the selected suite tests will ask for, in the order they will (none with
+    --miles-engine-prestart=off, and none in a pytest-xdist worker: it learns its tests one at a time,
+    so it would start every engine, once per worker)."""
+    if miles_setting(config, "engine_prestart") != "on" or hasattr(config, "workerinput"):  # an xdist worker
+        return []
+    names: list[str] = []
+    for item in items:
+        if _is_suite(item):
+            uses = next((n for p, n in ENGINES_OF if _name(item).startswith(p)), ())
+            names += [n for n in uses if n not in names]
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prestart_engines(request):
+    """At session start: the engines the selected tests need start in the background (docs/suite.md)."""
+    names = prestart_names(request.config, request.session.items)
+    if not names:
+        return
+    try:
+        factory = request.getfixturevalue("engine_factory")
+    except MilesError:  # no torch: the tests that need engines say so themselves
+        return
+    calls = engine_calls(lambda n: miles_setting(request.config, n))
+    factory.prestart([calls[n] for n in names])
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which would interleave configurations
 def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        module = getattr(getattr(item, "module", None), "__name__", "")
-        if not module.startswith("pytest_miles.suite."):
-            return len(ORDER) + 1
-        name = f"{item.path.name}::{item.name}"
-        return next((i for i, p in enumerate(ORDER) if name.startswith(p)), len(ORDER))
-
     items.sort(key=rank)
     if miles_setting(config, "suite_profile") == "commit":
         keep = [i for i in items if not _is_suite(i) or i.name in COMMIT_PROFILE]
@@ -85,9 +177,6 @@ def machine_factor() -> float:
         return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
     except OSError:
         return 1.0
-
-
-ENGINE_FIXTURES = {"engine_factory": 2, "engine": 1, "sglang_engine": 1, "reference_engine": 1}  # starts a test may pay
 
 
 def scale_timeouts(config, items) -> None:

@@ -16,7 +16,7 @@ from pytest_miles import (
     raise_if_inconclusive,
     spread_verdict,
 )
-from pytest_miles.suite.conftest import require
+from pytest_miles.suite.conftest import engine_for, require
 
 
 def test_rollout_cost(engine_factory, miles_settings, miles_record):
@@ -41,8 +41,8 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     params = SamplingParams(temperature=1.0, max_new_tokens=128)
     # Both alive, so the pairs interleave; whichever is live already (after the negative controls or the
     # batch-invariance tests) is reused and only the other one starts.
-    det = engine_factory(kind, deterministic=True, alongside=True)
-    non = engine_factory(kind, deterministic=False, alongside=True)
+    det = engine_for("deterministic", engine_factory, miles_settings, alongside=True)
+    non = engine_for("control", engine_factory, miles_settings, alongside=True)
     report = measure_rollout_cost(det, non, prompts, params, pairs=3)
     raise_if_inconclusive(label, report.figures(), report.costs)
     miles_record(label, **report.figures())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles import MODES, NotApplicable, SamplingParams, check_batch_invariance, judge_report
-from pytest_miles.suite.conftest import require
+from pytest_miles.suite.conftest import TRAFFIC, engine_for, require
 
 SHAPE = {"max_batch": 8, "prompt_len": 24}
 NEGATIVE = pytest.StashKey[dict]()  # mode -> (caught, where): the negative controls' verdicts, for the positives
@@ -28,7 +28,7 @@ def _compact(settings: dict) -> str:
 @pytest.fixture
 def suite_engine(engine_factory, miles_settings):
     require("torch", "torch")
-    return engine_factory(miles_settings("engine"))
+    return engine_for("deterministic", engine_factory, miles_settings)
 
 
 @pytest.mark.parametrize("mode", ["single", "needle"])
@@ -36,7 +36,7 @@ def test_negative_control(engine_factory, miles_settings, miles_record, mode, mi
     """Greedy, determinism off: the check must catch the engine here, or a pass of the positive
     check shows nothing on this shape/backend (it is then reported as vacuous, not as a pass)."""
     require("torch", "torch")
-    eng = engine_factory(miles_settings("engine"), deterministic=False)
+    eng = engine_for("control", engine_factory, miles_settings)
     report = check_batch_invariance(eng, mode, miles_settings("trials"), **SHAPE,
                                     params=SamplingParams(temperature=0.0, max_new_tokens=8))
     where = _where(report.settings, miles_settings)
@@ -89,39 +89,13 @@ def test_batch_invariance(suite_engine, miles_settings, miles_record, mode, requ
                             "cannot fail here with determinism off, so the pass is not counted")
 
 
-# Scheduler pressure for the traffic check: a small KV pool, chunked prefill, many clients.
-TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, "chunk": 32}
-# SGLang: a 2,048-token pool, 64-token chunks. Its deterministic scheduler cuts chunks only at its prefill
-# alignment (4,096 tokens by default; a smaller chunk starves every longer prompt, sgl-project/sglang#36344:
-# the stall of 2026-12-04 on an H200), so the deterministic engine runs with the alignment lowered to the chunk
-# (engines/sglang_chunking.py): chunked prefill then happens on the tiny model, cut where SGLang cuts.
-# --schedule-conservativeness 0.05: admission counts on short answers, so decode outgrows the pool and
-# SGLang retracts (at its default it admits only with room for 0.7 x max_new_tokens; no retraction was seen
-# with 4,096/128 and 256 requests on an H200).
-SGLANG_TRAFFIC = {"pool": 2048, "chunk": 64, "conservativeness": 0.05}
-
-
-def _traffic_engine(engine_factory, miles_settings, deterministic: bool):
-    require("torch", "torch")
-    kind = miles_settings("engine")
-    if kind.startswith("sglang"):
-        from pytest_miles import aligned_env
-
-        args = ("--max-total-tokens", str(SGLANG_TRAFFIC["pool"]),
-                "--chunked-prefill-size", str(SGLANG_TRAFFIC["chunk"]), "--enable-metrics",
-                "--schedule-conservativeness", str(SGLANG_TRAFFIC["conservativeness"]))
-        env = aligned_env(miles_settings("attention_backend"), SGLANG_TRAFFIC["chunk"]) if deterministic else {}
-        return engine_factory("sglang", deterministic=deterministic, extra_args=args, **({"env": env} if env else {}))
-    return engine_factory("reference-server", deterministic=deterministic, threads=1, prefix_cache=True,
-                          max_total_tokens=TRAFFIC["pool"], chunked_prefill_size=TRAFFIC["chunk"])
-
-
 def test_deterministic_under_load(engine_factory, miles_settings):
     """Concurrent clients, mixed sampling, streaming and whole: every request the same bits as alone
     and in another arrival order, with retractions, chunked prefill and batching witnessed."""
     from pytest_miles import assert_deterministic_under_load
 
-    eng = _traffic_engine(engine_factory, miles_settings, True)
+    require("torch", "torch")
+    eng = engine_for("traffic", engine_factory, miles_settings)
     assert_deterministic_under_load(eng, TRAFFIC["requests"], max_prompt=TRAFFIC["max_prompt"],
                                     max_new_tokens=TRAFFIC["max_new_tokens"], spread_s=0.5)
 
@@ -130,7 +104,8 @@ def test_traffic_negative_control(engine_factory, miles_settings):
     """The same traffic with determinism off must be caught; the report names the variance."""
     from pytest_miles import traffic_negative_control
 
-    eng = _traffic_engine(engine_factory, miles_settings, False)
+    require("torch", "torch")
+    eng = engine_for("traffic-control", engine_factory, miles_settings)
     traffic_negative_control(eng, TRAFFIC["requests"], max_prompt=TRAFFIC["max_prompt"],
                              max_new_tokens=TRAFFIC["max_new_tokens"], spread_s=0.5)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles import SamplingParams
-from pytest_miles.suite.conftest import require
+from pytest_miles.suite.conftest import engine_for, require
 
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 11]
 
@@ -20,7 +20,7 @@ def _need_records(snap, names):
 def test_rollout_matches_snapshot(engine_factory, miles_settings, determinism_snapshot, miles_record):
     require("torch", "torch")
     _need_records(determinism_snapshot, ["tokens", "logprobs"])
-    engine = engine_factory(miles_settings("engine"))
+    engine = engine_for("deterministic", engine_factory, miles_settings)
     outs = engine.generate([PROMPT] * 4, SamplingParams(temperature=1.0, max_new_tokens=16, sampling_seed=42))
     determinism_snapshot.check("tokens", [o.output_ids for o in outs])
     determinism_snapshot.check("logprobs", [o.logprobs for o in outs])

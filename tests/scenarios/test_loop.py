@@ -319,3 +319,17 @@ def test_engine_weight_update_refusals_are_named(tmp_path):
 def test_comparing_something_that_is_not_a_loop_is_named(a, b, expected):
     with pytest.raises(TypeError, match=expected):
         assert_loops_bitwise_equal(a, b)
+
+
+def test_the_suites_sglang_loop_can_borrow_the_deterministic_engine(tmp_path):
+    """The loop's SGLang weights differ from the default model shape's folder in nothing but the weight
+    file (so the engine factory lends the suite's deterministic engine to it); the embedded engines'
+    float32 weights do not (they get an engine of their own)."""
+    from pytest_miles.engines.factory import same_but_weights
+    from pytest_miles.models.cache import cached_shape_dir
+    from pytest_miles.scenarios.loop.factory import LoopFactory
+
+    shape = cached_shape_dir(tmp_path, "tiny")
+    loops = LoopFactory(engine_factory=None, make_trainer=None, work_root=tmp_path / "loop")
+    assert same_but_weights(str(shape), str(loops.init_weights("sglang")))
+    assert not same_but_weights(str(shape), str(loops.init_weights("reference")))

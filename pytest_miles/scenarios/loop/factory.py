@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -89,6 +90,16 @@ class LoopFactory:
             engine={"model": str(init), "deterministic": engine_deterministic, **opts},
         )
 
+    def _engine(self, engine: str, init: Path, deterministic: bool, opts: dict[str, Any]):
+        """The loop's engine: the engine factory lends a live engine of the same configuration whose
+        model differs from `init` in its weights only (its own weights are put back after the loop),
+        else starts one; a plain callable engine factory is called."""
+        lend = getattr(self.engine_factory, "lend", None)
+        if lend is not None:
+            return lend(engine, model=str(init), deterministic=deterministic, **opts)
+        return contextlib.nullcontext(self.engine_factory(engine, model=str(init), deterministic=deterministic,
+                                                          **opts))
+
     def __call__(self, engine: str = "reference", *, trainer: str = "megatron", iterations: int = 3, seed: int = 1234,
                  prompts: list[list[int]] | None = None, n_prompts: int = 4, n_samples: int = 4,
                  max_new_tokens: int = 12, engine_deterministic: bool = True, trainer_deterministic: bool = True,
@@ -115,11 +126,11 @@ class LoopFactory:
         hf = setup.hf_config
         opts = {k: v for k, v in setup.engine.items() if k not in ("model", "deterministic")}
         threads = 1 if engine == "reference" else None  # CPU engines run single-threaded (run.host_threads)
-        eng = self.engine_factory(engine, **setup.engine)
-        eng.update_weights_from_disk(init)  # a reused engine may hold another run's weights
         records = []
-        with trainer.session(init_hf=init, hf_config=hf) as session:
-            records += run_loop(eng, session, cfg, work, 1, stop_after or iterations, threads)
+        with self._engine(engine, init, engine_deterministic, opts) as eng:
+            eng.update_weights_from_disk(init)  # a reused engine may hold another run's weights
+            with trainer.session(init_hf=init, hf_config=hf) as session:
+                records += run_loop(eng, session, cfg, work, 1, stop_after or iterations, threads)
         notes = []
         if stop_after is not None:
             # another configuration (the saved weights): the factory closes the live engine first

@@ -1,0 +1,98 @@
+"""Engines started in the background (`EngineFactory.prestart`): one thread per engine, the starts
+staggered so that no two measure the GPU's free memory at the same time.
+
+Why staggered: an SGLang server sizes its KV pool as `free memory after its weights load - free
+memory before they load x (1 - mem_fraction_static)` (sglang model_runner `profile_max_num_token`).
+A second server that allocates between those two readings of the first takes its share out of the
+first one's pool, or makes it negative ("Not enough memory"). So a start begins only when the
+previous one logged that its memory pool is allocated (`memory_marker`), answered, or failed; the
+minutes of kernel compilation and CUDA-graph capture that follow overlap.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pytest_miles.errors import EngineError
+
+DEFAULT_FRACTION = 0.3  # SGLangEngine's mem_fraction_static
+SHARE = 0.6  # of the GPU memory free when the engines start, for all of them; the rest: trainers, graphs
+
+
+def memory_fractions(n: int, share: float = SHARE, most: float = DEFAULT_FRACTION) -> list[float]:
+    """mem_fraction_static for n SGLang servers started one after another on one GPU, each reading
+    the memory free at its own start: server k gets `s / (1 - k*s)` of what is free then (s = share/n),
+    which is s of what was free before the first, so together they hold `share` of it; never more
+    than `most` (one or two servers keep the usual fraction)."""
+    if n < 1:
+        return []
+    s = share / n
+    return [round(min(most, s / (1 - k * s)), 4) for k in range(n)]
+
+
+class Pending:
+    """One engine starting in a thread of its own, after `after` (the previous start's memory settled)."""
+
+    def __init__(self, label: str, build: Callable[[], Any], after: threading.Event | None, limit: float) -> None:
+        self.label, self.limit = label, limit  # limit: seconds from now until the wait for it gives up
+        self.asked = time.monotonic()
+        self.settled, self.done = threading.Event(), threading.Event()
+        self.engine: Any = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self.advice = ""  # what a timeout while waiting for it adds (the measured cold start, the cache)
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, args=(build, after), name=f"miles-prestart {label}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, build: Callable[[], Any], after: threading.Event | None) -> None:
+        try:
+            while after is not None and not after.wait(0.5) and not self.cancelled:
+                pass
+            with self._lock:
+                if self.cancelled:
+                    raise EngineError(f"{self.label}: closed before it started")
+                self.engine = build()
+            self.engine.start(settled=self.settled)
+        except BaseException as exc:  # noqa: BLE001  (handed to the test that asks for this engine)
+            self.error = exc
+        finally:
+            self.settled.set()
+            self.done.set()
+
+    def result(self) -> Any:
+        """The started engine, or the error of its start (with the server's log tail); never waits
+        past the limit: a start that has not ended by then is stopped and named."""
+        remaining = self.asked + self.limit - time.monotonic()
+        if not self.done.wait(max(remaining, 0.0)):
+            self.cancel()
+            where = getattr(self.engine, "log_path", None)
+            from pytest_miles.placement.processes import tail
+
+            raise EngineError(f"{self.label}, started in the background at session start, had not started "
+                              f"{self.limit:.0f} s later (stage: engine start-up in the background; log {where})"
+                              + (f"\n{tail(where)}" if where else ""))
+        if self.error is not None:
+            raise EngineError(f"{self.label}, started in the background at session start, failed: "
+                              f"{self.error}") from self.error
+        return self.engine
+
+    def stop(self) -> None:
+        """Mark it stopped (a start not begun never begins) and kill a start under way; no waiting.
+        Stop every start of a chain before waiting for any: a stopped start unblocks the next."""
+        with self._lock:
+            self.cancelled = True
+            eng = self.engine
+        if eng is not None:
+            eng.cancel()
+
+    def cancel(self) -> None:
+        """Stop it and wait for its thread: a start under way is killed, one not begun never begins."""
+        self.stop()
+        self.thread.join(timeout=60)
+        if self.engine is not None:  # started between the two looks
+            self.engine.cancel()

@@ -1,0 +1,169 @@
+"""Engines started in the background (EngineFactory.prestart) and lent for a block (EngineFactory.lend),
+on real reference-server subprocesses: starts overlap, a pending start is taken instead of launching
+again, a failed or stuck one is reported by the call that asks for it, close() stops them all, the
+staggering waits for the previous server's memory line, and a lent engine gets its weights back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from pytest_miles.engines.factory import EngineFactory, same_but_weights
+from pytest_miles.engines.prestart import Pending, memory_fractions
+from pytest_miles.engines.server import ReferenceServerEngine
+from pytest_miles.errors import EngineError
+from pytest_miles.models.embedded import write_hf_checkpoint
+
+SERVER = {"kind": "reference-server", "threads": 1}
+PROMPT = [[5, 17, 42, 99, 7, 3]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_hf_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def factory(model_dir, tmp_path, **kw) -> EngineFactory:
+    return EngineFactory(model_dir=lambda: str(model_dir), log_dir=tmp_path, hardware=lambda: None, device="cpu",
+                         **kw)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_memory_fractions_share_the_gpu_and_keep_the_usual_fraction_for_two():
+    assert memory_fractions(0) == []
+    assert memory_fractions(2) == [0.3, 0.3]
+    fr = memory_fractions(4)  # each takes 15% of what was free before the first, read at its own start
+    free, held = 1.0, []
+    for f in fr:
+        held.append(f * free)
+        free -= f * free
+    assert held == pytest.approx([0.15] * 4, abs=1e-3) and sum(held) == pytest.approx(0.6, abs=1e-3)
+
+
+def test_prestarted_engines_start_together_and_are_taken_not_launched_again(model_dir, tmp_path):
+    f = factory(model_dir, tmp_path)
+    try:
+        labels = f.prestart([{**SERVER, "deterministic": True}, {**SERVER, "deterministic": False},
+                             {**SERVER, "deterministic": True},  # the same configuration: one start
+                             {"kind": "reference"}])  # in-process: started when asked, not in the background
+        assert len(labels) == 2 and f.launches == 2, labels
+        with f.lend(model=str(_other(model_dir, tmp_path)), deterministic=True, **SERVER) as lent:
+            assert f.launches == 2 and len(f.pending) == 1  # lent from its background start
+        a = f(deterministic=True, **SERVER)
+        assert a is lent
+        b = f(deterministic=False, **SERVER)
+        assert f.launches == 2 and not f.pending  # taken from the background starts
+        # overlap, shown by the timestamps: each spawned before the other answered
+        assert a.spawned_at < b.ready_at and b.spawned_at < a.ready_at, (a.spawned_at, a.ready_at, b.spawned_at,
+                                                                          b.ready_at)
+        assert a.generate(PROMPT)[0].output_ids and b.generate(PROMPT)[0].output_ids
+        f("reference")  # another configuration does not close the planned ones
+        assert a.alive and b.alive and f.launches == 3
+        pids = [a.proc.pid, b.proc.pid]
+    finally:
+        f.close()
+    assert not a.alive and not b.alive and all(map(gone, pids))
+
+
+def test_a_background_start_that_fails_or_hangs_is_the_error_of_the_call_that_asks(model_dir, tmp_path):
+    f = factory(model_dir, tmp_path, startup_timeout=0.3)
+    try:
+        f.prestart([{**SERVER, "deterministic": True}])
+        with pytest.raises(EngineError) as err:
+            f(deterministic=True, **SERVER)
+        text = str(err.value)
+        assert "started in the background at session start, failed" in text, text
+        assert "did not become healthy within 0.3 s" in text and "log " in text, text
+        assert not f.live and not f.pending
+    finally:
+        f.close()
+
+
+class MarkedServer(ReferenceServerEngine):
+    """The reference server, with the line it prints once it is up standing in for SGLang's memory-pool
+    line: the next background start must wait for it."""
+
+    memory_marker = "reference server on"
+
+
+def _marked(model_dir, tmp_path, deterministic):
+    return lambda: MarkedServer(model_dir, deterministic=deterministic, threads=1, log_dir=tmp_path)
+
+
+def test_a_start_waits_for_the_previous_servers_memory_line_and_close_stops_both(model_dir, tmp_path):
+    first = Pending("first", _marked(model_dir, tmp_path, True), None, 120)
+    second = Pending("second", _marked(model_dir, tmp_path, False), first.settled, 120)
+    a, b = first.result(), second.result()
+    try:
+        assert a.settled_at is not None and b.spawned_at >= a.settled_at, (a.settled_at, b.spawned_at)
+    finally:
+        first.cancel()
+        second.cancel()
+    assert not a.alive and not b.alive
+    # closed while the first is starting: it is killed, and the second never spawns
+    first = Pending("first", _marked(model_dir, tmp_path, True), None, 120)
+    second = Pending("second", _marked(model_dir, tmp_path, False), first.settled, 120)
+    first.stop()
+    second.stop()
+    first.cancel()
+    second.cancel()
+    assert first.done.is_set() and second.done.is_set()
+    assert second.engine is None or second.engine.spawned_at is None
+    assert first.engine is None or first.engine.proc is None
+    with pytest.raises(EngineError):
+        second.result()
+
+
+def _other(model_dir, tmp_path):
+    """The model folder with other weights (every other file the same)."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 0.25 if k.endswith("weight") and v.dim() == 2 else v for k, v in weights.items()},
+              str(other / "model.safetensors"))
+    return other
+
+
+def test_a_lent_engine_serves_the_other_weights_and_gets_its_own_back(model_dir, tmp_path):
+    other = _other(model_dir, tmp_path)
+    assert same_but_weights(str(model_dir), str(other)) and not same_but_weights(str(model_dir), str(model_dir))
+    config = json.loads((other / "config.json").read_text())
+    unlike = tmp_path / "unlike"
+    shutil.copytree(other, unlike)
+    (unlike / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32"}))
+    assert not same_but_weights(str(model_dir), str(unlike))
+
+    f = factory(model_dir, tmp_path / "logs")
+    try:
+        eng = f(deterministic=True, **SERVER)
+        before = eng.generate(PROMPT)[0]
+        with f.lend(model=str(other), deterministic=True, **SERVER) as lent:
+            assert lent is eng and f.launches == 1
+            during = lent.generate(PROMPT)[0]
+        after = eng.generate(PROMPT)[0]
+        assert during.logprobs != before.logprobs  # the other weights were served
+        assert (after.output_ids, after.logprobs) == (before.output_ids, before.logprobs)  # its own, bit for bit
+    finally:
+        f.close()
+
+
+def test_close_stops_the_starts_under_way(model_dir, tmp_path):
+    f = factory(model_dir, tmp_path)
+    f.prestart([{**SERVER, "deterministic": True}, {**SERVER, "deterministic": False}])
+    starts = list(f.pending.values())
+    f.close()
+    assert not f.pending and all(p.done.is_set() for p in starts)
+    for p in starts:
+        assert p.engine is None or (p.engine.proc is None and all(map(gone, p.engine.pids)))
