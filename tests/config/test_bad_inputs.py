@@ -204,7 +204,6 @@ TRAINER = [  # MegatronTrainer(**kwargs): refused before any rank starts
     ({"deterministic": "no"}, "deterministic="), ({"deterministic": 0}, "deterministic="),
     ({"env": {"A": 1}}, "env="), ({"env": "A=1"}, "env="), ({"model": "gpt-tiny"}, "model="), ({"model": 3}, "model="),
     ({"model": "tiny-moe", "tensor_parallel": 2}, "tensor_parallel="),
-    ({"model": "tiny-moe", "transformer_impl": "transformer_engine"}, "transformer_impl="),
 ]
 
 

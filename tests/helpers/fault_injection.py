@@ -84,7 +84,9 @@ BOUND = 30.0  # seconds from a stop signal to pytest's exit, teardown included
 STARTING_BOUND = 60.0
 
 # Loaded with `-p fault_probe` into `pytest-miles suite`: says when Ray is up (and then holds the
-# test idle for MILES_FAULT_IDLE s) and when a test's body starts (a Ray task runs soon after).
+# test idle for MILES_FAULT_IDLE s) and when a test's body starts; with MILES_FAULT_TASK it then runs a
+# Ray task of that many seconds on the suite's cluster first, so a signal lands while a Ray task runs
+# (the suite's own tasks take about a second: a signal timed after them could arrive after the end).
 PROBE = textwrap.dedent('''
     import json, os, time
     import pytest
@@ -105,6 +107,15 @@ PROBE = textwrap.dedent('''
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(item):
         ready("call")
+        hold = float(os.environ.get("MILES_FAULT_TASK", "0"))
+        if hold:
+            import ray
+
+            @ray.remote(num_cpus=0)
+            def task():
+                time.sleep(hold)
+
+            ray.get(task.remote())
         return (yield)
 ''')
 
@@ -124,6 +135,7 @@ class Scenario:
     starting: str | None = None  # signal as soon as a process of the session has this in its command line
     after: float = 0.0  # seconds between ready and the signal
     idle: float = 0.0  # the probe holds the suite this long once Ray is up
+    task: float = 0.0  # the probe runs a Ray task this long when a test's body starts
     bound: float = 0.0  # seconds from the signal to pytest's exit (0: BOUND)
     result: dict = field(default_factory=dict)
 
@@ -136,6 +148,7 @@ def _run(sc: Scenario, root: Path) -> Scenario:
     env = {**os.environ, TAG: tag, "MILES_FAULT_READY": str(ready_dir), "PYTHONUNBUFFERED": "1",
            "PYTEST_MILES_RAY_TIMEOUT": "120"}
     env["MILES_FAULT_IDLE"] = str(sc.idle)
+    env["MILES_FAULT_TASK"] = str(sc.task)
     env.pop("PYTEST_XDIST_WORKER", None)
     env.pop("PYTEST_XDIST_TESTRUNUID", None)
     log = root / f"{sc.name}.log"

@@ -69,7 +69,7 @@ MOMENTS = {
     ("pytest", "ray-task"): dict(test="test_inside_ray_get"),
     ("suite", "ray-starting"): dict(test="", suite=True, starting="gcs_server", bound=STARTING_BOUND),
     ("suite", "ray-idle"): dict(test="", suite=True, ready=("ray-up",), idle=600.0, after=0.5),
-    ("suite", "ray-task"): dict(test="", suite=True, ready=("call",), after=1.0),
+    ("suite", "ray-task"): dict(test="", suite=True, ready=("call",), task=120.0, after=1.0),
 }
 STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
