@@ -25,6 +25,9 @@ from tests.helpers.processes import TAG, describe, listening, still_held, tagged
 INNER = textwrap.dedent('''
     import json, os, time
     import pytest
+    import faulthandler, signal as _signal  # SIGUSR2: every thread's stack, for a session that hangs
+    faulthandler.register(_signal.SIGUSR2, all_threads=True,
+                          file=open(os.path.join(os.environ["MILES_FAULT_READY"], "stacks.txt"), "w"))
 
     def ready(name, **info):
         path = os.path.join(os.environ["MILES_FAULT_READY"], name)
@@ -90,6 +93,9 @@ STARTING_BOUND = 60.0
 PROBE = textwrap.dedent('''
     import json, os, time
     import pytest
+    import faulthandler, signal as _signal  # SIGUSR2: every thread's stack, for a session that hangs
+    faulthandler.register(_signal.SIGUSR2, all_threads=True,
+                          file=open(os.path.join(os.environ["MILES_FAULT_READY"], "stacks.txt"), "w"))
 
     def ready(name):
         path = os.path.join(os.environ["MILES_FAULT_READY"], name)
@@ -202,7 +208,11 @@ def _run(sc: Scenario, root: Path) -> Scenario:
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            timeline.append(f"{time.monotonic() - t0:6.1f} s pytest still running 90 s later: SIGKILL")
+            timeline.append(f"{time.monotonic() - t0:6.1f} s pytest still running 90 s later: stacks, then SIGKILL")
+            os.kill(proc.pid, signal.SIGUSR2)  # where it hangs, every thread (faulthandler, registered by the tests)
+            time.sleep(2)
+            stacks = ready_dir / "stacks.txt"
+            sc.result["stacks"] = stacks.read_text(errors="replace")[-6000:] if stacks.exists() else ""
             proc.kill()
             proc.wait()
         t_exit = time.monotonic()
@@ -257,8 +267,9 @@ def run_all(scenarios: list[Scenario], root: Path) -> None:
             problems.append(f"{sc.name}: the summary does not say the session was interrupted by {named}; output "
                             f"tail:\n{r['output'][-2500:]}")
         if sc.summary and r["took"] > (sc.bound or BOUND):
+            stacks = f"; where it hung (every thread):\n{r['stacks']}" if r.get("stacks") else ""
             problems.append(f"{sc.name}: pytest took {r['took']:.1f} s to end after the signal "
-                            f"(bound {sc.bound or BOUND} s)")
+                            f"(bound {sc.bound or BOUND} s){stacks}")
         if r["temp_left"]:
             problems.append(f"{sc.name}: Ray temporary folders left: {r['temp_left']}")
         if r["before"] < 2:
