@@ -77,8 +77,13 @@ INNER = textwrap.dedent('''
 # The inner session starts as from a terminal, whatever this runner ignores (under `nohup`, SIGHUP
 # is ignored and children inherit that: the plugin rightly leaves an ignored signal ignored, so the
 # SIGHUP scenario would test nothing). The dispositions are reset, then pytest is exec'd (same pid).
-DEFAULT_SIGNALS = ("import os, signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); "
-                   "signal.signal(signal.SIGTERM, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])")
+# The session starts as from a shell: the stop signals at their defaults and none blocked. An ignored signal
+# and the signal mask survive exec, and the xdist worker that runs these tests may carry what Ray's native code
+# set in it for an earlier test (an inherited SIG_IGN for SIGINT made the session deaf to it: it hung in
+# ray.get, seen in full runs only, where another test had connected Ray in the same worker).
+DEFAULT_SIGNALS = ("import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGHUP, signal.SIGTERM, "
+                   "signal.SIGINT)]; signal.pthread_sigmask(signal.SIG_SETMASK, []); "
+                   "os.execv(sys.argv[1], sys.argv[1:])")
 
 BOUND = 30.0  # seconds from a stop signal to pytest's exit, teardown included
 # During Ray's start-up the signal is held back until ray.init returns (let through, it can reach a
