@@ -22,16 +22,7 @@ def port_race_lost(logs) -> bool:
     """A process failed because the port picked for it by free_port() was taken in between (EADDRINUSE
     in its log: another process got the free port first, a race on a busy machine): worth a start on a
     new port."""
-    for log in logs:
-        try:
-            with open(log, "rb") as f:
-                f.seek(0, 2)
-                f.seek(max(0, f.tell() - 20000))
-                if b"EADDRINUSE" in f.read():
-                    return True
-        except OSError:
-            continue
-    return False
+    return any(log_contains(log, "EADDRINUSE") for log in logs)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
