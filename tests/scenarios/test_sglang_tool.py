@@ -64,3 +64,17 @@ def test_without_sglang_or_a_served_engine_it_says_why(tmp_path):
 
         with ReferenceServerEngine(model, log_dir=tmp_path) as server, pytest.raises(NotApplicable, match="sglang"):
             cross_check_sglang_tool(server, model)
+
+
+def test_ours_runs_in_the_shape_where_the_data_says_the_limitation_shows():
+    """The tool's p_vs_d scores long sequences; ours ran at its default (prompts up to 48 tokens) and passed on
+    flashinfer where the tool found mismatches (H200, 2026-12-04). A pass outside the limitation's shape says
+    nothing about the tool's inputs: our run must reach every p_vs_d cell's reproducing length."""
+    from pytest_miles.capabilities import load_capabilities
+    from pytest_miles.scenarios.sglang_tool import TOOL_SHAPE
+
+    lengths = [c.reproduces["min_seq_len"] for c in load_capabilities().cells
+               if "p_vs_d" in c.modes and c.reproduces and "min_seq_len" in c.reproduces]
+    assert lengths, "no p_vs_d cell names the length where it reproduces"
+    # p_vs_d draws prompts of 2..prompt_len tokens: most of 8 trials reach the longest length named
+    assert TOOL_SHAPE["p_vs_d"]["prompt_len"] >= 4 * max(lengths)
