@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from pytest_miles.engines.base import EngineError, Output, SamplingParams
-from pytest_miles.models.tokenizer_vocab import SPECIAL, decode, encode, text_ids
+from pytest_miles.models.tokenizer_vocab import SPACE, SPECIAL, decode, encode, text_ids
 
 SURFACES = ("/generate", "/v1/completions", "/v1/chat/completions", "sglang.Engine")
 
@@ -37,6 +37,8 @@ def token_id(text: str) -> int:
     tokenizer cannot have produced (the engine serves another tokenizer)."""
     if text in SPECIAL:
         return SPECIAL.index(text)
+    if text == SPACE:  # the vocabulary's own form of " " (a server that answers token strings, not their text)
+        return encode(" ")[0]
     if len(text) == 1 and 32 <= ord(text) < 127:
         return encode(text)[0]
     if text.startswith("<t") and text.endswith(">") and text[2:-1].isdigit():

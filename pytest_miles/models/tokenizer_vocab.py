@@ -3,7 +3,14 @@
 chat template; neither works with --skip-tokenizer-init). Character level: ids 0-2 special, then
 printable ASCII (one character, one id), then filler tokens "<tN>", so every id decodes to its own
 text and a prompt of `text_ids()` encodes back to the same ids. Written as tokenizer.json by hand
-(the `tokenizers` format, WordLevel), so nothing is downloaded and `tokenizers` is not needed here."""
+(the `tokenizers` format), so nothing is downloaded and `tokenizers` is not needed here.
+
+It is a byte-level BPE without merges (space is the byte-level "Ġ", every other printable character
+itself), because transformers 5 does not always load a tokenizer.json as written: for a model whose
+config says `qwen2` (every embedded shape) AutoTokenizer builds `Qwen2Tokenizer`, which keeps the
+vocabulary but imposes its own byte-level pre-tokenizer and decoder. A WordLevel vocabulary with a
+plain " " then lost every space (transformers 5.12.1 on the H200 host, 2026-12-04); this one encodes
+and decodes the same under both loaders."""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from pathlib import Path
 from pytest_miles.errors import InputError
 
 SPECIAL = ("<unk>", "<s>", "</s>")
+SPACE = "\u0120"  # "Ġ": the byte-level form of " " (GPT-2's bytes_to_unicode); 33..126 map to themselves
 # The chat template: the messages' contents, concatenated (no role markers, no generation prompt),
 # so a chat request's prompt ids are exactly the ids of its content.
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -27,7 +35,7 @@ def vocab(vocab_size: int) -> dict[str, int]:
                          f"ASCII), got {vocab_size!r}")
     out = {t: i for i, t in enumerate(SPECIAL)}
     for c in map(chr, range(32, 127)):
-        out[c] = len(out)
+        out[SPACE if c == " " else c] = len(out)
     while len(out) < vocab_size:
         out[f"<t{len(out)}>"] = len(out)
     return out
@@ -58,16 +66,18 @@ def encode(text: str) -> list[int]:
 
 
 def write_tokenizer(path: str | Path, vocab_size: int) -> None:
-    """tokenizer.json (WordLevel, one character per token, Fuse decoder) and tokenizer_config.json
+    """tokenizer.json (byte-level BPE without merges: one character per token) and tokenizer_config.json
     with the chat template, for text-driven tools (`sglang.test.test_deterministic`, the OpenAI surfaces)."""
     path = Path(path)
     v = vocab(vocab_size)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     special = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True} for i, t in enumerate(SPECIAL)]
     tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": special, "normalizer": None,
-           "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "."}, "behavior": "Isolated", "invert": False},
-           "post_processor": None, "decoder": {"type": "Fuse"},
-           "model": {"type": "WordLevel", "vocab": v, "unk_token": "<unk>"}}
+           "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+           "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": v, "merges": []}}
     (path / "tokenizer.json").write_text(json.dumps(tok))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",

@@ -60,3 +60,27 @@ def test_the_embedded_tokenizer_is_told_from_another_and_a_models_own_is_kept(tm
     assert is_embedded_tokenizer(tmp_path) is False
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 256}))
     assert with_tokenizer(tmp_path, tmp_path / "t") == tmp_path  # the model's own tokenizer stays
+
+
+@pytest.mark.parametrize("model_type", [None, "qwen2"])
+def test_transformers_reads_the_tokenizer_back_as_written(tmp_path, model_type):
+    """transformers 5 builds Qwen2Tokenizer for a qwen2 config (its own byte-level pre-tokenizer and
+    decoder around our vocabulary): the text ids must round-trip under that loader too. A WordLevel
+    vocabulary with a plain " " lost every space there (transformers 5.12.1, H200 host, 2026-12-04)."""
+    transformers = pytest.importorskip("transformers")
+    if model_type:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 300}))
+    write_tokenizer(tmp_path, 300)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = list(text_ids())
+    text = tok.decode(ids)
+    assert text == decode(ids) and tok.encode(text, add_special_tokens=False) == ids and tok.encode(text) == ids
+    chat = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    assert tok.encode(chat, add_special_tokens=False) == ids
+
+
+def test_token_text_of_the_space_is_read_in_both_forms():
+    from pytest_miles.engines.openai_surfaces import token_id, token_text
+    from pytest_miles.models.tokenizer_vocab import SPACE
+
+    assert token_text(encode(" ")[0]) == " " and token_id(" ") == token_id(SPACE) == encode(" ")[0]
