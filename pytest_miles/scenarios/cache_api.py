@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from pytest_miles.checks.api_surfaces import REFERENCE, SurfaceReport, SurfaceRequest, judge_api_surfaces
-from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_paths
+from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_cells, judge_cache_paths
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError
@@ -147,7 +147,8 @@ def assert_cache_paths_deterministic(engine: Any, **kwargs: Any) -> CacheReport:
     from pytest_miles.capabilities.verdict import capability_for
 
     report = run_cache_paths(engine, **kwargs)
-    return judge_cache_paths(report, capability_for(engine, "radix_cache", report.shape, report.settings))
+    return judge_cache_cells(report, capability_for(engine, "radix_cache", report.shape, report.settings),
+                             capability_for(engine, "decode_kv", report.shape, report.settings))
 
 
 def _surfaces(engine: Any, offline: Any, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -11,9 +11,9 @@ import pytest
 
 from pytest_miles.capabilities import Capability, load_capabilities
 from pytest_miles.checks.api_surfaces import SurfaceReport, SurfaceRequest, judge_api_surfaces
-from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_paths
+from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_cells, judge_cache_paths
 from pytest_miles.engines.base import Output
-from pytest_miles.errors import KnownLimitation, NotApplicable
+from pytest_miles.errors import KnownLimitation, NotApplicable, UnexpectedPass
 
 PROMISED = Capability("promised", None, True, "reference-server")
 
@@ -96,3 +96,32 @@ def test_a_difference_on_a_hit_path_fails_even_when_another_path_had_no_hit():
     bad = _path(warm_lp=-0.5)
     with pytest.raises(AssertionError, match=r"prefix #1 \(greedy\) warm vs flushed"):
         judge_cache_paths(_cache_report(bad, _path("decode_kv", cached=24, needed=25)), PROMISED)
+
+
+def test_second_turns_over_decode_written_kv_follow_their_own_cell_and_prefixes_stay_promised():
+    """sglang 0.5.17 on triton (H200, 2026-12-04): every second turn over decode-written KV differed while
+    every prefill-written prefix held. The decode_kv cell makes the first an XFAIL naming it; a prefix that
+    differs still fails on the radix_cache cell's promise; nothing differing in the reproducing shape is
+    XPASS(strict)."""
+    caps = load_capabilities()
+    radix = caps.lookup("triton", "radix_cache", "0.5.17", engine="sglang")
+    decode = caps.lookup("triton", "decode_kv", "0.5.17", {"prompt_len": 40}, engine="sglang")
+    assert not radix.known and decode.known and decode.cell.id == "decode-written-kv-is-not-prefill-kv"
+    moved = math.nextafter(-0.25, 0.0)  # NEGATIVE CONTROL: one ulp, as measured
+    only_turn2 = _cache_report(_path(), _path("decode_kv", cached=48, needed=41, warm_lp=moved))
+    with pytest.raises(KnownLimitation) as exc:
+        judge_cache_cells(only_turn2, radix, decode)
+    assert exc.value.capability.cell.id == "decode-written-kv-is-not-prefill-kv"
+    both = _cache_report(_path(warm_lp=moved), _path("decode_kv", cached=48, needed=41, warm_lp=moved))
+    with pytest.raises(AssertionError, match=r"prefix #1 \(greedy\) warm vs flushed") as exc:
+        judge_cache_cells(both, radix, decode)
+    assert not isinstance(exc.value, KnownLimitation)
+    clean = _cache_report(_path(), _path("decode_kv", cached=48, needed=41))
+    clean.shape = {"prompt_len": 40}
+    with pytest.raises(UnexpectedPass, match="XPASS.strict"):
+        judge_cache_cells(clean, radix, decode)
+    with pytest.raises(NotApplicable, match="no cache hit witnessed on decode_kv"):  # witnesses first
+        judge_cache_cells(_cache_report(_path(), _path("decode_kv", cached=24, needed=41)), radix, decode)
+    with pytest.raises(AssertionError, match=r"decode_kv #1 \(greedy\) warm vs flushed"):  # no cell: promised
+        judge_cache_cells(_cache_report(_path(), _path("decode_kv", cached=48, needed=41, warm_lp=moved)),
+                          PROMISED, PROMISED)
