@@ -220,6 +220,9 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
         engine.flush_cache()
         alone.append(engine.generate_one(r.prompt, r.params, top_logprobs=top_logprobs, stream=False))
     report.seconds = time.perf_counter() - t0
+    chunk = settings.get("chunked_prefill_size")
+    if isinstance(chunk, int) and chunk > 0:
+        report.chunked = [i for i, r in enumerate(reqs) if len(r.prompt) > chunk]
     return compare_traffic(report, [r.describe() for r in reqs], first, second, alone)
 
 
@@ -289,7 +292,10 @@ def assert_min_p_served(engine, *, seed: int = 0, max_new_tokens: int = 8) -> Fe
 def assert_deterministic_under_load(engine, n_requests: int = 64, **kwargs: Any) -> TrafficReport:
     """Raise AssertionError with the report unless every request matches itself alone and across
     arrival orders bitwise; NotApplicable when the engine shows none of the `required` stress."""
-    return judge_traffic(run_traffic(engine, n_requests, **kwargs))
+    from pytest_miles.capabilities.verdict import capability_for
+
+    report = run_traffic(engine, n_requests, **kwargs)
+    return judge_traffic(report, capability_for(engine, "chunked_prefill", report.shape, report.settings))
 
 
 @recorded("negative control (must fail): determinism under load")
