@@ -55,9 +55,9 @@ class TrafficRequest:
 def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 160, max_new_tokens: int = 12,
                  spread_s: float = 0.5, page_size: int = 16, group: int = 2, min_p: bool = True,
                  filtered: bool = False) -> list[TrafficRequest]:
-    """n requests; half the prompt lengths on tile/page boundaries, half random; as an RL rollout
-    samples each prompt `group` times, consecutive requests share a prompt (their own sampling
-    parameters and seeds), so the prefix cache is hit while the group is in flight. `min_p=False`
+    """n requests; half the prompts' lengths on tile/page boundaries, half random up to `max_prompt`;
+    as an RL rollout samples each prompt `group` times, consecutive requests share a prompt (their
+    own sampling parameters and seeds), so the prefix cache is hit while the group is in flight. `min_p=False`
     leaves min-p out; `filtered=True` gives every sampled request a top-k (40 where it drew none and
     no top-p), so no request samples unfiltered; every other parameter is drawn as without them."""
     if not isinstance(n, int) or n < 2:
@@ -68,7 +68,9 @@ def make_traffic(n: int, *, seed: int = 0, vocab: int = 512, max_prompt: int = 1
     bounds = boundary_lengths(page_size, max_prompt)
     out = []
     for i in range(n):
-        length = bounds[(i // 2) % len(bounds)] if i % 2 == 0 else rng.randint(1, max_prompt)
+        g = i // group  # the prompt's group: even groups on a boundary, odd ones random (until 2026-12-04 the
+        # random draw went to the group's second request, which reuses the first one's prompt: never used)
+        length = bounds[(g // 2) % len(bounds)] if g % 2 == 0 else rng.randint(1, max_prompt) if i % group == 0 else 0
         greedy = rng.random() < 0.3
         temperature = 0.0 if greedy else rng.choice([0.5, 0.8, 1.0, 1.3])
         top_k, top_p = rng.choice([-1, -1, 5, 40]), rng.choice([1.0, 0.9, 0.7])

@@ -139,6 +139,11 @@ def test_traffic_is_seeded_mixed_and_reordered():
     assert 0.0 in temps and len(temps) > 2 and {r.stream for r in a} == {True, False}
     assert len({r.params.sampling_seed for r in a}) == 40 and any(r.params.min_p for r in a)
     assert {1, 16, 17, 64, 129} <= {len(r.prompt) for r in a}
+    from pytest_miles.checks.compositions import boundary_lengths
+
+    bounds, long = set(boundary_lengths(16, 1200)), make_traffic(200, seed=7, max_prompt=1200)
+    drawn = [len(r.prompt) for r in long[::2]]
+    assert sum(n not in bounds for n in drawn) >= 30 and max(drawn) > 600  # half the prompts of random length
     assert all(a[i].prompt == a[i + 1].prompt for i in range(0, 40, 2))  # groups of two samples per prompt
     other = reordered(a, 1)
     assert [r.prompt for r in other] == [r.prompt for r in a] and [r.arrival for r in other] != [r.arrival for r in a]
