@@ -12,7 +12,8 @@ CHAIN_OUT=${CHAIN_OUT:-/tmp/gpu-chain}
 mkdir -p "$CHAIN_OUT"
 if [ "${1:-}" = collect ]; then  # every chain's folder (/tmp/gpu-chain*) in one archive: $OUT takes 8 files
   extra=""; for d in ${CHAIN_EXTRA:-/tmp/st}; do [ -d "$d" ] && extra="$extra $(ls "$d"/*.log "$d"/*.json 2>/dev/null)"; done
-  tar czf "${OUT:?}/chains.tgz" /tmp/gpu-chain* $extra 2>/dev/null
+  # files under 3 MiB only: the archive must stay under what a call brings back (a full one did not, 2026-12-04)
+  { find /tmp/gpu-chain* -type f -size -3M; for f in $extra; do echo "$f"; done; } | tar czf "${OUT:?}/chains.tgz" -T - 2>/dev/null
   for c in /tmp/gpu-chain*; do
     echo "=== $c"; cat "$c/progress" 2>/dev/null
     for f in "$c"/step-*.log; do [ -e "$f" ] && { echo "== $f"; tail -n 4 "$f" | cut -c1-400; }; done

@@ -159,7 +159,7 @@ def test_routing_replay_sglang_to_megatron_realistic_shape(engine_factory, big_m
 def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, big_moe_dir):
     """The negative control needs a realistic shape (tiny models hide batch variance): Qwen3-30B-A3B's layer."""
     eng = _sglang(engine_factory, big_moe_dir, "triton")
-    failed = _failing_modes(eng, ("single", "needle"))
+    failed = _failing_modes(eng, tuple(MODES))  # every mode, as issue 27 asks of both MoE shapes
     off = _sglang(engine_factory, big_moe_dir, "triton", deterministic=False)
     control = negative_control(off, "single", trials=16, params=SamplingParams(temperature=0.0, max_new_tokens=8))
     print(control.render(limit=4))
@@ -167,7 +167,7 @@ def test_realistic_moe_shape_deterministic_and_flag_off_control(engine_factory, 
 
 
 def test_realistic_moe_shape_flashinfer(engine_factory, big_moe_dir):
-    """Qwen3-30B-A3B's layer on flashinfer, deterministic: [single] and [needle]. On 2026-12-04 (H200,
+    """Qwen3-30B-A3B's layer on flashinfer, deterministic: every mode. On 2026-12-04 (H200,
     0.5.17) the server did not start: the capability data's `serve` cell. Where its start fails that way,
     the modes run with the prefill CUDA graphs off (decode graphs on) and the test XFAILs naming the cell."""
     from pytest_miles.capabilities import installed_sglang_version, load_capabilities
@@ -181,7 +181,7 @@ def test_realistic_moe_shape_flashinfer(engine_factory, big_moe_dir):
             raise
         print(f"{limit.describe()}\n  reproduced: {str(exc)[:600]}")
         eng = _sglang(engine_factory, big_moe_dir, "flashinfer", extra=("--cuda-graph-backend-prefill", "disabled"))
-    failed = _failing_modes(eng, ("single", "needle"))
+    failed = _failing_modes(eng, tuple(MODES))
     assert not failed, f"qwen3-30b-a3b-2l on flashinfer failing with deterministic inference on: {failed}"
     if limit is not None:
         pytest.xfail(f"known limitation: {limit.describe()} (modes checked with the prefill CUDA graphs off)")
