@@ -16,18 +16,14 @@ import shutil
 import stat
 import tempfile
 
-import setuptools  # noqa: F401  (first: `distutils` is then setuptools' copy)
-
-from distutils.command.build_scripts import build_scripts  # setuptools' own copy (imported above)
-
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
 from setuptools.errors import BaseError, CCompilerError
 
 SRC = "pytest_miles/ckpt/dcpscan"
 FALLBACK = f"{SRC}/pytest-miles"  # the shell script installed where front.c cannot be compiled
 
 
-class BuildScripts(build_scripts):
+class BuildScripts(Distribution().get_command_class("build_scripts")):
     """Scripts as usual, then `pytest-miles` compiled from front.c over the shell script's copy."""
 
     def run(self) -> None:

@@ -171,8 +171,8 @@ def test_what_it_does_not_answer_goes_to_python_untouched(front, pairs, tmp_path
 
 
 def test_other_subcommands_go_to_python(front, tmp_path):
-    for args in (["--help"], ["--version"], [], ["compare", "--help"], ["suite", "--version"], ["matrix", "--gpu", "h100"],
-                 ["fingerprint", "--gpu-class", "none"], ["no-such-command"]):
+    for args in (["--help"], ["--version"], [], ["compare", "--help"], ["suite", "--version"],
+                 ["matrix", "--gpu", "h100"], ["fingerprint", "--gpu-class", "none"], ["no-such-command"]):
         run, handed = _both(front, tmp_path, *args)
         assert handed, args
     run, _ = _both(front, tmp_path, "suite", "--version")
