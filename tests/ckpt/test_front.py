@@ -42,7 +42,8 @@ def front(tmp_path_factory) -> Path:
     exe = bin_dir / "pytest-miles"
     assert exe.read_bytes()[:4] == b"\x7fELF", "setup.py installed the shell script: front.c was not compiled"
     cli = bin_dir / "pytest-miles-py"
-    cli.write_text(f'#!/bin/sh\necho "$*" >> "$FRONT_TEST_LOG"\nexec {sys.executable} -m pytest_miles.cli "$@"\n')
+    cli.write_text(f'#!/bin/sh\necho "${{_PYTEST_MILES_FAST_DECLINED:-}}|$*" >> "$FRONT_TEST_LOG"\n'
+                   f'exec {sys.executable} -m pytest_miles.cli "$@"\n')
     cli.chmod(0o755)
     return exe
 
@@ -52,10 +53,11 @@ def _env(log: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "FRONT_TEST_LOG": str(log), **extra}
 
 
-def _both(front: Path, tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, bool]:
+def _both(front: Path, tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, bool | str]:
     """Run `pytest-miles ARGS` (the C command) and `python -m pytest_miles.cli ARGS`; check they agree
     (stdout but the timing line, stderr, exit code); return the C command's run and whether it
-    handed over to Python."""
+    handed over to Python: False, True, or "fast path declined" (it told Python that the bytes or
+    plans differ: Python skipped its own fast path, and still printed what it prints without)."""
     log = tmp_path / "handed-over.log"
     log.unlink(missing_ok=True)
     ours = subprocess.run([str(front), *args], capture_output=True, text=True, env=_env(log, **env), timeout=120)
@@ -66,10 +68,11 @@ def _both(front: Path, tmp_path: Path, *args: str, **env: str) -> tuple[subproce
 
     assert untimed(ours.stdout) == untimed(ref.stdout), (args, ours.stdout, ref.stdout)
     assert (ours.returncode, ours.stderr) == (ref.returncode, ref.stderr), (args, ours, ref)
-    handed = log.exists()
-    if handed:  # the arguments reached Python untouched
-        assert log.read_text().splitlines() == [" ".join(args)]
-    return ours, handed
+    if not log.exists():
+        return ours, False
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split("|", 1)[1] == " ".join(args)  # the arguments reached Python untouched
+    return ours, "fast path declined" if lines[0].startswith("1|") else True
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_equal_dcp_pairs_are_answered_natively_with_the_python_report(front, pai
         assert run.returncode == 0 and not handed
         (sb / "notes.txt").write_text("y")
         run, handed = _both(front, tmp_path, "compare", str(sa), str(sb))
-        assert handed
+        assert handed is True
 
 
 def test_second_side_read_in_full_when_its_metadata_is_not_the_firsts(front, pairs, tmp_path):
@@ -139,7 +142,7 @@ def test_a_pair_whose_bytes_differ_is_python_s_report(front, pairs, where, rc, t
     data.write_bytes(bytes(raw))
     for flags in ([], ["--first"]):
         run, handed = _both(front, tmp_path, "compare", *flags, str(a), str(flipped))
-        assert run.returncode == rc and handed
+        assert run.returncode == rc and handed == "fast path declined"
 
 
 def test_what_it_does_not_answer_goes_to_python_untouched(front, pairs, tmp_path):
