@@ -37,9 +37,15 @@ pytestmark = pytest.mark.skipif(dcp_fast.native_reader() is None or shutil.which
 def front(tmp_path_factory) -> Path:
     """`pytest-miles` built by setup.py as an install builds it, with a logging `pytest-miles-py` beside it."""
     bin_dir = tmp_path_factory.mktemp("front-bin")
-    subprocess.run([sys.executable, "setup.py", "-q", "build_scripts", "--build-dir", str(bin_dir), "--force"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
     exe = bin_dir / "pytest-miles"
+    if os.environ.get("FRONT_SANITIZE"):  # by hand: FRONT_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0 pytest this file
+        src = ROOT / "pytest_miles" / "ckpt" / "dcpscan"
+        subprocess.run(["cc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                        "-DDCPSCAN_NO_PYTHON", "-pthread", "-o", str(exe), *(str(src / f) for f in
+                                                                         ("front.c", "vm.c", "walk.c"))], check=True)
+    else:
+        subprocess.run([sys.executable, "setup.py", "-q", "build_scripts", "--build-dir", str(bin_dir), "--force"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=300)
     assert exe.read_bytes()[:4] == b"\x7fELF", "setup.py installed the shell script: front.c was not compiled"
     cli = bin_dir / "pytest-miles-py"
     cli.write_text(f'#!/bin/sh\necho "${{_PYTEST_MILES_FAST_DECLINED:-}}|$*" >> "$FRONT_TEST_LOG"\n'
@@ -204,3 +210,38 @@ def test_hostile_files_are_python_s_error_never_a_hang(front, world, case, tmp_p
     assert handed and run.returncode == 2 and text in run.stderr, (case, run)
     assert not marker.exists(), "a pickle payload ran"
     assert tree_state(t) == before, "inputs must never be written"
+
+
+def test_mutated_metadata_tails_are_never_vouched_for_wrongly(front, pairs, tmp_path):
+    """The mirror check reads B's `.metadata` tail (from the `storage_meta` key on: the save ids) with its own
+    opcode reader. Random byte changes there (and a few before it): wherever the C command still answers, it
+    must print what Python prints; elsewhere it hands over. (FRONT_SANITIZE=1: under ASan and UBSan.)"""
+    import random
+
+    a, b = pairs["plain"]
+    quiet = tmp_path / "bin"  # the same executable, beside a `pytest-miles-py` that only says it was reached
+    quiet.mkdir()
+    shutil.copy2(front, quiet / "pytest-miles")
+    (quiet / "pytest-miles-py").write_text("#!/bin/sh\nexit 99\n")
+    (quiet / "pytest-miles-py").chmod(0o755)
+    raw = (b / ".metadata").read_bytes()
+    start = raw.find(b"\x8c\x0cstorage_meta\x94")
+    assert 0 < start and len(raw) - start < 4096
+    rng = random.Random(32)
+    answered = handed = 0
+    mutant = _copy(b, tmp_path / "mutant")
+    for k in range(300):
+        data = bytearray(raw)
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            at = rng.randrange(start, len(raw)) if k % 10 else rng.randrange(len(raw))
+            data[at] = rng.choice((rng.randrange(256), data[at] ^ 1, ord("x"), 0x8C, 0x94, 0x2E))
+        (mutant / ".metadata").write_bytes(bytes(data))
+        run = subprocess.run([str(quiet / "pytest-miles"), "compare", str(a), str(mutant)], capture_output=True,
+                             text=True, env=_env(tmp_path / "unused.log"), timeout=60)
+        if run.returncode == 99:
+            handed += 1
+            continue
+        assert run.returncode == 0 and not run.stderr, (k, run)
+        answered += 1
+        _both(front, tmp_path, "compare", str(a), str(mutant))  # the same report as Python's
+    assert answered and handed, (answered, handed)  # both outcomes were exercised
