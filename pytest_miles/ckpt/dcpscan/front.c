@@ -757,10 +757,7 @@ static int compare(int argc, char **argv, double t0)
     if (bufs_new(&bufs))
         goto out;
     snprintf(path, sizeof(path), "%s/.metadata", sa.root);
-    if (scan_file(path, &scan_a))
-        goto out;
-    snprintf(path, sizeof(path), "%s/.metadata", sa.root);
-    if (open_regular(path, &ma))
+    if (scan_file(path, &scan_a) || open_regular(path, &ma))
         goto out;
     snprintf(path, sizeof(path), "%s/.metadata", sb.root);
     if (open_regular(path, &mb))
