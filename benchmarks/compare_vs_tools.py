@@ -22,8 +22,11 @@ where it finds them different on an equal pair, its column says so instead of a 
 `python -c pass` runs in the same rounds: the start of this interpreter with its site (an editable
 install's path finder included), which every Python command pays; the verdicts also give compare's
 ratio without it, to show what is left of compare's own work.
+`--front EXE` times the installed `pytest-miles` command (the C front end, setup.py: front.c; it
+hands over to `pytest-miles-py` beside it) in the same rounds as `python -m pytest_miles.cli`
+("compare (front)" beside "compare"): before and after on the same load.
 
-    python benchmarks/compare_vs_tools.py [--rounds 5] [--shapes dcp-1g,...] [--dir DIR]
+    python benchmarks/compare_vs_tools.py [--rounds 5] [--shapes dcp-1g,...] [--dir DIR] [--front EXE]
     PYTEST_MILES_NATIVE=0 python benchmarks/compare_vs_tools.py ...   # without the native reader
 
 Targets (issue 32): equal pairs within 1.3x of `cat` and under 64 MiB + the largest tensor; a
@@ -166,8 +169,20 @@ def _rounds(tools: dict[str, list[str]], rounds: int) -> dict[str, dict]:
             for n, v in got.items()}
 
 
+FRONT: str | None = None  # --front: the `pytest-miles` executable timed beside the Python command line
+
+
 def _compare_cmd(a: Path, b: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pytest_miles.cli", "compare", str(a), str(b), *extra]
+
+
+def _compare_tools(a: Path, b: Path, *extra: str) -> dict[str, list[str]]:
+    """`compare` through Python, and through the front end where --front names it."""
+    name = " ".join(["compare", *extra])
+    tools = {name: _compare_cmd(a, b, *extra)}
+    if FRONT:
+        tools[f"{name} (front)"] = [FRONT, "compare", str(a), str(b), *extra]
+    return tools
 
 
 def bench_equal(shape: str, a: Path, b: Path, rounds: int) -> dict:
@@ -175,10 +190,13 @@ def bench_equal(shape: str, a: Path, b: Path, rounds: int) -> dict:
     _warm(files)
     tools = {"cat": ["sh", "-c", "cat " + " ".join(f"'{f}'" for f in files) + " > /dev/null"],
              "md5sum": ["md5sum", *map(str, files)], "xxhsum": ["xxhsum", *map(str, files)],
-             "cmp": _cmp_cmd(_cmp_pairs(a, b)), "compare": _compare_cmd(a, b), PYSTART: [sys.executable, "-c", "pass"]}
+             "cmp": _cmp_cmd(_cmp_pairs(a, b)), **_compare_tools(a, b), PYSTART: [sys.executable, "-c", "pass"]}
+    if shutil.which("xxhsum") is None:  # (an absent tool "answers" in a millisecond: no column rather than a false one)
+        del tools["xxhsum"]
     out = _rounds(tools, rounds)
-    if out["compare"]["rc"] != [0]:
-        sys.exit(f"{shape}: compare did not report the pair equal (exit {out['compare']['rc']})")
+    for name in _compare_tools(a, b):
+        if out[name]["rc"] != [0]:
+            sys.exit(f"{shape}: {name} did not report the pair equal (exit {out[name]['rc']})")
     if out["cmp"]["rc"] != [0]:
         out["cmp"]["note"] = "n/a: bytes differ by design (file names inside torch.save archives)"
     return {"shape": shape, "bytes": sum(f.stat().st_size for f in files), "files": len(files), "tools": out}
@@ -216,12 +234,12 @@ def bench_differing(shape: str, a: Path, b: Path, rounds: int) -> list[dict]:
         _flip(file, at)
         try:
             pairs = _cmp_pairs(a, b)
-            tools = {"cmp": _cmp_cmd(pairs), "compare": _compare_cmd(a, b), "compare --first": _compare_cmd(
-                a, b, "--first"), PYSTART: [sys.executable, "-c", "pass"]}
+            tools = {"cmp": _cmp_cmd(pairs), **_compare_tools(a, b), **_compare_tools(a, b, "--first"),
+                     PYSTART: [sys.executable, "-c", "pass"]}
             out = _rounds(tools, rounds)
         finally:
             _flip(file, at)  # restored: B equals A again
-        for name in ("compare", "compare --first"):
+        for name in [n for n in out if n.startswith("compare")]:
             if out[name]["rc"] != [1]:
                 sys.exit(f"{shape} differing at {where}: {name} exit {out[name]['rc']} (1 expected)")
         rows.append({"shape": f"{shape} differing at {where}", "at": at, "file": file.name, "tools": out})
@@ -248,20 +266,23 @@ def _largest_tensor_mib(shape: str, a: Path) -> float:
 def _verdicts(equal: list[dict], differing: list[dict], largest: dict[str, float]) -> list[str]:
     out = []
     for r in equal:
-        c, cat = r["tools"]["compare"], r["tools"]["cat"]
+        cat = r["tools"]["cat"]
         limit = 64.0 if r["shape"] == "small-50k" else 64 + largest[r["shape"]]
-        ratio = c["s"] / cat["s"]
-        bare = (c["s"] - r["tools"][PYSTART]["s"]) / cat["s"]
-        out.append(f"  {r['shape']:11s} {ratio:4.2f}x cat {'MET' if ratio <= 1.3 else 'NOT MET'} (<= 1.3x; "
-                   f"{bare:4.2f}x without the interpreter's start); "
-                   f"peak {c['rss']:.1f} MiB {'MET' if c['rss'] < limit else 'NOT MET'} (< {limit:.1f} MiB)")
+        for name in [n for n in r["tools"] if n.startswith("compare")]:
+            c = r["tools"][name]
+            ratio = c["s"] / cat["s"]
+            bare = (c["s"] - r["tools"][PYSTART]["s"]) / cat["s"]
+            floor = "" if name.endswith("(front)") else f"; {bare:4.2f}x without the interpreter's start"
+            out.append(f"  {r['shape']:11s} {name:17s} {ratio:4.2f}x cat {'MET' if ratio <= 1.3 else 'NOT MET'} "
+                       f"(<= 1.3x{floor}); "
+                       f"peak {c['rss']:.1f} MiB {'MET' if c['rss'] < limit else 'NOT MET'} (< {limit:.1f} MiB)")
     for r in differing:
         cmp_s = r["tools"]["cmp"]["s"]
-        for name in ("compare", "compare --first"):
+        for name in [n for n in r["tools"] if n.startswith("compare")]:
             c = r["tools"][name]
             ratio = c["s"] / cmp_s
             floor = r["tools"][PYSTART]["s"] / cmp_s
-            out.append(f"  {r['shape']:26s} {name:15s} {ratio:6.1f}x cmp {'MET' if ratio <= 3 else 'NOT MET'} (<= 3x; "
+            out.append(f"  {r['shape']:26s} {name:23s} {ratio:6.1f}x cmp {'MET' if ratio <= 3 else 'NOT MET'} (<= 3x; "
                        f"python -c pass alone {floor:.1f}x); "
                        f"peak {c['rss']:.1f} MiB {'MET' if c['rss'] < 128 else 'NOT MET'} (< 128 MiB)")
     return out
@@ -298,6 +319,8 @@ def main() -> None:
     ap.add_argument("--megatron-shape", default="qwen2.5-0.5b", help="embedded model shape the trainer trains")
     ap.add_argument("--megatron-dir", default=None, help="A,B: two existing Megatron run dirs (not written here)")
     ap.add_argument("--no-differing", action="store_true", help="equal pairs only")
+    ap.add_argument("--front", default=None, metavar="EXE",
+                    help="also time this `pytest-miles` executable (the C front end) in the same rounds")
     ap.add_argument("--write", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -308,6 +331,8 @@ def main() -> None:
     if [s for s in shapes if s not in SHAPES] or args.rounds < 1:
         sys.exit(f"--shapes: choose from {', '.join(SHAPES)}; --rounds must be >= 1")
     _compile_package()
+    global FRONT
+    FRONT = args.front and str(Path(args.front).resolve())
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.rounds} interleaved "
           "rounds, median [min-max]; page cache warm, process start included (bytecode compiled, as an install "
           "leaves it); GB/s over both sides"
@@ -324,13 +349,13 @@ def main() -> None:
             print(f"{shape:11s} {r['bytes'] / 2**30:5.2f} GiB in {r['files']:3d} files, largest tensor "
                   f"{largest[shape]:.1f} MiB", flush=True)
             for name, t in r["tools"].items():
-                print(f"    {name:15s} {_fmt(t, gb)}", flush=True)
+                print(f"    {name:23s} {_fmt(t, gb)}", flush=True)
             if shape in DIFFERING and not args.no_differing:
                 for d in bench_differing(shape, a, b, args.rounds):
                     differing.append(d)
                     print(f"{d['shape']} (byte {d['at']} of {d['file']})", flush=True)
                     for name, t in d["tools"].items():
-                        print(f"    {name:15s} {_fmt(t)}", flush=True)
+                        print(f"    {name:23s} {_fmt(t)}", flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")

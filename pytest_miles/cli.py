@@ -113,10 +113,15 @@ def _compare(args: argparse.Namespace) -> int:
 
             report = first_diverging_iteration(args.a, args.b, ignore=args.ignore or (), workers=args.workers)
         else:
+            import os
+
             from pytest_miles.checks.compare import compare_checkpoints
 
+            # set by the C `pytest-miles` (ckpt/dcpscan/front.c) when it found the pair's bytes or plans
+            # different: the fast path (which only ever answers EQUAL) would read them again for nothing
+            fast = os.environ.pop("_PYTEST_MILES_FAST_DECLINED", "") != "1"
             report = compare_checkpoints(args.a, args.b, ignore=args.ignore or (), first=args.first,
-                                         workers=args.workers)
+                                         workers=args.workers, fast=fast)
     except (CheckpointError, InputError) as exc:
         if args.json:
             print(_dumps({"equal": None, "error": str(exc)}, indent=2))

@@ -83,6 +83,24 @@ def test_the_fresh_venv_has_no_torch_and_the_cli_runs(venv):
     assert version.startswith("pytest-miles 0.1.0")
 
 
+def test_the_installed_command_is_the_native_front_end_and_hands_over_to_python(venv, tmp_path):
+    """`pytest-miles` is front.c (where a compiler was found at install), `pytest-miles-py` the Python
+    command line; `compare` of two equal DCP dirs is answered by the first (this venv has no torch:
+    the pair is written by this process), anything else by the second."""
+    exe, cli = venv.parent / "pytest-miles", venv.parent / "pytest-miles-py"
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler at install: `pytest-miles` is the shell script that starts Python")
+    assert exe.read_bytes()[:4] == b"\x7fELF" and cli.read_text().startswith(f"#!{venv}")
+    pytest.importorskip("torch")
+    from tests.helpers.checkpoints import make_state, save_dcp
+
+    a, b = save_dcp(tmp_path / "a", make_state(0)), save_dcp(tmp_path / "b", make_state(0))
+    out = _run([exe, "compare", a, b]).stdout
+    assert out.startswith("checkpoints EQUAL") and f"  B: {b} [dcp]" in out, out
+    assert _run([exe, "compare", "--json", a, b]).stdout.startswith("{")  # Python's
+    assert _run([exe, "suite", "--version"]).stdout.startswith("pytest")
+
+
 def test_downstream_example_runs_from_the_wheel_without_torch(venv, downstream):
     result = subprocess.run([venv, "-m", "pytest", "--strict-markers", "-n", "2", "-rs", "-p", "no:cacheprovider",
                              "-W", "error::pytest.PytestAssertRewriteWarning"],

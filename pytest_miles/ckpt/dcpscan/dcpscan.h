@@ -3,12 +3,16 @@
  *   vm.c     the pickle VM: opcodes into a flat value graph, globals from an allowlist
  *   walk.c   the graph walked as DCP's Metadata: every check of dcp_layout.py, the canonical plan
  *   module.c the Python module: scan(), cmp_range(), the memory kept between scans
+ *   front.c  the `pytest-miles` executable: `compare` of two equal DCP dirs without starting Python
+ *            (built with DCPSCAN_NO_PYTHON: vm.c and walk.c use no Python API)
  */
 #ifndef DCPSCAN_H
 #define DCPSCAN_H
 #define _GNU_SOURCE /* mremap */
+#ifndef DCPSCAN_NO_PYTHON
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#endif
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>

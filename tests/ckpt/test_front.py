@@ -1,0 +1,247 @@
+"""The `pytest-miles` command in C (pytest_miles/ckpt/dcpscan/front.c), against the Python command line.
+
+What must hold: wherever the C command answers (`compare` of two equal plain DCP dirs), it prints
+what `python -m pytest_miles.cli` prints (all but the timing line) with the same exit code;
+everything else (differing pairs, other formats, flags it does not know, malformed and hostile
+files, every other subcommand) is handed over to the Python command line with the arguments
+untouched, so that the outputs are Python's own. Files are never written and payloads never run.
+
+The executable is built as an install builds it (`setup.py build_scripts`), into a temp dir; the
+Python command line beside it (`pytest-miles-py`, a console script in an install) is here a shell
+script that notes each hand-over in a log, then runs this checkout's real CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pytest_miles.checks import dcp_fast  # noqa: E402
+from tests.ckpt.test_checkpoints_hostile import CASES, world  # noqa: E402, F401  (the hostile files, reused)
+from tests.ckpt.test_dcp_native import _copy, _malformed  # noqa: E402
+from tests.helpers.checkpoints import make_state, optimizer_state, save_dcp, save_parallel_layouts, tree_state  # noqa: E402
+
+ROOT = Path(__file__).parent.parent.parent
+pytestmark = pytest.mark.skipif(dcp_fast.native_reader() is None or shutil.which("cc") is None,
+                                reason="no C compiler: `pytest-miles` is the shell script that starts Python")
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory) -> Path:
+    """`pytest-miles` built by setup.py as an install builds it, with a logging `pytest-miles-py` beside it."""
+    bin_dir = tmp_path_factory.mktemp("front-bin")
+    exe = bin_dir / "pytest-miles"
+    if os.environ.get("FRONT_SANITIZE"):  # by hand: FRONT_SANITIZE=1 ASAN_OPTIONS=detect_leaks=0 pytest this file
+        src = ROOT / "pytest_miles" / "ckpt" / "dcpscan"
+        subprocess.run(["cc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                        "-DDCPSCAN_NO_PYTHON", "-pthread", "-o", str(exe), *(str(src / f) for f in
+                                                                         ("front.c", "vm.c", "walk.c"))], check=True)
+    else:
+        subprocess.run([sys.executable, "setup.py", "-q", "build_scripts", "--build-dir", str(bin_dir), "--force"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert exe.read_bytes()[:4] == b"\x7fELF", "setup.py installed the shell script: front.c was not compiled"
+    cli = bin_dir / "pytest-miles-py"
+    cli.write_text(f'#!/bin/sh\necho "${{_PYTEST_MILES_FAST_DECLINED:-}}|$*" >> "$FRONT_TEST_LOG"\n'
+                   f'exec {sys.executable} -m pytest_miles.cli "$@"\n')
+    cli.chmod(0o755)
+    return exe
+
+
+def _env(log: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_MILES_")}
+    return {**env, "PYTHONPATH": str(ROOT), "FRONT_TEST_LOG": str(log), **extra}
+
+
+def _both(front: Path, tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, bool | str]:
+    """Run `pytest-miles ARGS` (the C command) and `python -m pytest_miles.cli ARGS`; check they agree
+    (stdout but the timing line, stderr, exit code); return the C command's run and whether it
+    handed over to Python: False, True, or "fast path declined" (it told Python that the bytes or
+    plans differ: Python skipped its own fast path, and still printed what it prints without)."""
+    log = tmp_path / "handed-over.log"
+    log.unlink(missing_ok=True)
+    ours = subprocess.run([str(front), *args], capture_output=True, text=True, env=_env(log, **env), timeout=120)
+    ref = subprocess.run([sys.executable, "-m", "pytest_miles.cli", *args], capture_output=True, text=True,
+                         env=_env(log.with_suffix(".ref"), **env), timeout=120)
+    def untimed(out: str) -> list[str]:
+        return [line for line in out.splitlines() if " s (" not in line and '"seconds": ' not in line]
+
+    assert untimed(ours.stdout) == untimed(ref.stdout), (args, ours.stdout, ref.stdout)
+    assert (ours.returncode, ours.stderr) == (ref.returncode, ref.stderr), (args, ours, ref)
+    if not log.exists():
+        return ours, False
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split("|", 1)[1] == " ".join(args)  # the arguments reached Python untouched
+    return ours, "fast path declined" if lines[0].startswith("1|") else True
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Equal pairs of real saves (each side its own save: its own save_id and path), as test_dcp_native's."""
+    t = tmp_path_factory.mktemp("front-pairs")
+    out = {}
+    for side in ("a", "b"):
+        save_dcp(t / f"plain-{side}", make_state(0))
+        save_dcp(t / f"adamw-{side}", optimizer_state(0))
+        save_dcp(t / f"many-{side}", {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i))
+                                      for i in range(2000)})
+    for name in ("plain", "adamw", "many"):
+        out[name] = (t / f"{name}-a", t / f"{name}-b")
+    layouts = save_parallel_layouts(t / "world2")
+    for name in ("fsdp2-sharded", "dtensor-replicated"):  # two .distcp files, chunked tensors
+        out[name] = (layouts / name, _copy(layouts / name, t / f"{name}-copy"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["plain", "adamw", "many", "fsdp2-sharded", "dtensor-replicated"])
+def test_equal_dcp_pairs_are_answered_natively_with_the_python_report(front, pairs, name, tmp_path):
+    a, b = pairs[name]
+    before = tree_state(a) | tree_state(b)
+    for flags in ([], ["--first"], ["--workers", "1"], ["--workers=3", "--first"]):
+        run, handed = _both(front, tmp_path, "compare", *flags, str(a), str(b))
+        assert run.returncode == 0 and run.stdout.startswith("checkpoints EQUAL") and not handed, (name, flags)
+    run, handed = _both(front, tmp_path, "compare", str(b), str(a))  # either order
+    assert run.returncode == 0 and not handed
+    run, handed = _both(front, tmp_path, "compare", str(a), str(a))  # a dir against itself: one ids note
+    assert run.returncode == 0 and not handed
+    assert tree_state(a) | tree_state(b) == before
+    if name == "plain":  # the same json/txt/yaml files beside on both sides
+        sa, sb = _copy(a, tmp_path / "side-a"), _copy(b, tmp_path / "side-b")
+        for d in (sa, sb):
+            (d / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+            (d / "notes.txt").write_text("x")
+        run, handed = _both(front, tmp_path, "compare", str(sa), str(sb))
+        assert run.returncode == 0 and not handed
+        (sb / "notes.txt").write_text("y")
+        run, handed = _both(front, tmp_path, "compare", str(sa), str(sb))
+        assert handed is True
+
+
+def test_second_side_read_in_full_when_its_metadata_is_not_the_firsts(front, pairs, tmp_path):
+    """B's `.metadata` written again by pickle (other bytes, same objects): no mirror, B is scanned."""
+    import pickle
+
+    a, b = pairs["plain"]
+    other = _copy(b, tmp_path / "repickled")
+    md = pickle.loads((other / ".metadata").read_bytes())  # our own file: trusted here
+    md.storage_meta.save_id = "x" * 7  # another length too
+    (other / ".metadata").write_bytes(pickle.dumps(md))  # file sizes differ: B is not A's mirror
+    run, handed = _both(front, tmp_path, "compare", str(a), str(other))
+    assert run.returncode == 0 and not handed and "save_id=xxxxxxx" in run.stdout
+
+
+# what Python says of one flipped byte: at 0, in an item's torch.save container (an error); in the
+# middle, in a float32 value (DIFFERENT); the last byte, padding of a zip container (EQUAL, with a note)
+@pytest.mark.parametrize(("where", "rc"), [("start", 2), ("middle", 1), ("end", 0)])
+def test_a_pair_whose_bytes_differ_is_python_s_report(front, pairs, where, rc, tmp_path):
+    a, b = pairs["plain"]
+    flipped = _copy(b, tmp_path / "flipped")
+    data = flipped / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    raw[{"start": 0, "middle": len(raw) // 2, "end": len(raw) - 1}[where]] ^= 1
+    data.write_bytes(bytes(raw))
+    for flags in ([], ["--first"]):
+        run, handed = _both(front, tmp_path, "compare", *flags, str(a), str(flipped))
+        assert run.returncode == rc and handed == "fast path declined"
+
+
+def test_what_it_does_not_answer_goes_to_python_untouched(front, pairs, tmp_path):
+    a, b = pairs["plain"]
+    common = _copy(b, tmp_path / "with-common")  # a torch file beside: Python reads it
+    torch.save({"args": {"seed": 0}}, common / "common.pt")
+    _copy(a, tmp_path / "with-common-a")
+    torch.save({"args": {"seed": 0}}, tmp_path / "with-common-a" / "common.pt")
+    extra = _copy(b, tmp_path / "extra")
+    (extra / "notes.md").write_text("x")
+    side = _copy(b, tmp_path / "side-json")
+    (side / "metadata.json").write_text("{}")
+    odd = _copy(a, tmp_path / "caf\u00e9")
+    cases = [  # the exit codes are Python's (checked equal by _both)
+        ["compare", "--json", str(a), str(b)], ["compare", "--ignore", "*bias*", str(a), str(b)],
+        ["compare", "--iterations", "all", str(a), str(b)], ["compare", "--fir", str(a), str(b)],
+        ["compare", "--workers", "0", str(a), str(b)], ["compare", "--workers", "01", str(a), str(b)],
+        ["compare", "--debug", str(a), str(b)], ["compare", str(a)], ["compare", str(a), str(b), str(a)],
+        ["compare", "--", str(a), str(b)], ["compare", str(tmp_path / "with-common-a"), str(common)],
+        ["compare", str(a), str(extra)], ["compare", str(a), str(side)], ["compare", str(odd), str(b)],
+        ["compare", str(a), str(ROOT / "no-such-dir")], ["compare", str(a), "manifest.json"],
+    ]
+    for args in cases:
+        run, handed = _both(front, tmp_path, *args)
+        assert handed, (args, run)
+    for env in ({"PYTEST_MILES_NATIVE": "0"}, {"PYTEST_MILES_NATIVE": "maybe"}, {"PYTHONIOENCODING": "utf-8"}):
+        run, handed = _both(front, tmp_path, "compare", str(a), str(b), **env)
+        assert handed, env
+
+
+def test_other_subcommands_go_to_python(front, tmp_path):
+    for args in (["--help"], ["--version"], [], ["compare", "--help"], ["suite", "--version"],
+                 ["matrix", "--gpu", "h100"], ["fingerprint", "--gpu-class", "none"], ["no-such-command"]):
+        run, handed = _both(front, tmp_path, *args)
+        assert handed, args
+    run, _ = _both(front, tmp_path, "suite", "--version")
+    assert "pytest" in run.stdout + run.stderr  # pytest's own answer: `suite` reached pytest
+
+
+def test_malformed_metadata_is_python_s_error(front, pairs, tmp_path):
+    cases = _malformed(pairs["plain"][0], tmp_path)
+    for name, bad in cases.items():
+        twin = _copy(bad, tmp_path / f"{bad.name}-twin")
+        before = tree_state(bad) | tree_state(twin)
+        run, handed = _both(front, tmp_path, "compare", str(bad), str(twin))
+        assert handed and run.returncode == 2, (name, run)
+        assert tree_state(bad) | tree_state(twin) == before, name
+    assert not (tmp_path / "PAYLOAD-RAN").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith(("payload", "FIFO", "socket", "symlink", "empty"))
+                                  or "metadata" in c or "distcp" in c or "DCP" in c])
+def test_hostile_files_are_python_s_error_never_a_hang(front, world, case, tmp_path):  # noqa: F811
+    t, marker, cases = world
+    good, bad, text = cases[case]
+    before = tree_state(t)
+    run, handed = _both(front, tmp_path, "compare", str(good), str(bad))
+    assert handed and run.returncode == 2 and text in run.stderr, (case, run)
+    assert not marker.exists(), "a pickle payload ran"
+    assert tree_state(t) == before, "inputs must never be written"
+
+
+def test_mutated_metadata_tails_are_never_vouched_for_wrongly(front, pairs, tmp_path):
+    """The mirror check reads B's `.metadata` tail (from the `storage_meta` key on: the save ids) with its own
+    opcode reader. Random byte changes there (and a few before it): wherever the C command still answers, it
+    must print what Python prints; elsewhere it hands over. (FRONT_SANITIZE=1: under ASan and UBSan.)"""
+    import random
+
+    a, b = pairs["plain"]
+    quiet = tmp_path / "bin"  # the same executable, beside a `pytest-miles-py` that only says it was reached
+    quiet.mkdir()
+    shutil.copy2(front, quiet / "pytest-miles")
+    (quiet / "pytest-miles-py").write_text("#!/bin/sh\nexit 99\n")
+    (quiet / "pytest-miles-py").chmod(0o755)
+    raw = (b / ".metadata").read_bytes()
+    start = raw.find(b"\x8c\x0cstorage_meta\x94")
+    assert 0 < start and len(raw) - start < 4096
+    rng = random.Random(32)
+    answered = handed = 0
+    mutant = _copy(b, tmp_path / "mutant")
+    for k in range(300):
+        data = bytearray(raw)
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            at = rng.randrange(start, len(raw)) if k % 10 else rng.randrange(len(raw))
+            data[at] = rng.choice((rng.randrange(256), data[at] ^ 1, ord("x"), 0x8C, 0x94, 0x2E))
+        (mutant / ".metadata").write_bytes(bytes(data))
+        run = subprocess.run([str(quiet / "pytest-miles"), "compare", str(a), str(mutant)], capture_output=True,
+                             text=True, env=_env(tmp_path / "unused.log"), timeout=60)
+        if run.returncode == 99:
+            handed += 1
+            continue
+        assert run.returncode == 0 and not run.stderr, (k, run)
+        answered += 1
+        _both(front, tmp_path, "compare", str(a), str(mutant))  # the same report as Python's
+    assert answered and handed, (answered, handed)  # both outcomes were exercised
