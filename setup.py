@@ -30,7 +30,7 @@ class BuildScripts(Distribution().get_command_class("build_scripts")):
         super().run()
         try:
             self._compile_front()
-        except (CCompilerError, BaseError, OSError) as exc:
+        except (CCompilerError, BaseError, OSError, ImportError) as exc:  # ImportError: no distutils shim here
             print(f"pytest-miles: the native front end was not built ({exc}); `pytest-miles` starts Python")
 
     def _compile_front(self) -> None:
