@@ -25,7 +25,6 @@ from pytest_miles.checks.traffic import (
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError
-from pytest_miles.placement.processes import tail
 from pytest_miles.recording import recorded
 
 # Witness -> the /metrics names that carry it, first found wins. SGLang 0.5.17 (observability/
@@ -144,9 +143,30 @@ def stall_message(engine, left: int, total: int, waited: float) -> str:
              if k.split(":")[-1] in ("num_running_reqs", "num_queue_reqs", "num_used_tokens", "token_usage",
                                      "max_total_num_tokens")}
     log = getattr(engine, "log_path", None)
-    said = f"; its log ends:\n{tail(log, 15)}" if log else ""
+    said = f"; its log ends (our own polling left out):\n{log_tail(log, 20)}" if log else ""
     return (f"stall under load: {left} of {total} requests unfinished and none finished for {waited:.0f} s; "
             f"the engine says: {state or 'nothing (no /metrics)'}{said}")
+
+
+# Access-log lines of the requests this check itself sends while it waits (the /metrics poll ten times a
+# second): on 2026-12-04 (H200) they were the whole tail of a stalled server's log, hiding its scheduler.
+POLLING = ("GET /metrics", "GET /health", "GET /get_server_info", "GET /server_info")
+
+
+def log_tail(path: str | None, lines: int = 20, window: int = 4 << 20) -> str:
+    """The last `lines` lines of a server log, the check's own polling left out (the last `window`
+    bytes read; the log is never written)."""
+    import os
+
+    try:
+        with open(path, "rb") as f:  # type: ignore[arg-type]
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - window))
+            text = f.read().decode(errors="replace")
+    except (OSError, TypeError):
+        return ""
+    kept = [line for line in text.splitlines() if not any(p in line for p in POLLING)]
+    return "\n".join(kept[-lines:])
 
 
 def _log_size(engine) -> int:

@@ -115,7 +115,7 @@ def test_negative_control_a_stall_is_reported_with_the_engines_queue_and_pool(in
         stall = r"stall under load: 1 of 4 requests unfinished .*num_queue_reqs"
         with pytest.raises(AssertionError, match=stall) as exc:
             assert_deterministic_under_load(stalled, 4, seed=2, stall_timeout=1.0, **SHAPE)
-        assert "; its log ends:\n" in str(exc.value)  # the server's own words on why, when it has a log
+        assert "; its log ends (our own polling left out):\n" in str(exc.value)  # the server's words, if it has a log
     finally:
         stalled.gate.set()
 
@@ -200,3 +200,18 @@ def test_min_p_is_served_by_the_reference_server_and_kept_in_its_traffic(invaria
     assert assert_sampling_batch_invariant(invariant, trials=3).passed  # the reference samples per row
     report = run_traffic(invariant, 4, seed=2, max_prompt=8, max_new_tokens=2, spread_s=0.0, required=())
     assert report.shape["min_p"] is True and report.shape["filtered"] is False and not report.notes
+
+
+def test_a_stalled_servers_log_is_shown_without_the_checks_own_polling(tmp_path):
+    """On 2026-12-04 (H200) the tail of a stalled SGLang server's log was nothing but the check's own /metrics
+    polls; the scheduler's lines before them are what a person needs."""
+    from pytest_miles.scenarios.traffic import log_tail
+
+    log = tmp_path / "server.log"
+    sched = [f"[10:16:{i:02d}] Decode batch. #running-req: 1, #token: 319, token usage: 0.08, #queue-req: 249"
+             for i in range(3)]
+    noise = [f'INFO:     127.0.0.1:{40000 + i} - "GET /metrics HTTP/1.1" 200 OK' for i in range(50000)]
+    log.write_text("\n".join(["started", *sched, *noise, 'INFO: 127.0.0.1:1 - "GET /health HTTP/1.1" 200']) + "\n")
+    assert log_tail(str(log), 3).splitlines() == sched
+    assert log_tail(str(tmp_path / "absent.log")) == "" and log_tail(None) == ""
+    assert log.read_text().startswith("started")  # read, never written
