@@ -13,7 +13,7 @@ class TensorDiff:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    differing: int
+    differing: int | None  # None: --first, not counted
     total: int
     first_index: tuple[int, ...]
     value_a: str
@@ -23,9 +23,13 @@ class TensorDiff:
     max_abs_diff: float | None
     max_ulp: int | None
     nan_mismatches: int = 0
+    first_only: bool = False  # --first: the first differing element alone, the rest not compared
 
     def render(self) -> str:
         idx = ", ".join(str(i) for i in self.first_index)
+        if self.first_only:
+            return (f"{self.name}: first differing element at [{idx}] ({self.dtype}, shape {list(self.shape)}): "
+                    f"{self.value_a} ({self.bits_a}) vs {self.value_b} ({self.bits_b}); --first: the rest not compared")
         text = (f"{self.name}: {self.differing} of {self.total} elements differ ({self.dtype}, shape "
                 f"{list(self.shape)}); first at [{idx}]: {self.value_a} ({self.bits_a}) vs "
                 f"{self.value_b} ({self.bits_b})")
@@ -38,7 +42,10 @@ class TensorDiff:
         return text
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "shape": list(self.shape), "first_index": list(self.first_index)}
+        out = {**asdict(self), "shape": list(self.shape), "first_index": list(self.first_index)}
+        if not self.first_only:
+            del out["first_only"]  # the full report's JSON as it always was
+        return out
 
 
 def _int_view(t):

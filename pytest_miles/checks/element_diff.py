@@ -13,6 +13,7 @@ decodes with torch.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from array import array
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from pytest_miles.checks.bits import TensorDiff
 from pytest_miles.ckpt.model import ITEMSIZE, CheckpointEntry, CheckpointError, numel
 
-__all__ = ["LIMIT", "element_diff"]
+__all__ = ["LIMIT", "element_diff", "element_first"]
 
 LIMIT = 1 << 16  # differing elements decoded here; beyond that, torch is quicker
 _RAW = ("raw", ("raw",), ("pt", "contiguous"))
@@ -91,17 +92,26 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def element_diff(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> TensorDiff | None:
-    """The TensorDiff of two stored tensors of equal dtype, shape and chunk layout (Megatron stores a
-    layer-stacked tensor as one chunk per layer), read from their files without torch; None where
-    this does not apply (the caller decodes the tensors instead)."""
+def _alike(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> tuple | None:
+    """(dtype, itemsize, shape, chunk ranges A, chunk ranges B) of two tensors decodable here, chunked
+    alike; else None."""
     dtype = ea.dtype or ""
     if native is None or dtype not in _FLOATS and dtype not in _INTS:
         return None
     ca, cb = _chunk_ranges(ea), _chunk_ranges(eb)
     if ca is None or cb is None or [c[:2] for c in ca] != [c[:2] for c in cb]:
         return None
-    size, shape = ITEMSIZE[dtype], tuple(ea.shape or ())
+    return dtype, ITEMSIZE[dtype], tuple(ea.shape or ()), ca, cb
+
+
+def element_diff(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> TensorDiff | None:
+    """The TensorDiff of two stored tensors of equal dtype, shape and chunk layout (Megatron stores a
+    layer-stacked tensor as one chunk per layer), read from their files without torch; None where
+    this does not apply (the caller decodes the tensors instead)."""
+    alike = _alike(native, ea, eb)
+    if alike is None:
+        return None
+    dtype, size, shape, ca, cb = alike
     total, index, parts_a, parts_b = 0, [], [], []
     for (offsets, sizes, ra), (_, _, rb) in zip(ca, cb):
         found = _diff(native, ra, rb, size, LIMIT - total)
@@ -117,6 +127,50 @@ def element_diff(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> Tenso
     if total == 0:
         return None  # no difference (the caller's bytes said otherwise: let it look)
     return _figures(ea, dtype, size, total, index, b"".join(parts_a), b"".join(parts_b))
+
+
+def element_first(native: Any, ea: CheckpointEntry, eb: CheckpointEntry) -> TensorDiff | None:
+    """--first: the first differing element (row-major) of two stored tensors laid out alike, its index,
+    values and bits alone (`first_only`): each chunk is read up to its first differing byte, nothing
+    is counted; None where this does not apply (the caller decodes the tensors instead)."""
+    from pytest_miles._files import SafeFile
+
+    alike = _alike(native, ea, eb)
+    if alike is None:
+        return None
+    dtype, size, shape, ca, cb = alike
+    best = None  # (flat index, bytes A, bytes B)
+    for (offsets, sizes, ra), (_, _, rb) in zip(ca, cb):
+        with SafeFile(ra[0]) as fa, SafeFile(rb[0]) as fb:
+            if ra[1] + ra[2] > fa.size or rb[1] + rb[2] > fb.size:
+                return None  # the full decode names the problem
+            try:
+                at = native.first_diff(fa.fd, ra[1], fb.fd, rb[1], ra[2])
+                if at < 0:
+                    if at == -2:
+                        return None
+                    continue
+                k = at // size
+                raw_a, raw_b = os.pread(fa.fd, size, ra[1] + k * size), os.pread(fb.fd, size, rb[1] + k * size)
+            except (OSError, EOFError) as exc:
+                raise CheckpointError(f"{ra[0]} / {rb[0]}: read failed ({exc})") from None
+        if len(raw_a) != size or len(raw_b) != size:
+            return None
+        flat = _ravel([o + i for o, i in zip(offsets, _unravel(k, sizes))], shape)
+        if best is None or flat < best[0]:
+            best = (flat, raw_a, raw_b)
+    if best is None:
+        return None  # no difference (the caller's bytes said otherwise: let it look)
+    flat, raw_a, raw_b = best
+    (va,), (vb,) = _values(dtype, raw_a, 1), _values(dtype, raw_b, 1)
+    width = size * 8
+    code = _SIGNED[size] if dtype != "bool" else "B"
+    (sa,), (sb,) = struct.unpack(f"<{code}", raw_a), struct.unpack(f"<{code}", raw_b)
+    mask = (1 << width) - 1
+    return TensorDiff(name=ea.name, dtype=dtype, shape=shape, differing=None, total=numel(shape),
+                      first_index=_unravel(flat, shape), value_a=repr(va), value_b=repr(vb),
+                      bits_a=f"0x{sa & mask:0{width // 4}x}", bits_b=f"0x{sb & mask:0{width // 4}x}",
+                      max_abs_diff=None, max_ulp=None, first_only=True)
 
 
 def _diff(native: Any, ra: tuple, rb: tuple, size: int, limit: int) -> tuple[int, list[int], bytes, bytes] | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pytest_miles.checks.byte_ranges import compare_group, split
 from pytest_miles.checks.compare_report import Difference, Report, merge_notes
-from pytest_miles.checks.element_diff import element_diff
+from pytest_miles.checks.element_diff import element_diff, element_first
 from pytest_miles.checks.values import Ignore, leaf_diff, objects_diff
 from pytest_miles.ckpt.dcp_layout import relocated
 from pytest_miles.ckpt.model import CheckpointEntry, CheckpointError, Item, Layout, side_file_value
@@ -191,7 +191,9 @@ def _decode(plan: _Plan, unequal: dict[int, tuple[CheckpointEntry, CheckpointEnt
         if ea.kind == "bytes":
             found = objects_diff(ea.name, ea.chunks[0][2].decode(), eb.chunks[0][2].decode(), ign)
         else:
-            td = element_diff(native, ea, eb) if id(ea) in unequal else None  # without torch where it can
+            td = None
+            if id(ea) in unequal:  # without torch where it can; --first: the first differing element alone
+                td = (element_first if first else element_diff)(native, ea, eb)
             d = Difference("tensor", ea.name, td.render(), data=td.to_json()) if td is not None else leaf_diff(
                 ea.name, ea.assemble(), eb.assemble())
             found = [d] if d else []

@@ -123,3 +123,20 @@ def test_a_flipped_byte_is_reported_without_importing_torch(tmp_path):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got == {"torch": False, "data": json.loads(json.dumps(tensor_diff("w", a, b).to_json()))}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_first_names_the_first_differing_element_alone(dtype, tmp_path):
+    """--first: the first differing tensor's first differing element (index, values, bits as the full
+    report prints them), nothing counted; without --first the full count, as before."""
+    a, b = _pair(dtype, DTYPES.index(dtype))
+    full = tensor_diff("w", a, b)
+    pa = save_dcp(tmp_path / "a", {"w": a, "same": torch.ones(3)})
+    pb = save_dcp(tmp_path / "b", {"w": b, "same": torch.ones(3)})
+    for fast in (True, False):
+        d = compare_checkpoints(pa, pb, first=True, fast=fast).first
+        assert d.data["first_only"] is True and d.data["differing"] is None and d.data["max_ulp"] is None
+        assert [d.data[k] for k in ("first_index", "value_a", "value_b", "bits_a", "bits_b")] == [
+            list(full.first_index), full.value_a, full.value_b, full.bits_a, full.bits_b]
+        assert d.detail.endswith("; --first: the rest not compared") and " of " not in d.detail.split(":")[1]
+        assert compare_checkpoints(pa, pb, fast=fast).first.data == full.to_json()  # without --first: unchanged
