@@ -140,3 +140,41 @@ def test_first_names_the_first_differing_element_alone(dtype, tmp_path):
             list(full.first_index), full.value_a, full.value_b, full.bits_a, full.bits_b]
         assert d.detail.endswith("; --first: the rest not compared") and " of " not in d.detail.split(":")[1]
         assert compare_checkpoints(pa, pb, fast=fast).first.data == full.to_json()  # without --first: unchanged
+
+
+def test_first_on_safetensors_and_torch_files_too(tmp_path):
+    from safetensors.torch import save_file
+
+    a, b = _pair("bfloat16", 4)
+    full = tensor_diff("w", a, b)
+    save_file({"w": a}, str(tmp_path / "a.safetensors"))
+    save_file({"w": b}, str(tmp_path / "b.safetensors"))
+    torch.save({"w": a}, tmp_path / "a.pt")
+    torch.save({"w": b}, tmp_path / "b.pt")
+    for a_, b_ in (("a.safetensors", "b.safetensors"), ("a.pt", "b.pt")):
+        d = compare_checkpoints(tmp_path / a_, tmp_path / b_, first=True).first.data
+        assert d["first_only"] and d["first_index"] == list(full.first_index) and d["differing"] is None
+        assert (d["value_a"], d["value_b"], d["bits_a"], d["bits_b"]) == (full.value_a, full.value_b, full.bits_a,
+                                                                          full.bits_b)
+
+
+FIRST_CHILD = textwrap.dedent("""
+    import json, sys
+    from pytest_miles.checks.compare import compare_checkpoints
+    report = compare_checkpoints(sys.argv[1], sys.argv[2], first=True)
+    print(json.dumps({"torch": "torch" in sys.modules, "data": report.first.data}))
+""")
+
+
+def test_first_on_a_whole_tensor_difference_imports_no_torch(tmp_path):
+    """Every element differs (beyond LIMIT: the full report decodes with torch); --first reads one
+    element of each side and imports no torch."""
+    a = torch.randn(300, 300, generator=torch.Generator().manual_seed(2))
+    b = a + 1.0
+    pa, pb = save_dcp(tmp_path / "a", {"w": a}), save_dcp(tmp_path / "b", {"w": b})
+    out = subprocess.run([sys.executable, "-c", FIRST_CHILD, str(pa), str(pb)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["torch"] is False and got["data"]["first_index"] == [0, 0] and got["data"]["differing"] is None
+    assert got["data"]["value_a"] == repr(a[0, 0].item()) and got["data"]["value_b"] == repr(b[0, 0].item())

@@ -151,6 +151,42 @@ def test_a_pair_whose_bytes_differ_is_python_s_report(front, pairs, where, rc, t
         assert run.returncode == rc and handed == "fast path declined"
 
 
+# --first on a differing pair: the first differing element of the first differing tensor alone
+# ("--first: the rest not compared"), values as Python's repr prints them (exponent notation, -0.0,
+# nan, inf); the C command hands these over, so the report is Python's own, flags untouched
+FIRST_CASES = {  # dtype: (A's values, index changed, B's value there)
+    "float32": ([1.5, 1e-20, 3e20, 0.0, 2.0], 3, -0.0),
+    "bfloat16": ([1.0, 2.5e-5, 1e30, 7.0], 2, float("inf")),
+    "float16": ([0.1, 6e-5, 65504.0], 1, float("nan")),
+    "float64": ([0.1, 1e16, 1e-5, 123456789.0], 1, 1.0000000000000002e16),
+    "int64": ([1, -5, 2**62], 2, -(2**62)),
+    "int8": ([1, -5, 7], 0, -128),
+    "uint8": ([1, 5, 255], 2, 0),
+}
+
+
+@pytest.mark.parametrize("dtype", list(FIRST_CASES))
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_first_on_a_differing_pair_names_the_first_element_alone(front, dtype, where, tmp_path):
+    values, k, changed = FIRST_CASES[dtype]
+    dt = getattr(torch, dtype)
+    n = 4096
+    base = torch.tensor(values * (n // len(values)) + values[: n % len(values)], dtype=torch.float64).to(dt)
+    state = {"first": torch.ones(16), "w": base.reshape(64, 64), "last": torch.arange(8, dtype=dt)}
+    flat = {"start": k, "middle": n // 2 - n // 2 % len(values) + k, "end": n - len(values) + k}[where]
+    other = {key: t.clone() for key, t in state.items()}
+    other["w"].view(-1)[flat] = torch.tensor(changed, dtype=torch.float64).to(dt)
+    a, b = save_dcp(tmp_path / "a", state), save_dcp(tmp_path / "b", other)
+    run, handed = _both(front, tmp_path, "compare", "--first", str(a), str(b))
+    assert run.returncode == 1 and handed == "fast path declined"
+    line = next(x for x in run.stdout.splitlines() if x.startswith("  - [tensor] w: "))
+    assert line.startswith(f"  - [tensor] w: first differing element at [{flat // 64}, {flat % 64}] ({dtype}, shape")
+    assert line.endswith("; --first: the rest not compared") and "elements differ" not in line
+    assert "(stopped at the first difference: --first)" in run.stdout
+    run, _ = _both(front, tmp_path, "compare", str(a), str(b))  # without --first: the full count, as before
+    assert run.returncode == 1 and "w: 1 of 4096 elements differ" in run.stdout
+
+
 def test_what_it_does_not_answer_goes_to_python_untouched(front, pairs, tmp_path):
     a, b = pairs["plain"]
     common = _copy(b, tmp_path / "with-common")  # a torch file beside: Python reads it
