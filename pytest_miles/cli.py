@@ -313,7 +313,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--json", action="store_true")
-    c.add_argument("--first", action="store_true", help="stop at the first difference")
+    c.add_argument("--first", action="store_true",
+                   help="stop at the first difference: its tensor's first differing element, the rest not compared")
     c.add_argument("--ignore", action="append", help="glob of tensor/key/file names to skip (repeatable)")
     c.add_argument("--workers", type=_positive_int, default=None,
                    help="file pairs read in parallel (>= 1; default 2, or 1 on a one-core machine)")
