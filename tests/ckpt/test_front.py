@@ -13,6 +13,7 @@ script that notes each hand-over in a log, then runs this checkout's real CLI.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -185,6 +186,37 @@ def test_first_on_a_differing_pair_names_the_first_element_alone(front, dtype, w
     assert "(stopped at the first difference: --first)" in run.stdout
     run, _ = _both(front, tmp_path, "compare", str(a), str(b))  # without --first: the full count, as before
     assert run.returncode == 1 and "w: 1 of 4096 elements differ" in run.stdout
+
+
+def test_first_on_chunked_tensors_names_the_first_element_in_row_major_order(front, pairs, tmp_path):
+    """FSDP2-sharded saves (each tensor in chunks, two .distcp files): --first reads each chunk up to its
+    first differing byte and names the element first in the tensor's row-major order, as the full report."""
+    from pytest_miles.checks.element_diff import _chunk_ranges
+    from pytest_miles.ckpt.layouts import load_layout
+
+    a, b = pairs["fsdp2-sharded"]
+    entries = load_layout(b).entries
+    name, ranges = next((n, r) for n, e in entries.items() if (r := _chunk_ranges(e)) is not None and len(r) > 1)
+    size = ranges[0][2][2] // math.prod(ranges[0][1])
+    for flips in ([(1, 0)], [(1, 0), (0, -1)]):  # (chunk, element): the second chunk's first, then the first's last too
+        flipped = _copy(b, tmp_path / f"flipped-{len(flips)}")
+        for c, k in flips:
+            rel = Path(ranges[c][2][0]).relative_to(b)
+            at = ranges[c][2][1] + (k % (ranges[c][2][2] // size)) * size + size - 1
+            raw = bytearray((flipped / rel).read_bytes())
+            raw[at] ^= 0x40
+            (flipped / rel).write_bytes(bytes(raw))
+        run, handed = _both(front, tmp_path, "compare", "--first", str(a), str(flipped))
+        assert run.returncode == 1 and handed == "fast path declined"
+        full, _ = _both(front, tmp_path, "compare", str(a), str(flipped))
+        line = next(x for x in run.stdout.splitlines() if x.startswith(f"  - [tensor] {name}: first differing"))
+        full_line = next(x for x in full.stdout.splitlines() if x.startswith(f"  - [tensor] {name}: "))
+        assert f"{len(flips)} of " in full_line
+        # the same element, values and bits as the full report's "first at [...]: ..."
+        assert line.split("]): ", 1)[1].split("; --first")[0] == full_line.split("first at [", 1)[1].split("]: ", 1)[
+            1].split("; max")[0]
+        assert line.split("first differing element at [", 1)[1].split("]")[0] == full_line.split("first at [", 1)[
+            1].split("]")[0]
 
 
 def test_what_it_does_not_answer_goes_to_python_untouched(front, pairs, tmp_path):
