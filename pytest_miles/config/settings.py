@@ -212,6 +212,12 @@ SETTINGS += (
             "that need no engine first, so kernel compilation overlaps training; off: each engine starts when a "
             "test first asks for it. Not under pytest-xdist or --miles-placement=ray.", default="on",
             kind="choice", choices=("on", "off"), env="PYTEST_MILES_ENGINE_PRESTART", group="performance"),
+    Setting("trainer_reuse", "megatron_trainer_factory trains each run in megatron-core rank processes kept for "
+            "the session (one group per world size and rank environment), each run on a fresh model, optimizer, "
+            "RNG and every global state megatron-core keeps, bitwise equal to a fresh process's run; off: fresh "
+            "processes for every run. Not with --miles-placement=ray, TransformerEngine, or GPUs leased under "
+            "pytest-xdist (those launch fresh).", default="on", kind="choice", choices=("on", "off"),
+            env="PYTEST_MILES_TRAINER_REUSE", group="performance"),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

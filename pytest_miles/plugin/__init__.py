@@ -21,6 +21,7 @@ from pytest_miles.plugin.fixtures import (  # noqa: E402,F401  (fixtures are fou
     miles_hardware,
     miles_record,
     miles_settings,
+    miles_trainer_pool,
     reference_engine,
     rl_loop_factory,
     sglang_engine,

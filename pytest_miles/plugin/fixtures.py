@@ -199,6 +199,19 @@ def rl_loop_factory(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
                        shared_root=base.parent if is_worker() else base)
 
 
+@pytest.fixture(scope="session")
+def miles_trainer_pool(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """The session's TrainerPool (megatron-core ranks kept for the session, a fresh model and global
+    state every run: docs/trainers.md), or None with --miles-trainer-reuse=off. Ends with the session."""
+    if _state(pytestconfig).setting("trainer_reuse") == "off":
+        yield None
+        return
+    from pytest_miles.trainers.pool import TrainerPool
+
+    with TrainerPool(tmp_path_factory.mktemp("megatron-pool")) as pool:
+        yield pool
+
+
 def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
                    tmp_path_factory: pytest.TempPathFactory):
     st = _state(pytestconfig)
@@ -212,6 +225,7 @@ def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
 
     placement = _placement(request, st)
     leaser = request.getfixturevalue("miles_gpu_leaser")
+    pool = request.getfixturevalue("miles_trainer_pool")
 
     def make(**kwargs):
         # a TrainerConfig says where it trains; it gets the session's log_dir if it has none
@@ -227,6 +241,7 @@ def _trainer_maker(request: pytest.FixtureRequest, pytestconfig: pytest.Config,
         if leaser is not None:
             kwargs.setdefault("gpu_lease", lambda n, owner: leaser.acquire(n, owner=owner))
         kwargs.setdefault("hardware", st.hardware)
+        kwargs.setdefault("pool", pool)
         return MegatronTrainer(**kwargs)  # PrecisionUnsupported skips; TE missing is Unavailable
 
     return make

@@ -205,7 +205,7 @@ def config_from(config: TrainerConfig | None, fields: dict[str, Any]) -> Trainer
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise TypeError(f"{WHERE}(): unexpected keyword argument(s) {', '.join(unknown)}; "
-                        f"accepted: {', '.join(known)}, config, launcher, gpu_lease, hardware")
+                        f"accepted: {', '.join(known)}, config, launcher, gpu_lease, hardware, pool")
     if config is None:
         return TrainerConfig(**fields)
     if not isinstance(config, TrainerConfig):

@@ -21,6 +21,7 @@ from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import PORT_RACE_TRIES, free_port, kill_tree, port_race_lost, tail
 from pytest_miles.recording import stage
 from pytest_miles.trainers.config import ModelArgs, TrainerConfig, config_from
+from pytest_miles.trainers.pool import pool_refusal
 
 __all__ = ["MegatronTrainer", "ModelArgs", "Run", "TrainerConfig", "TrainerError", "wait_for_ranks"]
 
@@ -38,6 +39,7 @@ class Run:
     seconds: float = 0.0
     device: str = "cpu"
     facts: dict = field(default_factory=dict)  # what ran (TE: versions, recipe, attention backend selected)
+    process_run: int = 1  # which run in its rank processes (1: started for it; > 1: pooled ranks reused, pool.py)
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The iter_XXXXXXX dir saved at `step` (default: the last one)."""
@@ -71,12 +73,13 @@ def wait_for_ranks(poll, logs: list[Path], timeout: float, error=TrainerError, w
 class MegatronTrainer:
     """Launches megatron-core ranks for one `TrainerConfig`. Takes the config's fields as keywords
     (`MegatronTrainer(seed=1, tensor_parallel=2)`), or `config=TrainerConfig(...)` (keywords given
-    beside it replace its fields); what it runs with and on: `launcher`, `gpu_lease`, `hardware`."""
+    beside it replace its fields); what it runs with and on: `launcher`, `gpu_lease`, `hardware`, and
+    `pool` (a TrainerPool: runs go to rank processes kept for the session where it takes them)."""
 
     name = "megatron"
 
     def __init__(self, *, config: TrainerConfig | None = None, launcher=None, gpu_lease=None, hardware=None,
-                 **fields: Any) -> None:
+                 pool=None, **fields: Any) -> None:
         try:  # validated once, in the config, before any rank starts
             cfg = config_from(config, fields)
         except InputError as exc:
@@ -100,6 +103,7 @@ class MegatronTrainer:
         # launcher: None (local subprocesses) or a RayRankLauncher (one Ray actor per rank);
         # gpu_lease: (n, owner) -> Lease, so that xdist workers never train on one GPU together.
         self.launcher, self.gpu_lease = launcher, gpu_lease
+        self.pool = pool
 
     def train(self, steps: int, *, save_dir: str | Path | None = None, save_steps: list[int] | None = None,
               load_dir: str | Path | None = None) -> Run:
@@ -133,14 +137,20 @@ class MegatronTrainer:
         # earlier trainer's launch must never stand in for this one's
         (run_dir / "result.json").unlink(missing_ok=True)
         t0 = time.monotonic()
-        with stage(f"megatron-core run {self.launches}: {self.world} rank(s) on {self.device}, {steps} step(s) "
-                   f"(logs {run_dir})"):
-            self._launch(run_dir)
+        process_run = 1
+        pooled = self.pool is not None and pool_refusal(self) is None
+        with stage(f"megatron-core run {self.launches}: {self.world} rank(s) on {self.device}, {steps} step(s), "
+                   f"{'pooled' if pooled else 'fresh'} ranks (logs {run_dir})"):
+            if pooled:
+                process_run = self.pool.run(self, run_dir / "spec.json", run_dir / "result.json")
+            else:
+                self._launch(run_dir)
         try:
             result = json.loads((run_dir / "result.json").read_text())
         except (OSError, ValueError) as exc:
             raise TrainerError(f"rank 0 wrote no result ({exc}); log tail:\n{tail(run_dir / 'rank0.log')}") from None
-        return Run(save_dir=str(save_dir) if save_dir else None, seconds=time.monotonic() - t0, **result)
+        return Run(save_dir=str(save_dir) if save_dir else None, seconds=time.monotonic() - t0,
+                   process_run=process_run, **result)
 
     def _launch(self, run_dir: Path) -> None:
         argv = ["-m", "pytest_miles.trainers.megatron_worker", str(run_dir / "spec.json")]

@@ -79,6 +79,50 @@ def _finalize_on_host(storage_writer, global_metadata, dist_wrapper) -> None:
         raise CheckpointingException(f"checkpoint write failed: {failures or 'on the coordinator'}")
 
 
+# Every global state a run of this worker reads, reset before each run (the first run of a fresh
+# process too, so a pooled run and a fresh one take one path). Names: what `skip_resets` can leave out,
+# for the pool's negative control only (tests/trainers/test_trainer_pool.py).
+RESETS = ("deterministic_flags", "parallel_state", "microbatches", "rerun_state", "moe_tracker", "rng")
+
+
+def fresh_globals(spec: dict, skip=()) -> None:
+    """The process's global state as a fresh process has it before a run of `spec`: torch's
+    deterministic flags, megatron-core's parallel_state (and its global memory buffer), the
+    num-microbatches calculator, the rerun state machine, the MoE loss tracker, then every RNG
+    (torch CPU and CUDA, megatron's RNG tracker re-created) seeded from spec["seed"]."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    unknown = sorted(set(skip) - set(RESETS))
+    if unknown:
+        raise ValueError(f"skip_resets: {', '.join(unknown)} unknown; accepted: {', '.join(RESETS)}")
+    if "deterministic_flags" not in skip:
+        torch.use_deterministic_algorithms(spec.get("deterministic", True))
+        torch.backends.cudnn.deterministic = spec.get("deterministic", True)
+        torch.backends.cudnn.benchmark = False
+    if "parallel_state" not in skip:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=spec["tensor_parallel"])
+    if "microbatches" not in skip:
+        from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+
+        destroy_num_microbatches_calculator()
+    if "rerun_state" not in skip:
+        from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+
+        destroy_rerun_state_machine()
+    if "moe_tracker" not in skip:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+    if "rng" not in skip:
+        torch.manual_seed(spec["seed"])
+        model_parallel_cuda_manual_seed(spec["seed"], inference_rng_tracker=spec["device"] != "cuda",
+                                        force_reset_rng=True)
+
+
 class Rank:
     """One rank's live state: process group, model, optimizer, checkpoint save/load. Built once;
     `main` trains a run with it, `megatron_session` keeps it up and takes commands."""
@@ -90,22 +134,16 @@ class Rank:
         import torch.distributed as dist
 
         self.cuda = cuda = spec["device"] == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
-        torch.use_deterministic_algorithms(spec.get("deterministic", True))
-        torch.backends.cudnn.deterministic = spec.get("deterministic", True)
-        torch.backends.cudnn.benchmark = False
-        dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
-
+        if not dist.is_initialized():  # a pooled rank (pool_rank.py) keeps its process group between runs
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank)))
+            dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world)
         from megatron.core import parallel_state
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         self.tp = tp = spec["tensor_parallel"]
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        self.seed = spec["seed"]
+        fresh_globals(spec, skip=spec.get("skip_resets", ()))
         self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.seed = seed = spec["seed"]
-        torch.manual_seed(seed)
-        model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not cuda)
         self.m = m = spec["model"]
         self.model = _build_model(spec, m, tp, cuda)
         self.device = torch.device("cuda" if cuda else "cpu")
@@ -272,12 +310,11 @@ def _build_model(spec: dict, m: dict, tp: int, cuda: bool):
     return model
 
 
-def main(spec_path: str) -> None:
-    spec = json.loads(Path(spec_path).read_text())
+def train_run(r: Rank, spec: dict) -> dict:
+    """The run `spec` describes, on a built Rank: its steps from the start (or the loaded
+    checkpoint), checkpoints at spec["save_steps"]; rank 0's result (what result.json holds)."""
     import torch
-    import torch.distributed as dist
 
-    r = Rank(spec)
     rank, cuda, device, model, m, seed = r.rank, r.cuda, r.device, r.model, r.m, r.seed
     seq = m["seq_length"]
     save_dir = Path(spec["save_dir"]) if spec.get("save_dir") else None
@@ -309,21 +346,30 @@ def main(spec_path: str) -> None:
         it = step + 1
         if save_dir is not None and it in spec.get("save_steps", []):
             saved.append(r.save(save_dir, it))
-    if rank == 0:
-        result = {
-            "losses": losses,
-            "loss_bits": [x.hex() for x in losses],
-            "grad_norms": grad_norms,
-            "grad_norm_bits": [x.hex() for x in grad_norms],
-            "checkpoints": saved,
-            "first_step": start,
-            "step_times": step_times,
-            "device": spec["device"],
-        }
-        if r.te:
-            from pytest_miles.trainers.te_model import te_facts
+    result = {
+        "losses": losses,
+        "loss_bits": [x.hex() for x in losses],
+        "grad_norms": grad_norms,
+        "grad_norm_bits": [x.hex() for x in grad_norms],
+        "checkpoints": saved,
+        "first_step": start,
+        "step_times": step_times,
+        "device": spec["device"],
+    }
+    if r.te and rank == 0:
+        from pytest_miles.trainers.te_model import te_facts
 
-            result["facts"] = te_facts(spec)
+        result["facts"] = te_facts(spec)
+    return result
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch.distributed as dist
+
+    r = Rank(spec)
+    result = train_run(r, spec)
+    if r.rank == 0:
         from pytest_miles._files import atomic_write
 
         atomic_write(spec["result"], json.dumps(result))  # the parent never reads half a result

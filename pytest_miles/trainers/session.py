@@ -18,6 +18,26 @@ from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import PORT_RACE_TRIES, kill_tree, port_race_lost, tail
 
 
+def close_ranks(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
+    """Ranks that read commands from stdin: EOF to each (it leaves its command loop and exits),
+    `grace` seconds for all of them, then the process tree of any still up is killed."""
+    for p in procs:
+        try:
+            p.stdin.close()
+        except OSError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        if p.poll() is None:
+            kill_tree(p.pid)
+            p.wait(timeout=10)
+        disown(p.pid)
+
+
 class MegatronSession:
     def __init__(self, trainer, *, init_hf: str | Path | None = None, load_dir: str | Path | None = None,
                  hf_config: dict | None = None, timeout: float | None = None) -> None:
@@ -185,21 +205,7 @@ class MegatronSession:
 
     def close(self) -> None:
         procs, self.procs = self.procs, []
-        for p in procs:
-            try:
-                p.stdin.close()  # EOF: the rank leaves its command loop and exits
-            except OSError:
-                pass
-        deadline = time.monotonic() + 10
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            if p.poll() is None:
-                kill_tree(p.pid)
-                p.wait(timeout=10)
-            disown(p.pid)
+        close_ranks(procs)
         if self.lease is not None:
             lease, self.lease = self.lease, None
             lease.release()

@@ -1,0 +1,131 @@
+"""`TrainerPool`: megatron-core rank processes kept for a session and reused by `MegatronTrainer.train`.
+
+A launch pays python start-up, torch and megatron imports and the process-group rendezvous, most
+of a short run's time. A pool keeps one group of ranks per rank environment (interpreter, device,
+world size, every environment variable but the rendezvous port) and sends each run to it; the rank
+builds the run afresh (model, optimizer, every global state megatron-core keeps, every RNG:
+megatron_worker.fresh_globals) with the code a fresh process runs. tests/trainers/test_trainer_pool.py
+shows pooled runs equal fresh-process runs bit for bit, and that a planted leak would be caught.
+Ranks die with the session (ownership.py), and a group whose run fails is killed, never reused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+from pytest_miles.errors import TrainerError
+from pytest_miles.placement.ownership import spawn
+from pytest_miles.placement.processes import PORT_RACE_TRIES, port_race_lost, tail
+from pytest_miles.trainers.session import close_ranks
+
+
+def pool_refusal(trainer) -> str | None:
+    """Why `trainer`'s runs launch fresh ranks instead (None: the pool takes them)."""
+    if trainer.launcher is not None:
+        return "ranks placed as Ray actors"
+    if trainer.transformer_impl != "local":
+        return "TransformerEngine keeps global state of its own (FP8 recipes, workspaces)"
+    if trainer.device == "cuda" and trainer.gpu_lease is not None:
+        return "GPUs leased per run under pytest-xdist"
+    return None
+
+
+class _Group:
+    """One group of pooled ranks, started for one rank environment."""
+
+    def __init__(self, trainer, env: dict[str, str], log_dir: Path) -> None:
+        self.world, self.timeout = trainer.world, trainer.timeout
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = [log_dir / f"rank{r}.log" for r in range(self.world)]
+        self.runs = 0
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for rank in range(self.world):
+                with open(self.logs[rank], "ab") as f:
+                    self.procs.append(spawn(  # dies with pytest, however it dies (ownership.py)
+                        [trainer.python, "-m", "pytest_miles.trainers.pool_rank", trainer.device],
+                        stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, cmd: dict) -> None:
+        line = (json.dumps(cmd) + "\n").encode()
+        for r, p in enumerate(self.procs):
+            try:
+                p.stdin.write(line)
+                p.stdin.flush()
+            except (BrokenPipeError, OSError):
+                raise TrainerError(f"pooled megatron rank {r} is gone (exit code {p.poll()}); log {self.logs[r]}:\n"
+                                   f"{tail(self.logs[r])}") from None
+
+    def run(self, spec_path: Path, result: Path, timeout: float) -> int:
+        """Train the run of `spec_path`; which run in these processes it was (1: the first)."""
+        self.runs += 1
+        self.send({"run": self.runs, "spec": str(spec_path)})
+        deadline = time.monotonic() + timeout
+        while not result.exists():
+            for r, p in enumerate(self.procs):
+                if p.poll() is not None:
+                    raise TrainerError(f"pooled megatron rank {r} exited with code {p.returncode} in run {self.runs} "
+                                       f"of its processes (log {self.logs[r]}):\n{tail(self.logs[r])}")
+            if time.monotonic() > deadline:
+                raise TrainerError(f"megatron run did not finish within {timeout:g} s (pooled ranks, run {self.runs} "
+                                   f"in them); rank 0 log tail:\n{tail(self.logs[0])}")
+            time.sleep(0.05)
+        return self.runs
+
+    def close(self) -> None:
+        procs, self.procs = self.procs, []
+        close_ranks(procs)
+
+
+class TrainerPool:
+    """Rank groups kept for a session, one per rank environment; `close()` ends them all."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.groups: dict[tuple, _Group] = {}
+        self.started = 0
+
+    def _group(self, trainer, env: dict[str, str]) -> tuple[tuple, _Group]:
+        """The group for `trainer`'s rank environment `env` (its port aside), started if none is up."""
+        key = (trainer.python, trainer.device, trainer.world,
+               tuple(sorted((k, v) for k, v in env.items() if k != "MASTER_PORT")))
+        if key not in self.groups:
+            self.started += 1
+            self.groups[key] = _Group(trainer, env, self.log_dir / f"group-{self.started}")
+        return key, self.groups[key]
+
+    def run(self, trainer, spec_path: Path, result: Path) -> int:
+        """Train the run of `spec_path` on pooled ranks for `trainer`'s environment (started on
+        first use); which run in those processes it was. A failed run kills its group."""
+        for left in range(PORT_RACE_TRIES - 1, -1, -1):
+            key, group = self._group(trainer, trainer.rank_env({}))
+            try:
+                return group.run(spec_path, result, trainer.timeout)
+            except BaseException:
+                del self.groups[key]
+                group.close()
+                if not (left and group.runs == 1 and port_race_lost(group.logs)):
+                    raise  # a race for the free port at the group's start: a new group, a new port
+        raise AssertionError("unreachable")
+
+    def plant(self, trainer, seed: int) -> None:
+        """The negative control's leak, left in the group `trainer`'s runs go to (started if needed)."""
+        self._group(trainer, trainer.rank_env({}))[1].send({"plant": seed})
+
+    def close(self) -> None:
+        groups, self.groups = list(self.groups.values()), {}
+        for g in groups:
+            g.close()
+
+    def __enter__(self) -> TrainerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
