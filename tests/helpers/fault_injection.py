@@ -52,6 +52,12 @@ INNER = textwrap.dedent('''
         trainer = megatron_trainer_factory(world_size=2, timeout=600.0)
         trainer.train(100000, save_dir=tmp_path / "ckpt", save_steps=[1])
 
+    def test_pooled_ranks_idle(megatron_trainer_factory, tmp_path):  # the signal finds pooled ranks between runs
+        run = megatron_trainer_factory(world_size=2).train(1)
+        assert run.process_run == 1
+        ready("engine", port=0)
+        time.sleep(600)
+
     def test_ray_idle(ray_cluster):  # the signal arrives while Ray is up and nothing runs on it
         ready("engine", port=0)
         time.sleep(600)

@@ -37,6 +37,14 @@ def test_signals_leave_no_process_and_no_port(tmp_path):
     run_all(scenarios, tmp_path)
 
 
+def test_signals_leave_no_pooled_rank(tmp_path):
+    """SIGKILL and SIGTERM while the session's pooled megatron-core ranks (two, gloo) wait between runs:
+    neither rank nor its port survives pytest (parent-death signal, watchdog, or the pool's close)."""
+    need("megatron.core")
+    run_all([Scenario("sigkill-pooled", "test_pooled_ranks_idle", sig=signal.SIGKILL),
+             Scenario("sigterm-pooled", "test_pooled_ranks_idle", sig=signal.SIGTERM, summary=True)], tmp_path)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_signals_inside_ray_get_end_the_session(tmp_path, sig):
     """A stop signal while the test waits in ray.get (where Ray may catch the interruption): the
