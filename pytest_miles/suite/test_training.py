@@ -26,7 +26,8 @@ def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record, STEPS)
     report = compare_checkpoints(tmp_path / "run1", tmp_path / "run2")
     diff = runs_difference(a, b)
     miles_record(f"megatron run twice ({a.device})", steps=STEPS, final_loss=a.losses[-1],
-                 checkpoint_items=report.tensors_compared, step_seconds=round(sum(a.step_times) / len(a.step_times), 3))
+                 checkpoint_items=report.tensors_compared, step_seconds=round(sum(a.step_times) / len(a.step_times), 3),
+                 process_runs=[a.process_run, b.process_run])  # > 1: pooled ranks, each run built afresh
     if diff is not None:
         raise AssertionError(diff)
 
