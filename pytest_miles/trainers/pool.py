@@ -2,7 +2,8 @@
 
 A launch pays python start-up, torch and megatron imports and the process-group rendezvous, most
 of a short run's time. A pool keeps one group of ranks per rank environment (interpreter, device,
-world size, every environment variable but the rendezvous port) and sends each run to it; the rank
+world size, every environment variable but the rendezvous port and pytest's current test name) and
+sends each run to it (the least recently used group closes when a new one would pass `max_groups`); the rank
 builds the run afresh (model, optimizer, every global state megatron-core keeps, every RNG:
 megatron_worker.fresh_globals) with the code a fresh process runs. tests/trainers/test_trainer_pool.py
 shows pooled runs equal fresh-process runs bit for bit, and that a planted leak would be caught.
@@ -20,6 +21,10 @@ from pytest_miles.errors import TrainerError
 from pytest_miles.placement.ownership import spawn
 from pytest_miles.placement.processes import PORT_RACE_TRIES, port_race_lost, tail
 from pytest_miles.trainers.session import close_ranks
+
+# What may differ between runs of one group: the rendezvous port (each start draws one) and the test
+# pytest names while it runs (PYTEST_CURRENT_TEST changes with every test; nothing in a rank reads it).
+NOT_IN_KEY = frozenset({"MASTER_PORT", "PYTEST_CURRENT_TEST"})
 
 
 def pool_refusal(trainer) -> str | None:
@@ -87,18 +92,24 @@ class _Group:
 class TrainerPool:
     """Rank groups kept for a session, one per rank environment; `close()` ends them all."""
 
-    def __init__(self, log_dir: str | Path) -> None:
-        self.log_dir = Path(log_dir)
-        self.groups: dict[tuple, _Group] = {}
+    def __init__(self, log_dir: str | Path, max_groups: int = 2) -> None:
+        if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
+            raise ValueError(f"TrainerPool(max_groups=): {max_groups!r} is not accepted; expected an integer >= 1")
+        self.log_dir, self.max_groups = Path(log_dir), max_groups
+        self.groups: dict[tuple, _Group] = {}  # least recently used first
         self.started = 0
 
     def _group(self, trainer, env: dict[str, str]) -> tuple[tuple, _Group]:
         """The group for `trainer`'s rank environment `env` (its port aside), started if none is up."""
         key = (trainer.python, trainer.device, trainer.world,
-               tuple(sorted((k, v) for k, v in env.items() if k != "MASTER_PORT")))
-        if key not in self.groups:
-            self.started += 1
-            self.groups[key] = _Group(trainer, env, self.log_dir / f"group-{self.started}")
+               tuple(sorted((k, v) for k, v in env.items() if k not in NOT_IN_KEY)))
+        if key in self.groups:
+            self.groups[key] = self.groups.pop(key)  # now the most recently used
+            return key, self.groups[key]
+        while len(self.groups) >= self.max_groups:  # idle ranks hold memory (a CUDA context on GPUs)
+            self.groups.pop(next(iter(self.groups))).close()
+        self.started += 1
+        self.groups[key] = _Group(trainer, env, self.log_dir / f"group-{self.started}")
         return key, self.groups[key]
 
     def run(self, trainer, spec_path: Path, result: Path) -> int:

@@ -115,8 +115,9 @@ def test_what_the_pool_leaves_to_fresh_processes(tmp_path):
 
 
 def test_fixture_reuses_ranks_unless_told_not_to(pytester):
-    """megatron_trainer_factory trains on the session's pool by default (the second run reuses the
-    first run's processes); --miles-trainer-reuse=off launches every run fresh."""
+    """megatron_trainer_factory trains on the session's pool by default: the second run, and the run
+    of the next test, reuse the first run's processes; --miles-trainer-reuse=off launches every run
+    fresh."""
     pytester.makepyfile("""
         import os
         from pytest_miles import assert_runs_bitwise_equal
@@ -128,8 +129,26 @@ def test_fixture_reuses_ranks_unless_told_not_to(pytester):
             expected = [1, 1] if os.environ["REUSE"] == "off" else [1, 2]
             assert [a.process_run, b.process_run] == expected
             assert (miles_trainer_pool is None) == (os.environ["REUSE"] == "off")
+
+        def test_next_test(megatron_trainer_factory):  # pytest's current-test variable changed meanwhile
+            run = megatron_trainer_factory(seed=3).train(1)
+            assert run.process_run == (1 if os.environ["REUSE"] == "off" else 3)
     """)
     for reuse in ("on", "off"):
         pytester._monkeypatch.setenv("REUSE", reuse)
-        pytester.runpytest_subprocess("--miles-gpu-class=none", f"--miles-trainer-reuse={reuse}").assert_outcomes(
-            passed=1)
+        pytester.runpytest_subprocess("-p", "no:randomly", "--miles-gpu-class=none",
+                                      f"--miles-trainer-reuse={reuse}").assert_outcomes(passed=2)
+
+
+def test_least_recently_used_group_closes_past_max_groups(pool, tmp_path):
+    """A third rank environment closes the group used least recently (its ranks end); the other stays."""
+    make = lambda tag: MegatronTrainer(seed=1, env={"MILES_POOL_TAG": tag}, log_dir=tmp_path, pool=pool)  # noqa: E731
+    make("a").train(1)
+    make("b").train(1)
+    first = next(iter(pool.groups.values()))
+    assert make("a").train(1).process_run == 2  # "a" is now the most recently used; "b" the least
+    make("c").train(1)
+    assert len(pool.groups) == 2 and first in pool.groups.values()
+    assert make("b").train(1).process_run == 1, "the closed group was reused"
+    with pytest.raises(ValueError, match=r"max_groups=\): 0 is not accepted; expected an integer >= 1"):
+        TrainerPool(tmp_path, max_groups=0)
