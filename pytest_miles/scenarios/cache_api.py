@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from pytest_miles.checks.api_surfaces import REFERENCE, SurfaceReport, SurfaceRequest, judge_api_surfaces
-from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_cells, judge_cache_paths
+from pytest_miles.checks.cache_paths import CachePath, CacheReport, judge_cache_cells
 from pytest_miles.checks.witness import engine_settings
 from pytest_miles.engines.base import Output, SamplingParams
 from pytest_miles.errors import InputError

@@ -20,14 +20,23 @@ def STEPS(miles_settings):  # noqa: N802  (reads like the constant it replaces)
     return miles_settings("train_steps")
 
 
+# The second run's ranks are other processes than the first's (a pool group of their own: the pool keys its
+# groups by the rank environment). Two runs in one process would share what a process keeps and a fresh one
+# decides anew (autotuned kernels, communicator set-up, hash seeds): the check is two independent runs.
+SECOND_RUN = {"PYTEST_MILES_RUN": "second"}
+
+
 def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record, STEPS):  # noqa: N803
     a = trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run1")
-    b = trainer_factory(seed=1234).train(STEPS, save_dir=tmp_path / "run2")
+    b = trainer_factory(seed=1234, env=SECOND_RUN).train(STEPS, save_dir=tmp_path / "run2")
+    if a.pid == b.pid:
+        raise AssertionError(f"run twice: both runs came from rank processes with pid {a.pid}; the check needs two "
+                             "independent runs")
     report = compare_checkpoints(tmp_path / "run1", tmp_path / "run2")
     diff = runs_difference(a, b)
     miles_record(f"megatron run twice ({a.device})", steps=STEPS, final_loss=a.losses[-1],
                  checkpoint_items=report.tensors_compared, step_seconds=round(sum(a.step_times) / len(a.step_times), 3),
-                 process_runs=[a.process_run, b.process_run])  # > 1: pooled ranks, each run built afresh
+                 process_runs=[a.process_run, b.process_run], pids=[a.pid, b.pid])  # > 1: pooled ranks
     if diff is not None:
         raise AssertionError(diff)
 

@@ -40,6 +40,7 @@ class Run:
     device: str = "cpu"
     facts: dict = field(default_factory=dict)  # what ran (TE: versions, recipe, attention backend selected)
     process_run: int = 1  # which run in its rank processes (1: started for it; > 1: pooled ranks reused, pool.py)
+    pid: int | None = None  # rank 0's process id (two runs with one pid shared their processes)
 
     def checkpoint(self, step: int | None = None) -> Path:
         """The iter_XXXXXXX dir saved at `step` (default: the last one)."""

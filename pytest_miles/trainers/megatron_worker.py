@@ -355,6 +355,7 @@ def train_run(r: Rank, spec: dict) -> dict:
         "first_step": start,
         "step_times": step_times,
         "device": spec["device"],
+        "pid": os.getpid(),
     }
     if r.te and rank == 0:
         from pytest_miles.trainers.te_model import te_facts
