@@ -253,7 +253,9 @@ class EngineFactory:
         live, self.live = self.live, {}
         self.planned = set()
         try:
-            for p in pending.values():  # all marked first: a stopped start unblocks the next one
+            # all marked first, the last first: stopping a start settles it, which lets the next one begin
+            # unless that one is already marked (in chain order the next could spawn in between; CI, 2026-12-04)
+            for p in reversed(list(pending.values())):
                 p.stop()
             for p in pending.values():
                 p.cancel()

@@ -83,7 +83,8 @@ class Pending:
 
     def stop(self) -> None:
         """Mark it stopped (a start not begun never begins) and kill a start under way; no waiting.
-        Stop every start of a chain before waiting for any: a stopped start unblocks the next."""
+        Stop every start of a chain, the last first, before waiting for any: stopping a start settles
+        it, which lets the next one begin unless that one is already marked."""
         with self._lock:
             self.cancelled = True
             eng = self.engine

@@ -113,8 +113,8 @@ def test_a_start_waits_for_the_previous_servers_memory_line_and_close_stops_both
     # closed while the first is starting: it is killed, and the second never spawns
     first = Pending("first", _marked(model_dir, tmp_path, True), None, 120)
     second = Pending("second", _marked(model_dir, tmp_path, False), first.settled, 120)
+    second.stop()  # the last first: stopping the first settles it, which would let an unmarked second begin
     first.stop()
-    second.stop()
     first.cancel()
     second.cancel()
     assert first.done.is_set() and second.done.is_set()

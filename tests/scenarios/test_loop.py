@@ -191,7 +191,7 @@ def test_weight_sync_divergence_reads_the_pushed_weights(straight):
     c.records[0].weights_manifest = straight.records[1].weights_manifest
     found = first_divergence(straight, c)
     assert (found.iteration, found.stage) == (1, "weight_sync"), found
-    assert "tensor " in found.item and "first at [" in found.detail, found.render()
+    assert "tensor " in found.item and "first differing element at [" in found.detail, found.render()
 
 
 # ---- the trainer session: errors named, processes die with us ---------------------------------
