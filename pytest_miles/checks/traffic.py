@@ -144,12 +144,14 @@ def judge_traffic(report: TrafficReport, chunked_prefill: Any = None) -> Traffic
     difference in any other request fails whatever the data says."""
     if not report.passed:  # every difference in the message: the determinism report keeps it whole
         others = report.unchunked_mismatches()
-        if chunked_prefill is not None and chunked_prefill.known and report.chunked:
+        known = chunked_prefill is not None and chunked_prefill.known
+        if report.chunked:  # where they part: requests whose prefill was cut into chunks, and the others
             differ = sorted({m.request for m in report.mismatches if m.request in set(report.chunked)})
             report.notes.append(f"chunked prefill: {len(differ)} of {len(report.chunked)} chunked requests differ; "
                                 f"{len({m.request for m in others})} of {report.requests - len(report.chunked)} "
-                                f"unchunked requests differ; known limitation: {chunked_prefill.describe()}")
-            if not others:
+                                "unchunked requests differ"
+                                + (f"; known limitation: {chunked_prefill.describe()}" if known else ""))
+            if known and not others:
                 raise KnownLimitation(report, chunked_prefill)
         raise AssertionError(report.render(limit=len(report.mismatches)))
     missing = report.missing_witnesses()
