@@ -105,6 +105,7 @@ extern int dcpscan_fail_line;
 /* arrays in their own mappings (vm.c) */
 void *dcpscan_arena_realloc(void *ptr, size_t oldb, size_t newb);
 void dcpscan_arena_free(void *ptr, size_t b);
+void dcpscan_p_free(P *p); /* every array of a scan given back, *p emptied */
 int dcpscan_grow_slow(P *p, void **arr, uint32_t *cap, size_t need, size_t elem);
 
 static inline __attribute__((always_inline)) int grow(P *p, void **arr, uint32_t *cap, size_t need, size_t elem)

@@ -302,18 +302,6 @@ static char *id_copy(P *p, V v)
     return s;
 }
 
-static void p_free(P *p)
-{
-    dcpscan_arena_free(p->items, p->ci * sizeof(V));
-    dcpscan_arena_free(p->nodes, p->cn * sizeof(Node));
-    dcpscan_arena_free(p->strs, p->cs * sizeof(Str));
-    dcpscan_arena_free(p->sd, p->csd);
-    dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
-    dcpscan_arena_free(p->stack, p->cst * sizeof(V));
-    dcpscan_arena_free(p->marks, p->cmk * sizeof(uint32_t));
-    memset(p, 0, sizeof(*p));
-}
-
 static void drop_vm_arrays(P *p)
 {
     dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
@@ -364,7 +352,7 @@ static int scan_file(const char *path, Scan *s)
             s->ckpt = id_copy(&p, s->o.ckpt);
         }
     }
-    p_free(&p);
+    dcpscan_p_free(&p);
     if (buf)
         dcpscan_arena_free(buf, n ? n : 1);
     close(f.fd);

@@ -103,12 +103,10 @@ static void out_free(Out *o)
     dcpscan_arena_free(o->files, o->cf * sizeof(V));
 }
 
-static void p_free(P *p);
-
 static void put_cache(P *p, Out *o)
 {
     if (cache.full) {
-        p_free(p);
+        dcpscan_p_free(p);
         out_free(o);
         return;
     }
@@ -129,22 +127,11 @@ static void put_cache(P *p, Out *o)
 static PyObject *release(PyObject *self, PyObject *unused)
 {
     if (cache.full) {
-        p_free(&cache.p);
+        dcpscan_p_free(&cache.p);
         out_free(&cache.o);
         cache.full = 0;
     }
     Py_RETURN_NONE;
-}
-
-static void p_free(P *p)
-{
-    dcpscan_arena_free(p->items, p->ci * sizeof(V));
-    dcpscan_arena_free(p->nodes, p->cn * sizeof(Node));
-    dcpscan_arena_free(p->strs, p->cs * sizeof(Str));
-    dcpscan_arena_free(p->sd, p->csd);
-    dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
-    dcpscan_arena_free(p->stack, p->cst * sizeof(V));
-    dcpscan_arena_free(p->marks, p->cmk * sizeof(uint32_t));
 }
 
 /* The VM's working arrays (memo, stack, marks): the walk needs the graph only. Given back at once,
@@ -184,8 +171,7 @@ static PyObject *build_result(P *p, Out *o)
     }
     if (!(sid = id_of(p, o->save_id)) || !(cid = id_of(p, o->ckpt)))
         goto out;
-    p_free(p);
-    memset(p, 0, sizeof(*p));
+    dcpscan_p_free(p);
     if (!(plan = PyBytes_FromStringAndSize((const char *)o->plan.b, (Py_ssize_t)o->plan.n)))
         goto out;
     res = Py_BuildValue("{s:O,s:O,s:L,s:L,s:O,s:O}", "plan", plan, "files", files, "items",

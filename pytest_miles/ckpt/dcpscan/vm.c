@@ -29,6 +29,19 @@ void dcpscan_arena_free(void *ptr, size_t b)
 #endif
 }
 
+/* Every array of a scan given back, and the scan emptied (module.c and front.c share it). */
+void dcpscan_p_free(P *p)
+{
+    dcpscan_arena_free(p->items, p->ci * sizeof(V));
+    dcpscan_arena_free(p->nodes, p->cn * sizeof(Node));
+    dcpscan_arena_free(p->strs, p->cs * sizeof(Str));
+    dcpscan_arena_free(p->sd, p->csd);
+    dcpscan_arena_free(p->memo, p->cm * sizeof(*p->memo));
+    dcpscan_arena_free(p->stack, p->cst * sizeof(V));
+    dcpscan_arena_free(p->marks, p->cmk * sizeof(uint32_t));
+    memset(p, 0, sizeof(*p));
+}
+
 int dcpscan_grow_slow(P *p, void **arr, uint32_t *cap, size_t need, size_t elem)
 {
     size_t nc = *cap ? *cap : 64;
