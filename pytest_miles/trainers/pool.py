@@ -17,10 +17,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from pytest_miles.errors import TrainerError
 from pytest_miles.placement.ownership import spawn
-from pytest_miles.placement.processes import PORT_RACE_TRIES, port_race_lost, tail
-from pytest_miles.trainers.session import close_ranks
+from pytest_miles.placement.processes import PORT_RACE_TRIES, port_race_lost
+from pytest_miles.trainers.session import close_ranks, send_to_ranks, wait_for_reply
 
 # What may differ between runs of one group: the rendezvous port (each start draws one) and the test
 # pytest names while it runs (PYTEST_CURRENT_TEST changes with every test; nothing in a rank reads it).
@@ -59,29 +58,16 @@ class _Group:
             raise
 
     def send(self, cmd: dict) -> None:
-        line = (json.dumps(cmd) + "\n").encode()
-        for r, p in enumerate(self.procs):
-            try:
-                p.stdin.write(line)
-                p.stdin.flush()
-            except (BrokenPipeError, OSError):
-                raise TrainerError(f"pooled megatron rank {r} is gone (exit code {p.poll()}); log {self.logs[r]}:\n"
-                                   f"{tail(self.logs[r])}") from None
+        send_to_ranks(self.procs, self.logs, (json.dumps(cmd) + "\n").encode(), "pooled megatron rank")
 
     def run(self, spec_path: Path, result: Path, timeout: float) -> int:
         """Train the run of `spec_path`; which run in these processes it was (1: the first)."""
         self.runs += 1
         self.send({"run": self.runs, "spec": str(spec_path)})
-        deadline = time.monotonic() + timeout
-        while not result.exists():
-            for r, p in enumerate(self.procs):
-                if p.poll() is not None:
-                    raise TrainerError(f"pooled megatron rank {r} exited with code {p.returncode} in run {self.runs} "
-                                       f"of its processes (log {self.logs[r]}):\n{tail(self.logs[r])}")
-            if time.monotonic() > deadline:
-                raise TrainerError(f"megatron run did not finish within {timeout:g} s (pooled ranks, run {self.runs} "
-                                   f"in them); rank 0 log tail:\n{tail(self.logs[0])}")
-            time.sleep(0.05)
+        wait_for_reply(result, self.procs, self.logs, time.monotonic() + timeout, "pooled megatron rank",
+                       f"in run {self.runs} of its processes",
+                       f"megatron run did not finish within {timeout:g} s (pooled ranks, run {self.runs} in them)",
+                       poll=0.05)
         return self.runs
 
     def close(self) -> None:

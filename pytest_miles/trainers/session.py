@@ -18,6 +18,32 @@ from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import PORT_RACE_TRIES, kill_tree, port_race_lost, tail
 
 
+def send_to_ranks(procs: list[subprocess.Popen], logs: list[Path], line: bytes, who: str, when: str = "") -> None:
+    """One command line to every rank's stdin; TrainerError naming a rank that is gone (`who` names
+    the ranks, `when` what they were about to do) with its log tail."""
+    for r, p in enumerate(procs):
+        try:
+            p.stdin.write(line)
+            p.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise TrainerError(f"{who} {r} is gone (exit code {p.poll()}){when}; log {logs[r]}:\n"
+                               f"{tail(logs[r])}") from None
+
+
+def wait_for_reply(reply: Path, procs: list[subprocess.Popen], logs: list[Path], deadline: float, who: str,
+                   during: str, late: str, poll: float) -> None:
+    """Wait until rank 0 writes `reply`, watching every rank: TrainerError naming a rank that exits
+    (`during` what) or, past `deadline` (time.monotonic()), saying `late`; each with a log tail."""
+    while not reply.exists():
+        for r, p in enumerate(procs):
+            if p.poll() is not None:
+                raise TrainerError(f"{who} {r} exited with code {p.returncode} {during} (log {logs[r]}):\n"
+                                   f"{tail(logs[r])}")
+        if time.monotonic() > deadline:
+            raise TrainerError(f"{late}; rank 0 log tail:\n{tail(logs[0])}")
+        time.sleep(poll)
+
+
 def close_ranks(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
     """Ranks that read commands from stdin: EOF to each (it leaves its command loop and exits),
     `grace` seconds for all of them, then the process tree of any still up is killed."""
@@ -97,23 +123,9 @@ class MegatronSession:
         reply = self.run_dir / f"reply-{self.commands}.json"
         line = (json.dumps({"id": self.commands, "op": op, "reply": str(reply), **args}) + "\n").encode()
         t0 = time.monotonic()
-        for r, p in enumerate(self.procs):
-            try:
-                p.stdin.write(line)
-                p.stdin.flush()
-            except (BrokenPipeError, OSError):
-                raise TrainerError(f"megatron rank {r} is gone (exit code {p.poll()}) before {op!r}; "
-                                   f"log {self.logs[r]}:\n{tail(self.logs[r])}") from None
-        deadline = t0 + self.timeout
-        while not reply.exists():
-            for r, p in enumerate(self.procs):
-                if p.poll() is not None:
-                    raise TrainerError(f"megatron rank {r} exited with code {p.returncode} during {op!r} "
-                                       f"(log {self.logs[r]}):\n{tail(self.logs[r])}")
-            if time.monotonic() > deadline:
-                raise TrainerError(f"megatron session: {op!r} did not finish within {self.timeout:g} s; rank 0 log "
-                                   f"tail:\n{tail(self.logs[0])}")
-            time.sleep(0.02)
+        send_to_ranks(self.procs, self.logs, line, "megatron rank", f" before {op!r}")
+        wait_for_reply(reply, self.procs, self.logs, t0 + self.timeout, "megatron rank", f"during {op!r}",
+                       f"megatron session: {op!r} did not finish within {self.timeout:g} s", poll=0.02)
         out = json.loads(reply.read_text())
         self.seconds[op] = self.seconds.get(op, 0.0) + time.monotonic() - t0
         if "error" in out:
