@@ -57,6 +57,7 @@ BAD_SETTINGS: list[tuple[str, str, str]] = [  # (setting, value, what the messag
     ("engine", "sglang2", "one of reference, reference-server"), ("engine", "vllm", "one of"),
     ("device", "gpu", "one of auto, cpu, cuda"), ("device", "tpu", "one of auto, cpu, cuda"),
     ("placement", "k8s", "one of local, ray"), ("gpu_lease", "always", "one of auto, on, off"),
+    ("trainer_reuse", "yes", "one of on, off"),
     ("sglang_args", "--sglang-foo 'bar", "cannot be split"), ("sglang_args", 'a "b', "cannot be split"),
     ("ray_address", "nohost", "host:port"), ("ray_address", "host:0", "host:port"),
     ("ray_address", "host:99999", "host:port"), ("ray_address", ":6379", "host:port"),
