@@ -78,6 +78,7 @@ class TrafficReport:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     chunked: list[int] = field(default_factory=list)  # requests whose prompt is longer than the prefill chunk
+    retracted: dict[int, int] = field(default_factory=dict)  # request -> retractions over both traffic runs, if told
 
     @property
     def passed(self) -> bool:
@@ -114,13 +115,17 @@ class TrafficReport:
         return {"engine": self.engine, "passed": self.passed, "requests": self.requests,
                 "mismatches": [vars(m) for m in self.mismatches], "variances": self.variances,
                 "witnesses": self.witnesses, "settings": self.settings, "shape": self.shape,
-                "notes": self.notes, "seconds": self.seconds}
+                "notes": self.notes, "seconds": self.seconds, "chunked": self.chunked,
+                "retracted": {str(k): v for k, v in self.retracted.items()}}
 
 
 def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Output], second: list[Output],
                     alone: list[Output]) -> TrafficReport:
     """Fill `report.mismatches`: each request of the first run vs alone and vs the second run."""
     for i, (a, b, solo) in enumerate(zip(first, second, alone)):
+        times = (a.retractions or 0) + (b.retractions or 0)
+        if times:
+            report.retracted[i] = times
         for got, against in ((a, "itself alone on a flushed engine"),
                              (b, "itself alone on a flushed engine (in the reordered run)")):
             diff = first_difference(solo, got)
@@ -128,6 +133,8 @@ def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Outp
                 variance = "cache state" if (got.cached_tokens or 0) > 0 else "batch composition"
                 if variance == "cache state":
                     diff += f" (the request hit the prefix cache: cached_tokens {got.cached_tokens})"
+                if got.retractions:
+                    diff += f" (retracted {got.retractions}x in that run)"
                 report.mismatches.append(TrafficMismatch(i, against, variance, diff, sampling[i]))
                 break
         diff = first_difference(a, b)
@@ -145,6 +152,14 @@ def judge_traffic(report: TrafficReport, chunked_prefill: Any = None) -> Traffic
     if not report.passed:  # every difference in the message: the determinism report keeps it whole
         others = report.unchunked_mismatches()
         known = chunked_prefill is not None and chunked_prefill.known
+        if report.retracted:  # a retracted request is recomputed by a prefill over what it had decoded
+            differ = {m.request for m in report.mismatches}
+            hit = sorted(differ & set(report.retracted))
+            plain = sorted(differ - set(report.retracted) - set(report.chunked))
+            report.notes.append(f"retraction: {len(hit)} of {len(report.retracted)} retracted requests differ"
+                                + (f" ({', '.join(map(str, hit[:20]))})" if hit else "")
+                                + f"; {len(plain)} differing requests were neither retracted nor chunked"
+                                + (f" ({', '.join(map(str, plain[:20]))})" if plain else ""))
         if report.chunked:  # where they part: requests whose prefill was cut into chunks, and the others
             differ = sorted({m.request for m in report.mismatches if m.request in set(report.chunked)})
             report.notes.append(f"chunked prefill: {len(differ)} of {len(report.chunked)} chunked requests differ; "

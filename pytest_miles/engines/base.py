@@ -80,6 +80,7 @@ class Output:
     logprobs: list[float] = field(default_factory=list)
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache (SGLang meta_info), if told
     top_logprobs: list[dict[int, float]] = field(default_factory=list)  # per position: token id -> logprob
+    retractions: int | None = None  # times the engine retracted this request (SGLang meta_info.num_retractions)
 
 
 @runtime_checkable
@@ -113,7 +114,8 @@ def stream_merge(acc: dict | None, chunk: dict) -> dict:
     for key in ("output_token_logprobs", "output_top_logprobs"):
         if key in cm:
             meta[key] = list(meta.get(key) or []) + list(cm[key])
-    meta["cached_tokens"] = cm.get("cached_tokens", meta.get("cached_tokens"))
+    for key in ("cached_tokens", "num_retractions"):
+        meta[key] = cm.get(key, meta.get(key))
     return {**chunk, "output_ids": a + c, "meta_info": meta}
 
 

@@ -245,7 +245,7 @@ def _submit(engine: ReferenceEngine, sched: Scheduler, req: dict):
 def _answer(r, n: int | None = None) -> dict:
     n = len(r.output_ids) if n is None else n
     meta = {"output_token_logprobs": [[lp, t, None] for lp, t in zip(r.logprobs[:n], r.output_ids[:n])],
-            "cached_tokens": r.cached_tokens, "retracted": r.retracted, "id": str(r.rid)}
+            "cached_tokens": r.cached_tokens, "num_retractions": r.retracted, "id": str(r.rid)}
     if r.top_logprobs:
         meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in row] for row in r.top[:n]]
     return {"output_ids": r.output_ids[:n], "meta_info": meta}

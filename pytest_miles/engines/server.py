@@ -208,7 +208,8 @@ class ServerEngine:
         lps = meta["output_token_logprobs"]
         ids = item.get("output_ids") or [int(t[1]) for t in lps]
         top = [{int(t[1]): float(t[0]) for t in row} for row in meta.get("output_top_logprobs") or []]
-        return Output([int(t) for t in ids], [float(t[0]) for t in lps], meta.get("cached_tokens"), top)
+        return Output([int(t) for t in ids], [float(t[0]) for t in lps], meta.get("cached_tokens"), top,
+                      meta.get("num_retractions"))
 
     def _post_stream(self, path: str, payload: Any) -> Any:
         """The last `data:` object of a server-sent-event answer (SGLang sends cumulative output)."""

@@ -113,3 +113,29 @@ def test_differences_only_in_chunked_requests_are_the_known_limitation_and_any_o
         judge_traffic(report({3}), Capability("promised", None, True, "reference-server"))
     assert not isinstance(exc.value, KnownLimitation) and "1 of 2 chunked requests differ" in str(exc.value)
     assert judge_traffic(report(set()), cap).passed
+
+
+def test_retracted_requests_are_counted_apart_and_do_not_change_the_verdict():
+    """SGLang 0.5.17 tells each request's retractions (meta_info.num_retractions, read into Output.retractions):
+    a retracted request is recomputed by a prefill over what it had decoded. The report names which differing
+    requests were retracted and which were neither retracted nor chunked; the verdict stays a failure."""
+    changed = _out()
+    changed.logprobs[1] = math.nextafter(-1.5, 0.0)  # NEGATIVE CONTROL: one ulp at the second token
+    first = [_out(), changed, changed, _out()]
+    first[1] = Output(changed.output_ids, changed.logprobs, 0, changed.top_logprobs, retractions=1)
+    r = compare_traffic(TrafficReport("sglang", 4, chunked=[3]), ["greedy"] * 4, first,
+                        [_out() for _ in range(4)], [_out() for _ in range(4)])
+    assert r.retracted == {1: 1} and "(retracted 1x in that run)" in r.mismatches[0].detail
+    with pytest.raises(AssertionError) as exc:
+        judge_traffic(r)
+    assert "retraction: 1 of 1 retracted requests differ (1); 1 differing requests were neither retracted nor " \
+           "chunked (2)" in str(exc.value)
+    assert r.to_json()["retracted"] == {"1": 1}
+
+
+def test_stream_merge_keeps_the_last_retraction_count():
+    from pytest_miles.engines.base import stream_merge
+
+    a = {"output_ids": [1], "meta_info": {"output_token_logprobs": [[-1.0, 1, None]], "num_retractions": 0}}
+    b = {"output_ids": [2], "meta_info": {"output_token_logprobs": [[-2.0, 2, None]], "num_retractions": 1}}
+    assert stream_merge(a, b)["meta_info"]["num_retractions"] == 1
