@@ -31,7 +31,8 @@ MODES = ("single", "prefix", "prefix_long_anchor", "radix_cache", "p_vs_d", "nee
 # mixed_sampling: a seeded request beside a batchmate that filters; serve: whether the server starts at all;
 # decode_kv: the cache-path check's second turn, served over KV that the first turn's decode wrote;
 # chunked_prefill: the traffic check's requests whose prompt is longer than the prefill chunk).
-CHECKS = (*MODES, "api_surfaces", "min_p_with_seed", "mixed_sampling", "serve", "decode_kv", "chunked_prefill")
+CHECKS = (*MODES, "api_surfaces", "min_p_with_seed", "mixed_sampling", "serve", "decode_kv", "chunked_prefill",
+          "retraction", "prefill_under_traffic")
 SHAPE_KEYS = ("seed", "max_batch", "prompt_len", "min_seq_len", "model_shape")
 CELL_FIELDS = ("id", "versions", "backends", "modes", "status", "condition", "reason", "references", "verified",
                "reproduces", "read_from")

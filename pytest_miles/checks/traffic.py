@@ -54,6 +54,28 @@ def first_difference(ref: Output, got: Output) -> str | None:
     return None
 
 
+def difference_position(ref: Output, got: Output) -> int | None:
+    """The first output position where `got` and `ref` differ (id, chosen logprob or top-k map); None
+    where there is no difference or a value is non-finite (no position explains that)."""
+    for out in (ref, got):
+        if any(not math.isfinite(v) for v in out.logprobs) or any(
+                not math.isfinite(v) for row in out.top_logprobs for v in row.values()):
+            return None
+    n = max(len(ref.output_ids), len(got.output_ids), len(ref.top_logprobs), len(got.top_logprobs))
+
+    def at(xs: list, i: int) -> Any:
+        return xs[i] if i < len(xs) else None
+
+    for pos in range(n):
+        ra, rb = at(ref.top_logprobs, pos), at(got.top_logprobs, pos)
+        if (at(ref.output_ids, pos) != at(got.output_ids, pos)
+                or _bits(at(ref.logprobs, pos)) != _bits(at(got.logprobs, pos))
+                or (ra is None) != (rb is None)
+                or (ra is not None and {t: _bits(v) for t, v in ra.items()} != {t: _bits(v) for t, v in rb.items()})):
+            return pos
+    return None
+
+
 @dataclass
 class TrafficMismatch:
     request: int
@@ -61,6 +83,7 @@ class TrafficMismatch:
     variance: str
     detail: str
     sampling: str
+    token: int | None = None  # the first output position that differs (None: a non-finite value)
 
     def render(self) -> str:
         return f"request {self.request} ({self.sampling}) vs {self.against} [{self.variance}]: {self.detail}"
@@ -83,10 +106,6 @@ class TrafficReport:
     @property
     def passed(self) -> bool:
         return not self.mismatches
-
-    def unchunked_mismatches(self) -> list[TrafficMismatch]:
-        chunked = set(self.chunked)
-        return [m for m in self.mismatches if m.request not in chunked]
 
     @property
     def variances(self) -> dict[str, int]:
@@ -135,39 +154,80 @@ def compare_traffic(report: TrafficReport, sampling: list[str], first: list[Outp
                     diff += f" (the request hit the prefix cache: cached_tokens {got.cached_tokens})"
                 if got.retractions:
                     diff += f" (retracted {got.retractions}x in that run)"
-                report.mismatches.append(TrafficMismatch(i, against, variance, diff, sampling[i]))
+                report.mismatches.append(TrafficMismatch(i, against, variance, diff, sampling[i],
+                                                         difference_position(solo, got)))
                 break
         diff = first_difference(a, b)
         if diff is not None:
             report.mismatches.append(TrafficMismatch(i, "a second run with another arrival order", "arrival order",
-                                                     diff, sampling[i]))
+                                                     diff, sampling[i], difference_position(a, b)))
     return report
 
 
-def judge_traffic(report: TrafficReport, chunked_prefill: Any = None) -> TrafficReport:
-    """A difference is a failure; a pass without the stress witnessed is not applicable. Where the
-    capability data lists chunked prefill as a known limitation (`chunked_prefill`, a Capability) and
-    every difference is in a request whose prefill was chunked, KnownLimitation (XFAIL naming it); a
-    difference in any other request fails whatever the data says."""
+# What can explain a differing request under traffic, in the order asked, and the capability check
+# (mode) whose known limitation it is: a prompt longer than the chunk (chunked_prefill), a request the
+# engine retracted and recomputed by a prefill over what it had decoded, differing from its 2nd token on
+# (retraction), a difference in the prefill's own token (prefill_under_traffic).
+EXPLANATIONS = ("chunked_prefill", "retraction", "prefill_under_traffic")
+
+
+def explain(report: TrafficReport, cells: dict[str, Any]) -> tuple[dict[str, list[int]], list[int]]:
+    """Each differing request's explanation: {mode: requests} for those a known limitation of `cells`
+    (mode -> Capability) covers, and the requests none covers. A non-finite value is never explained."""
+    known = {m for m, c in cells.items() if c is not None and c.known}
+    chunked, first = set(report.chunked), {}  # request -> its first differing position (-1: non-finite)
+    for m in report.mismatches:
+        t, prev = (-1 if m.token is None else m.token), first.get(m.request)
+        first[m.request] = t if prev is None else (-1 if -1 in (t, prev) else min(t, prev))
+    covered: dict[str, list[int]] = {}
+    unexplained = []
+    for r, t in sorted(first.items()):
+        why = None
+        if t < 0:
+            pass
+        elif r in chunked and "chunked_prefill" in known:
+            why = "chunked_prefill"
+        elif r in report.retracted and t >= 1 and "retraction" in known:
+            why = "retraction"
+        elif t == 0 and r not in chunked and "prefill_under_traffic" in known:
+            why = "prefill_under_traffic"
+        if why is None:
+            unexplained.append(r)
+        else:
+            covered.setdefault(why, []).append(r)
+    return covered, unexplained
+
+
+def judge_traffic(report: TrafficReport, chunked_prefill: Any = None, retraction: Any = None,
+                  prefill_under_traffic: Any = None) -> TrafficReport:
+    """A difference is a failure; a pass without the stress witnessed is not applicable. Where every
+    differing request is covered by a known limitation of the capability data (Capability objects for
+    the EXPLANATIONS: a chunked prompt, a retracted request differing from its 2nd token on, a
+    difference in an unchunked prefill's own token), KnownLimitation (XFAIL naming the cells); any other
+    difference fails whatever the data says. The notes say where they part either way."""
     if not report.passed:  # every difference in the message: the determinism report keeps it whole
-        others = report.unchunked_mismatches()
-        known = chunked_prefill is not None and chunked_prefill.known
-        if report.retracted:  # a retracted request is recomputed by a prefill over what it had decoded
-            differ = {m.request for m in report.mismatches}
-            hit = sorted(differ & set(report.retracted))
-            plain = sorted(differ - set(report.retracted) - set(report.chunked))
-            report.notes.append(f"retraction: {len(hit)} of {len(report.retracted)} retracted requests differ"
-                                + (f" ({', '.join(map(str, hit[:20]))})" if hit else "")
-                                + f"; {len(plain)} differing requests were neither retracted nor chunked"
-                                + (f" ({', '.join(map(str, plain[:20]))})" if plain else ""))
+        cells = {"chunked_prefill": chunked_prefill, "retraction": retraction,
+                 "prefill_under_traffic": prefill_under_traffic}
+        differ = {m.request for m in report.mismatches}
         if report.chunked:  # where they part: requests whose prefill was cut into chunks, and the others
-            differ = sorted({m.request for m in report.mismatches if m.request in set(report.chunked)})
-            report.notes.append(f"chunked prefill: {len(differ)} of {len(report.chunked)} chunked requests differ; "
-                                f"{len({m.request for m in others})} of {report.requests - len(report.chunked)} "
-                                "unchunked requests differ"
-                                + (f"; known limitation: {chunked_prefill.describe()}" if known else ""))
-            if known and not others:
-                raise KnownLimitation(report, chunked_prefill)
+            others = differ - set(report.chunked)
+            report.notes.append(f"chunked prefill: {len(differ & set(report.chunked))} of {len(report.chunked)} "
+                                f"chunked requests differ; {len(others)} of {report.requests - len(report.chunked)} "
+                                "unchunked requests differ")
+        if report.retracted:
+            hit = sorted(differ & set(report.retracted))
+            report.notes.append(f"retraction: {len(hit)} of {len(report.retracted)} retracted requests differ"
+                                + (f" ({', '.join(map(str, hit[:20]))})" if hit else ""))
+        covered, unexplained = explain(report, cells)
+        for mode, reqs in covered.items():
+            report.notes.append(f"{len(reqs)} differing requests covered by a known limitation ({mode}: "
+                                f"{', '.join(map(str, reqs[:20]))}{' ...' if len(reqs) > 20 else ''}): "
+                                f"{cells[mode].describe()}")
+        if unexplained:
+            report.notes.append(f"{len(unexplained)} differing requests no known limitation covers: "
+                                + ", ".join(map(str, unexplained[:20])) + (" ..." if len(unexplained) > 20 else ""))
+        elif covered:
+            raise KnownLimitation(report, cells[max(covered, key=lambda m: len(covered[m]))])
         raise AssertionError(report.render(limit=len(report.mismatches)))
     missing = report.missing_witnesses()
     if missing:

@@ -58,6 +58,34 @@ def log_contains(path: str | Path, marker: str, since: int = 0) -> bool:
         return False
 
 
+# Executables a kernel JIT runs as child processes: FlashInfer and TorchInductor (ninja, nvcc and the host
+# compiler), Triton (ptxas), DeepGEMM (nvcc). A server whose descendants run one of them is compiling.
+COMPILERS = frozenset({"ninja", "nvcc", "cicc", "ptxas", "nvlink", "fatbinary", "cudafe++", "cc1plus", "cc1",
+                       "c++", "g++", "gcc", "clang", "clang++", "ld", "as", "collect2"})
+
+
+def compilers_running(pid: int | None) -> list[str]:
+    """Names of the kernel compilers (COMPILERS) among the descendants of `pid`, sorted; [] where there
+    is no such process or no psutil."""
+    if not pid:
+        return []
+    try:
+        import psutil
+
+        kids = psutil.Process(pid).children(recursive=True)
+    except Exception:  # gone, no permission, no psutil: nothing seen
+        return []
+    seen = set()
+    for k in kids:
+        try:
+            name = k.name()
+        except Exception:
+            continue
+        if name in COMPILERS:
+            seen.add(name)
+    return sorted(seen)
+
+
 def kill_tree(pid: int, timeout: float = 10.0) -> list[int]:
     """SIGTERM the process and all its descendants, then SIGKILL what is left. Returns the pids."""
     import psutil

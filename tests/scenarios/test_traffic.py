@@ -120,6 +120,46 @@ def test_negative_control_a_stall_is_reported_with_the_engines_queue_and_pool(in
         stalled.gate.set()
 
 
+class CompilingClient(StalledClient):
+    """NEGATIVE CONTROL (a fake on purpose): one request waits while a process named like a kernel compiler
+    (a copy of `sleep` called ninja, a child of the "engine" process) runs, as a server's JIT build does."""
+
+    def __init__(self, engine, tmp_path, seconds: float):
+        import shutil
+        import subprocess
+        import sys
+
+        super().__init__(engine)
+        ninja = tmp_path / "ninja"
+        shutil.copy(shutil.which("sleep"), ninja)
+        code = f"import subprocess, time; subprocess.run([{str(ninja)!r}, {str(seconds)!r}]); time.sleep(60)"
+        self.proc = subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_a_kernel_compile_under_the_engine_is_not_a_stall_but_is_bounded_and_named(invariant, tmp_path):
+    """A determinism-off SGLang server stalled for 120 s under traffic on a loaded H200 (2026-12-04), its first
+    sampled batch waiting on a kernel build. While the engine's processes run a compiler the wait goes on (the
+    compile time is a witness); past the grace it is a stall that names the compilers."""
+    from pytest_miles.placement.processes import kill_tree
+    from pytest_miles.scenarios.traffic import run_traffic
+
+    slow = CompilingClient(invariant, tmp_path, 4.0)
+    try:
+        threading.Timer(3.0, slow.gate.set).start()  # the "kernel" is built after 3 s; the stall limit is 1 s
+        report = run_traffic(slow, 4, seed=2, stall_timeout=1.0, **SHAPE)
+        assert report.witnesses["compilers"] == ["ninja"] and report.witnesses["compile_seconds"] >= 1, report.render()
+    finally:
+        slow.gate.set()
+        kill_tree(slow.proc.pid)
+    endless = CompilingClient(invariant, tmp_path, 60.0)
+    try:
+        with pytest.raises(AssertionError, match=r"(?s)stall under load: 1 of 4 .* ran kernel compilers \(ninja\)"):
+            run_traffic(endless, 4, seed=2, stall_timeout=1.0, compile_grace=2.0, **SHAPE)
+    finally:
+        endless.gate.set()
+        kill_tree(endless.proc.pid)
+
+
 def test_negative_control_invariance_off_is_caught_and_the_variance_named(model_dir, tmp_path):
     from pytest_miles.checks.compositions import assert_composition_invariant
     from pytest_miles.engines.base import SamplingParams
