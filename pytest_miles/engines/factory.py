@@ -145,6 +145,8 @@ class EngineFactory:
         with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
             eng = pending.result()
         note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
+        if getattr(eng, "warmup_seconds", None):
+            note_stage(f"warming up {pending.label} in the background (kernels built at first use)", eng.warmup_seconds)
         self._mark_warm(self.specs[key], eng)
         self.live[key] = eng
         return eng

@@ -59,6 +59,8 @@ class ServerEngine:
         self.spawned_at = self.settled_at = self.ready_at = None
         self.pids: list[int] = []
         self.cancelled, self._spawn_lock = False, threading.Lock()
+        self.warmup_seconds: float | None = None  # warm_up(): the first requests, kernels built at first use
+        self.warmup_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -98,7 +100,35 @@ class ServerEngine:
                 settled.set()
         self.ready_at = time.monotonic()
         self.startup_seconds = self.ready_at - t0
+        self.warm_up()
         return self
+
+    def warmup_params(self) -> list[Any]:
+        """The requests a started server answers before anything is measured (none here)."""
+        return []
+
+    def warm_up(self) -> None:
+        """Serve `warmup_params()` once (an 8-token prompt each) and flush the cache, so that kernels a
+        JIT builds at their first use (e.g. a sampling kernel) are built during the start, not inside
+        a check (where a build of minutes on a loaded host once looked like a stall). The time goes to
+        `warmup_seconds`; a failed request is a warning (`warmup_error`): the checks meet the engine as
+        it is."""
+        params = self.warmup_params()
+        if not params:
+            return
+        t0 = time.monotonic()
+        try:
+            with stage(f"warming up {self.name} (first requests: kernels built at first use)", hint=self.start_advice):
+                for p in params:
+                    self.generate_one([1, 2, 3, 4, 5, 6, 7, 8], p)
+                self.flush_cache()
+        except EngineError as exc:
+            import warnings
+
+            self.warmup_error = str(exc)
+            warnings.warn(f"pytest-miles: {self.name}'s warm-up request failed (the checks meet it as it is): "
+                          f"{str(exc)[:500]}", stacklevel=2)
+        self.warmup_seconds = time.monotonic() - t0
 
     def _probe(self, settled: threading.Event | None, since: int) -> bool:
         if settled is not None and not settled.is_set() and log_contains(self.log_path, self.memory_marker, since):
@@ -350,6 +380,16 @@ class SGLangEngine(ServerEngine):
         self.start_advice = slow_start_advice("sglang", attention_backend)
         kw["env"] = {**sglang_start_env(), **cache_env(kernel_cache_dir), **(kw.get("env") or {})}
         super().__init__(cmd, port=port, health_path="/health", **kw)
+
+    def warmup_params(self) -> list[SamplingParams]:
+        """A greedy and a sampled request (top-k, top-p; min-p too where determinism is off: a
+        deterministic server dies on min-p, the capability data's min-p-with-seed-kills-the-server):
+        with determinism off SGLang samples with FlashInfer's kernels, built by a JIT at their first
+        use (on 2026-12-04, H200, the first sampled request of such a server waited ~3 minutes beside
+        two other test sessions)."""
+        sampled = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.0 if self.deterministic else 0.05,
+                                 max_new_tokens=2, sampling_seed=1)
+        return [SamplingParams(temperature=0.0, max_new_tokens=2), sampled]
 
 
 def sglang_passthrough(args: list[str] | tuple[str, ...]) -> list[str]:
