@@ -39,11 +39,18 @@ TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, 
 SGLANG_TRAFFIC = {"pool": 2048, "chunk": 64, "conservativeness": 0.05}
 
 
-def engine_calls(setting) -> dict[str, dict]:
+def engine_calls(setting, tokenized_model: str | None = None) -> dict[str, dict]:
     """The engine configurations the suite's tests ask for, by name, as engine_factory arguments:
-    one place, so that what the session starts in the background is exactly what the tests ask for."""
+    one place, so that what the session starts in the background is exactly what the tests ask for.
+    `tokenized_model` (the suite's model folder with the embedded tokenizer, `tokenized_model()`) adds
+    "cache-api": deterministic, a prefix cache, /metrics and a tokenizer (the OpenAI surfaces need one)."""
     kind = setting("engine")
     calls = {"control": {"kind": kind, "deterministic": False}, "deterministic": {"kind": kind, "deterministic": True}}
+    if tokenized_model is not None:
+        calls["cache-api"] = ({"kind": "sglang", "model": tokenized_model, "deterministic": True,
+                               "extra_args": ("--enable-metrics",)} if kind.startswith("sglang") else
+                              {"kind": "reference-server", "model": tokenized_model, "deterministic": True,
+                               "threads": 1, "prefix_cache": True})
     for name, deterministic in (("traffic", True), ("traffic-control", False)):
         if kind.startswith("sglang"):
             from pytest_miles import aligned_env
@@ -61,9 +68,24 @@ def engine_calls(setting) -> dict[str, dict]:
     return calls
 
 
-def engine_for(name: str, engine_factory, miles_settings, **kw):
+def engine_for(name: str, engine_factory, miles_settings, tokenized_model: str | None = None, **kw):
     """The engine of one named configuration (engine_calls) from the engine factory."""
-    return engine_factory(**engine_calls(miles_settings)[name], **kw)
+    return engine_factory(**engine_calls(miles_settings, tokenized_model)[name], **kw)
+
+
+TOKENIZED = pytest.StashKey[str]()
+
+
+def tokenized_model(request, engine_factory) -> str:
+    """The suite's model folder with the embedded tokenizer beside it (its files linked), made once per
+    session in the session's temporary directory: the same path for the background start and the test."""
+    from pytest_miles import with_tokenizer
+
+    stash = request.config.stash
+    if TOKENIZED not in stash:
+        dest = request.getfixturevalue("tmp_path_factory").mktemp("model-with-tokenizer")
+        stash[TOKENIZED] = str(with_tokenizer(engine_factory.model_path(), dest))
+    return stash[TOKENIZED]
 
 
 # The tests that ask for engines, in the order the suite runs them, with the configurations they ask
@@ -81,7 +103,7 @@ ENGINES_OF = (
     ("test_loop.py::", ("deterministic",)),
     ("test_rollout.py::test_deterministic_under_load", ("traffic",)),
     ("test_rollout.py::test_traffic_negative_control", ("traffic-control",)),
-    ("test_rollout.py::test_every_", ()),  # cache paths, API surfaces: a model folder with a tokenizer, made then
+    ("test_rollout.py::test_every_", ("cache-api",)),  # cache paths, API surfaces: the model with a tokenizer
 )
 FIRST = ("test_doctor.py",)
 # Timing measurements need no engine but a quiet machine: they run after the engine tests, when no
@@ -131,7 +153,8 @@ def _prestart_engines(request):
         factory = request.getfixturevalue("engine_factory")
     except MilesError:  # no torch: the tests that need engines say so themselves
         return
-    calls = engine_calls(lambda n: miles_setting(request.config, n))
+    model = tokenized_model(request, factory) if "cache-api" in names else None
+    calls = engine_calls(lambda n: miles_setting(request.config, n), model)
     factory.prestart([calls[n] for n in names])
 
 

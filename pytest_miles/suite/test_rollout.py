@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles import MODES, NotApplicable, SamplingParams, check_batch_invariance, judge_report
-from pytest_miles.suite.conftest import TRAFFIC, engine_for, require
+from pytest_miles.suite.conftest import TRAFFIC, engine_for, require, tokenized_model
 
 SHAPE = {"max_batch": 8, "prompt_len": 24}
 NEGATIVE = pytest.StashKey[dict]()  # mode -> (caught, where): the negative controls' verdicts, for the positives
@@ -111,16 +111,12 @@ def test_traffic_negative_control(engine_factory, miles_settings):
 
 
 @pytest.fixture
-def cache_api_engine(engine_factory, miles_settings, tmp_path_factory):
+def cache_api_engine(engine_factory, miles_settings, request):
     """Deterministic, with a prefix cache, /metrics, and a tokenizer (the OpenAI surfaces need one:
-    the embedded one is written beside a model folder that has none)."""
+    the embedded one is written beside a model folder that has none); started in the background at
+    session start like the suite's other engines."""
     require("torch", "torch")
-    from pytest_miles import with_tokenizer
-
-    model = str(with_tokenizer(engine_factory.model_path(), tmp_path_factory.mktemp("model-with-tokenizer")))
-    if miles_settings("engine").startswith("sglang"):
-        return engine_factory("sglang", model=model, deterministic=True, extra_args=("--enable-metrics",))
-    return engine_factory("reference-server", model=model, deterministic=True, threads=1, prefix_cache=True)
+    return engine_for("cache-api", engine_factory, miles_settings, tokenized_model(request, engine_factory))
 
 
 def test_every_cache_path(cache_api_engine):

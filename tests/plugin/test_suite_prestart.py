@@ -38,9 +38,10 @@ def test_the_suite_runs_engine_free_tests_first_and_prestarts_what_its_tests_ask
     assert all(t.startswith(engine_tests) for t in tests[first_engine:-1]), tests
     assert any(t.startswith("test_training.py") for t in tests[:first_engine]), tests
     assert tests[first_engine].startswith("test_rollout.py::test_negative_control"), tests
-    # in the order the tests will ask for them (the embedded default: the two traffic servers are
-    # started in the background, the in-process engines when asked)
-    assert names == "control,deterministic,traffic,traffic-control", names
+    # in the order the tests will ask for them (the embedded default: the two traffic servers and the
+    # cache/API server, on the model folder with a tokenizer, are started in the background, the
+    # in-process engines when asked)
+    assert names == "control,deterministic,traffic,traffic-control,cache-api", names
     names, _ = _collect(pytester, "-k", "training or doctor")
     assert names == "", "no engine for a selection that needs none"
     names, _ = _collect(pytester, "--miles-engine-prestart=off")
