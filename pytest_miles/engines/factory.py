@@ -131,7 +131,9 @@ class EngineFactory:
                 continue
             limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
             label = describe(spec)
-            pending = Pending(label, lambda s=server: s, after, limit + 60)
+            # its warm-up requests (kernels built at first use) come after it answers: each may take a request's limit
+            warm = len(server.warmup_params()) * server.request_timeout if hasattr(server, "warmup_params") else 0.0
+            pending = Pending(label, lambda s=server: s, after, limit + warm + 60)
             pending.advice = server.start_advice  # what a timeout while waiting for it says
             self.pending[key], self.specs[key], after = pending, spec, pending.settled
             self.planned.add(key)
