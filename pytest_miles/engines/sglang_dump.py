@@ -222,6 +222,11 @@ class SGLangDumpEngine(SGLangEngine):
         self.dump_dir, self._own_dump, self.num_layers = _folder(model_path, dump_dir, [str(a) for a in extra_args])
         super().__init__(model_path, extra_args=[*extra_args, *dump_args(self.dump_dir)], **kw)
 
+    def warmup_params(self) -> list:
+        """None: every forward pass writes a dump file, and SGLang itself skips its warm-up with the dump
+        on; the locator's prefills are the only passes (greedy, no sampling kernel)."""
+        return []
+
     def hidden_states(self, tokens: list[int]) -> dict:
         """Per layer point the [tokens, hidden] output of one prefill of `tokens` (module docstring)."""
         before = _before(self.dump_dir, tokens)

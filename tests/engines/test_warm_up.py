@@ -54,3 +54,14 @@ def test_sglang_warms_up_greedy_and_sampled_with_min_p_only_where_determinism_is
     off = SGLangEngine(model_dir, deterministic=False).warmup_params()
     assert [p.temperature for p in on] == [0.0, 1.0] and on[1].top_k == 40 and on[1].top_p == 0.9
     assert on[1].min_p == 0.0 and off[1].min_p == 0.05  # min-p kills a deterministic 0.5.17 server
+
+
+def test_the_dump_engine_has_no_warm_up(model_dir):
+    """Every forward pass of the dump engine writes a file the locator reads; SGLang skips its own warm-up there."""
+    from pytest_miles.engines.sglang_dump import SGLangDumpEngine
+
+    eng = SGLangDumpEngine(model_dir)
+    try:
+        assert eng.warmup_params() == []
+    finally:
+        eng.close()
