@@ -7,6 +7,7 @@ and `flush_cache()`; `metrics()` (Prometheus /metrics) gives the witnesses."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -233,6 +234,10 @@ def run_traffic(engine, n_requests: int = 64, *, seed: int = 0, top_logprobs: in
     bad = [w for w in required if w not in METRICS]
     if bad:
         raise InputError(f"required: {bad} not witnesses; accepted: {', '.join(METRICS)}")
+    for name, value, zero_ok in (("stall_timeout", stall_timeout, False), ("compile_grace", compile_grace, True)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < 0 or (value == 0 and not zero_ok):
+            raise InputError(f"{name}: {value!r}; accepted: a finite number of seconds {'>=' if zero_ok else '>'} 0")
     vocab = getattr(getattr(engine, "config", None), "vocab_size", 512)
     settings = engine_settings(engine)
     limit, mixed = limitation(engine, settings, "min_p_with_seed"), limitation(engine, settings, "mixed_sampling")

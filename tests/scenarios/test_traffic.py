@@ -255,3 +255,16 @@ def test_a_stalled_servers_log_is_shown_without_the_checks_own_polling(tmp_path)
     assert log_tail(str(log), 3).splitlines() == sched
     assert log_tail(str(tmp_path / "absent.log")) == "" and log_tail(None) == ""
     assert log.read_text().startswith("started")  # read, never written
+
+
+@pytest.mark.parametrize("kw, named", [({"stall_timeout": 0}, "stall_timeout: 0; accepted: a finite number of seconds > 0"),
+                                       ({"stall_timeout": float("nan")}, "stall_timeout: nan"),
+                                       ({"compile_grace": -1}, "compile_grace: -1; accepted: a finite number of seconds >= 0"),
+                                       ({"compile_grace": "600"}, "compile_grace: '600'"),
+                                       ({"compile_grace": True}, "compile_grace: True"),
+                                       ({"required": ("retraction",)}, r"required: \['retraction'\] not witnesses")])
+def test_a_bad_wait_or_witness_is_named_with_what_is_accepted(invariant, kw, named):
+    from pytest_miles.scenarios.traffic import run_traffic
+
+    with pytest.raises(InputError, match=named):
+        run_traffic(invariant, 4, **kw)
