@@ -182,12 +182,11 @@ def _parity_budget(args: argparse.Namespace) -> int:
 
 def _capabilities(args: argparse.Namespace) -> int:
     from pytest_miles.capabilities import (
-        BACKENDS,
-        MODES,
         CapabilityError,
         installed_sglang_version,
         load_capabilities,
         render_table,
+        table_rows,
     )
     from pytest_miles.config.resolve import resolve
 
@@ -207,12 +206,8 @@ def _capabilities(args: argparse.Namespace) -> int:
             return 2
     version = args.sglang_version or installed_sglang_version()
     if args.json:
-        rows = []
-        for backend in BACKENDS:
-            for mode in MODES:
-                cap = caps.lookup(backend, mode, version)
-                rows.append({"backend": backend, "mode": mode, "status": cap.status,
-                             "cell": cap.cell.id if cap.cell else None, "describe": cap.describe()})
+        rows = [{"backend": backend, "mode": mode, "status": cap.status, "cell": cap.cell.id if cap.cell else None,
+                 "describe": cap.describe()} for backend, mode, cap in table_rows(caps, version)]
         print(_dumps({"sglang": version, "sources": caps.sources, "cells": rows}, indent=2))
     else:
         print("\n".join(render_table(caps, version)))

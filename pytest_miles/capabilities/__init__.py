@@ -255,24 +255,36 @@ def installed_sglang_version() -> str | None:
 BACKENDS = ("flashinfer", "triton", "fa3", "fa4")
 
 
+def table_rows(caps: Capabilities, version: str | None, backends: tuple[str, ...] = BACKENDS
+               ) -> list[tuple[str, str, Capability]]:
+    """(backend, check, rule) for every batch mode, and for every other check (traffic, caches,
+    sampling features, ...) where a cell says something of it, per backend."""
+    rows = []
+    for backend in backends:
+        for mode in CHECKS:
+            cap = caps.lookup(backend, mode, version) if version else _any_version(caps, backend, mode)
+            if mode in MODES or cap.cell is not None:
+                rows.append((backend, mode, cap))
+    return rows
+
+
 def render_table(caps: Capabilities, version: str | None, backends: tuple[str, ...] = BACKENDS) -> list[str]:
-    """One line per backend x mode for this SGLang version (the `pytest-miles capabilities` table)."""
+    """One line per backend x mode for this SGLang version, and per other check a cell speaks of
+    (the `pytest-miles capabilities` table)."""
     lines = [f"SGLang {version or 'not installed (rows as for any version)'}; "
              f"capability data: {', '.join(caps.sources)}"]
-    lines.append(f"{'backend':11} {'mode':19} {'status':17} cell / condition / reference")
-    for backend in backends:
-        for mode in MODES:
-            cap = caps.lookup(backend, mode, version) if version else _any_version(caps, backend, mode)
-            if cap.cell is None:
-                detail = "(no cell: treated as promised)"
-            else:
-                c = cap.cell
-                detail = f"[{c.id}] {c.condition}"
-                if c.references:
-                    detail += f" -- {c.references[0]}"
-                if not c.verified:
-                    detail += " (unverified)"
-            lines.append(f"{backend:11} {mode:19} {cap.status:17} {detail}")
+    lines.append(f"{'backend':11} {'check':21} {'status':17} cell / condition / reference")
+    for backend, mode, cap in table_rows(caps, version, backends):
+        if cap.cell is None:
+            detail = "(no cell: treated as promised)"
+        else:
+            c = cap.cell
+            detail = f"[{c.id}] {c.condition}"
+            if c.references:
+                detail += f" -- {c.references[0]}"
+            if not c.verified:
+                detail += " (unverified)"
+        lines.append(f"{backend:11} {mode:21} {cap.status:17} {detail}")
     return lines
 
 

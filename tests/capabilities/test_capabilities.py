@@ -267,6 +267,20 @@ def test_cli_prints_the_table(capsys):
     assert {(r["backend"], r["mode"]): r["status"] for r in rows}[("flashinfer", "prefix")] == "promised"
 
 
+def test_cli_lists_the_other_checks_a_cell_speaks_of(capsys):
+    """Beyond the batch modes: traffic, caches, sampling features, serving, per backend, only where a cell
+    matches (0.5.17: the retraction cell on triton and flashinfer, the unchunked-prefill cell on flashinfer only)."""
+    assert main(["capabilities", "--sglang-version", "0.5.17", "--json"]) == 0
+    rows = {(r["backend"], r["mode"]): r["cell"] for r in json.loads(capsys.readouterr().out)["cells"]}
+    assert rows[("triton", "retraction")] == rows[("flashinfer", "retraction")] == "retracted-request-recomputed-by-prefill"
+    assert rows[("flashinfer", "prefill_under_traffic")] == "flashinfer-prefill-under-traffic"
+    assert ("triton", "prefill_under_traffic") not in rows and ("triton", "chunked_prefill") not in rows
+    assert rows[("triton", "decode_kv")] == "decode-written-kv-is-not-prefill-kv"
+    assert main(["capabilities", "--sglang-version", "0.5.17"]) == 0
+    assert any(x.startswith("flashinfer") and " chunked_prefill " in x and "flashinfer/issues/2424" in x
+               for x in capsys.readouterr().out.splitlines())
+
+
 def test_cli_bad_file(tmp_path, capsys):
     bad = _write(tmp_path, "[[cell]]\nid = 1\n")
     assert main(["capabilities", "--file", str(bad)]) == 2
