@@ -49,7 +49,8 @@ def main() -> None:
     args = ap.parse_args()
     from pytest_miles.checks.batch_invariance import assert_batch_invariant
     from pytest_miles.engines.base import SamplingParams
-    from pytest_miles.engines.server import ReferenceServerEngine, SGLangEngine
+    from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
+    from pytest_miles.engines.server import SGLangEngine
     from pytest_miles.models.embedded import write_hf_checkpoint
 
     model = write_hf_checkpoint(Path(tempfile.mkdtemp()) / "tiny", tokenizer=True)

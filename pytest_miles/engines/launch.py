@@ -144,7 +144,7 @@ def build_server(spec: EngineSpec):
     from another thread stops a start under way)."""
     opts = {k: val for k, val in spec.options.items() if k != "dump_hidden_states"}
     if spec.kind == "reference-server":
-        from pytest_miles.engines.server import ReferenceServerEngine
+        from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
 
         return ReferenceServerEngine(spec.model_dir, deterministic=spec.deterministic, device=spec.device,
                                      log_dir=spec.log_dir, request_timeout=spec.request_timeout,

@@ -30,7 +30,6 @@ from pytest_miles.engines.base import (
     sglang_start_env,
     stream_merge,
 )
-from pytest_miles.errors import InputError
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import free_port, kill_tree, log_contains, port_in_use, tail, wait_until
@@ -108,27 +107,10 @@ class ServerEngine:
         return []
 
     def warm_up(self) -> None:
-        """Serve `warmup_params()` once (an 8-token prompt each) and flush the cache, so that kernels a
-        JIT builds at their first use (e.g. a sampling kernel) are built during the start, not inside
-        a check (where a build of minutes on a loaded host once looked like a stall). The time goes to
-        `warmup_seconds`; a failed request is a warning (`warmup_error`): the checks meet the engine as
-        it is."""
-        params = self.warmup_params()
-        if not params:
-            return
-        t0 = time.monotonic()
-        try:
-            with stage(f"warming up {self.name} (first requests: kernels built at first use)", hint=self.start_advice):
-                for p in params:
-                    self.generate_one([1, 2, 3, 4, 5, 6, 7, 8], p)
-                self.flush_cache()
-        except EngineError as exc:
-            import warnings
+        """engines/warm_up.py: `warmup_params()` served once, then a cache flush."""
+        from pytest_miles.engines.warm_up import warm_up
 
-            self.warmup_error = str(exc)
-            warnings.warn(f"pytest-miles: {self.name}'s warm-up request failed (the checks meet it as it is): "
-                          f"{str(exc)[:500]}", stacklevel=2)
-        self.warmup_seconds = time.monotonic() - t0
+        warm_up(self)
 
     def _probe(self, settled: threading.Event | None, since: int) -> bool:
         if settled is not None and not settled.is_set() and log_contains(self.log_path, self.memory_marker, since):
@@ -382,59 +364,12 @@ class SGLangEngine(ServerEngine):
         super().__init__(cmd, port=port, health_path="/health", **kw)
 
     def warmup_params(self) -> list[SamplingParams]:
-        """A greedy and a sampled request (top-k, top-p; min-p too where determinism is off: a
-        deterministic server dies on min-p, the capability data's min-p-with-seed-kills-the-server):
-        with determinism off SGLang samples with FlashInfer's kernels, built by a JIT at their first
-        use (on 2026-12-04, H200, the first sampled request of such a server waited ~3 minutes beside
-        two other test sessions)."""
-        sampled = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, min_p=0.0 if self.deterministic else 0.05,
-                                 max_new_tokens=2, sampling_seed=1)
-        return [SamplingParams(temperature=0.0, max_new_tokens=2), sampled]
+        """engines/warm_up.py: a greedy and a sampled request (min-p too with determinism off)."""
+        from pytest_miles.engines.warm_up import sglang_warmup_params
+
+        return sglang_warmup_params(self.deterministic)
 
 
 def sglang_passthrough(args: list[str] | tuple[str, ...]) -> list[str]:
     """Miles' SGLANG_ARGS convention: `--sglang-foo x` -> `--foo x`; other args pass unchanged."""
     return [a.replace("--sglang-", "--", 1) if a.startswith("--sglang-") else a for a in args]
-
-
-class ReferenceServerEngine(ServerEngine):
-    """The embedded model behind SGLang's HTTP API, in its own process (CPU or GPU)."""
-
-    name = "reference-server"
-    has_prefix_cache = False
-
-    @property
-    def batch_invariant(self) -> bool:
-        """The earlier name of `deterministic` (read-only)."""
-        return self.deterministic
-
-    def __init__(self, model_dir: str | Path, *, deterministic: bool = False, port: int | None = None,
-                 device: str = "cpu", python: str = sys.executable, threads: int | None = None,
-                 batch_invariant: bool | None = None, max_total_tokens: int | None = None,
-                 chunked_prefill_size: int | None = None, max_running_requests: int | None = None,
-                 prefix_cache: bool = False, fault: str | None = None, **kw: Any) -> None:
-        from pytest_miles.engines.reference import deterministic_switch
-        from pytest_miles.engines.reference_server import FAULTS
-
-        deterministic = deterministic_switch(deterministic, batch_invariant, type(self).__name__)
-        port = port or free_port()
-        cmd = [python, "-m", "pytest_miles.engines.reference_server", "--model", str(model_dir),
-               "--port", str(port), "--device", device]
-        if threads is not None:  # a tiny model on a busy CPU: thread sync costs more than the math
-            cmd += ["--threads", str(threads)]
-        if deterministic:
-            cmd.append("--deterministic")
-        for flag, v in (("--max-total-tokens", max_total_tokens), ("--chunked-prefill-size", chunked_prefill_size),
-                        ("--max-running-requests", max_running_requests)):
-            if v is not None:
-                cmd += [flag, str(int(v))]
-        if prefix_cache:
-            cmd.append("--enable-prefix-cache")
-        if fault is not None:  # a negative control: one named fault planted in the server
-            if fault not in FAULTS:
-                raise InputError(f"fault: {fault!r} is not a planted fault; accepted: {', '.join(FAULTS)}")
-            cmd += ["--fault", fault]
-        self.has_prefix_cache, self.fault = bool(prefix_cache), fault
-        self.deterministic = deterministic
-        kw.setdefault("startup_timeout", 120.0)
-        super().__init__(cmd, port=port, **kw)

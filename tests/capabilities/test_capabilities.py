@@ -272,7 +272,8 @@ def test_cli_lists_the_other_checks_a_cell_speaks_of(capsys):
     matches (0.5.17: the retraction cell on triton and flashinfer, the unchunked-prefill cell on flashinfer only)."""
     assert main(["capabilities", "--sglang-version", "0.5.17", "--json"]) == 0
     rows = {(r["backend"], r["mode"]): r["cell"] for r in json.loads(capsys.readouterr().out)["cells"]}
-    assert rows[("triton", "retraction")] == rows[("flashinfer", "retraction")] == "retracted-request-recomputed-by-prefill"
+    retraction = "retracted-request-recomputed-by-prefill"
+    assert rows[("triton", "retraction")] == rows[("flashinfer", "retraction")] == retraction
     assert rows[("flashinfer", "prefill_under_traffic")] == "flashinfer-prefill-under-traffic"
     assert ("triton", "prefill_under_traffic") not in rows and ("triton", "chunked_prefill") not in rows
     assert rows[("triton", "decode_kv")] == "decode-written-kv-is-not-prefill-kv"

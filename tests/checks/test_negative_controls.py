@@ -65,7 +65,7 @@ def test_traffic_control_is_not_caught_by_cache_state_alone():
 @pytest.fixture(scope="module")
 def flag_off(tmp_path_factory):
     pytest.importorskip("torch")
-    from pytest_miles.engines.server import ReferenceServerEngine
+    from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
     from pytest_miles.models.embedded import write_hf_checkpoint
 
     model = write_hf_checkpoint(tmp_path_factory.mktemp("tiny"))

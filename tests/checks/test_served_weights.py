@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from pytest_miles import assert_served_weights_equal  # noqa: E402
 from pytest_miles.engines.base import EngineError, WeightNotServed  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
-from pytest_miles.engines.server import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
 from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)

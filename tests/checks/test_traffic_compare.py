@@ -130,7 +130,10 @@ def _traffic(diffs, *, chunked=(), retracted=None):
         o = _out()
         if i in diffs:
             pos = diffs[i]
-            o.logprobs[0 if pos == "nan" else pos] = float("nan") if pos == "nan" else math.nextafter(o.logprobs[pos], 0.0)
+            if pos == "nan":
+                o.logprobs[0] = float("nan")
+            else:
+                o.logprobs[pos] = math.nextafter(o.logprobs[pos], 0.0)
         o.retractions = (retracted or {}).get(i, 0)
         first.append(o)
     r = TrafficReport("sglang", 6, chunked=list(chunked))

@@ -16,7 +16,8 @@ from pytest_miles.checks.batch_invariance import BATCH_SIZES, check_batch_invari
 from pytest_miles.checks.witness import SETTING_KEYS, radix_cache_witness  # noqa: E402
 from pytest_miles.config.settings import BY_NAME  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
-from pytest_miles.engines.server import ReferenceServerEngine, SGLangEngine  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.server import SGLangEngine  # noqa: E402
 from pytest_miles.models.cache import cached_shape_dir  # noqa: E402
 from pytest_miles.models.embedded import SHAPES, tensor_chunks, tensor_specs, write_hf_checkpoint, write_shape  # noqa: E402
 

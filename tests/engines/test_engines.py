@@ -13,7 +13,8 @@ from pytest_miles import assert_batch_invariant  # noqa: E402
 from pytest_miles.checks.batch_invariance import MODES, check_batch_invariance, negative_control  # noqa: E402
 from pytest_miles.engines.base import EngineError, SamplingParams  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
-from pytest_miles.engines.server import ReferenceServerEngine, ServerEngine, sglang_passthrough  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.server import ServerEngine, sglang_passthrough  # noqa: E402
 from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
 from pytest_miles.placement.processes import free_port  # noqa: E402
 

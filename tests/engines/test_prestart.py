@@ -13,7 +13,7 @@ import pytest
 
 from pytest_miles.engines.factory import EngineFactory, same_but_weights
 from pytest_miles.engines.prestart import Pending, memory_fractions
-from pytest_miles.engines.server import ReferenceServerEngine
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
 from pytest_miles.errors import EngineError
 from pytest_miles.models.embedded import write_hf_checkpoint
 

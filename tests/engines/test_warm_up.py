@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("torch")
 
 from pytest_miles.engines.base import SamplingParams  # noqa: E402
-from pytest_miles.engines.server import ReferenceServerEngine, SGLangEngine  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.server import SGLangEngine  # noqa: E402
 from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=2)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from pytest_miles.engines.server import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
 from pytest_miles.errors import InputError, NotApplicable  # noqa: E402
 from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
 from pytest_miles.models.tokenizer_vocab import with_tokenizer  # noqa: E402

@@ -286,7 +286,7 @@ def _alive(pid: int) -> bool:
 def test_engine_weight_update_refusals_are_named(tmp_path):
     from pytest_miles.engines.base import EngineError, SamplingParams
     from pytest_miles.engines.reference import ReferenceEngine
-    from pytest_miles.engines.server import ReferenceServerEngine
+    from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
     from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint
 
     a = write_hf_checkpoint(tmp_path / "a", TinyConfig(), dtype="float32")

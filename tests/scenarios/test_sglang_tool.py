@@ -60,7 +60,7 @@ def test_without_sglang_or_a_served_engine_it_says_why(tmp_path):
     with pytest.raises(InputError, match="modes"):
         cross_check_sglang_tool(ReferenceEngine(model), model, modes=("needle",))
     if importlib.util.find_spec("sglang") is None:
-        from pytest_miles.engines.server import ReferenceServerEngine
+        from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
 
         with ReferenceServerEngine(model, log_dir=tmp_path) as server, pytest.raises(NotApplicable, match="sglang"):
             cross_check_sglang_tool(server, model)

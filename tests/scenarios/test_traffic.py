@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from pytest_miles.engines.server import ReferenceServerEngine  # noqa: E402
+from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
 from pytest_miles.errors import InputError, NotApplicable  # noqa: E402
 from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
 from pytest_miles.scenarios.traffic import (  # noqa: E402
@@ -257,12 +257,15 @@ def test_a_stalled_servers_log_is_shown_without_the_checks_own_polling(tmp_path)
     assert log.read_text().startswith("started")  # read, never written
 
 
-@pytest.mark.parametrize("kw, named", [({"stall_timeout": 0}, "stall_timeout: 0; accepted: a finite number of seconds > 0"),
-                                       ({"stall_timeout": float("nan")}, "stall_timeout: nan"),
-                                       ({"compile_grace": -1}, "compile_grace: -1; accepted: a finite number of seconds >= 0"),
-                                       ({"compile_grace": "600"}, "compile_grace: '600'"),
-                                       ({"compile_grace": True}, "compile_grace: True"),
-                                       ({"required": ("retraction",)}, r"required: \['retraction'\] not witnesses")])
+BAD_WAITS = [({"stall_timeout": 0}, "stall_timeout: 0; accepted: a finite number of seconds > 0"),
+             ({"stall_timeout": float("nan")}, "stall_timeout: nan"),
+             ({"compile_grace": -1}, "compile_grace: -1; accepted: a finite number of seconds >= 0"),
+             ({"compile_grace": "600"}, "compile_grace: '600'"),
+             ({"compile_grace": True}, "compile_grace: True"),
+             ({"required": ("retraction",)}, r"required: \['retraction'\] not witnesses")]
+
+
+@pytest.mark.parametrize("kw, named", BAD_WAITS)
 def test_a_bad_wait_or_witness_is_named_with_what_is_accepted(invariant, kw, named):
     from pytest_miles.scenarios.traffic import run_traffic
 
