@@ -685,10 +685,12 @@ static int write_all(const char *b, size_t n)
 static int compare(int argc, char **argv, double t0)
 {
     const char *a = NULL, *b = NULL;
-    int workers = 0;
+    int workers = 0, first = 0;
     for (int k = 2; k < argc; k++) {
-        if (!strcmp(argv[k], "--first"))
-            continue; /* an EQUAL pair's report is the same with it */
+        if (!strcmp(argv[k], "--first")) {
+            first = 1; /* an EQUAL pair's report is the same with it; a differing pair: first.c */
+            continue;
+        }
         if (!strcmp(argv[k], "--workers") && k + 1 < argc && positive(argv[k + 1], &workers)) {
             k++;
             continue;
@@ -742,6 +744,7 @@ static int compare(int argc, char **argv, double t0)
     char *sid_b = NULL, *cid_b = NULL;
     Bufs bufs;
     F ma = {-1, 0}, mb = {-1, 0};
+    DcpFirst diff = {0};
     if (bufs_new(&bufs))
         goto out;
     snprintf(path, sizeof(path), "%s/.metadata", sa.root);
@@ -802,23 +805,30 @@ out:
         started = 0;
         if (w.differ)
             answer = -1, g_fast_declined = 1;
+        /* --first of a pair of one data file: its first difference named here where first.c is sure */
+        if (w.differ && first && sa.nd == 1 &&
+            dcpscan_first(&scan_a.o.plan, scan_a.o.entries_at, sa.distcp[0], fa[0].fd, fb[0].fd, workers, &diff) == 0)
+            answer = 1;
     }
     if (started) {
         w.stop = 1;
         pthread_join(helper, NULL);
     }
-    if (answer)
+    if (answer < 0)
         return -1; /* the descriptors are O_CLOEXEC: exec closes them */
 
-    /* the report, as Report.render prints the fast path's */
+    /* the report, as Report.render prints the fast path's (EQUAL) or the full path's (--first) */
     double secs = now() - t0;
-    int64_t nbytes = 2 * scan_a.o.nbytes;
+    int64_t items = answer ? diff.items : scan_a.o.items, nbytes = answer ? diff.nbytes : 2 * scan_a.o.nbytes;
     Text t = {0}, na = {0}, nb = {0};
     ids_note(&na, scan_a.save_id, scan_a.ckpt);
     ids_note(&nb, sid_b, cid_b);
-    add(&t, "checkpoints EQUAL\n  A: %s [dcp]\n  B: %s [dcp]\n", a, b);
-    add(&t, "  compared %lld items, %.1f MiB in %.2f s (%.2f GB/s)\n", (long long)scan_a.o.items,
-        (double)nbytes / 1048576.0, secs, secs ? (double)nbytes / secs / 1e9 : 0.0);
+    add(&t, "checkpoints %s\n  A: %s [dcp]\n  B: %s [dcp]\n", answer ? "DIFFERENT (1 difference(s))" : "EQUAL", a, b);
+    add(&t, "  compared %lld items, %.1f MiB in %.2f s (%.2f GB/s)\n", (long long)items, (double)nbytes / 1048576.0,
+        secs, secs ? (double)nbytes / secs / 1e9 : 0.0);
+    if (answer)
+        add(&t, "  first difference in checkpoint order: %s\n  - [tensor] %s\n  (stopped at the first difference: "
+                "--first)\n", diff.name, diff.detail);
     add(&t, "  note: %s\n", IDS_IGNORED); /* both sides carry it */
     /* merge_notes: one line for a note both carry, "A: " / "B: " for a note of one side */
     if (na.n && nb.n && !strcmp(na.b, nb.b))
@@ -834,7 +844,7 @@ out:
     signal(SIGPIPE, SIG_IGN);
     if (write_all(t.b, t.n))
         return errno == EPIPE ? 141 : 2; /* `| head`: the reader left (cli._user_errors: 141) */
-    return 0;
+    return answer; /* 1: DIFFERENT */
 }
 
 int main(int argc, char **argv)
