@@ -508,21 +508,54 @@ static void repr_double(double x, char *out, size_t cap)
         return;
     }
     char buf[40], digits[24];
+    int neg = signbit(x) != 0, nd = 0, ex = 0;
+    double ax = fabs(x);
     for (int p = 1; p <= 17; p++) {
-        snprintf(buf, sizeof(buf), "%.*e", p - 1, x);
-        if (strtod(buf, NULL) == x)
+        snprintf(buf, sizeof(buf), "%.*e", p - 1, ax); /* the nearest p digits */
+        nd = 0;
+        for (const char *q = buf; *q && *q != 'e'; q++)
+            if (*q != '.')
+                digits[nd++] = *q;
+        ex = atoi(strchr(buf, 'e') + 1);
+        double got = strtod(buf, NULL);
+        if (got == ax)
             break;
+        /* the other neighbour of p digits may read back where the nearest does not (ax a power of two:
+         * the doubles below it are twice as close) */
+        char alt[24];
+        int na = nd, ea = ex, j = nd - 1;
+        memcpy(alt, digits, (size_t)nd);
+        if (got < ax) {
+            while (j >= 0 && alt[j] == '9')
+                alt[j--] = '0';
+            if (j < 0)
+                alt[0] = '1', ea++;
+            else
+                alt[j]++;
+        } else {
+            while (j >= 0 && alt[j] == '0')
+                alt[j--] = '9';
+            if (j >= 0) /* (always: ax > 0) */
+                alt[j]--;
+            if (alt[0] == '0') { /* 10..0 - 1: one digit fewer */
+                if (--na > 0)
+                    memmove(alt, alt + 1, (size_t)na);
+                ea--;
+            }
+        }
+        char tryb[48];
+        if (na)
+            snprintf(tryb, sizeof(tryb), "%c.%.*se%d", alt[0], na - 1, alt + 1, ea);
+        if (na && strtod(tryb, NULL) == ax) {
+            memcpy(digits, alt, (size_t)na);
+            nd = na, ex = ea;
+            break;
+        }
     }
-    const char *q = buf;
-    int neg = *q == '-', nd = 0;
-    q += neg;
-    for (; *q && *q != 'e'; q++)
-        if (*q != '.')
-            digits[nd++] = *q;
     while (nd > 1 && digits[nd - 1] == '0')
         nd--;
     digits[nd] = 0;
-    int decpt = atoi(q + 1) + 1; /* x = 0.DIGITS * 10**decpt */
+    int decpt = ex + 1; /* x = 0.DIGITS * 10**decpt */
     char *o = out;
     size_t left = cap;
 #define PUT(...)                                                  \
@@ -537,8 +570,8 @@ static void repr_double(double x, char *out, size_t cap)
         PUT("%c", digits[0]);
         if (nd > 1)
             PUT(".%s", digits + 1);
-        int ex = decpt - 1;
-        PUT("e%c%02d", ex < 0 ? '-' : '+', ex < 0 ? -ex : ex);
+        int e10 = decpt - 1;
+        PUT("e%c%02d", e10 < 0 ? '-' : '+', e10 < 0 ? -e10 : e10);
     } else if (decpt <= 0) {
         PUT("0.");
         for (int j = 0; j < -decpt; j++)
