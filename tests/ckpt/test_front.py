@@ -45,7 +45,8 @@ def front(tmp_path_factory) -> Path:
         src = ROOT / "pytest_miles" / "ckpt" / "dcpscan"
         subprocess.run(["cc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                         "-DDCPSCAN_NO_PYTHON", "-pthread", "-o", str(exe), *(str(src / f) for f in
-                                                                         ("front.c", "vm.c", "walk.c"))], check=True)
+                                                                         ("front.c", "first.c", "vm.c", "walk.c")),
+                        "-lm"], check=True)
     else:
         subprocess.run([sys.executable, "setup.py", "-q", "build_scripts", "--build-dir", str(bin_dir), "--force"],
                        cwd=ROOT, check=True, capture_output=True, timeout=300)

@@ -193,26 +193,12 @@ static int by_offset(const void *x, const void *y)
 
 /* ---- reading ------------------------------------------------------------------------------- */
 
-static int pread_all(int fd, unsigned char *buf, size_t want, int64_t off)
-{
-    size_t got = 0;
-    while (got < want) {
-        ssize_t r = pread(fd, buf + got, want - got, (off_t)(off + (int64_t)got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return -1;
-        got += (size_t)r;
-    }
-    return 0;
-}
-
 /* the offset of the first differing byte of [off, off + len) on both sides, -1: equal, -2: a read failed */
 static int64_t first_byte(int fa, int fb, int64_t off, int64_t len, unsigned char *ba, unsigned char *bb)
 {
     for (int64_t done = 0; done < len; done += (int64_t)BLOCK) {
         size_t want = len - done < (int64_t)BLOCK ? (size_t)(len - done) : BLOCK;
-        if (pread_all(fa, ba, want, off + done) || pread_all(fb, bb, want, off + done))
+        if (dcpscan_pread_full(fa, ba, want, off + done) || dcpscan_pread_full(fb, bb, want, off + done))
             return -2;
         if (memcmp(ba, bb, want))
             for (size_t j = 0; j < want; j++)
@@ -409,7 +395,7 @@ static int blob_elements(int fd, int64_t off, int64_t len, Pkl *pkl, int64_t *st
     if (len < 98)
         return -1;
     size_t tn = len < (int64_t)TAIL ? (size_t)len : TAIL;
-    if (pread_all(fd, tail, tn, off + len - (int64_t)tn))
+    if (dcpscan_pread_full(fd, tail, tn, off + len - (int64_t)tn))
         return -1;
     const unsigned char *e = tail + tn - 22, *loc = e - 20, *z = loc - 56;
     if (le(e, 4) != 0x06054b50 || le(e + 4, 4) != 0 || le(e + 20, 2) != 0)
@@ -426,7 +412,7 @@ static int blob_elements(int fd, int64_t off, int64_t len, Pkl *pkl, int64_t *st
         (le(e + 12, 4) != cdsize && le(e + 12, 4) != 0xffffffff) ||
         (le(e + 16, 4) != cdoff && le(e + 16, 4) != 0xffffffff))
         return -1;
-    if (pread_all(fd, cd, (size_t)cdsize, off + (int64_t)cdoff))
+    if (dcpscan_pread_full(fd, cd, (size_t)cdsize, off + (int64_t)cdoff))
         return -1;
     int64_t pkl_at = -1, pkl_len = 0, data_at = -1, data_len = 0;
     size_t prefix = 0, at = 0, npkl = 0;
@@ -450,7 +436,8 @@ static int blob_elements(int fd, int64_t off, int64_t len, Pkl *pkl, int64_t *st
         for (uint64_t j = 0; j < k; j++)
             if (nlens[j] == nl && !memcmp(names[j], name, nl))
                 return -1; /* a name twice */
-        if (hoff + 30 > (uint64_t)len || pread_all(fd, head, 30, off + (int64_t)hoff) || le(head, 4) != 0x04034b50)
+        if (hoff + 30 > (uint64_t)len || dcpscan_pread_full(fd, head, 30, off + (int64_t)hoff) ||
+            le(head, 4) != 0x04034b50)
             return -1;
         uint64_t begin = hoff + 30 + le(head + 26, 2) + le(head + 28, 2);
         if (begin + usize > (uint64_t)len)
@@ -462,8 +449,8 @@ static int blob_elements(int fd, int64_t off, int64_t len, Pkl *pkl, int64_t *st
         }
         at += 46 + nl;
     }
-    if (at != cdsize || npkl != 1 || pkl_len > (int64_t)PKL_MAX || pread_all(fd, pbuf, (size_t)pkl_len, off + pkl_at) ||
-        pkl_read(pbuf, (size_t)pkl_len, pkl))
+    if (at != cdsize || npkl != 1 || pkl_len > (int64_t)PKL_MAX ||
+        dcpscan_pread_full(fd, pbuf, (size_t)pkl_len, off + pkl_at) || pkl_read(pbuf, (size_t)pkl_len, pkl))
         return -1;
     size_t kl = strlen(pkl->key);
     for (uint64_t k = 0; k < n; k++)
@@ -707,7 +694,8 @@ int dcpscan_first(const Buf *plan, size_t entries_at, const char *file, int fa, 
     int64_t k = (at - start) / isz;
     unsigned char ea[16], eb[16];
     char va[64], vb[64], bits[2][40];
-    if (pread_all(fa, ea, (size_t)isz, start + k * isz) || pread_all(fb, eb, (size_t)isz, start + k * isz) ||
+    if (dcpscan_pread_full(fa, ea, (size_t)isz, start + k * isz) ||
+        dcpscan_pread_full(fb, eb, (size_t)isz, start + k * isz) ||
         repr_element(e->dt, ea, va, sizeof(va)) || repr_element(e->dt, eb, vb, sizeof(vb)))
         goto done;
     for (int s = 0; s < 2; s++) {

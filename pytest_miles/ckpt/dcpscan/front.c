@@ -1,6 +1,7 @@
 /* front.c: the `pytest-miles` command. `pytest-miles compare A B` of two EQUAL plain DCP checkpoints
- * is answered here, without starting Python; every other command line is handed over (exec) to the
- * Python command line, `pytest-miles-py` beside this executable, with the same arguments.
+ * (and `--first` of a differing pair: first.c) is answered here, without starting Python; every
+ * other command line is handed over (exec) to the Python command line, `pytest-miles-py` beside
+ * this executable, with the same arguments.
  *
  * Why: on a machine of two cores, the Python interpreter's start (~30 ms with a venv's site) and
  * the imports of the fast path (~14 ms) are most of what `compare` of 20,000 small tensors costs
@@ -14,8 +15,10 @@
  * and side files. It is stricter than that path, never looser: a Megatron run dir, torch files
  * beside, any flag but --first and --workers N, PYTEST_MILES_NATIVE / PYTEST_MILES_CONFIG /
  * PYTHONIOENCODING set, a path that is not ASCII, and every pair that is not EQUAL (or that this
- * code cannot read) go to Python, which decides from scratch. It never says DIFFERENT and never
- * reports an error of its own: those reports are Python's.
+ * code cannot read) go to Python, which decides from scratch. One exception: `--first` on such a
+ * pair whose plans are equal and whose one data file differs is answered by first.c where it is sure
+ * to print Python's report (DIFFERENT, the first differing element); it never reports an error of its
+ * own: those reports are Python's.
  *
  * Safety, as the module's (module.c): files are opened O_NONBLOCK (a FIFO never blocks) and used
  * only when fstat says they are regular; every read is bounded by the size fixed at open; nothing
@@ -99,7 +102,7 @@ static int open_regular(const char *path, F *f)
     return 0;
 }
 
-static int pread_full(int fd, unsigned char *buf, size_t want, int64_t off)
+int dcpscan_pread_full(int fd, unsigned char *buf, size_t want, int64_t off)
 {
     size_t got = 0;
     while (got < want) {
@@ -119,7 +122,8 @@ static int same_range(int fa, int64_t oa, int fb, int64_t ob, int64_t len, unsig
 {
     for (int64_t done = 0; done < len; done += (int64_t)BLOCK) {
         size_t want = len - done < (int64_t)BLOCK ? (size_t)(len - done) : BLOCK;
-        if ((stop && *stop) || pread_full(fa, ba, want, oa + done) || pread_full(fb, bb, want, ob + done) ||
+        if ((stop && *stop) || dcpscan_pread_full(fa, ba, want, oa + done) ||
+            dcpscan_pread_full(fb, bb, want, ob + done) ||
             memcmp(ba, bb, want) != 0)
             return 0;
     }
@@ -543,7 +547,7 @@ static int mirrored(const F *fa, const F *fb, const Scan *a, char **sid, char **
         return MIRROR_NO;
     for (int64_t at = 0; at < size && found <= 1; at += (int64_t)piece) {
         size_t want = size - at < (int64_t)(piece + keep) ? (size_t)(size - at) : piece + keep;
-        if (pread_full(fa->fd, buf, want, at)) {
+        if (dcpscan_pread_full(fa->fd, buf, want, at)) {
             found = 2;
             break;
         }
@@ -560,7 +564,7 @@ static int mirrored(const F *fa, const F *fb, const Scan *a, char **sid, char **
     size_t n = (size_t)(size - start);
     unsigned char *ta = malloc(n), *tb = malloc(n);
     int res = MIRROR_NO;
-    if (ta && tb && !pread_full(fa->fd, ta, n, start) && !pread_full(fb->fd, tb, n, start) &&
+    if (ta && tb && !dcpscan_pread_full(fa->fd, ta, n, start) && !dcpscan_pread_full(fb->fd, tb, n, start) &&
         !memcmp(tb, TAIL_KEY, TAIL_KEYLEN) && same_range(fa->fd, 0, fb->fd, 0, start, bufs->a, bufs->b, NULL))
         res = tail_ids(ta, tb, n, a, sid, cid);
     free(ta);
