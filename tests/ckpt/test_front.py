@@ -243,6 +243,27 @@ def test_first_in_a_file_read_by_several_threads(front, workers, tmp_path):
         assert f"first differing element at [{k}]" in run.stdout
 
 
+def test_first_hands_over_where_a_later_item_belongs_to_an_earlier_entry(front, tmp_path):
+    """`.metadata` listing the entries in the other order than the file holds them (re-pickled: our own
+    files): a difference in the file's first item, whose entry comes second, is handed over (Python names
+    the first in checkpoint order of what its threads found); one in the file's second item, whose entry
+    comes first and has nothing after it, is answered natively."""
+    import pickle
+
+    state = {"a": torch.arange(64, dtype=torch.float32), "b": torch.arange(64, dtype=torch.float32) * 2}
+    for where, (name, native) in {"first-in-file": ("a", False), "second-in-file": ("b", True)}.items():
+        other = {key: t.clone() for key, t in state.items()}
+        other[name][5] = -1.0
+        sides = [save_dcp(tmp_path / f"{where}-a", state), save_dcp(tmp_path / f"{where}-b", other)]
+        for d in sides:
+            md = pickle.loads((d / ".metadata").read_bytes())  # our own file: trusted here
+            md.state_dict_metadata = dict(reversed(list(md.state_dict_metadata.items())))
+            (d / ".metadata").write_bytes(pickle.dumps(md))
+        run, handed = _both(front, tmp_path, "compare", "--first", *map(str, sides))
+        assert run.returncode == 1 and f"  - [tensor] {name}: first differing element at [5]" in run.stdout
+        assert handed == (False if native else "fast path declined"), where
+
+
 def _first_blob(d: Path) -> tuple[int, int]:
     """(offset, length) of the first item of the one data file: a torch.save blob."""
     from pytest_miles.ckpt.layouts import load_layout
