@@ -635,12 +635,12 @@ static int groups_of(const Plan *p, int parts, size_t *first)
 int dcpscan_first(const Buf *plan, size_t entries_at, const char *file, int fa, int fb, int workers,
                   DcpFirst *out)
 {
-    Plan p;
+    Plan p = {0};
     unsigned char *ba = NULL, *bb = NULL;
     int rc = -1;
     memset(out, 0, sizeof(*out));
-    if (plan_read(plan, entries_at, file, &p) || !p.ni)
-        goto done;
+    if (workers > 64 || plan_read(plan, entries_at, file, &p) || !p.ni)
+        goto done; /* (more groups than this counts: Python's) */
     qsort(p.it, p.ni, sizeof(It), by_offset);
     if (posix_memalign((void **)&ba, 4096, BLOCK) || posix_memalign((void **)&bb, 4096, BLOCK))
         goto done;
@@ -727,7 +727,7 @@ int dcpscan_first(const Buf *plan, size_t entries_at, const char *file, int fa, 
     /* what Python's early stop counts: the items of the differing one's group up to it (the other
      * groups' threads stop at their next run, most often before finishing one: 0) */
     size_t first[65];
-    int g = 0, ng = groups_of(&p, workers > 64 ? 64 : workers, first);
+    int g = 0, ng = groups_of(&p, workers, first);
     while (g + 1 < ng && first[g + 1] <= x)
         g++;
     for (size_t j = first[g]; j <= x; j++)
