@@ -3,7 +3,7 @@
 - the native reader of DCP `.metadata` (the `_dcpscan` extension): where no C compiler is found the
   build goes on without it and `compare` takes its pure Python path (same verdicts; the fast path
   of dcp_fast.py is just not there);
-- the `pytest-miles` command itself (front.c, with the reader's vm.c and walk.c): it answers
+- the `pytest-miles` command itself (front.c and first.c, with the reader's vm.c and walk.c): it answers
   `compare` of two equal DCP checkpoints without starting Python and hands every other command
   line over to the Python command line, `pytest-miles-py` (the console script of pyproject.toml).
   Where it cannot be compiled, `pytest-miles` is a shell script that starts `pytest-miles-py`.
@@ -43,15 +43,15 @@ class BuildScripts(Distribution().get_command_class("build_scripts")):
             self._compile_in(cc, tmp)
 
     def _compile_in(self, cc, tmp: str) -> None:
-        objects = cc.compile([f"{SRC}/front.c", f"{SRC}/vm.c", f"{SRC}/walk.c"], output_dir=tmp,
+        objects = cc.compile([f"{SRC}/front.c", f"{SRC}/first.c", f"{SRC}/vm.c", f"{SRC}/walk.c"], output_dir=tmp,
                              macros=[("DCPSCAN_NO_PYTHON", None)], extra_postargs=["-pthread"],
                              depends=[f"{SRC}/dcpscan.h"])
-        cc.link_executable(objects, "pytest-miles", output_dir=tmp, extra_postargs=["-pthread"])
+        cc.link_executable(objects, "pytest-miles", output_dir=tmp, libraries=["m"], extra_postargs=["-pthread"])
         out = os.path.join(self.build_dir, "pytest-miles")
         shutil.copyfile(os.path.join(tmp, "pytest-miles"), out)
         os.chmod(out, os.stat(out).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
 setup(ext_modules=[Extension("pytest_miles.ckpt._dcpscan", [f"{SRC}/vm.c", f"{SRC}/walk.c", f"{SRC}/module.c"],
-                             depends=[f"{SRC}/dcpscan.h", f"{SRC}/front.c"], optional=True)],
+                             depends=[f"{SRC}/dcpscan.h", f"{SRC}/front.c", f"{SRC}/first.c"], optional=True)],
       scripts=[FALLBACK], cmdclass={"build_scripts": BuildScripts})

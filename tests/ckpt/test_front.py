@@ -1,8 +1,9 @@
 """The `pytest-miles` command in C (pytest_miles/ckpt/dcpscan/front.c), against the Python command line.
 
-What must hold: wherever the C command answers (`compare` of two equal plain DCP dirs), it prints
-what `python -m pytest_miles.cli` prints (all but the timing line) with the same exit code;
-everything else (differing pairs, other formats, flags it does not know, malformed and hostile
+What must hold: wherever the C command answers (`compare` of two equal plain DCP dirs, and
+`compare --first` of a differing pair of one data file where first.c is sure), it prints what
+`python -m pytest_miles.cli` prints (all but the seconds and GB/s) with the same exit code;
+everything else (other differing pairs, other formats, flags it does not know, malformed and hostile
 files, every other subcommand) is handed over to the Python command line with the arguments
 untouched, so that the outputs are Python's own. Files are never written and payloads never run.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +45,8 @@ def front(tmp_path_factory) -> Path:
         src = ROOT / "pytest_miles" / "ckpt" / "dcpscan"
         subprocess.run(["cc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                         "-DDCPSCAN_NO_PYTHON", "-pthread", "-o", str(exe), *(str(src / f) for f in
-                                                                         ("front.c", "vm.c", "walk.c"))], check=True)
+                                                                         ("front.c", "first.c", "vm.c", "walk.c")),
+                        "-lm"], check=True)
     else:
         subprocess.run([sys.executable, "setup.py", "-q", "build_scripts", "--build-dir", str(bin_dir), "--force"],
                        cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -60,18 +63,23 @@ def _env(log: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "FRONT_TEST_LOG": str(log), **extra}
 
 
-def _both(front: Path, tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, bool | str]:
+def _both(front: Path, tmp_path: Path, *args: str, figures: bool = True,
+          **env: str) -> tuple[subprocess.CompletedProcess, bool | str]:
     """Run `pytest-miles ARGS` (the C command) and `python -m pytest_miles.cli ARGS`; check they agree
-    (stdout but the timing line, stderr, exit code); return the C command's run and whether it
+    (stdout but the seconds and GB/s, stderr, exit code); return the C command's run and whether it
     handed over to Python: False, True, or "fast path declined" (it told Python that the bytes or
-    plans differ: Python skipped its own fast path, and still printed what it prints without)."""
+    plans differ: Python skipped its own fast path, and still printed what it prints without).
+    `figures=False`: the "compared N items, X MiB" line is left out too (where Python's own count
+    depends on which of its threads stops first: several groups of one file under --first)."""
     log = tmp_path / "handed-over.log"
     log.unlink(missing_ok=True)
     ours = subprocess.run([str(front), *args], capture_output=True, text=True, env=_env(log, **env), timeout=120)
     ref = subprocess.run([sys.executable, "-m", "pytest_miles.cli", *args], capture_output=True, text=True,
                          env=_env(log.with_suffix(".ref"), **env), timeout=120)
     def untimed(out: str) -> list[str]:
-        return [line for line in out.splitlines() if " s (" not in line and '"seconds": ' not in line]
+        lines = [re.sub(r" in [0-9.]+ s \([0-9.]+ GB/s\)$", "", line) for line in out.splitlines()
+                 if '"seconds": ' not in line]
+        return [line for line in lines if figures or not line.startswith("  compared ")]
 
     assert untimed(ours.stdout) == untimed(ref.stdout), (args, ours.stdout, ref.stdout)
     assert (ours.returncode, ours.stderr) == (ref.returncode, ref.stderr), (args, ours, ref)
@@ -149,12 +157,14 @@ def test_a_pair_whose_bytes_differ_is_python_s_report(front, pairs, where, rc, t
     data.write_bytes(bytes(raw))
     for flags in ([], ["--first"]):
         run, handed = _both(front, tmp_path, "compare", *flags, str(a), str(flipped))
-        assert run.returncode == rc and handed == "fast path declined"
+        # --first of a flipped value: answered natively (first.c); in the container or the padding: Python's
+        native = flags == ["--first"] and where == "middle"
+        assert run.returncode == rc and handed == (False if native else "fast path declined"), (flags, where)
 
 
 # --first on a differing pair: the first differing element of the first differing tensor alone
 # ("--first: the rest not compared"), values as Python's repr prints them (exponent notation, -0.0,
-# nan, inf); the C command hands these over, so the report is Python's own, flags untouched
+# nan, inf); the C command answers these itself (first.c: one data file), with Python's report
 FIRST_CASES = {  # dtype: (A's values, index changed, B's value there)
     "float32": ([1.5, 1e-20, 3e20, 0.0, 2.0], 3, -0.0),
     "bfloat16": ([1.0, 2.5e-5, 1e30, 7.0], 2, float("inf")),
@@ -163,6 +173,9 @@ FIRST_CASES = {  # dtype: (A's values, index changed, B's value there)
     "int64": ([1, -5, 2**62], 2, -(2**62)),
     "int8": ([1, -5, 7], 0, -128),
     "uint8": ([1, 5, 255], 2, 0),
+    "int32": ([1, -(2**31), 2**31 - 1], 0, -1),
+    "int16": ([3, -32768, 32767], 2, -32768),
+    "bool": ([False, False, True], 0, True),
 }
 
 
@@ -173,19 +186,124 @@ def test_first_on_a_differing_pair_names_the_first_element_alone(front, dtype, w
     dt = getattr(torch, dtype)
     n = 4096
     base = torch.tensor(values * (n // len(values)) + values[: n % len(values)], dtype=torch.float64).to(dt)
-    state = {"first": torch.ones(16), "w": base.reshape(64, 64), "last": torch.arange(8, dtype=dt)}
+    state = {"first": torch.ones(16), "w": base.reshape(64, 64), "last": torch.arange(8).to(dt)}
     flat = {"start": k, "middle": n // 2 - n // 2 % len(values) + k, "end": n - len(values) + k}[where]
     other = {key: t.clone() for key, t in state.items()}
     other["w"].view(-1)[flat] = torch.tensor(changed, dtype=torch.float64).to(dt)
     a, b = save_dcp(tmp_path / "a", state), save_dcp(tmp_path / "b", other)
     run, handed = _both(front, tmp_path, "compare", "--first", str(a), str(b))
-    assert run.returncode == 1 and handed == "fast path declined"
+    assert run.returncode == 1 and handed is False  # answered by first.c, Python's report to the byte
     line = next(x for x in run.stdout.splitlines() if x.startswith("  - [tensor] w: "))
     assert line.startswith(f"  - [tensor] w: first differing element at [{flat // 64}, {flat % 64}] ({dtype}, shape")
     assert line.endswith("; --first: the rest not compared") and "elements differ" not in line
     assert "(stopped at the first difference: --first)" in run.stdout
     run, _ = _both(front, tmp_path, "compare", str(a), str(b))  # without --first: the full count, as before
     assert run.returncode == 1 and "w: 1 of 4096 elements differ" in run.stdout
+
+
+# values whose repr is easy to get wrong: the switch to exponent notation (1e16, 1e-4), the shortest
+# digits that read back, subnormals, float16 and bfloat16 widened to double, NaN payloads, -0.0
+REPR_CASES = [
+    ("float64", 1e16, 9999999999999998.0), ("float64", 0.0001, 9.999999999999999e-05),
+    ("float64", 1e-05, 0.00010000000000000002), ("float64", 5e-324, -5e-324), ("float64", 1.7976931348623157e308, 0.1),
+    ("float64", 123456789012345.6, 1234567890123456.8), ("float32", 1e-45, 3.4028234663852886e38),
+    ("float32", 0.1, 16777217.0), ("float16", 6e-08, -65504.0), ("float16", 0.000123, 1e-4),
+    ("bfloat16", 1e-38, -3e38), ("bfloat16", 0.0, float("-inf")),
+]
+
+
+@pytest.mark.parametrize(("dtype", "va", "vb"), REPR_CASES)
+def test_first_values_are_printed_as_python_prints_them(front, dtype, va, vb, tmp_path):
+    dt = getattr(torch, dtype)
+    a = {"x": torch.tensor([va, 1.0, va], dtype=torch.float64).to(dt)}
+    b = {"x": torch.tensor([va, 1.0, vb], dtype=torch.float64).to(dt)}
+    if dtype == "float32" and va == 0.1:  # a NaN with a payload against a quiet NaN
+        a["x"] = torch.tensor([1, 2, 0x7FC00001], dtype=torch.int32).view(torch.float32)
+        b["x"] = torch.tensor([1, 2, 0x7FC00000], dtype=torch.int32).view(torch.float32)
+    pa, pb = save_dcp(tmp_path / "a", a), save_dcp(tmp_path / "b", b)
+    run, handed = _both(front, tmp_path, "compare", "--first", str(pa), str(pb))
+    assert run.returncode == 1 and handed is False and "x: first differing element at [2]" in run.stdout
+
+
+@pytest.mark.parametrize("workers", ["1", "2", "3"])
+def test_first_in_a_file_read_by_several_threads(front, workers, tmp_path):
+    """Over 16 MiB in one data file: Python cuts it into one group a worker; the C command names what it
+    names (the differing tensor precedes every later item) at the start and in the middle. The count of
+    compared items is Python's own only with one worker (with more, it depends on which thread stops
+    first); checked there."""
+    state = {f"t{i}": torch.full((2**20,), float(i)) for i in range(6)}  # 6 x 4 MiB, in file order
+    a = save_dcp(tmp_path / "a", state)
+    for where, (name, k) in {"start": ("t0", 0), "middle": ("t3", 5000), "end": ("t5", 2**20 - 1)}.items():
+        other = {key: t.clone() for key, t in state.items()}
+        other[name][k] = -1.0
+        b = save_dcp(tmp_path / f"b-{where}", other)
+        run, handed = _both(front, tmp_path, "compare", "--first", "--workers", workers, str(a), str(b),
+                            figures=workers == "1")
+        assert run.returncode == 1 and handed is False, (where, run)
+        assert f"first differing element at [{k}]" in run.stdout
+
+
+def test_first_hands_over_where_a_later_item_belongs_to_an_earlier_entry(front, tmp_path):
+    """`.metadata` listing the entries in the other order than the file holds them (re-pickled: our own
+    files): a difference in the file's first item, whose entry comes second, is handed over (Python names
+    the first in checkpoint order of what its threads found); one in the file's second item, whose entry
+    comes first and has nothing after it, is answered natively."""
+    import pickle
+
+    state = {"a": torch.arange(64, dtype=torch.float32), "b": torch.arange(64, dtype=torch.float32) * 2}
+    for where, (name, native) in {"first-in-file": ("a", False), "second-in-file": ("b", True)}.items():
+        other = {key: t.clone() for key, t in state.items()}
+        other[name][5] = -1.0
+        sides = [save_dcp(tmp_path / f"{where}-a", state), save_dcp(tmp_path / f"{where}-b", other)]
+        for d in sides:
+            md = pickle.loads((d / ".metadata").read_bytes())  # our own file: trusted here
+            md.state_dict_metadata = dict(reversed(list(md.state_dict_metadata.items())))
+            (d / ".metadata").write_bytes(pickle.dumps(md))
+        run, handed = _both(front, tmp_path, "compare", "--first", *map(str, sides))
+        assert run.returncode == 1 and f"  - [tensor] {name}: first differing element at [5]" in run.stdout
+        assert handed == (False if native else "fast path declined"), where
+
+
+def _first_blob(d: Path) -> tuple[int, int]:
+    """(offset, length) of the first item of the one data file: a torch.save blob."""
+    from pytest_miles.ckpt.layouts import load_layout
+
+    items = sorted((it.offset, it.length) for e in load_layout(d).entries.values() for *_, it in e.chunks)
+    return items[0]
+
+
+def test_damaged_blobs_are_never_answered_differently(front, tmp_path):
+    """The differing tensor's torch.save blob damaged alike on both sides (its zip directory, end records,
+    local headers, pickle), one of its values flipped in B: wherever the C command still answers, it must
+    print what Python prints; elsewhere it hands over (Python's error or Python's report)."""
+    import random
+
+    state = {"w": torch.linspace(-1, 1, 256).reshape(16, 16), "v": torch.ones(4)}
+    a0 = save_dcp(tmp_path / "orig", state)
+    off, length = _first_blob(a0)
+    raw = bytearray((a0 / "__0_0.distcp").read_bytes())
+    blob = bytes(raw[off:off + length])
+    value_at = off + blob.index(torch.linspace(-1, 1, 256)[:4].numpy().tobytes()) + 4 * 37
+    rng = random.Random(32)
+    answered = handed = 0
+    for k in range(60):
+        data = bytearray(raw)
+        for _ in range(rng.choice((1, 1, 2))):
+            at = off + (rng.randrange(length - 160, length) if k % 3 == 0 else rng.randrange(0, 240) if k % 3 == 1
+                        else rng.randrange(length))
+            if at in range(value_at, value_at + 4):
+                continue
+            data[at] = rng.choice((rng.randrange(256), data[at] ^ 1, data[at] ^ 0x80, 0, 0xFF))
+        a, b = _copy(a0, tmp_path / f"a{k}"), _copy(a0, tmp_path / f"b{k}")
+        (a / "__0_0.distcp").write_bytes(bytes(data))
+        data[value_at] ^= 0x40
+        (b / "__0_0.distcp").write_bytes(bytes(data))
+        run, how = _both(front, tmp_path, "compare", "--first", str(a), str(b))
+        answered += how is False
+        handed += how is not False
+        shutil.rmtree(a)
+        shutil.rmtree(b)
+    assert answered and handed, (answered, handed)  # both outcomes were exercised
 
 
 def test_first_on_chunked_tensors_names_the_first_element_in_row_major_order(front, pairs, tmp_path):

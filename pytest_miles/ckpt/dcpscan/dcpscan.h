@@ -5,6 +5,7 @@
  *   module.c the Python module: scan(), cmp_range(), the memory kept between scans
  *   front.c  the `pytest-miles` executable: `compare` of two equal DCP dirs without starting Python
  *            (built with DCPSCAN_NO_PYTHON: vm.c and walk.c use no Python API)
+ *   first.c  its `compare --first` of a differing pair: the first differing element, as Python names it
  */
 #ifndef DCPSCAN_H
 #define DCPSCAN_H
@@ -248,7 +249,18 @@ typedef struct {
     uint32_t nf, cf;
     int64_t items, nbytes;
     V save_id, ckpt;
+    size_t entries_at; /* where the plan's entries begin (its 'E'): first.c reads them */
 } Out;
+
+#ifdef DCPSCAN_NO_PYTHON
+/* first.c: `compare --first` of a differing pair whose one data file is open as fa / fb */
+typedef struct {
+    char *name, *detail;   /* the differing tensor; its line as TensorDiff.render() prints it */
+    int64_t items, nbytes; /* what Python's early stop counts */
+} DcpFirst;
+int dcpscan_pread_full(int fd, unsigned char *buf, size_t want, int64_t off); /* front.c: 0, or -1 */
+int dcpscan_first(const Buf *plan, size_t entries_at, const char *file, int fa, int fb, int workers, DcpFirst *out);
+#endif
 
 int dcpscan_run(P *p, V *out);            /* vm.c: 0 and the root value, or FAIL */
 int dcpscan_walk(P *p, V root, Out *o);   /* walk.c: 0 and the plan in o, or FAIL */

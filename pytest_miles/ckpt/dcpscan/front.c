@@ -1,6 +1,7 @@
 /* front.c: the `pytest-miles` command. `pytest-miles compare A B` of two EQUAL plain DCP checkpoints
- * is answered here, without starting Python; every other command line is handed over (exec) to the
- * Python command line, `pytest-miles-py` beside this executable, with the same arguments.
+ * (and `--first` of a differing pair: first.c) is answered here, without starting Python; every
+ * other command line is handed over (exec) to the Python command line, `pytest-miles-py` beside
+ * this executable, with the same arguments.
  *
  * Why: on a machine of two cores, the Python interpreter's start (~30 ms with a venv's site) and
  * the imports of the fast path (~14 ms) are most of what `compare` of 20,000 small tensors costs
@@ -14,8 +15,10 @@
  * and side files. It is stricter than that path, never looser: a Megatron run dir, torch files
  * beside, any flag but --first and --workers N, PYTEST_MILES_NATIVE / PYTEST_MILES_CONFIG /
  * PYTHONIOENCODING set, a path that is not ASCII, and every pair that is not EQUAL (or that this
- * code cannot read) go to Python, which decides from scratch. It never says DIFFERENT and never
- * reports an error of its own: those reports are Python's.
+ * code cannot read) go to Python, which decides from scratch. One exception: `--first` on such a
+ * pair whose plans are equal and whose one data file differs is answered by first.c where it is sure
+ * to print Python's report (DIFFERENT, the first differing element); it never reports an error of its
+ * own: those reports are Python's.
  *
  * Safety, as the module's (module.c): files are opened O_NONBLOCK (a FIFO never blocks) and used
  * only when fstat says they are regular; every read is bounded by the size fixed at open; nothing
@@ -99,7 +102,7 @@ static int open_regular(const char *path, F *f)
     return 0;
 }
 
-static int pread_full(int fd, unsigned char *buf, size_t want, int64_t off)
+int dcpscan_pread_full(int fd, unsigned char *buf, size_t want, int64_t off)
 {
     size_t got = 0;
     while (got < want) {
@@ -119,7 +122,8 @@ static int same_range(int fa, int64_t oa, int fb, int64_t ob, int64_t len, unsig
 {
     for (int64_t done = 0; done < len; done += (int64_t)BLOCK) {
         size_t want = len - done < (int64_t)BLOCK ? (size_t)(len - done) : BLOCK;
-        if ((stop && *stop) || pread_full(fa, ba, want, oa + done) || pread_full(fb, bb, want, ob + done) ||
+        if ((stop && *stop) || dcpscan_pread_full(fa, ba, want, oa + done) ||
+            dcpscan_pread_full(fb, bb, want, ob + done) ||
             memcmp(ba, bb, want) != 0)
             return 0;
     }
@@ -543,7 +547,7 @@ static int mirrored(const F *fa, const F *fb, const Scan *a, char **sid, char **
         return MIRROR_NO;
     for (int64_t at = 0; at < size && found <= 1; at += (int64_t)piece) {
         size_t want = size - at < (int64_t)(piece + keep) ? (size_t)(size - at) : piece + keep;
-        if (pread_full(fa->fd, buf, want, at)) {
+        if (dcpscan_pread_full(fa->fd, buf, want, at)) {
             found = 2;
             break;
         }
@@ -560,7 +564,7 @@ static int mirrored(const F *fa, const F *fb, const Scan *a, char **sid, char **
     size_t n = (size_t)(size - start);
     unsigned char *ta = malloc(n), *tb = malloc(n);
     int res = MIRROR_NO;
-    if (ta && tb && !pread_full(fa->fd, ta, n, start) && !pread_full(fb->fd, tb, n, start) &&
+    if (ta && tb && !dcpscan_pread_full(fa->fd, ta, n, start) && !dcpscan_pread_full(fb->fd, tb, n, start) &&
         !memcmp(tb, TAIL_KEY, TAIL_KEYLEN) && same_range(fa->fd, 0, fb->fd, 0, start, bufs->a, bufs->b, NULL))
         res = tail_ids(ta, tb, n, a, sid, cid);
     free(ta);
@@ -685,10 +689,12 @@ static int write_all(const char *b, size_t n)
 static int compare(int argc, char **argv, double t0)
 {
     const char *a = NULL, *b = NULL;
-    int workers = 0;
+    int workers = 0, first = 0;
     for (int k = 2; k < argc; k++) {
-        if (!strcmp(argv[k], "--first"))
-            continue; /* an EQUAL pair's report is the same with it */
+        if (!strcmp(argv[k], "--first")) {
+            first = 1; /* an EQUAL pair's report is the same with it; a differing pair: first.c */
+            continue;
+        }
         if (!strcmp(argv[k], "--workers") && k + 1 < argc && positive(argv[k + 1], &workers)) {
             k++;
             continue;
@@ -742,6 +748,7 @@ static int compare(int argc, char **argv, double t0)
     char *sid_b = NULL, *cid_b = NULL;
     Bufs bufs;
     F ma = {-1, 0}, mb = {-1, 0};
+    DcpFirst diff = {0};
     if (bufs_new(&bufs))
         goto out;
     snprintf(path, sizeof(path), "%s/.metadata", sa.root);
@@ -802,23 +809,30 @@ out:
         started = 0;
         if (w.differ)
             answer = -1, g_fast_declined = 1;
+        /* --first of a pair of one data file: its first difference named here where first.c is sure */
+        if (w.differ && first && sa.nd == 1 &&
+            dcpscan_first(&scan_a.o.plan, scan_a.o.entries_at, sa.distcp[0], fa[0].fd, fb[0].fd, workers, &diff) == 0)
+            answer = 1;
     }
     if (started) {
         w.stop = 1;
         pthread_join(helper, NULL);
     }
-    if (answer)
+    if (answer < 0)
         return -1; /* the descriptors are O_CLOEXEC: exec closes them */
 
-    /* the report, as Report.render prints the fast path's */
+    /* the report, as Report.render prints the fast path's (EQUAL) or the full path's (--first) */
     double secs = now() - t0;
-    int64_t nbytes = 2 * scan_a.o.nbytes;
+    int64_t items = answer ? diff.items : scan_a.o.items, nbytes = answer ? diff.nbytes : 2 * scan_a.o.nbytes;
     Text t = {0}, na = {0}, nb = {0};
     ids_note(&na, scan_a.save_id, scan_a.ckpt);
     ids_note(&nb, sid_b, cid_b);
-    add(&t, "checkpoints EQUAL\n  A: %s [dcp]\n  B: %s [dcp]\n", a, b);
-    add(&t, "  compared %lld items, %.1f MiB in %.2f s (%.2f GB/s)\n", (long long)scan_a.o.items,
-        (double)nbytes / 1048576.0, secs, secs ? (double)nbytes / secs / 1e9 : 0.0);
+    add(&t, "checkpoints %s\n  A: %s [dcp]\n  B: %s [dcp]\n", answer ? "DIFFERENT (1 difference(s))" : "EQUAL", a, b);
+    add(&t, "  compared %lld items, %.1f MiB in %.2f s (%.2f GB/s)\n", (long long)items, (double)nbytes / 1048576.0,
+        secs, secs ? (double)nbytes / secs / 1e9 : 0.0);
+    if (answer)
+        add(&t, "  first difference in checkpoint order: %s\n  - [tensor] %s\n  (stopped at the first difference: "
+                "--first)\n", diff.name, diff.detail);
     add(&t, "  note: %s\n", IDS_IGNORED); /* both sides carry it */
     /* merge_notes: one line for a note both carry, "A: " / "B: " for a note of one side */
     if (na.n && nb.n && !strcmp(na.b, nb.b))
@@ -834,7 +848,7 @@ out:
     signal(SIGPIPE, SIG_IGN);
     if (write_all(t.b, t.n))
         return errno == EPIPE ? 141 : 2; /* `| head`: the reader left (cli._user_errors: 141) */
-    return 0;
+    return answer; /* 1: DIFFERENT */
 }
 
 int main(int argc, char **argv)

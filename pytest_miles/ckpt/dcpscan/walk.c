@@ -345,6 +345,7 @@ int dcpscan_walk(P *p, V root, Out *o)
     size_t nent = sdm->len / 2;
     if (table_init(&seen, nent))
         BAIL;
+    o->entries_at = b->n;
     if (put8(b, 'E') || put64(b, (int64_t)nent))
         BAIL;
     for (size_t k = 0; k < nent; k++) {
