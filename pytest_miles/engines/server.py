@@ -99,7 +99,11 @@ class ServerEngine:
                 settled.set()
         self.ready_at = time.monotonic()
         self.startup_seconds = self.ready_at - t0
-        self.warm_up()
+        try:
+            self.warm_up()
+        except BaseException:  # not the server's answer (interrupted, a bug): the process must not outlive it
+            self.close()
+            raise
         return self
 
     def warmup_params(self) -> list[Any]:
