@@ -183,11 +183,9 @@ def explain(report: TrafficReport, cells: dict[str, Any]) -> tuple[dict[str, lis
     unexplained = []
     for r, t in sorted(first.items()):
         why = None
-        if t < 0:
-            pass
-        elif r in chunked and "chunked_prefill" in known:
+        if t >= 0 and r in chunked and "chunked_prefill" in known:
             why = "chunked_prefill"
-        elif r in report.retracted and t >= 1 and "retraction" in known:
+        elif t >= 1 and r in report.retracted and "retraction" in known:
             why = "retraction"
         elif t == 0 and r not in chunked and "prefill_under_traffic" in known:
             why = "prefill_under_traffic"
