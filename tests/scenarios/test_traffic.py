@@ -126,14 +126,15 @@ class CompilingClient(StalledClient):
 
     def __init__(self, engine, tmp_path, seconds: float):
         import shutil
-        import subprocess
         import sys
+
+        from pytest_miles.placement.ownership import spawn
 
         super().__init__(engine)
         ninja = tmp_path / "ninja"
         shutil.copy(shutil.which("sleep"), ninja)
         code = f"import subprocess, time; subprocess.run([{str(ninja)!r}, {str(seconds)!r}]); time.sleep(60)"
-        self.proc = subprocess.Popen([sys.executable, "-c", code])
+        self.proc = spawn([sys.executable, "-c", code])  # dies with this pytest, however it dies
 
 
 def test_a_kernel_compile_under_the_engine_is_not_a_stall_but_is_bounded_and_named(invariant, tmp_path):
