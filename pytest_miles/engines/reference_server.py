@@ -155,13 +155,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         sent = 0
         while True:
-            with r.updated:
+            with r.updated:  # ids, logprobs and top-k rows are appended together under this lock
                 if len(r.output_ids) == sent and not r.done.is_set():
                     r.updated.wait(timeout=1.0)
-            n = len(r.output_ids)
-            if n > sent:
+                n = len(r.output_ids)
+                event = _answer(r, n) if n > sent else None
+            if event is not None:
                 sent = n
-                self.wfile.write(b"data: " + json.dumps(_answer(r, n)).encode() + b"\n\n")
+                self.wfile.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 self.wfile.flush()
             if r.done.is_set() and sent == len(r.output_ids):
                 break

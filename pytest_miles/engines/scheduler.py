@@ -282,14 +282,17 @@ class Scheduler:
                 logits = req.logits.cpu()
                 tok = _sample(logits, req.params, req.gen)
                 logp = torch.log_softmax(logits.float(), -1)
-                req.output_ids.append(tok)
-                req.logprobs.append(float(logp[tok]))
+                row = None
                 if req.top_logprobs:
                     vals, idx = torch.topk(logp, min(req.top_logprobs, logp.numel()))
-                    req.top.append([(int(t), float(v)) for v, t in zip(vals, idx)])
-                self.counters["generation_tokens"] += 1
-                with req.updated:
+                    row = [(int(t), float(v)) for v, t in zip(vals, idx)]
+                with req.updated:  # a stream reads the three together (reference_server._stream)
+                    req.output_ids.append(tok)
+                    req.logprobs.append(float(logp[tok]))
+                    if row is not None:
+                        req.top.append(row)
                     req.updated.notify_all()
+                self.counters["generation_tokens"] += 1
                 if req.finished:
                     self.running.remove(req)
                     self._store(req)
