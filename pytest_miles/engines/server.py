@@ -32,7 +32,7 @@ from pytest_miles.engines.base import (
 )
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import free_port, kill_tree, log_contains, port_in_use, tail, wait_until
+from pytest_miles.placement.processes import exited, free_port, kill_tree, log_contains, port_in_use, tail, wait_until
 from pytest_miles.recording import stage
 
 
@@ -86,7 +86,7 @@ class ServerEngine:
                                 alive=lambda: proc.poll() is None)
             if not ok:
                 if proc.poll() is not None:
-                    raise EngineError(f"{self.name} exited with code {proc.returncode} while starting "
+                    raise EngineError(f"{self.name} {exited(proc.returncode)} while starting "
                                       f"(log {self.log_path}):\n{tail(self.log_path)}")
                 advice = f"\n{self.start_advice}" if self.start_advice else ""
                 raise EngineError(f"{self.name} did not become healthy within {self.startup_timeout:g} s "

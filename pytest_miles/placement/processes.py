@@ -48,6 +48,20 @@ def tail(path: str | Path | None, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def exited(returncode: int | None) -> str:
+    """How a child ended, in words: "exited with code N", or for a negative code (Popen: killed by that
+    signal) "was killed by SIGKILL (signal 9)", which the log cannot say about itself."""
+    if returncode is None or returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+    why = ("; the OOM killer, or a process killing its own tree after a child died, as SGLang does: see the "
+           "log's last lines" if name == "SIGKILL" else "")
+    return f"was killed by {name} (signal {-returncode}{why})"
+
+
 def log_contains(path: str | Path, marker: str, since: int = 0) -> bool:
     """Whether a log file holds `marker` after byte offset `since` (False while it cannot be read)."""
     try:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pytest_miles.errors import InputError, TrainerError
 from pytest_miles.placement.ownership import disown, spawn
-from pytest_miles.placement.processes import PORT_RACE_TRIES, kill_tree, port_race_lost, tail
+from pytest_miles.placement.processes import PORT_RACE_TRIES, exited, kill_tree, port_race_lost, tail
 
 
 def send_to_ranks(procs: list[subprocess.Popen], logs: list[Path], line: bytes, who: str, when: str = "") -> None:
@@ -37,7 +37,7 @@ def wait_for_reply(reply: Path, procs: list[subprocess.Popen], logs: list[Path],
     while not reply.exists():
         for r, p in enumerate(procs):
             if p.poll() is not None:
-                raise TrainerError(f"{who} {r} exited with code {p.returncode} {during} (log {logs[r]}):\n"
+                raise TrainerError(f"{who} {r} {exited(p.returncode)} {during} (log {logs[r]}):\n"
                                    f"{tail(logs[r])}")
         if time.monotonic() > deadline:
             raise TrainerError(f"{late}; rank 0 log tail:\n{tail(logs[0])}")

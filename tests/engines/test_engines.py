@@ -182,6 +182,28 @@ def test_server_that_exits_at_start_carries_its_log(tmp_path):
         eng.start()
 
 
+@pytest.mark.parametrize(("code", "words"), [
+    (0, "exited with code 0"), (1, "exited with code 1"), (None, "exited with code None"),
+    (-15, "was killed by SIGTERM (signal 15)"), (-9, "was killed by SIGKILL (signal 9; the OOM killer"),
+    (-200, "was killed by signal 200"),
+])
+def test_exited_names_the_signal(code, words):
+    from pytest_miles.placement.processes import exited
+
+    assert exited(code).startswith(words)
+
+
+def test_server_killed_by_a_signal_at_start_says_which(tmp_path):
+    """A server that dies of SIGKILL while starting (SGLang kills its own tree when its scheduler dies; or
+    the OOM killer) is reported by the signal's name, not as "exit code -9", with the log's last lines."""
+    code = "import os, signal; print('scheduler died', flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    eng = ServerEngine([sys.executable, "-c", code], port=free_port(), startup_timeout=30, log_dir=tmp_path)
+    with pytest.raises(EngineError, match=r"was killed by SIGKILL \(signal 9; the OOM killer.*\) while starting "
+                                          r".*\n.*scheduler died") as err:
+        eng.start()
+    assert "code -9" not in str(err.value)
+
+
 def test_port_already_in_use(model_dir, tmp_path):
     import socket
 
