@@ -41,6 +41,13 @@ class TensorDiff:
             text += f", {self.nan_mismatches} differ in NaN-ness or NaN payload"
         return text
 
+    def as_first_only(self) -> TensorDiff:
+        """The same difference in --first's words: the first differing element alone, nothing counted (what
+        the native reader reports; the decoded path says the same where that reader was not built)."""
+        from dataclasses import replace
+
+        return replace(self, differing=None, max_abs_diff=None, max_ulp=None, nan_mismatches=0, first_only=True)
+
     def to_json(self) -> dict[str, Any]:
         out = {**asdict(self), "shape": list(self.shape), "first_index": list(self.first_index)}
         if not self.first_only:

@@ -195,7 +195,7 @@ def _decode(plan: _Plan, unequal: dict[int, tuple[CheckpointEntry, CheckpointEnt
             if id(ea) in unequal:  # without torch where it can; --first: the first differing element alone
                 td = (element_first if first else element_diff)(native, ea, eb)
             d = Difference("tensor", ea.name, td.render(), data=td.to_json()) if td is not None else leaf_diff(
-                ea.name, ea.assemble(), eb.assemble())
+                ea.name, ea.assemble(), eb.assemble(), first)
             found = [d] if d else []
             if id(ea) in plan.assembled_ids:
                 report.tensors_compared += 1

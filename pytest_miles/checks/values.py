@@ -20,7 +20,8 @@ def is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
+def leaf_diff(name: str, x: Any, y: Any, first: bool = False) -> Difference | None:
+    """The difference of two leaves, or None; `first`: a tensor's in --first's words (`as_first_only`)."""
     from pytest_miles.checks.bits import bits_equal, tensor_diff
 
     if isinstance(x, LazyTensor):
@@ -38,6 +39,7 @@ def leaf_diff(name: str, x: Any, y: Any) -> Difference | None:
         if bits_equal(x, y):
             return None
         d = tensor_diff(name, x, y)
+        d = d.as_first_only() if first else d
         return Difference("tensor", name, d.render(), data=d.to_json())
     np = __import__("sys").modules.get("numpy")
     if np is not None and (isinstance(x, np.ndarray) or isinstance(y, np.ndarray)):

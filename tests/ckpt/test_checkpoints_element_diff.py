@@ -158,6 +158,28 @@ def test_first_on_safetensors_and_torch_files_too(tmp_path):
                                                                           full.bits_b)
 
 
+@pytest.mark.parametrize("name", ["dcp", "a.safetensors", "a.pt"])
+def test_first_without_the_native_reader_says_the_same(name, tmp_path, monkeypatch):
+    """--first is one answer whether or not the C reader was built at install (no compiler there, or
+    PYTEST_MILES_NATIVE=0): the decoded path reports the first differing element alone, in the same words
+    and JSON as the native one (a fresh clone run from its tree without an install has no reader)."""
+    from safetensors.torch import save_file
+
+    a, b = _pair("float32", 7)
+    if name == "dcp":
+        pa, pb = save_dcp(tmp_path / "a", {"w": a}), save_dcp(tmp_path / "b", {"w": b})
+    else:
+        pa, pb = tmp_path / name, tmp_path / name.replace("a.", "b.")
+        for path, t in ((pa, a), (pb, b)):
+            save_file({"w": t}, str(path)) if name.endswith(".safetensors") else torch.save({"w": t}, path)
+    native = compare_checkpoints(pa, pb, first=True).first
+    monkeypatch.setenv("PYTEST_MILES_NATIVE", "0")
+    decoded = compare_checkpoints(pa, pb, first=True).first
+    assert decoded.data == native.data and decoded.detail == native.detail, (decoded.detail, native.detail)
+    assert decoded.data["first_only"] is True and decoded.data["differing"] is None
+    assert decoded.detail.startswith("w: first differing element at [")
+
+
 FIRST_CHILD = textwrap.dedent("""
     import json, sys
     from pytest_miles.checks.compare import compare_checkpoints
