@@ -21,7 +21,7 @@ from pathlib import Path
 from pytest_miles.errors import ClusterError, Unavailable  # noqa: F401  (importable here too)
 from pytest_miles.facts.environment import restore_env
 from pytest_miles.placement.ownership import disown, disown_dir, own_dir, spawn
-from pytest_miles.placement.processes import free_port, kill_marked, kill_tree, tail
+from pytest_miles.placement.processes import exited, free_port, kill_marked, kill_tree, tail
 from pytest_miles.placement.signals import ensure as ensure_signals
 from pytest_miles.placement.signals import ray_init
 
@@ -128,7 +128,7 @@ def _probe_gcs(address: str, timeout: float) -> str | None:
         disown(proc.pid)
     if proc.returncode != 0:
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
-        return lines[-1] if lines else f"the probe exited with code {proc.returncode}"
+        return lines[-1] if lines else f"the probe {exited(proc.returncode)}"
     return None
 
 
@@ -255,7 +255,7 @@ class RayCluster:
                 proc.miles_node_id = new[0].node_id  # type: ignore[attr-defined]  (for remove_node)
                 return new[0]
             if proc.poll() is not None:
-                raise ClusterError(f"ray start --address {self.address} exited with code {proc.returncode}:\n"
+                raise ClusterError(f"ray start --address {self.address} {exited(proc.returncode)}:\n"
                                    f"{tail(log)}")
             time.sleep(0.2)
         raise ClusterError(f"the new node did not join {self.address} within {self.timeout:g} s:\n{tail(log)}")
@@ -366,7 +366,7 @@ class RayCluster:
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ClusterError(f"ray start --head exited with code {proc.returncode}:\n{tail(log)}")
+                raise ClusterError(f"ray start --head {exited(proc.returncode)}:\n{tail(log)}")
             if _reachable("127.0.0.1", port, timeout=1.0) is None:
                 return _listens_in_tree(proc.pid, port) is not False  # None: unreadable here, taken as ours
             time.sleep(0.2)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_miles.errors import InputError, NotApplicable
+from pytest_miles.placement.processes import exited
 from pytest_miles.recording import recorded
 
 OURS = {"single": "single", "prefix": "prefix_long_anchor", "radix_cache": "radix_cache", "p_vs_d": "p_vs_d"}
@@ -79,7 +80,7 @@ def run_tool(url: str, mode: str, *, n_trials: int, max_new_tokens: int, timeout
     out = done.stdout + done.stderr
     verdict = parse_tool_output(mode, out)
     if done.returncode != 0 and verdict.deterministic is None:
-        verdict.detail += f"; the tool exited {done.returncode}"
+        verdict.detail += f"; the tool {exited(done.returncode)}"
     return verdict, out
 
 
