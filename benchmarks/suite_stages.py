@@ -10,7 +10,7 @@ whole run (the baseline is the cold run of the same invocation).
 A run's own pytest args follow `--`. Without a GPU it measures the embedded default (reference
 engine, megatron-core on gloo), where there are no kernels to compile: cold and warm then differ only
 by noise. With `--cold-only` the second run is left out; `--warm-only` runs only the second, over the cache a
-`--cold-only` run left in the same --out (so that other work can come between the two).
+`--cold-only` run left in the same --out (so that other work can come between the two), or in `--cache`.
 
 With `--ab-prestart` it runs the suite twice over the same kernel cache, `--miles-engine-prestart=off`
 then `on` (engines started when first asked for, then all at session start in the background while
@@ -72,11 +72,14 @@ def main() -> int:
                     help="only the warm run, over the kernel cache an earlier --cold-only run left in --out")
     ap.add_argument("--ab-prestart", action="store_true",
                     help="two runs over the same cache: --miles-engine-prestart=off, then on; their ratio")
+    ap.add_argument("--cache", default=None,
+                    help="the kernel cache directory (default: --out/kernel-cache); a --warm-only run of another "
+                         "profile can reuse the cache of an earlier run and keep its own logs in its own --out")
     ap.add_argument("pytest_args", nargs="*")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="miles-suite-stages-"))
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "kernel-cache"
+    cache = Path(args.cache) if args.cache else out / "kernel-cache"
     if args.ab_prestart:
         runs = {name: run_suite(out, name.replace(" ", "-"), cache, args.profile,
                                 [*args.pytest_args, f"--miles-engine-prestart={name.split()[-1]}"])

@@ -40,6 +40,7 @@ class EngineFactory:
         self.pending: dict[tuple, Any] = {}  # configuration -> prestart.Pending: starting in the background
         self.planned: set[tuple] = set()  # started by prestart: their GPU memory was planned together
         self.specs: dict[tuple, EngineSpec] = {}
+        self.prebuild: Any = None  # flashinfer_prebuild.Prebuild, started with the background starts
         atexit.register(self.close)  # also on KeyboardInterrupt, whatever pytest's teardown did
 
     def model_path(self) -> str:
@@ -116,6 +117,11 @@ class EngineFactory:
                 continue
             if spec.kind in SERVER_KINDS and key not in self.live and key not in self.pending:
                 chosen.setdefault(key, spec)
+        if self.prebuild is None:  # FlashInfer's modules, built side by side (engines/flashinfer_prebuild.py)
+            from pytest_miles.engines.flashinfer_prebuild import start_for
+
+            self.prebuild = start_for([s for s in chosen.values() if s.kind == "sglang"],
+                                      kernel_cache_dir=self.kernel_cache_dir, log_dir=self.log_dir)
         fractions = iter(memory_fractions(sum(s.kind == "sglang" for s in chosen.values())))
         after, limit, ports, labels = None, 0.0, set(), []
         owner_tag()  # the ownership watchdog exists before any thread spawns (processes die with pytest)
@@ -147,6 +153,10 @@ class EngineFactory:
         with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
             eng = pending.result()
         note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
+        if self.prebuild is not None and not self.prebuild.noted and self.prebuild.finished():
+            self.prebuild.noted = True
+            note_stage(f"building FlashInfer's JIT modules side by side in the background "
+                       f"({self.prebuild.summary()})", self.prebuild.seconds or 0.0)
         if getattr(eng, "warmup_seconds", None):
             note_stage(f"warming up {pending.label} in the background (kernels built at first use)", eng.warmup_seconds)
         self._mark_warm(self.specs[key], eng)
@@ -266,6 +276,9 @@ class EngineFactory:
             for eng in live.values():
                 eng.close()
         finally:
+            prebuild, self.prebuild = self.prebuild, None
+            if prebuild is not None:
+                prebuild.stop()
             leases, self.leases = self.leases, []
             for lease in leases:
                 lease.release()
