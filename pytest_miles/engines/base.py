@@ -29,6 +29,19 @@ def sglang_start_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, (v, _) in SGLANG_START_ENV.items() if k not in environ}
 
 
+def sglang_arg(args: tuple[str, ...] | list[str], name: str) -> str | None:
+    """The value of SGLang's `--name x` / `--name=x` in these arguments (Miles' `--sglang-name` too),
+    the last one winning, as SGLang's parser reads it; None when absent."""
+    found = None
+    for i, a in enumerate(args):
+        for flag in (f"--{name}", f"--sglang-{name}"):
+            if a == flag and i + 1 < len(args):
+                found = args[i + 1]
+            elif a.startswith(flag + "="):
+                found = a.split("=", 1)[1]
+    return found
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0

@@ -101,7 +101,7 @@ class EngineFactory:
         (engines/prestart.py); prestarted engines stay live until close(). Returns the labels of what
         it started: none where engines start elsewhere (a Ray placement) or on leased GPUs
         (pytest-xdist), or for a configuration this machine cannot run (its test says why)."""
-        from pytest_miles.engines.prestart import Pending, memory_fractions
+        from pytest_miles.engines.prestart import BESIDE_FRACTION, Pending, memory_fractions, small_pool
         from pytest_miles.placement.ownership import owner_tag
 
         if self.start is not None or self.leaser is not None:
@@ -122,26 +122,31 @@ class EngineFactory:
 
             self.prebuild = start_for([s for s in chosen.values() if s.kind == "sglang"],
                                       kernel_cache_dir=self.kernel_cache_dir, log_dir=self.log_dir)
-        fractions = iter(memory_fractions(sum(s.kind == "sglang" for s in chosen.values())))
+        beside = {key for key, spec in chosen.items() if small_pool(spec)}  # not in the chain (prestart.py)
+        fractions = iter(memory_fractions(sum(s.kind == "sglang" and k not in beside for k, s in chosen.items())))
         after, limit, ports, labels = None, 0.0, set(), []
         owner_tag()  # the ownership watchdog exists before any thread spawns (processes die with pytest)
         for key, spec in chosen.items():
             opts = dict(spec.options)
             if spec.kind == "sglang":
-                opts.setdefault("mem_fraction_static", next(fractions))
+                opts.setdefault("mem_fraction_static", BESIDE_FRACTION if key in beside else next(fractions))
             opts.setdefault("port", _distinct_port(ports))
             spec = replace(spec, options=opts)
             try:  # built here: its environment is read now, on this thread, not while a test changes it
                 server = build_server(spec)
             except MilesError:  # the test that asks for it starts it and reports the error
                 continue
-            limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
+            if key not in beside:
+                limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
             label = describe(spec)
             # its warm-up requests (kernels built at first use) come after it answers: each may take a request's limit
             warm = len(server.warmup_params()) * server.request_timeout if hasattr(server, "warmup_params") else 0.0
-            pending = Pending(label, lambda s=server: s, after, limit + warm + 60)
+            own = spec.startup_timeout if key in beside else limit
+            pending = Pending(label, lambda s=server: s, None if key in beside else after, own + warm + 60)
             pending.advice = server.start_advice  # what a timeout while waiting for it says
-            self.pending[key], self.specs[key], after = pending, spec, pending.settled
+            self.pending[key], self.specs[key] = pending, spec
+            if key not in beside:
+                after = pending.settled
             self.planned.add(key)
             self.launches += 1
             labels.append(label)

@@ -2,13 +2,16 @@
 process of their own while those servers start (the suite's cold start on a fresh GPU host).
 
 Why: an SGLang server builds FlashInfer's modules one after another, as its CUDA-graph capture and
-its warm-up meet them. The determinism-off server of the tiny model meets four of them: prefill
-(FA3 on Hopper, ragged), prefill (FA2, paged), decode without tensor cores, and sampling. On a cold
-H200 that server took 270 s to start, 185 s of it compiling (2026-12-03, flashinfer 0.6.15), and its
-prefill-graph capture alone 190 s (2026-12-04). Ninja builds the files of one module in parallel,
-but the modules themselves are built one at a time.
+its warm-up meet them. The determinism-off server of the tiny model meets six of them: prefill (FA3
+on Hopper, ragged), prefill (FA2, paged), decode without tensor cores, norm, cascade and sampling.
+On a cold H200 that server took 270 s to start, 185 s of it compiling (2026-12-03, flashinfer
+0.6.15), and its prefill-graph capture alone 190 s (2026-12-04). Ninja builds the files of one
+module in parallel, but the modules themselves are built one at a time. Per file (H200 host, 16
+cores, 2026-12-04, ninja's own log): each of FA3's ten files 65-100 s, `sampling.cu` alone 129 s,
+FA2's files 12-44 s, norm 38 s.
 
-This process builds them all at once, with the CPUs split between them. It takes the per-module
+This process builds them all at once, each module's ninja with its usual job count (a share of the
+CPUs each made FA3's ten files wait in three rounds: 264 s, 2026-12-04). It takes the per-module
 file lock that FlashInfer takes (`flashinfer/jit/core.py`, `JitSpec.build_and_load`). A server that
 reaches a module still being built waits for the lock, then loads it; a module already built loads
 at once. What the servers run does not change: the module names are FlashInfer's own. The arguments
@@ -17,7 +20,8 @@ are derived as SGLang 0.5.17's FlashInfer backend derives them
 - ragged prefill on backend "auto", paged prefill on "fa2";
 - decode on tensor cores (the FA2 prefill module) with determinism on, or for GQA groups of 4 or
   more, else the decode module;
-- FlashInfer sampling only with determinism off, since the flag forces PyTorch sampling.
+- FlashInfer sampling only with determinism off, since the flag forces PyTorch sampling;
+- norm and cascade for every FlashInfer server (both were built by the suite's servers).
 
 It is best effort. Anything it cannot derive for certain is left to the server, which builds it as
 before, and the log says why: a KV-cache dtype other than the model's, a sliding window, other
@@ -25,7 +29,8 @@ attention backends for prefill or decode, or a dtype other than bf16/fp16.
 
     python -m pytest_miles.engines.flashinfer_prebuild '<modules as JSON>'
 
-writes one JSON line per module: {"module", "state": "built" | "was built" | "failed: ...", "seconds"}.
+writes one JSON line per module: {"module", "state": "built" | "was built" | "failed: ...", "seconds"},
+then {"done": seconds} for the whole build.
 """
 
 from __future__ import annotations
@@ -40,33 +45,22 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("bfloat16", "float16")
+PLAIN = ("norm", "cascade", "sampling")  # modules without template arguments
 
 
 @dataclass(frozen=True)
 class Module:
     """One FlashInfer JIT module, as the arguments that name it."""
 
-    kind: str  # "prefill" | "decode" | "sampling"
+    kind: str  # "prefill" | "decode" | "sampling" | "norm" | "cascade"
     backend: str = ""  # prefill: "auto" (FlashInfer picks, as for SGLang's ragged wrapper) or "fa2"
     dtype: str = ""  # q, kv and o alike
     head_dim: int = 0
 
     def describe(self) -> str:
-        if self.kind == "sampling":
-            return "sampling"
+        if self.kind in PLAIN:
+            return self.kind
         return f"{self.kind} ({self.backend or 'decode'}, {self.dtype}, head_dim {self.head_dim})"
-
-
-def _arg(args: tuple[str, ...], name: str) -> str | None:
-    """The value of `--name x` / `--name=x` (Miles' `--sglang-name` too), the last one winning."""
-    found = None
-    for i, a in enumerate(args):
-        for flag in (f"--{name}", f"--sglang-{name}"):
-            if a == flag and i + 1 < len(args):
-                found = args[i + 1]
-            elif a.startswith(flag + "="):
-                found = a.split("=", 1)[1]
-    return found
 
 
 def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backend: str,
@@ -74,29 +68,31 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
                 environ: dict[str, str] | None = None) -> tuple[list[Module], list[str]]:
     """(the modules an SGLang server of this model and configuration will build, what is left to the
     server and why). `config`: the model's config.json."""
+    from pytest_miles.engines.base import sglang_arg
+
     environ = os.environ if environ is None else environ
     left: list[str] = []
     if attention_backend != "flashinfer":
         return [], [f"attention backend {attention_backend}: not FlashInfer"]
-    sampling = _arg(extra_args, "sampling-backend") or "flashinfer"
-    mods: list[Module] = []
+    sampling = sglang_arg(extra_args, "sampling-backend") or "flashinfer"
+    mods: list[Module] = [Module("norm"), Module("cascade")]
     if not deterministic and sampling == "flashinfer":
         mods.append(Module("sampling"))
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    dtype = _arg(extra_args, "dtype") or "auto"
+    dtype = sglang_arg(extra_args, "dtype") or "auto"
     dtype = str(text.get("torch_dtype") or text.get("dtype") or "bfloat16") if dtype == "auto" else dtype
     dtype = {"bf16": "bfloat16", "half": "float16", "fp16": "float16"}.get(dtype, dtype)
     heads = text.get("num_attention_heads")
     kv_heads = text.get("num_key_value_heads") or heads
     head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
     reasons = []
-    if (_arg(extra_args, "kv-cache-dtype") or "auto") != "auto":
+    if (sglang_arg(extra_args, "kv-cache-dtype") or "auto") != "auto":
         reasons.append("a KV-cache dtype of its own")
     layers = text.get("layer_types") if isinstance(text.get("layer_types"), list) else []
     if text.get("use_sliding_window") or text.get("sliding_window_pattern") or set(layers) - {"full_attention"}:
         reasons.append("sliding-window or mixed attention layers")
     for phase in ("prefill", "decode"):
-        other = _arg(extra_args, f"{phase}-attention-backend")
+        other = sglang_arg(extra_args, f"{phase}-attention-backend")
         if other and other != "flashinfer":
             reasons.append(f"{phase} on {other}")
     if dtype not in DTYPES:
@@ -125,7 +121,7 @@ def plan(servers: list[tuple[dict[str, Any], bool, str, tuple[str, ...]]],
                              extra_args=extra, environ=environ)
         mods += [x for x in m if x not in mods]
         left += [w for w in why if w not in left]
-    order = {"prefill": 0, "decode": 1, "sampling": 2}
+    order = {"prefill": 0, "decode": 1, "norm": 2, "cascade": 3, "sampling": 4}
     return sorted(mods, key=lambda x: order[x.kind]), left
 
 
@@ -137,7 +133,6 @@ class Prebuild:
 
         self.modules, self.log_path = modules, Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**env, "MAX_JOBS": str(max(1, -(-(os.cpu_count() or 1) // max(1, len(modules)))))}
         self.t0 = time.monotonic()
         with open(self.log_path, "w") as log:
             self.proc = spawn([sys.executable, "-m", "pytest_miles.engines.flashinfer_prebuild",
@@ -149,20 +144,24 @@ class Prebuild:
     def finished(self) -> bool:
         if self.proc.poll() is None:
             return False
-        if self.seconds is None:
-            self.seconds = time.monotonic() - self.t0
+        if self.seconds is None:  # the build's own figure; when it is missing, the time until this look
+            done = [r["done"] for r in self._rows() if isinstance(r.get("done"), (int, float))]
+            self.seconds = float(done[-1]) if done else time.monotonic() - self.t0
         return True
 
-    def results(self) -> list[dict[str, Any]]:
+    def _rows(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []:
             try:
                 row = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(row, dict) and "module" in row:
+            if isinstance(row, dict):
                 out.append(row)
         return out
+
+    def results(self) -> list[dict[str, Any]]:
+        return [r for r in self._rows() if "module" in r]
 
     def summary(self) -> str:
         rows = self.results()
@@ -215,10 +214,10 @@ def _spec(m: Module) -> Any:
     import torch
     from flashinfer import jit
 
-    if m.kind == "sampling":
-        from flashinfer.jit.sampling import gen_sampling_module
+    if m.kind in PLAIN:
+        import importlib
 
-        return gen_sampling_module()
+        return getattr(importlib.import_module(f"flashinfer.jit.{m.kind}"), f"gen_{m.kind}_module")()
     dt = getattr(torch, m.dtype)
     if m.kind == "decode":
         return jit.gen_batch_decode_module(dt, dt, dt, torch.int32, m.head_dim, m.head_dim, 0, False, False)
@@ -273,11 +272,13 @@ def main(argv: list[str]) -> int:
             _report(m.describe(), f"failed: {type(exc).__name__}: {str(exc).strip()[-400:]}", 0.0)
             continue
         specs.setdefault(spec.name, spec)
+    t0 = time.monotonic()
     threads = [threading.Thread(target=_build, args=item) for item in specs.items()]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    print(json.dumps({"done": round(time.monotonic() - t0, 1)}), flush=True)
     return 0
 
 

@@ -7,6 +7,15 @@ A second server that allocates between those two readings of the first takes its
 first one's pool, or makes it negative ("Not enough memory"). So a start begins only when the
 previous one logged that its memory pool is allocated (`memory_marker`), answered, or failed; the
 minutes of kernel compilation and CUDA-graph capture that follow overlap.
+
+A server whose KV pool is capped small (`--max-total-tokens`, at most SMALL_POOL_BYTES) starts at
+once, beside that chain. Waiting in the chain cost a whole SGLang start each time: on an H200 about
+65 s from spawn to its memory line, nearly all of it imports, for a reading window of about 4 s
+(2026-12-04). Outside the chain it cannot be hurt, and it cannot hurt. What it allocates while
+another server reads its memory (weights, a small pool, its CUDA context and graphs, 1-2 GB) shrinks
+that server's pool by as much. Its own reading is given BESIDE_FRACTION: a budget that still holds
+its small pool even if every chained server allocated its whole planned share (SHARE) between its two
+readings.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from pytest_miles.errors import EngineError
 
 DEFAULT_FRACTION = 0.3  # SGLangEngine's mem_fraction_static
 SHARE = 0.6  # of the GPU memory free when the engines start, for all of them; the rest: trainers, graphs
+SMALL_POOL_BYTES = 1 << 30  # a capped KV pool at most this large starts beside the chain
+BESIDE_FRACTION = round(SHARE + 0.15, 2)  # mem_fraction_static of a server started beside the chain
 
 
 def memory_fractions(n: int, share: float = SHARE, most: float = DEFAULT_FRACTION) -> list[float]:
@@ -31,6 +42,43 @@ def memory_fractions(n: int, share: float = SHARE, most: float = DEFAULT_FRACTIO
         return []
     s = share / n
     return [round(min(most, s / (1 - k * s)), 4) for k in range(n)]
+
+
+def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str | None = None) -> int | None:
+    """Bytes of KV cache one token takes in an SGLang pool of this model (config.json; K and V, every
+    layer), or None where the layout is not plain multi-head attention (MLA, hybrid layers)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    layer_types = text.get("layer_types") if isinstance(text.get("layer_types"), list) else []
+    if text.get("kv_lora_rank") or set(layer_types) - {"full_attention"}:
+        return None
+    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if isinstance(heads, int) and heads else 0)
+    if not all(isinstance(x, int) and x > 0 for x in (layers, kv_heads, head_dim)):
+        return None
+    dtype = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else str(text.get("torch_dtype") or "bfloat16")
+    size = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "fp32") else 2
+    return 2 * layers * kv_heads * head_dim * size
+
+
+def small_pool(spec: Any) -> bool:
+    """Whether this SGLang server's KV pool is capped at most SMALL_POOL_BYTES (it starts beside the
+    chain). `spec`: engines/launch.py EngineSpec."""
+    import json
+    from pathlib import Path
+
+    from pytest_miles.engines.base import sglang_arg
+
+    cap = sglang_arg(spec.extra_args, "max-total-tokens")
+    if spec.kind != "sglang" or cap is None or not cap.isdigit():
+        return False
+    try:
+        config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    per_token = kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
+        config, dict) else None
+    return per_token is not None and int(cap) * per_token <= SMALL_POOL_BYTES
 
 
 class Pending:

@@ -18,22 +18,23 @@ from pytest_miles.models.embedded import SHAPES
 TINY = SHAPES["tiny"].hf_config()  # 2 heads, 1 KV head, head_dim 64: GQA group 2
 QWEN = SHAPES["qwen2.5-0.5b"].hf_config()  # 14 heads, 2 KV heads, head_dim 64: GQA group 7
 PREFILL = [Module("prefill", "auto", "bfloat16", 64), Module("prefill", "fa2", "bfloat16", 64)]
+ALWAYS = [Module("norm"), Module("cascade")]  # every FlashInfer server built both (H200, 2026-12-04)
 
 
 def test_determinism_off_on_a_small_gqa_group_meets_four_modules():
     mods, left = modules_for(TINY, deterministic=False, attention_backend="flashinfer", environ={})
-    assert set(mods) == {Module("sampling"), *PREFILL, Module("decode", "", "bfloat16", 64)}
+    assert set(mods) == {*ALWAYS, Module("sampling"), *PREFILL, Module("decode", "", "bfloat16", 64)}
     assert left == []
 
 
 def test_determinism_on_decodes_on_tensor_cores_and_samples_in_pytorch():
     mods, _ = modules_for(TINY, deterministic=True, attention_backend="flashinfer", environ={})
-    assert mods == PREFILL
+    assert mods == [*ALWAYS, *PREFILL]
 
 
 def test_a_gqa_group_of_four_or_more_decodes_on_tensor_cores():
     mods, _ = modules_for(QWEN, deterministic=False, attention_backend="flashinfer", environ={})
-    assert set(mods) == {Module("sampling"), *PREFILL}
+    assert set(mods) == {*ALWAYS, Module("sampling"), *PREFILL}
 
 
 def test_sglangs_tensor_core_override_is_followed():
@@ -48,7 +49,7 @@ def test_sglangs_tensor_core_override_is_followed():
 @pytest.mark.parametrize("extra", [("--sampling-backend", "pytorch"), ("--sglang-sampling-backend=pytorch",)])
 def test_another_sampling_backend_needs_no_sampling_module(extra):
     mods, _ = modules_for(QWEN, deterministic=False, attention_backend="flashinfer", extra_args=extra, environ={})
-    assert mods == PREFILL
+    assert mods == [*ALWAYS, *PREFILL]
 
 
 def test_other_attention_backends_need_nothing():
@@ -67,29 +68,29 @@ def test_other_attention_backends_need_nothing():
 def test_what_cannot_be_derived_for_certain_is_left_to_the_server(extra, config, why):
     mods, left = modules_for(config, deterministic=False, attention_backend="flashinfer", extra_args=extra,
                              environ={})
-    assert mods == [Module("sampling")]  # sampling does not depend on the attention layout
+    assert mods == [*ALWAYS, Module("sampling")]  # neither depends on the attention layout
     assert len(left) == 1 and why in left[0]
 
 
 def test_layers_all_of_full_attention_are_not_a_sliding_window():
     mods, left = modules_for({**QWEN, "layer_types": ["full_attention"] * 24}, deterministic=True,
                              attention_backend="flashinfer", environ={})
-    assert mods == PREFILL and left == []
+    assert mods == [*ALWAYS, *PREFILL] and left == []
 
 
 def test_the_dtype_and_head_dim_are_read_as_sglang_reads_them():
     cfg = {**QWEN, "head_dim": 128, "torch_dtype": "float16"}
     mods, _ = modules_for(cfg, deterministic=True, attention_backend="flashinfer", environ={})
-    assert mods == [Module("prefill", "auto", "float16", 128), Module("prefill", "fa2", "float16", 128)]
+    assert mods[2:] == [Module("prefill", "auto", "float16", 128), Module("prefill", "fa2", "float16", 128)]
     mods, _ = modules_for(QWEN, deterministic=True, attention_backend="flashinfer", extra_args=("--dtype", "half"),
                           environ={})
-    assert {m.dtype for m in mods} == {"float16"}
+    assert {m.dtype for m in mods[2:]} == {"float16"}
 
 
 def test_several_servers_share_modules_once_each_prefill_first():
     mods, left = plan([(TINY, True, "flashinfer", ()), (TINY, False, "flashinfer", ()),
                        (TINY, False, "triton", ())], environ={})
-    assert mods == [*PREFILL, Module("decode", "", "bfloat16", 64), Module("sampling")]
+    assert mods == [*PREFILL, Module("decode", "", "bfloat16", 64), *ALWAYS, Module("sampling")]
     assert left == ["attention backend triton: not FlashInfer"]
 
 

@@ -167,3 +167,37 @@ def test_close_stops_the_starts_under_way(model_dir, tmp_path):
     assert not f.pending and all(p.done.is_set() for p in starts)
     for p in starts:
         assert p.engine is None or (p.engine.proc is None and all(map(gone, p.engine.pids)))
+
+
+# ---- servers with a small capped KV pool start beside the chain (engines/prestart.py) ---------------
+
+
+def _sglang_spec(model_dir, tmp_path, *extra):
+    from pytest_miles.engines.launch import EngineSpec
+
+    return EngineSpec("sglang", str(model_dir), True, "flashinfer", tuple(extra), {}, "cuda", str(tmp_path), 300.0)
+
+
+def test_kv_bytes_per_token_as_sglang_sizes_its_pool():
+    from pytest_miles.engines.prestart import kv_bytes_per_token
+    from pytest_miles.models.embedded import SHAPES
+
+    assert kv_bytes_per_token(SHAPES["tiny"].hf_config()) == 2 * 2 * 1 * 64 * 2  # K+V, 2 layers, 1 KV head
+    assert kv_bytes_per_token(SHAPES["qwen2.5-0.5b"].hf_config()) == 2 * 24 * 2 * 64 * 2
+    assert kv_bytes_per_token(SHAPES["tiny"].hf_config(), "fp8_e4m3") == 2 * 2 * 1 * 64
+    assert kv_bytes_per_token({**SHAPES["tiny"].hf_config(), "kv_lora_rank": 512}) is None  # MLA: not this layout
+    assert kv_bytes_per_token({"num_hidden_layers": 2}) is None
+
+
+@pytest.mark.parametrize("extra, beside", [
+    ((), False),  # SGLang's own pool: in the chain
+    (("--max-total-tokens", "2048"), True),
+    (("--sglang-max-total-tokens=4096",), True),
+    (("--max-total-tokens", "100000000"), False),  # capped, but large: in the chain
+    (("--max-total-tokens", "many"), False),
+])
+def test_a_small_capped_pool_starts_beside_the_chain(model_dir, tmp_path, extra, beside):
+    from pytest_miles.engines.prestart import BESIDE_FRACTION, SHARE, small_pool
+
+    assert small_pool(_sglang_spec(model_dir, tmp_path, *extra)) is beside
+    assert SHARE < BESIDE_FRACTION < 1  # its reading survives every chained server's planned share
