@@ -2,7 +2,8 @@
 the JIT kernel caches a CI should keep between runs.
 
 A fresh GPU host spends most of an SGLang start compiling kernels (FlashInfer: 185 of 270 s on an
-H200); with the caches kept, the same engine starts in about 53 s. Limits are derived from the
+H200; 238 of 314 s beside the suite's other servers); with the caches kept, the same engine starts
+in 53-68 s. Limits are derived from the
 measured cold start with a margin (never within 20% of it), so a slow cold start is not a failure,
 and a start that does run out names the stage and how to warm the cache. See docs/ci.md."""
 
@@ -36,8 +37,10 @@ class ColdStart:
 
 
 COLD_STARTS = (
-    ColdStart("sglang", "flashinfer", 270.0, 185.0, 53.0,
-              "H200, 2026-12-03, sglang 0.5.17, flashinfer 0.6.15, the negative-control engine of the suite"),
+    # the slowest measured: started beside four other servers and the FlashInfer prebuild, its prefill-graph
+    # capture waiting 238 s for FA3's module (alone, with nothing beside it: 270 s, 185 s compiling, 2026-12-03)
+    ColdStart("sglang", "flashinfer", 314.0, 238.0, 68.0,
+              "H200, 2026-12-04, sglang 0.5.17, flashinfer 0.6.15, the suite's negative-control engine"),
     ColdStart("sglang", "triton", 131.0, None, 51.0, "H100, 2026-11-23, sglang 0.5.17, triton 3.6.0"),
     ColdStart("reference-server", "any", 10.0, None, None, "2-core CPU runner, 2026-12-03"),
     ColdStart("reference", "any", 5.0, None, None, "2-core CPU runner, 2026-12-03 (in-process: loads the model)"),

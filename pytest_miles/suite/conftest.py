@@ -37,6 +37,11 @@ TRAFFIC = {"requests": 48, "max_prompt": 100, "max_new_tokens": 8, "pool": 240, 
 # SGLang retracts (at its default it admits only with room for 0.7 x max_new_tokens; no retraction was seen
 # with 4,096/128 and 256 requests on an H200).
 SGLANG_TRAFFIC = {"pool": 2048, "chunk": 64, "conservativeness": 0.05}
+# The cache/API server's KV pool: its checks send a few prompts of at most ~100 tokens, so 65,536 tokens
+# never evict what they read back. Capped small, the server starts at once beside the staggered chain of
+# the others (engines/prestart.py; 32 MiB on the tiny shape, 768 MiB on qwen2.5-0.5b). In the chain it was
+# the last of five starts, ~50 s apart even with warm kernel caches (H200, 2026-12-04).
+SGLANG_CACHE_API_POOL = 65536
 
 
 def engine_calls(setting, tokenized_model: str | None = None) -> dict[str, dict]:
@@ -48,7 +53,8 @@ def engine_calls(setting, tokenized_model: str | None = None) -> dict[str, dict]
     calls = {"control": {"kind": kind, "deterministic": False}, "deterministic": {"kind": kind, "deterministic": True}}
     if tokenized_model is not None:
         calls["cache-api"] = ({"kind": "sglang", "model": tokenized_model, "deterministic": True,
-                               "extra_args": ("--enable-metrics",)} if kind.startswith("sglang") else
+                               "extra_args": ("--enable-metrics", "--max-total-tokens", str(SGLANG_CACHE_API_POOL))}
+                              if kind.startswith("sglang") else
                               {"kind": "reference-server", "model": tokenized_model, "deterministic": True,
                                "threads": 1, "prefix_cache": True})
     for name, deterministic in (("traffic", True), ("traffic-control", False)):

@@ -172,10 +172,11 @@ def test_close_stops_the_starts_under_way(model_dir, tmp_path):
 # ---- servers with a small capped KV pool start beside the chain (engines/prestart.py) ---------------
 
 
-def _sglang_spec(model_dir, tmp_path, *extra):
+def _sglang_spec(model_dir, tmp_path, *extra, deterministic=True, **options):
     from pytest_miles.engines.launch import EngineSpec
 
-    return EngineSpec("sglang", str(model_dir), True, "flashinfer", tuple(extra), {}, "cuda", str(tmp_path), 300.0)
+    return EngineSpec("sglang", str(model_dir), deterministic, "flashinfer", tuple(extra), options, "cuda",
+                      str(tmp_path), 300.0)
 
 
 def test_kv_bytes_per_token_as_sglang_sizes_its_pool():
@@ -201,3 +202,22 @@ def test_a_small_capped_pool_starts_beside_the_chain(model_dir, tmp_path, extra,
 
     assert small_pool(_sglang_spec(model_dir, tmp_path, *extra)) is beside
     assert SHARE < BESIDE_FRACTION < 1  # its reading survives every chained server's planned share
+
+
+@pytest.mark.parametrize("shape", ["tiny", "qwen2.5-0.5b"])
+def test_the_suites_capped_servers_start_beside_the_chain(tmp_path, shape):
+    """The bundled suite's SGLang servers: traffic (both) and cache/API capped small, beside the chain;
+    the control and deterministic servers keep SGLang's own pool, in the chain."""
+    from pytest_miles.engines.prestart import small_pool
+    from pytest_miles.models.embedded import SHAPES
+    from pytest_miles.suite.conftest import engine_calls
+
+    folder = tmp_path / shape
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(SHAPES[shape].hf_config()))
+    calls = engine_calls(lambda name: {"engine": "sglang", "attention_backend": "flashinfer"}[name], str(folder))
+    beside = {name for name, call in calls.items()
+              if small_pool(_sglang_spec(folder, tmp_path, *call.get("extra_args", ()),
+                                         deterministic=call["deterministic"],
+                                         **({"env": call["env"]} if "env" in call else {})))}
+    assert beside == {"traffic", "traffic-control", "cache-api"}

@@ -77,7 +77,7 @@ def test_engine_start_limits_keep_a_margin_over_every_measured_cold_start():
 
     for c in COLD_STARTS:
         assert start_limit(c.engine, c.backend) >= 1.2 * c.seconds, c  # never within 20% of a cold start
-    assert start_limit("sglang", "flashinfer") == 405.0  # 270 s cold on an H200 (185 s of it JIT)
+    assert start_limit("sglang", "flashinfer") == 471.0  # 314 s cold on an H200 beside four servers (238 s JIT)
     assert start_limit("sglang", "fa3") >= 1.2 * max(c.seconds for c in COLD_STARTS)  # unmeasured: the slowest
     assert start_limit("reference-server", "flashinfer") == MIN_START_LIMIT
 
