@@ -101,7 +101,7 @@ class EngineFactory:
         (engines/prestart.py); prestarted engines stay live until close(). Returns the labels of what
         it started: none where engines start elsewhere (a Ray placement) or on leased GPUs
         (pytest-xdist), or for a configuration this machine cannot run (its test says why)."""
-        from pytest_miles.engines.prestart import BESIDE_FRACTION, Pending, memory_fractions, small_pool
+        from pytest_miles.engines.prestart import BESIDE_FRACTION, Pending, memory_fractions, planned_pools, small_pool
         from pytest_miles.placement.ownership import owner_tag
 
         if self.start is not None or self.leaser is not None:
@@ -123,6 +123,8 @@ class EngineFactory:
             self.prebuild = start_for([s for s in chosen.values() if s.kind == "sglang"],
                                       kernel_cache_dir=self.kernel_cache_dir, log_dir=self.log_dir)
         beside = {key for key, spec in chosen.items() if small_pool(spec)}  # not in the chain (prestart.py)
+        pools = planned_pools({k: s for k, s in chosen.items() if k not in beside}, self._free_gpu_bytes())
+        beside |= pools.keys()
         fractions = iter(memory_fractions(sum(s.kind == "sglang" and k not in beside for k, s in chosen.items())))
         after, limit, ports, labels = None, 0.0, set(), []
         owner_tag()  # the ownership watchdog exists before any thread spawns (processes die with pytest)
@@ -130,6 +132,8 @@ class EngineFactory:
             opts = dict(spec.options)
             if spec.kind == "sglang":
                 opts.setdefault("mem_fraction_static", BESIDE_FRACTION if key in beside else next(fractions))
+            if key in pools:
+                opts.setdefault("max_total_tokens", pools[key])
             opts.setdefault("port", _distinct_port(ports))
             spec = replace(spec, options=opts)
             try:  # built here: its environment is read now, on this thread, not while a test changes it
@@ -151,6 +155,14 @@ class EngineFactory:
             self.launches += 1
             labels.append(label)
         return labels
+
+    def _free_gpu_bytes(self) -> int | None:
+        """The free memory of the GPU the engines start on (the first visible one), or None."""
+        from pytest_miles.facts.hardware import gpu_free_bytes
+
+        hw = self._hardware()
+        gpus = getattr(hw, "nvidia", ()) if hw is not None else ()
+        return gpu_free_bytes(gpus[0].uuid) if gpus else None
 
     def _take(self, key: tuple):
         """The engine of a background start, once started (raises its error)."""

@@ -8,14 +8,18 @@ first one's pool, or makes it negative ("Not enough memory"). So a start begins 
 previous one logged that its memory pool is allocated (`memory_marker`), answered, or failed; the
 minutes of kernel compilation and CUDA-graph capture that follow overlap.
 
-A server whose KV pool is capped small (`--max-total-tokens`, at most SMALL_POOL_BYTES) starts at
-once, beside that chain. Waiting in the chain cost a whole SGLang start each time: on an H200 about
-65 s from spawn to its memory line, nearly all of it imports, for a reading window of about 4 s
-(2026-12-04). Outside the chain it cannot be hurt, and it cannot hurt. What it allocates while
-another server reads its memory (weights, a small pool, its CUDA context and graphs, 1-2 GB) shrinks
-that server's pool by as much. Its own reading is given BESIDE_FRACTION: a budget that still holds
-its small pool even if every chained server allocated its whole planned share (SHARE) between its two
-readings.
+Waiting in that chain costs a whole SGLang start per server: on an H200 about 65 s from spawn to the
+memory line, nearly all of it imports, for a reading window of about 4 s (2026-12-04). So a server
+whose pool is fixed in tokens in advance starts at once, beside the others, with BESIDE_FRACTION:
+- a pool capped small by its own `--max-total-tokens` (at most SMALL_POOL_BYTES: the suite's traffic
+  and cache/API servers);
+- the others, when their pools can be planned (`planned_pools`): SHARE of the GPU memory free now
+  (NVML), in equal parts, each part in tokens of its model, passed as `--max-total-tokens`.
+SGLang then takes min(what it profiles, the cap). BESIDE_FRACTION makes the profile exceed the cap
+whatever the other servers allocate between its two readings (at most SHARE of the memory, plus 1-2
+GB per server of weights, CUDA context and graphs): the pool is the cap, whenever the reading happens.
+When the free memory or a model's KV layout is not known, the servers that keep SGLang's own sizing
+stay in the chain.
 """
 
 from __future__ import annotations
@@ -79,6 +83,41 @@ def small_pool(spec: Any) -> bool:
     per_token = kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
         config, dict) else None
     return per_token is not None and int(cap) * per_token <= SMALL_POOL_BYTES
+
+
+def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = SHARE) -> dict[Any, int]:
+    """KV pool sizes in tokens for the SGLang servers that would take SGLang's own pool size (no
+    `--max-total-tokens` of their own): `share` of the GPU memory free now, in equal parts, each part
+    in tokens of its model. With their pools fixed in advance they start at once, beside each other
+    (given BESIDE_FRACTION), instead of one after another. A server whose model layout is not known
+    here (kv_bytes_per_token is None) gets none and starts in the chain; so do all, when the free
+    memory is not known. `specs`: key -> EngineSpec."""
+    import json
+    from pathlib import Path
+
+    from pytest_miles.engines.base import sglang_arg
+
+    if not free_bytes or free_bytes <= 0:
+        return {}
+    per_token: dict[Any, int] = {}
+    for key, spec in specs.items():
+        if spec.kind != "sglang" or sglang_arg(spec.extra_args, "max-total-tokens") is not None:
+            continue
+        if sglang_arg(spec.extra_args, "mem-fraction-static") is not None:  # the user's own sizing wins
+            continue
+        try:
+            config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        size = kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
+            config, dict) else None
+        if size:
+            per_token[key] = size
+    if len(per_token) != sum(s.kind == "sglang" and sglang_arg(s.extra_args, "max-total-tokens") is None
+                             for s in specs.values()):
+        return {}  # one of them keeps SGLang's own sizing: all of them stay in the chain, planned together
+    part = share * free_bytes / max(1, len(per_token))
+    return {key: int(part // size) for key, size in per_token.items()}
 
 
 class Pending:

@@ -340,6 +340,7 @@ class SGLangEngine(ServerEngine):
     def __init__(self, model_path: str | Path, *, deterministic: bool = True, attention_backend: str = "flashinfer",
                  mem_fraction_static: float = 0.3, extra_args: list[str] | tuple[str, ...] = (),
                  port: int | None = None, skip_tokenizer_init: bool | None = None, disable_cuda_graph: bool = False,
+                 max_total_tokens: int | None = None,
                  python: str = sys.executable, kernel_cache_dir: str | Path | None = None, **kw: Any) -> None:
         from pytest_miles.engines.sglang_chunking import check_deterministic_chunking
         from pytest_miles.facts.kernel_caches import cache_env, slow_start_advice
@@ -360,6 +361,8 @@ class SGLangEngine(ServerEngine):
             cmd.append("--skip-tokenizer-init")
         if disable_cuda_graph:
             cmd.append("--disable-cuda-graph")
+        if max_total_tokens is not None:  # a KV pool fixed in advance (engines/prestart.py planned_pools)
+            cmd += ["--max-total-tokens", str(int(max_total_tokens))]
         cmd += sglang_passthrough(extra_args)
         check_deterministic_chunking(deterministic, attention_backend, cmd, {**os.environ, **(kw.get("env") or {})})
         self.deterministic, self.attention_backend = deterministic, attention_backend

@@ -141,6 +141,28 @@ def _visible_filter(gpus: list[Gpu], environ: dict[str, str]) -> list[Gpu]:
     ]
 
 
+def gpu_free_bytes(uuid: str | None) -> int | None:
+    """The free memory of the GPU with this UUID, now (NVML: what every process holds counted), or None
+    where NVML cannot say."""
+    if not uuid:
+        return None
+    try:
+        import pynvml  # nvidia-ml-py: ctypes only, cheap
+
+        pynvml.nvmlInit()
+    except Exception:  # not installed, no driver
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByUUID(uuid)).free)
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def _from_nvml() -> Hardware | None:
     try:
         import pynvml  # nvidia-ml-py: ctypes only, cheap

@@ -221,3 +221,56 @@ def test_the_suites_capped_servers_start_beside_the_chain(tmp_path, shape):
                                          deterministic=call["deterministic"],
                                          **({"env": call["env"]} if "env" in call else {})))}
     assert beside == {"traffic", "traffic-control", "cache-api"}
+
+
+# ---- pools planned in advance: every server beside the others (engines/prestart.py planned_pools) ----
+
+
+def _tiny_folder(tmp_path, name="m", **config):
+    from pytest_miles.models.embedded import SHAPES
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**SHAPES["tiny"].hf_config(), **config}))
+    return folder
+
+
+def test_pools_planned_in_tokens_of_each_model(tmp_path):
+    from pytest_miles.engines.prestart import SHARE, planned_pools
+
+    free = 100 << 30
+    a, b = _sglang_spec(_tiny_folder(tmp_path, "a"), tmp_path), _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path,
+                                                                               deterministic=False)
+    capped = _sglang_spec(_tiny_folder(tmp_path, "c"), tmp_path, "--max-total-tokens", "2048")
+    pools = planned_pools({"a": a, "b": b, "capped": capped}, free)
+    assert pools == {"a": int(SHARE * free / 2 // 512), "b": int(SHARE * free / 2 // 512)}  # 512 B a token
+
+
+@pytest.mark.parametrize("why", ["no free memory reading", "the user's own fraction", "a layout not known here"])
+def test_without_a_plan_for_every_server_all_stay_in_the_chain(tmp_path, why):
+    from pytest_miles.engines.prestart import planned_pools
+
+    a = _sglang_spec(_tiny_folder(tmp_path, "a"), tmp_path)
+    if why == "the user's own fraction":
+        b = _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path, "--mem-fraction-static", "0.4")
+    elif why == "a layout not known here":
+        b = _sglang_spec(_tiny_folder(tmp_path, "b", kv_lora_rank=512), tmp_path)
+    else:
+        b = _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path)
+    free = None if why == "no free memory reading" else 100 << 30
+    assert planned_pools({"a": a, "b": b}, free) == {}
+
+
+def test_a_planned_pool_reaches_sglangs_command_line(tmp_path):
+    from pytest_miles.engines.server import SGLangEngine
+
+    cmd = SGLangEngine(_tiny_folder(tmp_path), log_dir=tmp_path, max_total_tokens=123456).cmd
+    assert cmd[cmd.index("--max-total-tokens") + 1] == "123456"
+    assert "--max-total-tokens" not in SGLangEngine(_tiny_folder(tmp_path, "n"), log_dir=tmp_path).cmd
+
+
+def test_no_free_memory_reading_without_nvml_or_a_gpu():
+    from pytest_miles.facts.hardware import gpu_free_bytes
+
+    assert gpu_free_bytes(None) is None
+    assert gpu_free_bytes("GPU-00000000-0000-0000-0000-000000000000") is None

@@ -1,6 +1,6 @@
 """Real SGLang on the GPU host: the suite's engines started together in the background on one GPU
-(staggered on SGLang's memory-pool line, memory fractions planned; servers with a small capped KV pool
-beside that chain), and the deterministic engine lent
+(KV pools fixed in tokens in advance, so they start at once, each given exactly its pool; servers whose
+pool cannot be planned staggered on SGLang's memory-pool line), and the deterministic engine lent
 to another model's weights and given its own back bit for bit (what the suite's RL loop does)."""
 
 from __future__ import annotations
@@ -34,16 +34,24 @@ def test_the_suites_engines_start_together_on_one_gpu(engine_factory, miles_sett
     for label, eng in zip(labels, engines):
         print(f"{label}: spawned {eng.spawned_at:.1f}, memory pool {eng.settled_at}, up {eng.ready_at:.1f} "
               f"({eng.startup_seconds:.1f} s)")
+    import re
+
     from pytest_miles.engines.prestart import small_pool
 
     spec_of = {id(e): engine_factory.specs[k] for k, e in engine_factory.live.items()}
-    chain = [e for e in engines if not small_pool(spec_of[id(e)])]
-    beside = [e for e in engines if small_pool(spec_of[id(e)])]
+    planned = {id(e): spec_of[id(e)].options.get("max_total_tokens") for e in engines}
+    beside = [e for e in engines if small_pool(spec_of[id(e)]) or planned[id(e)]]
+    chain = [e for e in engines if e not in beside]
+    print(f"beside: {len(beside)}, in the chain: {len(chain)}")
     for before, after in zip(chain, chain[1:]):  # each start began once the one before held its memory
         assert before.settled_at is not None, "SGLang's memory-pool line not found in its log: the starts were serial"
         assert after.spawned_at >= before.settled_at
-    for eng in beside:  # a small capped pool: started at once, beside the chain
-        assert chain and eng.spawned_at < chain[0].settled_at
+    first_settled = min(e.settled_at for e in engines if e.settled_at is not None)
+    for eng in beside:  # a pool fixed in advance: started at once, beside the others, and given exactly its cap
+        assert eng.spawned_at < first_settled
+        if planned[id(eng)]:
+            pools = re.findall(r"max_total_num_tokens=(\d+)", open(eng.log_path).read())
+            assert pools and int(pools[-1]) == planned[id(eng)], (pools, planned[id(eng)])
     print(f"all up: {_gpu_memory()}")
     assert engine_factory.launches == len(calls)
     for eng in engines:
