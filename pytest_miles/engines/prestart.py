@@ -65,23 +65,30 @@ def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str | None = None
     return 2 * layers * kv_heads * head_dim * size
 
 
-def small_pool(spec: Any) -> bool:
-    """Whether this SGLang server's KV pool is capped at most SMALL_POOL_BYTES (it starts beside the
-    chain). `spec`: engines/launch.py EngineSpec."""
+def _kv_size(spec: Any) -> int | None:
+    """kv_bytes_per_token of an SGLang spec's model folder, its --kv-cache-dtype applied, or None."""
     import json
     from pathlib import Path
 
     from pytest_miles.engines.base import sglang_arg
 
-    cap = sglang_arg(spec.extra_args, "max-total-tokens")
-    if spec.kind != "sglang" or cap is None or not cap.isdigit():
-        return False
     try:
         config = json.loads((Path(spec.model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return False
-    per_token = kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
+        return None
+    return kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
         config, dict) else None
+
+
+def small_pool(spec: Any) -> bool:
+    """Whether this SGLang server's KV pool is capped at most SMALL_POOL_BYTES (it starts beside the
+    chain). `spec`: engines/launch.py EngineSpec."""
+    from pytest_miles.engines.base import sglang_arg
+
+    cap = sglang_arg(spec.extra_args, "max-total-tokens")
+    if spec.kind != "sglang" or cap is None or not cap.isdigit():
+        return False
+    per_token = _kv_size(spec)
     return per_token is not None and int(cap) * per_token <= SMALL_POOL_BYTES
 
 
@@ -92,9 +99,6 @@ def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = 
     (given BESIDE_FRACTION), instead of one after another. A server whose model layout is not known
     here (kv_bytes_per_token is None) gets none and starts in the chain; so do all, when the free
     memory is not known. `specs`: key -> EngineSpec."""
-    import json
-    from pathlib import Path
-
     from pytest_miles.engines.base import sglang_arg
 
     if not free_bytes or free_bytes <= 0:
@@ -105,12 +109,7 @@ def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = 
             continue
         if sglang_arg(spec.extra_args, "mem-fraction-static") is not None:  # the user's own sizing wins
             continue
-        try:
-            config = json.loads((Path(spec.model_dir) / "config.json").read_text())
-        except (OSError, ValueError):
-            continue
-        size = kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
-            config, dict) else None
+        size = _kv_size(spec)
         if size:
             per_token[key] = size
     if len(per_token) != sum(s.kind == "sglang" and sglang_arg(s.extra_args, "max-total-tokens") is None
