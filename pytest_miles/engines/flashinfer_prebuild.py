@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -71,7 +72,6 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     from pytest_miles.engines.base import sglang_arg
 
     environ = os.environ if environ is None else environ
-    left: list[str] = []
     if attention_backend != "flashinfer":
         return [], [f"attention backend {attention_backend}: not FlashInfer"]
     sampling = sglang_arg(extra_args, "sampling-backend") or "flashinfer"
@@ -84,7 +84,7 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     dtype = {"bf16": "bfloat16", "half": "float16", "fp16": "float16"}.get(dtype, dtype)
     heads = text.get("num_attention_heads")
     kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else 0)
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if isinstance(heads, int) and heads else 0)
     reasons = []
     if (sglang_arg(extra_args, "kv-cache-dtype") or "auto") != "auto":
         reasons.append("a KV-cache dtype of its own")
@@ -107,7 +107,7 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     tensor_cores = deterministic or (override.lower() == "true" if override is not None else heads // kv_heads >= 4)
     if not tensor_cores:  # with tensor cores, decode runs the FA2 prefill module above
         mods.append(Module("decode", "", dtype, head_dim))
-    return mods, left
+    return mods, []
 
 
 def plan(servers: list[tuple[dict[str, Any], bool, str, tuple[str, ...]]],
@@ -128,16 +128,16 @@ def plan(servers: list[tuple[dict[str, Any], bool, str, tuple[str, ...]]],
 class Prebuild:
     """The build process, owned (it dies with pytest), and what it reported."""
 
-    def __init__(self, modules: list[Module], *, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, modules: list[Module], *, env: dict[str, str], log_path: Path, left: list[str] = ()) -> None:
         from pytest_miles.placement.ownership import spawn
 
-        self.modules, self.log_path = modules, Path(log_path)
+        self.modules, self.log_path, self.left = modules, Path(log_path), list(left)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.t0 = time.monotonic()
         with open(self.log_path, "w") as log:
             self.proc = spawn([sys.executable, "-m", "pytest_miles.engines.flashinfer_prebuild",
                                json.dumps([asdict(m) for m in modules])], env=env, stdout=log,
-                              stderr=__import__("subprocess").STDOUT)
+                              stderr=subprocess.STDOUT)
         self.seconds: float | None = None
         self.noted = False
 
@@ -166,7 +166,8 @@ class Prebuild:
     def summary(self) -> str:
         rows = self.results()
         parts = [f"{r['module']}: {r['state']} in {float(r.get('seconds', 0)):.0f} s" for r in rows]
-        return "; ".join(parts) or f"no module reported (log {self.log_path})"
+        left = f"; left to the servers: {', '.join(self.left)}" if self.left else ""
+        return ("; ".join(parts) or f"no module reported (log {self.log_path})") + left
 
     def stop(self) -> None:
         from pytest_miles.placement.ownership import disown
@@ -199,12 +200,12 @@ def start_for(specs: list[Any], *, kernel_cache_dir: str | None, log_dir: str | 
             continue
         if isinstance(config, dict):
             servers.append((config, spec.deterministic, spec.attention_backend, spec.extra_args))
-    modules, _ = plan(servers)
+    modules, left = plan(servers)
     if not modules:
         return None
     own_env = next((s.options.get("env") for s in specs if isinstance(s.options.get("env"), dict)), None) or {}
     env = {**os.environ, **sglang_start_env(), **cache_env(kernel_cache_dir), **own_env}
-    return Prebuild(modules, env=env, log_path=Path(log_dir) / "flashinfer-prebuild.log")
+    return Prebuild(modules, env=env, log_path=Path(log_dir) / "flashinfer-prebuild.log", left=left)
 
 
 # ---- the build process ---------------------------------------------------------------------------

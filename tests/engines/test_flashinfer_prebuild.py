@@ -111,11 +111,13 @@ def test_the_build_process_names_a_bad_argument():
 def test_the_build_process_reports_when_flashinfer_is_missing(tmp_path):
     if __import__("importlib").util.find_spec("flashinfer") is not None:
         pytest.skip("FlashInfer is installed here")
-    pb = Prebuild([Module("sampling")], env={**__import__("os").environ}, log_path=tmp_path / "pb.log")
+    pb = Prebuild([Module("sampling")], env={**__import__("os").environ}, log_path=tmp_path / "pb.log",
+                  left=["attention modules: a KV-cache dtype of its own"])
     pb.proc.wait(timeout=120)
     assert pb.finished() and pb.seconds is not None
     rows = pb.results()
     assert len(rows) == 1 and rows[0]["state"].startswith("failed: not installed")
     assert "failed: not installed" in pb.summary()
+    assert pb.summary().endswith("left to the servers: attention modules: a KV-cache dtype of its own")
     pb.stop()  # a finished process: nothing to kill, and no error
     assert json.loads((tmp_path / "pb.log").read_text().splitlines()[0])["module"] == "*"
