@@ -244,6 +244,7 @@ def test_pools_planned_in_tokens_of_each_model(tmp_path):
     capped = _sglang_spec(_tiny_folder(tmp_path, "c"), tmp_path, "--max-total-tokens", "2048")
     pools = planned_pools({"a": a, "b": b, "capped": capped}, free)
     assert pools == {"a": int(SHARE * free / 2 // 512), "b": int(SHARE * free / 2 // 512)}  # 512 B a token
+    assert planned_pools({"a": a}, free) == {"a": int(0.3 * free // 512)}  # alone: the usual fraction, no more
 
 
 @pytest.mark.parametrize("why", ["no free memory reading", "the user's own fraction", "a layout not known here"])
