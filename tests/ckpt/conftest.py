@@ -1,0 +1,33 @@
+"""Fixtures shared by the checkpoint tests."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def dcp_pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Equal pairs of real saves, each side written by its own save (its own save_id and path): world 1
+    (plain, AdamW state, 2,000 small tensors) and world 2 over gloo (two .distcp files, chunked tensors).
+    test_dcp_native and test_front read them and never change them (they check that); one build per
+    session, not one per module (about 20 s each on a 2-core machine)."""
+    torch = pytest.importorskip("torch")
+    from tests.helpers.checkpoints import make_state, optimizer_state, save_dcp, save_parallel_layouts
+
+    t = tmp_path_factory.mktemp("dcp-pairs")
+    pairs = {}
+    for side in ("a", "b"):
+        save_dcp(t / f"plain-{side}", make_state(0))
+        save_dcp(t / f"adamw-{side}", optimizer_state(0))
+        many = {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i)) for i in range(2000)}
+        save_dcp(t / f"many-{side}", many)
+    for name in ("plain", "adamw", "many"):
+        pairs[name] = (t / f"{name}-a", t / f"{name}-b")
+    layouts = save_parallel_layouts(t / "world2")
+    for name in ("fsdp2-sharded", "dtensor-replicated"):
+        shutil.copytree(layouts / name, t / f"{name}-copy")
+        pairs[name] = (layouts / name, t / f"{name}-copy")
+    return pairs
