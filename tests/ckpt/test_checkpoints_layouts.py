@@ -25,18 +25,18 @@ from tests.helpers.checkpoints import (  # noqa: E402
     save_dcp,
     save_hf,
     save_legacy_megatron,
-    save_parallel_layouts,
     tree_state,
 )
 
 W = "decoder.layers.1.mlp.linear_fc1.weight"
 
 
-def test_parallel_layouts_compare_assembled_or_streamed(tmp_path):
-    """One test (one 2-rank launch, one xdist worker): megatron-core TP 1 vs TP 2, DCP replicated
-    vs FSDP2-sharded, a flipped bit found at its global index, and a reordered shard file set."""
+def test_parallel_layouts_compare_assembled_or_streamed(tmp_path, request):
+    """One test (one 2-rank launch, shared with test_dcp_native and test_front: `parallel_layouts`,
+    tests/ckpt/conftest.py): megatron-core TP 1 vs TP 2, DCP replicated vs FSDP2-sharded, a flipped bit
+    found at its global index, and a reordered shard file set."""
     pytest.importorskip("megatron.core")
-    parallel = save_parallel_layouts(tmp_path / "parallel")
+    parallel = request.getfixturevalue("parallel_layouts")
     before = tree_state(parallel)
     report = assert_checkpoints_equal(parallel / "megatron-tp1", parallel / "megatron-tp2")
     assert any("chunk layouts differed for 2 tensor(s)" in n for n in report.notes), report.notes

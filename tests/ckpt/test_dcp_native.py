@@ -32,7 +32,6 @@ from tests.helpers.checkpoints import (  # noqa: E402
     make_state,
     optimizer_state,
     save_dcp,
-    save_parallel_layouts,
     tree_state,
 )
 
@@ -47,22 +46,9 @@ def _json(report) -> dict:
 
 
 @pytest.fixture(scope="module")
-def saves(tmp_path_factory):
-    """Equal pairs of real saves, each side written by its own save (its own save_id and path)."""
-    t = tmp_path_factory.mktemp("native")
-    pairs = {}
-    for side in ("a", "b"):
-        save_dcp(t / f"plain-{side}", make_state(0))
-        save_dcp(t / f"adamw-{side}", optimizer_state(0))
-        many = {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i)) for i in range(2000)}
-        save_dcp(t / f"many-{side}", many)
-    for name in ("plain", "adamw", "many"):
-        pairs[name] = (t / f"{name}-a", t / f"{name}-b")
-    layouts = save_parallel_layouts(t / "world2")
-    for name in ("fsdp2-sharded", "dtensor-replicated"):  # world 2: two .distcp files, chunked tensors
-        shutil.copytree(layouts / name, t / f"{name}-copy")
-        pairs[name] = (layouts / name, t / f"{name}-copy")
-    return t, pairs
+def saves(dcp_pairs):
+    """Equal pairs of real saves, each side written by its own save (`dcp_pairs`, tests/ckpt/conftest.py)."""
+    return dcp_pairs["plain"][0].parent, dcp_pairs
 
 
 PAIRS = ["plain", "adamw", "many", "fsdp2-sharded", "dtensor-replicated"]

@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 from pytest_miles.checks import dcp_fast  # noqa: E402
 from tests.ckpt.test_checkpoints_hostile import CASES, world  # noqa: E402, F401  (the hostile files, reused)
 from tests.ckpt.test_dcp_native import _copy, _malformed  # noqa: E402
-from tests.helpers.checkpoints import make_state, optimizer_state, save_dcp, save_parallel_layouts, tree_state  # noqa: E402
+from tests.helpers.checkpoints import save_dcp, tree_state  # noqa: E402
 
 ROOT = Path(__file__).parent.parent.parent
 pytestmark = pytest.mark.skipif(dcp_fast.native_reader() is None or shutil.which("cc") is None,
@@ -91,21 +91,10 @@ def _both(front: Path, tmp_path: Path, *args: str, figures: bool = True,
 
 
 @pytest.fixture(scope="module")
-def pairs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Equal pairs of real saves (each side its own save: its own save_id and path), as test_dcp_native's."""
-    t = tmp_path_factory.mktemp("front-pairs")
-    out = {}
-    for side in ("a", "b"):
-        save_dcp(t / f"plain-{side}", make_state(0))
-        save_dcp(t / f"adamw-{side}", optimizer_state(0))
-        save_dcp(t / f"many-{side}", {f"model.layers.{i // 10}.p{i % 10}": torch.full((1 + i % 7,), float(i))
-                                      for i in range(2000)})
-    for name in ("plain", "adamw", "many"):
-        out[name] = (t / f"{name}-a", t / f"{name}-b")
-    layouts = save_parallel_layouts(t / "world2")
-    for name in ("fsdp2-sharded", "dtensor-replicated"):  # two .distcp files, chunked tensors
-        out[name] = (layouts / name, _copy(layouts / name, t / f"{name}-copy"))
-    return out
+def pairs(dcp_pairs) -> dict[str, tuple[Path, Path]]:
+    """Equal pairs of real saves (each side its own save: its own save_id and path), as test_dcp_native's:
+    the same ones (`dcp_pairs`, tests/ckpt/conftest.py)."""
+    return dcp_pairs
 
 
 @pytest.mark.parametrize("name", ["plain", "adamw", "many", "fsdp2-sharded", "dtensor-replicated"])
