@@ -2,8 +2,8 @@
 process of their own while those servers start (the suite's cold start on a fresh GPU host).
 
 Why: an SGLang server builds FlashInfer's modules one after another, as its CUDA-graph capture and
-its warm-up meet them. The determinism-off server of the tiny model meets six of them: prefill (FA3
-on Hopper, ragged), prefill (FA2, paged), decode without tensor cores, norm, cascade and sampling.
+its warm-up meet them. The suite's servers of the tiny model met six of them: prefill (FA3 on Hopper,
+ragged), prefill (FA2, paged), decode without tensor cores, norm, cascade and sampling.
 On a cold H200 that server took 270 s to start, 185 s of it compiling (2026-12-03, flashinfer
 0.6.15), and its prefill-graph capture alone 190 s (2026-12-04). Ninja builds the files of one
 module in parallel, but the modules themselves are built one at a time. Per file (H200 host, 16
@@ -24,7 +24,7 @@ are derived as SGLang 0.5.17's FlashInfer backend derives them
 - norm and cascade for every FlashInfer server (both were built by the suite's servers).
 
 It is best effort. Anything it cannot derive for certain is left to the server, which builds it as
-before, and the log says why: a KV-cache dtype other than the model's, a sliding window, other
+before, and the build's stage line says why: a KV-cache dtype other than the model's, a sliding window, other
 attention backends for prefill or decode, or a dtype other than bf16/fp16.
 
     python -m pytest_miles.engines.flashinfer_prebuild '<modules as JSON>'
