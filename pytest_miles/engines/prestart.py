@@ -95,8 +95,8 @@ def small_pool(spec: Any) -> bool:
 def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = SHARE) -> dict[Any, int]:
     """KV pool sizes in tokens for the SGLang servers that would take SGLang's own pool size (no
     `--max-total-tokens` of their own): `share` of the GPU memory free now, in equal parts of at most
-    DEFAULT_FRACTION, each part in tokens of its model. With their pools fixed in advance they start at once, beside each other
-    (given BESIDE_FRACTION), instead of one after another. A server whose model layout is not known
+    DEFAULT_FRACTION, each part in tokens of its model. With their pools fixed in advance they start at
+    once, beside each other (given BESIDE_FRACTION), instead of one after another. A server whose model layout is not known
     here (kv_bytes_per_token is None) gets none and starts in the chain; so do all, when the free
     memory is not known. `specs`: key -> EngineSpec."""
     from pytest_miles.engines.base import sglang_arg
@@ -115,7 +115,7 @@ def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = 
     if len(per_token) != sum(s.kind == "sglang" and sglang_arg(s.extra_args, "max-total-tokens") is None
                              for s in specs.values()):
         return {}  # one of them keeps SGLang's own sizing: all of them stay in the chain, planned together
-    part = min(DEFAULT_FRACTION, share / max(1, len(per_token))) * free_bytes  # at most the usual fraction each
+    part = min(DEFAULT_FRACTION, share / max(1, len(per_token))) * free_bytes  # at most the usual fraction
     return {key: int(part // size) for key, size in per_token.items()}
 
 
