@@ -95,10 +95,10 @@ def small_pool(spec: Any) -> bool:
 def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = SHARE) -> dict[Any, int]:
     """KV pool sizes in tokens for the SGLang servers that would take SGLang's own pool size (no
     `--max-total-tokens` of their own): `share` of the GPU memory free now, in equal parts of at most
-    DEFAULT_FRACTION, each part in tokens of its model. With their pools fixed in advance they start at
-    once, beside each other (given BESIDE_FRACTION), instead of one after another. A server whose model layout is not known
-    here (kv_bytes_per_token is None) gets none and starts in the chain; so do all, when the free
-    memory is not known. `specs`: key -> EngineSpec."""
+    DEFAULT_FRACTION, each part in tokens of its model. With their pools fixed in advance they start
+    at once, beside each other (given BESIDE_FRACTION), instead of one after another. When the free
+    memory is not known, or one of them cannot be planned (a model layout not known here, the user's
+    own --mem-fraction-static), none is: all stay in the chain. `specs`: key -> EngineSpec."""
     from pytest_miles.engines.base import sglang_arg
 
     if not free_bytes or free_bytes <= 0:
