@@ -29,17 +29,23 @@ def sglang_start_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, (v, _) in SGLANG_START_ENV.items() if k not in environ}
 
 
+def flag_values(args: tuple[str, ...] | list[str], flags: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(flag, raw value) for every one of `flags` in a command line, in order, as argparse reads them:
+    `--flag x` or `--flag=x`; None for a flag that ends the line with no value after it."""
+    args = list(args)
+    out: list[tuple[str, str | None]] = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in flags:
+            out.append((flag, value if eq else (args[i + 1] if i + 1 < len(args) else None)))
+    return out
+
+
 def sglang_arg(args: tuple[str, ...] | list[str], name: str) -> str | None:
     """The value of SGLang's `--name x` / `--name=x` in these arguments (Miles' `--sglang-name` too),
     the last one winning, as SGLang's parser reads it; None when absent."""
-    found = None
-    for i, a in enumerate(args):
-        for flag in (f"--{name}", f"--sglang-{name}"):
-            if a == flag and i + 1 < len(args):
-                found = args[i + 1]
-            elif a.startswith(flag + "="):
-                found = a.split("=", 1)[1]
-    return found
+    values = [v for _, v in flag_values(args, (f"--{name}", f"--sglang-{name}")) if v is not None]
+    return values[-1] if values else None
 
 
 @dataclass(frozen=True)

@@ -99,12 +99,11 @@ TP_FLAGS = ("--tp", "--tp-size", "--tensor-parallel-size")
 def _tp_size(extra_args: tuple[str, ...], options: dict[str, Any]) -> int:
     """The tensor parallel size an SGLang command line asks for (the last flag wins, as argparse;
     every one must parse, as argparse's)."""
+    from pytest_miles.engines.base import flag_values
+
     size = _size("engine option tp_size", options.get("tp_size", 1))
-    args = list(extra_args)
-    for i, arg in enumerate(args):
-        flag, _, value = arg.partition("=")
-        if flag in TP_FLAGS:
-            size = _size(f"SGLang argument {flag}", value or (args[i + 1] if i + 1 < len(args) else ""))
+    for flag, value in flag_values(extra_args, TP_FLAGS):
+        size = _size(f"SGLang argument {flag}", value or "")
     return size
 
 

@@ -26,17 +26,15 @@ FLAGS = ("--chunked-prefill-size", "--sglang-chunked-prefill-size")
 
 def chunk_size(args: Sequence[str]) -> int | None:
     """The --chunked-prefill-size a command line asks for (the last one wins, as argparse); None without one."""
+    from pytest_miles.engines.base import flag_values
+
     size = None
-    args = list(args)
-    for i, arg in enumerate(args):
-        flag, eq, value = arg.partition("=")
-        if flag in FLAGS:
-            raw = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                size = int(raw)
-            except ValueError:
-                raise InputError(f"SGLang argument {flag}: {raw!r} is not an integer (a token count, or -1 "
-                                 "to turn chunked prefill off)") from None
+    for flag, raw in flag_values(args, FLAGS):
+        try:
+            size = int(raw or "")
+        except ValueError:
+            raise InputError(f"SGLang argument {flag}: {raw or ''!r} is not an integer (a token count, or -1 "
+                             "to turn chunked prefill off)") from None
     return size
 
 

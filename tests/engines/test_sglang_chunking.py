@@ -65,3 +65,13 @@ def test_the_factory_refuses_before_starting_anything(tmp_path):
     with pytest.raises(InputError, match="--chunked-prefill-size 32"):
         factory("sglang", attention_backend="triton", extra_args=("--chunked-prefill-size", "32"))
     assert factory.launches == 0 and not factory.live
+
+
+def test_flags_are_read_as_argparse_reads_them():
+    from pytest_miles.engines.base import flag_values, sglang_arg
+
+    args = ("--tp", "2", "--dtype=half", "--sglang-dtype", "bf16", "--tp")
+    assert flag_values(args, ("--tp",)) == [("--tp", "2"), ("--tp", None)]  # the last one has no value
+    assert sglang_arg(args, "dtype") == "bf16"  # Miles' --sglang- spelling too, the last one winning
+    assert sglang_arg(args, "tp") == "2"
+    assert sglang_arg(args, "kv-cache-dtype") is None
