@@ -107,14 +107,10 @@ def planned_pools(specs: dict[Any, Any], free_bytes: int | None, share: float = 
     for key, spec in specs.items():
         if spec.kind != "sglang" or sglang_arg(spec.extra_args, "max-total-tokens") is not None:
             continue
-        if sglang_arg(spec.extra_args, "mem-fraction-static") is not None:  # the user's own sizing wins
-            continue
-        size = _kv_size(spec)
-        if size:
-            per_token[key] = size
-    if len(per_token) != sum(s.kind == "sglang" and sglang_arg(s.extra_args, "max-total-tokens") is None
-                             for s in specs.values()):
-        return {}  # one of them keeps SGLang's own sizing: all of them stay in the chain, planned together
+        size = None if sglang_arg(spec.extra_args, "mem-fraction-static") is not None else _kv_size(spec)
+        if not size:  # the user's own sizing, or a layout not known here: all stay in the chain, planned together
+            return {}
+        per_token[key] = size
     part = min(DEFAULT_FRACTION, share / max(1, len(per_token))) * free_bytes  # at most the usual fraction
     return {key: int(part // size) for key, size in per_token.items()}
 
