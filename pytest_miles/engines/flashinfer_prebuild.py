@@ -70,6 +70,7 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     """(the modules an SGLang server of this model and configuration will build, what is left to the
     server and why). `config`: the model's config.json."""
     from pytest_miles.engines.base import sglang_arg
+    from pytest_miles.models.shapes import attention_layout
 
     environ = os.environ if environ is None else environ
     if attention_backend != "flashinfer":
@@ -78,18 +79,15 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     mods: list[Module] = [Module("norm"), Module("cascade")]
     if not deterministic and sampling == "flashinfer":
         mods.append(Module("sampling"))
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    att = attention_layout(config)
     dtype = sglang_arg(extra_args, "dtype") or "auto"
-    dtype = str(text.get("torch_dtype") or text.get("dtype") or "bfloat16") if dtype == "auto" else dtype
+    dtype = att.dtype if dtype == "auto" else dtype
     dtype = {"bf16": "bfloat16", "half": "float16", "fp16": "float16"}.get(dtype, dtype)
-    heads = text.get("num_attention_heads")
-    kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if isinstance(heads, int) and heads else 0)
+    heads, kv_heads, head_dim = att.heads, att.kv_heads, att.head_dim
     reasons = []
     if (sglang_arg(extra_args, "kv-cache-dtype") or "auto") != "auto":
         reasons.append("a KV-cache dtype of its own")
-    layers = text.get("layer_types") if isinstance(text.get("layer_types"), list) else []
-    if text.get("use_sliding_window") or text.get("sliding_window_pattern") or set(layers) - {"full_attention"}:
+    if att.sliding_window or att.mixed_layers:
         reasons.append("sliding-window or mixed attention layers")
     for phase in ("prefill", "decode"):
         other = sglang_arg(extra_args, f"{phase}-attention-backend")
@@ -97,8 +95,7 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
             reasons.append(f"{phase} on {other}")
     if dtype not in DTYPES:
         reasons.append(f"dtype {dtype}")
-    if not (isinstance(heads, int) and isinstance(kv_heads, int) and isinstance(head_dim, int) and heads > 0
-            and kv_heads > 0 and head_dim > 0):
+    if not (heads and kv_heads and head_dim):
         reasons.append("no attention head counts in config.json")
     if reasons:
         return mods, [f"attention modules: {', '.join(reasons)}"]

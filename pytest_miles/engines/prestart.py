@@ -51,18 +51,14 @@ def memory_fractions(n: int, share: float = SHARE, most: float = DEFAULT_FRACTIO
 def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str | None = None) -> int | None:
     """Bytes of KV cache one token takes in an SGLang pool of this model (config.json; K and V, every
     layer), or None where the layout is not plain multi-head attention (MLA, hybrid layers)."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    layer_types = text.get("layer_types") if isinstance(text.get("layer_types"), list) else []
-    if text.get("kv_lora_rank") or set(layer_types) - {"full_attention"}:
+    from pytest_miles.models.shapes import attention_layout
+
+    att = attention_layout(config)
+    if att.mla or att.mixed_layers or not (att.layers and att.kv_heads and att.head_dim):
         return None
-    layers, heads = text.get("num_hidden_layers"), text.get("num_attention_heads")
-    kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if isinstance(heads, int) and heads else 0)
-    if not all(isinstance(x, int) and x > 0 for x in (layers, kv_heads, head_dim)):
-        return None
-    dtype = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else str(text.get("torch_dtype") or "bfloat16")
+    dtype = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else att.dtype
     size = 1 if "fp8" in dtype or "int8" in dtype else 4 if dtype in ("float32", "fp32") else 2
-    return 2 * layers * kv_heads * head_dim * size
+    return 2 * att.layers * att.kv_heads * att.head_dim * size
 
 
 def _kv_size(spec: Any) -> int | None:

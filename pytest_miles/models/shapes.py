@@ -3,7 +3,9 @@ one place that tells which architecture a model directory holds."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pytest_miles.models.embedded import SHAPES as DENSE_SHAPES
 from pytest_miles.models.embedded import TinyConfig, TinyDecoder, config_from_hf, init_weights, read_hf_config
@@ -43,3 +45,38 @@ def decoder_class(cfg: TinyConfig | MoeConfig) -> type[TinyDecoder]:
 
 def init_any_weights(cfg: TinyConfig | MoeConfig) -> dict:
     return init_moe_weights(cfg) if isinstance(cfg, MoeConfig) else init_weights(cfg)
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What an HF config.json says of its attention, read once for every reader of it (KV pool sizes,
+    FlashInfer's modules): a field it does not give, or gives as something other than a positive
+    integer, is None."""
+
+    layers: int | None
+    heads: int | None
+    kv_heads: int | None  # num_key_value_heads, else num_attention_heads
+    head_dim: int | None  # head_dim, else hidden_size // num_attention_heads
+    dtype: str  # torch_dtype (transformers < 5) or dtype (5), else bfloat16
+    sliding_window: bool  # use_sliding_window or sliding_window_pattern
+    mixed_layers: bool  # layer_types other than full attention
+    mla: bool  # kv_lora_rank: multi-head latent attention
+
+
+def attention_layout(config: dict[str, Any]) -> AttentionLayout:
+    """The attention of a config.json (a multimodal one's text_config)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+    def positive(value: Any) -> int | None:
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    heads = positive(text.get("num_attention_heads"))
+    hidden = positive(text.get("hidden_size"))
+    layer_types = text.get("layer_types") if isinstance(text.get("layer_types"), list) else []
+    return AttentionLayout(
+        layers=positive(text.get("num_hidden_layers")), heads=heads,
+        kv_heads=positive(text.get("num_key_value_heads")) or heads,
+        head_dim=positive(text.get("head_dim")) or (positive(hidden // heads) if hidden and heads else None),
+        dtype=str(text.get("torch_dtype") or text.get("dtype") or "bfloat16"),
+        sliding_window=bool(text.get("use_sliding_window") or text.get("sliding_window_pattern")),
+        mixed_layers=bool(set(layer_types) - {"full_attention"}), mla=bool(text.get("kv_lora_rank")))

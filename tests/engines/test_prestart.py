@@ -188,6 +188,25 @@ def test_kv_bytes_per_token_as_sglang_sizes_its_pool():
     assert kv_bytes_per_token(SHAPES["tiny"].hf_config(), "fp8_e4m3") == 2 * 2 * 1 * 64
     assert kv_bytes_per_token({**SHAPES["tiny"].hf_config(), "kv_lora_rank": 512}) is None  # MLA: not this layout
     assert kv_bytes_per_token({"num_hidden_layers": 2}) is None
+    tiny = {k: v for k, v in SHAPES["tiny"].hf_config().items() if k != "torch_dtype"}
+    assert kv_bytes_per_token({**tiny, "dtype": "float32"}) == 2 * 2 * 1 * 64 * 4  # transformers 5 writes "dtype"
+
+
+@pytest.mark.parametrize("bad", [{"num_attention_heads": "2"}, {"num_attention_heads": True},
+                                 {"num_attention_heads": -2}, {"head_dim": 0, "hidden_size": None},
+                                 {"layer_types": "full_attention"}])
+def test_an_attention_layout_takes_only_positive_integers(bad):
+    from pytest_miles.models.embedded import SHAPES
+    from pytest_miles.models.shapes import attention_layout
+
+    config = {**SHAPES["tiny"].hf_config(), **bad}
+    before = dict(config)
+    att = attention_layout(config)
+    assert config == before  # read, never changed
+    if "layer_types" in bad:
+        assert not att.mixed_layers  # not a list: no layer types read
+    else:
+        assert att.heads is None or att.head_dim is None
 
 
 @pytest.mark.parametrize("extra, beside", [
