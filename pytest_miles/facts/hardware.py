@@ -7,6 +7,7 @@ NVML and nvidia-smi list every GPU on the host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -141,60 +142,59 @@ def _visible_filter(gpus: list[Gpu], environ: dict[str, str]) -> list[Gpu]:
     ]
 
 
+@contextlib.contextmanager
+def _nvml():
+    """pynvml, initialised, and shut down afterwards; None where it is not installed or has no driver."""
+    try:
+        import pynvml  # nvidia-ml-py: ctypes only, cheap
+
+        pynvml.nvmlInit()
+    except Exception:
+        yield None
+        return
+    try:
+        yield pynvml
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
 def gpu_free_bytes(uuid: str | None) -> int | None:
     """The free memory of the GPU with this UUID, now (NVML: what every process holds counted), or None
     where NVML cannot say."""
     if not uuid:
         return None
-    try:
-        import pynvml  # nvidia-ml-py: ctypes only, cheap
-
-        pynvml.nvmlInit()
-    except Exception:  # not installed, no driver
-        return None
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByUUID(uuid)).free)
-    except Exception:
-        return None
-    finally:
+    with _nvml() as pynvml:
         try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByUUID(uuid)).free)
+        except Exception:  # no NVML (None), no such GPU
+            return None
 
 
 def _from_nvml() -> Hardware | None:
-    try:
-        import pynvml  # nvidia-ml-py: ctypes only, cheap
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            name = name.decode() if isinstance(name, bytes) else name
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
-            cap = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30
-            gpus.append(Gpu(i, name, (int(cap[0]), int(cap[1])), round(mem, 1), "nvidia", uuid))
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        driver = driver.decode() if isinstance(driver, bytes) else driver
-        cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
-        cuda_text = f"{cuda // 1000}.{(cuda % 1000) // 10}"
-        return Hardware(tuple(gpus), "nvml", driver, cuda_text)
-    except Exception as exc:  # a broken driver is a finding, not a crash
-        return Hardware(source="nvml", notes=(f"NVML error: {exc}",))
-    finally:
+    with _nvml() as pynvml:
+        if pynvml is None:
+            return None
         try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                name = pynvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else name
+                uuid = pynvml.nvmlDeviceGetUUID(h)
+                uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+                cap = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(h))
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30
+                gpus.append(Gpu(i, name, (int(cap[0]), int(cap[1])), round(mem, 1), "nvidia", uuid))
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+            cuda_text = f"{cuda // 1000}.{(cuda % 1000) // 10}"
+            return Hardware(tuple(gpus), "nvml", driver, cuda_text)
+        except Exception as exc:  # a broken driver is a finding, not a crash
+            return Hardware(source="nvml", notes=(f"NVML error: {exc}",))
 
 
 def _from_nvidia_smi() -> Hardware | None:
