@@ -225,15 +225,13 @@ def test_a_small_capped_pool_starts_beside_the_chain(model_dir, tmp_path, extra,
 
 @pytest.mark.parametrize("shape", ["tiny", "qwen2.5-0.5b"])
 def test_the_suites_capped_servers_start_beside_the_chain(tmp_path, shape):
-    """The bundled suite's SGLang servers: traffic (both) and cache/API capped small, beside the chain;
-    the control and deterministic servers keep SGLang's own pool, in the chain."""
+    """The bundled suite's SGLang servers: traffic (both) and cache/API capped small by their own
+    arguments; the control and deterministic servers are not (their pools are planned from the free GPU
+    memory, planned_pools, or they start in the chain)."""
     from pytest_miles.engines.prestart import small_pool
-    from pytest_miles.models.embedded import SHAPES
     from pytest_miles.suite.conftest import engine_calls
 
-    folder = tmp_path / shape
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(SHAPES[shape].hf_config()))
+    folder = _config_folder(tmp_path, shape, shape=shape)
     calls = engine_calls(lambda name: {"engine": "sglang", "attention_backend": "flashinfer"}[name], str(folder))
     beside = {name for name, call in calls.items()
               if small_pool(_sglang_spec(folder, tmp_path, *call.get("extra_args", ()),
@@ -245,12 +243,13 @@ def test_the_suites_capped_servers_start_beside_the_chain(tmp_path, shape):
 # ---- pools planned in advance: every server beside the others (engines/prestart.py planned_pools) ----
 
 
-def _tiny_folder(tmp_path, name="m", **config):
+def _config_folder(tmp_path, name="m", shape="tiny", **config):
+    """A model folder holding only the config.json of an embedded shape (what pool planning reads)."""
     from pytest_miles.models.embedded import SHAPES
 
     folder = tmp_path / name
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({**SHAPES["tiny"].hf_config(), **config}))
+    (folder / "config.json").write_text(json.dumps({**SHAPES[shape].hf_config(), **config}))
     return folder
 
 
@@ -258,9 +257,9 @@ def test_pools_planned_in_tokens_of_each_model(tmp_path):
     from pytest_miles.engines.prestart import SHARE, planned_pools
 
     free = 100 << 30
-    a, b = _sglang_spec(_tiny_folder(tmp_path, "a"), tmp_path), _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path,
+    a, b = _sglang_spec(_config_folder(tmp_path, "a"), tmp_path), _sglang_spec(_config_folder(tmp_path, "b"), tmp_path,
                                                                                deterministic=False)
-    capped = _sglang_spec(_tiny_folder(tmp_path, "c"), tmp_path, "--max-total-tokens", "2048")
+    capped = _sglang_spec(_config_folder(tmp_path, "c"), tmp_path, "--max-total-tokens", "2048")
     pools = planned_pools({"a": a, "b": b, "capped": capped}, free)
     assert pools == {"a": int(SHARE * free / 2 // 512), "b": int(SHARE * free / 2 // 512)}  # 512 B a token
     assert planned_pools({"a": a}, free) == {"a": int(0.3 * free // 512)}  # alone: the usual fraction, no more
@@ -270,13 +269,13 @@ def test_pools_planned_in_tokens_of_each_model(tmp_path):
 def test_without_a_plan_for_every_server_all_stay_in_the_chain(tmp_path, why):
     from pytest_miles.engines.prestart import planned_pools
 
-    a = _sglang_spec(_tiny_folder(tmp_path, "a"), tmp_path)
+    a = _sglang_spec(_config_folder(tmp_path, "a"), tmp_path)
     if why == "the user's own fraction":
-        b = _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path, "--mem-fraction-static", "0.4")
+        b = _sglang_spec(_config_folder(tmp_path, "b"), tmp_path, "--mem-fraction-static", "0.4")
     elif why == "a layout not known here":
-        b = _sglang_spec(_tiny_folder(tmp_path, "b", kv_lora_rank=512), tmp_path)
+        b = _sglang_spec(_config_folder(tmp_path, "b", kv_lora_rank=512), tmp_path)
     else:
-        b = _sglang_spec(_tiny_folder(tmp_path, "b"), tmp_path)
+        b = _sglang_spec(_config_folder(tmp_path, "b"), tmp_path)
     free = None if why == "no free memory reading" else 100 << 30
     assert planned_pools({"a": a, "b": b}, free) == {}
 
@@ -284,9 +283,9 @@ def test_without_a_plan_for_every_server_all_stay_in_the_chain(tmp_path, why):
 def test_a_planned_pool_reaches_sglangs_command_line(tmp_path):
     from pytest_miles.engines.server import SGLangEngine
 
-    cmd = SGLangEngine(_tiny_folder(tmp_path), log_dir=tmp_path, max_total_tokens=123456).cmd
+    cmd = SGLangEngine(_config_folder(tmp_path), log_dir=tmp_path, max_total_tokens=123456).cmd
     assert cmd[cmd.index("--max-total-tokens") + 1] == "123456"
-    assert "--max-total-tokens" not in SGLangEngine(_tiny_folder(tmp_path, "n"), log_dir=tmp_path).cmd
+    assert "--max-total-tokens" not in SGLangEngine(_config_folder(tmp_path, "n"), log_dir=tmp_path).cmd
 
 
 def test_no_free_memory_reading_without_nvml_or_a_gpu():
