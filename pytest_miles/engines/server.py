@@ -362,7 +362,10 @@ class SGLangEngine(ServerEngine):
         if disable_cuda_graph:
             cmd.append("--disable-cuda-graph")
         if max_total_tokens is not None:  # a KV pool fixed in advance (engines/prestart.py planned_pools)
-            cmd += ["--max-total-tokens", str(int(max_total_tokens))]
+            from pytest_miles import validation as v
+
+            cmd += ["--max-total-tokens", str(v.integer("SGLangEngine(max_total_tokens=)", max_total_tokens,
+                                                        minimum=1))]
         cmd += sglang_passthrough(extra_args)
         check_deterministic_chunking(deterministic, attention_backend, cmd, {**os.environ, **(kw.get("env") or {})})
         self.deterministic, self.attention_backend = deterministic, attention_backend

@@ -14,7 +14,7 @@ import pytest
 from pytest_miles.engines.factory import EngineFactory, same_but_weights
 from pytest_miles.engines.prestart import Pending, memory_fractions
 from pytest_miles.engines.reference_server_engine import ReferenceServerEngine
-from pytest_miles.errors import EngineError
+from pytest_miles.errors import EngineError, InputError
 from pytest_miles.models.embedded import write_hf_checkpoint
 
 SERVER = {"kind": "reference-server", "threads": 1}
@@ -286,6 +286,9 @@ def test_a_planned_pool_reaches_sglangs_command_line(tmp_path):
     cmd = SGLangEngine(_config_folder(tmp_path), log_dir=tmp_path, max_total_tokens=123456).cmd
     assert cmd[cmd.index("--max-total-tokens") + 1] == "123456"
     assert "--max-total-tokens" not in SGLangEngine(_config_folder(tmp_path, "n"), log_dir=tmp_path).cmd
+    for bad in ("many", 0, 1.5, True):
+        with pytest.raises(InputError, match=r"SGLangEngine\(max_total_tokens=\)"):
+            SGLangEngine(_config_folder(tmp_path, f"bad-{bad}"), log_dir=tmp_path, max_total_tokens=bad)
 
 
 def test_no_free_memory_reading_without_nvml_or_a_gpu():
