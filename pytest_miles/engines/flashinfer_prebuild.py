@@ -107,15 +107,16 @@ def modules_for(config: dict[str, Any], *, deterministic: bool, attention_backen
     return mods, []
 
 
-def plan(servers: list[tuple[dict[str, Any], bool, str, tuple[str, ...]]],
+def plan(servers: list[tuple[dict[str, Any], bool, str, tuple[str, ...], dict[str, str] | None]],
          environ: dict[str, str] | None = None) -> tuple[list[Module], list[str]]:
-    """The modules of several servers (config, deterministic, attention backend, extra args), once
-    each, in the order the servers meet them (prefill first, sampling last), and what is left."""
+    """The modules of several servers (config, deterministic, attention backend, extra args, the
+    server's own environment or None for `environ`), once each, in the order the servers meet them
+    (prefill first, sampling last), and what is left."""
     mods: list[Module] = []
     left: list[str] = []
-    for config, deterministic, backend, extra in servers:
+    for config, deterministic, backend, extra, own in servers:
         m, why = modules_for(config, deterministic=deterministic, attention_backend=backend,
-                             extra_args=extra, environ=environ)
+                             extra_args=extra, environ=environ if own is None else own)
         mods += [x for x in m if x not in mods]
         left += [w for w in why if w not in left]
     order = {"prefill": 0, "decode": 1, "norm": 2, "cascade": 3, "sampling": 4}
@@ -195,13 +196,14 @@ def start_for(specs: list[Any], *, kernel_cache_dir: str | None, log_dir: str | 
             config = json.loads((Path(spec.model_dir) / "config.json").read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(config, dict):
-            servers.append((config, spec.deterministic, spec.attention_backend, spec.extra_args))
+        if isinstance(config, dict):  # each server's modules as its own environment chooses them
+            own = spec.options.get("env") if isinstance(spec.options.get("env"), dict) else {}
+            servers.append((config, spec.deterministic, spec.attention_backend, spec.extra_args,
+                            {**os.environ, **own}))
     modules, left = plan(servers)
     if not modules:
         return None
-    own_env = next((s.options.get("env") for s in specs if isinstance(s.options.get("env"), dict)), None) or {}
-    env = {**os.environ, **sglang_start_env(), **cache_env(kernel_cache_dir), **own_env}
+    env = {**os.environ, **sglang_start_env(), **cache_env(kernel_cache_dir)}  # where the servers keep kernels
     return Prebuild(modules, env=env, log_path=Path(log_dir) / "flashinfer-prebuild.log", left=left)
 
 

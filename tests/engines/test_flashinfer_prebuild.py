@@ -88,10 +88,16 @@ def test_the_dtype_and_head_dim_are_read_as_sglang_reads_them():
 
 
 def test_several_servers_share_modules_once_each_prefill_first():
-    mods, left = plan([(TINY, True, "flashinfer", ()), (TINY, False, "flashinfer", ()),
-                       (TINY, False, "triton", ())], environ={})
+    mods, left = plan([(TINY, True, "flashinfer", (), None), (TINY, False, "flashinfer", (), None),
+                       (TINY, False, "triton", (), None)], environ={})
     assert mods == [*PREFILL, Module("decode", "", "bfloat16", 64), *ALWAYS, Module("sampling")]
     assert left == ["attention backend triton: not FlashInfer"]
+
+
+def test_each_server_plans_with_its_own_environment():
+    on_tensor_cores = {"SGLANG_FLASHINFER_USE_TENSOR_CORE": "true"}
+    mods, _ = plan([(TINY, False, "flashinfer", (), on_tensor_cores)], environ={})
+    assert not any(m.kind == "decode" for m in mods)  # that server decodes on the FA2 prefill module
 
 
 def test_no_prebuild_without_flashinfer_or_without_servers(tmp_path):
