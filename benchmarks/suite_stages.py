@@ -102,8 +102,8 @@ def main() -> int:
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
         started, waited = background(table[name])
         if started:
-            print(f"{name}: engines started in the background: {started:.1f} s of start-up, {waited:.1f} s of it "
-                  f"waited for by tests, {started - waited:.1f} s hidden behind other tests")
+            print(f"{name}: engines and trainer ranks started in the background: {started:.1f} s of start-up, "
+                  f"{waited:.1f} s of it waited for by tests, {started - waited:.1f} s hidden behind other tests")
     if len(names) == 2:
         print(f"whole run {names[1]}/{names[0]}: {runs[names[1]]['wall'] / runs[names[0]]['wall']:.2f}x")
     return max(r["rc"] for r in runs.values())

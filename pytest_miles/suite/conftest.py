@@ -111,6 +111,21 @@ ENGINES_OF = (
     ("test_rollout.py::test_traffic_negative_control", ("traffic-control",)),
     ("test_rollout.py::test_every_", ("cache-api",)),  # cache paths, API surfaces: the model with a tokenizer
 )
+# The megatron-core rank processes the suite's tests ask for, started in the background at session start
+# beside the engines (trainers/pool.py), so that their start-up (python, torch and megatron-core imports,
+# the process group; ~20 s each on an H200 host) overlaps other tests: "runs" is the pool group the training
+# runs go to, "second-runs" the group of test_run_twice's second run (its own processes: SECOND_RUN), and
+# each "session" one spare for the trainer session of one RL loop run (two runs, two spares).
+TRAINERS_OF = (
+    ("test_snapshots.py::test_training", ("runs",)),
+    ("test_training.py::test_run_twice", ("runs", "second-runs")),
+    ("test_training.py::", ("runs",)),
+    ("test_cost.py::test_training_cost", ("runs",)),
+    ("test_loop.py::", ("session", "session")),
+)
+# The second run of test_run_twice_bitwise_equal: other rank processes than the first's (a pool group of their
+# own: the pool keys its groups by the rank environment).
+SECOND_RUN = {"PYTEST_MILES_RUN": "second"}
 FIRST = ("test_doctor.py",)
 # Timing measurements need no engine but a quiet machine: they run after the engine tests, when no
 # engine is starting (compiling kernels, capturing CUDA graphs) beside them.
@@ -149,19 +164,56 @@ def prestart_names(config, items) -> list[str]:
     return names
 
 
+def trainer_prestarts(config, items) -> list[str]:
+    """The rank processes (TRAINERS_OF) the selected suite tests will ask for, in the order they will:
+    each pool group once, a session spare per loop run (none where engines do not start in the
+    background either: prestart_names)."""
+    if miles_setting(config, "engine_prestart") != "on" or hasattr(config, "workerinput"):
+        return []
+    names: list[str] = []
+    for item in items:
+        if _is_suite(item):
+            uses = next((n for p, n in TRAINERS_OF if _name(item).startswith(p)), ())
+            names += [n for n in uses if n == "session" or n not in names]
+    return names
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _prestart_engines(request):
-    """At session start: the engines the selected tests need start in the background (docs/suite.md)."""
+def _prestart(request):
+    """At session start: the engines and the megatron-core ranks the selected tests need start in the
+    background (docs/suite.md)."""
     names = prestart_names(request.config, request.session.items)
-    if not names:
+    if names:
+        try:
+            factory = request.getfixturevalue("engine_factory")
+        except MilesError:  # no torch: the tests that need engines say so themselves
+            factory = None
+        if factory is not None:
+            model = tokenized_model(request, factory) if "cache-api" in names else None
+            calls = engine_calls(lambda n: miles_setting(request.config, n), model)
+            factory.prestart([calls[n] for n in names])
+    prestart_trainers(request, trainer_prestarts(request.config, request.session.items))
+
+
+def prestart_trainers(request, names: list[str]) -> None:
+    """The pool groups and session spares of `names` (TRAINERS_OF), made by the trainers the tests will
+    make (nothing without megatron-core, with --miles-trainer-reuse=off, or where the pool refuses them)."""
+    if not names or importlib.util.find_spec("megatron.core") is None:
         return
     try:
-        factory = request.getfixturevalue("engine_factory")
-    except MilesError:  # no torch: the tests that need engines say so themselves
+        pool = request.getfixturevalue("miles_trainer_pool")
+        if pool is None:
+            return
+        loops = request.getfixturevalue("rl_loop_factory")  # its trainer maker is the tests' one
+        tp = miles_setting(request.config, "tensor_parallel")
+        for name in dict.fromkeys(n for n in names if n != "session"):
+            pool.prestart(loops.make_trainer(tensor_parallel=tp, **({"env": SECOND_RUN} if name == "second-runs"
+                                                                    else {})))
+        if "session" in names:
+            setup = loops.setup(miles_setting(request.config, "engine"))
+            pool.prestart_sessions(loops.make_trainer(**setup.trainer), names.count("session"))
+    except (MilesError, pytest.skip.Exception):  # the tests that make these trainers say why they cannot
         return
-    model = tokenized_model(request, factory) if "cache-api" in names else None
-    calls = engine_calls(lambda n: miles_setting(request.config, n), model)
-    factory.prestart([calls[n] for n in names])
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle, which would interleave configurations

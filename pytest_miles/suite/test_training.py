@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_miles import assert_resume_equivalent, compare_checkpoints, runs_difference
-from pytest_miles.suite.conftest import require
+from pytest_miles.suite.conftest import SECOND_RUN, require
 
 
 @pytest.fixture
@@ -20,10 +20,9 @@ def STEPS(miles_settings):  # noqa: N802  (reads like the constant it replaces)
     return miles_settings("train_steps")
 
 
-# The second run's ranks are other processes than the first's (a pool group of their own: the pool keys its
-# groups by the rank environment). Two runs in one process would share what a process keeps and a fresh one
-# decides anew (autotuned kernels, communicator set-up, hash seeds): the check is two independent runs.
-SECOND_RUN = {"PYTEST_MILES_RUN": "second"}
+# The second run's ranks are other processes than the first's (SECOND_RUN: a pool group of their own). Two runs
+# in one process would share what a process keeps and a fresh one decides anew (autotuned kernels,
+# communicator set-up, hash seeds): the check is two independent runs.
 
 
 def test_run_twice_bitwise_equal(trainer_factory, tmp_path, miles_record, STEPS):  # noqa: N803

@@ -4,6 +4,8 @@ Builds the rank once (megatron_worker.Rank), loads the initial HF weights throug
 pytest_miles.models.convert (or resumes a checkpoint), then takes one JSON command per stdin line until
 EOF: ready, logprobs, train (one GRPO step, Miles' PPO-clip policy loss), save, export.
 Rank 0 writes each answer to the command's reply file (atomically: written, then renamed).
+A spare rank started in the background by a trainer pool (pool_rank.py: imports done, process group
+joined) runs the same `main` once it is handed its session's spec.
 """
 
 from __future__ import annotations
@@ -260,7 +262,9 @@ def load_hf(r: Rank, path: Path) -> None:
             own[k].copy_(v)
 
 
-def main(spec_path: str) -> None:
+def main(spec_path: str, lines=None) -> None:
+    """Build the rank from the spec, then take commands from `lines` (stdin by default) until EOF.
+    A spare rank of a trainer pool (pool_rank.py) calls it with the rest of its stdin."""
     spec = json.loads(Path(spec_path).read_text())
     r = Rank(spec)
     if spec.get("load_dir"):
@@ -269,7 +273,7 @@ def main(spec_path: str) -> None:
         load_hf(r, Path(spec["init_hf"]))
     import torch.distributed as dist
 
-    for line in sys.stdin:
+    for line in sys.stdin if lines is None else lines:
         cmd = json.loads(line)
         try:
             out = handle(r, cmd)

@@ -1,10 +1,14 @@
-"""One rank of a trainer pool: `python -m pytest_miles.trainers.pool_rank DEVICE`.
+"""One rank of a trainer pool: `python -m pytest_miles.trainers.pool_rank DEVICE [READY_DIR]`.
 
 Started once per rank by `TrainerPool` (pool.py) with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set;
-joins the process group once, then takes one JSON command per stdin line until EOF:
+imports what a run builds with (torch, megatron-core: PRELOAD), joins the process group once, then
+says so (READY_DIR/rank{RANK}: the pool's "started" time) and takes one JSON command per stdin line
+until EOF:
 {"spec": SPEC.json} builds a fresh `Rank` for that run (megatron_worker.fresh_globals first: every
 global state reset and reseeded, as a fresh process has it), trains it with the same code as a
 fresh process (megatron_worker.train_run), and rank 0 writes the result file atomically;
+{"session": SPEC.json} turns the rank into a `MegatronSession` rank for the rest of its life (a
+spare: the pool hands it to one session, whose commands follow on stdin; megatron_session.main);
 {"plant": seed} leaves a state leak behind on purpose (the pool's negative control: the next run
 must not see it). A failure exits the rank with its traceback, as a fresh process would.
 """
@@ -30,7 +34,17 @@ def plant(seed: int, device: str) -> None:
     torch.use_deterministic_algorithms(False)
 
 
-def main(device: str) -> None:
+# Imported before the rank says it is ready, so that a run (or a session) handed to it later pays none
+# of it: what Rank builds with. Importing a module earlier changes nothing a run computes.
+PRELOAD = ("megatron.core.parallel_state", "megatron.core.tensor_parallel", "megatron.core.models.gpt",
+           "megatron.core.models.gpt.gpt_layer_specs", "megatron.core.transformer.transformer_config",
+           "megatron.core.dist_checkpointing", "megatron.core.dist_checkpointing.strategies.torch",
+           "pytest_miles.trainers.megatron_session")
+
+
+def main(device: str, ready_dir: str | None = None) -> None:
+    import importlib
+
     import torch
     import torch.distributed as dist
 
@@ -42,9 +56,20 @@ def main(device: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank,
                             world_size=int(os.environ["WORLD_SIZE"]))
+    for name in PRELOAD:
+        importlib.import_module(name)
+    # every rank joined (and NCCL's communicator is up)
+    dist.barrier(device_ids=[torch.cuda.current_device()]) if device == "cuda" else dist.barrier()
     print("pool rank ready", flush=True)
+    if ready_dir is not None:
+        atomic_write(Path(ready_dir) / f"rank{rank}", "ready")
     for line in sys.stdin:
         cmd = json.loads(line)
+        if "session" in cmd:  # a spare: this process serves that session until EOF, then ends
+            from pytest_miles.trainers.megatron_session import main as session
+
+            print(f"session: {cmd['session']}", flush=True)
+            return session(cmd["session"], sys.stdin)
         if "plant" in cmd:
             plant(int(cmd["plant"]), device)
             continue
@@ -63,4 +88,4 @@ def main(device: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

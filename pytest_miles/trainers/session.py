@@ -98,6 +98,9 @@ class MegatronSession:
             self.lease = t.gpu_lease(t.world, f"megatron session ({t.world} rank(s))")
             lease_env = self.lease.env
         base = t.rank_env(lease_env)
+        spare = t.pool.take_session(t, base) if t.pool is not None else None
+        if spare is not None and self._from_spare(spare):
+            return
         try:
             for rank in range(t.world):
                 env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
@@ -114,6 +117,22 @@ class MegatronSession:
         except BaseException:
             self.close()
             raise
+
+    def _from_spare(self, spare) -> bool:
+        """The session on a spare's ranks (trainers/pool.py: started in the background, imports done,
+        process group joined); False, the spare closed, where it lost the race for its port (a fresh
+        start follows)."""
+        try:
+            self.procs, self.logs = spare.hand_over(self.run_dir / "spec.json", self.timeout)
+            self.call("ready")
+            return True
+        except BaseException as exc:
+            spare.close()  # its ranks, where the hand-over did not happen
+            self.close()  # the session's, where it did
+            if not (isinstance(exc, TrainerError) and port_race_lost(spare.logs)):
+                raise
+            self.logs = [self.run_dir / f"rank{r}.log" for r in range(self.trainer.world)]
+            return False
 
     def call(self, op: str, **args: Any) -> dict:
         """Send one command to every rank; rank 0's answer (TrainerError if a rank fails)."""

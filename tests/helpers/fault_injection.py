@@ -58,6 +58,15 @@ INNER = textwrap.dedent('''
         ready("engine", port=0)
         time.sleep(600)
 
+    def test_session_spares_idle(megatron_trainer_factory, miles_trainer_pool):  # spares started, none taken
+        trainer = megatron_trainer_factory(world_size=2)
+        miles_trainer_pool.prestart_sessions(trainer, 2)
+        for spare in [g for stock in miles_trainer_pool.spares.values() for g in stock]:
+            while len(list(spare.ready.iterdir())) < 2:  # every rank joined its group
+                time.sleep(0.1)
+        ready("engine", port=0)
+        time.sleep(600)
+
     def test_ray_idle(ray_cluster):  # the signal arrives while Ray is up and nothing runs on it
         ready("engine", port=0)
         time.sleep(600)

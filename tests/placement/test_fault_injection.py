@@ -38,11 +38,13 @@ def test_signals_leave_no_process_and_no_port(tmp_path):
 
 
 def test_signals_leave_no_pooled_rank(tmp_path):
-    """SIGKILL and SIGTERM while the session's pooled megatron-core ranks (two, gloo) wait between runs:
+    """SIGKILL and SIGTERM while the session's pooled megatron-core ranks (two, gloo) wait between runs, and
+    SIGKILL while two session spares (two ranks each, started in the background) wait for a session:
     neither rank nor its port survives pytest (parent-death signal, watchdog, or the pool's close)."""
     need("megatron.core")
     run_all([Scenario("sigkill-pooled", "test_pooled_ranks_idle", sig=signal.SIGKILL),
-             Scenario("sigterm-pooled", "test_pooled_ranks_idle", sig=signal.SIGTERM, summary=True)], tmp_path)
+             Scenario("sigterm-pooled", "test_pooled_ranks_idle", sig=signal.SIGTERM, summary=True),
+             Scenario("sigkill-spares", "test_session_spares_idle", sig=signal.SIGKILL)], tmp_path)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)

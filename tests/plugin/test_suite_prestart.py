@@ -11,9 +11,10 @@ pytest.importorskip("torch")
 
 NAMES = """
 def pytest_collection_finish(session):
-    from pytest_miles.suite.conftest import prestart_names
+    from pytest_miles.suite.conftest import prestart_names, trainer_prestarts
 
     print("PRESTART=" + ",".join(prestart_names(session.config, session.items)))
+    print("TRAINERS=" + ",".join(trainer_prestarts(session.config, session.items)))
 """
 
 
@@ -22,13 +23,14 @@ def _collect(pytester, *args):
     result = pytester.runpytest_subprocess("--pyargs", "pytest_miles.suite", "--collect-only", "-q",
                                            "-p", "prestart_names_plugin", "-p", "no:randomly", *args)
     names = next(line.split("=", 1)[1] for line in result.outlines if line.startswith("PRESTART="))
+    trainers = next(line.split("=", 1)[1] for line in result.outlines if line.startswith("TRAINERS="))
     tests = [line.split("::", 1)[0].rsplit("/", 1)[-1] + "::" + line.split("::", 1)[1]
              for line in result.outlines if ".py::" in line]
-    return names, tests
+    return names, tests, trainers
 
 
 def test_the_suite_runs_engine_free_tests_first_and_prestarts_what_its_tests_ask_for(pytester):
-    names, tests = _collect(pytester)
+    names, tests, trainers = _collect(pytester)
     engine_tests = ("test_rollout.py", "test_loop.py", "test_snapshots.py::test_rollout",
                     "test_cost.py::test_rollout")
     first_engine = next(i for i, t in enumerate(tests) if t.startswith(engine_tests))
@@ -42,10 +44,17 @@ def test_the_suite_runs_engine_free_tests_first_and_prestarts_what_its_tests_ask
     # cache/API server, on the model folder with a tokenizer, are started in the background, the
     # in-process engines when asked)
     assert names == "control,deterministic,traffic,traffic-control,cache-api", names
-    names, _ = _collect(pytester, "-k", "training or doctor")
+    # the training runs' pool group, the run-twice check's second group, a spare per RL loop run
+    assert trainers == "runs,second-runs,session,session", trainers
+    names, _, trainers = _collect(pytester, "-k", "training or doctor")
     assert names == "", "no engine for a selection that needs none"
-    names, _ = _collect(pytester, "--miles-engine-prestart=off")
-    assert names == ""
+    assert trainers == "runs,second-runs", trainers
+    names, _, trainers = _collect(pytester, "-k", "loop")
+    assert trainers == "session,session", trainers
+    names, _, trainers = _collect(pytester, "--miles-suite-profile=commit")
+    assert names == "control,deterministic" and trainers == "runs,second-runs", (names, trainers)
+    names, _, trainers = _collect(pytester, "--miles-engine-prestart=off")
+    assert names == "" and trainers == ""
 
 
 def test_a_failed_background_start_fails_the_test_that_asks_for_it_with_the_server_log(pytester):
@@ -69,3 +78,25 @@ def test_a_failed_background_start_fails_the_test_that_asks_for_it_with_the_serv
     text = result.stdout.str()
     assert "the reference-server engine (determinism on), started in the background at session start, failed" in text
     assert "exited with code" in text and "CUDA" in text, text  # the server's own log tail
+
+
+@pytest.mark.slow
+def test_the_suites_training_runs_and_loop_take_the_ranks_started_in_the_background(pytester, tmp_path):
+    """End to end on the embedded default, with the Ray checks between the background start and the first
+    run (they change the pytest process's environment): every run and loop session of the selection is
+    served by a rank group or spare started at session start (a stage of its own in the report), and no
+    test starts ranks of its own."""
+    pytest.importorskip("megatron.core")
+    import json
+
+    report = tmp_path / "report.json"
+    result = pytester.runpytest_subprocess("--pyargs", "pytest_miles.suite", "-p", "no:randomly",
+                                           "-k", "cluster or run_twice or loop", f"--miles-report={report}")
+    result.assert_outcomes(passed=4)
+    checks = json.loads(report.read_text())["checks"]
+    stages = {c["check"]: [label for label, _ in c.get("stages") or []] for c in checks}
+    twice = next(v for k, v in stages.items() if k.startswith("megatron run twice"))
+    loop = next(v for k, v in stages.items() if k.startswith("RL loop run twice"))
+    background = [x for x in twice + loop if x.startswith("waiting for megatron-core ranks")]
+    assert len(background) == 4, stages  # first run, second run, two loop sessions
+    assert len({x.split("logs ")[1] for x in background}) == 4, background  # four distinct groups of ranks

@@ -4,11 +4,10 @@ moment later; on a busy machine another process can take it in between (seen in 
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from pytest_miles.placement.processes import port_race_lost
+from tests.helpers.port_race import first_port_taken
 
 
 def test_a_lost_race_is_told_from_other_failures(tmp_path):
@@ -25,21 +24,7 @@ def test_a_session_whose_port_was_taken_starts_on_another(tmp_path, monkeypatch)
     pytest.importorskip("megatron.core")
     from pytest_miles.trainers import megatron
 
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", 0))
-    squatter.listen()
-    taken = squatter.getsockname()[1]
-    handed: list[int] = []
-    real = megatron.free_port
-
-    def first_one_taken(host: str = "127.0.0.1") -> int:
-        handed.append(taken if not handed else real(host))
-        return handed[-1]
-
-    monkeypatch.setattr(megatron, "free_port", first_one_taken)
-    try:
+    with first_port_taken(monkeypatch) as (taken, handed):
         with megatron.MegatronTrainer(seed=1, log_dir=tmp_path / "logs").session() as session:
             assert session.procs and all(p.poll() is None for p in session.procs)
-    finally:
-        squatter.close()
     assert len(handed) == 2 and handed[0] == taken and handed[1] != taken
