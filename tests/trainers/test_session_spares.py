@@ -22,7 +22,7 @@ SAMPLES = [{"tokens": [5, 17, 42, 99, 7, 3, 250, 11, 64, 9], "prompt_len": 4},
            {"tokens": [8, 1, 300, 2, 77, 15, 6], "prompt_len": 3}]
 
 
-def _exercise(session) -> tuple:
+def exercise(session) -> tuple:
     """What a session computes: logprobs, one GRPO step, logprobs after it (floats as hex: bit for bit)."""
     before = session.logprobs(SAMPLES)
     step = session.train_step([{**s, "advantage": a, "old_logprobs": lp}
@@ -35,7 +35,7 @@ def _exercise(session) -> tuple:
 def fresh(tmp_path_factory):
     """The reference: a session of seed 7 on two data-parallel ranks, in rank processes started for it."""
     with MegatronTrainer(seed=7, world_size=2, log_dir=tmp_path_factory.mktemp("fresh")).session() as s:
-        return _exercise(s)
+        return exercise(s)
 
 
 @pytest.fixture
@@ -52,10 +52,10 @@ def test_a_session_on_a_spare_equals_one_on_its_own_ranks(fresh, pool, tmp_path)
     finished_stages()
     with trainer.session() as first:
         assert {p.pid for p in first.procs} == pids[0], "the session did not run on the first spare"
-        assert _exercise(first) == fresh
+        assert exercise(first) == fresh
     with trainer.session() as second:  # the next session: the second spare, never the first one again
         assert {p.pid for p in second.procs} == pids[1]
-        assert _exercise(second) == fresh
+        assert exercise(second) == fresh
     assert not any(pool.spares.values())
     with trainer.session() as third:  # none left: ranks of its own, as without a pool
         assert {p.pid for p in third.procs}.isdisjoint(pids[0] | pids[1])
