@@ -11,9 +11,18 @@ from pytest_miles import engine_start_limit, miles_setting
 from pytest_miles.errors import MilesError, Unavailable
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (a dotted name whose parent package is missing: False, where
+    importlib.util.find_spec raises ModuleNotFoundError)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def require(module: str, extra: str) -> None:
     """A part of the suite needs `module`: Unavailable (skip; fail under --miles-require-gpu) without it."""
-    if importlib.util.find_spec(module) is None:
+    if not installed(module):
         raise Unavailable(f"{module} is not installed (pip install 'pytest-miles[{extra}]')")
 
 
@@ -167,8 +176,9 @@ def prestart_names(config, items) -> list[str]:
 def trainer_prestarts(config, items) -> list[str]:
     """The rank processes (TRAINERS_OF) the selected suite tests will ask for, in the order they will:
     each pool group once, a session spare per loop run (none where engines do not start in the
-    background either: prestart_names)."""
-    if miles_setting(config, "engine_prestart") != "on" or hasattr(config, "workerinput"):
+    background either: prestart_names; none with --miles-placement=ray: ranks are Ray actors there)."""
+    if miles_setting(config, "engine_prestart") != "on" or hasattr(config, "workerinput") \
+            or miles_setting(config, "placement") == "ray":
         return []
     names: list[str] = []
     for item in items:
@@ -198,7 +208,7 @@ def _prestart(request):
 def prestart_trainers(request, names: list[str]) -> None:
     """The pool groups and session spares of `names` (TRAINERS_OF), made by the trainers the tests will
     make (nothing without megatron-core, with --miles-trainer-reuse=off, or where the pool refuses them)."""
-    if not names or importlib.util.find_spec("megatron.core") is None:
+    if not names or not installed("megatron.core"):
         return
     try:
         pool = request.getfixturevalue("miles_trainer_pool")

@@ -55,6 +55,8 @@ def test_the_suite_runs_engine_free_tests_first_and_prestarts_what_its_tests_ask
     assert names == "control,deterministic" and trainers == "runs,second-runs", (names, trainers)
     names, _, trainers = _collect(pytester, "--miles-engine-prestart=off")
     assert names == "" and trainers == ""
+    _, _, trainers = _collect(pytester, "--miles-placement=ray")
+    assert trainers == "", "ranks placed as Ray actors: none started here"
 
 
 def test_a_failed_background_start_fails_the_test_that_asks_for_it_with_the_server_log(pytester):
@@ -100,3 +102,14 @@ def test_the_suites_training_runs_and_loop_take_the_ranks_started_in_the_backgro
     background = [x for x in twice + loop if x.startswith("waiting for megatron-core ranks")]
     assert len(background) == 4, stages  # first run, second run, two loop sessions
     assert len({x.split("logs ")[1] for x in background}) == 4, background  # four distinct groups of ranks
+
+
+def test_a_missing_parent_package_is_not_installed_and_skips_what_needs_it():
+    """find_spec("megatron.core") raises where megatron is absent (the wheel without extras): the suite's
+    session-start fixture must not turn that into an error of every test."""
+    from pytest_miles.errors import Unavailable
+    from pytest_miles.suite.conftest import installed, require
+
+    assert installed("json") and not installed("no_such_package_here.core")
+    with pytest.raises(Unavailable, match=r"no_such_package_here.core is not installed \(pip install"):
+        require("no_such_package_here.core", "megatron")
