@@ -136,3 +136,20 @@ def test_what_libraries_set_in_the_session_does_not_cost_the_group(pool, tmp_pat
     assert trainer.train(1).process_run == 1 and len(pool.groups) == 1
     monkeypatch.setenv("MILES_RANKS_READ_THIS", "1")
     assert trainer.train(1).process_run == 1 and len(pool.groups) == 2
+
+
+def test_a_session_that_fails_on_a_spare_says_why_and_leaves_nothing(pool, tmp_path):
+    """A session whose start fails in the spare's ranks (initial weights that are not there): TrainerError
+    with the rank's log tail, as on ranks of its own, and the spare's processes gone (never back in the pool)."""
+    from pytest_miles.errors import TrainerError
+
+    trainer = MegatronTrainer(seed=1, log_dir=tmp_path / "logs", pool=pool)
+    pool.prestart_sessions(trainer, 1)
+    spare = next(iter(pool.spares.values()))[0]
+    procs = list(spare.procs)
+    broken = tmp_path / "broken-hf"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(TrainerError, match=r"megatron rank 0 .*(log .*session-spare-\d+/rank0\.log)"):
+        trainer.session(init_hf=broken, hf_config={"vocab_size": 8})
+    assert all(p.poll() is not None for p in procs) and not any(pool.spares.values())
