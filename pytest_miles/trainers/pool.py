@@ -64,7 +64,7 @@ def session_refusal(trainer) -> str | None:
 
 def rank_key(trainer, env: dict[str, str]) -> tuple:
     """What a group of ranks is started for: interpreter, device, world size and the rank environment
-    (its rendezvous port and pytest's current test name aside)."""
+    (NOT_IN_KEY aside: the rendezvous port, pytest's current test, what libraries set for themselves)."""
     return (trainer.python, trainer.device, trainer.world,
             tuple(sorted((k, v) for k, v in env.items() if k not in NOT_IN_KEY)))
 
