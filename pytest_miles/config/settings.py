@@ -207,10 +207,11 @@ SETTINGS += (
     Setting("kernel_cache_dir", "Directory for the engines' JIT kernel caches (FlashInfer, Triton, TorchInductor): "
             "keep it between CI runs and a fresh host skips minutes of compiling; `pytest-miles doctor` prints the "
             "cache key and whether it is warm.", env="PYTEST_MILES_KERNEL_CACHE", group="performance"),
-    Setting("engine_prestart", "The bundled suite starts the server engines its selected tests need in the "
-            "background at session start (staggered, memory fractions planned for one GPU) and runs the tests "
-            "that need no engine first, so kernel compilation overlaps training; off: each engine starts when a "
-            "test first asks for it. Not under pytest-xdist or --miles-placement=ray.", default="on",
+    Setting("engine_prestart", "The bundled suite starts the server engines and the megatron-core rank "
+            "processes its selected tests need in the background at session start (KV pools planned in tokens "
+            "for one GPU) and runs the tests that need no engine first, so start-ups and kernel compilation "
+            "overlap training; off: each starts when a test first asks for it. Not under pytest-xdist or "
+            "--miles-placement=ray.", default="on",
             kind="choice", choices=("on", "off"), env="PYTEST_MILES_ENGINE_PRESTART", group="performance"),
     Setting("trainer_reuse", "megatron_trainer_factory trains each run in megatron-core rank processes kept for "
             "the session (one group per world size and rank environment), each run on a fresh model, optimizer, "
