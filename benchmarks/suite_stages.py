@@ -54,12 +54,16 @@ def stages(data: dict) -> dict[str, float]:
     return out
 
 
-def background(stages_of_run: dict[str, float]) -> tuple[float, float]:
-    """(seconds the background starts took, seconds tests waited for them): engines/factory.py names
-    these stages 'starting ... in the background' and 'waiting for ..., started in the background'."""
+def background(stages_of_run: dict[str, float], what: str) -> tuple[float, float]:
+    """(seconds the background starts of `what` took, seconds tests waited for them): the engine factory
+    and the trainer pool name these stages 'starting ... in the background' and 'waiting for ..., started
+    in the background'; `what` is "engines" or "ranks" (megatron-core rank processes)."""
+    def mine(k: str) -> bool:
+        return ("megatron-core ranks" in k) == (what == "ranks")
+
     started = sum(v for k, v in stages_of_run.items()
-                  if k.startswith("  stage: starting ") and "in the background" in k)
-    waited = sum(v for k, v in stages_of_run.items() if k.startswith("  stage: waiting for "))
+                  if k.startswith("  stage: starting ") and "in the background" in k and mine(k))
+    waited = sum(v for k, v in stages_of_run.items() if k.startswith("  stage: waiting for ") and mine(k))
     return started, waited
 
 
@@ -100,10 +104,11 @@ def main() -> int:
         print(f"{k[:100]:100} {cells}{ratio}")
     for name, r in runs.items():
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
-        started, waited = background(table[name])
-        if started:
-            print(f"{name}: engines and trainer ranks started in the background: {started:.1f} s of start-up, "
-                  f"{waited:.1f} s of it waited for by tests, {started - waited:.1f} s hidden behind other tests")
+        for what, words in (("engines", "engines"), ("ranks", "megatron-core rank groups")):
+            started, waited = background(table[name], what)
+            if started:
+                print(f"{name}: {words} started in the background: {started:.1f} s of start-up, {waited:.1f} s of "
+                      f"it waited for by tests, {started - waited:.1f} s hidden behind other tests")
     if len(names) == 2:
         print(f"whole run {names[1]}/{names[0]}: {runs[names[1]]['wall'] / runs[names[0]]['wall']:.2f}x")
     return max(r["rc"] for r in runs.values())
