@@ -67,6 +67,16 @@ def background(stages_of_run: dict[str, float], what: str) -> tuple[float, float
     return started, waited
 
 
+def start_phases(stages_of_run: dict[str, float]) -> dict[str, list[float]]:
+    """Phase of an engine start-up (engines/sglang_startup.py, stages '<engine> start-up: <phase>') ->
+    its seconds in each start that had it."""
+    out: dict[str, list[float]] = {}
+    for k, v in stages_of_run.items():
+        if " start-up: " in k:
+            out.setdefault(k.split(" start-up: ", 1)[1].rsplit(" [", 1)[0], []).append(v)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="folder for the logs and reports (default: a temporary one)")
@@ -104,6 +114,9 @@ def main() -> int:
         print(f"{k[:100]:100} {cells}{ratio}")
     for name, r in runs.items():
         print(f"{name}: wall {r['wall']:.1f} s, exit {r['rc']}: {r['data'].get('summary', '')}")
+        for phase, values in start_phases(table[name]).items():
+            print(f"{name}: engine start-ups, {phase}: {sum(values):.1f} s over {len(values)} "
+                  f"(longest {max(values):.1f} s)")
         for what, words in (("engines", "engines"), ("ranks", "megatron-core rank groups")):
             started, waited = background(table[name], what)
             if started:

@@ -170,6 +170,8 @@ class EngineFactory:
         with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
             eng = pending.result()
         note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
+        for phase, seconds in eng.startup_phases() if hasattr(eng, "startup_phases") else ():
+            note_stage(f"{pending.label} start-up: {phase}", seconds)
         if self.prebuild is not None and not self.prebuild.noted and self.prebuild.finished():
             self.prebuild.noted = True
             note_stage(f"building FlashInfer's JIT modules side by side in the background "

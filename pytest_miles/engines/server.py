@@ -33,7 +33,7 @@ from pytest_miles.engines.base import (
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import exited, free_port, kill_tree, log_contains, port_in_use, tail, wait_until
-from pytest_miles.recording import stage
+from pytest_miles.recording import note_stage, stage
 
 
 class ServerEngine:
@@ -56,6 +56,7 @@ class ServerEngine:
         self.startup_seconds: float | None = None
         # time.monotonic() of the spawn, of `memory_marker` in the log (background starts), of the first answer
         self.spawned_at = self.settled_at = self.ready_at = None
+        self.log_offset, self.spawned_wall, self.ready_wall = 0, 0.0, None  # where this start's log begins, when
         self.pids: list[int] = []
         self.cancelled, self._spawn_lock = False, threading.Lock()
         self.warmup_seconds: float | None = None  # warm_up(): the first requests, kernels built at first use
@@ -77,7 +78,7 @@ class ServerEngine:
                     raise EngineError(f"{self.name}: closed before it started")
                 self.proc = proc = spawn(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.env)
-            self.spawned_at = t0
+            self.spawned_at, self.log_offset, self.spawned_wall = t0, since, time.time()
             if settled is not None and self.memory_marker is None:
                 self.settled_at = time.monotonic()
                 settled.set()
@@ -97,8 +98,10 @@ class ServerEngine:
         finally:
             if settled is not None:
                 settled.set()
-        self.ready_at = time.monotonic()
+        self.ready_at, self.ready_wall = time.monotonic(), time.time()
         self.startup_seconds = self.ready_at - t0
+        for phase, seconds in self.startup_phases():  # a start on the main thread: stages of its test
+            note_stage(f"{self.name} start-up: {phase}", seconds)
         try:
             self.warm_up()
         except BaseException:  # not the server's answer (interrupted, a bug): the process must not outlive it
@@ -108,6 +111,10 @@ class ServerEngine:
 
     def warmup_params(self) -> list[Any]:
         """The requests a started server answers before anything is measured (none here)."""
+        return []
+
+    def startup_phases(self) -> list[tuple[str, float]]:
+        """[(phase, seconds)] of the last start, read from the server's log (none known here)."""
         return []
 
     def warm_up(self) -> None:
@@ -372,6 +379,13 @@ class SGLangEngine(ServerEngine):
         self.start_advice = slow_start_advice("sglang", attention_backend)
         kw["env"] = {**sglang_start_env(), **cache_env(kernel_cache_dir), **(kw.get("env") or {})}
         super().__init__(cmd, port=port, health_path="/health", **kw)
+
+    def startup_phases(self) -> list[tuple[str, float]]:
+        """Where the last start went, from SGLang's own log lines (engines/sglang_startup.py)."""
+        from pytest_miles.engines.sglang_startup import read_phases
+
+        return read_phases(self.log_path, self.log_offset, self.spawned_wall, self.ready_wall) if self.spawned_wall \
+            else []
 
     def warmup_params(self) -> list[SamplingParams]:
         """engines/warm_up.py: a greedy and a sampled request (min-p too with determinism off)."""
