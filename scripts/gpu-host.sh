@@ -25,6 +25,10 @@ fi
 if [ "${1:-}" = install ]; then
   part=$(ls -d .gpu-wheels/part-* | head -n1)
   bash "$part/install-wheelhouse.sh" "$STASH" || exit 1
+  # The wheelhouse installs with --no-compile; pip installs byte-compile, so a CI runner's first SGLang start
+  # finds the bytecode. Compiled here (all cores, a few seconds) so that a cold suite measures kernel caches,
+  # not five server processes compiling sglang's sources side by side at their first import.
+  $PY -m compileall -q -j 0 "$STASH/site" > /dev/null 2>&1 || echo "compileall: some files did not compile (kept as sources)"
   $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -n 3
   $PY -c "import sglang, megatron.core, pytest_miles; print('sglang', sglang.__version__, 'megatron-core', megatron.core.__version__)"
   exit $?
