@@ -58,8 +58,10 @@ def main(device: str, ready_dir: str | None = None) -> None:
                             world_size=int(os.environ["WORLD_SIZE"]))
     for name in PRELOAD:
         importlib.import_module(name)
-    # every rank joined (and NCCL's communicator is up)
-    dist.barrier(device_ids=[torch.cuda.current_device()]) if device == "cuda" else dist.barrier()
+    if device == "cuda":  # every rank joined (and NCCL's communicator is up)
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
     print("pool rank ready", flush=True)
     if ready_dir is not None:
         atomic_write(Path(ready_dir) / f"rank{rank}", "ready")
