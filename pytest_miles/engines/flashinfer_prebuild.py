@@ -187,19 +187,19 @@ def start_for(specs: list[Any], *, kernel_cache_dir: str | None, log_dir: str | 
 
     from pytest_miles.engines.base import sglang_start_env
     from pytest_miles.facts.kernel_caches import cache_env
+    from pytest_miles.models.embedded import read_hf_config
 
     if not specs or importlib.util.find_spec("flashinfer") is None:
         return None
     servers = []
     for spec in specs:
         try:
-            config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+            config = read_hf_config(spec.model_dir)
         except (OSError, ValueError):
             continue
-        if isinstance(config, dict):  # each server's modules as its own environment chooses them
-            own = spec.options.get("env") if isinstance(spec.options.get("env"), dict) else {}
-            servers.append((config, spec.deterministic, spec.attention_backend, spec.extra_args,
-                            {**os.environ, **own}))
+        own = spec.options.get("env") if isinstance(spec.options.get("env"), dict) else {}
+        servers.append((config, spec.deterministic, spec.attention_backend, spec.extra_args,
+                        {**os.environ, **own}))  # each server's modules as its own environment chooses them
     modules, left = plan(servers)
     if not modules:
         return None

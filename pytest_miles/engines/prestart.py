@@ -63,17 +63,14 @@ def kv_bytes_per_token(config: dict[str, Any], kv_cache_dtype: str | None = None
 
 def _kv_size(spec: Any) -> int | None:
     """kv_bytes_per_token of an SGLang spec's model folder, its --kv-cache-dtype applied, or None."""
-    import json
-    from pathlib import Path
-
     from pytest_miles.engines.base import sglang_arg
+    from pytest_miles.models.embedded import read_hf_config
 
     try:
-        config = json.loads((Path(spec.model_dir) / "config.json").read_text())
+        config = read_hf_config(spec.model_dir)
     except (OSError, ValueError):
         return None
-    return kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype")) if isinstance(
-        config, dict) else None
+    return kv_bytes_per_token(config, sglang_arg(spec.extra_args, "kv-cache-dtype"))
 
 
 def small_pool(spec: Any) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 _LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[^\]]*\] (.*)$")
 _CAPTURE = re.compile(r"Capture (.*?)\s*(?:CUDA|cuda) graph end\. (?:elapsed=|Time elapsed: )([\d.]+) ?s")
-# (marker at the start of the message or inside it, the phase that ends there)
+# (what the message starts with, the phase that ends there)
 _MARKS = (
     ("server_args=", "launcher imports and arguments"),
     ("Init torch distributed begin", "scheduler process imports and CUDA context"),
@@ -49,7 +49,7 @@ def startup_phases(log_text: str, spawned: float, ready: float | None = None) ->
             continue
         stamp, msg = _wall(m.group(1)), m.group(2)
         for marker, _ in _MARKS:
-            if marker not in seen and (msg.startswith(marker) or marker == "server_args=" and marker in msg):
+            if marker not in seen and msg.startswith(marker):
                 seen[marker] = stamp
         c = _CAPTURE.search(msg)
         if c:

@@ -167,9 +167,10 @@ class TrainerPool:
     def prestart(self, trainer) -> str | None:
         """Start the group `trainer`'s runs will go to, in the background (nothing if one is up, or if
         the pool does not take its runs); what it started, for the report, or None."""
-        if pool_refusal(trainer) is not None or rank_key(trainer, trainer.rank_env({})) in self.groups:
+        env = trainer.rank_env({})
+        if pool_refusal(trainer) is not None or rank_key(trainer, env) in self.groups:
             return None
-        return self._group(trainer, trainer.rank_env({}), background=True)[1].label
+        return self._group(trainer, env, background=True)[1].label
 
     def prestart_sessions(self, trainer, count: int = 1) -> list[str]:
         """Start `count` spares for `trainer`'s sessions in the background (none where

@@ -265,15 +265,28 @@ def test_pools_planned_in_tokens_of_each_model(tmp_path):
     assert planned_pools({"a": a}, free) == {"a": int(0.3 * free // 512)}  # alone: the usual fraction, no more
 
 
-@pytest.mark.parametrize("why", ["no free memory reading", "the user's own fraction", "a layout not known here"])
+@pytest.mark.timeout(60)  # a config.json that is a FIFO must never be opened and waited on
+@pytest.mark.parametrize("why", ["no free memory reading", "the user's own fraction", "a layout not known here",
+                                 "a config.json that is a FIFO", "a config.json that is no JSON object"])
 def test_without_a_plan_for_every_server_all_stay_in_the_chain(tmp_path, why):
-    from pytest_miles.engines.prestart import planned_pools
+    from pytest_miles.engines.prestart import planned_pools, small_pool
 
     a = _sglang_spec(_config_folder(tmp_path, "a"), tmp_path)
     if why == "the user's own fraction":
         b = _sglang_spec(_config_folder(tmp_path, "b"), tmp_path, "--mem-fraction-static", "0.4")
     elif why == "a layout not known here":
         b = _sglang_spec(_config_folder(tmp_path, "b", kv_lora_rank=512), tmp_path)
+    elif why.startswith("a config.json"):
+        folder = tmp_path / "b"
+        folder.mkdir()
+        if "FIFO" in why:  # refused by name where the engine's configuration is made, never opened
+            os.mkfifo(folder / "config.json")
+            with pytest.raises(InputError, match=r"engine_factory\(model=\): .*/b' is not a model folder"):
+                _sglang_spec(folder, tmp_path)
+            return
+        (folder / "config.json").write_text("[1, 2]")
+        b = _sglang_spec(folder, tmp_path)
+        assert not small_pool(_sglang_spec(folder, tmp_path, "--max-total-tokens", "2048"))
     else:
         b = _sglang_spec(_config_folder(tmp_path, "b"), tmp_path)
     free = None if why == "no free memory reading" else 100 << 30
