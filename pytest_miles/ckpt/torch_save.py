@@ -75,7 +75,8 @@ def load_torch(source: str | os.PathLike | bytes, where: str | None = None, span
         try:
             z = zipfile.ZipFile(raw)
             infos = z.infolist()
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+            # NotImplementedError: zipfile's answer to a damaged "version needed" field ("zip file version 6.4")
             raise CheckpointError(f"{where}: corrupt or truncated torch file ({exc})") from None
         pkls = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
         if len(pkls) != 1:
@@ -117,6 +118,9 @@ def load_torch(source: str | os.PathLike | bytes, where: str | None = None, span
 
 
 def raw_pread(raw: Any, offset: int, length: int, where: str) -> bytes:
+    if offset < 0 or length < 0:  # a damaged zip directory (header offset before the archive's start)
+        raise CheckpointError(f"{where}: corrupt torch file (an entry at byte {offset}, {length} bytes long: "
+                              "outside the archive)")
     raw.seek(offset)
     data = raw.read(length)
     if len(data) != length:

@@ -172,6 +172,17 @@ def _safetensors_cases(w: _World) -> None:
     case("index json not JSON", "hf", x, "model.safetensors.index.json: unusable safetensors index")
 
 
+def _shift_zip_directory(data: bytes) -> bytes:
+    """The last zip end record's central directory offset 4096 bytes on (torch writes a zip64 one, which zipfile
+    reads first): zipfile then places every entry of that archive 4096 bytes before its start."""
+    raw = bytearray(data)
+    zip64 = b"PK\x06\x06" in raw
+    end, at, fmt = (raw.rindex(b"PK\x06\x06"), 48, "<Q") if zip64 else (raw.rindex(b"PK\x05\x06"), 16, "<I")
+    n = struct.calcsize(fmt)
+    raw[end + at:end + at + n] = struct.pack(fmt, struct.unpack(fmt, raw[end + at:end + at + n])[0] + 4096)
+    return bytes(raw)
+
+
 def _torch_file_cases(w: _World) -> None:
     """Hostile cases: torch files."""
     t, marker, state, good, case, copy = w.t, w.marker, w.state, w.good, w.case, w.copy  # noqa: F841
@@ -184,6 +195,14 @@ def _torch_file_cases(w: _World) -> None:
         for i in z.infolist():
             out.writestr(i.filename, z.read(i.filename))
     case("compressed entries in a .pt", "pt", t / "deflated.pt", "deflated.pt: entry")
+    (t / "dir-offset.pt").write_bytes(_shift_zip_directory(good["pt"].read_bytes()))
+    case("zip entries placed before the archive", "pt", t / "dir-offset.pt", "dir-offset.pt: corrupt torch file (an "
+         "entry at byte -")
+    raw = bytearray(good["pt"].read_bytes())
+    raw[raw.index(b"PK\x01\x02") + 6] = 0xFF  # the first central directory entry's "version needed to extract"
+    (t / "version.pt").write_bytes(raw)
+    case("zip entry needing an unknown zip version", "pt", t / "version.pt", "version.pt: corrupt or truncated torch "
+         "file (zip file version")
     x = t / "dir-of-pt"
     x.mkdir()
     shutil.copy(t / "random.pt", x / "model.pt")
@@ -218,6 +237,9 @@ def _dcp_cases(w: _World) -> None:
     infos[1].offset = infos[0].offset
     (x / ".metadata").write_bytes(pickle.dumps(md))
     case("two DCP items share bytes", "dcp", x, "overlap")
+    x = copy("dcp", "blob-dir-offset")  # the last item's torch.save blob, read from memory
+    (x / "__0_0.distcp").write_bytes(_shift_zip_directory((x / "__0_0.distcp").read_bytes()))
+    case("a .distcp blob's zip entries placed before it", "dcp", x, "__0_0.distcp (item")
     x = copy("dcp", "dir-distcp")
     (x / "__0_0.distcp").unlink()
     (x / "__0_0.distcp").mkdir()
@@ -262,8 +284,10 @@ CASES = [
     "safetensors header is a list", "overlapping safetensors offsets", "safetensors offsets past the file",
     "safetensors length not dtype x shape", "index places a tensor in the wrong shard", "index names a missing shard",
     "index json not JSON", "random bytes as .pt", "truncated .pt", "compressed entries in a .pt",
+    "zip entries placed before the archive", "zip entry needing an unknown zip version",
     "dir holding a corrupt .pt", ".metadata unpickles to a dict", ".metadata garbage", "truncated .distcp",
-    ".metadata points outside the dir", "two DCP items share bytes", ".distcp is a directory",
+    ".metadata points outside the dir", "two DCP items share bytes",
+    "a .distcp blob's zip entries placed before it", ".distcp is a directory",
     "tracker is not a number", "tracker names a missing iteration", "legacy rank dir without a .pt", "symlink loop",
     "empty directory",
 ]
