@@ -63,19 +63,41 @@ def _env(log: Path, **extra: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "FRONT_TEST_LOG": str(log), **extra}
 
 
-def _both(front: Path, tmp_path: Path, *args: str, figures: bool = True,
+def _in_process(args: tuple[str, ...], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python -m pytest_miles.cli ARGS` run in this process (its `main`, under `env`, stdout and stderr caught):
+    the same code without starting Python and importing torch again, for tests that compare many runs."""
+    import contextlib
+    import io
+
+    from pytest_miles.cli import main
+
+    out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["pytest_miles.cli", *args], rc, out.getvalue(), err.getvalue())
+
+
+def _both(front: Path, tmp_path: Path, *args: str, figures: bool = True, in_process: bool = False,
           **env: str) -> tuple[subprocess.CompletedProcess, bool | str]:
     """Run `pytest-miles ARGS` (the C command) and `python -m pytest_miles.cli ARGS`; check they agree
     (stdout but the seconds and GB/s, stderr, exit code); return the C command's run and whether it
     handed over to Python: False, True, or "fast path declined" (it told Python that the bytes or
     plans differ: Python skipped its own fast path, and still printed what it prints without).
     `figures=False`: the "compared N items, X MiB" line is left out too (where Python's own count
-    depends on which of its threads stops first: several groups of one file under --first)."""
+    depends on which of its threads stops first: several groups of one file under --first).
+    `in_process=True`: the Python side runs in this process (`_in_process`), for loops of many runs."""
     log = tmp_path / "handed-over.log"
     log.unlink(missing_ok=True)
     ours = subprocess.run([str(front), *args], capture_output=True, text=True, env=_env(log, **env), timeout=120)
-    ref = subprocess.run([sys.executable, "-m", "pytest_miles.cli", *args], capture_output=True, text=True,
-                         env=_env(log.with_suffix(".ref"), **env), timeout=120)
+    ref = (_in_process(args, _env(log.with_suffix(".ref"), **env)) if in_process else
+           subprocess.run([sys.executable, "-m", "pytest_miles.cli", *args], capture_output=True, text=True,
+                          env=_env(log.with_suffix(".ref"), **env), timeout=120))
     def untimed(out: str) -> list[str]:
         lines = [re.sub(r" in [0-9.]+ s \([0-9.]+ GB/s\)$", "", line) for line in out.splitlines()
                  if '"seconds": ' not in line]
@@ -287,7 +309,7 @@ def test_damaged_blobs_are_never_answered_differently(front, tmp_path):
         (a / "__0_0.distcp").write_bytes(bytes(data))
         data[value_at] ^= 0x40
         (b / "__0_0.distcp").write_bytes(bytes(data))
-        run, how = _both(front, tmp_path, "compare", "--first", str(a), str(b))
+        run, how = _both(front, tmp_path, "compare", "--first", str(a), str(b), in_process=True)
         answered += how is False
         handed += how is not False
         shutil.rmtree(a)
