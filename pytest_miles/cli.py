@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_miles.errors import MilesError
+
 
 def _dumps(obj: Any, **kwargs: Any) -> str:
     """json.dumps, json imported only for --json (start-up of `pytest-miles compare`)."""
@@ -174,8 +176,8 @@ def _parity_budget(args: argparse.Namespace) -> int:
     from pytest_miles.capabilities.parity_budgets import budget_from_files
 
     date = datetime.datetime.now(datetime.UTC).date().isoformat()
-    text = budget_from_files(args.reports, margin=args.margin, host=args.host or platform.node(), date=date,
-                             pair=args.pair)
+    host = platform.node() if args.host is None else args.host  # --host "" is an error, not this machine
+    text = budget_from_files(args.reports, margin=args.margin, host=host, date=date, pair=args.pair)
     print(text, end="")
     return 0
 
@@ -374,8 +376,11 @@ def _user_errors(run, argv: list[str], debug: bool) -> int:
         if debug:
             raise
         cmd = argv[0] if argv else ""
-        print(f"pytest-miles {cmd}: {exc} ({type(exc).__name__}; --debug shows the traceback)".replace("\n", " "),
-              file=sys.stderr)
+        if isinstance(exc, MilesError):  # ours: the message names the input and what is accepted
+            text = str(exc).removeprefix(f"{cmd}: ")
+        else:  # anything else is not a message written for a user: say what it was and how to see more
+            text = f"{exc} ({type(exc).__name__}; --debug shows the traceback)"
+        print(f"pytest-miles {cmd}: {text}".replace("\n", " "), file=sys.stderr)
         return 2
 
 

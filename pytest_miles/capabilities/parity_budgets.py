@@ -178,36 +178,90 @@ def find_budget(key: tuple, pair: str = "train_vs_decode", user: str | Path | No
     return None
 
 
+def _toml_str(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, but for DEL, which TOML wants escaped too."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _report_figures(report: Any, where: str, pair: str) -> tuple[tuple, dict[str, Any]]:
+    """What a budget is made of, read from one report (a ParityReport.to_json()): its configuration key and its
+    `pair` figures, each field checked; InputError names the report and the field."""
+
+    def bad(field_: str, expected: str, value: Any) -> InputError:
+        return InputError(f"parity-budget: {where}: field '{field_}': expected {expected}, got {value!r:.80}")
+
+    if not isinstance(report, dict) or not isinstance(report.get("config"), dict) \
+            or not isinstance(report.get("pairs"), dict):
+        raise InputError(f"parity-budget: {where}: not a parity report (no 'pairs'/'config' tables; write one with "
+                         "ParityReport.to_json())")
+    config, key = report["config"], []
+    for name in KEY_FIELDS:
+        value = config.get(name)
+        if name == "tp" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise bad(f"config.{name}", "an integer >= 1", value)
+        if name != "tp" and (not isinstance(value, str) or not value):
+            raise bad(f"config.{name}", "a non-empty string", value)
+        key.append(value)
+    figs = report["pairs"].get(pair)
+    if not isinstance(figs, dict):
+        raise InputError(f"parity-budget: {where}: no {pair} figures (pairs present: "
+                         f"{', '.join(map(str, report['pairs'])) or 'none'})")
+    for name in ("mean_abs", "max_abs", "k3_kl"):
+        value = figs.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise bad(f"pairs.{pair}.{name}", "a finite number >= 0", value)
+    for name in ("tokens", "bitwise_equal"):
+        value = figs.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "tokens" else 0):
+            raise bad(f"pairs.{pair}.{name}", f"an integer >= {1 if name == 'tokens' else 0}", value)
+    if figs["bitwise_equal"] > figs["tokens"]:
+        raise bad(f"pairs.{pair}.bitwise_equal", f"at most its tokens ({figs['tokens']})", figs["bitwise_equal"])
+    if not isinstance(report.get("identity_errors", []), list):
+        raise bad("identity_errors", "a list", report["identity_errors"])
+    versions = report.get("versions") or {}
+    if not isinstance(versions, dict) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                                 for v in versions.values()):
+        raise bad("versions", "a table of package = version", versions)
+    return tuple(key), figs
+
+
 def derive_budget(
-    reports: list[dict[str, Any]], *, margin: float = 1.5, host: str, date: str, pair: str = "train_vs_decode"
+    reports: list[dict[str, Any]], *, margin: float = 1.5, host: str, date: str, pair: str = "train_vs_decode",
+    sources: list[str] | None = None,
 ) -> str:
     """A [[budget]] TOML block from N parity reports (their to_json()) of one configuration:
     `exact` when every run had every token bitwise equal, else a tolerance of `margin` x the worst
-    run's mean and max |delta| and K3-KL. InputError when the reports are too few or mixed."""
+    run's mean and max |delta| and K3-KL. InputError when the reports are too few, mixed or malformed
+    (`sources`: the reports' names in those messages). The block is read back as a budget file is."""
     if len(reports) < 2:
         raise InputError(f"parity-budget: {len(reports)} report(s); give at least 2 runs of one configuration")
-    if margin < 1:
-        raise InputError(f"parity-budget: margin {margin} < 1 (a budget below what was measured fails its own runs)")
-    keys = {tuple(r.get("config", {}).get(n) for n in KEY_FIELDS) for r in reports}
-    if len(keys) != 1 or None in next(iter(keys)):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 1:
+        raise InputError(f"parity-budget: margin {margin}: expected a finite number >= 1 (a budget below what "
+                         "was measured fails its own runs)")
+    if pair not in PAIRS:
+        raise InputError(f"parity-budget: pair {pair!r} is not one of {', '.join(PAIRS)}")
+    for name, value in (("host", host), ("date", date)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"parity-budget: {name} {value!r}: expected a non-empty name")
+    names = sources or [f"report #{i + 1}" for i in range(len(reports))]
+    read = [_report_figures(r, names[i], pair) for i, r in enumerate(reports)]
+    keys = {key for key, _ in read}
+    if len(keys) != 1:
+        raise InputError("parity-budget: the reports are not of one configuration: " + "; ".join(
+            f"{names[i]}: {key_text(key)}" for i, (key, _) in enumerate(read)))
+    (key,), figs = keys, [f for _, f in read]
+    flawed = [names[i] for i, r in enumerate(reports) if r.get("identity_errors")]
+    if flawed:
         raise InputError(
-            f"parity-budget: the reports are not of one configuration ({sorted(map(str, keys))}); "
-            f"each report's config must name {', '.join(KEY_FIELDS)}"
-        )
-    (key,) = keys
-    figs = [r["pairs"][pair] for r in reports if pair in r.get("pairs", {})]
-    if len(figs) != len(reports):
-        raise InputError(f"parity-budget: {len(reports) - len(figs)} report(s) have no {pair} figures")
-    if any(r.get("identity_errors") for r in reports):
-        raise InputError(
-            "parity-budget: a report has identity errors (token shift, mask, selected token); fix those "
+            f"parity-budget: {', '.join(flawed)}: identity errors (token shift, mask, selected token); fix those "
             "first: a budget is for numerical drift only"
         )
-    versions = {k: str(v) for k, v in sorted((reports[0].get("versions") or {}).items())}
-    lines = ["[[budget]]"] + [
-        f"{n} = {key[i]!r}".replace("'", '"') if n != "tp" else f"tp = {int(key[i])}" for i, n in enumerate(KEY_FIELDS)
-    ]
-    lines.append(f'pair = "{pair}"')
+    versions = {str(k): str(v) for k, v in sorted((reports[0].get("versions") or {}).items())}
+    lines = ["[[budget]]"] + [f"{n} = {_toml_str(key[i])}" if n != "tp" else f"tp = {key[i]}"
+                              for i, n in enumerate(KEY_FIELDS)]
+    lines.append(f"pair = {_toml_str(pair)}")
     if all(f["bitwise_equal"] == f["tokens"] for f in figs):
         lines.append('kind = "exact"')
         statistic = "every token bitwise equal in every run"
@@ -217,23 +271,28 @@ def derive_budget(
             lines.append(f"{name} = {max(f[name] for f in figs) * margin:.6g}")
         statistic = f"max over runs x {margin:g}"
     lines.append(
-        f'calibration = {{ runs = {len(reports)}, statistic = "{statistic}", host = "{host}", '
-        f'date = "{date}", versions = {{ ' + ", ".join(f'"{k}" = "{v}"' for k, v in versions.items()) + " } }"
+        f"calibration = {{ runs = {len(reports)}, statistic = {_toml_str(statistic)}, host = {_toml_str(host)}, "
+        f"date = {_toml_str(date)}, versions = {{ "
+        + ", ".join(f"{_toml_str(k)} = {_toml_str(v)}" for k, v in versions.items()) + " } }"
     )
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    _read_back(text)
+    return text
+
+
+def _read_back(text: str) -> None:
+    """The block must be what read_budgets accepts: a budget printed is a budget a user can keep."""
+    import tomllib
+
+    try:
+        _budget(tomllib.loads(text)["budget"][0], 0, "the derived budget")
+    except (tomllib.TOMLDecodeError, BudgetError) as exc:  # pragma: no cover - a bug here, not a bad input
+        raise InputError(f"parity-budget: the derived budget does not read back ({exc}):\n{text}") from None
 
 
 def budget_from_files(paths: list[str], **kwargs: Any) -> str:
-    """derive_budget over parity report JSON files; InputError naming a file that is not one."""
+    """derive_budget over parity report JSON files; InputError naming a file that is not one, or its field."""
     from pytest_miles._files import load_json
 
-    reports = []
-    for path in paths:
-        data = load_json(path, "parity report")
-        if not isinstance(data, dict) or "pairs" not in data or "config" not in data:
-            raise InputError(
-                f"parity-budget: {path}: not a parity report (no 'pairs'/'config'; write one with "
-                "ParityReport.to_json())"
-            )
-        reports.append(data)
-    return derive_budget(reports, **kwargs)
+    return derive_budget([load_json(path, "parity report") for path in paths], sources=list(map(str, paths)),
+                         **kwargs)

@@ -115,3 +115,35 @@ def test_cli_parity_budget(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["parity-budget", str(paths[0]), str(tmp_path / "bad.json")]) == 2
     assert "bad.json: not a parity report" in capsys.readouterr().err
+
+
+def test_malformed_reports_are_named_never_a_stray_exception(tmp_path, capsys):
+    """Seeded: a real report's fields (ParityReport.to_json()) removed, added, or replaced by values of every other
+    type (None, booleans, huge integers, NaN, infinities, strings, lists, tables): `parity-budget` prints a budget
+    that reads back as a budget file, or exits 2 with one line naming the report; never a Python exception."""
+    import json
+    import random
+
+    from pytest_miles.checks.parity import ParityRecord, compare_parity
+    from pytest_miles.cli import main
+    from tests.helpers.mutate import mutate
+
+    config = {"model": "tiny", "rollout": "fp32", "train": "fp32", "backend": "torch", "tp": 1}
+    records = [ParityRecord([1, 2], [3, 4, 5], [-0.5, -1.25, -2.0], [-0.5, -1.2500001, -2.0], [-0.5, -1.25, -2.0])]
+    report = compare_parity(records, config, {"torch": "2.13"}).to_json()
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report))
+    rng, outcomes = random.Random("parity-reports"), {0: 0, 2: 0}
+    for k in range(400):
+        bad = tmp_path / f"bad{k}.json"
+        bad.write_text(json.dumps(mutate(report, rng)))
+        rc = main(["parity-budget", str(good), str(bad), "--host", "ci"])
+        out, err = capsys.readouterr()
+        assert rc in (0, 2) and "Traceback" not in err and "--debug shows" not in err, (k, rc, err)
+        if rc == 2:
+            assert err.count("\n") == 1 and str(bad) in err, (k, err)
+        else:
+            (tmp_path / "out.toml").write_text(out)
+            assert read_budgets(tmp_path / "out.toml")[0].key == ("tiny", "fp32", "fp32", "torch", 1), out
+        outcomes[rc] += 1
+    assert outcomes[0] and outcomes[2], outcomes  # both a damage read through and one refused
