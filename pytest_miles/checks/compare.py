@@ -36,6 +36,9 @@ def compare_checkpoints(a: str | os.PathLike, b: str | os.PathLike | dict, *, ig
     answers EQUAL (the same report) or hands over to the full comparison; False: the full
     comparison only."""
     nworkers = validate_workers(workers)
+    if str(a).endswith(".json") and _is_manifest(Path(a)):
+        raise CheckpointError(f"{a}: a checkpoint manifest is read as the second argument only: compare "
+                              f"CHECKPOINT {a}, with the checkpoint first")
     if fast and not ignore and not isinstance(b, dict):
         from pytest_miles.checks.dcp_fast import fast_equal
 

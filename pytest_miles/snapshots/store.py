@@ -222,15 +222,18 @@ class SnapshotStore:
                 or not isinstance(data.get("configurations"), dict)):
             raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")
         for key, conf in data["configurations"].items():
-            if not isinstance(conf, dict) or config_digest(conf.get("fingerprint") or {}) != key:
+            if not isinstance(conf, dict) or not isinstance(conf.get("fingerprint"), dict) \
+                    or not isinstance(conf.get("records"), dict):
+                raise SnapshotError(f"{path}: configuration {key}: expected an object with 'fingerprint' (an object "
+                                    "of field -> value) and 'records' (an object of record name -> record)")
+            if config_digest(conf["fingerprint"]) != key:
                 raise SnapshotError(f"{path}: configuration {key} was edited by hand (its fingerprint no longer "
                                     "matches its key); regenerate with --miles-snapshot-regen-all")
-            if not isinstance(conf.get("records") or {}, dict):
-                raise SnapshotError(f"{path}: configuration {key}: 'records' is a {type(conf['records']).__name__}, "
-                                    "expected an object of record name -> record")
-            for rid, rec in (conf.get("records") or {}).items():
-                if not isinstance(rec, dict) or "digest" not in rec:
-                    raise SnapshotError(f"{path}: record {rid!r} is malformed")
+            for rid, rec in conf["records"].items():
+                if not isinstance(rec, dict) or not isinstance(rec.get("digest"), str) \
+                        or not re.fullmatch(r"[0-9a-f]{64}", rec["digest"]):
+                    raise SnapshotError(f"{path}: record {rid!r} is malformed (expected an object with a 'digest' "
+                                        "of 64 hex digits, a 'kind' and a 'value')")
                 if rec.get("value") is not None and digest_of(rec["value"]) != rec["digest"]:
                     raise SnapshotError(f"{path}: record {rid!r} was edited by hand (its value no longer matches "
                                         "its digest)")

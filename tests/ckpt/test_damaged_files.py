@@ -76,3 +76,15 @@ def test_damaged_checkpoints_are_answered_or_named(good, kind, tmp_path, capsys)
     # not vacuous: damage both refused (exit 2) and read through (equal or different) for every kind
     assert outcomes.get(2, 0) and outcomes.get(0, 0) + outcomes.get(1, 0), outcomes
     assert tree_state(g.parent) == before, "the good checkpoints must never be written"
+
+
+def test_a_manifest_given_first_says_it_goes_second(good, tmp_path, capsys):
+    manifest = tmp_path / "dcp.manifest.json"
+    assert main(["manifest", str(good["dcp"]), "-o", str(manifest)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(good["dcp"]), str(manifest)]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(manifest), str(good["dcp"])]) == 2
+    assert capsys.readouterr().err == (f"pytest-miles compare: {manifest}: a checkpoint manifest is read as the "
+                                       f"second argument only: compare CHECKPOINT {manifest}, with the checkpoint "
+                                       "first\n")

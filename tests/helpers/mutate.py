@@ -37,6 +37,8 @@ def mutate(value: Any, rng: random.Random) -> Any:
         try:
             for k in path[:-1]:
                 parent = parent[k]
+            if isinstance(parent, dict) != isinstance(path[-1], str):  # the way there was replaced on the way
+                continue
             how = rng.random()
             if how < 0.2 and isinstance(parent, dict):
                 parent.pop(path[-1], None)

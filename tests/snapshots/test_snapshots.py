@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pytest_miles.snapshots.store import SnapshotError, SnapshotStore, config_digest, diagnose
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOKENS = """
 def test_rollout(determinism_snapshot):
@@ -204,3 +207,52 @@ def test_unsupported_values():
         from pytest_miles.snapshots.store import canonical
 
         canonical(object())
+
+
+def test_malformed_files_from_another_machine_are_named_never_a_stray_exception(tmp_path):
+    """Seeded: a real record file (an H100's, committed) with fields removed, added or given values of every other
+    type, then its keys and digests made consistent again (as a careless tool would leave it, so that the damage
+    gets past the hand-edit guards): every check answers or raises SnapshotError naming the file."""
+    import random
+
+    from pytest_miles.snapshots.store import digest_of
+    from tests.helpers.mutate import mutate
+
+    src = ROOT / "fixtures" / "snapshots" / "tests" / "snapshots" / "test_cross_machine_snapshots.json"
+    base = json.loads(src.read_text())
+    key, conf = next(iter(base["configurations"].items()))
+    rid = next(iter(conf["records"]))
+    other = {**conf["fingerprint"], "gpu_name": "NVIDIA H200"}
+    rng, outcomes = random.Random("snapshot-files"), {"answered": 0, "named": 0}
+
+    def consistent(data):
+        if isinstance(data, dict) and isinstance(data.get("configurations"), dict):
+            for c in list(data["configurations"].values()):
+                records = c.get("records") if isinstance(c, dict) else None
+                for rec in records.values() if isinstance(records, dict) else ():
+                    if isinstance(rec, dict) and rec.get("value") is not None and rng.random() < 0.7:
+                        rec["digest"] = digest_of(rec["value"])
+            data["configurations"] = {rekey(k, c): c for k, c in data["configurations"].items()}
+        return data
+
+    def rekey(key, c):  # whatever the fingerprint became, the key its digest gives
+        try:
+            return config_digest(c.get("fingerprint") or {})
+        except (AttributeError, TypeError, ValueError):
+            return key
+
+
+    for k in range(500):
+        path = tmp_path / "mod.json"
+        damaged = json.dumps(consistent(mutate(base, rng)))
+        for update, fingerprint, record in ((False, conf["fingerprint"], rid), (False, other, rid),
+                                            (False, other, "new::x"), (True, other, rid)):
+            path.write_text(damaged)
+            try:
+                SnapshotStore(tmp_path, update=update).check("mod", record, [6.25, 6.5], fingerprint)
+                outcomes["answered"] += 1
+            except SnapshotError as exc:
+                assert str(path) in str(exc), (k, exc)
+                outcomes["named"] += 1
+        SnapshotStore(tmp_path).all_records()  # the unused-records listing reads every file too
+    assert outcomes["answered"] and outcomes["named"], outcomes
