@@ -69,6 +69,8 @@ def strings(what: str, value: Any) -> tuple[str, ...]:
 def path_like(what: str, value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)) or str(value) == "":
         raise _fail(what, value, "a path (str or pathlib.Path)")
+    if "\x00" in str(value):  # no file system takes one; os.stat would raise a bare ValueError
+        raise _fail(what, value, "a path without NUL characters")
     return Path(value)
 
 

@@ -138,6 +138,17 @@ def test_input_files_go_through_the_safe_door(tmp_path):
         assert str(path) in str(info.value) and says in str(info.value), str(info.value)
 
 
+def test_a_path_setting_with_a_nul_character_is_named(tmp_path):
+    """TOML can carry a NUL (\\u0000) that no file system takes: an InputError naming the setting, not os.stat's
+    bare ValueError."""
+    from pytest_miles.errors import InputError
+
+    cfg = tmp_path / "nul.toml"
+    cfg.write_text('[rollout]\ncapabilities = "caps\\u0000.toml"\n')
+    with pytest.raises(InputError, match="capabilities.*a path without NUL characters"):
+        options.resolve(None, "capabilities", environ={"PYTEST_MILES_CONFIG": str(cfg)})
+
+
 def test_configure_refuses_bad_reports_and_huge_gpu_overrides(pytester, tmp_path):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest(f"--miles-report-html={tmp_path}")
