@@ -19,7 +19,7 @@ from pytest_miles.engines.sampling import _sample
 from pytest_miles.models.embedded import TinyConfig, load_safetensors_dir
 from pytest_miles.models.moe import MoeConfig
 from pytest_miles.models.routing import RoutingRecord, record_from_layers
-from pytest_miles.models.shapes import config_of_dir, decoder_class, init_any_weights
+from pytest_miles.models.shapes import check_weights, config_of_dir, decoder_class, init_any_weights
 
 
 def _load_state(model_dir: Path):
@@ -57,6 +57,7 @@ class ReferenceEngine:
         if model_dir is not None:
             cfg = config_of_dir(model_dir)
             state = _load_state(Path(model_dir))
+            check_weights(cfg, state, model_dir)
         else:
             cfg = config or TinyConfig()
             state = init_any_weights(cfg)
@@ -78,7 +79,9 @@ class ReferenceEngine:
         if replace(cfg, seed=self.config.seed) != self.config:
             raise EngineError(f"{model_path}: config.json describes another model than the one loaded "
                               f"({cfg} vs {self.config})")
-        self.model = decoder_class(self.config)(self.config, _load_state(Path(model_path)), device=self.device,
+        state = _load_state(Path(model_path))
+        check_weights(self.config, state, model_path)
+        self.model = decoder_class(self.config)(self.config, state, device=self.device,
                                  dtype=self.model.dtype if self.model is not None else torch.float32)
 
     def weights_by_name(self, name: str, truncate_size: int = 100) -> list | None:

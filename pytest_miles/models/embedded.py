@@ -27,6 +27,16 @@ class TinyConfig:
     seed: int = 1234
     tie_word_embeddings: bool = False  # True: the output layer is the embedding (no lm_head.weight)
 
+    def __post_init__(self) -> None:
+        from pytest_miles.models.config_fields import check_fields
+
+        check_fields(self)
+        if self.hidden_size % self.num_attention_heads:
+            from pytest_miles.errors import InputError
+
+            raise InputError(f"model config: hidden_size ({self.hidden_size}) is not a multiple of "
+                             f"num_attention_heads ({self.num_attention_heads}); the head size must be whole")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
@@ -259,10 +269,15 @@ def read_hf_config(path: str | Path) -> dict:
 
 def config_from_hf(raw: dict, where: str | Path = "config.json") -> TinyConfig:
     """An HF Qwen2-style config (read_hf_config's dict) as a TinyConfig; ValueError naming `where`."""
+    from pytest_miles.errors import InputError
+
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-    return TinyConfig(**{k: raw[k] for k in TinyConfig.__dataclass_fields__ if k in raw})
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+    try:
+        return TinyConfig(**{k: raw[k] for k in TinyConfig.__dataclass_fields__ if k in raw})
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def config_from_dir(path: str | Path) -> TinyConfig:

@@ -44,6 +44,11 @@ class MoeConfig:
     seed: int = 1234
     tie_word_embeddings: bool = False
 
+    def __post_init__(self) -> None:
+        from pytest_miles.models.config_fields import check_fields
+
+        check_fields(self)
+
     def hf_config(self, dtype: str = "bfloat16") -> dict:
         return {
             "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "torch_dtype": dtype,
@@ -77,22 +82,30 @@ MOE_SHAPES: dict[str, MoeConfig] = {
 
 def is_moe_config(raw: dict) -> bool:
     """An HF config.json (as a dict) of the Qwen3-MoE architecture."""
-    return raw.get("model_type") == MODEL_TYPE or ARCHITECTURE in (raw.get("architectures") or [])
+    architectures = raw.get("architectures")
+    return raw.get("model_type") == MODEL_TYPE or (isinstance(architectures, list) and ARCHITECTURE in architectures)
 
 
 def moe_config_from_hf(raw: dict, where: str | Path = "config.json") -> MoeConfig:
     """A Qwen3-MoE config.json as a MoeConfig; ValueError naming `where` for what it cannot serve."""
     need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
             "num_experts_per_tok", "moe_intermediate_size")
+    from pytest_miles.errors import InputError
+
     missing = [k for k in need if k not in raw]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
     if raw.get("mlp_only_layers") or raw.get("decoder_sparse_step", 1) != 1:
-        raise ValueError(f"{where}: dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step) are "
+        raise InputError(f"{where}: dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step) are "
                          "not served by the embedded model; expected every layer sparse")
     fields = {k: raw[k] for k in MoeConfig.__dataclass_fields__ if k in raw and raw[k] is not None}
-    fields.setdefault("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
-    return MoeConfig(**fields)
+    hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)):
+        fields.setdefault("head_dim", hidden // heads)  # else MoeConfig names the field that is wrong
+    try:
+        return MoeConfig(**fields)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 def tensor_specs(cfg: MoeConfig) -> dict[str, tuple[int, ...]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pytest_miles.models.embedded import SHAPES as DENSE_SHAPES
 from pytest_miles.models.embedded import TinyConfig, TinyDecoder, config_from_hf, init_weights, read_hf_config
+from pytest_miles.models.embedded import tensor_specs as dense_specs
 from pytest_miles.models.embedded import write_shape as write_dense_shape
 from pytest_miles.models.moe import (
     MOE_SHAPES,
@@ -19,6 +20,7 @@ from pytest_miles.models.moe import (
     moe_config_from_hf,
     write_moe_checkpoint,
 )
+from pytest_miles.models.moe import tensor_specs as moe_specs
 
 SHAPES: dict[str, TinyConfig | MoeConfig] = {**DENSE_SHAPES, **MOE_SHAPES}
 
@@ -37,6 +39,23 @@ def config_of_dir(path: str | Path) -> TinyConfig | MoeConfig:
     raw = read_hf_config(path)
     where = Path(path) / "config.json"
     return moe_config_from_hf(raw, where) if is_moe_config(raw) else config_from_hf(raw, where)
+
+
+def check_weights(cfg: TinyConfig | MoeConfig, state: dict[str, Any], where: str | Path) -> None:
+    """The weights must be the ones config.json describes (every tensor there, of its shape), as SGLang's loader
+    insists: a mismatch found here is named, not a wrong-sized matmul at the first forward. Extra tensors are
+    let be (HF checkpoints carry some: an lm_head beside tied embeddings, rotary buffers)."""
+    from pytest_miles.errors import InputError
+
+    specs = moe_specs(cfg) if isinstance(cfg, MoeConfig) else dense_specs(cfg)
+    missing = [n for n in specs if n not in state]
+    if missing:
+        raise InputError(f"{where}: {len(missing)} tensor(s) that config.json describes are not in the weights, "
+                         f"first {missing[0]}")
+    for name, shape in specs.items():
+        found = tuple(state[name].shape)
+        if found != shape:
+            raise InputError(f"{where}: {name} is {list(found)} in the weights, config.json describes {list(shape)}")
 
 
 def decoder_class(cfg: TinyConfig | MoeConfig) -> type[TinyDecoder]:

@@ -286,3 +286,33 @@ def test_cli_bad_file(tmp_path, capsys):
     bad = _write(tmp_path, "[[cell]]\nid = 1\n")
     assert main(["capabilities", "--file", str(bad)]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+def test_damaged_capability_files_are_read_or_named(tmp_path):
+    """Seeded: the packaged file's fields removed, added or replaced by values of every other TOML type; each
+    damaged file is read (and every lookup answers) or refused with a CapabilityError naming it."""
+    import random
+    import tomllib
+
+    import pytest_miles.capabilities as caps
+    from tests.helpers.mutate import mutate, to_toml
+
+    base = tomllib.loads(caps.PACKAGED.read_text())
+    rng, outcomes = random.Random("capability-files"), {"read": 0, "named": 0}
+    for k in range(300):
+        damaged = mutate(base, rng)
+        if not isinstance(damaged, dict):
+            continue
+        path = tmp_path / f"caps{k}.toml"
+        path.write_text(to_toml(damaged))
+        try:
+            loaded = caps.load_capabilities(path)
+            for backend in caps.BACKENDS:
+                for mode in caps.CHECKS:
+                    loaded.lookup(backend, mode, "0.5.17")
+            caps.render_table(loaded, None)
+            outcomes["read"] += 1
+        except caps.CapabilityError as exc:
+            assert str(path) in str(exc), str(exc)
+            outcomes["named"] += 1
+    assert outcomes["read"] and outcomes["named"], outcomes

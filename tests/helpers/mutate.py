@@ -4,6 +4,7 @@ added, or replaced by a value of another type, for tests that every such input i
 from __future__ import annotations
 
 import copy
+import json
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -49,3 +50,29 @@ def mutate(value: Any, rng: random.Random) -> Any:
         except (KeyError, IndexError, TypeError):  # an earlier change removed or replaced the way there
             pass
     return value
+
+
+def _toml_value(value: Any) -> str | None:
+    if value is None:  # TOML has no null: the key is left out
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if value != value else "inf" if value == float("inf") else "-inf" if value == -float("inf") \
+            else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(v for v in map(_toml_value, value) if v is not None) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {v}" for k, v in
+                               ((k, _toml_value(v)) for k, v in value.items()) if v is not None) + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """`data` as TOML text (tables inline; a None is left out, as TOML has none), for damaged data files."""
+    return "".join(f"{_toml_value(str(k))} = {v}\n" for k, v in ((k, _toml_value(v)) for k, v in data.items())
+                   if v is not None)
