@@ -30,6 +30,7 @@ from pytest_miles.engines.base import (
     sglang_start_env,
     stream_merge,
 )
+from pytest_miles.engines.sglang_answers import output_of, token_logprobs
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import exited, free_port, kill_tree, log_contains, port_in_use, tail, wait_until
@@ -206,13 +207,8 @@ class ServerEngine:
         if not isinstance(res, list) or len(res) != len(prompts):
             raise EngineError(f"{self.name}: /generate answered {len(res) if isinstance(res, list) else res!r} "
                               f"items for {len(prompts)} prompts")
-        outs = []
-        for item in res:
-            lps = item["meta_info"]["output_token_logprobs"]
-            ids = item.get("output_ids") or [int(t[1]) for t in lps]
-            outs.append(Output([int(t) for t in ids], [float(t[0]) for t in lps],
-                               item["meta_info"].get("cached_tokens")))
-        return outs
+        outs = [output_of(item, f"{self.name}: /generate") for item in res]
+        return [Output(o.output_ids, o.logprobs, o.cached_tokens) for o in outs]  # a batch: no top-k, retractions
 
     def generate_one(self, prompt: list[int], params: SamplingParams | None = None, *, top_logprobs: int = 0,
                      stream: bool = False) -> Output:
@@ -227,12 +223,7 @@ class ServerEngine:
             how = "a stream with no data event" if stream and item is None else f"{item!r:.300}"
             raise EngineError(f"{self.name}: /generate ({'stream' if stream else 'whole'}) answered {how}; "
                               f"log tail:\n{tail(self.log_path)}")
-        meta = item["meta_info"]
-        lps = meta["output_token_logprobs"]
-        ids = item.get("output_ids") or [int(t[1]) for t in lps]
-        top = [{int(t[1]): float(t[0]) for t in row} for row in meta.get("output_top_logprobs") or []]
-        return Output([int(t) for t in ids], [float(t[0]) for t in lps], meta.get("cached_tokens"), top,
-                      meta.get("num_retractions"))
+        return output_of(item, f"{self.name}: /generate ({'stream' if stream else 'whole'})")
 
     def _post_stream(self, path: str, payload: Any) -> Any:
         """The last `data:` object of a server-sent-event answer (SGLang sends cumulative output)."""
@@ -271,13 +262,16 @@ class ServerEngine:
         res = self._post("/generate", {
             "input_ids": seq, "return_logprob": True, "logprob_start_len": max(len(prompt) - 1, 0),
             "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
-        entries = res["meta_info"]["input_token_logprobs"]
+        where = f"{self.name}: /generate (score)"
+        entries = res["meta_info"]["input_token_logprobs"] if isinstance(res, dict) and isinstance(
+            res.get("meta_info"), dict) else None
+        pairs = token_logprobs(entries, where, "input_token_logprobs", res, allow_none=True)
         self.last_score_entries = entries
         n = len(continuation)
-        for k in range(len(entries) - n, -1, -1):
-            window = entries[k:k + n]
-            if [int(e[1]) for e in window] == list(continuation) and all(e[0] is not None for e in window):
-                return [float(e[0]) for e in window]
+        for k in range(len(pairs) - n, -1, -1):
+            window = pairs[k:k + n]
+            if [t for _, t in window] == list(continuation) and all(lp is not None for lp, _ in window):
+                return [lp for lp, _ in window]
         raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
                           f"(got ids {[e[1] for e in entries][:20]}..., wanted {list(continuation)[:20]}...)")
 

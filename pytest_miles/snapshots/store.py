@@ -188,6 +188,15 @@ class _CleanLock:
         self._lock.release()
 
 
+def _json_type(value: Any) -> str:
+    """What a value parsed from JSON was, in JSON's words (for messages about a file)."""
+    if value is None:
+        return "null (or missing)"
+    names = {bool: "a boolean", dict: "an object", list: "an array", str: "a string", int: "a number",
+             float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
 class SnapshotStore:
     def __init__(self, root: str | Path, update: bool = False, regen_all: bool = False) -> None:
         self.root = Path(root)
@@ -222,10 +231,13 @@ class SnapshotStore:
                 or not isinstance(data.get("configurations"), dict)):
             raise SnapshotError(f"{path}: not a pytest-miles snapshot file (format {FORMAT} expected)")
         for key, conf in data["configurations"].items():
-            if not isinstance(conf, dict) or not isinstance(conf.get("fingerprint"), dict) \
-                    or not isinstance(conf.get("records"), dict):
-                raise SnapshotError(f"{path}: configuration {key}: expected an object with 'fingerprint' (an object "
-                                    "of field -> value) and 'records' (an object of record name -> record)")
+            if not isinstance(conf, dict):
+                raise SnapshotError(f"{path}: configuration {key} is {_json_type(conf)}, expected an object with "
+                                    "'fingerprint' and 'records'")
+            for name, holds in (("fingerprint", "field -> value"), ("records", "record name -> record")):
+                if not isinstance(conf.get(name), dict):
+                    raise SnapshotError(f"{path}: configuration {key}: '{name}' is {_json_type(conf.get(name))}, "
+                                        f"expected an object of {holds}")
             if config_digest(conf["fingerprint"]) != key:
                 raise SnapshotError(f"{path}: configuration {key} was edited by hand (its fingerprint no longer "
                                     "matches its key); regenerate with --miles-snapshot-regen-all")

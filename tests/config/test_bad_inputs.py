@@ -481,12 +481,13 @@ SNAPSHOT_FILES = [
     ("a list", "[]", "not a pytest-miles snapshot file"),
     ("wrong format", json.dumps({"format": "other/1", "configurations": {}}), "not a pytest-miles snapshot file"),
     ("configurations list", json.dumps({"format": FORMAT, "configurations": []}), "not a pytest-miles snapshot file"),
-    ("records list", _edit(lambda d: _conf(d).update(records=[1, 2])), "'records' is a list"),
+    ("records list", _edit(lambda d: _conf(d).update(records=[1, 2])), "'records' is an array"),
     ("record without digest", _edit(lambda d: _conf(d)["records"]["t::r"].pop("digest")), "record 't::r' is malformed"),
     ("record not a dict", _edit(lambda d: _conf(d)["records"].update({"t::r": 5})), "record 't::r' is malformed"),
     ("value edited", _edit(lambda d: _conf(d)["records"]["t::r"].update(value=[1, 3])), "edited by hand"),
     ("fingerprint edited", _edit(lambda d: _conf(d)["fingerprint"].update(cpu="y")), "edited by hand"),
-    ("configuration not a dict", json.dumps({"format": FORMAT, "configurations": {"k": 1}}), "edited by hand"),
+    ("configuration not a dict", json.dumps({"format": FORMAT, "configurations": {"k": 1}}),
+     "configuration k is a number, expected an object"),
 ]
 
 
