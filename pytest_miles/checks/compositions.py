@@ -22,14 +22,18 @@ def boundary_lengths(page_size: int = 16, max_len: int | None = None) -> list[in
     return sorted(n for n in lens if max_len is None or n <= max_len)
 
 
+MAX_PROMPTS = 4096  # the ordered pairs grow as n^2: 16.8 million batches at this bound
+
+
 def coverage_cases(n: int, window: int = 3) -> dict[str, list[tuple[int, ...]]]:
     """Batches of prompt indices 0..n-1, by kind: singletons (i,), ordered pairs (i, j) with
     i != j (both orders), cyclic windows (i, i+1, ..., i+window-1 mod n), adjacent duplicates
     (i, i)."""
-    if not isinstance(n, int) or n < 1:
-        raise InputError(f"n: expected the number of prompts, an integer >= 1, got {n!r}")
-    if not isinstance(window, int) or window < 2:
-        raise InputError(f"window: expected an integer >= 2, got {window!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_PROMPTS:
+        raise InputError(f"n: expected the number of prompts, an integer in [1, {MAX_PROMPTS}] (n^2 ordered pairs), "
+                         f"got {n!r:.60}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 2 <= window <= MAX_PROMPTS:
+        raise InputError(f"window: expected an integer in [2, {MAX_PROMPTS}], got {window!r:.60}")
     return {"singletons": [(i,) for i in range(n)],
             "ordered_pairs": [(i, j) for i in range(n) for j in range(n) if i != j],
             "cyclic_windows": [tuple((i + k) % n for k in range(window)) for i in range(n)] if n >= window else [],

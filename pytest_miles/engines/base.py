@@ -59,14 +59,32 @@ class SamplingParams:
     ignore_eos: bool = False  # SGLang's: generate max_new_tokens even past EOS (the embedded engines always do)
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature: {self.temperature} < 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p: {self.top_p} not in (0, 1]")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"SamplingParams.min_p: {self.min_p} not in [0, 1]")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens: {self.max_new_tokens} < 1")
+        import math
+
+        from pytest_miles.errors import InputError
+
+        def number(name: str, integer: bool = False) -> Any:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
+                    not integer and not math.isfinite(value)):
+                raise InputError(f"SamplingParams.{name}: expected {'an integer' if integer else 'a finite number'}, "
+                                 f"got {value!r:.60}")
+            return value
+
+        if number("temperature") < 0:
+            raise InputError(f"SamplingParams.temperature: {self.temperature} < 0")
+        if not 0 < number("top_p") <= 1:
+            raise InputError(f"SamplingParams.top_p: {self.top_p} not in (0, 1]")
+        if not 0 <= number("min_p") <= 1:
+            raise InputError(f"SamplingParams.min_p: {self.min_p} not in [0, 1]")
+        if number("top_k", integer=True) < -1 or self.top_k == 0:
+            raise InputError(f"SamplingParams.top_k: {self.top_k}: expected -1 (off) or an integer >= 1")
+        if not 1 <= number("max_new_tokens", integer=True) <= 2**31 - 1:
+            raise InputError(f"SamplingParams.max_new_tokens: {self.max_new_tokens} not in [1, 2**31 - 1]")
+        if self.sampling_seed is not None and not -(2**63) <= number("sampling_seed", integer=True) < 2**63:
+            raise InputError(f"SamplingParams.sampling_seed: {self.sampling_seed} is not a 64-bit integer (or None)")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"SamplingParams.ignore_eos: expected True or False, got {self.ignore_eos!r:.60}")
 
     def to_sglang(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if v is not None}

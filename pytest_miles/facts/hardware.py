@@ -102,6 +102,9 @@ MAX_OVERRIDE_GPUS = 1024  # a pretended machine: more is a typo, and each GPU is
 
 def parse_override(value: str) -> Hardware:
     """`hopper`, `h100`, `h100x8`, `a100:2`, `none` -> a synthetic Hardware."""
+    if not isinstance(value, str):
+        raise ValueError(f"GPU class override {value!r:.60}: expected a string naming a class or model with an "
+                         "optional count, e.g. hopper, h100x8, none")
     text = value.strip().lower()
     if text in ("none", "cpu", "0", ""):
         return Hardware(source=f"override ({value})")

@@ -1,0 +1,50 @@
+"""The public helpers' arguments, given a value of another type or out of range: one error naming the argument
+and what is accepted (InputError, a ValueError), never a TypeError from a comparison deep inside, and never an
+attempt to allocate what no machine has."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_miles import SamplingParams, coverage_cases, precision_matrix
+from pytest_miles.errors import InputError
+
+ODD = [None, True, "", "x", [], {}, b"x", object(), float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "top_k", "max_new_tokens", "sampling_seed",
+                                   "ignore_eos"])
+def test_sampling_params_name_the_field(field):
+    for value in ODD:
+        if (field, value) in (("sampling_seed", None),) or (field == "ignore_eos" and value is True):
+            continue  # what the field accepts
+        with pytest.raises(InputError, match=f"SamplingParams.{field}: ") as exc:
+            SamplingParams(**{field: value})
+        assert "not supported between" not in str(exc.value)
+    out_of_range = {"top_k": (0, "expected -1 (off) or an integer >= 1"),
+                    "max_new_tokens": (2**31, "not in [1, 2**31 - 1]"),
+                    "sampling_seed": (2**64, "is not a 64-bit integer"), "temperature": (-0.5, "< 0")}
+    if field in out_of_range:
+        value, says = out_of_range[field]
+        with pytest.raises(InputError) as exc:
+            SamplingParams(**{field: value})
+        assert str(exc.value).startswith(f"SamplingParams.{field}: ") and says in str(exc.value), str(exc.value)
+    assert SamplingParams(temperature=0, top_k=40, sampling_seed=-5).top_k == 40  # ints where floats go; any seed
+
+
+def test_coverage_cases_bounds_its_n_squared_batches():
+    with pytest.raises(InputError, match=r"n: expected the number of prompts, an integer in \[1, 4096\]"):
+        coverage_cases(2**70)  # before: a MemoryError after filling the machine's memory
+    for bad in (True, 1.5, "3", 0):
+        with pytest.raises(InputError, match="n: expected"):
+            coverage_cases(bad)
+    with pytest.raises(InputError, match=r"window: expected an integer in \[2, 4096\]"):
+        coverage_cases(4, window=True)
+    assert len(coverage_cases(3)["ordered_pairs"]) == 6
+
+
+def test_precision_matrix_gpu_must_be_a_name():
+    for bad in (0, 1.5, [], b"h100"):
+        with pytest.raises(ValueError, match="GPU class override .*expected a string naming a class or model"):
+            precision_matrix(gpu=bad)
+    assert precision_matrix(gpu="h100")
