@@ -19,6 +19,8 @@ from typing import Any
 
 from pytest_miles.errors import InputError
 
+MAX_TOKEN_ID = 2**31 - 1
+
 
 def _fail(what: str, value: Any, accepted: str) -> InputError:
     return InputError(f"{what}: {value!r} is not accepted; expected {accepted}")
@@ -32,6 +34,18 @@ def integer(what: str, value: Any, *, minimum: int | None = None, maximum: int |
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise _fail(what, value, f"an integer{rng}")
     return value
+
+
+def token_ids(what: str, value: Any, *, maximum: int = MAX_TOKEN_ID) -> list[int]:
+    """A non-empty list (or tuple) of token ids: integers in [0, maximum]."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= maximum for t in value):
+        raise _fail(what, _short(value), f"a non-empty list of token ids (integers in [0, {maximum}])")
+    return list(value)
+
+
+def _short(value: Any) -> Any:
+    return value if len(repr(value)) <= 80 else f"{repr(value)[:77]}..."
 
 
 def number(what: str, value: Any, *, positive: bool = True, allow_zero: bool = False) -> float:

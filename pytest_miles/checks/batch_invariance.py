@@ -188,15 +188,26 @@ def check_batch_invariance(engine, mode: str = "single", trials: int = 10, *, pa
     """Run one mode and return its report (no assertion). `prompt` fixes the prompt of the
     single and needle modes (default: random token ids of `prompt_len`); `batch_sizes` replaces
     single's CUDA-graph-crossing sizes (e.g. 1..trials, as SGLang's tool)."""
-    from pytest_miles.validation import check_engine
+    from pytest_miles.validation import MAX_COUNT, check_engine, integer, token_ids
 
     check_engine("engine", engine)
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-    if not isinstance(trials, int) or trials < 1:
-        raise ValueError(f"trials: expected an integer >= 1, got {trials!r}")
-    if max_batch < 1 or prompt_len < 2:
-        raise ValueError("max_batch must be >= 1 and prompt_len >= 2")
+    integer("trials", trials, minimum=1, maximum=MAX_COUNT)
+    integer("max_batch", max_batch, minimum=1, maximum=MAX_COUNT)
+    integer("prompt_len", prompt_len, minimum=2, maximum=MAX_COUNT)
+    integer("seed", seed)
+    if prompt is not None:
+        prompt = token_ids("prompt", prompt)
+    if batch_sizes is not None:
+        if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, (list, tuple)) or not batch_sizes:
+            raise ValueError(f"batch_sizes: {batch_sizes!r:.80} is not accepted; expected a non-empty list of "
+                             "batch sizes, e.g. [1, 2, 4, 8]")
+        batch_sizes = [integer(f"batch_sizes[{i}]", b, minimum=1, maximum=MAX_COUNT) for i, b in enumerate(batch_sizes)]
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress: expected a callable(done, total) or None, got {type(progress).__name__}")
+    if params is not None and not isinstance(params, SamplingParams):
+        raise ValueError(f"params: expected a SamplingParams, got {type(params).__name__}")
     params = params or SamplingParams(temperature=0.0 if mode == "p_vs_d" else 1.0, max_new_tokens=8, sampling_seed=42)
     rng = random.Random(seed)
     vocab = _engine_vocab(engine)

@@ -218,6 +218,10 @@ def compare_parity(
     records: list[ParityRecord], config: dict[str, Any] | None = None, versions: dict[str, str] | None = None
 ) -> ParityReport:
     """The report over records; the figures are computed over sequences whose lengths agree."""
+    if isinstance(records, ParityRecord) or not isinstance(records, (list, tuple)) or not all(
+            isinstance(r, ParityRecord) for r in records):
+        raise InputError(f"compare_parity(records={records!r:.80}): expected a list of ParityRecord, one per "
+                         "sequence")
     if not records:
         raise InputError("compare_parity: no records (one per sequence: prompt, sampled ids, decode, train logprobs)")
     identity = identity_errors(records)
@@ -310,6 +314,10 @@ def assert_parity(
     report and the locator's answer when there is one); Unbudgeted (reported "unbudgeted", a skip,
     never a pass) when no budget covers the configuration. `budget`: a Budget, "exact", a mean
     |delta| limit, or None to look the report's configuration up in the budget files."""
+    if not isinstance(report, ParityReport):
+        raise InputError(f"assert_parity(report=...): expected a ParityReport (from compare_parity or measure_parity), "
+                         f"got {type(report).__name__}" + (" (a to_json() dict is not read back)"
+                                                         if isinstance(report, dict) else ""))
     if pair not in PAIRS:
         raise InputError(f"assert_parity(pair={pair!r}): expected one of {', '.join(PAIRS)}")
     if report.identity:

@@ -33,6 +33,12 @@ DEFAULT_SEED = 1234
 def deterministic_env_vars(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The env vars every subprocess and Ray worker of a deterministic run must see."""
     env = {k: v for k, (v, _) in DETERMINISTIC_ENV.items()}
+    if extra is not None and (not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items())):
+        from pytest_miles.errors import InputError
+
+        raise InputError(f"deterministic_env_vars(extra={extra!r:.80}): expected a dict of variable name -> "
+                         "string value")
     if extra:
         env.update(extra)
     return env

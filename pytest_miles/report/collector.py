@@ -28,7 +28,8 @@ STAGES_KEY = "miles_stages"  # user property: [label, seconds] of the stages a p
 CHECK_TEST = "miles_check_test"  # user property: this test is a determinism check, named so
 SCHEMA = "pytest-miles/report"
 SCHEMA_VERSION = 3  # 3: each check has a kind; "totals" counts determinism checks only, "kinds" the rest
-# "caught": a helper's failure that its test expected and caught (a negative control that worked).
+# "caught": a helper's failure that its test expected and caught (a negative control that worked). A helper's
+# error (bad input, a crash) that its test caught is no check at all: nothing was judged.
 # "inconclusive": a timing figure whose spread covers its claim (noise, said as noise).
 # "unbudgeted": a parity figure for a configuration without a budget (measured, never passed).
 # "timeout": a stage (setup, call, teardown) ran past pytest-timeout's limit: not a determinism verdict.
@@ -126,7 +127,10 @@ class Collector:
             for name, value in props:
                 if name == KEY:
                     own = value.get("outcome")
-                    if own in ("failed", "error") and report.when == "call" and report.outcome == "passed":
+                    expected = report.when == "call" and report.outcome == "passed"  # the test caught it
+                    if own == "error" and expected:
+                        continue  # a helper refusing its input, as its test wanted: nothing judged, no check
+                    if own == "failed" and expected:
                         own = "caught"  # a failure the test expected (pytest.raises): its own negative control
                     e = Entry(report.nodeid, value["check"], own or outcome, value.get("figures", {}),
                               float(value.get("duration", report.duration) or 0.0),

@@ -48,3 +48,24 @@ def test_precision_matrix_gpu_must_be_a_name():
         with pytest.raises(ValueError, match="GPU class override .*expected a string naming a class or model"):
             precision_matrix(gpu=bad)
     assert precision_matrix(gpu="h100")
+
+
+def test_parity_helpers_name_what_they_were_given():
+    from pytest_miles import ParityRecord, assert_parity, compare_parity
+
+    rec = ParityRecord([1], [2], [-0.5], [-0.5])
+    with pytest.raises(InputError, match=r"compare_parity\(records=ParityRecord.*expected a list of ParityRecord"):
+        compare_parity(rec)  # one record, not a list of them
+    report = compare_parity([rec], {"model": "tiny"})
+    with pytest.raises(InputError, match=r"expected a ParityReport .*got dict \(a to_json\(\) dict is not read back"):
+        assert_parity(report.to_json(), "exact")
+    assert_parity(report, "exact")
+
+
+def test_deterministic_env_vars_extra_is_a_dict_of_strings():
+    from pytest_miles import deterministic_env_vars
+
+    for bad in ("NCCL_ALGO=Ring", [("A", "1")], {"A": 1}):
+        with pytest.raises(InputError, match="expected a dict of variable name -> string value"):
+            deterministic_env_vars(extra=bad)
+    assert deterministic_env_vars(extra={"A": "1"})["A"] == "1"

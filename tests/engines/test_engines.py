@@ -82,12 +82,21 @@ def test_progress_is_reported(invariant):
 
 @pytest.mark.parametrize("kwargs,message", [
     ({"mode": "chaos"}, "mode: 'chaos' is not one of single, prefix, prefix_long_anchor, radix_cache, p_vs_d, needle"),
-    ({"trials": 0}, "trials: expected an integer >= 1, got 0"),
-    ({"trials": 2.5}, "trials: expected an integer >= 1"),
+    ({"trials": 0}, "trials: 0 is not accepted; expected an integer >= 1 and <= 1000000"),
+    ({"trials": 2.5}, "trials: 2.5 is not accepted; expected an integer >= 1"),
+    ({"trials": 2**70}, "trials: 1180591620717411303424 is not accepted; expected an integer >= 1 and <= 1000000"),
+    ({"batch_sizes": 8}, "batch_sizes: 8 is not accepted; expected a non-empty list of batch sizes, e.g. [1, 2, 4, 8]"),
+    ({"batch_sizes": [1, "2"]}, "batch_sizes[1]: '2' is not accepted; expected an integer >= 1"),
+    ({"prompt": "hello"}, "prompt: 'hello' is not accepted; expected a non-empty list of token ids"),
+    ({"prompt": [5, -1]}, "prompt: [5, -1] is not accepted; expected a non-empty list of token ids"),
+    ({"progress": "bar"}, "progress: expected a callable(done, total) or None, got str"),
+    ({"params": {"temperature": 0}}, "params: expected a SamplingParams, got dict"),
+    ({"max_batch": 0}, "max_batch: 0 is not accepted; expected an integer >= 1"),
 ])
 def test_bad_check_arguments(invariant, kwargs, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError) as exc:
         check_batch_invariance(invariant, **{"mode": "single", "trials": 2, **kwargs})
+    assert str(exc.value).startswith(message), str(exc.value)
 
 
 def test_bad_prompts_and_params(invariant):

@@ -104,3 +104,32 @@ def test_totals_count_determinism_apart_from_refusals_and_setup(pytester):
         "*3 determinism checks: 1 passed, 1 failed, 1 not applicable; 1 rule refusals confirmed; "
         "1 setup checks: 1 passed, 0 failed (from 5 pytest tests: 3 passed, 1 failed, 1 skipped)*"])
     result.stdout.fnmatch_lines(["*miles_record(kind=): 'vibes'*one of determinism, refusal, setup*"])
+
+
+CAUGHT = """
+import pytest
+from pytest_miles import assert_checkpoints_equal, negative_control
+from pytest_miles.engines.reference import ReferenceEngine
+
+def test_helper_refusing_bad_input_as_the_test_wants(tmp_path):
+    with pytest.raises(Exception, match="missing_a"):
+        assert_checkpoints_equal(tmp_path / "missing_a", tmp_path / "missing_b")
+
+def test_a_negative_control_that_worked():
+    with pytest.raises(AssertionError):
+        negative_control(ReferenceEngine(deterministic=True), "single", trials=2, prompt_len=8)
+"""
+
+
+def test_a_caught_error_is_no_check_and_a_caught_failure_is_a_negative_control(pytester):
+    """A test that checks a helper's error path (pytest.raises around bad input) measured no determinism: it is
+    not counted as a check; a caught AssertionError is (the negative control's "caught")."""
+    pytester.makepyfile(CAUGHT)
+    out = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-p", "no:randomly", f"--miles-report={out}")
+    result.assert_outcomes(passed=2)
+    checks = json.loads(out.read_text())["checks"]
+    assert [(c["nodeid"].split("::")[-1], c["outcome"]) for c in checks] == [
+        ("test_a_negative_control_that_worked", "caught")], checks
+    result.stdout.fnmatch_lines(["*1 determinism checks: 0 passed, 0 failed, 0 not applicable, 1 caught (from 2 "
+                                 "pytest tests: 2 passed)*"])
