@@ -60,15 +60,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         import math
+        import numbers
 
         from pytest_miles.errors import InputError
 
         def number(name: str, integer: bool = False) -> Any:
+            """The field as a plain int or float (numpy's scalars too: they are JSON for SGLang after this)."""
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or (
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real) or (
                     not integer and not math.isfinite(value)):
                 raise InputError(f"SamplingParams.{name}: expected {'an integer' if integer else 'a finite number'}, "
                                  f"got {value!r:.60}")
+            value = int(value) if integer else (int(value) if isinstance(value, numbers.Integral) else float(value))
+            object.__setattr__(self, name, value)
             return value
 
         if number("temperature") < 0:

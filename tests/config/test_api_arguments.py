@@ -69,3 +69,15 @@ def test_deterministic_env_vars_extra_is_a_dict_of_strings():
         with pytest.raises(InputError, match="expected a dict of variable name -> string value"):
             deterministic_env_vars(extra=bad)
     assert deterministic_env_vars(extra={"A": "1"})["A"] == "1"
+
+
+def test_sampling_params_take_numpy_scalars_as_plain_numbers():
+    """An RL loop's seeds often come from numpy: taken, and sent to SGLang as JSON numbers."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    p = SamplingParams(temperature=np.float64(0.5), sampling_seed=np.int64(7), max_new_tokens=np.int32(3))
+    assert json.loads(json.dumps(p.to_sglang())) == {"temperature": 0.5, "top_p": 1.0, "top_k": -1,
+                                                     "max_new_tokens": 3, "sampling_seed": 7, "min_p": 0.0,
+                                                     "ignore_eos": False}
+    assert type(p.sampling_seed) is int and type(p.temperature) is float
