@@ -268,7 +268,7 @@ def read_hf_config(path: str | Path) -> dict:
 
 
 def config_from_hf(raw: dict, where: str | Path = "config.json") -> TinyConfig:
-    """An HF Qwen2-style config (read_hf_config's dict) as a TinyConfig; ValueError naming `where`."""
+    """An HF Qwen2-style config (read_hf_config's dict) as a TinyConfig; InputError (a ValueError) naming `where`."""
     from pytest_miles.errors import InputError
 
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in raw]

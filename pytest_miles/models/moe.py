@@ -87,10 +87,11 @@ def is_moe_config(raw: dict) -> bool:
 
 
 def moe_config_from_hf(raw: dict, where: str | Path = "config.json") -> MoeConfig:
-    """A Qwen3-MoE config.json as a MoeConfig; ValueError naming `where` for what it cannot serve."""
+    """A Qwen3-MoE config.json as a MoeConfig; InputError (a ValueError) naming `where` for what it cannot serve."""
+    from pytest_miles.errors import InputError
+
     need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
             "num_experts_per_tok", "moe_intermediate_size")
-    from pytest_miles.errors import InputError
 
     missing = [k for k in need if k not in raw]
     if missing:
