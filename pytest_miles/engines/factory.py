@@ -144,7 +144,7 @@ class EngineFactory:
                 limit += spec.startup_timeout  # a start begins at the latest when the one before it ended
             label = describe(spec)
             # its warm-up requests (kernels built at first use) come after it answers: each may take a request's limit
-            warm = len(server.warmup_params()) * server.request_timeout if hasattr(server, "warmup_params") else 0.0
+            warm = len(server.warmup_params()) * server.request_timeout
             own = spec.startup_timeout if key in beside else limit
             pending = Pending(label, lambda s=server: s, None if key in beside else after, own + warm + 60)
             pending.advice = server.start_advice  # what a timeout while waiting for it says
@@ -170,7 +170,7 @@ class EngineFactory:
         with stage(f"waiting for {pending.label}, started in the background", hint=pending.advice):
             eng = pending.result()
         note_stage(f"starting {pending.label} in the background", eng.startup_seconds or 0.0)
-        for phase, seconds in eng.startup_phases() if hasattr(eng, "startup_phases") else ():
+        for phase, seconds in eng.startup_phases():  # a ServerEngine (launch.build_server): [] where none are known
             note_stage(f"{pending.label} start-up: {phase}", seconds)
         if self.prebuild is not None and not self.prebuild.noted and self.prebuild.finished():
             self.prebuild.noted = True
