@@ -30,7 +30,7 @@ from pytest_miles.engines.base import (
     sglang_start_env,
     stream_merge,
 )
-from pytest_miles.engines.sglang_answers import meta_of, output_of, token_logprobs
+from pytest_miles.engines.sglang_answers import continuation_logprobs, meta_of, output_of, token_logprobs
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import exited, free_port, kill_tree, log_contains, port_in_use, tail, wait_until
@@ -266,13 +266,7 @@ class ServerEngine:
         entries = meta_of(res, where).get("input_token_logprobs")
         pairs = token_logprobs(entries, where, "input_token_logprobs", res, allow_none=True)
         self.last_score_entries = entries
-        n = len(continuation)
-        for k in range(len(pairs) - n, -1, -1):
-            window = pairs[k:k + n]
-            if [t for _, t in window] == list(continuation) and all(lp is not None for lp, _ in window):
-                return [lp for lp, _ in window]
-        raise EngineError(f"{self.name}: input_token_logprobs do not contain the continuation's token ids "
-                          f"(got ids {[t for _, t in pairs][:20]}..., wanted {list(continuation)[:20]}...)")
+        return continuation_logprobs(pairs, continuation, max(len(prompt) - 1, 0), self.name)
 
     def update_weights_from_disk(self, model_path: str | Path) -> None:
         """SGLang's POST /update_weights_from_disk: the RL loop's weight sync. A refusal (HTTP 400

@@ -22,18 +22,37 @@ def _logprob(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+NAN = float("nan")
+
+
 def token_logprobs(rows: Any, where: str, field: str, answer: Any, allow_none: bool = False) -> list[tuple]:
-    """SGLang's [[logprob, token id, text?], ...] rows as (logprob, id) pairs; `allow_none`: a logprob may be
-    null (the first input position has none)."""
+    """SGLang's [[logprob, token id, text?], ...] rows as (logprob, id) pairs. A null logprob is NaN: SGLang
+    0.5.17 writes its answers with orjson, which writes NaN and +-Infinity as null (a kernel's NaN is a finding
+    for the checks, not a bad answer). `allow_none`: a null is kept as None for the caller to place (the first
+    input position has no logprob at all)."""
     if not isinstance(rows, list):
         raise _fail(where, f"meta_info.{field} is not a list", answer)
     out = []
     for i, row in enumerate(rows):
         if not isinstance(row, (list, tuple)) or len(row) < 2 or not _int(row[1]) \
-                or not (_logprob(row[0]) or (allow_none and row[0] is None)):
+                or not (_logprob(row[0]) or row[0] is None):
             raise _fail(where, f"meta_info.{field}[{i}] is not [logprob, token id, ...]: {row!r:.80}", answer)
-        out.append((None if row[0] is None else float(row[0]), row[1]))
+        out.append(((None if allow_none else NAN) if row[0] is None else float(row[0]), row[1]))
     return out
+
+
+def continuation_logprobs(pairs: list[tuple], continuation: list[int], start: int, name: str) -> list[float]:
+    """The logprobs of `continuation` in the (logprob, id) pairs of input positions `start`, `start` + 1, ...:
+    located by its token ids (an off-by-one in the server's convention cannot compare the wrong positions), the
+    last match first. A null is the sequence's first position (no logprob exists: never part of a match) or a
+    NaN/Infinity that orjson wrote as null (NaN)."""
+    n = len(continuation)
+    for k in range(len(pairs) - n, -1, -1):
+        window = pairs[k:k + n]
+        if [t for _, t in window] == list(continuation) and (start + k > 0 or not window or window[0][0] is not None):
+            return [NAN if lp is None else lp for lp, _ in window]
+    raise EngineError(f"{name}: input_token_logprobs do not contain the continuation's token ids "
+                      f"(got ids {[t for _, t in pairs][:20]}..., wanted {list(continuation)[:20]}...)")
 
 
 def meta_of(item: Any, where: str) -> dict[str, Any]:

@@ -3,12 +3,13 @@ sends are read as before; any other shape is one EngineError naming the endpoint
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 
 from pytest_miles.engines.base import EngineError, Output
-from pytest_miles.engines.sglang_answers import output_of, token_logprobs
+from pytest_miles.engines.sglang_answers import continuation_logprobs, output_of, token_logprobs
 from tests.helpers.mutate import mutate
 
 # as SGLang 0.5.17 answers /generate with return_logprob and top_logprobs_num 2 (text fields null when
@@ -61,3 +62,23 @@ def test_damaged_answers_are_read_or_named():
             assert str(exc).startswith("e: /generate answered something"), str(exc)
             outcomes["named"] += 1
     assert outcomes["read"] and outcomes["named"], outcomes
+
+
+def test_a_null_logprob_is_nan_as_orjson_writes_it():
+    """SGLang 0.5.17 answers with orjson (sglang/srt/utils/json_response.py), which writes NaN and +-Infinity as
+    null: a null output logprob is a NaN for the checks to judge, not an answer this client cannot read."""
+    out = output_of({"meta_info": {"output_token_logprobs": [[None, 3, None], [-0.5, 4, None]],
+                                   "output_top_logprobs": [[[None, 3, None]], None]}}, "e")
+    assert math.isnan(out.logprobs[0]) and out.logprobs[1] == -0.5 and math.isnan(out.top_logprobs[0][3])
+    assert token_logprobs([[None, 5, None]], "e", "input_token_logprobs", {}, allow_none=True) == [(None, 5)]
+
+
+def test_continuation_located_by_ids_with_nulls_placed():
+    pairs = [(None, 1), (-0.5, 2), (None, 3), (-0.25, 4)]  # position 0 has no logprob; position 2 was a NaN
+    got = continuation_logprobs(pairs, [3, 4], start=0, name="e")
+    assert math.isnan(got[0]) and got[1] == -0.25
+    assert continuation_logprobs(pairs[1:], [2], start=1, name="e") == [-0.5]
+    with pytest.raises(EngineError, match="do not contain the continuation's token ids"):
+        continuation_logprobs(pairs, [1, 2], start=0, name="e")  # the first position has no logprob to give
+    with pytest.raises(EngineError, match=r"got ids \[1, 2, 3, 4\]"):
+        continuation_logprobs(pairs, [9], start=0, name="e")
