@@ -44,6 +44,13 @@ def token_ids(what: str, value: Any, *, maximum: int = MAX_TOKEN_ID) -> list[int
     return list(value)
 
 
+def top_k_of(req: dict, field: str) -> int:
+    """A request's number of top logprobs per position (SGLang's top_logprobs_num, OpenAI's logprobs and
+    top_logprobs): absent or null is none; else an integer >= 0."""
+    value = req.get(field)
+    return 0 if value is None else integer(field, value, minimum=0, maximum=MAX_TOKEN_ID)
+
+
 def _short(value: Any) -> Any:
     return value if len(repr(value)) <= 80 else f"{repr(value)[:77]}..."
 

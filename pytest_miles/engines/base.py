@@ -71,7 +71,10 @@ class SamplingParams:
                     not integer and not math.isfinite(value)):
                 raise InputError(f"SamplingParams.{name}: expected {'an integer' if integer else 'a finite number'}, "
                                  f"got {value!r:.60}")
-            value = int(value) if integer else (int(value) if isinstance(value, numbers.Integral) else float(value))
+            try:  # a float field is a float: 2**70 as an int overflows a kernel's scalar
+                value = int(value) if integer else float(value)
+            except OverflowError:
+                raise InputError(f"SamplingParams.{name}: expected a finite number, got {value!r:.60}") from None
             object.__setattr__(self, name, value)
             return value
 

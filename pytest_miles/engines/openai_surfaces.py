@@ -20,7 +20,9 @@ import time
 from typing import Any
 
 from pytest_miles.engines.base import EngineError, Output, SamplingParams
+from pytest_miles.engines.sglang_answers import ids_of, logprob_of, unreadable
 from pytest_miles.models.tokenizer_vocab import SPACE, SPECIAL, decode, encode, text_ids
+from pytest_miles.validation import top_k_of
 
 SURFACES = ("/generate", "/v1/completions", "/v1/chat/completions", "sglang.Engine")
 
@@ -69,34 +71,85 @@ def chat_payload(prompt: list[int], params: SamplingParams, top_logprobs: int) -
 def _choice(answer: Any, surface: str) -> dict[str, Any]:
     if not isinstance(answer, dict) or not answer.get("choices"):
         raise EngineError(f"{surface} answered {answer!r:.300} (expected an object with choices)")
-    return answer["choices"][0]
+    choices = answer["choices"]
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise unreadable(surface, "choices is not a list of objects", answer)
+    return choices[0]
+
+
+def _object(value: Any, surface: str, field: str, answer: Any) -> dict[str, Any]:
+    """An optional object: null is an empty one."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise unreadable(surface, f"{field} is not an object", answer)
+    return value
+
+
+def _rows(value: Any, surface: str, field: str, answer: Any) -> list:
+    """An optional list: null is an empty one."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise unreadable(surface, f"{field} is not a list", answer)
+    return value
+
+
+def _token(text: Any, surface: str, field: str, answer: Any) -> int:
+    if not isinstance(text, str):
+        raise unreadable(surface, f"{field} is not a token's text: {text!r:.80}", answer)
+    return token_id(text)
 
 
 def parse_completion(answer: Any) -> Output:
-    """choices[0]: token_ids, logprobs.token_logprobs, logprobs.top_logprobs ({text: logprob})."""
-    ch = _choice(answer, "/v1/completions")
-    lp = ch.get("logprobs") or {}
+    """choices[0]: token_ids, logprobs.token_logprobs, logprobs.top_logprobs ({text: logprob}), each checked:
+    another shape is one EngineError naming the field (sglang_answers.unreadable)."""
+    where = "/v1/completions"
+    ch = _choice(answer, where)
+    lp = _object(ch.get("logprobs"), where, "choices[0].logprobs", answer)
     ids = ch.get("token_ids")
     if ids is None:
-        ids = [token_id(t) for t in lp.get("tokens") or []]
-    top = [{token_id(t): float(v) for t, v in (row or {}).items()} for row in lp.get("top_logprobs") or []]
-    return Output([int(t) for t in ids], [float(v) for v in lp.get("token_logprobs") or []], None, top)
+        ids = [_token(t, where, "choices[0].logprobs.tokens[]", answer)
+               for t in _rows(lp.get("tokens"), where, "choices[0].logprobs.tokens", answer)]
+    ids = ids_of(ids, where, "choices[0].token_ids", answer)
+    top = []
+    for i, row in enumerate(_rows(lp.get("top_logprobs"), where, "choices[0].logprobs.top_logprobs", answer)):
+        field = f"choices[0].logprobs.top_logprobs[{i}]"
+        top.append({_token(t, where, field, answer): logprob_of(v, where, field, answer)
+                    for t, v in _object(row, where, field, answer).items()})
+    chosen = [logprob_of(v, where, f"choices[0].logprobs.token_logprobs[{i}]", answer)
+              for i, v in enumerate(_rows(lp.get("token_logprobs"), where, "choices[0].logprobs.token_logprobs",
+                                          answer))]
+    return Output(ids, chosen, None, top)
 
 
 def parse_chat(answer: Any) -> tuple[Output, list[int] | None]:
     """choices[0]: token_ids, logprobs.content[] ({token, logprob, top_logprobs: [{token, logprob}]}),
-    and the prompt ids the chat template produced (prompt_token_ids), when the server returns them."""
-    ch = _choice(answer, "/v1/chat/completions")
-    content = (ch.get("logprobs") or {}).get("content") or []
-    ids = ch.get("token_ids")
-    if ids is None:
-        ids = [token_id(c["token"]) for c in content]
-    top = [{token_id(t["token"]): float(t["logprob"]) for t in c.get("top_logprobs") or []} for c in content]
+    and the prompt ids the chat template produced (prompt_token_ids), when the server returns them; each
+    checked as parse_completion's."""
+    where = "/v1/chat/completions"
+    ch = _choice(answer, where)
+    content = _rows(_object(ch.get("logprobs"), where, "choices[0].logprobs", answer).get("content"), where,
+                    "choices[0].logprobs.content", answer)
+    given = ch.get("token_ids")
+    ids, chosen, top = [], [], []
+    for i, c in enumerate(content):
+        field = f"choices[0].logprobs.content[{i}]"
+        c = _object(c, where, field, answer)
+        if given is None:  # the ids read back from the texts only where the server gave none
+            ids.append(_token(c.get("token"), where, f"{field}.token", answer))
+        chosen.append(logprob_of(c.get("logprob"), where, f"{field}.logprob", answer))
+        rows = [_object(t, where, f"{field}.top_logprobs[]", answer)
+                for t in _rows(c.get("top_logprobs"), where, f"{field}.top_logprobs", answer)]
+        top.append({_token(t.get("token"), where, f"{field}.top_logprobs[].token", answer):
+                    logprob_of(t.get("logprob"), where, f"{field}.top_logprobs[].logprob", answer) for t in rows})
+    if given is not None:
+        ids = ids_of(given, where, "choices[0].token_ids", answer)
     if not any(top):
         top = []
-    out = Output([int(t) for t in ids], [float(c["logprob"]) for c in content], None, top)
     prompt = ch.get("prompt_token_ids")
-    return out, (None if prompt is None else [int(t) for t in prompt])
+    return Output(ids, chosen, None, top), (None if prompt is None else
+                                            ids_of(prompt, where, "choices[0].prompt_token_ids", answer))
 
 
 def complete_one(engine: Any, prompt: list[int], params: SamplingParams, top_logprobs: int = 0) -> Output:
@@ -120,7 +173,7 @@ def completion_request(req: dict) -> tuple[list[int], SamplingParams, int]:
         prompt = encode(prompt)
     if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) for t in prompt):
         raise ValueError("prompt: expected a non-empty list of token ids or a string")
-    return prompt, _params(req, req.get("max_tokens", 16)), int(req.get("logprobs") or 0)
+    return prompt, _params(req, req.get("max_tokens", 16)), top_k_of(req, "logprobs")
 
 
 def chat_request(req: dict) -> tuple[list[int], SamplingParams, int]:
@@ -131,7 +184,7 @@ def chat_request(req: dict) -> tuple[list[int], SamplingParams, int]:
     prompt = encode("".join(str(m.get("content") or "") for m in msgs))
     if not prompt:
         raise ValueError("messages: the chat template gives an empty prompt")
-    k = int(req.get("top_logprobs") or 0) if req.get("logprobs") else 0
+    k = top_k_of(req, "top_logprobs") if req.get("logprobs") else 0
     return prompt, _params(req, req.get("max_completion_tokens") or req.get("max_tokens") or 16), k
 
 

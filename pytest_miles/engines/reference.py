@@ -165,7 +165,7 @@ class ReferenceEngine:
             raise ValueError("prompts: expected a non-empty list of non-empty token-id lists")
         vocab = self.config.vocab_size
         for i, p in enumerate(prompts):
-            bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab)]
+            bad = [t for t in p if isinstance(t, bool) or not (isinstance(t, int) and 0 <= t < vocab)]
             if bad:
                 raise ValueError(f"prompts[{i}]: token id {bad[0]!r} outside the vocabulary [0, {vocab})")
 

@@ -20,7 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pytest_miles.engines.base import SamplingParams
 from pytest_miles.engines.reference import ReferenceEngine
 from pytest_miles.engines.scheduler import Scheduler
+from pytest_miles.errors import InputError
 from pytest_miles.models.weights_by_name import FAILED, json_value, parse_request
+from pytest_miles.validation import integer, top_k_of
 
 # Planted faults (negative controls only): what each one breaks.
 FAULTS = {
@@ -65,8 +67,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(404, {"error": self.path})
 
     def _body(self):
-        n = int(self.headers.get("Content-Length") or 0)
         try:
+            n = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= n <= MAX_BODY:
+                raise ValueError(f"Content-Length {n} outside [0, {MAX_BODY}]")
             return json.loads(self.rfile.read(n) or b"null")
         except ValueError as exc:
             return exc
@@ -92,6 +96,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._weights(req)
         if isinstance(req, ValueError):
             return self._send(400, {"error": f"body: not JSON ({req})"})
+        if not isinstance(req, dict) and self.path != "/flush_cache":
+            return self._send(400, {"error": f"body: expected a JSON object, got {type(req).__name__}"})
         if self.path == "/flush_cache":  # as SGLang: 400 while requests are queued or running
             if self.scheduler.flush():
                 return self._send(200, {})
@@ -99,7 +105,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/update_weights_from_disk":  # SGLang's answer shape: success + message
             try:
                 with self.lock:
-                    self.engine.update_weights_from_disk(req["model_path"])
+                    path = req.get("model_path")
+                    if not isinstance(path, str) or not path or "\x00" in path:
+                        raise ValueError(f"model_path: expected a model folder's path, got {path!r:.80}")
+                    self.engine.update_weights_from_disk(path)
                 return self._send(200, {"success": True, "message": "Succeeded to update model weights."})
             except (KeyError, TypeError, OSError, ValueError, RuntimeError) as exc:
                 return self._send(400, {"success": False, "message": f"{type(exc).__name__}: {exc}"})
@@ -108,12 +117,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.path != "/generate":
             return self._send(404, {"error": self.path})
         try:
-            if req.get("logprob_start_len") is not None and req["logprob_start_len"] >= 0:
+            start = req.get("logprob_start_len")  # SGLang's default -1: no input logprobs
+            if start is not None and not (isinstance(start, int) and not isinstance(start, bool) and start < 0):
                 with self.lock:
                     return self._send(200, _score(self.engine, req))
             reqs, single = _submit(self.engine, self.scheduler, req)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return self._send(400, {"error": str(exc)})
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            return self._send(400, {"error": _bad_request(exc)})
         if req.get("stream") and single:
             return self._stream(reqs[0])
         for r in reqs:
@@ -138,8 +148,9 @@ class Handler(BaseHTTPRequestHandler):
                 params = SamplingParams(**{**vars(params), "sampling_seed": None})
             self.engine._check([prompt])
             r = self.scheduler.submit(prompt, params, k)
-        except (ValueError, KeyError, TypeError) as exc:
-            return self._send(400, {"object": "error", "type": "BadRequestError", "code": 400, "message": str(exc)})
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
+            return self._send(400, {"object": "error", "type": "BadRequestError", "code": 400,
+                                    "message": _bad_request(exc)})
         r.done.wait()
         if r.error:
             return self._send(500, {"object": "error", "code": 500, "message": r.error})
@@ -216,18 +227,37 @@ def _bf16_kv(kv: list) -> list:
     return [(k.to(torch.bfloat16).to(k.dtype), v.to(torch.bfloat16).to(v.dtype)) for k, v in kv]
 
 
+def _input_ids(req: dict) -> list:
+    if "input_ids" not in req:
+        raise ValueError("input_ids: field required (a list of token ids, or one such list per prompt)")
+    return req["input_ids"]
+
+
 def _score(engine: ReferenceEngine, req: dict):
     """Input token logprobs from one prefill (logprob_start_len >= 0)."""
-    ids = req["input_ids"]
-    seq = ids if ids and isinstance(ids[0], int) else ids[0]
+    ids = _input_ids(req)
+    seq = ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else (
+        ids[0] if isinstance(ids, list) and len(ids) == 1 else None)
+    if not isinstance(seq, list) or len(seq) < 2:
+        raise ValueError("input_ids: expected one list of at least 2 token ids to score")
+    engine._check([seq])
+    start = integer("logprob_start_len", req["logprob_start_len"], minimum=0, maximum=len(seq) - 1)
     lps = engine.score(seq[:1], seq[1:])  # logprob of every input token after the first
     rows = [[None, seq[0], None]] + [[lp, t, None] for lp, t in zip(lps, seq[1:])]
-    return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[req["logprob_start_len"]:],
+    return {"output_ids": [], "meta_info": {"input_token_logprobs": rows[start:],
                                             "output_token_logprobs": []}}
 
 
+MAX_BODY = 64 << 20  # bytes a request body may have
+
+
+def _bad_request(exc: Exception) -> str:
+    """A refused request's message: ours as they are, anything else with its type (a KeyError's text is the key)."""
+    return str(exc) if type(exc) in (ValueError, InputError) else f"{type(exc).__name__}: {exc}"
+
+
 def _submit(engine: ReferenceEngine, sched: Scheduler, req: dict):
-    ids = req["input_ids"]
+    ids = _input_ids(req)
     single = bool(ids) and isinstance(ids[0], int)
     batch = [ids] if single else ids
     engine._check(batch)
@@ -235,7 +265,7 @@ def _submit(engine: ReferenceEngine, sched: Scheduler, req: dict):
     if isinstance(sp, list) and len(sp) != len(batch):
         raise ValueError(f"sampling_params: {len(sp)} given for {len(batch)} prompts")
     params = [_params(s) for s in sp] if isinstance(sp, list) else [_params(sp)] * len(batch)
-    k = int(req.get("top_logprobs_num") or 0) if req.get("return_logprob", True) else 0
+    k = top_k_of(req, "top_logprobs_num") if req.get("return_logprob", True) else 0
     limit = engine.config.max_position_embeddings
     for p, pr in zip(batch, params):
         if len(p) + pr.max_new_tokens > limit:
@@ -291,6 +321,8 @@ def prometheus(metrics: dict) -> str:
 
 
 def _params(sp: dict) -> SamplingParams:
+    if not isinstance(sp, dict):
+        raise ValueError(f"sampling_params: expected an object (or a list of one per prompt), got {sp!r:.80}")
     return SamplingParams(**{k: sp[k] for k in SamplingParams.__dataclass_fields__ if k in sp})
 
 

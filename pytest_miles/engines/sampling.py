@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pytest_miles.engines.base import SamplingParams
 
+# SGLang 0.5.17 (sglang/srt/sampling/sampling_params.py:39, :144): a temperature below 1e-6 is greedy (top_k 1);
+# dividing by it would overflow the logits to inf and the sampler's probabilities to NaN.
+SAMPLING_EPS = 1e-6
+
 
 def _sample(logits, params: SamplingParams, gen) -> int:
     import torch
 
-    if params.temperature == 0:
+    if params.temperature < SAMPLING_EPS:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_k > 0:

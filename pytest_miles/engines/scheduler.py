@@ -279,13 +279,18 @@ class Scheduler:
             for req, _ in work:
                 if req.kv_len < len(req.tokens):
                     continue  # a prefill chunk: more to come
-                logits = req.logits.cpu()
-                tok = _sample(logits, req.params, req.gen)
-                logp = torch.log_softmax(logits.float(), -1)
-                row = None
-                if req.top_logprobs:
-                    vals, idx = torch.topk(logp, min(req.top_logprobs, logp.numel()))
-                    row = [(int(t), float(v)) for v, t in zip(vals, idx)]
+                try:  # a request the sampler cannot serve fails alone: the loop thread serves the others on
+                    logits = req.logits.cpu()
+                    tok = _sample(logits, req.params, req.gen)
+                    logp = torch.log_softmax(logits.float(), -1)
+                    row = None
+                    if req.top_logprobs:
+                        vals, idx = torch.topk(logp, min(req.top_logprobs, logp.numel()))
+                        row = [(int(t), float(v)) for v, t in zip(vals, idx)]
+                except Exception as exc:
+                    req.error = f"{type(exc).__name__}: {exc}"
+                    self._finish(req)
+                    continue
                 with req.updated:  # a stream reads the three together (reference_server._stream)
                     req.output_ids.append(tok)
                     req.logprobs.append(float(logp[tok]))

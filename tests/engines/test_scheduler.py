@@ -63,3 +63,31 @@ def test_bad_settings_and_impossible_requests_are_refused():
     sched = Scheduler(ReferenceEngine(), max_total_tokens=10)
     with pytest.raises(ValueError, match="never be scheduled"):
         sched.submit(list(range(3, 12)), SamplingParams(max_new_tokens=4))
+
+
+def test_a_request_the_sampler_cannot_serve_fails_alone():
+    """The loop thread outlives a request whose sampling raises: that request ends with its error, the others in
+    the same steps are served as they would be alone, and later requests are served (before: the thread died and
+    every later request waited forever)."""
+    reqs = _requests(4)
+    _, alone = _serve(True, reqs)
+    sched = Scheduler(ReferenceEngine(deterministic=True))
+    broken = SamplingParams(temperature=1.0, max_new_tokens=3)
+    object.__setattr__(broken, "temperature", "hot")  # past the validation: the sampler itself raises
+    got = [sched.submit(p, sp, top_logprobs=4) for p, sp in reqs[:2]] + [sched.submit([5, 6, 7], broken)]
+    got += [sched.submit(p, sp, top_logprobs=4) for p, sp in reqs[2:]]
+    assert all(r.done.wait(60) for r in got)
+    assert got[2].error and got[2].error.startswith("TypeError"), got[2].error
+    served = [r for i, r in enumerate(got) if i != 2]
+    assert [(r.output_ids, [x.hex() for x in r.logprobs], r.top) for r in served] == alone
+    later = sched.submit(*reqs[0], top_logprobs=4)
+    assert later.done.wait(60) and later.error is None and sched.state()["alive"]
+
+
+def test_a_temperature_below_sglangs_epsilon_is_greedy():
+    """SGLang 0.5.17 samples a temperature below 1e-6 greedily (sampling_params.py:144); dividing by 1e-320 would
+    make the probabilities NaN."""
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+    tiny = SamplingParams(temperature=1e-320, max_new_tokens=4, sampling_seed=3)
+    _, (a, b) = _serve(True, [([5, 6, 7], greedy), ([5, 6, 7], tiny)])
+    assert a == b
