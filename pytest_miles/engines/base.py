@@ -164,14 +164,20 @@ def stream_merge(acc: dict | None, chunk: dict) -> dict:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text (SGLang's /metrics): name -> value, labels dropped (values of one name summed)."""
+    """Prometheus text (SGLang's /metrics): name -> value, labels dropped (values of one name summed). A sample
+    line is `name{labels} value [timestamp]`; label values may hold spaces and braces inside their quotes."""
     out: dict[str, float] = {}
     for line in text.splitlines():
+        line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, _, value = line.rpartition(" ")
+        if "{" in line.split(" ", 1)[0]:
+            name, rest = line.split("{", 1)[0], line[line.rfind("}") + 1:]
+        else:
+            name, _, rest = line.partition(" ")
+        fields = rest.split()
         try:
-            out[name.split("{")[0]] = out.get(name.split("{")[0], 0.0) + float(value)
-        except ValueError:
+            out[name] = out.get(name, 0.0) + float(fields[0])
+        except (ValueError, IndexError):
             continue
     return out

@@ -82,3 +82,19 @@ def test_continuation_located_by_ids_with_nulls_placed():
         continuation_logprobs(pairs, [1, 2], start=0, name="e")  # the first position has no logprob to give
     with pytest.raises(EngineError, match=r"got ids \[1, 2, 3, 4\]"):
         continuation_logprobs(pairs, [9], start=0, name="e")
+
+
+def test_prometheus_samples_with_labels_and_timestamps():
+    from pytest_miles.engines.base import parse_metrics
+
+    text = ('# HELP sglang:num_running_reqs The number of running requests.\n'
+            '# TYPE sglang:num_running_reqs gauge\n'
+            'sglang:num_running_reqs{model_name="a b {c}",tp_rank="0"} 3.0\n'
+            'sglang:num_running_reqs{model_name="x",tp_rank="1"} 2.0 1733390000000\n'
+            'sglang:token_usage 0.25 1733390000000\n'
+            'sglang:gen_throughput NaN\n'
+            'sglang:broken\n'
+            'sglang:bad{a="1"} x\n')
+    got = parse_metrics(text)
+    assert got["sglang:num_running_reqs"] == 5.0 and got["sglang:token_usage"] == 0.25, got
+    assert math.isnan(got["sglang:gen_throughput"]) and "sglang:broken" not in got and "sglang:bad" not in got
