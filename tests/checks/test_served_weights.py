@@ -7,10 +7,7 @@ one flipped bit, and an engine whose weights were not synced after the trainer's
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -21,6 +18,7 @@ from pytest_miles.engines.base import EngineError, WeightNotServed  # noqa: E402
 from pytest_miles.engines.reference import ReferenceEngine  # noqa: E402
 from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
 from pytest_miles.models.embedded import TinyConfig, write_hf_checkpoint  # noqa: E402
+from tests.helpers.http import request_json  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 FLIPPED = "model.layers.1.mlp.up_proj.weight"
@@ -96,13 +94,7 @@ def test_real_server_subprocess_serves_the_checkpoint(server, ckpt, flipped):
     url = server.url + "/get_weights_by_name"
 
     def call(body, method="POST"):
-        req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return request_json(url, body, method, timeout=30)
 
     code, rows = call({"name": "model.layers.0.self_attn.k_proj.bias", "truncate_size": 2}, "GET")
     assert code == 200 and len(rows) == 2 and all(isinstance(x, float) for x in rows)

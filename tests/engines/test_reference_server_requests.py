@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -17,6 +15,7 @@ pytest.importorskip("torch")
 from pytest_miles.engines.base import SamplingParams  # noqa: E402
 from pytest_miles.engines.reference_server_engine import ReferenceServerEngine  # noqa: E402
 from pytest_miles.models.embedded import write_hf_checkpoint  # noqa: E402
+from tests.helpers.http import request_json  # noqa: E402
 from tests.helpers.mutate import mutate  # noqa: E402
 
 REQUESTS = {  # a good request of each endpoint, as SGLang takes it
@@ -42,13 +41,7 @@ def server(tmp_path_factory):
 
 
 def _post(server, path: str, body) -> tuple[int, dict]:
-    req = urllib.request.Request(server.url + path.split("#")[0], data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return request_json(server.url + path.split("#")[0], body)
 
 
 def _message(answer: dict) -> str:
