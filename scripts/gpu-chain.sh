@@ -6,6 +6,9 @@
 #   setsid nohup bash scripts/gpu-chain.sh run FILE &   FILE: one shell command per line, "# ..." ignored
 #   bash scripts/gpu-chain.sh collect                    archive the logs so far to $OUT, print the progress
 #                                                        (with those of $CHAIN_EXTRA folders, default /tmp/st)
+#   bash scripts/gpu-chain.sh wait SECONDS && ... collect  wait inside the same call until every chain says
+#                                                        "chain done" or SECONDS pass: a host can go back in the
+#                                                        gap between two calls, so wait and collect in one
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHAIN_OUT=${CHAIN_OUT:-/tmp/gpu-chain}
@@ -21,7 +24,17 @@ if [ "${1:-}" = collect ]; then  # every chain's folder (/tmp/gpu-chain*) in one
   nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null
   exit 0
 fi
-[ "${1:-}" = run ] || { echo "usage: gpu-chain.sh run FILE | collect"; exit 2; }
+if [ "${1:-}" = wait ]; then
+  end=$(( $(date +%s) + ${2:?wait SECONDS} ))
+  while [ "$(date +%s)" -lt "$end" ]; do
+    pending=0  # a folder without progress holds no chain (this script makes $CHAIN_OUT itself)
+    for c in /tmp/gpu-chain*; do [ -f "$c/progress" ] && ! grep -q "chain done" "$c/progress" && pending=1; done
+    [ "$pending" = 0 ] && exit 0
+    sleep 5
+  done
+  exit 0
+fi
+[ "${1:-}" = run ] || { echo "usage: gpu-chain.sh run FILE | collect | wait SECONDS"; exit 2; }
 export PYTHONPATH=/tmp/miles-gpu/site PYTHONUNBUFFERED=1
 i=0
 while IFS= read -r cmd; do
