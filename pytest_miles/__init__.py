@@ -80,6 +80,7 @@ _EXPORTS = {
     "TrainerConfig": "trainers.config",
     "EXPECTED_COST": "scenarios.cost",
     "measure_rollout_cost": "scenarios.cost",
+    "measure_training_cost": "scenarios.cost",
     "spread_verdict": "scenarios.cost",
     "raise_if_inconclusive": "scenarios.cost",
     "Inconclusive": "errors",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,19 +73,57 @@ def _tokens_per_second(engine, prompts, params) -> float:
     return sum(len(o.output_ids) for o in outs) / dt
 
 
+def interleaved(deterministic: Callable[[], float], baseline: Callable[[], float],
+                pairs: int) -> list[tuple[float, float]]:
+    """`pairs` (deterministic, baseline) measurements, taken in an order that alternates (D B, B D, D B, ...),
+    so that load that rises or falls over the measurement (a kernel build, a process starting beside it)
+    weighs on both sides alike instead of on whichever ran second. `pairs` >= 3: a median with a spread."""
+    if pairs < 3:
+        raise ValueError(f"pairs: {pairs} < 3 (a median with a spread needs at least 3 pairs)")
+    out = []
+    for i in range(pairs):
+        if i % 2 == 0:
+            d = deterministic()
+            b = baseline()
+        else:
+            b = baseline()
+            d = deterministic()
+        out.append((d, b))
+    return out
+
+
 def measure_rollout_cost(deterministic, baseline, prompts, params, pairs: int = 3) -> CostReport:
     """Tokens/s of both engines, `pairs` interleaved pairs (>= 3), after one warm-up batch each."""
     if pairs < 3:
         raise ValueError(f"pairs: {pairs} < 3 (a median with a spread needs at least 3 pairs)")
     deterministic.generate(prompts, params)
     baseline.generate(prompts, params)
-    report = CostReport()
-    for i in range(pairs):
-        if i % 2 == 0:
-            d = _tokens_per_second(deterministic, prompts, params)
-            b = _tokens_per_second(baseline, prompts, params)
-        else:
-            b = _tokens_per_second(baseline, prompts, params)
-            d = _tokens_per_second(deterministic, prompts, params)
-        report.pairs.append((d, b))
-    return report
+    return CostReport(pairs=interleaved(lambda: _tokens_per_second(deterministic, prompts, params),
+                                        lambda: _tokens_per_second(baseline, prompts, params), pairs))
+
+
+def measure_training_cost(trainer_factory: Callable[..., Any], steps: int = 8, warmup: int = 2,
+                          pairs: int = 6) -> tuple[dict[str, Any], list[float]]:
+    """The training step's cost of deterministic mode: `pairs` pairs of runs (one with deterministic
+    mode, one without, same seed) in alternating order, each run's median step time after `warmup`
+    steps. Returns the figures and the per-pair throughput costs (baseline time / deterministic time - 1)."""
+    if not 0 <= warmup < steps:
+        raise ValueError(f"warmup: {warmup} must be >= 0 and below steps ({steps})")
+
+    def median_step(deterministic: bool) -> Callable[[], float]:
+        def measure() -> float:
+            run = trainer_factory(seed=1, deterministic=deterministic).train(steps)
+            return statistics.median(run.step_times[warmup:])
+        return measure
+
+    timed = interleaved(median_step(True), median_step(False), pairs)
+    costs = [b / d - 1 for d, b in timed]
+    figures = {"deterministic_ms": round(statistics.median(d for d, _ in timed) * 1e3, 2),
+               "baseline_ms": round(statistics.median(b for _, b in timed) * 1e3, 2),
+               "cost": f"{statistics.median(costs) * 100:+.1f}% throughput",
+               "cost_spread": f"{min(costs) * 100:+.1f}%..{max(costs) * 100:+.1f}%", "pairs": len(costs),
+               "order": "alternating (D B, B D, ...), one run each, median step time after the warm-up steps",
+               "deterministic_run_ms": [round(d * 1e3, 2) for d, _ in timed],
+               "baseline_run_ms": [round(b * 1e3, 2) for _, b in timed],
+               "verdict": spread_verdict(costs), "seed_expects": EXPECTED_COST["training"]}
+    return figures, costs

@@ -6,15 +6,14 @@ spread covers zero is reported "inconclusive" (a skip), never a pass."""
 from __future__ import annotations
 
 import random
-import statistics
 
 from pytest_miles import (
     EXPECTED_COST,
     NotApplicable,
     SamplingParams,
     measure_rollout_cost,
+    measure_training_cost,
     raise_if_inconclusive,
-    spread_verdict,
 )
 from pytest_miles.suite.conftest import engine_for, require
 
@@ -48,21 +47,11 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     miles_record(label, **report.figures())
 
 
-def test_training_cost(megatron_trainer_factory, tmp_path, miles_record):
+def test_training_cost(megatron_trainer_factory, miles_record):
+    """Six pairs of 8-step runs with deterministic mode on and off, in alternating order (the pool's ranks
+    serve both), so that a machine whose load changes over the measurement does not favour one side."""
     require("megatron.core", "megatron")
-    steps = 8
-
-    def step_times(deterministic: bool) -> list[float]:
-        run = megatron_trainer_factory(seed=1, deterministic=deterministic).train(steps)
-        return run.step_times[2:]  # the first steps warm up
-
-    det, non = step_times(True), step_times(False)
-    costs = [n / d - 1 for d, n in zip(det, non)]  # throughput cost per step pair
     label = "cost of determinism: megatron training step"
-    figures = {"deterministic_ms": round(statistics.median(det) * 1e3, 2),
-               "baseline_ms": round(statistics.median(non) * 1e3, 2),
-               "cost": f"{statistics.median(costs) * 100:+.1f}% throughput",
-               "cost_spread": f"{min(costs) * 100:+.1f}%..{max(costs) * 100:+.1f}%", "pairs": len(costs),
-               "verdict": spread_verdict(costs), "seed_expects": EXPECTED_COST["training"]}
+    figures, costs = measure_training_cost(megatron_trainer_factory)
     raise_if_inconclusive(label, figures, costs)
     miles_record(label, **figures)

@@ -66,3 +66,17 @@ def test_a_noisy_figure_is_inconclusive_in_pytest_and_in_the_report(pytester, wo
     assert checks["cost of determinism: clear"]["outcome"] == "passed"
     assert data["totals"]["inconclusive"] == 1 and data["totals"]["passed"] == 1
     assert "1 inconclusive" in page.read_text()
+
+
+def test_pairs_alternate_their_order_so_a_changing_load_weighs_on_both_sides():
+    """D B, B D, D B, B D: a load that falls over the measurement (a kernel build ending beside it) slows
+    the first of each pair, which is the deterministic side and the baseline in turn."""
+    from pytest_miles.scenarios.cost import interleaved, measure_training_cost
+
+    order: list[str] = []
+    pairs = interleaved(lambda: order.append("D") or 1.0, lambda: order.append("B") or 2.0, 4)
+    assert "".join(order) == "DBBDDBBD" and pairs == [(1.0, 2.0)] * 4
+    with pytest.raises(ValueError, match=r"pairs: 2 < 3 \(a median with a spread needs at least 3 pairs\)"):
+        interleaved(float, float, 2)
+    with pytest.raises(ValueError, match=r"warmup: 8 must be >= 0 and below steps \(8\)"):
+        measure_training_cost(None, steps=8, warmup=8)
