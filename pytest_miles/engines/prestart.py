@@ -15,9 +15,16 @@ whose pool is fixed in tokens in advance starts at once, beside the others, with
   and cache/API servers);
 - the others, when their pools can be planned (`planned_pools`): SHARE of the GPU memory free now
   (NVML), in equal parts, each part in tokens of its model, passed as `--max-total-tokens`.
-SGLang then takes min(what it profiles, the cap). BESIDE_FRACTION makes the profile exceed the cap
-whatever the other servers allocate between its two readings (at most SHARE of the memory, plus 1-2
-GB per server of weights, CUDA context and graphs): the pool is the cap, whenever the reading happens.
+SGLang then takes min(what it profiles, the cap), and refuses to start ("Loaded weights leave no GPU
+memory for the KV cache") when the memory free at its second reading is below `(1 - fraction) x the
+first` (sglang mem_cache/kv_cache_configurator.py `_profile_available_bytes`). So a server started
+beside the others needs, at its second reading, `(1 - BESIDE_FRACTION) x its first + its cap` free,
+whatever the others allocated in between: at most SHARE of the memory in planned pools, 1 GiB per small
+pool, and each GPU process's own memory (CUDA context, weights, graphs, workspaces; the suite's
+megatron-core ranks start beside them too). On an H100 (2026-12-05) those others held 0.77 of the first
+reading (two planned pools of 0.3 among them), and 0.75 refused a start. BESIDE_FRACTION 0.95 leaves
+0.18 of the first reading (about 14 GB on an 80 GB card) beyond that, for a small pool's server as for a
+planned one's (whose own cap of 0.3 then takes the place of the other planned pool's).
 When the free memory or a model's KV layout is not known, the servers that keep SGLang's own sizing
 stay in the chain.
 """
@@ -34,7 +41,7 @@ from pytest_miles.errors import EngineError
 DEFAULT_FRACTION = 0.3  # SGLangEngine's mem_fraction_static
 SHARE = 0.6  # of the GPU memory free when the engines start, for all of them; the rest: trainers, graphs
 SMALL_POOL_BYTES = 1 << 30  # a capped KV pool at most this large starts beside the chain
-BESIDE_FRACTION = round(SHARE + 0.15, 2)  # mem_fraction_static of a server started beside the chain
+BESIDE_FRACTION = 0.95  # mem_fraction_static of a server started beside the chain (its pool is its cap)
 
 
 def memory_fractions(n: int, share: float = SHARE, most: float = DEFAULT_FRACTION) -> list[float]:

@@ -223,6 +223,28 @@ def test_a_small_capped_pool_starts_beside_the_chain(model_dir, tmp_path, extra,
     assert SHARE < BESIDE_FRACTION < 1  # its reading survives every chained server's planned share
 
 
+def test_the_beside_fraction_survives_the_readings_an_h100_start_met():
+    """SGLang 0.5.17 (mem_cache/kv_cache_configurator.py _profile_available_bytes) sizes the pool from
+    `available - pre x (1 - fraction)` and refuses to start at <= 0. On an H100 (2026-12-05) a server
+    beside four others and the megatron-core ranks read available = 0.2309 x pre ("minimum viable =
+    1 - available/pre = 0.7691") and 0.75 refused it. BESIDE_FRACTION must leave its pool, the cap, with
+    a tenth of the reading to spare: a small pool (<= 1 GiB), and a planned pool's server, whose own cap
+    (0.3) stands in for the other planned pool it did not see allocated."""
+    from pytest_miles.engines.prestart import BESIDE_FRACTION, DEFAULT_FRACTION, SHARE, SMALL_POOL_BYTES
+
+    pre = 79.0  # GB free at the first reading (an H100's 80 GB, less a CUDA context)
+    available = (1 - 0.7691) * pre
+
+    def rest(fraction: float, others_less: float = 0.0) -> float:
+        return available + others_less - pre * (1 - fraction)
+
+    assert rest(0.75) <= 0  # the start that was refused
+    assert rest(BESIDE_FRACTION) >= SMALL_POOL_BYTES / 1e9 + 0.1 * pre
+    planned_cap = min(DEFAULT_FRACTION, SHARE / 2) * pre
+    assert rest(BESIDE_FRACTION, others_less=planned_cap) >= planned_cap + 0.1 * pre
+    assert BESIDE_FRACTION < 1  # SGLang's own headroom for activations is not zero
+
+
 @pytest.mark.parametrize("shape", ["tiny", "qwen2.5-0.5b"])
 def test_the_suites_capped_servers_start_beside_the_chain(tmp_path, shape):
     """The bundled suite's SGLang servers: traffic (both) and cache/API capped small by their own
