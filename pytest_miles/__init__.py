@@ -82,6 +82,7 @@ _EXPORTS = {
     "measure_rollout_cost": "scenarios.cost",
     "measure_training_cost": "scenarios.cost",
     "spread_verdict": "scenarios.cost",
+    "sign_verdict": "scenarios.cost",
     "raise_if_inconclusive": "scenarios.cost",
     "Inconclusive": "errors",
     "MilesError": "errors",

@@ -5,6 +5,7 @@ spread covers zero says nothing about the sign of the cost: it is "inconclusive"
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -26,18 +27,50 @@ def spread_verdict(values: list[float], claim: float = 0.0) -> str:
     return "measured"
 
 
+# The false-"measured" rate of the training figure's first rule, 6 of 6 pairs on one side of zero when the
+# two sides cost the same: 2 / 2**6. sign_verdict keeps that level for any number of pairs.
+SIGN_LEVEL = 2 / 2 ** 6
+
+
+def sign_p(values: list[float], claim: float = 0.0) -> float:
+    """Two-sided sign-test p-value of `values` against `claim`: the chance, were each value as likely
+    above `claim` as below it, of a split at least this lopsided (a value equal to `claim` counts against)."""
+    n = len(values)
+    above = sum(v > claim for v in values)
+    below = sum(v < claim for v in values)
+    against = n - max(above, below)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(against + 1)) / 2 ** n) if n else 1.0
+
+
+def sign_verdict(values: list[float], claim: float = 0.0, level: float = SIGN_LEVEL) -> str:
+    """ "measured" when the pairs fall on one side of `claim` so lopsidedly that chance would do it at
+    most `level` of the time (a sign test): with 10 pairs, 9 on one side (p = 0.021); with 6, all of
+    them (p = 0.031). One outlier among many pairs then no longer hides a clear sign, and a false
+    "measured" is no likelier than under spread_verdict's 6 of 6. Else "inconclusive"."""
+    return "measured" if len(values) >= 3 and sign_p(values, claim) <= level else "inconclusive"
+
+
+def _noise(values: list[float], claim: float, rule: Callable[..., str]) -> str:
+    lo, hi = min(values, default=claim), max(values, default=claim)
+    spread = f"spread {lo * 100:+.1f}%..{hi * 100:+.1f}% over {len(values)} pairs"
+    if rule is sign_verdict:
+        side = max(sum(v > claim for v in values), sum(v < claim for v in values))
+        return (f"{side} of {len(values)} pairs on one side of {claim * 100:+.1f}% (sign test p = "
+                f"{sign_p(values, claim):.3f}, above {SIGN_LEVEL:.3f}); {spread}")
+    return f"{spread} covers {claim * 100:+.1f}%"
+
+
 def raise_if_inconclusive(label: str, figures: dict[str, Any], values: list[float],
-                          claim: float = 0.0) -> None:
-    """Record the figure as "inconclusive" and skip the test when its spread covers `claim`:
-    a noisy figure is said as noise, not reported as a pass."""
-    if spread_verdict(values, claim) == "measured":
+                          claim: float = 0.0, rule: Callable[..., str] = spread_verdict) -> None:
+    """Record the figure as "inconclusive" and skip the test when `rule` (spread_verdict: the spread
+    covers `claim`; sign_verdict: the pairs' sides could be chance) says so: a noisy figure is said as
+    noise, not reported as a pass."""
+    if rule(values, claim) == "measured":
         return
     from pytest_miles import recording
 
-    lo, hi = min(values, default=claim), max(values, default=claim)
-    message = (f"inconclusive: {label}: spread {lo * 100:+.1f}%..{hi * 100:+.1f}% over {len(values)} pairs "
-               f"covers {claim * 100:+.1f}%, so the figure is noise here (a quieter machine or more pairs "
-               "can decide it)")
+    message = (f"inconclusive: {label}: {_noise(values, claim, rule)}, so the figure is noise here (a quieter "
+               "machine or more pairs can decide it)")
     recording.record(label, "inconclusive", {**figures, "message": message})
     raise Inconclusive(message)
 
@@ -103,10 +136,11 @@ def measure_rollout_cost(deterministic, baseline, prompts, params, pairs: int = 
 
 
 def measure_training_cost(trainer_factory: Callable[..., Any], steps: int = 8, warmup: int = 2,
-                          pairs: int = 6) -> tuple[dict[str, Any], list[float]]:
+                          pairs: int = 10) -> tuple[dict[str, Any], list[float]]:
     """The training step's cost of deterministic mode: `pairs` pairs of runs (one with deterministic
     mode, one without, same seed) in alternating order, each run's median step time after `warmup`
-    steps. Returns the figures and the per-pair throughput costs (baseline time / deterministic time - 1)."""
+    steps. Returns the figures and the per-pair throughput costs (baseline time / deterministic time - 1),
+    to be judged by sign_verdict."""
     if not 0 <= warmup < steps:
         raise ValueError(f"warmup: {warmup} must be >= 0 and below steps ({steps})")
 
@@ -122,8 +156,9 @@ def measure_training_cost(trainer_factory: Callable[..., Any], steps: int = 8, w
                "baseline_ms": round(statistics.median(b for _, b in timed) * 1e3, 2),
                "cost": f"{statistics.median(costs) * 100:+.1f}% throughput",
                "cost_spread": f"{min(costs) * 100:+.1f}%..{max(costs) * 100:+.1f}%", "pairs": len(costs),
+               "pairs_below_zero": sum(c < 0 for c in costs), "sign_p": round(sign_p(costs), 4),
                "order": "alternating (D B, B D, ...), one run each, median step time after the warm-up steps",
                "deterministic_run_ms": [round(d * 1e3, 2) for d, _ in timed],
                "baseline_run_ms": [round(b * 1e3, 2) for _, b in timed],
-               "verdict": spread_verdict(costs), "seed_expects": EXPECTED_COST["training"]}
+               "verdict": sign_verdict(costs), "seed_expects": EXPECTED_COST["training"]}
     return figures, costs

@@ -80,3 +80,20 @@ def test_pairs_alternate_their_order_so_a_changing_load_weighs_on_both_sides():
         interleaved(float, float, 2)
     with pytest.raises(ValueError, match=r"warmup: 8 must be >= 0 and below steps \(8\)"):
         measure_training_cost(None, steps=8, warmup=8)
+
+
+def test_the_sign_rule_lets_one_outlier_pass_and_is_no_likelier_to_call_noise_measured():
+    """The training figure's rule: with 10 pairs, 9 on one side is measured (p = 0.021), 8 is not
+    (p = 0.109); 6 of 6 (p = 0.031) was the old rule's only way to measure, and stays one. The H100's
+    cold run (2026-12-05): 5 of 6 pairs below zero, one baseline run slowed by a neighbour (+25.6%)."""
+    from pytest_miles.scenarios.cost import SIGN_LEVEL, sign_p, sign_verdict
+
+    assert sign_p([-0.1] * 6) == SIGN_LEVEL and sign_verdict([-0.1] * 6) == "measured"
+    assert sign_verdict([-0.1] * 9 + [0.256]) == "measured" and sign_p([-0.1] * 9 + [0.3]) < SIGN_LEVEL
+    assert sign_verdict([-0.1] * 8 + [0.2, 0.3]) == "inconclusive"
+    assert sign_verdict([-0.1] * 5 + [0.256]) == "inconclusive"  # the H100's six pairs
+    assert sign_verdict([-0.1] * 9 + [0.0]) == "measured" and sign_verdict([-0.1] * 8 + [0.0, 0.0]) == "inconclusive"
+    assert sign_verdict([0.1, 0.2]) == "inconclusive" and sign_p([]) == 1.0
+    with pytest.raises(Inconclusive, match=r"8 of 10 pairs on one side of \+0.0% \(sign test p = 0.109, above "
+                                           r"0.031\); spread -10.0%..\+30.0% over 10 pairs, so the figure is noise"):
+        raise_if_inconclusive("cost: sign", {}, [-0.1] * 8 + [0.2, 0.3], rule=sign_verdict)
