@@ -1,7 +1,8 @@
 """The cost of determinism, measured honestly: throughput with and without the flag in pairs
 whose order alternates (so slow drift of clocks or caches does not favour one side), reported as
 the median of the per-pair costs with their spread, next to what the seed expects. A figure whose
-spread covers zero says nothing about the sign of the cost: it is "inconclusive", never a pass."""
+pairs do not show the sign of the cost (spread_verdict: the spread covers zero; sign_verdict: a sign test
+could put the split down to chance) is "inconclusive", never a pass."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The cost of determinism on this stack, measured in the same run as its baseline: rollout
 throughput with and without deterministic inference, training step time with and without
 deterministic mode, next to the costs the Miles reproducibility guide expects. Each figure carries its spread; one whose
-spread covers zero is reported "inconclusive" (a skip), never a pass."""
+pairs do not show the cost's sign (the rollout's: its spread covers zero; the training's: a sign test) is
+reported "inconclusive" (a skip), never a pass."""
 
 from __future__ import annotations
 
