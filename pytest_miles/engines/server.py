@@ -27,10 +27,12 @@ from pytest_miles.engines.base import (
     WeightNotServed,
     params_json,
     parse_metrics,
+    sglang_arg,
     sglang_start_env,
     stream_merge,
 )
 from pytest_miles.engines.sglang_answers import continuation_logprobs, meta_of, output_of, token_logprobs
+from pytest_miles.engines.start_refusals import explain_refusal
 from pytest_miles.facts.environment import deterministic_env_vars
 from pytest_miles.placement.ownership import disown, spawn
 from pytest_miles.placement.processes import exited, free_port, kill_tree, log_contains, port_in_use, tail, wait_until
@@ -88,8 +90,10 @@ class ServerEngine:
                                 alive=lambda: proc.poll() is None)
             if not ok:
                 if proc.poll() is not None:
+                    log = tail(self.log_path)
+                    why = explain_refusal(log, sglang_arg(self.cmd, "mem-fraction-static"))
                     raise EngineError(f"{self.name} {exited(proc.returncode)} while starting "
-                                      f"(log {self.log_path}):\n{tail(self.log_path)}")
+                                      f"(log {self.log_path}):\n{why + chr(10) if why else ''}{log}")
                 advice = f"\n{self.start_advice}" if self.start_advice else ""
                 raise EngineError(f"{self.name} did not become healthy within {self.startup_timeout:g} s "
                                   f"(stage: engine start-up; log {self.log_path}){advice}\n{tail(self.log_path)}")
