@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_miles._argtypes import positive_int, tp_size
 from pytest_miles.errors import MilesError
 
 
@@ -132,16 +133,6 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     print(_dumps(report.to_json(), indent=2) if args.json else report.render())
     return 0 if report.passed else 1
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a whole number >= 1")
-    return value
 
 
 def _manifest(args: argparse.Namespace) -> int:
@@ -285,7 +276,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="also check a Ray runtime_env JSON file's env_vars (as a Miles run will get them)")
     d.add_argument("--train-env-vars", metavar="JSON", default=None,
                    help="also check Miles' --train-env-vars JSON object of env vars")
-    d.add_argument("--sglang-tp", metavar="N", type=_tp_size, default=None,
+    d.add_argument("--sglang-tp", metavar="N", type=tp_size, default=None,
                    help="the rollout's SGLang --tp-size (TP > 1: SGLang sets its own NCCL_ALGO)")
     d.add_argument("--sglang-version", default=None,
                    help="explain what --enable-deterministic-inference sets in this SGLang version (one the capability "
@@ -313,7 +304,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     c.add_argument("--first", action="store_true",
                    help="stop at the first difference: its tensor's first differing element, the rest not compared")
     c.add_argument("--ignore", action="append", help="glob of tensor/key/file names to skip (repeatable)")
-    c.add_argument("--workers", type=_positive_int, default=None,
+    c.add_argument("--workers", type=positive_int, default=None,
                    help="file pairs read in parallel (>= 1; default 2, or 1 on a one-core machine)")
     c.add_argument("--iterations", choices=["all"], default=None,
                    help="A and B are Megatron run dirs: compare every iteration both saved, in order, and report "
@@ -341,20 +332,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
     return parser
-
-
-def _tp_size(text: str) -> int:
-    """argparse type of --sglang-tp: an integer from 1 to 1024 (a tensor-parallel size)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; "
-                                         "expected a tensor-parallel size 1..1024") from None
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"{value} is not accepted; expected a tensor-parallel size 1..1024")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
