@@ -1,4 +1,4 @@
-"""`pytest-miles doctor | fingerprint | suite | compare | manifest | capabilities`.
+"""`pytest-miles doctor | fingerprint | suite | compare | manifest | capabilities | matrix | parity-budget | verdicts`.
 
 Exit codes follow the tools users know: 0 good, 1 a finding/difference, 2 unusable input.
 """
@@ -135,6 +135,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _verdicts(args: argparse.Namespace) -> int:
+    from pytest_miles.report.verdicts import compare_verdicts, read_report
+
+    diff = compare_verdicts(read_report(args.old), read_report(args.new), subset=args.subset)
+    print(_dumps(diff.to_json(), indent=2) if args.json else diff.render())
+    return 0 if diff.unchanged else 1
+
+
 def _manifest(args: argparse.Namespace) -> int:
     from pytest_miles.checks.checkpoints import CheckpointError, write_manifest
 
@@ -233,7 +241,8 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-_COMMANDS = ("doctor", "fingerprint", "capabilities", "suite", "compare", "matrix", "parity-budget", "manifest")
+_COMMANDS = ("doctor", "fingerprint", "capabilities", "suite", "matrix", "compare", "parity-budget", "manifest",
+             "verdicts")
 
 
 class _Skipped:
@@ -296,6 +305,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("suite", help="run the bundled determinism suite (extra args go to pytest)")
     s.set_defaults(func=None)
 
+    x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
+    x.add_argument("--gpu", default=None,
+                   help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
+    x.set_defaults(func=_matrix)
+
+    _add_file_commands(sub)
+    return parser
+
+
+def _add_file_commands(sub: Any) -> None:
+    """The commands that read files and give a verdict on them: compare, parity-budget, manifest, verdicts."""
     c = sub.add_parser("compare", help="compare two checkpoints (or one against a manifest) bit for bit; "
                        "exit 0 equal, 1 different, 2 unusable input")
     c.add_argument("a")
@@ -310,11 +330,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="A and B are Megatron run dirs: compare every iteration both saved, in order, and report "
                         "the first diverging one with its first differing tensor")
     c.set_defaults(func=_compare)
-
-    x = sub.add_parser("matrix", help="the rollout x training precision matrix, marked for this (or a named) GPU")
-    x.add_argument("--gpu", default=None,
-                   help="a GPU model or class instead of this machine's (h100, b200, a100, mi300x)")
-    x.set_defaults(func=_matrix)
 
     pb = sub.add_parser("parity-budget", help="a train-rollout parity budget ([[budget]] TOML) from N parity reports "
                         "of one configuration (ParityReport.to_json() files): exact, or margin x the worst run")
@@ -331,7 +346,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                    help="manifest path (default: beside the checkpoint, <name>.manifest.json; never inside it; "
                    "missing parent dirs are created)")
     m.set_defaults(func=_manifest)
-    return parser
+
+    v = sub.add_parser("verdicts", help="which verdicts changed between two runs' reports (--miles-report JSON), "
+                       "check by check: exit 0 every verdict unchanged, 1 changed, 2 unusable input")
+    v.add_argument("old")
+    v.add_argument("new")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--subset", action="store_true",
+                   help="the new run selected some of the old run's tests (a profile, -k): checks only the old "
+                   "report has are listed, not counted as changes")
+    v.set_defaults(func=_verdicts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
