@@ -354,7 +354,7 @@ def _add_file_commands(sub: Any) -> None:
     v.add_argument("--json", action="store_true")
     v.add_argument("--subset", action="store_true",
                    help="the new run selected some of the old run's tests (a profile, -k): checks only the old "
-                   "report has are listed, not counted as changes")
+                   "report has are counted, not listed, and are no change")
     v.set_defaults(func=_verdicts)
 
 
