@@ -51,9 +51,18 @@ def sign_verdict(values: list[float], claim: float = 0.0, level: float = SIGN_LE
     return "measured" if len(values) >= 3 and sign_p(values, claim) <= level else "inconclusive"
 
 
+def spread_text(values: list[float], empty: float = 0.0) -> str:
+    """The lowest..highest of per-pair costs in percent (`empty` for both ends when there are none)."""
+    return f"{min(values, default=empty) * 100:+.1f}%..{max(values, default=empty) * 100:+.1f}%"
+
+
+def _check_pairs(pairs: int) -> None:
+    if pairs < 3:
+        raise ValueError(f"pairs: {pairs} < 3 (a median with a spread needs at least 3 pairs)")
+
+
 def _noise(values: list[float], claim: float, rule: Callable[..., str]) -> str:
-    lo, hi = min(values, default=claim), max(values, default=claim)
-    spread = f"spread {lo * 100:+.1f}%..{hi * 100:+.1f}% over {len(values)} pairs"
+    spread = f"spread {spread_text(values, claim)} over {len(values)} pairs"
     if rule is sign_verdict:
         side = max(sum(v > claim for v in values), sum(v < claim for v in values))
         return (f"{side} of {len(values)} pairs on one side of {claim * 100:+.1f}% (sign test p = "
@@ -91,7 +100,7 @@ class CostReport:
     def figures(self) -> dict[str, Any]:
         c = self.costs
         return {"cost_median": f"{self.median * 100:+.1f}%",
-                "cost_spread": f"{min(c) * 100:+.1f}%..{max(c) * 100:+.1f}%",
+                "cost_spread": spread_text(c),
                 "verdict": spread_verdict(c), "pairs": len(self.pairs),
                 "deterministic_tok_s": [round(d, 1) for d, _ in self.pairs],
                 "baseline_tok_s": [round(b, 1) for _, b in self.pairs], "seed_expects": EXPECTED_COST["rollout"]}
@@ -112,8 +121,7 @@ def interleaved(deterministic: Callable[[], float], baseline: Callable[[], float
     """`pairs` (deterministic, baseline) measurements, taken in an order that alternates (D B, B D, D B, ...),
     so that load that rises or falls over the measurement (a kernel build, a process starting beside it)
     weighs on both sides alike instead of on whichever ran second. `pairs` >= 3: a median with a spread."""
-    if pairs < 3:
-        raise ValueError(f"pairs: {pairs} < 3 (a median with a spread needs at least 3 pairs)")
+    _check_pairs(pairs)
     out = []
     for i in range(pairs):
         if i % 2 == 0:
@@ -128,8 +136,7 @@ def interleaved(deterministic: Callable[[], float], baseline: Callable[[], float
 
 def measure_rollout_cost(deterministic, baseline, prompts, params, pairs: int = 3) -> CostReport:
     """Tokens/s of both engines, `pairs` interleaved pairs (>= 3), after one warm-up batch each."""
-    if pairs < 3:
-        raise ValueError(f"pairs: {pairs} < 3 (a median with a spread needs at least 3 pairs)")
+    _check_pairs(pairs)
     deterministic.generate(prompts, params)
     baseline.generate(prompts, params)
     return CostReport(pairs=interleaved(lambda: _tokens_per_second(deterministic, prompts, params),
@@ -156,7 +163,7 @@ def measure_training_cost(trainer_factory: Callable[..., Any], steps: int = 8, w
     figures = {"deterministic_ms": round(statistics.median(d for d, _ in timed) * 1e3, 2),
                "baseline_ms": round(statistics.median(b for _, b in timed) * 1e3, 2),
                "cost": f"{statistics.median(costs) * 100:+.1f}% throughput",
-               "cost_spread": f"{min(costs) * 100:+.1f}%..{max(costs) * 100:+.1f}%", "pairs": len(costs),
+               "cost_spread": spread_text(costs), "pairs": len(costs),
                "pairs_below_zero": sum(c < 0 for c in costs), "sign_p": round(sign_p(costs), 4),
                "order": "alternating (D B, B D, ...), one run each, median step time after the warm-up steps",
                "deterministic_run_ms": [round(d * 1e3, 2) for d, _ in timed],
