@@ -10,6 +10,7 @@ import random
 
 from pytest_miles import (
     EXPECTED_COST,
+    ModelArgs,
     NotApplicable,
     SamplingParams,
     measure_rollout_cost,
@@ -18,6 +19,11 @@ from pytest_miles import (
     sign_verdict,
 )
 from pytest_miles.suite.conftest import engine_for, require
+
+# The shapes whose training step the figure is taken on: dense and big enough that the step's time is its
+# kernels' (Qwen2.5-0.5B's shape, 24 layers), and small enough that twenty fresh models stay cheap.
+MEASURED_SHAPES = ("qwen2.5-0.5b",)
+TRAINING_SEQ = 256
 
 
 def test_rollout_cost(engine_factory, miles_settings, miles_record):
@@ -49,13 +55,33 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     miles_record(label, **report.figures())
 
 
-def test_training_cost(megatron_trainer_factory, miles_record):
+def test_training_cost(megatron_trainer_factory, miles_settings, miles_record):
     """Ten pairs of 8-step runs with deterministic mode on and off, in alternating order (the pool's ranks
     serve both), so that a machine whose load changes over the measurement does not favour one side; the
     sign of the cost is "measured" when a sign test over the pairs says chance would rarely split them so
-    (sign_verdict: 9 of 10 on one side), so that one run slowed by a neighbour does not hide it."""
+    (sign_verdict: 9 of 10 on one side), so that one run slowed by a neighbour does not hide it.
+
+    Only meaningful on a GPU with a shape whose step is compute-bound (MEASURED_SHAPES, trained at
+    TRAINING_SEQ tokens a sequence): elsewhere it says so and is not counted as a measurement, as the rollout
+    figure above. The tiny shapes' GPU step (~20 ms) is launch-bound: on H100 and H200 hosts (2026-12-05) its
+    runs' medians spread -32%..+41% between consecutive runs and two runs of one stack measured opposite signs
+    (docs/validation/2026-12-05-h200-ninth-round.md)."""
     require("megatron.core", "megatron")
     label = "cost of determinism: megatron training step"
-    figures, costs = measure_training_cost(megatron_trainer_factory)
+    shape = miles_settings("model_shape")
+    device = megatron_trainer_factory(seed=1).device  # a trainer starts no rank until it trains
+    if device != "cuda":
+        miles_record(label, result="not meaningful on CPU (gloo)", seed_expects=EXPECTED_COST["training"])
+        raise NotApplicable("cost of determinism: the training step's cost is not meaningful on CPU; run it on a "
+                            f"GPU with --miles-model-shape {MEASURED_SHAPES[0]}")
+    if shape not in MEASURED_SHAPES:
+        miles_record(label, result=f"not meaningful on the {shape} shape (a launch-bound step)",
+                     seed_expects=EXPECTED_COST["training"])
+        raise NotApplicable(f"cost of determinism: not meaningful on the {shape} shape, whose training step is "
+                            f"launch-bound (its time is noise, not kernels); use --miles-model-shape "
+                            f"{MEASURED_SHAPES[0]}")
+    model = ModelArgs.of_shape(shape, seq_length=TRAINING_SEQ)
+    figures, costs = measure_training_cost(lambda **kw: megatron_trainer_factory(model=model, **kw))
+    figures["model"] = f"{shape}, {TRAINING_SEQ} tokens a sequence"
     raise_if_inconclusive(label, figures, costs, rule=sign_verdict)
     miles_record(label, **figures)
