@@ -27,6 +27,7 @@ def _run(pytester, tmp_path, *args):
 
 @pytest.mark.parametrize(("args", "why"), [
     ((), "not meaningful on CPU; run it on a GPU with --miles-model-shape qwen2.5-0.5b"),
+    (("--miles-model-shape=qwen2.5-0.5b",), "not meaningful on CPU; run it on a GPU"),  # the shape is not enough
     # a GPU asked for on the tiny shape: refused before any rank starts (none could start here)
     (("--miles-device=cuda",), "not meaningful on the tiny shape, whose training step is launch-bound"),
     (("--miles-device=cuda", "--miles-model-shape=tiny-moe"), "not meaningful on the tiny-moe shape, whose"),
