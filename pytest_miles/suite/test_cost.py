@@ -7,6 +7,7 @@ reported "inconclusive" (a skip), never a pass."""
 from __future__ import annotations
 
 import random
+from typing import NoReturn
 
 from pytest_miles import (
     EXPECTED_COST,
@@ -26,6 +27,13 @@ MEASURED_SHAPES = ("qwen2.5-0.5b",)
 TRAINING_SEQ = 256
 
 
+def _not_taken(miles_record, label: str, figure: str, result: str, message: str) -> NoReturn:
+    """Record a figure that is not taken here (`result`, beside what the guide expects of `figure`) and skip
+    as not applicable: it is counted as no measurement."""
+    miles_record(label, result=result, seed_expects=EXPECTED_COST[figure])
+    raise NotApplicable(f"cost of determinism: {message}")
+
+
 def test_rollout_cost(engine_factory, miles_settings, miles_record):
     """Only meaningful with real SGLang on a realistic shape: elsewhere it says so and is not
     counted as a measurement (a CPU figure or a 2-layer model's figure would mislead)."""
@@ -34,15 +42,12 @@ def test_rollout_cost(engine_factory, miles_settings, miles_record):
     shape = "custom model" if miles_settings("model") else miles_settings("model_shape")
     label = f"cost of determinism: rollout on {kind} ({shape})"
     if not kind.startswith("sglang"):
-        miles_record(label, result="not meaningful on CPU (the embedded engine's invariant mode feeds one token "
-                     "at a time)", seed_expects=EXPECTED_COST["rollout"])
-        raise NotApplicable("cost of determinism: not meaningful on CPU / the embedded engine; run it with "
-                            "--miles-engine=sglang --miles-model-shape qwen2.5-0.5b on a GPU")
+        _not_taken(miles_record, label, "rollout", "not meaningful on CPU (the embedded engine's invariant mode "
+                   "feeds one token at a time)", "not meaningful on CPU / the embedded engine; run it with "
+                   "--miles-engine=sglang --miles-model-shape qwen2.5-0.5b on a GPU")
     if shape in ("tiny", "tiny128"):
-        miles_record(label, result=f"not meaningful on the {shape} shape (too small for the kernels that cost)",
-                     seed_expects=EXPECTED_COST["rollout"])
-        raise NotApplicable(f"cost of determinism: not meaningful on the {shape} shape; use --miles-model-shape "
-                            "qwen2.5-0.5b")
+        _not_taken(miles_record, label, "rollout", f"not meaningful on the {shape} shape (too small for the kernels "
+                   "that cost)", f"not meaningful on the {shape} shape; use --miles-model-shape qwen2.5-0.5b")
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(256)] for _ in range(64)]
     params = SamplingParams(temperature=1.0, max_new_tokens=128)
@@ -71,15 +76,13 @@ def test_training_cost(megatron_trainer_factory, miles_settings, miles_record):
     shape = miles_settings("model_shape")
     device = megatron_trainer_factory(seed=1).device  # a trainer starts no rank until it trains
     if device != "cuda":
-        miles_record(label, result="not meaningful on CPU (gloo)", seed_expects=EXPECTED_COST["training"])
-        raise NotApplicable("cost of determinism: the training step's cost is not meaningful on CPU; run it on a "
-                            f"GPU with --miles-model-shape {MEASURED_SHAPES[0]}")
+        _not_taken(miles_record, label, "training", "not meaningful on CPU (gloo)", "the training step's cost is "
+                   f"not meaningful on CPU; run it on a GPU with --miles-model-shape {MEASURED_SHAPES[0]}")
     if shape not in MEASURED_SHAPES:
         why = (f"not meaningful on the {shape} shape, whose training step is launch-bound (its time is noise, "
                "not kernels)" if shape.startswith("tiny") else
                f"not taken on the {shape} shape: it trains twenty fresh models, so it is taken on a dense shape")
-        miles_record(label, result=why, seed_expects=EXPECTED_COST["training"])
-        raise NotApplicable(f"cost of determinism: {why}; use --miles-model-shape {MEASURED_SHAPES[0]}")
+        _not_taken(miles_record, label, "training", why, f"{why}; use --miles-model-shape {MEASURED_SHAPES[0]}")
     model = ModelArgs.of_shape(shape, seq_length=TRAINING_SEQ)
     figures, costs = measure_training_cost(lambda **kw: megatron_trainer_factory(model=model, **kw))
     figures["model"] = f"{shape}, {TRAINING_SEQ} tokens a sequence"
